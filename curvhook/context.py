@@ -1,0 +1,231 @@
+"""``extend``: the context manager that owns every hook and stored tensor.
+
+Inside the block, forward hooks record what each leaf module saw, a global
+module hook notices loss modules called on the model output, and a tensor hook
+on the model output runs the engine when the gradient reaches it. On exit, every
+hook is removed and every stored tensor released, whether the block ended
+normally or with an exception.
+"""
+
+from __future__ import annotations
+
+import weakref
+from functools import partial
+from typing import Any, Optional
+
+from torch import Tensor, nn
+from torch.nn.modules.loss import _Loss
+from torch.nn.modules.module import register_module_forward_hook
+
+from curvhook.calls import LossCall, ModuleCall, Trace, key_of
+from curvhook.engine import backpropagate
+from curvhook.errors import CurvhookError, UnsupportedModelError
+from curvhook.extensions.base import Extension
+
+
+class Extend:
+    """Context manager returned by :func:`extend`; see there."""
+
+    def __init__(self, model: nn.Module, *extensions: Extension, accumulate: bool = False) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"extend() expects an nn.Module, got {type(model).__name__}.")
+        for ext in extensions:
+            if not isinstance(ext, Extension):
+                raise TypeError(
+                    f"extend() expects extension instances such as DiagGGN(), got {ext!r}."
+                )
+        attributes = [ext.attribute for ext in extensions]
+        if len(set(attributes)) != len(attributes):
+            raise ValueError("Each extension type may appear once per extend() block.")
+        self.model = model
+        self.extensions = list(extensions)
+        self.accumulate = accumulate
+        self._handles: list[Any] = []
+        self._stack: list[Trace] = []
+        self._pending: list[ModuleCall] = []
+        self._traces: "weakref.WeakSet[Trace]" = weakref.WeakSet()
+        self._names: dict[nn.Module, str] = {}
+        self._params: list[nn.Parameter] = []
+        self._active = False
+
+    # ------------------------------------------------------------------ setup
+    def __enter__(self) -> "Extend":
+        if self._active:
+            raise RuntimeError("This extend() block is already active.")
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._names = {m: name or type(m).__name__ for name, m in self.model.named_modules()}
+        self._check_parameter_owners()
+        for ext in self.extensions:
+            ext.reset(self._params)
+        try:
+            self._register_hooks()
+        except BaseException:
+            self._cleanup()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cleanup()
+
+    def _check_parameter_owners(self) -> None:
+        for name, module in self.model.named_modules():
+            has_children = next(module.children(), None) is not None
+            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if has_children and own:
+                raise UnsupportedModelError(
+                    f"Parameter {name + '.' if name else ''}{own[0]} belongs to the container module "
+                    f"{name or type(module).__name__!r}, not to a leaf module. curvhook derives "
+                    "parameters through leaf modules; move the parameter into its own module "
+                    "or set requires_grad=False on it."
+                )
+
+    def _register_hooks(self) -> None:
+        model = self.model
+        self._handles.append(model.register_forward_pre_hook(self._on_model_pre, prepend=True, with_kwargs=True))
+        for module in model.modules():
+            if next(module.children(), None) is None:
+                self._handles.append(module.register_forward_pre_hook(self._on_leaf_pre, with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_hook(self._on_leaf_post, with_kwargs=True, always_call=True)
+                )
+        self._handles.append(
+            model.register_forward_hook(self._on_model_post, with_kwargs=True, always_call=True)
+        )
+        self._handles.append(register_module_forward_hook(self._on_any_module, with_kwargs=True))
+
+    def _cleanup(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for trace in list(self._traces):
+            trace.release()
+        for trace in self._stack:
+            trace.release()
+        self._stack.clear()
+        self._pending.clear()
+        self._names = {}
+        self._active = False
+
+    # ---------------------------------------------------------- forward hooks
+    def _on_model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # A trace that a backward already used is not needed any more once the
+        # next forward starts: release it before new activations pile up.
+        for trace in list(self._traces):
+            if trace.used:
+                trace.release()
+        self._stack.append(Trace())
+
+    def _on_model_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._stack:
+            return
+        trace = self._stack.pop()
+        self._pending.clear()
+        if output is None:  # the forward raised
+            trace.release()
+            return
+        if not isinstance(output, Tensor):
+            trace.release()
+            raise UnsupportedModelError(
+                f"The model returned a {type(output).__name__}; curvhook needs the model to "
+                "return one tensor of shape [N, *out]. Wrap the model so that it does."
+            )
+        if not output.requires_grad:
+            trace.release()  # no backward can follow
+            return
+        trace.root, trace.root_key = output, key_of(output)
+        trace.handles.append(output.register_hook(partial(self._on_root_grad, trace)))
+        self._traces.add(trace)
+
+    def _on_leaf_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._stack:
+            return
+        inputs = tuple(a for a in args if isinstance(a, Tensor))
+        inputs += tuple(v for v in kwargs.values() if isinstance(v, Tensor))
+        self._pending.append(
+            ModuleCall(
+                module=module,
+                name=self._names.get(module, type(module).__name__),
+                inputs=inputs,
+                input_keys=tuple(key_of(x) for x in inputs),
+                input_versions=tuple(x._version for x in inputs),
+                input_nodes=tuple(x.grad_fn for x in inputs),
+            )
+        )
+
+    def _on_leaf_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._stack or not self._pending or self._pending[-1].module is not module:
+            return
+        call = self._pending.pop()
+        if isinstance(output, Tensor):
+            call.output, call.output_key, call.node = output, key_of(output), output.grad_fn
+        call.training = module.training
+        if call.inputs or call.output is not None:
+            self._stack[-1].calls.append(call)
+
+    def _on_any_module(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not isinstance(module, _Loss) or not isinstance(output, Tensor):
+            return
+        input_ = args[0] if args else kwargs.get("input")
+        target = args[1] if len(args) > 1 else kwargs.get("target")
+        if not isinstance(input_, Tensor):
+            return
+        for trace in self._traces:
+            if trace.root is input_ and trace.root_key == key_of(input_):
+                call = LossCall(module=module, input=input_.detach(), target=target, output=output)
+                if output.requires_grad:
+                    trace.handles.append(output.register_hook(partial(_record_scale, call)))
+                trace.losses.append(call)
+                return
+
+    # --------------------------------------------------------------- backward
+    def _on_root_grad(self, trace: Trace, grad: Tensor) -> None:
+        if not self._active:
+            return
+        if trace.released:
+            raise CurvhookError(
+                "curvhook already released the inputs stored for this forward pass (a new "
+                "forward pass started after its first backward). Run the forward pass again."
+            )
+        try:
+            results = backpropagate(trace, grad, self.extensions, self._params)
+        finally:
+            for loss in trace.losses:
+                loss.scale = None
+        for ext, result in results.items():
+            ext.write(result, self._params, self.accumulate)
+        trace.used = True
+
+
+def _record_scale(call: LossCall, grad: Tensor) -> None:
+    """Tensor hook on a loss value: remember ``dℓ/dL``."""
+    call.scale = grad.detach()
+
+
+def extend(model: nn.Module, *extensions: Extension, accumulate: bool = False) -> Extend:
+    """Compute curvature alongside the gradient, without changing the model.
+
+    Example::
+
+        with extend(model, DiagGGN(), BatchJacobian()):
+            loss = criterion(model(X), y)
+            loss.backward()          # p.grad exactly as without curvhook
+        p.diag_ggn, p.batch_jacobian
+
+    Inside the block, every forward pass of ``model`` is recorded and every
+    backward pass that reaches its output writes one attribute per extension on
+    each parameter that requires grad. On exit, no hook, stored tensor or
+    attribute is left on any module; the results stay on the parameters.
+
+    Args:
+        model: Any ``nn.Module``; its output must be one tensor ``[N, *out]``.
+        *extensions: Extension instances, e.g. ``DiagGGN()``, ``FullGGN()``.
+        accumulate: If ``False`` (default) each backward overwrites the results
+            of the previous one. If ``True``, results of the backward passes in
+            this block are summed (``BatchJacobian`` concatenates along the
+            sample axis), as a loop over a data loader needs.
+
+    Returns:
+        The context manager.
+    """
+    return Extend(model, *extensions, accumulate=accumulate)

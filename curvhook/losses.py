@@ -1,0 +1,235 @@
+"""Loss Hessians with respect to the model output, and their square-root factors.
+
+For every supported loss the Hessian ``∂²ℓ/∂f²`` is block-diagonal over samples
+(and over positions, for per-position losses). A rule returns
+
+- ``sqrt_hessian``: ``S`` of shape ``[V, N, *out]`` with ``H_n = Σ_v s_vn s_vnᵀ``;
+- ``hessian_diag``: ``diag(H_n)``, shape ``[N, *out]``;
+- ``gradient``: ``∂L/∂f``, shape ``[N, *out]``, used to check that the scalar being
+  backpropagated really is (a multiple of) this loss.
+
+All three include the reduction: ``mean`` divides by the number of terms the
+loss averages over, exactly as PyTorch does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, TypeVar
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from curvhook.calls import LossCall
+from curvhook.errors import UnsupportedLossError
+
+L = TypeVar("L", bound=type)
+
+_LOSS_RULES: dict[type, "LossRule"] = {}
+
+
+def register_loss(*loss_types: type) -> Callable[[L], L]:
+    """Class decorator: register a :class:`LossRule` for loss module types."""
+
+    def decorate(rule_cls: L) -> L:
+        rule = rule_cls()
+        for loss_type in loss_types:
+            _LOSS_RULES[loss_type] = rule
+        return rule_cls
+
+    return decorate
+
+
+def loss_rule_for(loss: nn.Module) -> "LossRule":
+    """Return the rule for a loss module, or raise a clear error."""
+    rule = _LOSS_RULES.get(type(loss))
+    if rule is None:
+        names = ", ".join(sorted(t.__name__ for t in _LOSS_RULES))
+        raise UnsupportedLossError(
+            f"curvhook has no Hessian for the loss {type(loss).__name__}. "
+            f"Supported losses: {names}."
+        )
+    if getattr(loss, "reduction", "mean") not in ("mean", "sum"):
+        raise UnsupportedLossError(
+            f"{type(loss).__name__}(reduction={loss.reduction!r}) is not supported: the "
+            "curvature is defined for the scalar loss. Use reduction='mean' or 'sum'."
+        )
+    return rule
+
+
+def identity_factor(out: Tensor) -> Tensor:
+    """The columns ``e_1 … e_C`` of the identity, ``[C, N, *out]`` (an expanded view)."""
+    n, c = out.shape[0], out[0].numel()
+    eye = torch.eye(c, dtype=out.dtype, device=out.device)
+    return eye[:, None, :].expand(c, n, c).reshape(c, *out.shape)
+
+
+def diagonal_factor(h: Tensor) -> Tensor:
+    """Square-root factor of a diagonal Hessian ``diag(h_n)``: ``[C, N, *out]``."""
+    return identity_factor(h) * h.clamp(min=0).sqrt().unsqueeze(0)
+
+
+class LossRule:
+    """Hessian rules of one loss family."""
+
+    def sqrt_hessian(self, call: LossCall) -> Tensor:
+        """``S`` with ``H_n = Σ_v s_vn s_vnᵀ``, shape ``[V, N, *out]``."""
+        raise NotImplementedError
+
+    def hessian_diag(self, call: LossCall) -> Tensor:
+        """``diag(H_n)``, shape ``[N, *out]``."""
+        raise NotImplementedError
+
+    def gradient(self, call: LossCall) -> Tensor:
+        """``∂L/∂f``, shape ``[N, *out]``."""
+        raise NotImplementedError
+
+
+def _require_batch(call: LossCall, min_dim: int) -> None:
+    if call.input.dim() < min_dim:
+        raise UnsupportedLossError(
+            f"{type(call.module).__name__} got an input of shape {tuple(call.input.shape)}; "
+            f"curvhook needs a batch axis first (at least {min_dim} dimensions)."
+        )
+
+
+@register_loss(nn.CrossEntropyLoss)
+class CrossEntropyRule(LossRule):
+    """``CrossEntropyLoss`` on ``[N, C]`` or ``[N, C, d1, ...]`` logits.
+
+    With ``p = softmax(f)``, every supported target form gives a per-position loss
+    ``-Σ_c a_c log p_c`` with non-negative coefficients ``a`` (class weight, label
+    smoothing, ignored positions and the mean's denominator folded in). Its
+    gradient is ``α p - a`` and its Hessian ``α (diag(p) - p pᵀ)`` with ``α = Σ_c a_c``.
+    A square-root factor of ``diag(p) - p pᵀ`` has columns ``√p_k (e_k - p)``.
+    """
+
+    def _coefficients(self, call: LossCall) -> tuple[Tensor, Tensor]:
+        """Return ``p`` and ``a``, both ``[N, C, *d]``."""
+        _require_batch(call, 2)
+        loss, f, y = call.module, call.input, call.target
+        p = f.softmax(1)
+        c = f.shape[1]
+        eps = loss.label_smoothing
+        w = loss.weight if loss.weight is not None else f.new_ones(c)
+        w = w.to(f.dtype).reshape(1, c, *([1] * (f.dim() - 2)))
+        if (w < 0).any():
+            raise UnsupportedLossError("CrossEntropyLoss with negative class weights has an indefinite Hessian.")
+        if y is None:  # a named loss: no target, so no weights that depend on it
+            if loss.weight is not None:
+                raise UnsupportedLossError(
+                    "A named CrossEntropyLoss with class weights needs the targets: call the "
+                    "loss module on the model output inside the block instead of naming it."
+                )
+            a = p.new_full(p.shape, 1.0 / c)  # any a with Σ_c a_c = 1 gives the Hessian
+            denom = f.numel() / c if loss.reduction == "mean" else 1.0
+            return p, a / denom
+        if y.dtype.is_floating_point:  # class probabilities
+            t = y.to(f.dtype) * (1 - eps) + eps / c
+            a = w * t
+            denom = f.numel() / c if loss.reduction == "mean" else 1.0
+            return p, a / denom
+        valid = y != loss.ignore_index
+        onehot = F.one_hot(torch.where(valid, y, 0), c).movedim(-1, 1).to(f.dtype)
+        a = (1 - eps) * w * onehot + (eps / c) * w
+        a = a * valid.unsqueeze(1).to(f.dtype)
+        if loss.reduction == "mean":
+            denom = (w * onehot).sum(1)[valid].sum()
+            a = a / denom
+        return p, a
+
+    def sqrt_hessian(self, call: LossCall) -> Tensor:
+        p, a = self._coefficients(call)
+        alpha = a.sum(1, keepdim=True)
+        n, c = p.shape[:2]
+        p3 = p.reshape(n, c, -1)  # [N, C, D]
+        sp = (p3 * alpha.reshape(n, 1, -1)).sqrt()  # √(α p)
+        # core[n, k, c, d] = √(α p_k) (δ_kc - p_c) at position d
+        eye = torch.eye(c, dtype=p.dtype, device=p.device)
+        core = sp.unsqueeze(2) * (eye[None, :, :, None] - p3.unsqueeze(1))
+        positions = p3.shape[2]
+        if positions == 1:
+            s = rearrange(core, "n k c 1 -> k n c")
+        else:  # one block of C columns per position: V = C · D
+            eye_d = torch.eye(positions, dtype=p.dtype, device=p.device)
+            s = torch.einsum("nkcd,ed->kencd", core, eye_d).reshape(c * positions, n, c, positions)
+        return s.reshape(s.shape[0], *p.shape)
+
+    def hessian_diag(self, call: LossCall) -> Tensor:
+        p, a = self._coefficients(call)
+        return a.sum(1, keepdim=True) * (p - p.square())
+
+    def gradient(self, call: LossCall) -> Tensor:
+        p, a = self._coefficients(call)
+        return a.sum(1, keepdim=True) * p - a
+
+
+@register_loss(nn.MSELoss)
+class MSERule(LossRule):
+    """``MSELoss``: ``L = s Σ (f - y)²`` with ``s = 1/numel`` (mean) or 1 (sum); ``H = 2s I``."""
+
+    @staticmethod
+    def _scale(call: LossCall) -> float:
+        _require_batch(call, 1)
+        return 2.0 / call.input.numel() if call.module.reduction == "mean" else 2.0
+
+    def sqrt_hessian(self, call: LossCall) -> Tensor:
+        return identity_factor(call.input) * math.sqrt(self._scale(call))
+
+    def hessian_diag(self, call: LossCall) -> Tensor:
+        return torch.full_like(call.input, self._scale(call))
+
+    def gradient(self, call: LossCall) -> Tensor:
+        return self._scale(call) * (call.input - call.target)
+
+
+@register_loss(nn.BCEWithLogitsLoss)
+class BCEWithLogitsRule(LossRule):
+    """``BCEWithLogitsLoss`` on any shape, multi-label included.
+
+    Per entry ``l = -w [r y log σ(f) + (1 - y) log(1 - σ(f))]`` with ``r`` the
+    ``pos_weight``; ``∂l/∂f = w ((r y + 1 - y) σ - r y)`` and
+    ``∂²l/∂f² = w (r y + 1 - y) σ (1 - σ)``. The Hessian is diagonal.
+    """
+
+    def _parts(self, call: LossCall) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Return ``σ(f)``, the per-entry factor ``s w (r y + 1 - y)`` and ``s w r y``."""
+        _require_batch(call, 1)
+        loss, f, y = call.module, call.input, call.target
+        s = 1.0 / f.numel() if loss.reduction == "mean" else 1.0
+        w = loss.weight.to(f.dtype) if loss.weight is not None else f.new_ones(())
+        if loss.pos_weight is None:
+            coef, pos = s * w * f.new_ones(()), (None if y is None else s * w * y)
+        elif y is None:
+            raise UnsupportedLossError(
+                "A named BCEWithLogitsLoss with pos_weight needs the targets: call the loss "
+                "module on the model output inside the block instead of naming it."
+            )
+        else:
+            ry = loss.pos_weight.to(f.dtype) * y
+            coef, pos = s * w * (ry + 1 - y), s * w * ry
+        coef = coef.expand_as(f)
+        if (coef < 0).any():
+            raise UnsupportedLossError(
+                "BCEWithLogitsLoss with these weights or targets has a negative second "
+                "derivative; curvhook needs targets in [0, 1] and non-negative weights."
+            )
+        return torch.sigmoid(f), coef, pos
+
+    def sqrt_hessian(self, call: LossCall) -> Tensor:
+        return diagonal_factor(self.hessian_diag(call))
+
+    def hessian_diag(self, call: LossCall) -> Tensor:
+        sig, coef, _ = self._parts(call)
+        return coef * sig * (1 - sig)
+
+    def gradient(self, call: LossCall) -> Tensor:
+        sig, coef, pos = self._parts(call)
+        return coef * sig - pos
+
+
+def supported_losses() -> list[type]:
+    """All loss module types with a registered rule."""
+    return list(_LOSS_RULES)

@@ -1,0 +1,79 @@
+"""The interface every layer family implements.
+
+Notation used in all rules (one call of a module ``y = m(x; θ)``):
+
+- ``V`` backpropagated columns, ``N`` samples.
+- ``mat``: a matrix backpropagated to the module output, ``[V, N, *y.shape[1:]]``.
+  Column ``v`` of sample ``n`` is a vector ``m_vn`` in output space.
+- ``diag``: a per-sample diagonal metric on the output, ``[N, *y.shape[1:]]``.
+
+The four products a rule provides:
+
+- ``jac_t_mat_prod``: ``J_xᵀ m_vn`` for every column, ``[V, N, *x.shape[1:]]``.
+- ``param_jac_t_mat_prod``: the per-sample ``J_θᵀ m_vn``, ``[V, N, *θ.shape]``.
+- ``diag_jac_t_diag_jac``: ``diag(J_xᵀ diag(d_n) J_x)``, ``[N, *x.shape[1:]]``.
+- ``param_diag``: ``Σ_n diag(J_θᵀ diag(d_n) J_θ)``, ``[*θ.shape]``.
+
+``param_sq_sum`` (``Σ_{v,n} (J_θᵀ m_vn)²``, the DiagGGN contribution) has a
+default built from ``param_jac_t_mat_prod``; rules override it when the square
+can be summed over ``V`` and ``N`` before a GEMM.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from curvhook.calls import ModuleCall
+
+
+class LayerRule:
+    """Stateless derivative rules for one family of layers.
+
+    Subclasses override what their layers need; a layer without parameters
+    only needs ``jac_t_mat_prod`` and ``diag_jac_t_diag_jac``.
+    """
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """Backpropagate columns through the input Jacobian.
+
+        Args:
+            call: The recorded module call.
+            mat: ``[V, N, *out]``.
+
+        Returns:
+            ``[V, N, *in]``: ``J_xᵀ`` applied to every column.
+        """
+        raise NotImplementedError
+
+    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        """Per-sample parameter Jacobian-transposed products.
+
+        Args:
+            call: The recorded module call.
+            name: Parameter name inside the module (``"weight"``).
+            mat: ``[V, N, *out]``.
+
+        Returns:
+            ``[V, N, *θ.shape]``.
+        """
+        raise NotImplementedError
+
+    def param_sq_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        """``Σ_{v,n} (J_θᵀ m_vn)²``, shape ``[*θ.shape]``."""
+        return self.param_jac_t_mat_prod(call, name, mat).square().sum((0, 1))
+
+    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        """Pull a diagonal metric back to the input, keeping only the diagonal.
+
+        Args:
+            call: The recorded module call.
+            diag: ``[N, *out]``.
+
+        Returns:
+            ``[N, *in]``: ``diag(J_xᵀ diag(d_n) J_x)`` per sample.
+        """
+        raise NotImplementedError
+
+    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+        """``Σ_n diag(J_θᵀ diag(d_n) J_θ)``, shape ``[*θ.shape]``."""
+        raise NotImplementedError

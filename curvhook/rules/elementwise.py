@@ -1,0 +1,99 @@
+"""Elementwise layers: activations and dropout.
+
+For ``y = σ(x)`` applied entry by entry, ``J_x = diag(σ'(x))``, so
+``J_xᵀ m = σ'(x) ⊙ m`` and ``diag(J_xᵀ diag(d) J_x) = σ'(x)² ⊙ d``.
+
+The derivative ``σ'(x)`` is read from the autograd node the module created:
+for a diagonal Jacobian, ``J_xᵀ 1 = diag(J_x)``. The node is the same one the
+ordinary backward uses, so the derivative agrees with autograd everywhere,
+kinks included (``ReLU'(0) = 0``), and in-place activations work because the
+node keeps what it needs even after the input was overwritten.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from curvhook.calls import ModuleCall
+from curvhook.errors import UnsupportedModelError
+from curvhook.rules.base import LayerRule
+from curvhook.rules.registry import register_rule
+
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Softplus,
+    nn.LogSigmoid,
+    nn.Hardtanh,
+    nn.ReLU6,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+)
+
+
+def jacobian_diagonal(call: ModuleCall) -> Tensor:
+    """``σ'(x)`` of an elementwise call, ``[N, *x.shape[1:]]`` (cached per backward)."""
+    if "jac_diag" in call.cache:
+        return call.cache["jac_diag"]
+    node, out = call.node, call.output
+    ones = torch.ones_like(out)
+    if node is not None and _is_single_node(call):
+        diag = node(ones)
+        diag = diag[0] if isinstance(diag, tuple) else diag
+    elif call.inputs[0] is not out:
+        with torch.enable_grad():
+            (diag,) = torch.autograd.grad(out, call.inputs[0], ones, retain_graph=True)
+    else:
+        raise UnsupportedModelError(
+            f"curvhook cannot read the derivative of the in-place module {call.name!r} "
+            f"({type(call.module).__name__}): it is not a single autograd operation. "
+            "Construct it with inplace=False."
+        )
+    call.cache["jac_diag"] = diag
+    return diag
+
+
+def _is_single_node(call: ModuleCall) -> bool:
+    """Whether the module's output node leads straight to its input."""
+    first = call.node.next_functions[0][0] if call.node.next_functions else None
+    source = call.input_nodes[0]
+    if source is None:  # input is a leaf: its node is an AccumulateGrad
+        return first is not None and getattr(first, "variable", None) is call.inputs[0]
+    return first is source
+
+
+class ElementwiseRule(LayerRule):
+    """Rules for any layer whose Jacobian is diagonal."""
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return mat * jacobian_diagonal(call)
+
+    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        return diag * jacobian_diagonal(call).square()
+
+
+register_rule(*ACTIVATIONS)(ElementwiseRule)
+
+
+@register_rule(nn.Dropout)
+class DropoutRule(ElementwiseRule):
+    """Dropout: the identity in eval mode, ``mask / (1 - p)`` from this forward pass in train mode."""
+
+    @staticmethod
+    def _is_identity(call: ModuleCall) -> bool:
+        return not call.training or call.module.p == 0
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return mat if self._is_identity(call) else super().jac_t_mat_prod(call, mat)
+
+    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        return diag if self._is_identity(call) else super().diag_jac_t_diag_jac(call, diag)

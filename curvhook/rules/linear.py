@@ -1,0 +1,54 @@
+"""``nn.Linear``: ``y = x Wᵀ + b`` with ``x`` of shape ``[N, *, in]``.
+
+Per sample, the ``T = prod(*)`` positions share ``W``, so
+``J_Wᵀ m = Σ_t m_t x_tᵀ`` and ``J_bᵀ m = Σ_t m_t``; ``J_xᵀ m = m W`` position-wise.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from curvhook.calls import ModuleCall
+from curvhook.rules.base import LayerRule
+from curvhook.rules.registry import register_rule
+
+
+def _positions(call: ModuleCall, mat: Tensor) -> tuple[Tensor, Tensor]:
+    """Flatten the shared positions: ``x → [N, T, in]`` and ``mat → [V, N, T, out]``."""
+    x = rearrange(call.input, "n ... i -> n (...) i")
+    return x, rearrange(mat, "v n ... o -> v n (...) o")
+
+
+@register_rule(nn.Linear)
+class LinearRule(LayerRule):
+    """Rules for ``nn.Linear`` with any number of leading dimensions."""
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return mat @ call.module.weight
+
+    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        x, m = _positions(call, mat)
+        if name == "bias":
+            return m.sum(2)
+        return torch.einsum("vnto,nti->vnoi", m, x)
+
+    def param_sq_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        x, m = _positions(call, mat)
+        if name == "bias":
+            return m.sum(2).square().sum((0, 1))
+        if x.shape[1] == 1:
+            # Σ_{v,n} (m_vn x_nᵀ)² = Σ_n (Σ_v m_vn²) (x_n²)ᵀ: sum over V before the GEMM.
+            return torch.einsum("no,ni->oi", m[:, :, 0].square().sum(0), x[:, 0].square())
+        return torch.einsum("vnto,nti->vnoi", m, x).square().sum((0, 1))
+
+    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        return diag @ call.module.weight.square()
+
+    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+        d = rearrange(diag, "n ... o -> (n ...) o")
+        if name == "bias":
+            return d.sum(0)
+        x = rearrange(call.input, "n ... i -> (n ...) i")
+        return d.T @ x.square()

@@ -1,0 +1,63 @@
+"""Map module types to their :class:`LayerRule`.
+
+A rule registered for a type also serves subclasses that do not override
+``forward`` (for example ``NonDynamicallyQuantizableLinear``). A subclass with
+its own ``forward`` computes something else and gets no rule: curvhook then
+reports it instead of guessing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, TypeVar
+
+from torch import nn
+
+from curvhook.rules.base import LayerRule
+
+_RULES: dict[type, LayerRule] = {}
+
+R = TypeVar("R", bound=type)
+
+
+def register_rule(*module_types: type) -> Callable[[R], R]:
+    """Class decorator: register a :class:`LayerRule` subclass for module types.
+
+    Example::
+
+        @register_rule(MyLayer)
+        class MyLayerRule(LayerRule):
+            def jac_t_mat_prod(self, call, mat): ...
+
+    Args:
+        *module_types: ``nn.Module`` subclasses the rule serves.
+
+    Returns:
+        The decorator; it instantiates the rule class once and returns the class.
+    """
+
+    def decorate(rule_cls: R) -> R:
+        rule = rule_cls()
+        for module_type in module_types:
+            if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+                raise TypeError(f"register_rule expects nn.Module subclasses, got {module_type!r}")
+            _RULES[module_type] = rule
+        return rule_cls
+
+    return decorate
+
+
+def rule_for(module: nn.Module) -> Optional[LayerRule]:
+    """Return the rule for ``module``, or ``None`` if its type has none."""
+    cls = type(module)
+    rule = _RULES.get(cls)
+    if rule is not None:
+        return rule
+    for base in cls.__mro__[1:]:
+        if base in _RULES and cls.forward is base.forward:
+            return _RULES[base]
+    return None
+
+
+def supported_module_types() -> list[type]:
+    """All module types with a registered rule."""
+    return list(_RULES)
