@@ -21,7 +21,8 @@ from curvhook.calls import LossCall, TensorKey, Trace
 from curvhook.errors import UnsupportedLossError, UnsupportedModelError
 from curvhook.extensions.base import MATRIX_SOURCES, Extension
 from curvhook.losses import identity_factor, loss_rule_for
-from curvhook.rules.registry import rule_for
+from curvhook.rules.fallback import FALLBACK, mixes_samples
+from curvhook.rules.registry import rule_for, rule_or_fallback
 
 
 def backpropagate(
@@ -52,7 +53,7 @@ def backpropagate(
     totals: dict[Extension, dict[int, Tensor]] = {ext: {} for ext in extensions}
 
     for call in reversed(trace.calls):
-        rule = rule_for(call.module)
+        rule = rule_or_fallback(call.module)
         for key, exts in groups.items():
             value = pending[key].pop(call.output_key, None)
             if value is None:
@@ -92,11 +93,14 @@ def check_trace(trace: Trace) -> None:
         on_path = call.output is not None and call.output.requires_grad
         if not on_path:
             continue
-        if rule_for(call.module) is None:
+        if mixes_samples(call.module):
             raise UnsupportedModelError(
-                f"No curvhook rule for module {call.name!r} of type {type(call.module).__name__}. "
-                "Register one with curvhook.register_rule (see docs/custom_layers.md)."
+                f"Module {call.name!r} ({type(call.module).__name__}) normalizes with statistics "
+                "of the whole batch, so samples are mixed and per-sample Jacobians do not exist. "
+                "Call model.eval() (BatchNorm then uses its running statistics)."
             )
+        if rule_for(call.module) is None:
+            FALLBACK.warn_once(call)
         if n is not None and (call.output.dim() == 0 or call.output.shape[0] != n):
             raise UnsupportedModelError(
                 f"Module {call.name!r} returned shape {tuple(call.output.shape)}; curvhook needs "

@@ -58,6 +58,13 @@ def rule_for(module: nn.Module) -> Optional[LayerRule]:
     return None
 
 
+def rule_or_fallback(module: nn.Module) -> LayerRule:
+    """The registered rule for ``module``, or the exact generic fallback."""
+    from curvhook.rules.fallback import FALLBACK
+
+    return rule_for(module) or FALLBACK
+
+
 def supported_module_types() -> list[type]:
     """All module types with a registered rule."""
     return list(_RULES)
