@@ -79,6 +79,7 @@ class LossCall:
         scale: ``dℓ/dL``, the derivative of the backpropagated scalar ℓ with
             respect to this loss value L, captured by a hook during backward.
             ``None`` until backward passes through the loss.
+        cache: Per-backward scratch space for loss rules.
     """
 
     module: nn.Module
@@ -86,6 +87,7 @@ class LossCall:
     target: Optional[Tensor]
     output: Optional[Tensor] = None
     scale: Optional[Tensor] = None
+    cache: dict = field(default_factory=dict)
 
 
 class Trace:

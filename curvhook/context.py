@@ -192,6 +192,7 @@ class Extend:
         finally:
             for loss in trace.losses:
                 loss.scale = None
+                loss.cache.clear()
         for ext, result in results.items():
             ext.write(result, self._params, self.accumulate)
         trace.used = True

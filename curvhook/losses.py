@@ -107,7 +107,12 @@ class CrossEntropyRule(LossRule):
     """
 
     def _coefficients(self, call: LossCall) -> tuple[Tensor, Tensor]:
-        """Return ``p`` and ``a``, both ``[N, C, *d]``."""
+        """Return ``p`` and ``a``, both ``[N, C, *d]`` (cached per backward)."""
+        if "coefficients" not in call.cache:
+            call.cache["coefficients"] = self._compute_coefficients(call)
+        return call.cache["coefficients"]
+
+    def _compute_coefficients(self, call: LossCall) -> tuple[Tensor, Tensor]:
         _require_batch(call, 2)
         loss, f, y = call.module, call.input, call.target
         p = f.softmax(1)
@@ -195,7 +200,12 @@ class BCEWithLogitsRule(LossRule):
     """
 
     def _parts(self, call: LossCall) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Return ``σ(f)``, the per-entry factor ``s w (r y + 1 - y)`` and ``s w r y``."""
+        """Return ``σ(f)``, the per-entry factor ``s w (r y + 1 - y)`` and ``s w r y`` (cached)."""
+        if "parts" not in call.cache:
+            call.cache["parts"] = self._compute_parts(call)
+        return call.cache["parts"]
+
+    def _compute_parts(self, call: LossCall) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         _require_batch(call, 1)
         loss, f, y = call.module, call.input, call.target
         s = 1.0 / f.numel() if loss.reduction == "mean" else 1.0
