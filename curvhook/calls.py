@@ -9,6 +9,7 @@ so views and memory reuse cannot confuse two tensors.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -33,9 +34,16 @@ class ModuleCall:
         inputs: The positional tensor arguments, as the module saw them.
         input_keys: Identity of each input before the call.
         input_versions: ``_version`` of each input before the call.
-        output: The output tensor (``None`` if the module did not return one tensor).
+        input_requires_grad: ``requires_grad`` of each input at call time.
+        output: The output tensor (``None`` if the module did not return one
+            tensor, and for the call that produced the model output: holding
+            that tensor would tie the record to the graph it is hooked on).
         output_key: Identity of the output right after the call.
-        node: ``output.grad_fn`` right after the call (the last autograd node of the module).
+        output_shape: Shape of the output (``None`` if there is no tensor output).
+        output_requires_grad: Whether the output is part of the autograd graph.
+        node: ``output.grad_fn`` right after the call (the last autograd node of
+            the module). For the call that produced the model output it is only
+            set while a backward pass runs.
         input_nodes: ``grad_fn`` of each input before the call.
         training: ``module.training`` at call time.
         cache: Per-backward scratch space for rules (e.g. a Jacobian diagonal).
@@ -47,8 +55,11 @@ class ModuleCall:
     input_keys: tuple[TensorKey, ...]
     input_versions: tuple[int, ...]
     input_nodes: tuple[Any, ...]
+    input_requires_grad: tuple[bool, ...] = ()
     output: Optional[Tensor] = None
     output_key: Optional[TensorKey] = None
+    output_shape: Optional[torch.Size] = None
+    output_requires_grad: bool = False
     node: Any = None
     training: bool = False
     cache: dict = field(default_factory=dict)
@@ -73,9 +84,8 @@ class LossCall:
 
     Attributes:
         module: The loss module (``nn.CrossEntropyLoss`` ...).
-        input: The model output it was called on, ``[N, *out]``.
+        input: The model output it was called on, detached, ``[N, *out]``.
         target: The target it was called with (``None`` for a named loss).
-        output: The scalar loss tensor (``None`` for a named loss).
         scale: ``dℓ/dL``, the derivative of the backpropagated scalar ℓ with
             respect to this loss value L, captured by a hook during backward.
             ``None`` until backward passes through the loss.
@@ -85,7 +95,6 @@ class LossCall:
     module: nn.Module
     input: Tensor
     target: Optional[Tensor]
-    output: Optional[Tensor] = None
     scale: Optional[Tensor] = None
     cache: dict = field(default_factory=dict)
 
@@ -93,28 +102,65 @@ class LossCall:
 class Trace:
     """Everything recorded during one forward pass of the extended model.
 
+    The trace must not hold the model output or its autograd node: the gradient
+    hook on the output holds the trace, and a reference back would make a cycle
+    through the autograd graph that Python's garbage collector cannot see. So
+    the trace lives exactly as long as the graph of its forward pass.
+
     Attributes:
         calls: The leaf-module calls in forward order.
-        root: The model output, ``[N, *out]``.
-        losses: Loss modules called on ``root``.
+        root_ref: Weak reference to the model output, ``[N, *out]``.
+        root_value: The model output, detached (shares its storage).
+        root_key: Identity of the model output.
+        losses: Loss modules called on the model output.
         used: Whether a backward has consumed this trace at least once.
+        released: Whether the stored tensors were dropped.
     """
 
     def __init__(self) -> None:
         self.calls: list[ModuleCall] = []
-        self.root: Optional[Tensor] = None
+        self.root_ref: Optional[weakref.ref] = None
+        self.root_value: Optional[Tensor] = None
         self.root_key: Optional[TensorKey] = None
         self.losses: list[LossCall] = []
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.root_handle: Optional[torch.utils.hooks.RemovableHandle] = None
         self.used = False
         self.released = False
 
+    def is_root(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is this forward pass's output, unchanged."""
+        root = self.root_ref() if self.root_ref is not None else None
+        return root is tensor and self.root_key == key_of(tensor)
+
+    def detach_root(self, root: Tensor) -> None:
+        """Replace every stored reference to ``root`` (or its node) by what the rules need."""
+        node = root.grad_fn
+        for call in self.calls:
+            if call.output is root:
+                call.output = None
+            if call.node is node:
+                call.node = None
+            if any(x is root for x in call.inputs):  # an in-place module changed its input
+                call.inputs = tuple(x.detach() if x is root else x for x in call.inputs)
+
     def release(self) -> None:
-        """Drop every stored tensor and remove the hooks on the outputs."""
+        """Drop every stored tensor and remove the hooks on loss values.
+
+        The hook on the model output stays until the block exits, so that a later
+        backward through this forward pass raises instead of being ignored.
+        """
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
         self.calls.clear()
         self.losses.clear()
-        self.root = None
+        self.root_value = None
         self.released = True
+
+    def remove_hooks(self) -> None:
+        """Release everything, the hook on the model output included."""
+        self.release()
+        if self.root_handle is not None:
+            self.root_handle.remove()
+            self.root_handle = None

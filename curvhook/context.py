@@ -13,14 +13,16 @@ import weakref
 from functools import partial
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
-from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.modules.module import _global_forward_hooks_with_kwargs, register_module_forward_hook
 
 from curvhook.calls import LossCall, ModuleCall, Trace, key_of
 from curvhook.engine import backpropagate
-from curvhook.errors import CurvhookError, UnsupportedModelError
+from curvhook.errors import CurvhookError, UnsupportedLossError, UnsupportedModelError
 from curvhook.extensions.base import Extension
+from curvhook.loss_uses import LossUseMonitor
 
 
 class Extend:
@@ -46,6 +48,9 @@ class Extend:
         self._traces: "weakref.WeakSet[Trace]" = weakref.WeakSet()
         self._names: dict[nn.Module, str] = {}
         self._params: list[nn.Parameter] = []
+        self._monitor: Optional[LossUseMonitor] = None
+        self._global_handle: Any = None
+        self._last_task: Optional[int] = None
         self._active = False
 
     # ------------------------------------------------------------------ setup
@@ -55,10 +60,12 @@ class Extend:
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._names = {m: name or type(m).__name__ for name, m in self.model.named_modules()}
         self._check_parameter_owners()
-        for ext in self.extensions:
-            ext.reset(self._params)
+        for ext in self.extensions:  # frozen parameters keep no stale result either
+            ext.reset(list(self.model.parameters()))
         try:
             self._register_hooks()
+            self._monitor = LossUseMonitor()
+            self._monitor.__enter__()
         except BaseException:
             self._cleanup()
             raise
@@ -92,16 +99,28 @@ class Extend:
         self._handles.append(
             model.register_forward_hook(self._on_model_post, with_kwargs=True, always_call=True)
         )
-        self._handles.append(register_module_forward_hook(self._on_any_module, with_kwargs=True))
+        handle = register_module_forward_hook(self._on_any_module, with_kwargs=True)
+        self._global_handle = handle
+        self._handles.append(handle)
 
     def _cleanup(self) -> None:
+        if self._monitor is not None:
+            self._monitor.clear()
+            try:
+                self._monitor.__exit__(None, None, None)
+            finally:
+                self._monitor = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._global_handle is not None:
+            # handle.remove() leaves the handle's entry in this table behind.
+            _global_forward_hooks_with_kwargs.pop(self._global_handle.id, None)
+            self._global_handle = None
         for trace in list(self._traces):
-            trace.release()
+            trace.remove_hooks()
         for trace in self._stack:
-            trace.release()
+            trace.remove_hooks()
         self._stack.clear()
         self._pending.clear()
         self._names = {}
@@ -114,6 +133,8 @@ class Extend:
         for trace in list(self._traces):
             if trace.used:
                 trace.release()
+        if self._monitor is not None:
+            self._monitor.prune()
         self._stack.append(Trace())
 
     def _on_model_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -133,8 +154,10 @@ class Extend:
         if not output.requires_grad:
             trace.release()  # no backward can follow
             return
-        trace.root, trace.root_key = output, key_of(output)
-        trace.handles.append(output.register_hook(partial(self._on_root_grad, trace)))
+        trace.root_ref, trace.root_key = weakref.ref(output), key_of(output)
+        trace.root_value = output.detach()
+        trace.detach_root(output)
+        trace.root_handle = output.register_hook(partial(self._on_root_grad, trace))
         self._traces.add(trace)
 
     def _on_leaf_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -150,6 +173,7 @@ class Extend:
                 input_keys=tuple(key_of(x) for x in inputs),
                 input_versions=tuple(x._version for x in inputs),
                 input_nodes=tuple(x.grad_fn for x in inputs),
+                input_requires_grad=tuple(x.requires_grad for x in inputs),
             )
         )
 
@@ -159,6 +183,7 @@ class Extend:
         call = self._pending.pop()
         if isinstance(output, Tensor):
             call.output, call.output_key, call.node = output, key_of(output), output.grad_fn
+            call.output_shape, call.output_requires_grad = output.shape, output.requires_grad
         call.training = module.training
         if call.inputs or call.output is not None:
             self._stack[-1].calls.append(call)
@@ -171,30 +196,54 @@ class Extend:
         if not isinstance(input_, Tensor):
             return
         for trace in self._traces:
-            if trace.root is input_ and trace.root_key == key_of(input_):
-                call = LossCall(module=module, input=input_.detach(), target=target, output=output)
+            if trace.is_root(input_):
+                call = LossCall(module=module, input=input_.detach(), target=target)
                 if output.requires_grad:
                     trace.handles.append(output.register_hook(partial(_record_scale, call)))
+                    if self._monitor is not None:
+                        self._monitor.watch(output)
                 trace.losses.append(call)
                 return
 
     # --------------------------------------------------------------- backward
     def _on_root_grad(self, trace: Trace, grad: Tensor) -> None:
-        if not self._active:
+        if not self._active or not self._params:
             return
         if trace.released:
             raise CurvhookError(
                 "curvhook already released the inputs stored for this forward pass (a new "
-                "forward pass started after its first backward). Run the forward pass again."
+                "forward pass started after its first backward). Run the forward pass again "
+                "before this backward."
             )
+        task = torch._C._current_graph_task_id()
+        if self._monitor is not None and task in self._monitor.nonlinear_tasks and any(
+            ext.needs_loss for ext in self.extensions
+        ):
+            raise UnsupportedLossError(
+                "The scalar you backpropagate is a nonlinear function of a loss value (such as "
+                "loss ** 2, loss.exp(), loss.log() or a product of two losses). Its Hessian "
+                "has a term that couples all samples, which the GGN extensions do not compute. "
+                "Backpropagate a sum of multiples of supported losses."
+            )
+        node = torch._C._current_autograd_node()
+        root_calls = [c for c in trace.calls if c.output_key == trace.root_key]
+        for call in root_calls:  # hand the rules what the trace must not hold
+            call.output, call.node = trace.root_value, node
         try:
             results = backpropagate(trace, grad, self.extensions, self._params)
         finally:
+            for call in root_calls:
+                call.output = call.node = None
             for loss in trace.losses:
                 loss.scale = None
                 loss.cache.clear()
+        # Several forward passes reached by one backward pass add up (their samples
+        # are all part of the loss); separate backward passes overwrite unless
+        # accumulate=True.
+        combine = self.accumulate or (task == self._last_task and task >= 0)
         for ext, result in results.items():
-            ext.write(result, self._params, self.accumulate)
+            ext.write(result, self._params, combine)
+        self._last_task = task
         trace.used = True
 
 

@@ -40,7 +40,7 @@ def backpropagate(
         For each extension, what its ``finalize`` returned.
     """
     check_trace(trace)
-    root = trace.root
+    root = trace.root_value
     groups: dict[Hashable, list[Extension]] = defaultdict(list)
     for ext in extensions:
         groups[ext.source_key].append(ext)
@@ -79,18 +79,19 @@ def backpropagate(
 
 def check_trace(trace: Trace) -> None:
     """Raise a clear error if the recorded graph has a part curvhook cannot follow."""
-    root = trace.root
+    root = trace.root_value
     n = root.shape[0] if root.dim() else None
-    produced = {call.output_key: call for call in trace.calls if call.output is not None}
+    produced = {call.output_key: call for call in trace.calls if call.output_key is not None}
     if trace.root_key not in produced:
-        origin = type(root.grad_fn).__name__ if root.grad_fn is not None else "no operation"
+        node = torch._C._current_autograd_node()
+        origin = type(node).__name__ if node is not None else "no operation"
         raise UnsupportedModelError(
             f"The model output was computed by a tensor operation ({origin}) after the last "
             "module call. curvhook follows the model through its leaf modules; express that "
             "operation as a module (e.g. nn.Flatten, nn.Identity) or move it into the loss."
         )
     for call in trace.calls:
-        on_path = call.output is not None and call.output.requires_grad
+        on_path = call.output_key is not None and call.output_requires_grad
         if not on_path:
             continue
         if mixes_samples(call.module):
@@ -101,14 +102,15 @@ def check_trace(trace: Trace) -> None:
             )
         if rule_for(call.module) is None:
             FALLBACK.warn_once(call)
-        if n is not None and (call.output.dim() == 0 or call.output.shape[0] != n):
+        shape = call.output_shape
+        if n is not None and (len(shape) == 0 or shape[0] != n):
             raise UnsupportedModelError(
-                f"Module {call.name!r} returned shape {tuple(call.output.shape)}; curvhook needs "
+                f"Module {call.name!r} returned shape {tuple(shape)}; curvhook needs "
                 f"every module to keep the batch axis first (N = {n}). Operations that move or "
                 "mix samples have no per-sample Jacobian."
             )
-        for i, (x, node) in enumerate(zip(call.inputs, call.input_nodes)):
-            if node is None or not x.requires_grad:
+        for i, (node, needs_grad) in enumerate(zip(call.input_nodes, call.input_requires_grad)):
+            if node is None or not needs_grad:
                 continue  # a leaf: the model input or a tensor that needs no gradient
             if i > 0:
                 raise UnsupportedModelError(
@@ -131,7 +133,7 @@ def check_trace(trace: Trace) -> None:
 
 def initial_value(trace: Trace, grad_root: Tensor, ext: Extension) -> Tensor:
     """The quantity a source starts from at the model output."""
-    root = trace.root.detach()
+    root = trace.root_value
     if ext.source == "jacobian":
         return identity_factor(root)
     losses = loss_calls(trace, ext)
@@ -153,7 +155,7 @@ def initial_value(trace: Trace, grad_root: Tensor, ext: Extension) -> Tensor:
 def loss_calls(trace: Trace, ext: Extension) -> list[LossCall]:
     """The loss terms of the backpropagated scalar, or a clear error if there are none."""
     if ext.loss is not None:
-        return [LossCall(module=ext.loss, input=trace.root.detach(), target=None)]
+        return [LossCall(module=ext.loss, input=trace.root_value, target=None)]
     if not trace.losses:
         raise UnsupportedLossError(
             f"{type(ext).__name__} needs the loss, and no loss module was called on the model "

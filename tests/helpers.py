@@ -1,0 +1,57 @@
+"""Run curvhook the way a user does, and compare with the torch.func reference."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from curvhook import extend
+from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from reference import DropoutMasks, collect, compare, reference
+
+ALL = ("BatchJacobian", "DiagGGN", "DiagGGNApprox", "FullGGN")
+
+
+def run_curvhook(
+    model: nn.Module,
+    X: Tensor,
+    loss_fn: Callable[[Tensor], Tensor],
+    which=ALL,
+    record_masks: bool = False,
+):
+    """One ``with extend(...)`` block: forward, ``loss_fn(out).backward()``.
+
+    Returns ``(results, matrix, masks)``: the collected attributes, ``FullGGN.matrix``
+    and the dropout-mask recorder (or ``None``).
+    """
+    ggn = FullGGN()
+    exts = {"BatchJacobian": BatchJacobian(), "DiagGGN": DiagGGN(), "DiagGGNApprox": DiagGGNApprox(), "FullGGN": ggn}
+    masks = DropoutMasks(model) if record_masks else None
+    with extend(model, *(exts[k] for k in which)):
+        if masks is not None:
+            with masks:
+                out = model(X)
+        else:
+            out = model(X)
+        loss_fn(out).backward()
+    got = collect(model, out.shape[0], which)
+    return got, (ggn.matrix if "FullGGN" in which else None), masks
+
+
+def check_against_reference(
+    model: nn.Module,
+    X: Tensor,
+    loss_fn: Callable[[Tensor], Tensor],
+    which=ALL,
+    record_masks: bool = False,
+    rtol: float = 1e-6,
+) -> None:
+    """Run curvhook with ``which`` extensions and compare every result with the reference."""
+    got, matrix, masks = run_curvhook(model, X, loss_fn, which, record_masks)
+    ref = reference(model, X, loss_fn, masks=masks, approx="DiagGGNApprox" in which)
+    # the supported losses have no cross-sample Hessian blocks (sanity check of the reference)
+    torch.testing.assert_close(ref.H_full, ref.H, rtol=0, atol=1e-12 * ref.H.abs().max().item())
+    compare(got, ref, matrix, rtol=rtol)
+    return got, ref

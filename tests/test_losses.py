@@ -1,0 +1,481 @@
+"""Loss Hessians (every supported option), scaled and summed losses, and the loss errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curvhook import extend
+from curvhook.errors import UnsupportedLossError
+from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from helpers import check_against_reference, run_curvhook
+from reference import collect, compare, reference
+
+DT = torch.float64
+N = 4
+C = 3
+GGN_EXTENSIONS = [DiagGGN, DiagGGNApprox, FullGGN]
+
+
+def randomize(model):
+    model.to(DT)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    return model
+
+
+# ------------------------------------------------------------------ models
+def model_for(shape):
+    """A small MLP whose output has per-sample shape ``shape``, made of leaf modules only."""
+    numel = int(torch.tensor(shape).prod()) if shape else 1
+    layers = [nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, numel)]
+    if len(shape) == 0:
+        layers.append(nn.Flatten(0))  # [N, 1] -> [N]
+    elif len(shape) > 1:
+        layers.append(nn.Unflatten(1, shape))
+    return randomize(nn.Sequential(*layers))
+
+
+def spatial_via_linear_on_positions():
+    """``[N, C, d1]`` logits from a Linear that acts on ``[N, C, in]`` positions (no Unflatten)."""
+    return randomize(nn.Sequential(nn.Unflatten(1, (C, 2)), nn.Linear(2, 5), nn.Sigmoid(), nn.Linear(5, 3)))
+
+
+def class_targets(shape, c=C, ignore=None):
+    y = torch.randint(0, c, shape)
+    if ignore is not None:
+        y.view(-1)[::3] = ignore  # some positions ignored, never all
+    return y
+
+
+def prob_targets(shape):
+    return torch.softmax(torch.randn(shape, dtype=DT), 1)
+
+
+CE_OPTIONS = {
+    "plain": dict(),
+    "weight": dict(weight=torch.tensor([0.3, 1.0, 2.5], dtype=DT)),
+    "ignore_index": dict(ignore_index=1),
+    "ignore_index_default_-100": dict(),  # targets -100 put in below
+    "label_smoothing": dict(label_smoothing=0.15),
+    "weight_label_smoothing": dict(weight=torch.tensor([0.3, 1.0, 2.5], dtype=DT), label_smoothing=0.2),
+    "weight_ignore_label_smoothing": dict(
+        weight=torch.tensor([0.3, 1.0, 2.5], dtype=DT), ignore_index=2, label_smoothing=0.1
+    ),
+    "weight_ignore_-100": dict(weight=torch.tensor([0.3, 1.0, 2.5], dtype=DT)),
+}
+
+CE_SHAPES = {"NC": (C,), "NCd1": (C, 2), "NCd1d2": (C, 2, 2)}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("option", sorted(CE_OPTIONS))
+@pytest.mark.parametrize("shape", sorted(CE_SHAPES))
+def test_cross_entropy_class_targets(shape, option, reduction):
+    out_shape = CE_SHAPES[shape]
+    model = model_for(out_shape)
+    X = torch.randn(N, 4, dtype=DT)
+    target_shape = (N, *out_shape[1:])
+    if option == "ignore_index":
+        y = class_targets(target_shape, ignore=1)
+    elif option.endswith("-100"):
+        y = class_targets(target_shape, ignore=-100)
+    elif option == "weight_ignore_label_smoothing":
+        y = class_targets(target_shape, ignore=2)
+    else:
+        y = class_targets(target_shape)
+    crit = nn.CrossEntropyLoss(reduction=reduction, **CE_OPTIONS[option])
+    check_against_reference(model, X, lambda out: crit(out, y))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("option", ["plain", "weight", "label_smoothing", "weight_label_smoothing"])
+@pytest.mark.parametrize("shape", sorted(CE_SHAPES))
+def test_cross_entropy_probability_targets(shape, option, reduction):
+    out_shape = CE_SHAPES[shape]
+    model = model_for(out_shape)
+    X = torch.randn(N, 4, dtype=DT)
+    y = prob_targets((N, *out_shape))
+    crit = nn.CrossEntropyLoss(reduction=reduction, **CE_OPTIONS[option])
+    check_against_reference(model, X, lambda out: crit(out, y))
+
+
+def test_cross_entropy_unnormalized_soft_targets():
+    """Probability targets need not sum to one; the loss is still linear in them."""
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y = torch.rand(N, C, dtype=DT) * 2
+    crit = nn.CrossEntropyLoss()
+    check_against_reference(model, X, lambda out: crit(out, y))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_spatial_from_linear_on_positions(reduction):
+    model = spatial_via_linear_on_positions()  # [N, 6] -> [N, 3, 2] -> [N, 3, 5] -> [N, 3, 3]
+    X = torch.randn(N, 6, dtype=DT)
+    y = class_targets((N, 3))
+    crit = nn.CrossEntropyLoss(reduction=reduction, weight=torch.tensor([1.0, 0.5, 2.0], dtype=DT))
+    check_against_reference(model, X, lambda out: crit(out, y))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_cross_entropy_single_sample_and_single_valid_target(n):
+    model = model_for((C,))
+    X = torch.randn(n, 4, dtype=DT)
+    y = torch.full((n,), -100)
+    y[0] = 2
+    crit = nn.CrossEntropyLoss(label_smoothing=0.1)
+    check_against_reference(model, X, lambda out: crit(out, y))
+
+
+MSE_SHAPES = {"N": (), "NC": (C,), "NAB": (2, 3)}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shape", sorted(MSE_SHAPES))
+def test_mse(shape, reduction):
+    out_shape = MSE_SHAPES[shape]
+    model = model_for(out_shape)
+    X = torch.randn(N, 4, dtype=DT)
+    y = torch.randn(N, *out_shape, dtype=DT)
+    crit = nn.MSELoss(reduction=reduction)
+    check_against_reference(model, X, lambda out: crit(out, y))
+
+
+BCE_CASES = {
+    "N_binary": ((), dict(), "binary"),
+    "N_soft": ((), dict(), "soft"),
+    "NC_multilabel": ((C,), dict(), "binary"),
+    "NC_weight": ((C,), dict(weight=torch.tensor([0.5, 1.0, 3.0], dtype=DT)), "binary"),
+    "NC_sample_weight": ((C,), dict(weight=torch.rand(N, 1, dtype=DT) + 0.2), "soft"),
+    "NC_pos_weight": ((C,), dict(pos_weight=torch.tensor([2.0, 0.5, 4.0], dtype=DT)), "binary"),
+    "NC_pos_weight_soft": ((C,), dict(pos_weight=torch.tensor([2.0, 0.5, 4.0], dtype=DT)), "soft"),
+    "NC_weight_pos_weight": (
+        (C,),
+        dict(weight=torch.tensor([0.5, 1.0, 3.0], dtype=DT), pos_weight=torch.tensor([2.0, 0.5, 4.0], dtype=DT)),
+        "soft",
+    ),
+    "NAB_pos_weight": ((2, 3), dict(pos_weight=torch.tensor([3.0, 0.2, 1.0], dtype=DT)), "binary"),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", sorted(BCE_CASES))
+def test_bce_with_logits(case, reduction):
+    out_shape, options, kind = BCE_CASES[case]
+    model = model_for(out_shape)
+    X = torch.randn(N, 4, dtype=DT)
+    y = torch.rand(N, *out_shape, dtype=DT)
+    if kind == "binary":
+        y = (y > 0.5).to(DT)
+    crit = nn.BCEWithLogitsLoss(reduction=reduction, **options)
+    check_against_reference(model, X, lambda out: crit(out, y))
+
+
+# ------------------------------------------------------- scaled and summed
+def test_scaled_loss():
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y = class_targets((N,))
+    crit = nn.CrossEntropyLoss()
+    check_against_reference(model, X, lambda out: crit(out, y) / 4)
+
+
+@pytest.mark.parametrize("factor", [3.0, 0.01])
+def test_multiplied_loss_mse(factor):
+    model = model_for((2, 3))
+    X = torch.randn(N, 4, dtype=DT)
+    y = torch.randn(N, 2, 3, dtype=DT)
+    crit = nn.MSELoss(reduction="sum")
+    check_against_reference(model, X, lambda out: factor * crit(out, y))
+
+
+def test_sum_of_two_cross_entropies_with_different_reductions():
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y = class_targets((N,))
+    mean, total = nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum", label_smoothing=0.1)
+    check_against_reference(model, X, lambda out: mean(out, y) + 0.5 * total(out, y))
+
+
+def test_sum_of_mse_and_bce_on_the_same_output():
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y_reg, y_bin = torch.randn(N, C, dtype=DT), (torch.rand(N, C, dtype=DT) > 0.5).to(DT)
+    mse, bce = nn.MSELoss(), nn.BCEWithLogitsLoss(reduction="sum", pos_weight=torch.full((C,), 2.0, dtype=DT))
+    check_against_reference(model, X, lambda out: (mse(out, y_reg) + 2 * bce(out, y_bin)) / 3)
+
+
+def test_same_loss_module_called_twice():
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y1, y2 = class_targets((N,)), class_targets((N,))
+    crit = nn.CrossEntropyLoss()
+    check_against_reference(model, X, lambda out: crit(out, y1) + crit(out, y2))
+
+
+def test_metric_loss_that_is_not_backpropagated_is_ignored():
+    """An unsupported loss computed on the output for logging only must not disturb the result."""
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y = class_targets((N,))
+    crit, metric = nn.CrossEntropyLoss(), nn.L1Loss()
+    target = F.one_hot(y, C).to(DT)
+
+    def loss_fn(out):
+        metric(out, target)  # computed with grad, but not part of the backpropagated scalar
+        return crit(out, y)
+
+    check_against_reference(model, X, loss_fn)
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize("ext", GGN_EXTENSIONS)
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
+def test_reduction_none_raises_from_backward(loss, ext):
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    crit, y = {
+        "ce": (nn.CrossEntropyLoss(reduction="none"), class_targets((N,))),
+        "mse": (nn.MSELoss(reduction="none"), torch.randn(N, C, dtype=DT)),
+        "bce": (nn.BCEWithLogitsLoss(reduction="none"), torch.rand(N, C, dtype=DT)),
+    }[loss]
+    with extend(model, ext()):
+        loss_value = crit(model(X), y).sum()  # the forward must not raise
+        with pytest.raises(UnsupportedLossError, match="reduction"):
+            loss_value.backward()
+
+
+@pytest.mark.parametrize("ext", GGN_EXTENSIONS)
+def test_reduction_none_mean_of_single_sample_raises(ext):
+    model = model_for((C,))
+    X = torch.randn(1, 4, dtype=DT)
+    with extend(model, ext()):
+        loss_value = nn.CrossEntropyLoss(reduction="none")(model(X), class_targets((1,))).mean()
+        with pytest.raises(UnsupportedLossError):
+            loss_value.backward()
+
+
+@pytest.mark.parametrize("ext", GGN_EXTENSIONS)
+@pytest.mark.parametrize("loss", ["L1Loss", "NLLLoss", "HuberLoss", "SmoothL1Loss"])
+def test_unsupported_loss_module_raises(loss, ext):
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    crit = getattr(nn, loss)()
+    y = class_targets((N,)) if loss == "NLLLoss" else torch.randn(N, C, dtype=DT)
+    with extend(model, ext()):
+        value = crit(model(X), y)
+        with pytest.raises(UnsupportedLossError, match=loss):
+            value.backward()
+    assert not hasattr(model[0].weight, ext.attribute)
+
+
+@pytest.mark.parametrize("ext", GGN_EXTENSIONS)
+def test_functional_loss_without_naming_mentions_loss_argument(ext):
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y = class_targets((N,))
+    with extend(model, ext()):
+        value = F.cross_entropy(model(X), y)
+        with pytest.raises(UnsupportedLossError, match="loss="):
+            value.backward()
+
+
+@pytest.mark.parametrize(
+    "functional, named, target",
+    [
+        (lambda out, y: F.cross_entropy(out, y), nn.CrossEntropyLoss(), "class"),
+        (lambda out, y: F.cross_entropy(out, y, reduction="sum"), nn.CrossEntropyLoss(reduction="sum"), "class"),
+        (lambda out, y: F.cross_entropy(out, y, label_smoothing=0.2), nn.CrossEntropyLoss(label_smoothing=0.2), "class"),
+        (lambda out, y: F.mse_loss(out, y), nn.MSELoss(), "real"),
+        (lambda out, y: F.mse_loss(out, y, reduction="sum"), nn.MSELoss(reduction="sum"), "real"),
+        (lambda out, y: F.binary_cross_entropy_with_logits(out, y), nn.BCEWithLogitsLoss(), "unit"),
+    ],
+    ids=["ce_mean", "ce_sum", "ce_smoothing", "mse_mean", "mse_sum", "bce_mean"],
+)
+def test_named_loss_with_functional_loss_is_exact(functional, named, target):
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y = {"class": class_targets((N,)), "real": torch.randn(N, C, dtype=DT), "unit": torch.rand(N, C, dtype=DT)}[target]
+    ggn = FullGGN(loss=named)
+    with extend(model, DiagGGN(loss=named), DiagGGNApprox(loss=named), ggn, BatchJacobian()):
+        functional(model(X), y).backward()
+    got = collect(model, N)
+    compare(got, reference(model, X, lambda out: functional(out, y)), ggn.matrix)
+
+
+def test_named_loss_for_cross_entropy_on_spatial_output():
+    model = model_for((C, 2, 2))
+    X = torch.randn(N, 4, dtype=DT)
+    y = class_targets((N, 2, 2))
+    named = nn.CrossEntropyLoss()
+    with extend(model, DiagGGN(loss=named), DiagGGNApprox(loss=named)):
+        F.cross_entropy(model(X), y).backward()
+    compare(collect(model, N, ("DiagGGN", "DiagGGNApprox")), reference(model, X, lambda out: F.cross_entropy(out, y)))
+
+
+@pytest.mark.parametrize("ext", GGN_EXTENSIONS)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        lambda out: out.pow(2).sum(),
+        lambda out: 1e-3 * out.pow(2).sum(),
+        lambda out: out.exp().mean(),
+    ],
+    ids=["squared", "small_squared", "exp"],
+)
+def test_extra_output_term_raises(extra, ext):
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y = class_targets((N,))
+    crit = nn.CrossEntropyLoss()
+    with extend(model, ext()):
+        out = model(X)
+        value = crit(out, y) + extra(out)
+        with pytest.raises(UnsupportedLossError):
+            value.backward()
+
+
+NONLINEAR = {
+    "square": lambda losses: losses[0].pow(2),
+    "exp": lambda losses: losses[0].exp(),
+    "sqrt": lambda losses: losses[0].sqrt(),
+    "log": lambda losses: (1 + losses[0]).log(),
+    "product_of_two_losses": lambda losses: losses[0] * losses[1],
+}
+
+
+@pytest.mark.parametrize("ext", GGN_EXTENSIONS)
+@pytest.mark.parametrize("phi", sorted(NONLINEAR))
+def test_nonlinear_function_of_the_loss_is_never_silently_wrong(phi, ext):
+    """ℓ = φ(L) has the Hessian φ'(L) ∂²L + φ''(L) ∇L ∇Lᵀ: curvhook must raise (as the docs
+    promise) or, if it ever supports it, return the exact GGN of ℓ. Not φ'(L) · GGN(L)."""
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y1, y2 = torch.randn(N, C, dtype=DT), torch.randn(N, C, dtype=DT)
+    crit1, crit2 = nn.MSELoss(), nn.MSELoss(reduction="sum")
+    loss_fn = lambda out: NONLINEAR[phi]([crit1(out, y1), crit2(out, y2)])  # noqa: E731
+    try:
+        got, matrix, _ = run_curvhook(model, X, loss_fn, which=(ext.__name__,))
+    except UnsupportedLossError:
+        return
+    compare(got, reference(model, X, loss_fn, approx=ext is DiagGGNApprox), matrix)
+
+
+@pytest.mark.parametrize("ext", GGN_EXTENSIONS)
+def test_negative_multiple_of_loss_raises(ext):
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y = class_targets((N,))
+    with extend(model, ext()):
+        value = -nn.CrossEntropyLoss()(model(X), y)
+        with pytest.raises(UnsupportedLossError):
+            value.backward()
+
+
+@pytest.mark.parametrize("ext", GGN_EXTENSIONS)
+def test_loss_on_a_tensor_derived_from_the_output_raises(ext):
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y = class_targets((N,))
+    with extend(model, ext()):
+        value = nn.CrossEntropyLoss()(2 * model(X), y)
+        with pytest.raises(UnsupportedLossError, match="loss="):
+            value.backward()
+
+
+@pytest.mark.parametrize("ext", GGN_EXTENSIONS)
+def test_backward_from_output_without_loss_raises_for_ggn(ext):
+    model = model_for((C,))
+    with extend(model, ext()):
+        value = model(torch.randn(N, 4, dtype=DT)).sum()
+        with pytest.raises(UnsupportedLossError):
+            value.backward()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("shape", [(C,), (2, 3), ()])
+def test_batch_jacobian_alone_without_loss(shape, n):
+    model = model_for(shape)
+    X = torch.randn(n, 4, dtype=DT)
+    got, _, _ = run_curvhook(model, X, lambda out: out.sum(), which=("BatchJacobian",))
+    compare(got, reference(model, X))
+
+
+def test_batch_jacobian_ignores_the_loss():
+    """BatchJacobian needs no loss, so an unsupported or 'none'-reduced loss is fine."""
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    crit = nn.L1Loss(reduction="none")
+    y = torch.randn(N, C, dtype=DT)
+    got, _, _ = run_curvhook(model, X, lambda out: crit(out, y).pow(2).sum(), which=("BatchJacobian",))
+    compare(got, reference(model, X))
+
+
+def test_named_loss_rejected_for_batch_jacobian():
+    with pytest.raises(TypeError):
+        BatchJacobian(loss=nn.MSELoss())
+
+
+def test_all_supported_losses_listed():
+    from curvhook import supported_losses
+
+    assert set(supported_losses()) >= {nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss}
+
+
+def test_loss_called_with_keyword_arguments():
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y = class_targets((N,))
+    crit = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=DT))
+    check_against_reference(model, X, lambda out: crit(input=out, target=y))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["ce_negative_weight", "named_ce_with_weight", "named_bce_with_pos_weight", "bce_pos_weight_target_above_one"],
+)
+def test_losses_whose_hessian_cannot_be_formed_raise(case):
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    if case == "ce_negative_weight":
+        crit, y = nn.CrossEntropyLoss(weight=torch.tensor([1.0, -0.5, 1.0], dtype=DT)), class_targets((N,))
+        ext, call = DiagGGN(), lambda out: crit(out, y)
+    elif case == "named_ce_with_weight":
+        w = torch.tensor([1.0, 2.0, 1.0], dtype=DT)
+        y = class_targets((N,))
+        ext, call = DiagGGN(loss=nn.CrossEntropyLoss(weight=w)), lambda out: F.cross_entropy(out, y, weight=w)
+    elif case == "named_bce_with_pos_weight":
+        pw = torch.full((C,), 2.0, dtype=DT)
+        y = torch.rand(N, C, dtype=DT)
+        ext = FullGGN(loss=nn.BCEWithLogitsLoss(pos_weight=pw))
+        call = lambda out: F.binary_cross_entropy_with_logits(out, y, pos_weight=pw)  # noqa: E731
+    else:  # r y + 1 - y < 0: the second derivative is negative
+        crit = nn.BCEWithLogitsLoss(pos_weight=torch.full((C,), 0.5, dtype=DT))
+        y = torch.full((N, C), 3.0, dtype=DT)
+        ext, call = DiagGGNApprox(), lambda out: crit(out, y)
+    with extend(model, ext):
+        value = call(model(X))
+        with pytest.raises(UnsupportedLossError):
+            value.backward()
+
+
+@pytest.mark.parametrize("ext", GGN_EXTENSIONS)
+def test_backward_on_something_other_than_the_loss_raises(ext):
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    with extend(model, ext()):
+        out = model(X)
+        nn.CrossEntropyLoss()(out, class_targets((N,)))  # computed, but not backpropagated
+        with pytest.raises(UnsupportedLossError):
+            out.pow(2).sum().backward()
+
+
+def test_bce_without_pos_weight_targets_outside_unit_interval_are_exact():
+    """Without pos_weight the BCE Hessian σ(1-σ) does not depend on the target at all."""
+    model = model_for((C,))
+    X = torch.randn(N, 4, dtype=DT)
+    y = torch.rand(N, C, dtype=DT) * 3 - 1
+    crit = nn.BCEWithLogitsLoss(weight=torch.tensor([1.0, 0.2, 2.0], dtype=DT))
+    check_against_reference(model, X, lambda out: crit(out, y))
