@@ -108,6 +108,7 @@ class Trace:
     the trace lives exactly as long as the graph of its forward pass.
 
     Attributes:
+        seq: Position of this forward pass among those of the block.
         calls: The leaf-module calls in forward order.
         root_ref: Weak reference to the model output, ``[N, *out]``.
         root_value: The model output, detached (shares its storage).
@@ -117,7 +118,8 @@ class Trace:
         released: Whether the stored tensors were dropped.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, seq: int = 0) -> None:
+        self.seq = seq
         self.calls: list[ModuleCall] = []
         self.root_ref: Optional[weakref.ref] = None
         self.root_value: Optional[Tensor] = None

@@ -50,7 +50,9 @@ class Extend:
         self._params: list[nn.Parameter] = []
         self._monitor: Optional[LossUseMonitor] = None
         self._global_handle: Any = None
-        self._last_task: Optional[int] = None
+        self._results: list[tuple[int, dict]] = []
+        self._results_task: Optional[int] = None
+        self._forwards = 0
         self._active = False
 
     # ------------------------------------------------------------------ setup
@@ -91,7 +93,7 @@ class Extend:
         model = self.model
         self._handles.append(model.register_forward_pre_hook(self._on_model_pre, prepend=True, with_kwargs=True))
         for module in model.modules():
-            if next(module.children(), None) is None:
+            if next(module.children(), None) is None and not _is_empty_container(module):
                 self._handles.append(module.register_forward_pre_hook(self._on_leaf_pre, with_kwargs=True))
                 self._handles.append(
                     module.register_forward_hook(self._on_leaf_post, with_kwargs=True, always_call=True)
@@ -135,7 +137,8 @@ class Extend:
                 trace.release()
         if self._monitor is not None:
             self._monitor.prune()
-        self._stack.append(Trace())
+        self._forwards += 1
+        self._stack.append(Trace(self._forwards))
 
     def _on_model_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._stack:
@@ -237,14 +240,33 @@ class Extend:
             for loss in trace.losses:
                 loss.scale = None
                 loss.cache.clear()
-        # Several forward passes reached by one backward pass add up (their samples
-        # are all part of the loss); separate backward passes overwrite unless
-        # accumulate=True.
-        combine = self.accumulate or (task == self._last_task and task >= 0)
-        for ext, result in results.items():
-            ext.write(result, self._params, combine)
-        self._last_task = task
+        # Results are written when the backward pass ends, so that several forward
+        # passes reached by one backward pass add up in forward order.
+        if self._results_task != task:  # first forward pass reached by this backward
+            self._results, self._results_task = [], task
+            torch.autograd.Variable._execution_engine.queue_callback(self._write_results)
+        self._results.append((trace.seq, results))
         trace.used = True
+
+    def _write_results(self) -> None:
+        """End of a backward pass: write what every forward pass it reached gave.
+
+        Separate backward passes overwrite each other unless ``accumulate=True``;
+        the forward passes of one backward pass add up (their samples are all
+        part of the loss), ``BatchJacobian`` concatenating them in forward order.
+        """
+        pending = sorted(self._results, key=lambda item: item[0])
+        self._results, self._results_task = [], None
+        if not self._active:
+            return
+        for i, (_, results) in enumerate(pending):
+            for ext, result in results.items():
+                ext.write(result, self._params, self.accumulate or i > 0)
+
+
+def _is_empty_container(module: nn.Module) -> bool:
+    """An empty ``nn.Sequential`` returns its input unchanged: not an operation at all."""
+    return type(module) in (nn.Sequential, nn.ModuleList, nn.ModuleDict) and not module._parameters
 
 
 def _record_scale(call: LossCall, grad: Tensor) -> None:

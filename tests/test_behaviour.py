@@ -816,3 +816,99 @@ def test_modules_without_per_sample_structure_raise(case, ext):
             with pytest.raises(UnsupportedModelError):
                 loss.backward()
     assert_clean(model, before)
+
+
+# ------------------------------------------------- exact answers, not only errors
+def test_two_forward_passes_in_one_backward_sum_exactly():
+    """ℓ = L(model(X1)) + L(model(X2)): every extension covers both batches."""
+    model = mlp()
+    (X1, y1), (X2, y2) = data(3), data(2)
+    crit = nn.CrossEntropyLoss(reduction="sum")
+    exts = all_extensions()
+    with extend(model, *exts):
+        (crit(model(X1), y1) + crit(model(X2), y2)).backward()
+    X, y = torch.cat([X1, X2]), torch.cat([y1, y2])
+    ref = reference(model, X, lambda out: crit(out, y), approx=False)
+    got = collect(model, 5, ("BatchJacobian", "DiagGGN", "FullGGN"))
+    compare(got, ref, exts[3].matrix)
+
+
+def test_second_backward_after_a_new_forward_raises_in_both_modes():
+    model = mlp()
+    X, y = data()
+    for accumulate in (False, True):
+        with extend(model, DiagGGN(), accumulate=accumulate):
+            loss = nn.CrossEntropyLoss()(model(X), y)
+            loss.backward(retain_graph=True)
+            model(X)
+            with pytest.raises(CurvhookError, match="Run the forward pass again"):
+                loss.backward()
+
+
+def test_retain_graph_backward_twice_without_new_forward_recomputes():
+    model = mlp()
+    X, y = data()
+    crit = nn.CrossEntropyLoss()
+    with extend(model, DiagGGN()):
+        loss = crit(model(X), y)
+        loss.backward(retain_graph=True)
+        first = [p.diag_ggn.clone() for p in model.parameters()]
+        loss.backward()
+    for a, p in zip(first, model.parameters()):
+        torch.testing.assert_close(p.diag_ggn, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use", ["exp_logged", "detached_square", "item"])
+def test_nonlinear_function_of_the_loss_that_is_not_backpropagated_is_fine(use):
+    """Logging exp(loss) (a perplexity) must not trip the nonlinearity check."""
+    model = mlp()
+    X, y = data()
+    crit = nn.CrossEntropyLoss()
+    with extend(model, DiagGGN()):
+        loss = crit(model(X), y)
+        logged = {"exp_logged": lambda: loss.exp(), "detached_square": lambda: loss.detach() ** 2,
+                  "item": lambda: loss.item()}[use]()
+        (2.0 * loss + 1.0).backward()
+    ref = reference(model, X, lambda out: 2.0 * crit(out, y), approx=False)
+    compare(collect(model, 4, ("DiagGGN",)), ref)
+    assert logged is not None
+
+
+def test_nonlinear_function_of_the_loss_raises_before_any_result_is_written():
+    model = mlp()
+    X, y = data()
+    with extend(model, DiagGGN()):
+        loss = nn.CrossEntropyLoss()(model(X), y)
+        with pytest.raises(UnsupportedLossError, match="nonlinear function of a loss"):
+            (loss * loss).backward()
+    assert not any(hasattr(p, "diag_ggn") for p in model.parameters())
+
+
+def test_batch_jacobian_does_not_care_how_the_loss_is_used():
+    model = mlp()
+    X, y = data()
+    with extend(model, BatchJacobian()):
+        nn.CrossEntropyLoss()(model(X), y).exp().backward()
+    ref = reference(model, X, lambda out: out.sum(), approx=False)
+    compare(collect(model, 4, ("BatchJacobian",)), ref)
+
+
+def test_trace_is_freed_with_its_graph_for_every_extension():
+    model, keep = leak_model()
+    with warnings_ignored():
+        with extend(model, *all_extensions()):
+            out = model(torch.randn(3, 4, dtype=DT))
+            nn.CrossEntropyLoss()(out, torch.tensor([0, 1, 2]))
+            del out
+            gc.collect()
+            assert keep.refs[0]() is None
+
+
+def test_empty_sequential_is_no_operation():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Sequential(), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    X, y = data()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        check_against_reference(model, X, lambda out: nn.CrossEntropyLoss()(out, y))
