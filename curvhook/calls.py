@@ -46,6 +46,12 @@ class ModuleCall:
             set while a backward pass runs.
         input_nodes: ``grad_fn`` of each input before the call.
         training: ``module.training`` at call time.
+        args: Positional arguments, tensors replaced by :class:`Slot` markers
+            indexing ``inputs`` (the distinct tensor arguments).
+        kwargs: Keyword arguments, likewise.
+        recurse: Whether the module has children it did not call (it is then one
+            operation over all the parameters below it).
+        other_output_keys: Identity of further tensor outputs that require grad.
         cache: Per-backward scratch space for rules (e.g. a Jacobian diagonal).
     """
 
@@ -62,6 +68,10 @@ class ModuleCall:
     output_requires_grad: bool = False
     node: Any = None
     training: bool = False
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    recurse: bool = False
+    other_output_keys: tuple[TensorKey, ...] = ()
     cache: dict = field(default_factory=dict)
 
     @property
@@ -73,7 +83,7 @@ class ModuleCall:
         """The module's own parameters that require grad, as ``(name, parameter)``."""
         return [
             (n, p)
-            for n, p in self.module.named_parameters(recurse=False)
+            for n, p in self.module.named_parameters(recurse=self.recurse)
             if p.requires_grad
         ]
 
@@ -125,6 +135,9 @@ class Trace:
         self.root_value: Optional[Tensor] = None
         self.root_key: Optional[TensorKey] = None
         self.losses: list[LossCall] = []
+        self.shared_keys: set[TensorKey] = set()
+        self.input_keys: set[TensorKey] = set()
+        self.produced: set[TensorKey] = set()
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.root_handle: Optional[torch.utils.hooks.RemovableHandle] = None
         self.used = False
@@ -139,11 +152,13 @@ class Trace:
         """Replace every stored reference to ``root`` (or its node) by what the rules need."""
         node = root.grad_fn
         for call in self.calls:
-            if call.output is root:
+            if getattr(call, "output", None) is root:
                 call.output = None
             if call.node is node:
                 call.node = None
-            if any(x is root for x in call.inputs):  # an in-place module changed its input
+            if isinstance(call, FunctionCall):  # an in-place operation changed its input
+                call.tensors = tuple(x.detach() if x is root else x for x in call.tensors)
+            elif any(x is root for x in call.inputs):  # an in-place module changed its input
                 call.inputs = tuple(x.detach() if x is root else x for x in call.inputs)
 
     def release(self) -> None:
@@ -166,3 +181,115 @@ class Trace:
         if self.root_handle is not None:
             self.root_handle.remove()
             self.root_handle = None
+
+
+class Slot(int):
+    """Placeholder for the ``i``-th distinct tensor argument inside a recorded call."""
+
+
+def make_template(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[Tensor]]:
+    """Replace tensor arguments by :class:`Slot` markers, one slot per distinct tensor.
+
+    Returns:
+        ``(args, kwargs, tensors)``: the arguments with slots (one level into lists
+        and tuples, as for ``torch.cat``) and the distinct tensors in slot order.
+    """
+    tensors: list[Tensor] = []
+    index: dict[int, int] = {}
+
+    def slot(obj: Any) -> Any:
+        if isinstance(obj, Tensor):
+            if id(obj) not in index:
+                index[id(obj)] = len(tensors)
+                tensors.append(obj)
+            return Slot(index[id(obj)])
+        if isinstance(obj, (list, tuple)) and any(isinstance(o, Tensor) for o in obj):
+            return type(obj)(slot(o) for o in obj) if isinstance(obj, tuple) else [slot(o) for o in obj]
+        return obj
+
+    new_args = tuple(slot(a) for a in args)
+    new_kwargs = {k: slot(v) for k, v in kwargs.items()}
+    return new_args, new_kwargs, tensors
+
+
+def fill_template(args: tuple, kwargs: dict, tensors: list[Tensor]) -> tuple[tuple, dict]:
+    """Inverse of :func:`make_template` with new tensors in the slots."""
+
+    def fill(obj: Any) -> Any:
+        if isinstance(obj, Slot):
+            return tensors[obj]
+        if isinstance(obj, (list, tuple)) and any(isinstance(o, Slot) for o in obj):
+            return type(obj)(fill(o) for o in obj) if isinstance(obj, tuple) else [fill(o) for o in obj]
+        return obj
+
+    return tuple(fill(a) for a in args), {k: fill(v) for k, v in kwargs.items()}
+
+
+@dataclass(eq=False)
+class FunctionCall:
+    """One tensor operation executed between modules (``x + y``, ``x.view(...)``, ``F.relu``).
+
+    Attributes:
+        func: The function or tensor method that was called.
+        name: ``func``'s name and the module whose ``forward`` called it (for messages).
+        args: Positional arguments, tensors replaced by :class:`Slot` markers.
+        kwargs: Keyword arguments, likewise.
+        tensors: The distinct tensor arguments, as they were at call time.
+        kinds: Per tensor: ``"batched"`` (computed from the model input: batch axis
+            first), ``"shared"`` (requires grad but has no batch axis: a parameter
+            or something computed from parameters only) or ``"const"``.
+        input_keys: Identity of each tensor before the call.
+        input_versions: ``_version`` of each tensor before the call.
+        input_nodes: ``grad_fn`` of each tensor before the call.
+        output_keys: Identity of each tensor output (``None`` for other outputs).
+        output_shapes: Shape of each tensor output.
+        output_values: The outputs, detached (to check the per-sample structure).
+        node: ``grad_fn`` of the first output right after the call.
+        inplace: Whether the call modified its first argument in place.
+        params: ``(slot name, parameter)`` for the model parameters among the tensors.
+        cache: Per-backward scratch space for rules.
+    """
+
+    func: Any
+    name: str
+    args: tuple
+    kwargs: dict
+    tensors: tuple[Tensor, ...]
+    kinds: tuple[str, ...]
+    input_keys: tuple[TensorKey, ...]
+    input_versions: tuple[int, ...]
+    input_nodes: tuple[Any, ...]
+    output_keys: tuple[Optional[TensorKey], ...] = ()
+    output_shapes: tuple[Optional[torch.Size], ...] = ()
+    output_values: tuple[Optional[Tensor], ...] = ()
+    node: Any = None
+    inplace: bool = False
+    params: tuple[tuple[str, nn.Parameter], ...] = ()
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def output_key(self) -> Optional[TensorKey]:
+        """Identity of the first output."""
+        return self.output_keys[0] if self.output_keys else None
+
+    @property
+    def func_name(self) -> str:
+        """The bare name of the function (``"add"``, ``"__getitem__"``)."""
+        return getattr(self.func, "__name__", str(self.func))
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Model parameters passed to this operation, as ``("t<slot>", parameter)``."""
+        return list(self.params)
+
+    def slot_of(self, name: str) -> int:
+        """Slot index of a parameter name returned by :meth:`trainable_parameters`."""
+        return int(name[1:])
+
+    def invoke(self, tensors: list[Tensor]) -> Any:
+        """Call the operation again with ``tensors`` in the slots (out of place)."""
+        args, kwargs = fill_template(self.args, self.kwargs, tensors)
+        if self.inplace:
+            args = (args[0].clone(),) + args[1:]
+            result = self.func(*args, **kwargs)
+            return args[0] if result is None else result
+        return self.func(*args, **kwargs)

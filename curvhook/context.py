@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import weakref
 from functools import partial
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
 from torch.nn.modules.module import _global_forward_hooks_with_kwargs, register_module_forward_hook
 
-from curvhook.calls import LossCall, ModuleCall, Trace, key_of
+from curvhook.calls import FunctionCall, LossCall, ModuleCall, Trace, key_of, make_template
 from curvhook.engine import backpropagate
 from curvhook.errors import CurvhookError, UnsupportedLossError, UnsupportedModelError
 from curvhook.extensions.base import Extension
@@ -44,7 +45,8 @@ class Extend:
         self.accumulate = accumulate
         self._handles: list[Any] = []
         self._stack: list[Trace] = []
-        self._pending: list[ModuleCall] = []
+        self._frames: list[Frame] = []
+        self._param_ids: set[int] = set()
         self._traces: "weakref.WeakSet[Trace]" = weakref.WeakSet()
         self._names: dict[nn.Module, str] = {}
         self._params: list[nn.Parameter] = []
@@ -60,13 +62,13 @@ class Extend:
         if self._active:
             raise RuntimeError("This extend() block is already active.")
         self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._param_ids = {id(p) for p in self._params}
         self._names = {m: name or type(m).__name__ for name, m in self.model.named_modules()}
-        self._check_parameter_owners()
         for ext in self.extensions:  # frozen parameters keep no stale result either
             ext.reset(list(self.model.parameters()))
         try:
             self._register_hooks()
-            self._monitor = LossUseMonitor()
+            self._monitor = LossUseMonitor(recorder=self)
             self._monitor.__enter__()
         except BaseException:
             self._cleanup()
@@ -77,26 +79,14 @@ class Extend:
     def __exit__(self, *exc: Any) -> None:
         self._cleanup()
 
-    def _check_parameter_owners(self) -> None:
-        for name, module in self.model.named_modules():
-            has_children = next(module.children(), None) is not None
-            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            if has_children and own:
-                raise UnsupportedModelError(
-                    f"Parameter {name + '.' if name else ''}{own[0]} belongs to the container module "
-                    f"{name or type(module).__name__!r}, not to a leaf module. curvhook derives "
-                    "parameters through leaf modules; move the parameter into its own module "
-                    "or set requires_grad=False on it."
-                )
-
     def _register_hooks(self) -> None:
         model = self.model
         self._handles.append(model.register_forward_pre_hook(self._on_model_pre, prepend=True, with_kwargs=True))
         for module in model.modules():
-            if next(module.children(), None) is None and not _is_empty_container(module):
-                self._handles.append(module.register_forward_pre_hook(self._on_leaf_pre, with_kwargs=True))
+            if not _is_empty_container(module):
+                self._handles.append(module.register_forward_pre_hook(self._on_module_pre, with_kwargs=True))
                 self._handles.append(
-                    module.register_forward_hook(self._on_leaf_post, with_kwargs=True, always_call=True)
+                    module.register_forward_hook(self._on_module_post, with_kwargs=True, always_call=True)
                 )
         self._handles.append(
             model.register_forward_hook(self._on_model_post, with_kwargs=True, always_call=True)
@@ -124,7 +114,7 @@ class Extend:
         for trace in self._stack:
             trace.remove_hooks()
         self._stack.clear()
-        self._pending.clear()
+        self._frames.clear()
         self._names = {}
         self._active = False
 
@@ -138,13 +128,15 @@ class Extend:
         if self._monitor is not None:
             self._monitor.prune()
         self._forwards += 1
-        self._stack.append(Trace(self._forwards))
+        trace = Trace(self._forwards)
+        trace.input_keys = {key_of(t) for t in _flat_tensors((args, tuple(kwargs.values())))}
+        self._stack.append(trace)
 
     def _on_model_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._stack:
             return
         trace = self._stack.pop()
-        self._pending.clear()
+        self._frames.clear()
         if output is None:  # the forward raised
             trace.release()
             return
@@ -163,33 +155,103 @@ class Extend:
         trace.root_handle = output.register_hook(partial(self._on_root_grad, trace))
         self._traces.add(trace)
 
-    def _on_leaf_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_module_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._stack:
             return
-        inputs = tuple(a for a in args if isinstance(a, Tensor))
-        inputs += tuple(v for v in kwargs.values() if isinstance(v, Tensor))
-        self._pending.append(
-            ModuleCall(
-                module=module,
-                name=self._names.get(module, type(module).__name__),
-                inputs=inputs,
-                input_keys=tuple(key_of(x) for x in inputs),
-                input_versions=tuple(x._version for x in inputs),
-                input_nodes=tuple(x.grad_fn for x in inputs),
-                input_requires_grad=tuple(x.requires_grad for x in inputs),
-            )
+        if self._frames:
+            self._frames[-1].child_called = True
+        t_args, t_kwargs, inputs = make_template(args, kwargs)
+        call = ModuleCall(
+            module=module,
+            name=self._names.get(module, type(module).__name__),
+            inputs=tuple(inputs),
+            input_keys=tuple(key_of(x) for x in inputs),
+            input_versions=tuple(x._version for x in inputs),
+            input_nodes=tuple(x.grad_fn for x in inputs),
+            input_requires_grad=tuple(x.requires_grad for x in inputs),
+            args=t_args,
+            kwargs=t_kwargs,
         )
+        has_children = next(module.children(), None) is not None
+        self._frames.append(Frame(call, len(self._stack[-1].calls), has_children))
 
-    def _on_leaf_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not self._stack or not self._pending or self._pending[-1].module is not module:
+    def _on_module_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._stack or not self._frames or self._frames[-1].call.module is not module:
             return
-        call = self._pending.pop()
-        if isinstance(output, Tensor):
-            call.output, call.output_key, call.node = output, key_of(output), output.grad_fn
-            call.output_shape, call.output_requires_grad = output.shape, output.requires_grad
+        frame = self._frames.pop()
+        if frame.child_called:  # a container: its children and operations are recorded
+            return
+        # A leaf: a module without children, or one that uses its children's
+        # parameters without calling them (nn.MultiheadAttention). Operations
+        # recorded inside it are part of it.
+        trace, call = self._stack[-1], frame.call
+        del trace.calls[frame.start :]
+        call.recurse = frame.has_children
+        outputs = [o for o in _flat_tensors(output)]
+        if outputs:
+            first = outputs[0]
+            call.output, call.output_key, call.node = first, key_of(first), first.grad_fn
+            call.output_shape, call.output_requires_grad = first.shape, first.requires_grad
+            call.other_output_keys = tuple(key_of(o) for o in outputs[1:] if o.requires_grad)
         call.training = module.training
         if call.inputs or call.output is not None:
-            self._stack[-1].calls.append(call)
+            trace.calls.append(call)
+
+    # ------------------------------------------------- tensor operations (glue)
+    def before_function(self, func: Any, args: tuple, kwargs: dict) -> Optional[tuple]:
+        """Called by the torch-function mode before an operation runs; see ``after_function``."""
+        if not self._frames or not self._frames[-1].has_children or not self._stack:
+            return None  # inside a leaf module, or outside the model
+        if not torch.is_grad_enabled():
+            return None
+        t_args, t_kwargs, tensors = make_template(args, kwargs)
+        if not any(t.requires_grad for t in tensors):
+            return None
+        keys = tuple(key_of(t) for t in tensors)
+        return func, t_args, t_kwargs, tensors, keys, tuple(t.grad_fn for t in tensors)
+
+    def after_function(self, state: tuple, out: Any) -> None:
+        """Record a tensor operation executed by a container's ``forward``."""
+        func, t_args, t_kwargs, tensors, keys, nodes = state
+        if not self._stack or not self._frames:
+            return
+        inplace = _is_inplace(func)
+        outputs = [tensors[0]] if inplace and tensors else list(_flat_tensors(out))
+        if not any(o.requires_grad for o in outputs):
+            return
+        trace = self._stack[-1]
+        kinds, params = [], []
+        for i, t in enumerate(tensors):
+            if not t.requires_grad:
+                kinds.append("const")
+            elif id(t) in self._param_ids:
+                kinds.append("shared")
+                params.append((f"t{i}", t))
+            elif keys[i] in trace.shared_keys:
+                kinds.append("shared")
+            else:
+                kinds.append("batched")
+        frame = self._frames[-1]
+        call = FunctionCall(
+            func=func,
+            name=f"{getattr(func, '__name__', func)} (in {frame.call.name!r})",
+            args=t_args,
+            kwargs=t_kwargs,
+            tensors=tuple(tensors),
+            kinds=tuple(kinds),
+            input_keys=keys,
+            input_versions=tuple(k[1] for k in keys),
+            input_nodes=nodes,
+            output_keys=tuple(key_of(o) if o.requires_grad else None for o in outputs),
+            output_shapes=tuple(o.shape for o in outputs),
+            output_values=tuple(o.detach() for o in outputs),
+            node=outputs[0].grad_fn,
+            inplace=inplace,
+            params=tuple(params),
+        )
+        if "batched" not in kinds:  # computed from parameters only
+            trace.shared_keys.update(k for k in call.output_keys if k is not None)
+        trace.calls.append(call)
 
     def _on_any_module(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not isinstance(module, _Loss) or not isinstance(output, Tensor):
@@ -262,6 +324,33 @@ class Extend:
         for i, (_, results) in enumerate(pending):
             for ext, result in results.items():
                 ext.write(result, self._params, self.accumulate or i > 0)
+
+
+@dataclass(eq=False)
+class Frame:
+    """A module whose ``forward`` is running: leaf or container is known only at its end."""
+
+    call: ModuleCall
+    start: int  # len(trace.calls) when it started
+    has_children: bool
+    child_called: bool = False
+
+
+def _flat_tensors(obj: Any) -> Iterator[Tensor]:
+    """The tensors in a (nested) tuple or list output, in order."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _flat_tensors(o)
+
+
+_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__setitem__", "__ipow__"}
+
+
+def _is_inplace(func: Any) -> bool:
+    name = getattr(func, "__name__", "")
+    return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
 
 
 def _is_empty_container(module: nn.Module) -> bool:

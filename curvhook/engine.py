@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from typing import Hashable, Sequence
+from typing import Hashable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from curvhook.calls import LossCall, TensorKey, Trace
+from curvhook.calls import FunctionCall, LossCall, TensorKey, Trace
 from curvhook.errors import UnsupportedLossError, UnsupportedModelError
 from curvhook.extensions.base import MATRIX_SOURCES, Extension
 from curvhook.losses import identity_factor, loss_rule_for
 from curvhook.rules.fallback import FALLBACK, mixes_samples
 from curvhook.rules.registry import rule_for, rule_or_fallback
+from curvhook.rules.tensor_ops import TENSOR_OPS, batch_safe
 
 
 def backpropagate(
@@ -53,9 +54,9 @@ def backpropagate(
     totals: dict[Extension, dict[int, Tensor]] = {ext: {} for ext in extensions}
 
     for call in reversed(trace.calls):
-        rule = rule_or_fallback(call.module)
+        rule = rule_of(call)
         for key, exts in groups.items():
-            value = pending[key].pop(call.output_key, None)
+            value = take_value(pending[key], call)
             if value is None:
                 continue
             for name, p in call.trainable_parameters():
@@ -63,12 +64,10 @@ def backpropagate(
                     term = ext.param_term(rule, call, name, value, id(p) in shared)
                     old = totals[ext].get(id(p))
                     totals[ext][id(p)] = term if old is None else old + term
-            if call.input_nodes[0] is not None:  # something upstream needs it
-                if key[0] in MATRIX_SOURCES:
-                    back = rule.jac_t_mat_prod(call, value)
-                else:
-                    back = rule.diag_jac_t_diag_jac(call, value)
-                in_key = call.input_keys[0]
+            matrix = key[0] in MATRIX_SOURCES
+            for slot in upstream_slots(call, trace):
+                back = pull_back(rule, call, value, slot, matrix)
+                in_key = call.input_keys[slot]
                 old = pending[key].get(in_key)
                 pending[key][in_key] = back if old is None else old + back
             del value
@@ -77,22 +76,81 @@ def backpropagate(
     return {ext: ext.finalize(totals[ext], shared, params, root) for ext in extensions}
 
 
+def rule_of(call):
+    """The rule that serves a recorded call."""
+    if isinstance(call, FunctionCall):
+        return TENSOR_OPS
+    return rule_or_fallback(call.module)
+
+
+def take_value(pending: dict[TensorKey, Tensor], call):
+    """Pop what reached the outputs of ``call``: a tensor, a list (several outputs) or ``None``."""
+    if isinstance(call, FunctionCall):
+        values = [pending.pop(k, None) if k is not None else None for k in call.output_keys]
+        if all(v is None for v in values):
+            return None
+        return values[0] if len(values) == 1 else values
+    for k in call.other_output_keys:
+        if k in pending:
+            raise UnsupportedModelError(
+                f"The model uses a second output of module {call.name!r} "
+                f"({type(call.module).__name__}); curvhook follows only the first tensor output "
+                "of a module. Use only the first output, or wrap the module so that it returns "
+                "the output you need first."
+            )
+    return pending.pop(call.output_key, None)
+
+
+def upstream_slots(call, trace: Trace) -> list[int]:
+    """Inputs of ``call`` through which something upstream needs the backpropagated quantity."""
+    produced = trace.produced
+    if isinstance(call, FunctionCall):
+        return [
+            i for i, (kind, k) in enumerate(zip(call.kinds, call.input_keys))
+            if kind != "const" and k in produced
+        ]
+    return [
+        i for i, (k, needs) in enumerate(zip(call.input_keys, call.input_requires_grad))
+        if needs and k in produced
+    ]
+
+
+def pull_back(rule, call, value, slot: int, matrix: bool) -> Tensor:
+    """Move a matrix (or a diagonal) from the outputs of ``call`` to its input ``slot``."""
+    if isinstance(call, FunctionCall):
+        return rule.input_jac_t_mat_prod(call, value, slot) if matrix else rule.input_diag(call, value, slot)
+    if slot == 0:
+        return rule.jac_t_mat_prod(call, value) if matrix else rule.diag_jac_t_diag_jac(call, value)
+    if hasattr(rule, "input_jac_t_mat_prod_at"):
+        return rule.input_jac_t_mat_prod_at(call, value, slot) if matrix else rule.input_diag_at(call, value, slot)
+    raise UnsupportedModelError(
+        f"Module {call.name!r} ({type(call.module).__name__}) takes several tensor inputs that "
+        "require grad, and its rule handles only the first."
+    )
+
+
 def check_trace(trace: Trace) -> None:
     """Raise a clear error if the recorded graph has a part curvhook cannot follow."""
     root = trace.root_value
     n = root.shape[0] if root.dim() else None
-    produced = {call.output_key: call for call in trace.calls if call.output_key is not None}
+    produced: set[TensorKey] = set()
+    for call in trace.calls:
+        if isinstance(call, FunctionCall):
+            produced.update(k for k in call.output_keys if k is not None)
+        elif call.output_key is not None:
+            produced.add(call.output_key)
+            produced.update(call.other_output_keys)
+    trace.produced = produced
     if trace.root_key not in produced:
-        node = torch._C._current_autograd_node()
-        origin = type(node).__name__ if node is not None else "no operation"
         raise UnsupportedModelError(
-            f"The model output was computed by a tensor operation ({origin}) after the last "
-            "module call. curvhook follows the model through its leaf modules; express that "
-            "operation as a module (e.g. nn.Flatten, nn.Identity) or move it into the loss."
+            "curvhook saw no module or tensor operation of the model's forward produce its "
+            "output. Return a tensor computed inside the model's forward."
         )
     for call in trace.calls:
-        on_path = call.output_key is not None and call.output_requires_grad
-        if not on_path:
+        if isinstance(call, FunctionCall):
+            check_operation(call, trace, n)
+            continue
+        if call.output_key is None or not call.output_requires_grad:
             continue
         if mixes_samples(call.module):
             raise UnsupportedModelError(
@@ -109,26 +167,45 @@ def check_trace(trace: Trace) -> None:
                 f"every module to keep the batch axis first (N = {n}). Operations that move or "
                 "mix samples have no per-sample Jacobian."
             )
-        for i, (node, needs_grad) in enumerate(zip(call.input_nodes, call.input_requires_grad)):
-            if node is None or not needs_grad:
-                continue  # a leaf: the model input or a tensor that needs no gradient
-            if i > 0:
+        for x, key, node, needs_grad in zip(
+            call.inputs, call.input_keys, call.input_nodes, call.input_requires_grad
+        ):
+            if not needs_grad:
+                continue
+            if key in trace.shared_keys:
                 raise UnsupportedModelError(
-                    f"Module {call.name!r} takes several tensor inputs that require grad; "
-                    "curvhook supports a single differentiable input per module."
+                    f"Module {call.name!r} gets an input computed from parameters only (no batch "
+                    "axis). curvhook supports that for tensor operations, not for module inputs; "
+                    "make the module own the parameter."
                 )
-            if call.input_keys[i] not in produced:
+            check_source(call.name, key, node, trace)
+            if x.shape[0] != n:
                 raise UnsupportedModelError(
-                    f"The input of module {call.name!r} was computed by a tensor operation "
-                    f"({type(node).__name__}) outside any module. curvhook follows the model "
-                    "through its leaf modules; express the operation as a module "
-                    "(nn.Flatten, nn.ReLU, ...) so that no operation sits between modules."
-                )
-            if call.input.shape[0] != n:
-                raise UnsupportedModelError(
-                    f"Module {call.name!r} got an input of shape {tuple(call.input.shape)}; "
+                    f"Module {call.name!r} got an input of shape {tuple(x.shape)}; "
                     f"curvhook needs the batch axis first (N = {n})."
                 )
+
+
+def check_operation(call: FunctionCall, trace: Trace, n: Optional[int]) -> None:
+    """Checks for a tensor operation between modules; marks those known to keep samples apart."""
+    if all(k is None for k in call.output_keys):
+        return
+    for kind, key, node in zip(call.kinds, call.input_keys, call.input_nodes):
+        if kind != "const" and node is not None:
+            check_source(call.name, key, node, trace)
+    call.cache["safe"] = n is not None and "batched" in call.kinds and batch_safe(call, n)
+
+
+def check_source(name: str, key: TensorKey, node, trace: Trace) -> None:
+    """An input with an autograd history must come from a recorded call or the model input."""
+    if node is None or key in trace.produced or key in trace.input_keys:
+        return
+    raise UnsupportedModelError(
+        f"An input of {name!r} was computed by an operation curvhook did not see "
+        f"({type(node).__name__}): outside the model's forward, or by code that bypasses "
+        "torch's function dispatch. Compute it inside the model's forward with torch "
+        "operations or modules."
+    )
 
 
 def initial_value(trace: Trace, grad_root: Tensor, ext: Extension) -> Tensor:

@@ -44,16 +44,37 @@ _MULTIPLICATIVE = {
 _DIVISION = {"div", "div_", "__truediv__", "__itruediv__", "divide", "true_divide"}
 
 
+# Calls that compute no new differentiable tensor: skipped at once.
+_NOT_OPERATIONS = {
+    "detach", "detach_", "register_hook", "size", "dim", "numel", "item", "tolist", "backward",
+    "requires_grad_", "retain_grad", "__len__", "__format__", "__repr__", "data_ptr", "stride",
+    "is_contiguous", "storage_offset", "element_size", "__bool__", "untyped_storage",
+    "__hash__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__index__",
+    "__int__", "__float__", "__array__", "numpy", "cpu", "equal", "allclose", "isclose",
+    "register_post_accumulate_grad_hook", "__reduce_ex__", "__deepcopy__", "nelement",
+}
+_TENSOR_PROPERTIES = {"T", "mT", "H", "mH", "real", "imag"}
+
+
+def _tensor_property(getter: Any) -> bool:
+    """Whether a property getter returns a differentiable view (``x.T``), not metadata."""
+    return getattr(getattr(getter, "__self__", None), "__name__", "") in _TENSOR_PROPERTIES
+
+
 class LossUseMonitor(TorchFunctionMode):
     """A torch-function mode, active inside an ``extend`` block, that tracks loss values.
+
+    It also hands every other operation to ``recorder`` (the block), which records
+    the tensor operations executed between modules.
 
     Attributes:
         nonlinear_tasks: Ids of the backward passes (graph tasks) that went
             through a nonlinear function of a loss value.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, recorder: Any = None) -> None:
         super().__init__()
+        self.recorder = recorder
         self._marks: dict[int, tuple[weakref.ref, bool]] = {}
         self._handles: list[Any] = []
         self.nonlinear_tasks: set[int] = set()
@@ -100,7 +121,15 @@ class LossUseMonitor(TorchFunctionMode):
     # ------------------------------------------------------------- the mode
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _NOT_OPERATIONS or (name == "__get__" and not _tensor_property(func)):
+            return func(*args, **kwargs)
+        state = None
+        if self.enabled and self.recorder is not None:
+            state = self.recorder.before_function(func, args, kwargs)
         out = func(*args, **kwargs)
+        if state is not None:
+            self.recorder.after_function(state, out)
         if self.enabled and self._marks:
             marks = [m for m in map(self._mark_of, _tensor_args(args, kwargs)) if m is not None]
             if marks:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
-from curvhook.calls import ModuleCall
+from curvhook.calls import ModuleCall, fill_template
 from curvhook.errors import UnsupportedModelError
 from curvhook.rules.base import LayerRule
 
@@ -27,15 +27,25 @@ _WARNED: set[type] = set()
 
 
 def _params(call: ModuleCall) -> dict[str, Tensor]:
-    return {n: p.detach() for n, p in call.module.named_parameters(recurse=False)}
+    return {n: p.detach() for n, p in call.module.named_parameters(recurse=call.recurse)}
 
 
 def _forward(call: ModuleCall) -> Callable[[dict, Tensor], Tensor]:
-    """``(params, x) ↦ module(x)`` with the other recorded inputs held fixed."""
-    module, rest = call.module, tuple(t.detach() for t in call.inputs[1:])
+    """``(params, x) ↦ module(...)`` with ``x`` as the first input, the others held fixed.
+
+    The call is replayed with its recorded arguments; an input passed several
+    times (``attention(x, x, x)``) is one input. A tuple output gives its first
+    tensor.
+    """
+    module, fixed = call.module, [t.detach() for t in call.inputs]
 
     def run(params: dict, x: Tensor) -> Tensor:
-        return functional_call(module, params, (x, *rest))
+        if call.args or call.kwargs:
+            args, kwargs = fill_template(call.args, call.kwargs, [x, *fixed[1:]])
+        else:  # a call recorded by hand, without its arguments' layout
+            args, kwargs = (x, *fixed[1:]), {}
+        out = functional_call(module, params, args, kwargs)
+        return out if isinstance(out, Tensor) else next(o for o in out if isinstance(o, Tensor))
 
     return run
 

@@ -1,0 +1,476 @@
+"""Rules for tensor operations executed between modules (``x + y``, ``x.view``, ``F.relu`` …).
+
+Every operation is recorded as a :class:`~curvhook.calls.FunctionCall` and can be
+run again on its stored inputs. Its tensor arguments are *batched* (computed
+from the model input, batch axis first), *shared* (parameters, or tensors
+computed from parameters only) or constant.
+
+One generic rule serves every operation exactly with ``torch.func``:
+
+- ``J_xᵀ m`` for a batched input: the ``vjp`` of the whole batched operation,
+  ``vmap``-ed over the ``V`` columns (a batched backward, cheap for glue).
+- Per-sample products for a shared input: ``vjp`` of the per-sample operation
+  ``x_n ↦ op(x_n[None])[0]`` under ``vmap`` over samples.
+- ``diag(Jᵀ diag(d) J)`` (DiagGGNApprox): per-sample ``jacrev``.
+
+Before it is used, the per-sample operation is checked against the recorded
+output, so an operation that mixes samples or moves the batch axis raises
+instead of giving wrong numbers.
+
+The diagonal rules of DiagGGNApprox have cheap exact forms for the common
+operations, with ``d ≥ 0``:
+
+- structural maps (views, permutations, selections, concatenation, splits,
+  expansion) and ``±`` (``add``/``sub``): every Jacobian entry is ``0`` or ``±1``
+  and has one sign per input, so ``Σ_o d_o J_oi² = |Jᵀ d|``;
+- ``mean``: entries ``1/k``, so ``Σ_o d_o J_oi² = (Jᵀ d) / k``;
+- elementwise functions: ``d ⊙ σ'(x)²``;
+- ``a ⊙ b``, ``a / b`` and ``a @ b``, bilinear: the diagonal for ``a`` is the
+  transposed product with the other operand squared, e.g. ``d @ (b²)ᵀ``.
+
+An input passed more than once (``x + x``) takes the generic path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, vjp, vmap
+
+from curvhook.calls import FunctionCall, Slot
+from curvhook.errors import UnsupportedModelError
+
+STRUCTURAL = {
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone",
+    "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "__getitem__",
+    "expand", "expand_as", "view_as", "reshape_as", "narrow", "select", "cat", "concat",
+    "concatenate", "stack", "hstack", "split", "chunk", "unbind", "tensor_split", "to",
+    "float", "double", "type_as", "__get__", "repeat", "tile", "flip", "roll", "sum", "add",
+    "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "__isub__", "sub_",
+    "subtract", "rsub", "neg", "__neg__", "negative", "positive", "__pos__", "__setitem__",
+}
+MEANS = {"mean"}
+ELEMENTWISE = {
+    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu",
+    "gelu", "silu", "mish", "softplus", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log",
+    "sin", "cos", "hardtanh", "hardtanh_", "hardsigmoid", "hardswish", "logsigmoid",
+    "square", "sqrt", "rsqrt", "abs", "log1p", "expm1", "erf", "__pow__", "pow", "softsign",
+    "tanhshrink", "threshold", "square_", "exp_", "reciprocal",
+}
+PRODUCTS = {"mul", "__mul__", "__rmul__", "__imul__", "mul_", "multiply"}
+QUOTIENTS = {"div", "__truediv__", "__itruediv__", "div_", "divide", "true_divide"}
+MATMULS = {"matmul", "__matmul__", "bmm", "mm"}
+KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS
+# Operations with a ``dim`` that must not be the batch axis.
+_DIM_OPS = {
+    "cat", "concat", "concatenate", "stack", "split", "chunk", "unbind", "tensor_split",
+    "sum", "mean", "select", "narrow", "squeeze", "unsqueeze", "flatten", "transpose",
+    "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "flip", "roll",
+}
+
+
+# ----------------------------------------------------------------- structure
+def batch_safe(call: FunctionCall, n: int) -> bool:
+    """Whether the shapes and arguments show that ``call`` keeps samples apart.
+
+    A ``False`` sends the call to the generic rule, which checks it numerically.
+    """
+    name = call.func_name
+    if name not in KNOWN:
+        return False
+    if any(s is not None and (len(s) == 0 or s[0] != n) for s in call.output_shapes):
+        return False
+    out_ndim = len(call.output_shapes[0])
+    for t, kind in zip(call.tensors, call.kinds):
+        if kind == "batched" and (t.dim() != out_ndim or t.shape[0] != n) and name not in (
+            "__getitem__", "squeeze", "unsqueeze", "flatten", "unflatten", "view", "reshape",
+            "select", "unbind", "stack", "__get__", "split", "chunk", "tensor_split",
+        ):
+            return False
+    if name in _DIM_OPS and not _dims_avoid_batch(call):
+        return False
+    if name == "__getitem__":
+        return _index_keeps_batch(call.args[1] if len(call.args) > 1 else None)
+    if name in MATMULS:
+        return _matmul_keeps_batch(call)
+    if name in ("__get__",):
+        return getattr(call.func.__self__, "__name__", "") in ("mT", "mH")
+    if call.kwargs.get("alpha", 1) != 1:
+        return False
+    return True
+
+
+def _dims_avoid_batch(call: FunctionCall) -> bool:
+    name = call.func_name
+    args, kwargs = call.args, call.kwargs
+    first = next((t for t, k in zip(call.tensors, call.kinds) if k == "batched"), None)
+    ndim = first.dim() if first is not None else 1
+    if name in ("permute",):
+        dims = args[1:] if len(args) > 1 else kwargs.get("dims", ())
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        return len(dims) > 0 and dims[0] % ndim == 0
+    if name in ("transpose", "swapaxes", "swapdims", "movedim", "moveaxis"):
+        dims = [a for a in args[1:3]] + [kwargs[k] for k in ("dim0", "dim1", "source", "destination") if k in kwargs]
+        flat = [d for x in dims for d in (x if isinstance(x, (tuple, list)) else (x,))]
+        return all(isinstance(d, int) and d % ndim != 0 for d in flat)
+    if name == "flatten":
+        start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+        return start % ndim != 0
+    if name in ("stack", "unsqueeze"):
+        dim = _dim_arg(call, default=0)
+        return dim is not None and dim % (ndim + 1) != 0
+    if name in ("sum", "mean"):
+        dim = _dim_arg(call, default=None)
+        if dim is None:
+            return False
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        return len(dims) > 0 and all(d % ndim != 0 for d in dims)
+    if name == "squeeze":
+        dim = _dim_arg(call, default=None)
+        if dim is None:
+            return first is not None and first.shape[0] != 1
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        return all(d % ndim != 0 for d in dims)
+    if name == "roll":
+        dim = _dim_arg(call, default=None, position=2)
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        return dim is not None and all(d % ndim != 0 for d in dims)
+    if name == "flip":
+        dim = _dim_arg(call, default=None)
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        return dim is not None and all(d % ndim != 0 for d in dims)
+    position = 2 if name in ("split", "tensor_split", "narrow", "select", "chunk") else 1
+    dim = _dim_arg(call, default=0, position=position)
+    return isinstance(dim, int) and dim % ndim != 0
+
+
+def _dim_arg(call: FunctionCall, default, position: int = 1):
+    if "dim" in call.kwargs:
+        return call.kwargs["dim"]
+    if len(call.args) > position and not isinstance(call.args[position], Slot):
+        return call.args[position]
+    return default
+
+
+def _index_keeps_batch(index) -> bool:
+    first = index[0] if isinstance(index, tuple) and index else index
+    if first is Ellipsis:
+        return True
+    return isinstance(first, slice) and first == slice(None)
+
+
+def _matmul_keeps_batch(call: FunctionCall) -> bool:
+    if len(call.tensors) != 2 or len(call.args) < 2:
+        return False
+    a, b = (call.tensors[s] if isinstance(s, Slot) else None for s in call.args[:2])
+    ka, kb = (call.kinds[s] if isinstance(s, Slot) else "const" for s in call.args[:2])
+    if a is None or b is None:
+        return False
+    if kb == "batched":  # its batch axis must be a broadcast axis, not the contracted one
+        return b.dim() >= 3 and (ka != "batched" or a.dim() == b.dim()) and (ka == "batched" or a.dim() <= 2)
+    return ka == "batched" and a.dim() >= 2 and b.dim() <= 2
+
+
+# --------------------------------------------------------------- the rule
+def _outputs(result) -> tuple[Tensor, ...]:
+    if isinstance(result, Tensor):
+        return (result,)
+    return tuple(r for r in _flatten(result) if isinstance(r, Tensor))
+
+
+def _flatten(obj):
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _flatten(o)
+    else:
+        yield obj
+
+
+def _as_list(call: FunctionCall, value, lead: tuple[int, ...]) -> list[Tensor]:
+    """The values at every output, zeros where none arrived: ``[*lead, *out]`` each."""
+    values = value if isinstance(value, list) else [value]
+    return [
+        v if v is not None else call.output_values[i].new_zeros(*lead, *call.output_values[i].shape[1:])
+        for i, v in enumerate(values)
+    ]
+
+
+def _guard(call: FunctionCall, fn: Callable[[], Tensor]) -> Tensor:
+    try:
+        return fn()
+    except UnsupportedModelError:
+        raise
+    except Exception as err:
+        raise UnsupportedModelError(
+            f"curvhook could not differentiate the operation {call.name} with torch.func: "
+            f"{err}. Wrap it in a module and register a rule for that module "
+            "(docs/custom_layers.md)."
+        ) from err
+
+
+class TensorOpRule:
+    """Exact rules for a recorded tensor operation (see the module docstring)."""
+
+    # ---------------------------------------------------------- helpers
+    def _fixed(self, call: FunctionCall) -> list[Tensor]:
+        return [t.detach() for t in call.tensors]
+
+    def _function(self, call: FunctionCall, slots: tuple[int, ...]) -> Callable:
+        """``(*tensors at slots) ↦ outputs`` with every other argument held fixed."""
+        fixed = self._fixed(call)
+
+        def run(*xs: Tensor):
+            tensors = list(fixed)
+            for s, x in zip(slots, xs):
+                tensors[s] = x
+            return _outputs(call.invoke(tensors))
+
+        return run
+
+    def _per_sample(self, call: FunctionCall, slots: tuple[int, ...]) -> Callable:
+        """``(batched samples…, *tensors at slots) ↦ outputs[n]`` for one sample."""
+        batched = [i for i, k in enumerate(call.kinds) if k == "batched"]
+        fixed = self._fixed(call)
+        outs_batched = [True] * len(call.output_values)
+
+        def run(samples: tuple[Tensor, ...], *xs: Tensor):
+            tensors = list(fixed)
+            for i, x_n in zip(batched, samples):
+                tensors[i] = x_n.unsqueeze(0)
+            for s, x in zip(slots, xs):
+                tensors[s] = x
+            outs = _outputs(call.invoke(tensors))
+            return tuple(o.squeeze(0) if b else o for o, b in zip(outs, outs_batched))
+
+        return run
+
+    def _samples(self, call: FunctionCall) -> tuple[Tensor, ...]:
+        return tuple(t.detach() for t, k in zip(call.tensors, call.kinds) if k == "batched")
+
+    def check(self, call: FunctionCall) -> None:
+        """Check, once per backward, that the operation treats samples independently."""
+        if "checked" in call.cache or "batched" not in call.kinds:
+            return
+
+        def compute():
+            per_sample = self._per_sample(call, ())
+            return vmap(lambda s: per_sample(s))(self._samples(call))
+
+        try:
+            outs = compute()
+            same = len(outs) == len(call.output_values) and all(
+                o.shape == r.shape and torch.allclose(o, r, rtol=1e-5, atol=1e-6 * (1 + r.abs().max().item()))
+                for o, r in zip(outs, call.output_values)
+            )
+        except Exception as err:  # noqa: BLE001 - any failure means: cannot be split by sample
+            raise UnsupportedModelError(
+                f"curvhook cannot split the operation {call.name} into samples ({err}). "
+                "Operations must keep the batch axis first and treat samples independently."
+            ) from err
+        if not same:
+            raise UnsupportedModelError(
+                f"The operation {call.name} mixes samples, moves the batch axis, or is random "
+                "(it gives other values when applied to one sample at a time). Per-sample "
+                "Jacobians do not exist for it. Keep the batch axis first, and make random "
+                "operations modules (nn.Dropout)."
+            )
+        call.cache["checked"] = True
+
+    # ----------------------------------------------------- matrix products
+    def input_jac_t_mat_prod(self, call: FunctionCall, value, slot: int) -> Tensor:
+        """``J_xᵀ m`` for the tensor at ``slot``: ``[V, N, *x[1:]]`` (batched) or ``[V, N, *x]`` (shared)."""
+        if call.kinds[slot] == "batched":
+            mats = _as_list(call, value, _lead(value))
+            if not self._safe(call):
+                self.check(call)
+
+            def compute():
+                _, pull = vjp(self._function(call, (slot,)), call.tensors[slot].detach())
+                return vmap(lambda *m: pull(tuple(m))[0])(*mats)
+
+            return _guard(call, compute)
+        return self.shared_jac_t_mat_prod(call, value, slot)
+
+    def shared_jac_t_mat_prod(self, call: FunctionCall, value, slot: int) -> Tensor:
+        """Per-sample ``J_wᵀ m_vn`` for a shared tensor ``w``: ``[V, N, *w]``."""
+        w = call.tensors[slot].detach()
+        lead = _lead(value)
+        if "batched" not in call.kinds:  # an operation on parameters only: no sample axis
+            mats = [m.flatten(0, 1) for m in _as_list_shared(call, value, lead)]
+
+            def compute_shared():
+                _, pull = vjp(self._function(call, (slot,)), w)
+                out = vmap(lambda *m: pull(tuple(m))[0])(*mats)
+                return out.reshape(*lead, *w.shape)
+
+            return _guard(call, compute_shared)
+        mats = _as_list(call, value, lead)
+        if not self._safe(call):
+            self.check(call)
+        per_sample = self._per_sample(call, (slot,))
+
+        def compute():
+            def one(samples, *m_n):  # m_n: [V, *out[1:]] each
+                _, pull = vjp(lambda x: per_sample(samples, x), w)
+                return vmap(lambda *m: pull(tuple(m))[0])(*m_n)
+
+            return vmap(one, in_dims=(0,) + (1,) * len(mats), out_dims=1)(self._samples(call), *mats)
+
+        return _guard(call, compute)
+
+    # ------------------------------------------------------------ diagonals
+    def input_diag(self, call: FunctionCall, value, slot: int) -> Tensor:
+        """``diag(J_xᵀ diag(d) J_x)`` per sample: ``[N, *x[1:]]`` or ``[N, *w]`` (shared)."""
+        if self._safe(call):
+            fast = self._fast_diag(call, value, slot)
+            if fast is not None:
+                return fast
+        return self._exact_diag(call, value, slot)
+
+    def _safe(self, call: FunctionCall) -> bool:
+        return call.cache.get("safe", False)
+
+    def _fast_diag(self, call: FunctionCall, value, slot: int) -> Optional[Tensor]:
+        name = call.func_name
+        if call.kinds[slot] != "batched" or _uses(call, slot) > 1:
+            return None
+        x = call.tensors[slot].detach()
+        if name in STRUCTURAL or name in MEANS:
+            mats = [d.unsqueeze(0) for d in _diag_list(call, value)]
+            pulled = self._pull_batched(call, mats, slot)[0].abs()
+            if name in MEANS:
+                pulled = pulled * (call.output_values[0].numel() / x.numel())
+            return pulled
+        if name in ELEMENTWISE and len(call.output_values) == 1:
+            slope = self._elementwise_slope(call, slot)
+            return value * slope.square() if slope is not None else None
+        if name in PRODUCTS | QUOTIENTS | MATMULS and len(call.args) >= 2:
+            return self._bilinear_diag(call, value, slot)
+        return None
+
+    def _pull_batched(self, call: FunctionCall, mats: list[Tensor], slot: int) -> Tensor:
+        _, pull = vjp(self._function(call, (slot,)), call.tensors[slot].detach())
+        return vmap(lambda *m: pull(tuple(m))[0])(*mats)
+
+    def _elementwise_slope(self, call: FunctionCall, slot: int) -> Optional[Tensor]:
+        """``σ'(x)`` of a unary elementwise operation, from its autograd node if it is one."""
+        x = call.tensors[slot]
+        if call.output_values[0].shape != x.shape:
+            return None
+        node = call.node
+        if node is not None and node.next_functions and node.next_functions[0][0] is call.input_nodes[slot]:
+            slope = node(torch.ones_like(call.output_values[0]))
+            return slope[0] if isinstance(slope, tuple) else slope
+        if x._version != call.input_versions[slot]:
+            return None
+        _, pull = vjp(self._function(call, (slot,)), x.detach())
+        return pull((torch.ones_like(call.output_values[0]),))[0]
+
+    def _bilinear_diag(self, call: FunctionCall, value: Tensor, slot: int) -> Optional[Tensor]:
+        """``a⊙b``, ``a/b``, ``a@b``: the transposed product with the other operand squared."""
+        name = call.func_name
+        first = call.args[0]
+        other_arg = call.args[1] if isinstance(first, Slot) and first == slot else first
+        other = call.tensors[other_arg].detach() if isinstance(other_arg, Slot) else other_arg
+        if not isinstance(other, (Tensor, int, float)):
+            return None
+        x = call.tensors[slot].detach()
+        is_first = isinstance(first, Slot) and first == slot
+        if name in QUOTIENTS:
+            if not is_first:
+                return None  # ∂(a/b)/∂b = -a/b²: the generic path
+            squared = lambda t: t / other**2  # noqa: E731
+        elif name in PRODUCTS:
+            squared = lambda t: t * other**2  # noqa: E731
+        else:  # matmul
+            sq = other**2
+            squared = (lambda t: t @ sq) if is_first else (lambda t: sq @ t)
+
+        def compute():
+            _, pull = vjp(squared, x)
+            return pull(value)[0]
+
+        return _guard(call, compute)
+
+    def _exact_diag(self, call: FunctionCall, value, slot: int) -> Tensor:
+        """Per-sample dense Jacobians: ``Σ_o d_o J_oi²``."""
+        shared = call.kinds[slot] != "batched"
+        if "batched" not in call.kinds:  # parameters only: one Jacobian for every sample
+            w = call.tensors[slot].detach()
+            jacs = jacrev(self._function(call, (slot,)))(w)
+            diags = _as_list_shared(call, value, (value[0].shape[0] if isinstance(value, list) else value.shape[0],))
+            total = 0
+            for d, jac in zip(diags, jacs):
+                jac = jac.reshape(d[0].numel(), w.numel())
+                total = total + torch.einsum("no,op->np", d.flatten(1), jac.square())
+            return total.reshape(-1, *w.shape)
+        self.check(call)
+        diags = _diag_list(call, value)
+        per_sample = self._per_sample(call, (slot,))
+        samples = self._samples(call)
+        batched_slots = [i for i, k in enumerate(call.kinds) if k == "batched"]
+
+        def compute():
+            if shared:
+                w = call.tensors[slot].detach()
+                jacs = vmap(jacrev(lambda s, x: per_sample(s, x), argnums=1), in_dims=(0, None))(samples, w)
+                size = w.numel()
+            else:
+                pos = batched_slots.index(slot)
+
+                def f(x_n, s):
+                    s = list(s)
+                    s[pos] = x_n
+                    return per_sample(tuple(s))
+
+                jacs = vmap(jacrev(f))(samples[pos], samples)
+                size = samples[pos][0].numel()
+            total = 0
+            for d, jac in zip(diags, jacs):
+                jac = jac.reshape(d.shape[0], d[0].numel(), size)
+                total = total + torch.einsum("no,noi->ni", d.flatten(1), jac.square())
+            shape = call.tensors[slot].shape if shared else call.tensors[slot].shape[1:]
+            return total.reshape(-1, *shape)
+
+        return _guard(call, compute)
+
+    # --------------------------------------------------- parameter results
+    def param_jac_t_mat_prod(self, call: FunctionCall, name: str, mat) -> Tensor:
+        return self.shared_jac_t_mat_prod(call, mat, call.slot_of(name))
+
+    def param_sq_sum(self, call: FunctionCall, name: str, mat) -> Tensor:
+        return self.param_jac_t_mat_prod(call, name, mat).square().sum((0, 1))
+
+    def param_diag(self, call: FunctionCall, name: str, diag) -> Tensor:
+        return self._exact_diag(call, diag, call.slot_of(name)).sum(0)
+
+
+def _uses(call: FunctionCall, slot: int) -> int:
+    count = 0
+    for obj in _flatten((call.args, tuple(call.kwargs.values()))):
+        count += isinstance(obj, Slot) and obj == slot
+    return count
+
+
+def _diag_list(call: FunctionCall, value) -> list[Tensor]:
+    """Diagonals at every output of an operation on batched tensors, zeros where none arrived."""
+    values = value if isinstance(value, list) else [value]
+    return [v if v is not None else torch.zeros_like(call.output_values[i]) for i, v in enumerate(values)]
+
+
+def _lead(value) -> tuple[int, int]:
+    first = next(v for v in (value if isinstance(value, list) else [value]) if v is not None)
+    return tuple(first.shape[:2])
+
+
+def _as_list_shared(call: FunctionCall, value, lead) -> list[Tensor]:
+    values = value if isinstance(value, list) else [value]
+    return [
+        v if v is not None else call.output_values[i].new_zeros(*lead, *call.output_values[i].shape)
+        for i, v in enumerate(values)
+    ]
+
+
+TENSOR_OPS = TensorOpRule()

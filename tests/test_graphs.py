@@ -1,0 +1,201 @@
+"""Models with tensor operations between modules, against the torch.func references."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curvhook import extend
+from curvhook.errors import UnsupportedModelError
+from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from graph_reference import diag_ggn_approx_graph
+from reference import check, collect, compare, reference
+
+DT = torch.float64
+
+
+class Between(nn.Module):
+    def __init__(self, op, d=4):
+        super().__init__()
+        self.a, self.b, self.op = nn.Linear(4, d), nn.Linear(d, 3), op
+
+    def forward(self, x):
+        return self.b(self.op(self.a(x)))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h + self.act(h) - 0.5 * h)
+
+
+class OpAtTheEnd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return 2 * self.a(x)
+
+
+class OwnParameters(nn.Module):
+    """Parameters owned by a container and used in tensor operations."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.scale = nn.Parameter(torch.rand(5) + 0.5)
+        self.w = nn.Parameter(torch.randn(5, 3))
+
+    def forward(self, x):
+        return torch.tanh(self.a(x) * self.scale) @ self.w
+
+
+class Gated(nn.Module):
+    """Product of two activations, cat, split, mean and sum over feature axes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.g, self.out = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(9, 3)
+
+    def forward(self, x):
+        h = self.a(x) * torch.sigmoid(self.g(x))
+        left, right = h.split(3, dim=1)
+        z = torch.cat([left, F.gelu(right), h.mean(1, keepdim=True) + h[:, :2].sum(1, keepdim=True),
+                       h[:, 1:3]], dim=1)
+        return self.out(z)
+
+
+class Attention(nn.Module):
+    """Matmul between activations, softmax over keys, permutes and views."""
+
+    def __init__(self, e=4):
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(e, e), nn.Linear(e, e), nn.Linear(e, e), nn.Linear(e, 3)
+
+    def forward(self, x):  # x: [N, T, E]
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        att = torch.softmax(q @ k.transpose(1, 2) / 2.0, dim=-1)
+        h = (att @ v).permute(0, 2, 1).contiguous()
+        return self.o(h.mean(-1))
+
+
+class ConvResidual(nn.Module):
+    """torchvision-style: ``relu(bn(conv(x)) + x)``, in-place add as torchvision writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.conv2, self.bn2 = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.head = nn.Linear(2 * 3 * 3, 3)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + x
+        out = F.relu(out)
+        return self.head(out.flatten(1))
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.l(torch.tanh(self.l(x)))) + x)
+
+
+class WithMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(3, 4)
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.emb(x)
+        a, _ = self.mha(h, h, h, need_weights=False)
+        return self.out((a + h)[:, -1])
+
+
+def _bn_eval(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+MODELS = {
+    "relu_between": (lambda: Between(torch.relu), (4,)),
+    "view_between": (lambda: Between(lambda h: h.view(h.shape[0], 2, 2).reshape(h.shape[0], 4) * 1.0), (4,)),
+    "scale_between": (lambda: Between(lambda h: 3 * h), (4,)),
+    "residual": (Residual, (4,)),
+    "op_at_the_end": (OpAtTheEnd, (4,)),
+    "own_parameters": (OwnParameters, (4,)),
+    "gated_cat_split": (Gated, (4,)),
+    "attention": (Attention, (3, 4)),
+    "conv_residual": (lambda: _bn_eval(ConvResidual()), (2, 3, 3)),
+    "shared_weights": (Shared, (4,)),
+    "mha": (WithMHA, (3, 3)),
+}
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("case", sorted(MODELS))
+def test_graph_against_reference(case, n):
+    torch.manual_seed(0)
+    make, shape = MODELS[case]
+    model = make().to(DT)
+    X = torch.randn(n, *shape, dtype=DT)
+    with torch.no_grad():
+        C = model(X).shape[1]
+    y = torch.randint(0, C, (n,))
+    crit = nn.CrossEntropyLoss()
+    ggn = FullGGN()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nn.MultiheadAttention goes through the fallback
+        with extend(model, BatchJacobian(), DiagGGN(), DiagGGNApprox(), ggn):
+            crit(model(X), y).backward()
+    ref = reference(model, X, lambda out: crit(out, y), approx=False)
+    got = collect(model, n)
+    compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, ggn.matrix)
+    d = torch.func.hessian(lambda o: crit(o, y))(ref.out).reshape(ref.out.numel(), -1).diagonal()
+    check(got["DiagGGNApprox"], diag_ggn_approx_graph(model, X, d), "DiagGGNApprox")
+
+
+class MixesSamples(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.a, self.b, self.op = nn.Linear(4, 4), nn.Linear(4, 3), op
+
+    def forward(self, x):
+        return self.b(self.op(self.a(x)))
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda h: h - h.mean(0, keepdim=True),
+        lambda h: h[torch.randperm(h.shape[0])],
+        lambda h: h.t().reshape(h.shape),
+        lambda h: F.dropout(h, 0.5, training=True),
+    ],
+    ids=["batch_mean", "shuffle", "transpose_batch", "functional_dropout"],
+)
+@pytest.mark.parametrize("ext", [BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN])
+def test_operation_that_mixes_samples_raises(op, ext):
+    model = MixesSamples(op).to(DT)
+    X, y = torch.randn(4, 4, dtype=DT), torch.randint(0, 3, (4,))
+    with extend(model, ext()):
+        loss = nn.CrossEntropyLoss()(model(X), y)
+        with pytest.raises(UnsupportedModelError):
+            loss.backward()
