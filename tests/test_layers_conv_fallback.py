@@ -205,3 +205,44 @@ def test_custom_rule_from_docs():
 def test_register_rule_rejects_non_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         register_rule(int)(LayerRule)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_conv_with_nonzero_padding_mode_goes_to_the_exact_fallback(mode):
+    """The fast conv rule covers zero padding only; other padding modes must not use it."""
+    from curvhook.rules import fallback
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode)
+    assert registry.rule_for(conv) is None
+    assert registry.rule_for(nn.Conv2d(2, 3, 3, padding=1)) is not None
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 5, 3)).double()
+    X = torch.randn(2, 2, 4, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (2,))
+    fallback._WARNED.discard(nn.Conv2d)
+    with pytest.warns(UserWarning, match="no rule for Conv2d"):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+    got = run_all(model, X, y, nn.CrossEntropyLoss())
+    J, G = ggn_reference(model, X, y, nn.CrossEntropyLoss())
+    close(got["full"], G)
+    close(got["diag"], G.diagonal())
+    close(got["jac"].reshape(-1, J.shape[1]), J)
+
+
+def test_rule_that_declines_a_module_falls_back():
+    from curvhook.rules.fallback import FALLBACK
+
+    class Picky(LayerRule):
+        def accepts(self, module):
+            return module.out_features != 2
+
+    saved = dict(registry._RULES)
+    try:
+        register_rule(nn.Linear)(Picky)
+        assert registry.rule_for(nn.Linear(3, 4)) is registry._RULES[nn.Linear]
+        assert registry.rule_for(nn.Linear(3, 2)) is None
+        assert registry.rule_or_fallback(nn.Linear(3, 2)) is FALLBACK
+    finally:
+        registry._RULES.clear()
+        registry._RULES.update(saved)

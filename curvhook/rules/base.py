@@ -21,7 +21,7 @@ can be summed over ``V`` and ``N`` before a GEMM.
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from curvhook.calls import ModuleCall
 
@@ -32,6 +32,20 @@ class LayerRule:
     Subclasses override what their layers need; a layer without parameters
     only needs ``jac_t_mat_prod`` and ``diag_jac_t_diag_jac``.
     """
+
+    def accepts(self, module: nn.Module) -> bool:
+        """Whether this rule serves ``module`` (a configuration it does not cover declines).
+
+        A declined module goes to the exact ``torch.func`` fallback, as if no
+        rule were registered for its type.
+
+        Args:
+            module: A module whose type (or a base of it) the rule is registered for.
+
+        Returns:
+            ``True`` by default.
+        """
+        return True
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         """Backpropagate columns through the input Jacobian.

@@ -10,11 +10,27 @@ per group, so
 - ``diag(J_xᵀ diag(d) J_x)`` is the transposed convolution of ``d`` with ``W∘W``;
 - ``Σ_n diag(J_Wᵀ diag(d_n) J_W)`` is the weight gradient of ``d`` against ``x∘x``.
 
-Unfolding uses a convolution with a one-hot kernel, so 1d, 2d and 3d share
-one code path. ``padding_mode`` other than ``'zeros'`` goes to the fallback.
+Unfolding uses ``im2col`` (``F.unfold``) for 1d and 2d and a convolution with
+a one-hot kernel for 3d. ``padding_mode`` other than ``'zeros'`` goes to the fallback.
+
+Transposed convolutions ``nn.ConvTranspose1d/2d/3d`` are the adjoints of
+convolutions: ``y[o, l·s + k·d - p] += Σ_i W[i, o, k] x[i, l]`` (per group), so
+
+- ``J_Wᵀ m [i, o, k] = Σ_l x[i, l] m[o, l·s + k·d - p]``: for each kernel tap
+  ``k`` a strided view of ``m`` on the input grid contracted with ``x`` (a loop
+  over the ``K`` taps, never over samples; no zero-stuffed patches, so a stride
+  ``s`` costs no factor ``s^dims``); ``J_bᵀ m = Σ_t m[:, t]``;
+- ``J_xᵀ m`` is the ordinary convolution of ``m`` with ``W`` (cropped to the
+  input size when ``output_padding`` left extra positions);
+- ``diag(J_xᵀ diag(d) J_x)`` is the same convolution of ``d`` with ``W∘W``;
+- ``Σ_n diag(J_Wᵀ diag(d_n) J_W) [i, o, k] = Σ_{n,l} x[i, l]² d[o, l·s + k·d - p]``.
 """
 
 from __future__ import annotations
+
+import itertools
+import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -68,22 +84,34 @@ def _crop(grad: Tensor, pads: list[int]) -> Tensor:
 
 
 def unfold(x: Tensor, module: nn.Module, padding: tuple[int, ...]) -> Tensor:
-    """Unfold the input into patches: ``[N, C_in, *in] → [N, C_in·K, L]``."""
+    """Unfold the input into patches: ``[N, C_in, *in] → [N, C_in·K, L]``.
+
+    1d and 2d use PyTorch's ``im2col`` (1d as 2d with height 1); 3d convolves
+    every channel separately with a one-hot kernel of ``K`` output channels.
+    """
     dims = x.dim() - 2
-    channels, kernel = x.shape[1], tuple(module.kernel_size)
-    k = 1
-    for size in kernel:
-        k *= size
+    n, channels, kernel = x.shape[0], x.shape[1], tuple(module.kernel_size)
+    if dims <= 2:
+        if dims == 1:  # as 2d with height 1
+            return F.unfold(
+                x.unsqueeze(2), (1, *kernel), (1, *module.dilation), (0, *padding), (1, *module.stride)
+            )
+        return F.unfold(x, kernel, tuple(module.dilation), tuple(padding), tuple(module.stride))
+    k = math.prod(kernel)
     one_hot = torch.eye(k, dtype=x.dtype, device=x.device).reshape(k, 1, *kernel)
     patches = _CONV[dims](
-        x, one_hot.repeat(channels, 1, *([1] * dims)), None, module.stride, padding, module.dilation, channels
+        x.reshape(n * channels, 1, *x.shape[2:]), one_hot, None, module.stride, padding, module.dilation
     )
-    return patches.flatten(2)
+    return patches.reshape(n, channels * k, -1)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(LayerRule):
     """Rules for zero-padded N-d convolutions (stride, dilation, groups, bias)."""
+
+    def accepts(self, module: nn.Module) -> bool:
+        # 'reflect', 'replicate', 'circular' pad before a valid convolution: the fallback serves them.
+        return module.padding_mode == "zeros"
 
     def _patches(self, call: ModuleCall) -> Tensor:
         """Per-group unfolded input, ``[N, G, C_in/G · K, L]`` (cached per backward)."""
@@ -131,3 +159,94 @@ class ConvRule(LayerRule):
         return _GRAD_WEIGHT[x.dim() - 2](
             x.square(), module.weight.shape, diag, module.stride, padding, module.dilation, module.groups
         )
+
+
+def _crop_to(t: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Keep the first ``size`` entries of the trailing dimensions of ``t``."""
+    if tuple(t.shape[-len(size) :]) == tuple(size):
+        return t
+    return t[(Ellipsis, *(slice(0, s) for s in size))]
+
+
+@register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+class ConvTransposeRule(LayerRule):
+    """Rules for N-d transposed convolutions (stride, padding, output_padding, dilation, groups, bias).
+
+    The weight has shape ``[C_in, C_out/G, *kernel]``.
+    """
+
+    def accepts(self, module: nn.Module) -> bool:
+        return module.padding_mode == "zeros"
+
+    @staticmethod
+    def _taps(call: ModuleCall, t: Tensor) -> Iterator[Tensor]:
+        """For every kernel tap ``k`` (row-major), the entries of ``t`` that tap ``k`` writes.
+
+        ``t`` is output-shaped, ``[*lead, C_out, *out]``; each view has shape
+        ``[*lead, C_out, *in]`` and holds ``t[..., l·s + k·d - p]`` at input position
+        ``l`` (zero outside the output). ``t`` is padded once; the views are strided slices.
+        """
+        module, x = call.module, call.input
+        dims = x.dim() - 2
+        in_size, out_size = x.shape[2:], t.shape[t.dim() - dims :]
+        stride, dilation, padding, kernel = module.stride, module.dilation, module.padding, module.kernel_size
+        pads: list[int] = []
+        for j in reversed(range(dims)):  # F.pad lists the last dimension first
+            needed = (in_size[j] - 1) * stride[j] + dilation[j] * (kernel[j] - 1) + 1
+            pads += [padding[j], needed - padding[j] - out_size[j]]  # a negative width crops
+        padded = F.pad(t, pads)
+        for taps in itertools.product(*(range(k) for k in kernel)):
+            index = tuple(
+                slice(k * dilation[j], k * dilation[j] + (in_size[j] - 1) * stride[j] + 1, stride[j])
+                for j, k in enumerate(taps)
+            )
+            yield padded[(Ellipsis, *index)]
+
+    def _adjoint(self, call: ModuleCall, weight: Tensor, grad: Tensor) -> Tensor:
+        """Convolve ``grad`` ``[B, C_out, *out]`` with ``weight`` back to ``[B, C_in, *in]``."""
+        module, x = call.module, call.input
+        back = _CONV[x.dim() - 2](grad, weight, None, module.stride, module.padding, module.dilation, module.groups)
+        return _crop_to(back, tuple(x.shape[2:]))
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        back = self._adjoint(call, call.module.weight, mat.flatten(0, 1))
+        return back.unflatten(0, mat.shape[:2])
+
+    def _grouped_input(self, call: ModuleCall) -> Tensor:
+        """``x`` as ``[N, G, C_in/G, L_in]``."""
+        return rearrange(call.input.detach().flatten(2), "n (g i) l -> n g i l", g=call.module.groups)
+
+    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        if name == "bias":
+            return mat.flatten(3).sum(-1)
+        module = call.module
+        g = module.groups
+        x = self._grouped_input(call)
+        v, n, (_, o) = mat.shape[0], mat.shape[1], module.weight.shape[:2]
+        k = math.prod(module.kernel_size)
+        out = mat.new_empty(v, n, g, x.shape[2], o, k)
+        for tap, view in enumerate(self._taps(call, mat)):
+            # J_Wᵀ m [i, o, k] = Σ_l x[i, l] m[o, l·s + k·d - p]
+            m_k = rearrange(view, "v n (g o) ... -> v n g o (...)", g=g)
+            out[..., tap] = torch.einsum("vngol,ngil->vngio", m_k, x)
+        return out.reshape(v, n, *module.weight.shape)
+
+    def param_sq_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        prod = self.param_jac_t_mat_prod(call, name, mat)
+        return prod.square_().sum((0, 1))  # one [V, N, *θ] buffer, squared in place
+
+    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        return self._adjoint(call, call.module.weight.square(), diag)
+
+    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+        if name == "bias":
+            return diag.flatten(2).sum((0, 2))
+        module = call.module
+        g = module.groups
+        x_sq = self._grouped_input(call).square()
+        # every entry of J_W is one input value: Σ_{n,l} d[o, l·s + k·d - p] x[i, l]²
+        taps = [
+            torch.einsum("ngol,ngil->gio", rearrange(view, "n (g o) ... -> n g o (...)", g=g), x_sq)
+            for view in self._taps(call, diag)
+        ]
+        return torch.stack(taps, -1).reshape(module.weight.shape)

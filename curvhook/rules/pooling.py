@@ -1,43 +1,66 @@
-"""Max pooling ``nn.MaxPool1d/2d/3d``.
+"""Pooling: ``nn.MaxPool*``, ``nn.AdaptiveMaxPool*``, ``nn.AvgPool*``, ``nn.AdaptiveAvgPool*`` (1d, 2d, 3d).
 
-Each output entry copies one input entry, chosen by the indices of the forward
-pass, so ``J`` has entries 0 and 1: ``J_xᵀ m`` scatter-adds ``m`` onto the chosen
-inputs (overlapping windows add up), and since ``J∘J = J`` the diagonal rule is
-the same scatter. The indices are recomputed from the stored input.
+Max pooling: each output entry copies one input entry, chosen by the indices
+of the forward pass, so ``J`` has entries 0 and 1: ``J_xᵀ m`` scatter-adds ``m``
+onto the chosen inputs (overlapping windows add up), and since ``J∘J = J`` the
+diagonal rule is the same scatter. The indices are recomputed from the stored input.
+
+Average pooling is linear: output ``o`` is ``c_o Σ_{i ∈ window(o)} x_i`` with one
+coefficient ``c_o = 1/divisor_o`` per window (the divisor depends on the window
+under ``count_include_pad=False``, ``ceil_mode`` and at adaptive boundaries).
+``J_xᵀ m`` is the autograd transpose of the pooling, and
+
+    diag(J_xᵀ diag(d) J_x)_i = Σ_o d_o J[o, i]² = Σ_{o ∋ i} d_o c_o² = (J_xᵀ (c ∘ d))_i,
+
+the transpose applied to ``d`` scaled by the per-window coefficient.
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvhook.calls import ModuleCall
+from curvhook.rules._maps import columns_vjp, linear_vjp
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule
 
 _POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_ADAPTIVE_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
+_AVG = {2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 @register_rule(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 class MaxPoolRule(LayerRule):
     """Rules for N-d max pooling (padding, dilation, ceil_mode)."""
 
+    def accepts(self, module: nn.Module) -> bool:
+        return not module.return_indices  # a tuple output is not one tensor
+
     @staticmethod
-    def _indices(call: ModuleCall) -> Tensor:
+    def _compute_indices(call: ModuleCall) -> Tensor:
+        """Flat input index of each output entry, ``[N, C, *out]``."""
+        m, x = call.module, call.input.detach()
+        _, idx = _POOL[x.dim() - 2](
+            x, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True
+        )
+        return idx
+
+    def _indices(self, call: ModuleCall) -> Tensor:
         """Flat input index of each output entry, ``[N, C, L_out]`` (cached per backward)."""
         if "indices" not in call.cache:
-            m, x = call.module, call.input.detach()
-            _, idx = _POOL[x.dim() - 2](
-                x, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True
-            )
-            call.cache["indices"] = idx.flatten(2)
+            call.cache["indices"] = self._compute_indices(call).flatten(2)
         return call.cache["indices"]
 
     def _scatter(self, call: ModuleCall, values: Tensor) -> Tensor:
         """Scatter-add ``[..., C, *out]`` onto ``[..., C, *in]``; leading dims broadcast the indices."""
         x = call.input
         lead = values.shape[: values.dim() - x.dim() + 1]  # (V, N) or (N,)
-        idx = self._indices(call).expand(*lead, *self._indices(call).shape[1:])
+        indices = self._indices(call)
+        idx = indices.expand(*lead, *indices.shape[1:])
         flat = values.reshape(*lead, x.shape[1], -1)
         out = flat.new_zeros(*lead, x.shape[1], x[0, 0].numel())
         return out.scatter_add_(-1, idx, flat).reshape(*lead, *x.shape[1:])
@@ -47,3 +70,77 @@ class MaxPoolRule(LayerRule):
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
         return self._scatter(call, diag)
+
+
+@register_rule(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+class AdaptiveMaxPoolRule(MaxPoolRule):
+    """Rules for N-d adaptive max pooling: the same scatter, with adaptive windows."""
+
+    @staticmethod
+    def _compute_indices(call: ModuleCall) -> Tensor:
+        x = call.input.detach()
+        # ``output_size`` may hold ``None`` (keep that input size): resolve it from the input.
+        size = tuple(
+            s if s is not None else x.shape[2 + j]
+            for j, s in enumerate(_as_tuple(call.module.output_size, x.dim() - 2))
+        )
+        _, idx = _ADAPTIVE_MAX[x.dim() - 2](x, size, return_indices=True)
+        return idx
+
+
+def _as_tuple(value, dims: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+class _AveragePoolRule(LayerRule):
+    """Shared rules of the average poolings: transpose by autograd, coefficients per window."""
+
+    def _coefficients(self, call: ModuleCall, out_size: tuple[int, ...]) -> Tensor:
+        """``c_o``, the weight every input of window ``o`` gets, ``[*out]``."""
+        raise NotImplementedError
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return columns_vjp(call, mat)
+
+    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        if "coefficients" not in call.cache:
+            call.cache["coefficients"] = self._coefficients(call, tuple(diag.shape[2:]))
+        return linear_vjp(call, diag * call.cache["coefficients"])
+
+
+@register_rule(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+class AvgPoolRule(_AveragePoolRule):
+    """Rules for N-d average pooling (padding, ceil_mode, count_include_pad, divisor_override)."""
+
+    def _coefficients(self, call: ModuleCall, out_size: tuple[int, ...]) -> Tensor:
+        # c_o = (Σ_i J[o, i]) / |window(o) ∩ input| : pool a ones tensor once as an average
+        # (the module itself) and once as a plain sum (divisor 1) over the same windows.
+        module, x = call.module, call.input
+        dims = x.dim() - 2
+        ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        average = module.forward(ones)
+        kernel, stride, padding = (_as_tuple(a, dims) for a in (module.kernel_size, module.stride, module.padding))
+        if dims == 1:  # avg_pool1d has no divisor_override: pool [1, 1, 1, L] in 2d instead
+            ones, kernel, stride, padding = ones.unsqueeze(2), (1, *kernel), (1, *stride), (0, *padding)
+        count = _AVG[max(dims, 2)](ones, kernel, stride, padding, module.ceil_mode, True, 1)
+        return (average / count.reshape(average.shape)).reshape(out_size)
+
+
+@register_rule(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+class AdaptiveAvgPoolRule(_AveragePoolRule):
+    """Rules for N-d adaptive average pooling."""
+
+    def _coefficients(self, call: ModuleCall, out_size: tuple[int, ...]) -> Tensor:
+        # Window o_j along a dimension of input size L and output size O covers
+        # [⌊o_j L / O⌋, ⌈(o_j + 1) L / O⌉); c_o = 1 / Π_j (window length along j).
+        x = call.input
+        lengths = []
+        for size_in, size_out in zip(x.shape[2:], out_size):
+            o = torch.arange(size_out, device=x.device)
+            start = torch.div(o * size_in, size_out, rounding_mode="floor")
+            end = torch.div((o + 1) * size_in + size_out - 1, size_out, rounding_mode="floor")
+            lengths.append((end - start).to(x.dtype))
+        count = math.prod(
+            length.reshape(*([1] * j), -1, *([1] * (len(lengths) - j - 1))) for j, length in enumerate(lengths)
+        )
+        return 1.0 / count

@@ -47,15 +47,21 @@ def register_rule(*module_types: type) -> Callable[[R], R]:
 
 
 def rule_for(module: nn.Module) -> Optional[LayerRule]:
-    """Return the rule for ``module``, or ``None`` if its type has none."""
+    """Return the rule for ``module``, or ``None`` if its type has none.
+
+    ``None`` also when the registered rule declines this particular module
+    (:meth:`LayerRule.accepts`, e.g. a convolution with ``padding_mode='reflect'``).
+    """
     cls = type(module)
     rule = _RULES.get(cls)
-    if rule is not None:
-        return rule
-    for base in cls.__mro__[1:]:
-        if base in _RULES and cls.forward is base.forward:
-            return _RULES[base]
-    return None
+    if rule is None:
+        for base in cls.__mro__[1:]:
+            if base in _RULES and cls.forward is base.forward:
+                rule = _RULES[base]
+                break
+    if rule is None or not rule.accepts(module):
+        return None
+    return rule
 
 
 def rule_or_fallback(module: nn.Module) -> LayerRule:

@@ -1,11 +1,14 @@
-"""Layers that only move entries around: ``Identity``, ``Flatten``, ``Unflatten``.
+"""Layers that only move entries around: ``Identity``, ``Flatten``, ``Unflatten``,
+``PixelShuffle``, ``PixelUnshuffle``.
 
-Their Jacobian is a permutation-free reshape, so every product is the same
-reshape applied to the backpropagated quantity.
+Their Jacobian is a permutation matrix ``P`` (the identity for the reshapes), so
+``J_xᵀ m = P⁻¹ m`` and, since ``P∘P = P``, ``diag(J_xᵀ diag(d) J_x) = P⁻¹ d``:
+every product is the inverse rearrangement applied to the backpropagated quantity.
 """
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvhook.calls import ModuleCall
@@ -22,3 +25,25 @@ class ReshapeRule(LayerRule):
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
         return diag.reshape(call.input.shape)
+
+
+@register_rule(nn.PixelShuffle)
+class PixelShuffleRule(LayerRule):
+    """``[C·r², H, W] → [C, H·r, W·r]``: the transpose is ``pixel_unshuffle``."""
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return F.pixel_unshuffle(mat, call.module.upscale_factor)  # leading dims pass through
+
+    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        return F.pixel_unshuffle(diag, call.module.upscale_factor)
+
+
+@register_rule(nn.PixelUnshuffle)
+class PixelUnshuffleRule(LayerRule):
+    """``[C, H·r, W·r] → [C·r², H, W]``: the transpose is ``pixel_shuffle``."""
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return F.pixel_shuffle(mat, call.module.downscale_factor)
+
+    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        return F.pixel_shuffle(diag, call.module.downscale_factor)

@@ -1,0 +1,274 @@
+"""Normalization layers: ``BatchNorm1d/2d/3d`` (eval mode), ``LayerNorm``, ``GroupNorm``,
+``InstanceNorm1d/2d/3d``, ``RMSNorm``.
+
+**BatchNorm with running statistics** is an affine map per channel,
+``y = a_c x + b_c`` with ``a_c = γ_c / √(v_c + ε)`` and ``x̂ = (x - μ_c) / √(v_c + ε)``:
+``J_xᵀ m = a ∘ m``, ``diag(J_xᵀ diag(d) J_x) = a² ∘ d``, ``J_γᵀ m = Σ_pos m ∘ x̂``,
+``J_βᵀ m = Σ_pos m``. BatchNorm with batch statistics (train mode, or
+``track_running_stats=False``) mixes samples and is rejected by the engine.
+
+**LayerNorm, GroupNorm, InstanceNorm, RMSNorm** normalize groups of ``G`` entries of one sample.
+For one group, with ``σ = √(Var(x) + ε)`` (biased variance) and ``x̂ = (x - mean(x)) / σ``,
+``y_o = γ_o x̂_o + β_o`` and
+
+    J[o, i] = (γ_o / σ) (δ_oi - 1/G - x̂_o x̂_i / G).
+
+Then, with ``u = γ ∘ m``, ``J_xᵀ m = (u - mean(u) - x̂ mean(u ∘ x̂)) / σ``, and with
+``e = γ² ∘ d`` and ``S_k = Σ_o e_o x̂_oᵏ``, squaring and summing over ``o`` gives
+
+    Σ_o d_o J[o, i]² = (e_i (1 - 2 (1 + x̂_i²) / G) + (S_0 + 2 x̂_i S_1 + x̂_i² S_2) / G²) / σ²,
+
+``O(G)`` per group, no ``[G, G]`` Jacobian. RMSNorm has ``r = √(mean(x²) + ε)``,
+``x̂ = x / r`` and ``J[o, i] = (γ_o / r)(δ_oi - x̂_o x̂_i / G)``: the same formulas without the
+mean terms, ``J_xᵀ m = (u - x̂ mean(u ∘ x̂)) / r`` and
+``Σ_o d_o J[o, i]² = (e_i (1 - 2 x̂_i² / G) + x̂_i² S_2 / G²) / r²``.
+
+For all of them the affine parameters are elementwise: ``J_γᵀ m = Σ m ∘ x̂`` and
+``J_βᵀ m = Σ m`` over the positions that share the parameter entry, and
+``Σ_n diag(J_γᵀ diag(d) J_γ) = Σ d ∘ x̂²``, ``Σ_n diag(J_βᵀ diag(d) J_β) = Σ d``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from curvhook.calls import ModuleCall
+from curvhook.rules.base import LayerRule
+from curvhook.rules.registry import register_rule
+
+
+def _channel_shape(x: Tensor) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector against ``x[n]``: ``[C, 1, ..., 1]``."""
+    return (x.shape[1], *([1] * (x.dim() - 2)))
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+class BatchNormRule(LayerRule):
+    """BatchNorm that normalizes with its running statistics (eval mode)."""
+
+    def _scale_and_normalized(self, call: ModuleCall) -> tuple[Tensor, Tensor]:
+        """``a`` ``[C, 1, ...]`` and ``x̂`` ``[N, C, *]`` (cached per backward)."""
+        if "bn" not in call.cache:
+            module, x = call.module, call.input.detach()
+            shape = _channel_shape(x)
+            inv_std = torch.rsqrt(module.running_var.to(x.dtype) + module.eps).reshape(shape)
+            x_hat = (x - module.running_mean.to(x.dtype).reshape(shape)) * inv_std
+            scale = inv_std if module.weight is None else inv_std * module.weight.detach().reshape(shape)
+            call.cache["bn"] = (scale, x_hat)
+        return call.cache["bn"]
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return mat * self._scale_and_normalized(call)[0]
+
+    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        return diag * self._scale_and_normalized(call)[0].square()
+
+    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        m = mat.flatten(3) if mat.dim() > 3 else mat.unsqueeze(-1)  # [V, N, C, L]
+        if name == "bias":
+            return m.sum(-1)
+        x_hat = self._scale_and_normalized(call)[1]
+        return torch.einsum("vncl,ncl->vnc", m, x_hat.reshape(*x_hat.shape[:2], -1))
+
+    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+        d = diag.reshape(*diag.shape[:2], -1)  # [N, C, L]
+        if name == "bias":
+            return d.sum((0, 2))
+        x_hat = self._scale_and_normalized(call)[1]
+        return torch.einsum("ncl,ncl->c", d, x_hat.reshape(d.shape).square())
+
+
+class _GroupNormalizationRule(LayerRule):
+    """Shared rules of the per-sample normalizations.
+
+    Subclasses describe how a sample splits into groups: ``_group`` maps a
+    tensor ``[*lead, *sample]`` to ``[*lead, T, G]`` (``T`` groups of ``G``
+    entries) and ``_ungroup`` back, and ``_gamma`` gives ``γ`` broadcast to
+    ``[T, G]`` (or ``None``).
+    """
+
+    centered = True  # LayerNorm, GroupNorm subtract the mean; RMSNorm does not
+
+    def _group(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+        raise NotImplementedError
+
+    def _ungroup(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+        raise NotImplementedError
+
+    def _gamma(self, call: ModuleCall) -> Tensor | None:
+        raise NotImplementedError
+
+    def _eps(self, call: ModuleCall, x: Tensor) -> float:
+        return call.module.eps
+
+    def _normalized(self, call: ModuleCall) -> tuple[Tensor, Tensor]:
+        """``x̂`` ``[N, T, G]`` and ``1/σ`` ``[N, T, 1]`` (cached per backward)."""
+        if "normalized" not in call.cache:
+            x = self._group(call, call.input.detach(), 1)
+            if self.centered:
+                x = x - x.mean(-1, keepdim=True)
+            inv_std = torch.rsqrt(x.square().mean(-1, keepdim=True) + self._eps(call, x))
+            call.cache["normalized"] = (x * inv_std, inv_std)
+        return call.cache["normalized"]
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        x_hat, inv_std = self._normalized(call)
+        gamma = self._gamma(call)
+        u = self._group(call, mat, 2)  # [V, N, T, G]
+        if gamma is not None:
+            u = u * gamma
+        # (u - mean(u) - x̂ mean(u ∘ x̂)) / σ
+        back = u - x_hat * (u * x_hat).mean(-1, keepdim=True)
+        if self.centered:
+            back = back - u.mean(-1, keepdim=True)
+        return self._ungroup(call, back * inv_std, 2)
+
+    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        x_hat, inv_std = self._normalized(call)
+        gamma = self._gamma(call)
+        e = self._group(call, diag, 1)  # [N, T, G]
+        if gamma is not None:
+            e = e * gamma.square()
+        size = e.shape[-1]
+        x_sq = x_hat.square()
+        s2 = (e * x_sq).sum(-1, keepdim=True)
+        if self.centered:
+            s0 = e.sum(-1, keepdim=True)
+            s1 = (e * x_hat).sum(-1, keepdim=True)
+            # Σ_o e_o (δ_oi - 1/G - x̂_o x̂_i / G)²
+            back = e * (1 - 2 * (1 + x_sq) / size) + (s0 + 2 * x_hat * s1 + x_sq * s2) / size**2
+        else:
+            # Σ_o e_o (δ_oi - x̂_o x̂_i / G)²
+            back = e * (1 - 2 * x_sq / size) + x_sq * s2 / size**2
+        return self._ungroup(call, back * inv_std.square(), 1)
+
+    # The affine parameters: the subclasses reduce ``m ∘ x̂`` / ``m`` over the shared positions.
+    def _param_reduce(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+        """Sum ``[*lead, *sample]`` over the positions that share one parameter entry."""
+        raise NotImplementedError
+
+    def _x_hat(self, call: ModuleCall) -> Tensor:
+        """``x̂`` in the input's shape, ``[N, *sample]``."""
+        return self._ungroup(call, self._normalized(call)[0], 1)
+
+    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        if name == "bias":
+            return self._param_reduce(call, mat, 2)
+        return self._param_reduce(call, mat * self._x_hat(call), 2)
+
+    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+        if name == "bias":
+            return self._param_reduce(call, diag, 1).sum(0)
+        return self._param_reduce(call, diag * self._x_hat(call).square(), 1).sum(0)
+
+
+@register_rule(nn.LayerNorm)
+class LayerNormRule(_GroupNormalizationRule):
+    """``nn.LayerNorm`` over the last ``len(normalized_shape)`` dims, with or without affine and bias."""
+
+    def _dims(self, call: ModuleCall) -> int:
+        return len(call.module.normalized_shape)
+
+    def _group(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+        # [*lead, *, *normalized] -> [*lead, T, G]
+        return t.reshape(*t.shape[:lead], -1, math.prod(call.module.normalized_shape))
+
+    def _ungroup(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+        return t.reshape(*t.shape[:lead], *call.input.shape[1:])
+
+    def _gamma(self, call: ModuleCall) -> Tensor | None:
+        weight = call.module.weight
+        return None if weight is None else weight.detach().flatten()
+
+    def _param_reduce(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+        dims = self._dims(call)
+        shared = tuple(range(lead, t.dim() - dims))  # the leading positions of the sample
+        return t.sum(shared) if shared else t
+
+
+@register_rule(nn.GroupNorm)
+class GroupNormRule(_GroupNormalizationRule):
+    """``nn.GroupNorm`` on ``[N, C, *]``: ``num_groups`` groups of ``C / num_groups`` channels."""
+
+    @staticmethod
+    def _num_groups(call: ModuleCall) -> int:
+        return call.module.num_groups
+
+    def _group(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+        t = t.reshape(*t.shape[: lead + 1], -1)  # [*lead, C, L]
+        return rearrange(t, "... (t c) l -> ... t (c l)", t=self._num_groups(call))
+
+    def _ungroup(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+        c = call.input.shape[1] // self._num_groups(call)
+        t = rearrange(t, "... t (c l) -> ... (t c) l", c=c)
+        return t.reshape(*t.shape[:lead], *call.input.shape[1:])
+
+    def _gamma(self, call: ModuleCall) -> Tensor | None:
+        weight = call.module.weight
+        if weight is None:
+            return None
+        spatial = call.input[0, 0].numel()
+        w = weight.detach()[:, None].expand(-1, spatial)  # [C, L]
+        return rearrange(w, "(t c) l -> t (c l)", t=self._num_groups(call))
+
+    def _param_reduce(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+        return t.reshape(*t.shape[: lead + 1], -1).sum(-1)  # over the spatial positions
+
+
+_BATCH_NORM = BatchNormRule()
+
+
+@register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+class InstanceNormRule(GroupNormRule):
+    """``nn.InstanceNorm*`` on ``[N, C, *]``.
+
+    With the statistics of the input (the default, and train mode) it is a
+    GroupNorm with one group per channel; in eval mode with
+    ``track_running_stats=True`` it is the per-channel affine map of BatchNorm.
+    """
+
+    @staticmethod
+    def _num_groups(call: ModuleCall) -> int:
+        return call.input.shape[1]
+
+    @staticmethod
+    def _running(call: ModuleCall) -> bool:
+        return call.module.track_running_stats and not call.training
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        if self._running(call):
+            return _BATCH_NORM.jac_t_mat_prod(call, mat)
+        return super().jac_t_mat_prod(call, mat)
+
+    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        if self._running(call):
+            return _BATCH_NORM.diag_jac_t_diag_jac(call, diag)
+        return super().diag_jac_t_diag_jac(call, diag)
+
+    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        if self._running(call):
+            return _BATCH_NORM.param_jac_t_mat_prod(call, name, mat)
+        return super().param_jac_t_mat_prod(call, name, mat)
+
+    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+        if self._running(call):
+            return _BATCH_NORM.param_diag(call, name, diag)
+        return super().param_diag(call, name, diag)
+
+
+@register_rule(nn.RMSNorm)
+class RMSNormRule(LayerNormRule):
+    """``nn.RMSNorm`` over the last ``len(normalized_shape)`` dims, with or without weight."""
+
+    centered = False
+
+    def _eps(self, call: ModuleCall, x: Tensor) -> float:
+        eps = call.module.eps
+        if eps is None:  # torch uses the epsilon of the computation type
+            dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+            eps = torch.finfo(dtype).eps
+        return eps
