@@ -246,3 +246,43 @@ def test_rule_that_declines_a_module_falls_back():
     finally:
         registry._RULES.clear()
         registry._RULES.update(saved)
+
+
+class SquaredLinear(nn.Module):
+    """``y = x (W∘W)ᵀ + b``: not linear in its parameter."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in))
+        self.bias = nn.Parameter(torch.randn(d_out))
+
+    def forward(self, x):
+        return x @ (self.weight * self.weight).T + self.bias
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_custom_rule_with_only_the_two_products_serves_all_four_extensions(n):
+    """DiagGGNApprox's diagonals default to exact ones derived from the two products."""
+    from helpers import check_against_reference
+
+    @register_rule(SquaredLinear)
+    class SquaredLinearRule(LayerRule):
+        def jac_t_mat_prod(self, call, mat):
+            return mat @ call.module.weight.square()
+
+        def param_jac_t_mat_prod(self, call, name, mat):
+            if name == "bias":
+                return mat
+            # ∂y_o/∂W_oi = 2 W_oi x_i
+            return 2 * torch.einsum("vno,ni->vnoi", mat, call.input) * call.module.weight
+
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), SquaredLinear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)).double()
+        X = torch.randn(n, 3, dtype=torch.float64)
+        y = torch.randint(0, 2, (n,))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*fallback")  # the registered rule is used
+            check_against_reference(model, X, lambda out: nn.CrossEntropyLoss()(out, y))
+    finally:
+        registry._RULES.pop(SquaredLinear, None)

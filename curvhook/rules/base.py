@@ -21,6 +21,7 @@ can be summed over ``V`` and ``N`` before a GEMM.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from curvhook.calls import ModuleCall
@@ -85,9 +86,27 @@ class LayerRule:
 
         Returns:
             ``[N, *in]``: ``diag(J_xᵀ diag(d_n) J_x)`` per sample.
+
+        The default is exact and derived from :meth:`jac_t_mat_prod`: the rows of
+        ``J_x`` are ``J_xᵀ e_o`` for the identity columns ``e_o``, and
+        ``diag(J_xᵀ diag(d) J_x)_i = Σ_o d_o J_oi²``. It costs one product with
+        ``C_out`` columns; override it where a closed form exists.
         """
-        raise NotImplementedError
+        rows = self.jac_t_mat_prod(call, _identity_columns(diag))  # [O, N, *in]
+        return torch.einsum("on...,no->n...", rows.square(), diag.flatten(1))
 
     def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
-        """``Σ_n diag(J_θᵀ diag(d_n) J_θ)``, shape ``[*θ.shape]``."""
-        raise NotImplementedError
+        """``Σ_n diag(J_θᵀ diag(d_n) J_θ)``, shape ``[*θ.shape]``.
+
+        The default is exact and derived from :meth:`param_jac_t_mat_prod` with
+        the identity columns, like :meth:`diag_jac_t_diag_jac`.
+        """
+        rows = self.param_jac_t_mat_prod(call, name, _identity_columns(diag))  # [O, N, *θ]
+        return torch.einsum("on...,no->...", rows.square(), diag.flatten(1))
+
+
+def _identity_columns(like: Tensor) -> Tensor:
+    """``e_1 … e_O`` for every sample: ``[O, N, *like.shape[1:]]``."""
+    n, o = like.shape[0], like[0].numel()
+    eye = torch.eye(o, dtype=like.dtype, device=like.device)
+    return eye[:, None, :].expand(o, n, o).reshape(o, *like.shape)
