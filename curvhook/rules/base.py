@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from curvhook.calls import ModuleCall
+from curvhook.losses import identity_factor
 
 
 class LayerRule:
@@ -92,7 +93,7 @@ class LayerRule:
         ``diag(J_xᵀ diag(d) J_x)_i = Σ_o d_o J_oi²``. It costs one product with
         ``C_out`` columns; override it where a closed form exists.
         """
-        rows = self.jac_t_mat_prod(call, _identity_columns(diag))  # [O, N, *in]
+        rows = self.jac_t_mat_prod(call, identity_factor(diag))  # [O, N, *in]
         return torch.einsum("on...,no->n...", rows.square(), diag.flatten(1))
 
     def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
@@ -101,12 +102,6 @@ class LayerRule:
         The default is exact and derived from :meth:`param_jac_t_mat_prod` with
         the identity columns, like :meth:`diag_jac_t_diag_jac`.
         """
-        rows = self.param_jac_t_mat_prod(call, name, _identity_columns(diag))  # [O, N, *θ]
+        rows = self.param_jac_t_mat_prod(call, name, identity_factor(diag))  # [O, N, *θ]
         return torch.einsum("on...,no->...", rows.square(), diag.flatten(1))
 
-
-def _identity_columns(like: Tensor) -> Tensor:
-    """``e_1 … e_O`` for every sample: ``[O, N, *like.shape[1:]]``."""
-    n, o = like.shape[0], like[0].numel()
-    eye = torch.eye(o, dtype=like.dtype, device=like.device)
-    return eye[:, None, :].expand(o, n, o).reshape(o, *like.shape)
