@@ -1,0 +1,489 @@
+"""Benchmark entry point.
+
+Examples::
+
+    python -m benchmarks.run --problem 3c3d
+    python -m benchmarks.run --problem all --json out.json --plot out.png --markdown out.md
+    python -m benchmarks.run --smoke            # seconds: tiny batch, curvhook + torch.func
+
+Protocol, per problem and method:
+
+- Time: one step is what a training loop runs per batch: forward, loss,
+  backward, plus whatever the library needs (NNGeometry and curvlinops build
+  their object from a one-batch loader; torch.func computes its Jacobian).
+  curvhook is timed in steady state inside an ``extend`` block entered once
+  (the entry is reported apart as ``entry_ms``). ``--warmup`` steps are run
+  first, then ``--repeats`` timed steps; the median is reported, and its ratio
+  to the plain ``loss.backward()`` step of the same run.
+- Memory: each method runs in its own fresh subprocess, which reports its peak
+  resident set size (``ru_maxrss``). ``Δ vs plain`` is that peak minus the peak
+  of the subprocess that ran only the plain step. ``--in-process`` skips the
+  subprocesses (no memory figures).
+- Agreement: at a small batch (``--check-batch``), every method that computes
+  the GGN diagonal, the full GGN or the batch Jacobian is compared to a
+  torch.func reference (``max|a - ref| / max|ref|``; ``ok`` below 1e-4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from benchmarks import methods as M
+from benchmarks import problems as P
+
+AGREE_TOL = 1e-4
+MIN_BLOCK_S = 0.05
+SMOKE_PROBLEMS = ["fullggn", "conv2d"]
+SMOKE_METHODS = ["curvhook", "torchfunc"]
+ROOT = Path(__file__).resolve().parent.parent
+
+# Target figures of issue #5: (label, numerator, denominator, problems, quantity, bound)
+TARGETS = [
+    ("DiagGGN / BackPACK DiagGGNExact (time)", "curvhook:DiagGGN", "backpack:DiagGGNExact", ["mlp", "3c3d"], "time", 0.8),
+    ("DiagGGNApprox / plain backward (time)", "curvhook:DiagGGNApprox", "plain", P.ALL, "time", 2.0),
+    ("BatchJacobian / torch.func vmap(jacrev) (time)", "curvhook:BatchJacobian", "torchfunc:BatchJacobian", ["mlp", "3c3d"], "time", 0.2),
+    ("FullGGN / torch.func JᵀHJ (time)", "curvhook:FullGGN", "torchfunc:FullGGN", ["fullggn"], "time", 0.2),
+    ("DiagGGN / BackPACK DiagGGNExact (extra peak memory over plain)", "curvhook:DiagGGN", "backpack:DiagGGNExact", ["mlp", "3c3d"], "memory", 1.0),
+]
+
+
+# ------------------------------------------------------------------ one method
+def _classify(err: BaseException) -> str:
+    name = type(err).__name__
+    return "unsupported" if "Unsupported" in name or isinstance(err, NotImplementedError) else "error"
+
+
+def _error_text(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".replace("\n", " ")
+    return text[:300]
+
+
+def measure(problem: str, method: str, batch_size: Optional[int], repeats: int, warmup: int) -> dict:
+    """Build ``problem``, run ``method`` ``warmup + repeats`` times, return timings."""
+    pb = P.make(problem, batch_size)
+    m = M.BY_NAME[method]
+    reason = m.skip_reason(pb)
+    if reason:
+        return {"status": "skipped", "note": reason}
+    rss_setup = _max_rss_mb()
+    runner = None
+    try:
+        runner = m.build(pb)
+        t0 = time.perf_counter()
+        for _ in range(max(warmup, 0)):
+            runner.step()
+        first = (time.perf_counter() - t0) / max(warmup, 1)
+        # A very slow method (tens of seconds a step) is timed once. A fast one is
+        # timed in blocks of k steps lasting about MIN_BLOCK_S, so that one sample is
+        # not dominated by timer and scheduler noise; a sample is block time / k.
+        reps = 1 if warmup and first > 20 else repeats
+        k = max(1, min(50, int(MIN_BLOCK_S / max(first, 1e-6)))) if warmup else 1
+        times, cpu_times = [], []
+        for _ in range(reps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(k):
+                runner.step()
+            times.append((time.perf_counter() - t0) / k * runner.extrapolate)
+            cpu_times.append((time.process_time() - c0) / k * runner.extrapolate)
+    except Exception as err:  # noqa: BLE001 - recorded, the suite goes on
+        return {"status": _classify(err), "note": _error_text(err), "traceback": traceback.format_exc(limit=6)}
+    finally:
+        if runner is not None:
+            try:
+                runner.close()
+            except Exception:  # noqa: BLE001
+                pass
+    out = {
+        "status": getattr(runner, "status", "ok"),
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "times_s": times,
+        "cpu_median_s": statistics.median(cpu_times),
+        "steps_per_sample": k,
+        "load1": os.getloadavg()[0],
+        "note": runner.note,
+        "setup_rss_mb": rss_setup,
+        "peak_rss_mb": _max_rss_mb(),
+    }
+    if hasattr(runner, "entry_s"):
+        out["entry_ms"] = runner.entry_s * 1e3
+    if reps != repeats:
+        out["note"] = (out["note"] + "; " if out["note"] else "") + "timed once (slow)"
+    if runner.extrapolate != 1.0:
+        out["extrapolated"] = True
+    return out
+
+
+def cpu_busy(interval: float = 0.5) -> Optional[float]:
+    """Fraction of all cores busy over ``interval`` seconds (from /proc/stat), or None."""
+    def read() -> Optional[tuple[int, int]]:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except Exception:  # noqa: BLE001 - not Linux
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    a = read()
+    time.sleep(interval)
+    b = read()
+    if a is None or b is None or b[0] == a[0]:
+        return None
+    return 1.0 - (b[1] - a[1]) / (b[0] - a[0])
+
+
+def wait_until_idle(limit_s: float, threshold: float = 0.15) -> Optional[float]:
+    """Wait (at most ``limit_s``) until other processes leave the CPU; return the last busy fraction."""
+    start = time.perf_counter()
+    busy = cpu_busy()
+    while busy is not None and busy > threshold and time.perf_counter() - start < limit_s:
+        time.sleep(2.0)
+        busy = cpu_busy()
+    return busy
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def run_in_subprocess(args: argparse.Namespace, problem: str, method: str) -> dict:
+    cmd = [
+        sys.executable, "-m", "benchmarks.run", "--worker", "--problem", problem, "--methods", method,
+        "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+    ]
+    if args.batch_size is not None:
+        cmd += ["--batch-size", str(args.batch_size)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "note": f"over {args.timeout} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+    return {"status": "crashed", "note": f"exit code {proc.returncode}: {tail[0][:200]}"}
+
+
+# ------------------------------------------------------------------ agreement
+def cross_check(problem: str, chosen: list[M.Method], batch_size: int) -> dict[str, str]:
+    """Compare every method that has a quantity to the torch.func reference at a small batch."""
+    pb = P.make(problem, batch_size)
+    P_ = pb.num_params
+    out: dict[str, str] = {}
+    refs: dict[str, Any] = {}
+    for m in chosen:
+        if m.quantity is None:
+            continue
+        if m.skip_reason(pb):
+            out[m.name] = "n/a"
+            continue
+        ref_name = M.REFERENCE[m.quantity]
+        if ref_name not in refs:
+            ref_method = M.BY_NAME[ref_name]
+            reason = ref_method.skip_reason(pb)
+            if reason:
+                refs[ref_name] = None
+            else:
+                try:
+                    r = ref_method.build(P.make(problem, batch_size))
+                    r.step()
+                    refs[ref_name] = r.result()[0]
+                except Exception as err:  # noqa: BLE001
+                    refs[ref_name] = err
+        ref = refs[ref_name]
+        if m.name == ref_name:
+            out[m.name] = "reference" if isinstance(ref, torch.Tensor) else "n/a"
+            continue
+        if not isinstance(ref, torch.Tensor):
+            out[m.name] = "no reference"
+            continue
+        runner = None
+        try:
+            runner = m.build(P.make(problem, batch_size))
+            runner.step()
+            value, index = runner.result()
+        except Exception as err:  # noqa: BLE001
+            out[m.name] = _classify(err)
+            continue
+        finally:
+            if runner is not None:
+                runner.close()
+        expected = ref if index is None else ref[index]
+        if value is None or value.shape != expected.shape:
+            out[m.name] = f"SHAPE {tuple(value.shape) if value is not None else None} != {tuple(expected.shape)}"
+            continue
+        scale = expected.abs().max().item()
+        err = (value.double() - expected.double()).abs().max().item() / max(scale, 1e-30)
+        out[m.name] = f"ok ({err:.0e})" if err < AGREE_TOL else f"MISMATCH ({err:.1e})"
+    del P_
+    return out
+
+
+# ----------------------------------------------------------------- reporting
+def machine_info(threads: int) -> dict:
+    model = platform.processor() or ""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in lscpu.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except Exception:  # noqa: BLE001
+        pass
+    return {"cpu_model": model, "logical_cpus": os.cpu_count(), "torch_threads": threads, "platform": platform.platform()}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ["curvhook", "backpack-for-pytorch", "nngeometry", "curvlinops-for-pytorch", "matplotlib"]:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _fmt_ms(r: dict, key: str = "median_s") -> str:
+    if key not in r:
+        return "-"
+    v = r[key] * 1e3
+    s = f"{v:,.1f}" if v < 1e4 else f"{v:,.0f}"
+    return s + ("*" if r.get("extrapolated") else "")
+
+
+def _fmt(v: Optional[float], spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table_rows(prob: dict) -> list[list[str]]:
+    rows = []
+    for name, r in prob["methods"].items():
+        status = r.get("status", "?")
+        rows.append([
+            name, status, _fmt_ms(r), _fmt_ms(r, "min_s"), _fmt(r.get("ratio"), ".2f"), _fmt(r.get("ratio_min"), ".2f"),
+            _fmt(r.get("peak_rss_mb"), ".0f"), _fmt(r.get("delta_rss_mb"), ".0f"),
+            prob.get("check", {}).get(name, ""),
+            (r.get("note") or "")[:90],
+        ])
+    return rows
+
+
+HEADER = ["method", "status", "median ms", "min ms", "x plain", "x plain (min)", "peak MB", "Δ MB vs plain", "agrees", "note"]
+
+
+def text_table(prob_name: str, prob: dict) -> str:
+    rows = [HEADER] + table_rows(prob)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = [f"== {prob_name}: {prob['description']} (N={prob['batch_size']}, P={prob['num_params']:,})"]
+    for j, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i in (0, 1, 8, 9) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(prob_name: str, prob: dict) -> str:
+    lines = [
+        f"### {prob_name}: {prob['description']} (N={prob['batch_size']}, P={prob['num_params']:,})",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "|".join(["---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "---", "---"]) + "|",
+    ]
+    for r in table_rows(prob):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
+    return "\n".join(lines)
+
+
+def compute_targets(results: dict) -> list[dict]:
+    out = []
+    for label, num, den, probs, kind, bound in TARGETS:
+        for prob in probs:
+            pr = results["problems"].get(prob)
+            if not pr:
+                continue
+            a, b = pr["methods"].get(num, {}), pr["methods"].get(den, {})
+            value_min = None
+            if a.get("status") != "ok" or b.get("status") != "ok":
+                value = None
+            elif kind == "time":
+                value = a["median_s"] / b["median_s"]
+                value_min = a["min_s"] / b["min_s"]
+            else:
+                da, db = a.get("delta_rss_mb"), b.get("delta_rss_mb")
+                value = None if da is None or db is None or db <= 0 else max(da, 0.0) / db
+            out.append({
+                "target": label, "problem": prob, "value": value, "value_min": value_min, "bound": bound,
+                "met": None if value is None else value <= bound,
+                "why_missing": None if value is not None else f"{num}: {a.get('status', 'not run')}, {den}: {b.get('status', 'not run')}",
+            })
+    return out
+
+
+def targets_text(targets: list[dict], markdown: bool = False) -> str:
+    lines = []
+    if markdown:
+        lines += ["| target | problem | value (medians) | value (minima) | bound | met (medians) |", "|---|---|--:|--:|--:|---|"]
+    for t in targets:
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        vmin = "-" if t.get("value_min") is None else f"{t['value_min']:.2f}"
+        met = {True: "yes", False: "NO", None: "n/a (" + (t["why_missing"] or "") + ")"}[t["met"]]
+        if markdown:
+            lines.append(f"| {t['target']} | {t['problem']} | {value} | {vmin} | ≤ {t['bound']} | {met} |")
+        else:
+            lines.append(f"  {t['target']:<62} {t['problem']:<12} {value:>8} (min {vmin:>6})  (≤ {t['bound']})  {met}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        print(f"matplotlib not importable: no plot written to {path}")
+        return
+    probs = [(k, v) for k, v in results["problems"].items()]
+    fig, axes = plt.subplots(len(probs), 1, figsize=(9, 0.32 * sum(len(v["methods"]) for _, v in probs) + 1.2 * len(probs)), squeeze=False)
+    for ax, (name, pr) in zip(axes[:, 0], probs):
+        items = [(m, r["ratio"]) for m, r in pr["methods"].items() if r.get("ratio")]
+        labels = [m for m, _ in items]
+        colors = ["tab:blue" if m.startswith("curvhook") else "tab:gray" if m == "plain" else "tab:orange" for m in labels]
+        ax.barh(range(len(items)), [v for _, v in items], color=colors)
+        ax.set_yticks(range(len(items)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="k", lw=0.5)
+        ax.set_title(f"{name} (N={pr['batch_size']}): time / plain backward", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+# ------------------------------------------------------------------------ main
+def parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--problem", default="mlp", help=f"one of {P.ALL}, 'all', or a comma-separated list")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: each problem's own (128)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--methods", nargs="*", default=None,
+                    help="method names or prefixes (e.g. curvhook backpack:DiagGGNExact); default: all")
+    ap.add_argument("--json", default=None, help="write the results to this file")
+    ap.add_argument("--plot", default=None, help="write a bar chart (needs matplotlib)")
+    ap.add_argument("--markdown", default=None, help="write the tables as markdown")
+    ap.add_argument("--in-process", action="store_true", help="no subprocesses, no memory figures")
+    ap.add_argument("--check-batch", type=int, default=8, help="batch size of the agreement check")
+    ap.add_argument("--no-check", action="store_true", help="skip the agreement check")
+    ap.add_argument("--timeout", type=int, default=1200, help="seconds per method subprocess")
+    ap.add_argument("--wait-idle", type=float, default=0.0,
+                    help="before each method wait up to this many seconds for other processes to leave the CPU")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CI config: problems fullggn,conv2d at N=4, curvhook + torch.func, 1 repeat, in-process")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.problem = ",".join(SMOKE_PROBLEMS) if args.problem == "mlp" else args.problem
+        args.batch_size = args.batch_size or 4
+        args.methods = args.methods or SMOKE_METHODS
+        args.repeats, args.warmup, args.in_process, args.check_batch = 1, 0, True, 4
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        warnings.filterwarnings("ignore")
+        result = measure(args.problem, args.methods[0], args.batch_size, args.repeats, args.warmup)
+        print("RESULT " + json.dumps(result), flush=True)
+        return result
+
+    problems = P.ALL if args.problem == "all" else args.problem.split(",")
+    for name in problems:
+        if name not in P.SPECS:
+            raise SystemExit(f"unknown problem {name!r}; known: {P.ALL} or 'all'")
+    chosen = M.select(args.methods)
+    command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    results: dict[str, Any] = {
+        "meta": {
+            "command": command,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(args.threads),
+            "versions": versions(),
+            "config": {k: v for k, v in vars(args).items() if k != "worker"},
+        },
+        "problems": {},
+    }
+    print(f"# {command}\n# {results['meta']['machine']['cpu_model']}, {args.threads} threads, torch {torch.__version__}")
+    for name in problems:
+        pb = P.make(name, args.batch_size)
+        prob: dict[str, Any] = {
+            "description": pb.description, "batch_size": pb.batch_size,
+            "num_params": pb.num_params, "num_outputs": pb.num_outputs, "methods": {},
+        }
+        results["problems"][name] = prob
+        for m in chosen:
+            busy = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else None
+            t0 = time.perf_counter()
+            if args.in_process:
+                r = measure(name, m.name, args.batch_size, args.repeats, args.warmup)
+                r.pop("setup_rss_mb", None), r.pop("peak_rss_mb", None)
+            else:
+                r = run_in_subprocess(args, name, m.name)
+            if busy is not None:
+                r["cpu_busy_before"] = round(busy, 3)
+            prob["methods"][m.name] = r
+            print(f"  [{name}] {m.name:<32} {r['status']:<11} {_fmt_ms(r):>10} ms  ({time.perf_counter() - t0:.1f} s,"
+                  f" load {os.getloadavg()[0]:.1f})", flush=True)
+        plain = prob["methods"].get("plain", {})
+        for r in prob["methods"].values():
+            if "median_s" in r and plain.get("status") == "ok":
+                r["ratio"] = r["median_s"] / plain["median_s"]
+                r["ratio_min"] = r["min_s"] / plain["min_s"]
+                if r.get("peak_rss_mb") is not None and plain.get("peak_rss_mb") is not None:
+                    r["delta_rss_mb"] = r["peak_rss_mb"] - plain["peak_rss_mb"]
+        if not args.no_check:
+            try:
+                prob["check"] = cross_check(name, chosen, args.check_batch)
+            except Exception as err:  # noqa: BLE001
+                prob["check"] = {"error": _error_text(err)}
+        print(text_table(name, prob), flush=True)
+        print()
+
+    results["targets"] = compute_targets(results)
+    if results["targets"]:
+        print("Targets (issue #5):")
+        print(targets_text(results["targets"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+        print(f"JSON written to {args.json}")
+    if args.markdown:
+        md = [markdown_table(k, v) for k, v in results["problems"].items()]
+        md.append("### Targets\n\n" + targets_text(results["targets"], markdown=True))
+        Path(args.markdown).write_text("\n\n".join(md) + "\n")
+        print(f"markdown written to {args.markdown}")
+    if args.plot:
+        plot(results, args.plot)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Smoke test of the benchmark suite: a tiny in-process run, no timing assertions.
+
+Runs curvhook and torch.func only (the peers are optional and not installed in
+the test environment), so it needs nothing beyond the package itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+run = pytest.importorskip("benchmarks.run")
+
+
+def test_smoke_run_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    md = tmp_path / "bench.md"
+    results = run.main(["--smoke", "--threads", "1", "--json", str(out), "--markdown", str(md)])
+
+    printed = capsys.readouterr().out
+    assert "median ms" in printed and "x plain" in printed
+
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(results, default=str))
+    assert set(data) >= {"meta", "problems", "targets"}
+    assert set(data["meta"]) >= {"command", "machine", "versions", "config"}
+    assert data["meta"]["versions"]["torch"]
+    assert set(data["problems"]) == set(run.SMOKE_PROBLEMS)
+
+    for name, prob in data["problems"].items():
+        assert {"description", "batch_size", "num_params", "methods", "check"} <= set(prob)
+        assert prob["batch_size"] == 4
+        methods = prob["methods"]
+        assert methods["plain"]["status"] == "ok" and methods["plain"]["ratio"] == 1.0
+        for method in ["curvhook:DiagGGN", "curvhook:DiagGGNApprox", "curvhook:BatchJacobian",
+                       "torchfunc:BatchJacobian", "torchfunc:DiagGGN"]:
+            r = methods[method]
+            assert r["status"] == "ok", (name, method, r)
+            assert {"median_s", "times_s", "ratio"} <= set(r)
+            assert r["median_s"] > 0
+        # Only curvhook and torch.func were asked for.
+        assert all(m == "plain" or m.split(":")[0] in ("curvhook", "torchfunc") for m in methods)
+        # Same quantity: curvhook agrees with the torch.func reference.
+        assert prob["check"]["curvhook:DiagGGN"].startswith("ok"), prob["check"]
+        assert prob["check"]["curvhook:BatchJacobian"].startswith("ok"), prob["check"]
+
+    fullggn = data["problems"]["fullggn"]["methods"]
+    assert fullggn["curvhook:FullGGN"]["status"] == "ok"
+    assert data["problems"]["fullggn"]["check"]["curvhook:FullGGN"].startswith("ok")
+    assert any(t["problem"] == "fullggn" and t["value"] is not None for t in data["targets"])
+    assert "| method |" in md.read_text()
+
+
+def test_unknown_problem_is_rejected():
+    with pytest.raises(SystemExit):
+        run.main(["--problem", "nope", "--in-process"])
+
+
+def test_skips_are_reported_not_raised():
+    from benchmarks import methods, problems
+
+    pb = problems.make("mlp", batch_size=2)
+    reason = methods.BY_NAME["curvhook:FullGGN"].skip_reason(pb)
+    assert reason and "dense" in reason
+    assert methods.BY_NAME["plain"].skip_reason(pb) is None
