@@ -76,7 +76,8 @@ def record(model: nn.Module, X: Tensor) -> list[_Op]:
 
             def post(mod, args, kwargs, out):
                 rec.depth -= 1
-                tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+                # integer inputs (nn.Embedding's indices) have no Jacobian: held fixed
+                tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.is_floating_point()]
                 distinct = list({id(t): t for t in tensors}.values())
 
                 def fn(params, *xs, mod=mod, args=args, kwargs=kwargs, distinct=distinct):

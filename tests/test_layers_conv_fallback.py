@@ -286,3 +286,54 @@ def test_custom_rule_with_only_the_two_products_serves_all_four_extensions(n):
             check_against_reference(model, X, lambda out: nn.CrossEntropyLoss()(out, y))
     finally:
         registry._RULES.pop(SquaredLinear, None)
+
+
+@pytest.mark.parametrize("ext", [BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN])
+@pytest.mark.parametrize(
+    "random_layer",
+    [lambda: nn.RReLU(0.1, 0.9), lambda: nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True)],
+    ids=["RReLU", "attention_dropout"],
+)
+def test_fallback_refuses_a_module_that_draws_random_numbers(random_layer, ext):
+    """The fallback replays the forward pass: a train-mode random module would get other numbers."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.layer, self.b = nn.Linear(4, 4), random_layer(), nn.Linear(4, 2)
+
+        def forward(self, x):  # x: [N, T, 4]
+            h = self.a(x)
+            h = self.layer(h, h, h, need_weights=False)[0] if isinstance(self.layer, nn.MultiheadAttention) else self.layer(h)
+            return self.b(h.mean(1))
+
+    torch.manual_seed(0)
+    model = Model().double().train()
+    X, y = torch.randn(3, 5, 4, dtype=torch.float64), torch.randint(0, 2, (3,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnsupportedModelError, match="random numbers.*model.eval"):
+            with extend(model, ext()):
+                nn.CrossEntropyLoss()(model(X), y).backward()
+        model.eval()  # deterministic: exact
+        got = run_all(model, X, y, nn.CrossEntropyLoss())
+    _, G = ggn_reference(model, X, y, nn.CrossEntropyLoss())
+    close(got["full"], G)
+
+
+def test_fallback_leaves_the_random_number_stream_alone():
+    class Cube(nn.Module):
+        def forward(self, x):
+            return x**3
+
+    model = nn.Sequential(nn.Linear(3, 3), Cube(), nn.Linear(3, 2))
+    X, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    torch.manual_seed(1)
+    nn.CrossEntropyLoss()(model(X), y).backward()
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with extend(model, DiagGGN(), DiagGGNApprox(), BatchJacobian()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)

@@ -6,8 +6,17 @@ per-sample ``vjp`` (``vmap`` over samples) for the parameters, and per-sample
 ``jacrev`` where DiagGGNApprox needs a Jacobian diagonal. It is exact but
 slower than a dedicated rule, so it warns once per module type.
 
+``vmap`` over samples cannot run every module: ``nn.LSTM``'s cell adds the input
+gates in place into gates computed from its own zero initial state, a tensor
+without a sample axis, which ``vmap`` refuses. Such a module is mapped over its
+samples with a Python loop instead: the same numbers, from ``N`` smaller calls.
+
 The module must treat samples independently; modules that mix samples
-(BatchNorm using batch statistics) are rejected before this rule runs.
+(BatchNorm using batch statistics) are rejected before this rule runs. It must
+also be deterministic: every product replays its ``forward``, and a module that
+draws random numbers (``nn.RReLU`` or attention dropout in train mode) would
+draw other ones. Such a module raises ``UnsupportedModelError``; it is
+recognised by the generator state its replay advances.
 """
 
 from __future__ import annotations
@@ -56,8 +65,74 @@ def _per_sample(call: ModuleCall) -> Callable[[dict, Tensor], Tensor]:
     return lambda params, x_n: run(params, x_n.unsqueeze(0)).squeeze(0)
 
 
+def _map_samples(call: ModuleCall, fn: Callable[..., Tensor], in_dims: tuple, out_dim: int) -> Callable[..., Tensor]:
+    """``vmap(fn)`` over the sample axis, or a loop over the samples where ``vmap`` fails.
+
+    Args:
+        call: The recorded call; ``call.cache["loop"]`` remembers, for this
+            backward pass, that ``vmap`` could not run the module.
+        fn: The per-sample function.
+        in_dims: The sample axis of each argument, ``None`` for one shared by all samples.
+        out_dim: The sample axis of the stacked result.
+    """
+
+    def looped(*args: Tensor) -> Tensor:
+        n = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
+        pick = lambda i: (a if d is None else a.select(d, i) for a, d in zip(args, in_dims))  # noqa: E731
+        return torch.stack([fn(*pick(i)) for i in range(n)], dim=out_dim)
+
+    def mapped(*args: Tensor) -> Tensor:
+        if not call.cache.get("loop"):
+            try:
+                return vmap(fn, in_dims=in_dims, out_dims=out_dim)(*args)
+            except RuntimeError:  # e.g. an in-place write of a per-sample value (nn.LSTM)
+                call.cache["loop"] = True
+        return looped(*args)
+
+    return mapped
+
+
+def _rng_states(device: torch.device) -> list[Tensor]:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _set_rng_states(device: torch.device, states: list[Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
+
+
+def _check_deterministic(call: ModuleCall) -> None:
+    """Raise if replaying the module draws random numbers (once per call and backward pass).
+
+    The replay leaves the random number generators as it found them.
+    """
+    if "deterministic" in call.cache:
+        return
+    device = call.input.device
+    before = _rng_states(device)
+    try:
+        with torch.no_grad():
+            _forward(call)(_params(call), call.input.detach())
+    finally:
+        after = _rng_states(device)
+        _set_rng_states(device, before)
+    if any(not torch.equal(a, b) for a, b in zip(before, after)):
+        raise UnsupportedModelError(
+            f"Module {call.name!r} ({type(call.module).__name__}) draws random numbers in its "
+            "forward pass (dropout or a random slope in train mode). curvhook's generic rule "
+            "replays the forward pass and cannot draw the same numbers again. Call "
+            "model.eval(), use nn.Dropout (its mask is recorded), or register a rule for it."
+        )
+    call.cache["deterministic"] = True
+
+
 def _guard(call: ModuleCall, fn: Callable[[], Tensor]) -> Tensor:
     try:
+        _check_deterministic(call)
         return fn()
     except UnsupportedModelError:
         raise
@@ -101,7 +176,7 @@ class FallbackRule(LayerRule):
                 _, pullback = vjp(lambda p: sample({**other, name: p}, x_n), params[name])
                 return vmap(lambda m: pullback(m)[0])(m_n)
 
-            return vmap(one_sample, in_dims=(0, 1), out_dims=1)(call.input.detach(), mat)
+            return _map_samples(call, one_sample, (0, 1), 1)(call.input.detach(), mat)
 
         return _guard(call, compute)
 
@@ -109,7 +184,7 @@ class FallbackRule(LayerRule):
         def compute() -> Tensor:
             params, sample = _params(call), _per_sample(call)
             x = call.input.detach()
-            jac = vmap(jacrev(lambda x_n: sample(params, x_n)))(x)  # [N, *out, *in]
+            jac = _map_samples(call, jacrev(lambda x_n: sample(params, x_n)), (0,), 0)(x)  # [N, *out, *in]
             jac = jac.reshape(x.shape[0], diag[0].numel(), x[0].numel())
             return torch.einsum("no,noi->ni", diag.flatten(1), jac.square()).reshape(x.shape)
 
@@ -120,7 +195,7 @@ class FallbackRule(LayerRule):
             params, sample = _params(call), _per_sample(call)
             other = {k: v for k, v in params.items() if k != name}
             jac_fn = jacrev(lambda p, x_n: sample({**other, name: p}, x_n))
-            jac = vmap(jac_fn, in_dims=(None, 0))(params[name], call.input.detach())
+            jac = _map_samples(call, jac_fn, (None, 0), 0)(params[name], call.input.detach())
             jac = jac.reshape(diag.shape[0], diag[0].numel(), -1)  # [N, O, |θ|]
             return torch.einsum("no,nop->p", diag.flatten(1), jac.square()).reshape(params[name].shape)
 
