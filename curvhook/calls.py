@@ -96,6 +96,8 @@ class LossCall:
         module: The loss module (``nn.CrossEntropyLoss`` ...).
         input: The model output it was called on, detached, ``[N, *out]``.
         target: The target it was called with (``None`` for a named loss).
+        key: Identity of the tensor the loss was called on: the model output, or a
+            tensor computed from it by operations after the model.
         scale: ``dℓ/dL``, the derivative of the backpropagated scalar ℓ with
             respect to this loss value L, captured by a hook during backward.
             ``None`` until backward passes through the loss.
@@ -105,6 +107,7 @@ class LossCall:
     module: nn.Module
     input: Tensor
     target: Optional[Tensor]
+    key: Optional[TensorKey] = None
     scale: Optional[Tensor] = None
     cache: dict = field(default_factory=dict)
 
@@ -123,7 +126,12 @@ class Trace:
         root_ref: Weak reference to the model output, ``[N, *out]``.
         root_value: The model output, detached (shares its storage).
         root_key: Identity of the model output.
-        losses: Loss modules called on the model output.
+        losses: Loss modules called on the model output (or on a function of it).
+        after_calls: Tensor operations applied to the model output after the
+            model returned and before a loss: part of the network for the GGN
+            extensions. They hold no autograd node (see above).
+        after_keys: Identities of the tensors those operations produced.
+        after_tasks: Graph tasks of the backward passes that went through them.
         used: Whether a backward has consumed this trace at least once.
         released: Whether the stored tensors were dropped.
     """
@@ -135,6 +143,9 @@ class Trace:
         self.root_value: Optional[Tensor] = None
         self.root_key: Optional[TensorKey] = None
         self.losses: list[LossCall] = []
+        self.after_calls: list[FunctionCall] = []
+        self.after_keys: set[TensorKey] = set()
+        self.after_tasks: set[int] = set()
         self.shared_keys: set[TensorKey] = set()
         self.input_keys: set[TensorKey] = set()
         self.produced: set[TensorKey] = set()
@@ -172,6 +183,8 @@ class Trace:
         self.handles.clear()
         self.calls.clear()
         self.losses.clear()
+        self.after_calls.clear()
+        self.after_keys.clear()
         self.root_value = None
         self.released = True
 

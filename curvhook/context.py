@@ -17,9 +17,13 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
-from torch.nn.modules.module import _global_forward_hooks_with_kwargs, register_module_forward_hook
+from torch.nn.modules.module import (
+    _global_forward_hooks_with_kwargs,
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
 
-from curvhook.calls import FunctionCall, LossCall, ModuleCall, Trace, key_of, make_template
+from curvhook.calls import FunctionCall, LossCall, ModuleCall, TensorKey, Trace, key_of, make_template
 from curvhook.engine import backpropagate
 from curvhook.errors import CurvhookError, UnsupportedLossError, UnsupportedModelError
 from curvhook.extensions.base import Extension
@@ -48,6 +52,9 @@ class Extend:
         self._frames: list[Frame] = []
         self._param_ids: set[int] = set()
         self._traces: "weakref.WeakSet[Trace]" = weakref.WeakSet()
+        # Model outputs and tensors computed from them after the model: where a
+        # loss may be called. Weak references, so an id reused later never matches.
+        self._watch: dict[TensorKey, tuple[weakref.ref, weakref.ref]] = {}
         self._names: dict[nn.Module, str] = {}
         self._params: list[nn.Parameter] = []
         self._monitor: Optional[LossUseMonitor] = None
@@ -55,6 +62,7 @@ class Extend:
         self._results: list[tuple[int, dict]] = []
         self._results_task: Optional[int] = None
         self._forwards = 0
+        self._losses_running = 0  # loss modules in their forward (their inner ops are not recorded)
         self._active = False
 
     # ------------------------------------------------------------------ setup
@@ -91,9 +99,10 @@ class Extend:
         self._handles.append(
             model.register_forward_hook(self._on_model_post, with_kwargs=True, always_call=True)
         )
-        handle = register_module_forward_hook(self._on_any_module, with_kwargs=True)
+        handle = register_module_forward_hook(self._on_any_module, with_kwargs=True, always_call=True)
         self._global_handle = handle
         self._handles.append(handle)
+        self._handles.append(register_module_forward_pre_hook(self._on_any_module_pre))
 
     def _cleanup(self) -> None:
         if self._monitor is not None:
@@ -115,6 +124,8 @@ class Extend:
             trace.remove_hooks()
         self._stack.clear()
         self._frames.clear()
+        self._watch.clear()
+        self._losses_running = 0
         self._names = {}
         self._active = False
 
@@ -127,6 +138,7 @@ class Extend:
                 trace.release()
         if self._monitor is not None:
             self._monitor.prune()
+        self._watch = {k: v for k, v in self._watch.items() if v[0]() is not None and v[1]() is not None}
         self._forwards += 1
         trace = Trace(self._forwards)
         trace.input_keys = {key_of(t) for t in _flat_tensors((args, tuple(kwargs.values())))}
@@ -154,6 +166,7 @@ class Extend:
         trace.detach_root(output)
         trace.root_handle = output.register_hook(partial(self._on_root_grad, trace))
         self._traces.add(trace)
+        self._watch[trace.root_key] = (weakref.ref(output), weakref.ref(trace))
 
     def _on_module_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._stack:
@@ -200,19 +213,51 @@ class Extend:
     # ------------------------------------------------- tensor operations (glue)
     def before_function(self, func: Any, args: tuple, kwargs: dict) -> Optional[tuple]:
         """Called by the torch-function mode before an operation runs; see ``after_function``."""
-        if not self._frames or not self._frames[-1].has_children or not self._stack:
-            return None  # inside a leaf module, or outside the model
         if not torch.is_grad_enabled():
             return None
+        after = None
+        if not self._stack:  # outside the model: only what is applied to its output
+            if self._losses_running:
+                return None
+            after = self._watched_trace(args, kwargs)
+            if after is None:
+                return None
+        elif not self._frames or not self._frames[-1].has_children:
+            return None  # inside a leaf module
         t_args, t_kwargs, tensors = make_template(args, kwargs)
         if not any(t.requires_grad for t in tensors):
             return None
         keys = tuple(key_of(t) for t in tensors)
-        return func, t_args, t_kwargs, tensors, keys, tuple(t.grad_fn for t in tensors)
+        return after, func, t_args, t_kwargs, tensors, keys, tuple(t.grad_fn for t in tensors)
+
+    def _watched_trace(self, args: tuple, kwargs: dict) -> Optional[Trace]:
+        """The trace whose output (or a function of it) is among the arguments, if exactly one."""
+        if not self._watch:
+            return None
+        found = None
+        for t in _tensor_arguments(args, kwargs):
+            trace = self._watched(t)
+            if trace is None:
+                continue
+            if found is not None and found is not trace:
+                return None  # outputs of two forward passes combined: not followed
+            found = trace
+        return found
+
+    def _watched(self, tensor: Tensor) -> Optional[Trace]:
+        """The live trace whose output ``tensor`` is, or was computed from after the model."""
+        entry = self._watch.get(key_of(tensor))
+        if entry is None or entry[0]() is not tensor:
+            return None
+        trace = entry[1]()
+        return None if trace is None or trace.released else trace
 
     def after_function(self, state: tuple, out: Any) -> None:
-        """Record a tensor operation executed by a container's ``forward``."""
-        func, t_args, t_kwargs, tensors, keys, nodes = state
+        """Record a tensor operation executed by a container's ``forward``, or applied after the model."""
+        after, func, t_args, t_kwargs, tensors, keys, nodes = state
+        if after is not None:
+            self._record_after(after, func, t_args, t_kwargs, tensors, keys, nodes, out)
+            return
         if not self._stack or not self._frames:
             return
         inplace = _is_inplace(func)
@@ -253,22 +298,86 @@ class Extend:
             trace.shared_keys.update(k for k in call.output_keys if k is not None)
         trace.calls.append(call)
 
+    def _record_after(
+        self,
+        trace: Trace,
+        func: Any,
+        t_args: tuple,
+        t_kwargs: dict,
+        tensors: list,
+        keys: tuple,
+        nodes: tuple,
+        out: Any,
+    ) -> None:
+        """Record an operation applied to the model output after the model returned.
+
+        The record holds detached tensors and no autograd node: the hook on the
+        model output holds the trace, so a reference back into the graph would
+        keep the graph alive forever (see :class:`~curvhook.calls.Trace`).
+        """
+        if trace.released:
+            return
+        outputs = [tensors[0]] if _is_inplace(func) and tensors else list(_flat_tensors(out))
+        n = trace.root_value.shape[0] if trace.root_value is not None and trace.root_value.dim() else None
+        if not any(o.requires_grad and o.dim() and o.shape[0] == n for o in outputs):
+            return  # no batch axis left: the loss itself, or a reduction, not part of the network
+        kinds, params = [], []
+        for i, (t, key) in enumerate(zip(tensors, keys)):
+            if id(t) in self._param_ids:
+                kinds.append("shared")
+                params.append((f"t{i}", t))
+            elif t.grad_fn is None and self._watched(t) is None:
+                kinds.append("const")  # a constant, or a leaf that is no parameter of the model
+            else:  # from the model output, or with a history curvhook has to check
+                kinds.append("batched")
+        output_keys = tuple(key_of(o) if o.requires_grad else None for o in outputs)
+        call = FunctionCall(
+            func=func,
+            name=f"{getattr(func, '__name__', func)} (after the model)",
+            args=t_args,
+            kwargs=t_kwargs,
+            tensors=tuple(t.detach() if k == "batched" else t for t, k in zip(tensors, kinds)),
+            kinds=tuple(kinds),
+            input_keys=keys,
+            input_versions=tuple(k[1] for k in keys),
+            input_nodes=tuple(None if n is None else _HISTORY for n in nodes),
+            output_keys=output_keys,
+            output_shapes=tuple(o.shape for o in outputs),
+            output_values=tuple(o.detach() for o in outputs),
+            node=None,
+            inplace=_is_inplace(func),
+            params=tuple(params),
+        )
+        trace.after_calls.append(call)
+        for o, key in zip(outputs, output_keys):
+            if key is not None:
+                trace.after_keys.add(key)
+                self._watch[key] = (weakref.ref(o), weakref.ref(trace))
+                trace.handles.append(o.register_hook(partial(_record_after_task, trace)))
+
+    def _on_any_module_pre(self, module: nn.Module, args: tuple) -> None:
+        if isinstance(module, _Loss):
+            self._losses_running += 1
+
     def _on_any_module(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not isinstance(module, _Loss) or not isinstance(output, Tensor):
+        if not isinstance(module, _Loss):
+            return
+        self._losses_running = max(0, self._losses_running - 1)
+        if not isinstance(output, Tensor):
             return
         input_ = args[0] if args else kwargs.get("input")
         target = args[1] if len(args) > 1 else kwargs.get("target")
         if not isinstance(input_, Tensor):
             return
-        for trace in self._traces:
-            if trace.is_root(input_):
-                call = LossCall(module=module, input=input_.detach(), target=target)
-                if output.requires_grad:
-                    trace.handles.append(output.register_hook(partial(_record_scale, call)))
-                    if self._monitor is not None:
-                        self._monitor.watch(output)
-                trace.losses.append(call)
-                return
+        trace = self._watched(input_)
+        if trace is None:
+            return
+        call = LossCall(module=module, input=input_.detach(), target=target, key=key_of(input_))
+        if output.requires_grad:
+            trace.handles.append(output.register_hook(partial(_record_scale, call)))
+            if self._monitor is not None:
+                self._monitor.watch(output)
+        trace.losses.append(call)
 
     # --------------------------------------------------------------- backward
     def _on_root_grad(self, trace: Trace, grad: Tensor) -> None:
@@ -295,7 +404,10 @@ class Extend:
         for call in root_calls:  # hand the rules what the trace must not hold
             call.output, call.node = trace.root_value, node
         try:
-            results = backpropagate(trace, grad, self.extensions, self._params)
+            # The tape mode has nothing to record here: skip it for every operation.
+            # Results are not differentiable, even under backward(create_graph=True).
+            with torch._C.DisableTorchFunction(), torch.no_grad():
+                results = backpropagate(trace, grad, self.extensions, self._params)
         finally:
             for call in root_calls:
                 call.output = call.node = None
@@ -321,9 +433,10 @@ class Extend:
         self._results, self._results_task = [], None
         if not self._active:
             return
-        for i, (_, results) in enumerate(pending):
-            for ext, result in results.items():
-                ext.write(result, self._params, self.accumulate or i > 0)
+        with torch._C.DisableTorchFunction():
+            for i, (_, results) in enumerate(pending):
+                for ext, result in results.items():
+                    ext.write(result, self._params, self.accumulate or i > 0)
 
 
 @dataclass(eq=False)
@@ -356,6 +469,24 @@ def _is_inplace(func: Any) -> bool:
 def _is_empty_container(module: nn.Module) -> bool:
     """An empty ``nn.Sequential`` returns its input unchanged: not an operation at all."""
     return type(module) in (nn.Sequential, nn.ModuleList, nn.ModuleDict) and not module._parameters
+
+
+# Marks an input with an autograd history in an operation recorded after the model.
+_HISTORY = object()
+
+
+def _record_after_task(trace: Trace, grad: Tensor) -> None:
+    """Tensor hook: this backward pass goes through an operation applied after the model."""
+    trace.after_tasks.add(torch._C._current_graph_task_id())
+
+
+def _tensor_arguments(args: tuple, kwargs: dict) -> Iterator[Tensor]:
+    """The tensors among the arguments, one level into lists and tuples."""
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, Tensor):
+            yield arg
+        elif isinstance(arg, (list, tuple)):
+            yield from (a for a in arg if isinstance(a, Tensor))
 
 
 def _record_scale(call: LossCall, grad: Tensor) -> None:

@@ -46,14 +46,14 @@ def backpropagate(
     for ext in extensions:
         groups[ext.source_key].append(ext)
     pending: dict[Hashable, dict[TensorKey, Tensor]] = {
-        key: {trace.root_key: initial_value(trace, grad_root, exts[0])} for key, exts in groups.items()
+        key: dict([initial_value(trace, grad_root, exts[0])]) for key, exts in groups.items()
     }
 
     uses = Counter(id(p) for call in trace.calls for _, p in call.trainable_parameters())
     shared = {pid for pid, count in uses.items() if count > 1}
     totals: dict[Extension, dict[int, Tensor]] = {ext: {} for ext in extensions}
 
-    for call in reversed(trace.calls):
+    for call in reversed(trace.calls + trace.after_calls):
         rule = rule_of(call)
         for key, exts in groups.items():
             value = take_value(pending[key], call)
@@ -134,7 +134,7 @@ def check_trace(trace: Trace) -> None:
     root = trace.root_value
     n = root.shape[0] if root.dim() else None
     produced: set[TensorKey] = set()
-    for call in trace.calls:
+    for call in trace.calls + trace.after_calls:
         if isinstance(call, FunctionCall):
             produced.update(k for k in call.output_keys if k is not None)
         elif call.output_key is not None:
@@ -146,7 +146,7 @@ def check_trace(trace: Trace) -> None:
             "curvhook saw no module or tensor operation of the model's forward produce its "
             "output. Return a tensor computed inside the model's forward."
         )
-    for call in trace.calls:
+    for call in trace.calls + trace.after_calls:
         if isinstance(call, FunctionCall):
             check_operation(call, trace, n)
             continue
@@ -208,31 +208,51 @@ def check_source(name: str, key: TensorKey, node, trace: Trace) -> None:
     )
 
 
-def initial_value(trace: Trace, grad_root: Tensor, ext: Extension) -> Tensor:
-    """The quantity a source starts from at the model output."""
+def initial_value(trace: Trace, grad_root: Tensor, ext: Extension) -> tuple[TensorKey, Tensor]:
+    """Where a source starts, and the quantity it starts from there.
+
+    The identity columns start at the model output. The loss-based sources start
+    at the tensor the losses were called on: the model output, or a function of
+    it computed after the model (those operations are then part of the network).
+    """
     root = trace.root_value
     if ext.source == "jacobian":
-        return identity_factor(root)
+        return trace.root_key, identity_factor(root)
     losses = loss_calls(trace, ext)
+    keys = {call.key for call in losses}
+    if len(keys) > 1:
+        raise UnsupportedLossError(
+            "The backpropagated scalar sums losses called on different functions of the model "
+            "output. curvhook follows one: call every loss on the same tensor, or move the "
+            "operations that differ into the model."
+        )
+    start = keys.pop()
     rules = [loss_rule_for(call.module) for call in losses]
     scales = [1.0 if call.scale is None else float(call.scale) for call in losses]
     if trace.losses and ext.loss is None:
-        check_gradient(losses, rules, scales, grad_root)
+        check_gradient(trace, start, losses, rules, scales, grad_root)
     if any(s < 0 for s in scales):
         raise UnsupportedLossError(
             "The backpropagated scalar decreases with the loss (a negative multiple of it); "
             "its Hessian is negative and has no square-root factor. Backpropagate the loss itself."
         )
     if ext.source == "diag_ggn":
-        return sum(s * rule.hessian_diag(call) for s, rule, call in zip(scales, rules, losses))
+        return start, sum(s * rule.hessian_diag(call) for s, rule, call in zip(scales, rules, losses))
     factors = [math.sqrt(s) * rule.sqrt_hessian(call) for s, rule, call in zip(scales, rules, losses)]
-    return factors[0] if len(factors) == 1 else torch.cat(factors)
+    return start, factors[0] if len(factors) == 1 else torch.cat(factors)
 
 
 def loss_calls(trace: Trace, ext: Extension) -> list[LossCall]:
     """The loss terms of the backpropagated scalar, or a clear error if there are none."""
     if ext.loss is not None:
-        return [LossCall(module=ext.loss, input=trace.root_value, target=None)]
+        if torch._C._current_graph_task_id() in trace.after_tasks:
+            raise UnsupportedLossError(
+                f"{type(ext).__name__}(loss=...) describes the loss of the model output, but this "
+                "backward pass goes through operations applied to the output after the model. "
+                "Call a loss module on their result inside the block instead of naming the loss "
+                "(nn.CrossEntropyLoss()(g(model(X)), y)), or move them into the model."
+            )
+        return [LossCall(module=ext.loss, input=trace.root_value, target=None, key=trace.root_key)]
     if not trace.losses:
         raise UnsupportedLossError(
             f"{type(ext).__name__} needs the loss, and no loss module was called on the model "
@@ -250,9 +270,17 @@ def loss_calls(trace: Trace, ext: Extension) -> list[LossCall]:
     return reached
 
 
-def check_gradient(losses: list[LossCall], rules: list, scales: list[float], grad_root: Tensor) -> None:
-    """Check that ``∂ℓ/∂f`` equals ``Σ_i c_i ∂L_i/∂f``, so that ``ℓ`` is a sum of the losses seen."""
+def check_gradient(
+    trace: Trace, start: TensorKey, losses: list[LossCall], rules: list, scales: list[float], grad_root: Tensor
+) -> None:
+    """Check that ``∂ℓ/∂f`` equals ``Σ_i c_i ∂L_i/∂f``, so that ``ℓ`` is a sum of the losses seen.
+
+    For losses called after operations ``g`` on the output, their gradient is
+    pulled back through ``g`` to the model output first.
+    """
     expected = sum(s * rule.gradient(call) for s, rule, call in zip(scales, rules, losses))
+    if start != trace.root_key:
+        expected = pull_to_root(trace, start, expected)
     actual = grad_root.detach()
     tol = 1e-4 if actual.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
     bound = tol * (actual.abs().max() + expected.abs().max()) + torch.finfo(actual.dtype).tiny
@@ -263,3 +291,27 @@ def check_gradient(losses: list[LossCall], rules: list, scales: list[float], gra
             "(an extra term, or a nonlinear function of the loss). Its Hessian is then not the "
             "loss Hessian curvhook knows. Backpropagate a sum of multiples of supported losses."
         )
+
+
+def pull_to_root(trace: Trace, start: TensorKey, vector: Tensor) -> Tensor:
+    """Apply ``J_gᵀ`` of the operations after the model to a per-sample vector at ``start``.
+
+    Args:
+        trace: The forward pass; ``trace.after_calls`` lead from its output to ``start``.
+        start: Identity of the tensor the losses were called on.
+        vector: ``[N, *]`` at ``start``.
+
+    Returns:
+        ``[N, *out]`` at the model output.
+    """
+    pending = {start: vector.unsqueeze(0)}
+    for call in reversed(trace.after_calls):
+        value = take_value(pending, call)
+        if value is None:
+            continue
+        for slot in upstream_slots(call, trace):
+            back = pull_back(TENSOR_OPS, call, value, slot, True)
+            in_key = call.input_keys[slot]
+            pending[in_key] = back if in_key not in pending else pending[in_key] + back
+    root = pending.get(trace.root_key)
+    return torch.zeros_like(trace.root_value) if root is None else root[0]

@@ -375,17 +375,6 @@ def test_negative_multiple_of_loss_raises(ext):
 
 
 @pytest.mark.parametrize("ext", GGN_EXTENSIONS)
-def test_loss_on_a_tensor_derived_from_the_output_raises(ext):
-    model = model_for((C,))
-    X = torch.randn(N, 4, dtype=DT)
-    y = class_targets((N,))
-    with extend(model, ext()):
-        value = nn.CrossEntropyLoss()(2 * model(X), y)
-        with pytest.raises(UnsupportedLossError, match="loss="):
-            value.backward()
-
-
-@pytest.mark.parametrize("ext", GGN_EXTENSIONS)
 def test_backward_from_output_without_loss_raises_for_ggn(ext):
     model = model_for((C,))
     with extend(model, ext()):

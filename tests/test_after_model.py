@@ -1,0 +1,161 @@
+"""Operations applied to the model output outside the model, before (or beside) the loss.
+
+The contract: operations ``g`` between the model and the loss are part of the
+network, ``G = Σ_n J_nᵀ H_n J_n`` with ``J`` the Jacobian of ``g ∘ f`` and ``H``
+the loss Hessian at ``g(f)``. Operations that do not lead to the loss change
+nothing. Everything curvhook cannot follow raises.
+"""
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curvhook import extend
+from curvhook.errors import CurvhookError, UnsupportedLossError
+from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from graph_reference import diag_ggn_approx_graph
+from reference import check, collect, compare, reference
+
+DT = torch.float64
+
+
+class Then(nn.Module):
+    """``g(model(x))`` as one model: the reference network."""
+
+    def __init__(self, model, g):
+        super().__init__()
+        self.model, self.g = model, g
+
+    def forward(self, x):
+        return self.g(self.model(x))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).to(DT)
+
+
+def run_and_compare(model, X, g, loss_fn, frozen=()):
+    exts = [DiagGGN(), DiagGGNApprox(), FullGGN()]
+    with extend(model, *exts):
+        loss_fn(g(model(X))).backward()
+    for m in frozen:  # the reference differentiates with respect to the model's parameters only
+        m.requires_grad_(False)
+    whole = Then(model, g)
+    ref = reference(whole, X, loss_fn, approx=False)
+    got = collect(model, X.shape[0], ("DiagGGN", "DiagGGNApprox", "FullGGN"))
+    compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, exts[2].matrix)
+    check(got["DiagGGNApprox"], diag_ggn_approx_graph(whole, X, ref.H.diagonal()), "DiagGGNApprox")
+
+
+OPS = {
+    "softmax_module_then_mse": (lambda out: nn.Softmax(dim=1)(out), "mse"),
+    "chain_of_three": (lambda out: (out * 0.5).sin()[:, 1:] + 1.0, "ce"),
+    "reshape_to_pairs": (lambda out: out[:, :4].reshape(-1, 2, 2).sum(-1), "ce"),
+    "functional_cross_entropy": (lambda out: 3 * out, "functional"),
+}
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("case", sorted(OPS))
+def test_operations_before_the_loss_are_part_of_the_network(case, n):
+    torch.manual_seed(0)
+    model, X = mlp(), torch.randn(n, 4, dtype=DT)
+    g, kind = OPS[case]
+    if kind == "mse":
+        target = torch.rand(n, 5, dtype=DT)
+        loss_fn = lambda z: nn.MSELoss(reduction="sum")(z, target)  # noqa: E731
+    elif kind == "ce":
+        y = torch.randint(0, 2, (n,))
+        loss_fn = lambda z: nn.CrossEntropyLoss()(z, y)  # noqa: E731
+    else:  # a functional loss is not a module: curvhook cannot see it, so this must raise
+        y = torch.randint(0, 5, (n,))
+        with pytest.raises(UnsupportedLossError):
+            with extend(model, DiagGGN()):
+                F.cross_entropy(g(model(X)), y).backward()
+        return
+    run_and_compare(model, X, g, loss_fn)
+
+
+def test_functional_loss_named_with_operations_after_the_model_raises():
+    model, X, y = mlp(), torch.randn(3, 4, dtype=DT), torch.randint(0, 5, (3,))
+    with pytest.raises(UnsupportedLossError, match="after the model"):
+        with extend(model, DiagGGN(loss=nn.CrossEntropyLoss())):
+            F.cross_entropy(2 * model(X), y).backward()
+
+
+def test_operations_for_logging_change_nothing():
+    """Accuracy or probabilities computed from the output, not backpropagated."""
+    torch.manual_seed(1)
+    model, X, y = mlp(), torch.randn(4, 4, dtype=DT), torch.randint(0, 5, (4,))
+    crit = nn.CrossEntropyLoss()
+    with extend(model, DiagGGN(), BatchJacobian()):
+        out = model(X)
+        probs = out.softmax(1)  # recorded, never reached by the backward
+        _ = (probs.argmax(1) == y).double().mean()
+        crit(out, y).backward()
+    ref = reference(model, X, lambda o: crit(o, y), approx=False)
+    compare(collect(model, 4, ("DiagGGN", "BatchJacobian")), ref)
+
+
+def test_named_loss_still_works_when_logging_operations_are_not_backpropagated():
+    torch.manual_seed(2)
+    model, X, y = mlp(), torch.randn(3, 4, dtype=DT), torch.randint(0, 5, (3,))
+    with extend(model, DiagGGN(loss=nn.CrossEntropyLoss())):
+        out = model(X)
+        out.softmax(1)  # not part of the backpropagated scalar
+        F.cross_entropy(out, y).backward()
+    ref = reference(model, X, lambda o: F.cross_entropy(o, y), approx=False)
+    compare(collect(model, 3, ("DiagGGN",)), ref)
+
+
+def test_losses_on_different_functions_of_the_output_raise():
+    model, X, y = mlp(), torch.randn(3, 4, dtype=DT), torch.randint(0, 5, (3,))
+    crit = nn.CrossEntropyLoss()
+    with pytest.raises(UnsupportedLossError, match="different functions"):
+        with extend(model, DiagGGN()):
+            out = model(X)
+            (crit(out, y) + crit(2 * out, y)).backward()
+
+
+def test_outputs_of_two_forward_passes_combined_raise():
+    model, y = mlp(), torch.randint(0, 5, (3,))
+    with pytest.raises(CurvhookError):
+        with extend(model, DiagGGN()):
+            a, b = model(torch.randn(3, 4, dtype=DT)), model(torch.randn(3, 4, dtype=DT))
+            nn.CrossEntropyLoss()(a + b, y).backward()
+
+
+def test_a_second_network_after_the_model_is_a_constant_map():
+    """A head outside the extended model: its weights are constants of g, not parameters."""
+    torch.manual_seed(3)
+    model, head = mlp(), nn.Linear(5, 3).to(DT)
+    X, y = torch.randn(4, 4, dtype=DT), torch.randint(0, 3, (4,))
+    run_and_compare(model, X, head, lambda z: nn.CrossEntropyLoss()(z, y), frozen=[head])
+
+
+def test_operations_after_the_model_that_mix_samples_raise():
+    model, X = mlp(), torch.randn(3, 4, dtype=DT)
+    y = torch.randint(0, 5, (3,))
+    with pytest.raises(CurvhookError):
+        with extend(model, DiagGGN()):
+            out = model(X)
+            nn.CrossEntropyLoss()(out - out.mean(0, keepdim=True), y).backward()
+
+
+def test_forward_with_operations_after_it_is_freed_without_backward():
+    model = mlp()
+    refs = []
+    with extend(model, DiagGGN()):
+        for _ in range(3):
+            out = model(torch.randn(3, 4, dtype=DT))
+            z = 2 * out.tanh()
+            refs += [weakref.ref(out), weakref.ref(z)]
+            nn.CrossEntropyLoss()(z, torch.randint(0, 5, (3,)))  # no backward
+            del out, z
+        gc.collect()
+        alive = sum(r() is not None for r in refs)
+    assert alive == 0, f"{alive} tensors of dropped forward passes are still alive inside the block"
