@@ -71,6 +71,32 @@ def diagonal_factor(h: Tensor) -> Tensor:
     return identity_factor(h) * h.clamp(min=0).sqrt().unsqueeze(0)
 
 
+def _softmax_factor(p: Tensor) -> Tensor:
+    """Orthonormal basis ``Q`` of ``√p``'s complement: ``I - √p √pᵀ = Q Qᵀ``, ``[..., C, C-1]``.
+
+    ``diag(p) - p pᵀ = D (I - q qᵀ) D`` with ``q = √p`` (a unit vector) and
+    ``D = diag(√p)``, so ``D Q`` is a square-root factor with ``C - 1`` columns
+    instead of ``C``: the Hessian has rank ``C - 1`` (``H 1 = 0``). The Householder
+    reflection ``R = I - 2 w wᵀ / wᵀw`` with ``w = q + e_j`` (``j = argmax q``, so
+    ``wᵀw ≥ 2``) maps ``q`` to ``-e_j``; its columns other than ``j`` span ``q⊥``.
+
+    Args:
+        p: Probabilities ``[..., C]`` summing to one over the last axis.
+
+    Returns:
+        ``Q`` with ``Q[..., c, k]`` the ``c``-th entry of basis vector ``k``.
+    """
+    c = p.shape[-1]
+    q = p.sqrt()
+    j = q.argmax(-1, keepdim=True)
+    w = q.scatter_add(-1, j, torch.ones_like(j, dtype=q.dtype))
+    eye = torch.eye(c, dtype=p.dtype, device=p.device)
+    reflection = eye - (2 / w.square().sum(-1, keepdim=True)).unsqueeze(-1) * w.unsqueeze(-1) * w.unsqueeze(-2)
+    others = torch.arange(c - 1, device=p.device)
+    keep = others + (others >= j).long()  # every column index except j, [..., C-1]
+    return reflection.gather(-1, keep.unsqueeze(-2).expand(*p.shape, c - 1))
+
+
 class LossRule:
     """Hessian rules of one loss family."""
 
@@ -103,7 +129,7 @@ class CrossEntropyRule(LossRule):
     ``-Σ_c a_c log p_c`` with non-negative coefficients ``a`` (class weight, label
     smoothing, ignored positions and the mean's denominator folded in). Its
     gradient is ``α p - a`` and its Hessian ``α (diag(p) - p pᵀ)`` with ``α = Σ_c a_c``.
-    A square-root factor of ``diag(p) - p pᵀ`` has columns ``√p_k (e_k - p)``.
+    Its square-root factor has ``C - 1`` columns per position (see :func:`_softmax_factor`).
     """
 
     def _coefficients(self, call: LossCall) -> tuple[Tensor, Tensor]:
@@ -147,19 +173,16 @@ class CrossEntropyRule(LossRule):
 
     def sqrt_hessian(self, call: LossCall) -> Tensor:
         p, a = self._coefficients(call)
-        alpha = a.sum(1, keepdim=True)
         n, c = p.shape[:2]
-        p3 = p.reshape(n, c, -1)  # [N, C, D]
-        sp = (p3 * alpha.reshape(n, 1, -1)).sqrt()  # √(α p)
-        # core[n, k, c, d] = √(α p_k) (δ_kc - p_c) at position d
-        eye = torch.eye(c, dtype=p.dtype, device=p.device)
-        core = sp.unsqueeze(2) * (eye[None, :, :, None] - p3.unsqueeze(1))
-        positions = p3.shape[2]
+        p3 = rearrange(p, "n c ... -> n (...) c")  # [N, D, C]
+        alpha = rearrange(a.sum(1, keepdim=True), "n 1 ... -> n (...) 1")  # [N, D, 1]
+        core = _softmax_factor(p3) * (alpha * p3).sqrt().unsqueeze(-1)  # [N, D, C, C-1]
+        positions = p3.shape[1]
         if positions == 1:
-            s = rearrange(core, "n k c 1 -> k n c")
-        else:  # one block of C columns per position: V = C · D
+            s = rearrange(core, "n 1 c k -> k n c")
+        else:  # one block of C - 1 columns per position: V = (C - 1) · D
             eye_d = torch.eye(positions, dtype=p.dtype, device=p.device)
-            s = torch.einsum("nkcd,ed->kencd", core, eye_d).reshape(c * positions, n, c, positions)
+            s = torch.einsum("ndck,ed->kencd", core, eye_d).reshape(-1, n, c, positions)
         return s.reshape(s.shape[0], *p.shape)
 
     def hessian_diag(self, call: LossCall) -> Tensor:

@@ -2,18 +2,101 @@
 
 ``G = Σ_n J_nᵀ H_n J_n = Bᵀ B`` where ``B`` stacks the per-sample products
 ``J_nᵀ s_vn`` of all ``V·N`` backpropagated columns: ``[V·N, P]``.
+
+``G`` is assembled block by block (``G_pq`` for parameters ``p ≤ q``, the
+lower blocks mirrored). Where a layer's products are Kronecker-structured,
+``J_pᵀ s_vn = a_vn ⊗ b_n`` (``nn.Linear``: ``a = s``, ``b = x``), the sum over
+the ``V`` columns is taken first:
+
+    G_pq = Σ_n (Σ_v a_vn c_vnᵀ) ⊗ (b_n d_nᵀ),
+
+which costs ``N·P_p·P_q`` instead of the ``V·N·P_p·P_q`` of ``B_pᵀ B_q``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from curvhook import _memory
 from curvhook.calls import ModuleCall
 from curvhook.extensions.base import Extension
 from curvhook.rules.base import LayerRule
+
+# Cap on the entries of the [n, A, B, C] intermediate of one Kronecker block
+# (16 MiB of float32: reused by the allocator instead of mapped afresh).
+_CHUNK_ENTRIES = 1 << 22
+# Tile edge of the mirrored copies (a transposed copy tile by tile stays in cache).
+_TILE = 512
+
+
+@dataclass(eq=False)
+class Kron:
+    """Per-sample products ``a_vn ⊗ b_n`` kept as their two factors.
+
+    Attributes:
+        a: ``[V, N, A]``.
+        b: ``[N, B]``.
+    """
+
+    a: Tensor
+    b: Tensor
+
+
+Block = Union[Tensor, Kron]  # dense: [V, N, P_p]
+
+
+def _gram(x: Tensor, y: Tensor) -> Tensor:
+    """``Σ_v x_vn y_vnᵀ`` per sample: ``[V, N, A], [V, N, C] → [N, A, C]``."""
+    return torch.einsum("vna,vnc->nac", x, y)
+
+
+def _kron_kron(p: Kron, q: Kron, gram: Tensor) -> Tensor:
+    """``Σ_n gram_n ⊗ (b_n d_nᵀ)`` as ``[A·B, C·D]`` (rows ``(a, b)``, columns ``(c, d)``)."""
+    n, A, C = gram.shape
+    B, D = p.b.shape[1], q.b.shape[1]
+    out: Optional[Tensor] = None
+    step = max(1, _CHUNK_ENTRIES // max(1, A * B * C))
+    buffer = gram.new_empty(min(step, n), A, B, C)
+    for s in range(0, n, step):
+        # X[n, a, b, c] = gram[n, a, c] · b[n, b]; then contract n against d[n, d]
+        x = buffer[: min(step, n - s)]
+        torch.mul(gram[s : s + step, :, None, :], p.b[s : s + step, None, :, None], out=x)
+        part = (x.reshape(x.shape[0], -1).T, q.b[s : s + step])  # [(a b c), d]
+        out = part[0] @ part[1] if out is None else out.addmm_(*part)
+    return out.view(A * B, C * D)
+
+
+def _kron_dense(p: Kron, q: Tensor) -> Tensor:
+    """``Σ_{v,n} (a_vn ⊗ b_n) B_vnᵀ`` as ``[A·B, Q]``."""
+    m = _gram(p.a, q)  # [N, A, Q]
+    return torch.einsum("nb,naq->abq", p.b, m).reshape(-1, q.shape[-1])
+
+
+def _mirror(matrix: Tensor, rows: slice, cols: slice) -> None:
+    """Copy the block ``matrix[rows, cols]`` transposed into ``matrix[cols, rows]``, tile by tile."""
+    for r in range(rows.start, rows.stop, _TILE):
+        r_end = min(r + _TILE, rows.stop)
+        for c in range(cols.start, cols.stop, _TILE):
+            c_end = min(c + _TILE, cols.stop)
+            matrix[c:c_end, r:r_end].copy_(matrix[r:r_end, c:c_end].T)
+
+
+def _block(p: Block, q: Block, grams: dict) -> Tensor:
+    """``G_pq = Σ_{v,n} (J_pᵀ s_vn)(J_qᵀ s_vn)ᵀ``, ``[P_p, P_q]``."""
+    if isinstance(p, Kron) and isinstance(q, Kron):
+        key = (id(p.a), id(q.a))
+        if key not in grams:
+            grams[key] = _gram(p.a, q.a)
+        return _kron_kron(p, q, grams[key])
+    if isinstance(p, Kron):
+        return _kron_dense(p, q)
+    if isinstance(q, Kron):
+        return _kron_dense(q, p).T
+    return p.flatten(0, 1).T @ q.flatten(0, 1)
 
 
 class FullGGN(Extension):
@@ -40,21 +123,35 @@ class FullGGN(Extension):
 
     def param_term(
         self, rule: LayerRule, call: ModuleCall, name: str, value: Tensor, shared: bool
-    ) -> Tensor:
-        return rule.param_jac_t_mat_prod(call, name, value)
+    ) -> Block:
+        if not shared:  # a parameter used once: its factors are never summed with another call's
+            factorize = getattr(rule, "param_factors", None)
+            factors = factorize(call, name, value) if factorize is not None else None
+            if factors is not None:
+                a, b = factors
+                return Kron(a, b if b is not None else a.new_ones(a.shape[1], 1))
+        return rule.param_jac_t_mat_prod(call, name, value).flatten(2)
 
     def finalize(
-        self, totals: dict[int, Tensor], shared: set[int], params: list[nn.Parameter], root: Tensor
-    ) -> dict[int, Tensor]:
-        v_n = next((t.shape[0] * t.shape[1] for t in totals.values()), 0)
-        blocks = [
-            totals[id(p)].reshape(v_n, -1)
-            if id(p) in totals
-            else root.new_zeros(v_n, p.numel())
-            for p in params
-        ]
-        factor = torch.cat(blocks, dim=1)  # B: [V·N, P]
-        return {"matrix": factor.T @ factor}
+        self, totals: dict[int, Block], shared: set[int], params: list[nn.Parameter], root: Tensor
+    ) -> dict[str, Tensor]:
+        sizes = [p.numel() for p in params]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        like = next((t.a if isinstance(t, Kron) else t for t in totals.values()), root)
+        matrix = _memory.empty((sum(sizes), sum(sizes)), like=like)
+        grams: dict = {}
+        for i, p in enumerate(params):
+            rows = slice(starts[i], starts[i] + sizes[i])
+            for j in range(i, len(params)):
+                cols = slice(starts[j], starts[j] + sizes[j])
+                tp, tq = totals.get(id(p)), totals.get(id(params[j]))
+                if tp is None or tq is None:  # a parameter the output does not depend on
+                    matrix[rows, cols] = 0
+                else:
+                    matrix[rows, cols] = _block(tp, tq, grams)
+                if j > i:
+                    _mirror(matrix, rows, cols)
+        return {"matrix": matrix}
 
     def reset(self, params: list[nn.Parameter]) -> None:
         super().reset(params)

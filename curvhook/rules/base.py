@@ -21,6 +21,8 @@ can be summed over ``V`` and ``N`` before a GEMM.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -73,6 +75,27 @@ class LayerRule:
             ``[V, N, *θ.shape]``.
         """
         raise NotImplementedError
+
+    def param_factors(
+        self, call: ModuleCall, name: str, mat: Tensor
+    ) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+        """Optional: the per-sample products as outer products, ``J_θᵀ m_vn = a_vn ⊗ b_n``.
+
+        Layers whose parameter Jacobian has this Kronecker structure (``nn.Linear``
+        on inputs without extra positions: ``a_vn = m_vn``, ``b_n = x_n``) let
+        ``FullGGN`` form its blocks with ``V``-times fewer operations.
+
+        Args:
+            call: The recorded module call.
+            name: Parameter name inside the module.
+            mat: ``[V, N, *out]``.
+
+        Returns:
+            ``(a, b)`` with ``a`` ``[V, N, A]`` and ``b`` ``[N, B]`` (``None`` for
+            ``b ≡ 1``), such that the product reshaped to ``[V, N, A·B]`` is
+            ``a ⊗ b``; or ``None`` where there is no such structure (the default).
+        """
+        return None
 
     def param_sq_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
         """``Σ_{v,n} (J_θᵀ m_vn)²``, shape ``[*θ.shape]``."""

@@ -30,19 +30,22 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from curvhook._memory import empty
 from curvhook.calls import ModuleCall
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _GRAD_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+# Per-sample products held at once by the DiagGGN reduction (16 MiB of float32).
+_SQ_CHUNK_ENTRIES = 1 << 22
 _GRAD_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
@@ -135,18 +138,59 @@ class ConvRule(LayerRule):
         back = self._input_transpose(call, call.module.weight, mat.flatten(0, 1))
         return back.unflatten(0, (v, -1))
 
-    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
-        m = mat.flatten(3) if mat.dim() > 3 else mat.unsqueeze(-1)  # [V, N, C_out, L]
-        if name == "bias":
-            return m.sum(-1)
+    def _weight_products(self, call: ModuleCall, mat: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``J_Wᵀ m_vn = m_vn U_nᵀ`` per group, sample-major.
+
+        Args:
+            call: The recorded call.
+            mat: ``[V, N, C_out, *out]``.
+            out: Optional buffer ``[N, V, G, O, C_in/G·K]`` to write into.
+
+        Returns:
+            ``[N, V, G, O, C_in/G·K]``.
+        """
         g = call.module.groups
-        m = rearrange(m, "v n (g o) l -> v n g o l", g=g)
-        prod = torch.einsum("vngol,ngil->vngoi", m, self._patches(call))
-        return prod.reshape(*mat.shape[:2], *call.module.weight.shape)
+        patches = self._patches(call)  # [N, G, I, L]
+        n, _, i, _ = patches.shape
+        v = mat.shape[0]
+        if out is None:
+            out = empty((n, v, g, mat.shape[2] // g, i), like=mat)
+        if g == 1:  # per column v, one GEMM batched over samples: [O, L] @ [L, I]
+            u_t = patches[:, 0].transpose(1, 2)
+            for col in range(v):
+                torch.bmm(mat[col].flatten(2), u_t, out=out[:, col, 0])
+        else:
+            m = rearrange(mat.flatten(3), "v n (g o) l -> v n g o l", g=g)
+            out.copy_(torch.einsum("vngol,ngil->nvgoi", m, patches))
+        return out
+
+    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        if name == "bias":
+            return mat.flatten(3).sum(-1) if mat.dim() > 3 else mat
+        # Sample-major buffer returned as a [V, N, *θ] view: contiguous batch Jacobians.
+        prod = self._weight_products(call, mat)
+        return prod.transpose(0, 1).reshape(*mat.shape[:2], *call.module.weight.shape)
 
     def param_sq_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
-        prod = self.param_jac_t_mat_prod(call, name, mat)
-        return prod.square_().sum((0, 1))  # one [V, N, *θ] buffer, squared in place
+        if name == "bias":
+            return self.param_jac_t_mat_prod(call, name, mat).square().sum((0, 1))
+        if call.module.groups > 1:
+            return self.param_jac_t_mat_prod(call, name, mat).square_().sum((0, 1))
+        # Σ_{v,n} (m_vn U_nᵀ)²: per column v and chunk of samples, one batched GEMM
+        # into a reused buffer, squared in place and summed over the samples.
+        v, n, c_out = mat.shape[:3]
+        patches = self._patches(call)[:, 0]  # [N, I, L]
+        step = max(1, _SQ_CHUNK_ENTRIES // call.module.weight.numel())
+        buffer = mat.new_empty(min(step, n), c_out, patches.shape[1])
+        total = mat.new_zeros(c_out, patches.shape[1])
+        for start in range(0, n, step):
+            rows = slice(start, min(start + step, n))
+            u_t = patches[rows].transpose(1, 2)
+            buf = buffer[: rows.stop - start]
+            for col in range(v):
+                torch.bmm(mat[col, rows].flatten(2), u_t, out=buf)
+                total += buf.square_().sum(0)
+        return total.reshape(call.module.weight.shape)
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
         return self._input_transpose(call, call.module.weight.square(), diag)

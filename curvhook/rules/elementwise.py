@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from curvhook import _memory
 from curvhook.calls import ModuleCall
 from curvhook.errors import UnsupportedModelError
 from curvhook.rules.base import LayerRule
@@ -75,7 +76,7 @@ class ElementwiseRule(LayerRule):
     """Rules for any layer whose Jacobian is diagonal."""
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        return mat * jacobian_diagonal(call)
+        return _memory.mul(mat, jacobian_diagonal(call))
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
         return diag * jacobian_diagonal(call).square()

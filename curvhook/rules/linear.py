@@ -6,10 +6,13 @@ Per sample, the ``T = prod(*)`` positions share ``W``, so
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from curvhook._memory import empty
 from curvhook.calls import ModuleCall
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule
@@ -17,7 +20,7 @@ from curvhook.rules.registry import register_rule
 
 def _positions(call: ModuleCall, mat: Tensor) -> tuple[Tensor, Tensor]:
     """Flatten the shared positions: ``x → [N, T, in]`` and ``mat → [V, N, T, out]``."""
-    x = rearrange(call.input, "n ... i -> n (...) i")
+    x = rearrange(call.input.detach(), "n ... i -> n (...) i")
     return x, rearrange(mat, "v n ... o -> v n (...) o")
 
 
@@ -32,7 +35,21 @@ class LinearRule(LayerRule):
         x, m = _positions(call, mat)
         if name == "bias":
             return m.sum(2)
-        return torch.einsum("vnto,nti->vnoi", m, x)
+        v, n, t, o = m.shape
+        # Written sample-major, [N, V, O, I], and returned as a [V, N, O, I] view:
+        # the batch Jacobian is then contiguous, and large buffers get huge pages.
+        out = empty((n, v, o, x.shape[-1]), like=m)
+        if t == 1:  # per-sample outer products m_vn x_nᵀ
+            torch.mul(rearrange(m, "v n 1 o -> n v o 1"), rearrange(x, "n 1 i -> n 1 1 i"), out=out)
+        else:  # Σ_t m_vnt x_ntᵀ as one batched GEMM over samples
+            torch.bmm(rearrange(m, "v n t o -> n (v o) t"), x, out=out.view(n, v * o, -1))
+        return out.transpose(0, 1)
+
+    def param_factors(self, call: ModuleCall, name: str, mat: Tensor) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+        x, m = _positions(call, mat)
+        if x.shape[1] != 1:
+            return None
+        return m[:, :, 0], (x[:, 0] if name == "weight" else None)
 
     def param_sq_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
         x, m = _positions(call, mat)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvhook import _memory
 from curvhook.calls import ModuleCall
 from curvhook.rules._maps import columns_vjp, linear_vjp
 from curvhook.rules.base import LayerRule
@@ -62,7 +63,7 @@ class MaxPoolRule(LayerRule):
         indices = self._indices(call)
         idx = indices.expand(*lead, *indices.shape[1:])
         flat = values.reshape(*lead, x.shape[1], -1)
-        out = flat.new_zeros(*lead, x.shape[1], x[0, 0].numel())
+        out = _memory.zeros((*lead, x.shape[1], x[0, 0].numel()), like=flat)
         return out.scatter_add_(-1, idx, flat).reshape(*lead, *x.shape[1:])
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:

@@ -1,0 +1,101 @@
+"""The code paths that exist for speed and memory, forced on small problems.
+
+Chunked reductions (a buffer smaller than one sample), the Kronecker blocks of
+the full GGN next to dense ones, the C - 1 column factor of the cross-entropy
+Hessian, and huge-page buffers: each against the torch.func references.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from curvhook import _memory, extend
+from curvhook.extensions import BatchJacobian, DiagGGN, FullGGN
+from curvhook.extensions import full_ggn as full_ggn_module
+from curvhook.losses import _softmax_factor
+from curvhook.rules import conv as conv_module
+from reference import collect, compare, reference
+
+DT = torch.float64
+
+
+def conv_net(groups: int = 1) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, groups=groups),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 2, stride=2, groups=groups),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+        nn.Tanh(),
+        nn.Linear(5, 3),
+    ).to(DT)
+
+
+def run(model, X, y, *exts):
+    with extend(model, *exts):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+@pytest.mark.parametrize("chunk", [1, 40, 10**9])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_diag_ggn_in_chunks(monkeypatch, chunk, groups):
+    """``_SQ_CHUNK_ENTRIES = 1``: one sample per chunk; 40: a few; huge: one chunk."""
+    monkeypatch.setattr(conv_module, "_SQ_CHUNK_ENTRIES", chunk)
+    torch.manual_seed(0)
+    model, X, y = conv_net(groups), torch.randn(5, 2, 4, 4, dtype=DT), torch.randint(0, 3, (5,))
+    run(model, X, y, DiagGGN(), BatchJacobian())
+    ref = reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y), approx=False)
+    compare(collect(model, 5, ("DiagGGN", "BatchJacobian")), ref)
+
+
+@pytest.mark.parametrize("chunk", [1, 100, 10**9])
+@pytest.mark.parametrize("n", [1, 5])
+def test_full_ggn_kronecker_blocks_in_chunks_next_to_dense_blocks(monkeypatch, chunk, n):
+    """Linear layers give Kronecker blocks, convolutions dense ones: every pairing."""
+    monkeypatch.setattr(full_ggn_module, "_CHUNK_ENTRIES", chunk)
+    monkeypatch.setattr(full_ggn_module, "_TILE", 3)  # mirror many small tiles
+    torch.manual_seed(1)
+    model, X, y = conv_net(), torch.randn(n, 2, 4, 4, dtype=DT), torch.randint(0, 3, (n,))
+    ggn = FullGGN()
+    run(model, X, y, ggn)
+    ref = reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y), approx=False)
+    compare(collect(model, n, ("FullGGN",)), ref, ggn.matrix)
+    torch.testing.assert_close(ggn.matrix, ggn.matrix.T, rtol=1e-12, atol=1e-15)
+
+
+def test_full_ggn_with_a_frozen_layer_between_kronecker_layers():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2)).to(DT)
+    model[2].requires_grad_(False)
+    X, y = torch.randn(4, 3, dtype=DT), torch.randint(0, 2, (4,))
+    ggn = FullGGN()
+    run(model, X, y, ggn)
+    ref = reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y), approx=False)
+    compare(collect(model, 4, ("FullGGN",)), ref, ggn.matrix)
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 10])
+def test_softmax_factor_squares_to_the_cross_entropy_hessian(c):
+    torch.manual_seed(3)
+    logits = torch.randn(6, c, dtype=DT) * 3
+    logits[0] = torch.tensor([60.0] + [0.0] * (c - 1), dtype=DT)  # saturated: p is one-hot
+    p = logits.softmax(-1)
+    q = _softmax_factor(p)
+    assert q.shape == (6, c, c - 1)
+    factor = q * p.sqrt().unsqueeze(-1)
+    for i in range(6):
+        f = lambda z: torch.nn.functional.cross_entropy(z[None], torch.tensor([0]))  # noqa: E731
+        hess = torch.func.hessian(f)(logits[i])
+        torch.testing.assert_close(factor[i] @ factor[i].T, hess, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(q[i].T @ q[i], torch.eye(c - 1, dtype=DT), rtol=0, atol=1e-12)
+
+
+def test_huge_page_buffers_are_ordinary_tensors():
+    like = torch.zeros(1, dtype=torch.float32)
+    buf = _memory.empty((3, 1 << 20), like=like)  # 12 MiB: above the huge-page threshold
+    assert buf.shape == (3, 1 << 20) and buf.dtype == torch.float32 and buf.is_contiguous()
+    buf.fill_(2.0)
+    assert buf.sum().item() == 2.0 * 3 * (1 << 20)
+    assert _memory.zeros((5, 4), like=like.double()).dtype == torch.float64
+    a, b = torch.randn(4, 1, 3), torch.randn(2, 1, dtype=DT)
+    torch.testing.assert_close(_memory.mul(a, b), a * b)
