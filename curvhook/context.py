@@ -219,9 +219,12 @@ class Extend:
         if not self._stack:  # outside the model: only what is applied to its output
             if self._losses_running:
                 return None
-            after = self._watched_trace(args, kwargs)
-            if after is None:
+            traces = self._watched_traces(args, kwargs)
+            if not traces:
                 return None
+            # Outputs of two forward passes combined are not followed; a backward
+            # through the result is still marked, so that a named loss refuses it.
+            after = traces[0] if len(traces) == 1 else tuple(traces)
         elif not self._frames or not self._frames[-1].has_children:
             return None  # inside a leaf module
         t_args, t_kwargs, tensors = make_template(args, kwargs)
@@ -230,18 +233,15 @@ class Extend:
         keys = tuple(key_of(t) for t in tensors)
         return after, func, t_args, t_kwargs, tensors, keys, tuple(t.grad_fn for t in tensors)
 
-    def _watched_trace(self, args: tuple, kwargs: dict) -> Optional[Trace]:
-        """The trace whose output (or a function of it) is among the arguments, if exactly one."""
+    def _watched_traces(self, args: tuple, kwargs: dict) -> list[Trace]:
+        """The distinct traces whose outputs (or functions of them) are among the arguments."""
         if not self._watch:
-            return None
-        found = None
+            return []
+        found: list[Trace] = []
         for t in _tensor_arguments(args, kwargs):
             trace = self._watched(t)
-            if trace is None:
-                continue
-            if found is not None and found is not trace:
-                return None  # outputs of two forward passes combined: not followed
-            found = trace
+            if trace is not None and all(trace is not f for f in found):
+                found.append(trace)
         return found
 
     def _watched(self, tensor: Tensor) -> Optional[Trace]:
@@ -255,6 +255,12 @@ class Extend:
     def after_function(self, state: tuple, out: Any) -> None:
         """Record a tensor operation executed by a container's ``forward``, or applied after the model."""
         after, func, t_args, t_kwargs, tensors, keys, nodes = state
+        if isinstance(after, tuple):
+            for o in _flat_tensors(out):
+                if o.requires_grad:
+                    for trace in after:
+                        trace.handles.append(o.register_hook(partial(_record_after_task, trace)))
+            return
         if after is not None:
             self._record_after(after, func, t_args, t_kwargs, tensors, keys, nodes, out)
             return

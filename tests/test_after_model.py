@@ -121,12 +121,14 @@ def test_losses_on_different_functions_of_the_output_raise():
             (crit(out, y) + crit(2 * out, y)).backward()
 
 
-def test_outputs_of_two_forward_passes_combined_raise():
+@pytest.mark.parametrize("named", [False, True])
+def test_outputs_of_two_forward_passes_combined_raise(named):
     model, y = mlp(), torch.randint(0, 5, (3,))
+    ext = DiagGGN(loss=nn.CrossEntropyLoss()) if named else DiagGGN()
     with pytest.raises(CurvhookError):
-        with extend(model, DiagGGN()):
+        with extend(model, ext):
             a, b = model(torch.randn(3, 4, dtype=DT)), model(torch.randn(3, 4, dtype=DT))
-            nn.CrossEntropyLoss()(a + b, y).backward()
+            F.cross_entropy(a + b, y).backward() if named else nn.CrossEntropyLoss()(a + b, y).backward()
 
 
 def test_a_second_network_after_the_model_is_a_constant_map():

@@ -5,15 +5,18 @@ the full GGN next to dense ones, the C - 1 column factor of the cross-entropy
 Hessian, and huge-page buffers: each against the torch.func references.
 """
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from curvhook import _memory, extend
-from curvhook.extensions import BatchJacobian, DiagGGN, FullGGN
+from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
 from curvhook.extensions import full_ggn as full_ggn_module
 from curvhook.losses import _softmax_factor
 from curvhook.rules import conv as conv_module
+from curvhook.rules import fallback as fallback_module
 from reference import collect, compare, reference
 
 DT = torch.float64
@@ -99,3 +102,27 @@ def test_huge_page_buffers_are_ordinary_tensors():
     assert _memory.zeros((5, 4), like=like.double()).dtype == torch.float64
     a, b = torch.randn(4, 1, 3), torch.randn(2, 1, dtype=DT)
     torch.testing.assert_close(_memory.mul(a, b), a * b)
+
+
+class Bilinear(nn.Module):
+    """No registered rule: goes through the torch.func fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, dtype=DT))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w) * x.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10**9])
+def test_fallback_diagonals_in_chunks_of_rows(monkeypatch, chunk):
+    monkeypatch.setattr(fallback_module, "_ROW_CHUNK_ENTRIES", chunk)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(2, 3), Bilinear(), nn.Linear(4, 3)).to(DT)
+    X, y = torch.randn(5, 2, dtype=DT), torch.randint(0, 3, (5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback warns once per module type
+        run(model, X, y, DiagGGNApprox())
+    ref = reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y))
+    compare(collect(model, 5, ("DiagGGNApprox",)), ref)

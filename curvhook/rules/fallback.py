@@ -2,9 +2,11 @@
 
 It differentiates the module's own ``forward`` with ``torch.func`` on the
 stored inputs: ``vjp`` batched over the backpropagated columns for the input,
-per-sample ``vjp`` (``vmap`` over samples) for the parameters, and per-sample
-``jacrev`` where DiagGGNApprox needs a Jacobian diagonal. It is exact but
-slower than a dedicated rule, so it warns once per module type.
+per-sample ``vjp`` (``vmap`` over samples) for the parameters. DiagGGNApprox
+needs ``Σ_o d_o J_oi²``: the rows ``J_o`` come from the same products applied to
+one-hot columns, a bounded chunk of output entries at a time, so memory stays
+bounded while the work grows with the output size. It is exact but slower than
+a dedicated rule, so it warns once per module type.
 
 ``vmap`` over samples cannot run every module: ``nn.LSTM``'s cell adds the input
 gates in place into gates computed from its own zero initial state, a tensor
@@ -26,7 +28,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vjp, vmap
+from torch.func import functional_call, vjp, vmap
 
 from curvhook.calls import ModuleCall, fill_template
 from curvhook.errors import UnsupportedModelError
@@ -181,25 +183,48 @@ class FallbackRule(LayerRule):
         return _guard(call, compute)
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
-        def compute() -> Tensor:
-            params, sample = _params(call), _per_sample(call)
-            x = call.input.detach()
-            jac = _map_samples(call, jacrev(lambda x_n: sample(params, x_n)), (0,), 0)(x)  # [N, *out, *in]
-            jac = jac.reshape(x.shape[0], diag[0].numel(), x[0].numel())
-            return torch.einsum("no,noi->ni", diag.flatten(1), jac.square()).reshape(x.shape)
-
-        return _guard(call, compute)
+        # diag(J_xᵀ diag(d) J_x)_i = Σ_o d_o J_oi², with the rows J_o from batched
+        # vjps of one-hot columns, a bounded chunk of output entries at a time.
+        x = call.input
+        return _weighted_row_squares(lambda cols: self.jac_t_mat_prod(call, cols), diag, x[0].numel(), True)
 
     def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
-        def compute() -> Tensor:
-            params, sample = _params(call), _per_sample(call)
-            other = {k: v for k, v in params.items() if k != name}
-            jac_fn = jacrev(lambda p, x_n: sample({**other, name: p}, x_n))
-            jac = _map_samples(call, jac_fn, (None, 0), 0)(params[name], call.input.detach())
-            jac = jac.reshape(diag.shape[0], diag[0].numel(), -1)  # [N, O, |θ|]
-            return torch.einsum("no,nop->p", diag.flatten(1), jac.square()).reshape(params[name].shape)
+        size = dict(call.module.named_parameters(recurse=call.recurse))[name].numel()
+        pull = lambda cols: self.param_jac_t_mat_prod(call, name, cols)  # noqa: E731
+        return _weighted_row_squares(pull, diag, size, False)
 
-        return _guard(call, compute)
+
+# Entries of the rows held at once by the fallback's DiagGGNApprox diagonals.
+_ROW_CHUNK_ENTRIES = 1 << 24
+
+
+def _weighted_row_squares(
+    pull: Callable[[Tensor], Tensor], diag: Tensor, row_size: int, per_sample: bool
+) -> Tensor:
+    """``Σ_o d_no (J_nᵀ e_o)²`` over the output entries ``o``, in chunks of one-hot columns.
+
+    Args:
+        pull: Maps columns ``[c, N, *out]`` to ``J_nᵀ`` applied to them, ``[c, N, *row]``.
+        diag: ``d``, ``[N, *out]``.
+        row_size: Entries of one row ``J_nᵀ e_o`` of one sample.
+        per_sample: Keep the sample axis (input diagonals) or sum over it (parameters).
+
+    Returns:
+        ``[N, *row]`` if ``per_sample`` else ``[*row]``.
+    """
+    n, outs = diag.shape[0], diag[0].numel()
+    d = diag.reshape(n, outs)
+    step = max(1, _ROW_CHUNK_ENTRIES // max(1, n * row_size))
+    total = None
+    for start in range(0, outs, step):
+        stop = min(start + step, outs)
+        cols = diag.new_zeros(stop - start, n, outs)
+        cols[torch.arange(stop - start), :, torch.arange(start, stop)] = 1
+        rows = pull(cols.reshape(stop - start, *diag.shape)).square()
+        spec = "cn...,nc->n..." if per_sample else "cn...,nc->..."
+        part = torch.einsum(spec, rows, d[:, start:stop])
+        total = part if total is None else total.add_(part)
+    return total
 
 
 FALLBACK = FallbackRule()
