@@ -16,7 +16,7 @@ Protocol, per problem and method:
   first, then ``--repeats`` timed steps; the median is reported, and its ratio
   to the plain ``loss.backward()`` step of the same run.
 - Memory: each method runs in its own fresh subprocess, which reports its peak
-  resident set size (``ru_maxrss``). ``Δ vs plain`` is that peak minus the peak
+  resident set size (``VmHWM``). ``Δ vs plain`` is that peak minus the peak
   of the subprocess that ran only the plain step. ``--in-process`` skips the
   subprocesses (no memory figures).
 - Agreement: at a small batch (``--check-batch``), every method that computes
@@ -160,6 +160,17 @@ def wait_until_idle(limit_s: float, threshold: float = 0.15) -> Optional[float]:
 
 
 def _max_rss_mb() -> float:
+    """Peak resident set of this process image, in MiB.
+
+    ``VmHWM`` from /proc (reset by ``exec``); ``ru_maxrss`` is the fallback, but on
+    Linux it survives ``exec`` and so includes the parent's size at fork time.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 

@@ -144,6 +144,11 @@ class CrossEntropyRule(LossRule):
         p = f.softmax(1)
         c = f.shape[1]
         eps = loss.label_smoothing
+        if y is not None and loss.weight is None and eps == 0 and not y.dtype.is_floating_point:
+            # the common case, in a few operations: a = one_hot(y) on valid positions / count
+            valid = y != loss.ignore_index
+            a = torch.zeros_like(p).scatter_(1, torch.where(valid, y, 0).unsqueeze(1), valid.unsqueeze(1).to(p.dtype))
+            return p, (a / valid.sum() if loss.reduction == "mean" else a)
         w = loss.weight if loss.weight is not None else f.new_ones(c)
         w = w.to(f.dtype).reshape(1, c, *([1] * (f.dim() - 2)))
         if (w < 0).any():
