@@ -66,5 +66,13 @@ def zeros(shape: Sequence[int], like: Tensor) -> Tensor:
 
 def mul(a: Tensor, b: Tensor) -> Tensor:
     """``a * b`` (broadcast) into a buffer from :func:`empty`."""
-    out = empty(torch.broadcast_shapes(a.shape, b.shape), like=a, dtype=torch.result_type(a, b))
+    out = empty(_broadcast(a.shape, b.shape), like=a, dtype=torch.result_type(a, b))
     return torch.mul(a, b, out=out)
+
+
+def _broadcast(s: Sequence[int], t: Sequence[int]) -> tuple[int, ...]:
+    """Broadcast shape of two shapes (``torch.broadcast_shapes`` imports sympy on first use)."""
+    s, t = (1,) * (len(t) - len(s)) + tuple(s), (1,) * (len(s) - len(t)) + tuple(t)
+    if any(i != j and 1 not in (i, j) for i, j in zip(s, t)):
+        raise ValueError(f"shapes {s} and {t} do not broadcast")
+    return tuple(j if i == 1 else i for i, j in zip(s, t))

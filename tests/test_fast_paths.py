@@ -126,3 +126,17 @@ def test_fallback_diagonals_in_chunks_of_rows(monkeypatch, chunk):
         run(model, X, y, DiagGGNApprox())
     ref = reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y))
     compare(collect(model, 5, ("DiagGGNApprox",)), ref)
+
+
+@pytest.mark.parametrize("chunk", [1, 30, 10**9])
+def test_linear_over_positions_diag_ggn_in_chunks(monkeypatch, chunk):
+    """``nn.Linear`` on ``[N, T, in]``: the per-sample products sum over positions before squaring."""
+    from curvhook.rules import linear as linear_module
+
+    monkeypatch.setattr(linear_module, "_SQ_CHUNK_ENTRIES", chunk)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Flatten(), nn.Linear(10, 3)).to(DT)
+    X, y = torch.randn(4, 5, 3, dtype=DT), torch.randint(0, 3, (4,))
+    run(model, X, y, DiagGGN(), BatchJacobian())
+    ref = reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y), approx=False)
+    compare(collect(model, 4, ("DiagGGN", "BatchJacobian")), ref)

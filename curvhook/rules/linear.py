@@ -18,6 +18,10 @@ from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule
 
 
+# Per-sample products held at once by the DiagGGN reduction over positions (16 MiB of float32).
+_SQ_CHUNK_ENTRIES = 1 << 22
+
+
 def _positions(call: ModuleCall, mat: Tensor) -> tuple[Tensor, Tensor]:
     """Flatten the shared positions: ``x → [N, T, in]`` and ``mat → [V, N, T, out]``."""
     x = rearrange(call.input.detach(), "n ... i -> n (...) i")
@@ -34,7 +38,7 @@ class LinearRule(LayerRule):
     def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
         x, m = _positions(call, mat)
         if name == "bias":
-            return m.sum(2)
+            return m[:, :, 0] if m.shape[2] == 1 else m.sum(2)
         v, n, t, o = m.shape
         # Written sample-major, [N, V, O, I], and returned as a [V, N, O, I] view:
         # the batch Jacobian is then contiguous, and large buffers get huge pages.
@@ -53,12 +57,29 @@ class LinearRule(LayerRule):
 
     def param_sq_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
         x, m = _positions(call, mat)
+        v, n, t, o = m.shape
+        if t == 1:
+            # Σ_{v,n} (m_vn x_nᵀ)² = Σ_n (Σ_v m_vn²) (x_n²)ᵀ: sum over V before the GEMM;
+            # the bias term Σ_{v,n} m_vn² shares the first sum.
+            cached = call.cache.get("m_sq")
+            if cached is None or cached[0] is not mat:  # one backpropagated matrix per source
+                cached = call.cache["m_sq"] = (mat, m[:, :, 0].square().sum(0))  # [N, O]
+            m_sq = cached[1]
+            return m_sq.sum(0) if name == "bias" else m_sq.T @ x[:, 0].square()
         if name == "bias":
             return m.sum(2).square().sum((0, 1))
-        if x.shape[1] == 1:
-            # Σ_{v,n} (m_vn x_nᵀ)² = Σ_n (Σ_v m_vn²) (x_n²)ᵀ: sum over V before the GEMM.
-            return torch.einsum("no,ni->oi", m[:, :, 0].square().sum(0), x[:, 0].square())
-        return torch.einsum("vnto,nti->vnoi", m, x).square().sum((0, 1))
+        # Σ_{v,n} (Σ_t m_vnt x_ntᵀ)²: per column, a batched GEMM over a chunk of
+        # samples into one reused buffer, squared in place and summed.
+        step = max(1, _SQ_CHUNK_ENTRIES // (o * x.shape[-1]))
+        buffer = m.new_empty(min(step, n), o, x.shape[-1])
+        total = m.new_zeros(o, x.shape[-1])
+        for start in range(0, n, step):
+            rows = slice(start, min(start + step, n))
+            x_rows, buf = x[rows], buffer[: rows.stop - start]
+            for col in range(v):
+                torch.bmm(m[col, rows].transpose(1, 2), x_rows, out=buf)
+                total += buf.square_().sum(0)
+        return total
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
         return diag @ call.module.weight.square()
