@@ -123,6 +123,18 @@ class WithMHA(nn.Module):
         return self.out((a + h)[:, -1])
 
 
+class Reductions(nn.Module):
+    """Global average pooling and sums without keepdim: fewer output axes than input axes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 3, 2), nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        return self.fc(h.mean((2, 3)) + 0.5 * h.sum(-1).sum(dim=-1))
+
+
 def _bn_eval(model):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -144,6 +156,7 @@ MODELS = {
     "conv_residual": (lambda: _bn_eval(ConvResidual()), (2, 3, 3)),
     "shared_weights": (Shared, (4,)),
     "mha": (WithMHA, (3, 3)),
+    "reductions": (Reductions, (2, 3, 3)),
 }
 
 

@@ -86,8 +86,8 @@ def batch_safe(call: FunctionCall, n: int) -> bool:
     for t, kind in zip(call.tensors, call.kinds):
         if kind == "batched" and (t.dim() != out_ndim or t.shape[0] != n) and name not in (
             "__getitem__", "squeeze", "unsqueeze", "flatten", "unflatten", "view", "reshape",
-            "select", "unbind", "stack", "__get__", "split", "chunk", "tensor_split",
-        ):
+            "select", "unbind", "stack", "__get__", "split", "chunk", "tensor_split", "sum", "mean",
+        ):  # these change the number of axes; their dims are checked below
             return False
     if name in _DIM_OPS and not _dims_avoid_batch(call):
         return False
