@@ -23,6 +23,7 @@ from torch.nn.modules.module import (
     register_module_forward_pre_hook,
 )
 
+from curvhook import _memory
 from curvhook.calls import FunctionCall, LossCall, ModuleCall, TensorKey, Trace, key_of, make_template
 from curvhook.engine import backpropagate
 from curvhook.errors import CurvhookError, UnsupportedLossError, UnsupportedModelError
@@ -125,6 +126,7 @@ class Extend:
         self._stack.clear()
         self._frames.clear()
         self._watch.clear()
+        _memory.release_scratch()
         self._losses_running = 0
         self._names = {}
         self._active = False

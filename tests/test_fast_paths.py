@@ -140,3 +140,14 @@ def test_linear_over_positions_diag_ggn_in_chunks(monkeypatch, chunk):
     run(model, X, y, DiagGGN(), BatchJacobian())
     ref = reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y), approx=False)
     compare(collect(model, 4, ("DiagGGN", "BatchJacobian")), ref)
+
+
+def test_scratch_buffers_are_reused_and_released_with_the_block():
+    like = torch.zeros(1)
+    a = _memory.scratch((256, 512), like, "test_slot")
+    b = _memory.scratch((128, 512), like, "test_slot")
+    assert a.data_ptr() == b.data_ptr()  # the same memory, no fresh pages
+    model = nn.Sequential(nn.Linear(1024, 3))
+    X, y = torch.randn(128, 1024), torch.randint(0, 3, (128,))
+    run(model, X, y, DiagGGN())
+    assert not getattr(_memory._scratch, "pool", {}), "scratch buffers outlive the block"

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from curvhook import _memory
 from curvhook._memory import empty
 from curvhook.calls import ModuleCall
 from curvhook.rules.base import LayerRule
@@ -181,7 +182,7 @@ class ConvRule(LayerRule):
         v, n, c_out = mat.shape[:3]
         patches = self._patches(call)[:, 0]  # [N, I, L]
         step = max(1, _SQ_CHUNK_ENTRIES // call.module.weight.numel())
-        buffer = mat.new_empty(min(step, n), c_out, patches.shape[1])
+        buffer = _memory.scratch((min(step, n), c_out, patches.shape[1]), mat, "conv_sq_chunk")
         total = mat.new_zeros(c_out, patches.shape[1])
         for start in range(0, n, step):
             rows = slice(start, min(start + step, n))
@@ -201,7 +202,7 @@ class ConvRule(LayerRule):
         module = call.module
         x, padding, _ = _geometry(call)
         return _GRAD_WEIGHT[x.dim() - 2](
-            x.square(), module.weight.shape, diag, module.stride, padding, module.dilation, module.groups
+            _memory.square(x, "conv_x_sq"), module.weight.shape, diag, module.stride, padding, module.dilation, module.groups
         )
 
 

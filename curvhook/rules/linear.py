@@ -12,6 +12,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from curvhook import _memory
 from curvhook._memory import empty
 from curvhook.calls import ModuleCall
 from curvhook.rules.base import LayerRule
@@ -65,13 +66,13 @@ class LinearRule(LayerRule):
             if cached is None or cached[0] is not mat:  # one backpropagated matrix per source
                 cached = call.cache["m_sq"] = (mat, m[:, :, 0].square().sum(0))  # [N, O]
             m_sq = cached[1]
-            return m_sq.sum(0) if name == "bias" else m_sq.T @ x[:, 0].square()
+            return m_sq.sum(0) if name == "bias" else m_sq.T @ _memory.square(x[:, 0], "linear_x_sq")
         if name == "bias":
             return m.sum(2).square().sum((0, 1))
         # Σ_{v,n} (Σ_t m_vnt x_ntᵀ)²: per column, a batched GEMM over a chunk of
         # samples into one reused buffer, squared in place and summed.
         step = max(1, _SQ_CHUNK_ENTRIES // (o * x.shape[-1]))
-        buffer = m.new_empty(min(step, n), o, x.shape[-1])
+        buffer = _memory.scratch((min(step, n), o, x.shape[-1]), m, "linear_sq_chunk")
         total = m.new_zeros(o, x.shape[-1])
         for start in range(0, n, step):
             rows = slice(start, min(start + step, n))
@@ -89,4 +90,4 @@ class LinearRule(LayerRule):
         if name == "bias":
             return d.sum(0)
         x = rearrange(call.input, "n ... i -> (n ...) i")
-        return d.T @ x.square()
+        return d.T @ _memory.square(x, "linear_x_sq")
