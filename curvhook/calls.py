@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -306,3 +306,12 @@ class FunctionCall:
             result = self.func(*args, **kwargs)
             return args[0] if result is None else result
         return self.func(*args, **kwargs)
+
+
+def tensor_arguments(args: tuple, kwargs: dict) -> Iterator[Tensor]:
+    """The tensors among a call's arguments, one level into lists and tuples (``torch.cat``)."""
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, Tensor):
+            yield arg
+        elif isinstance(arg, (list, tuple)):
+            yield from (a for a in arg if isinstance(a, Tensor))

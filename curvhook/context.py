@@ -24,7 +24,16 @@ from torch.nn.modules.module import (
 )
 
 from curvhook import _memory
-from curvhook.calls import FunctionCall, LossCall, ModuleCall, TensorKey, Trace, key_of, make_template
+from curvhook.calls import (
+    FunctionCall,
+    LossCall,
+    ModuleCall,
+    TensorKey,
+    Trace,
+    key_of,
+    make_template,
+    tensor_arguments,
+)
 from curvhook.engine import backpropagate
 from curvhook.errors import CurvhookError, UnsupportedLossError, UnsupportedModelError
 from curvhook.extensions.base import Extension
@@ -240,7 +249,7 @@ class Extend:
         if not self._watch:
             return []
         found: list[Trace] = []
-        for t in _tensor_arguments(args, kwargs):
+        for t in tensor_arguments(args, kwargs):
             trace = self._watched(t)
             if trace is not None and all(trace is not f for f in found):
                 found.append(trace)
@@ -486,15 +495,6 @@ _HISTORY = object()
 def _record_after_task(trace: Trace, grad: Tensor) -> None:
     """Tensor hook: this backward pass goes through an operation applied after the model."""
     trace.after_tasks.add(torch._C._current_graph_task_id())
-
-
-def _tensor_arguments(args: tuple, kwargs: dict) -> Iterator[Tensor]:
-    """The tensors among the arguments, one level into lists and tuples."""
-    for arg in (*args, *kwargs.values()):
-        if isinstance(arg, Tensor):
-            yield arg
-        elif isinstance(arg, (list, tuple)):
-            yield from (a for a in arg if isinstance(a, Tensor))
 
 
 def _record_scale(call: LossCall, grad: Tensor) -> None:

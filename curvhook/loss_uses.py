@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from curvhook.calls import tensor_arguments
+
 # Linear in all their tensor arguments together (sums, reshapes, selections).
 _ADDITIVE = {
     "add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "subtract", "__sub__",
@@ -131,7 +133,7 @@ class LossUseMonitor(TorchFunctionMode):
         if state is not None:
             self.recorder.after_function(state, out)
         if self.enabled and self._marks:
-            marks = [m for m in map(self._mark_of, _tensor_args(args, kwargs)) if m is not None]
+            marks = [m for m in map(self._mark_of, tensor_arguments(args, kwargs)) if m is not None]
             if marks:
                 self._propagate(func, args, marks, out)
         return out
@@ -157,15 +159,6 @@ class LossUseMonitor(TorchFunctionMode):
     def _record_task(self, grad: Tensor) -> None:
         if self.enabled:
             self.nonlinear_tasks.add(torch._C._current_graph_task_id())
-
-
-def _tensor_args(args: tuple, kwargs: dict) -> Iterable[Any]:
-    """The tensors among the arguments, one level into lists and tuples."""
-    for arg in (*args, *kwargs.values()):
-        if isinstance(arg, Tensor):
-            yield arg
-        elif isinstance(arg, (list, tuple)):
-            yield from (a for a in arg if isinstance(a, Tensor))
 
 
 def _tensors(out: Any) -> Iterable[Tensor]:

@@ -15,7 +15,7 @@ from curvhook import _memory, extend
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
 from curvhook.extensions import full_ggn as full_ggn_module
 from curvhook.losses import _softmax_factor
-from curvhook.rules import conv as conv_module
+from curvhook.rules import base as rules_base
 from curvhook.rules import fallback as fallback_module
 from reference import collect, compare, reference
 
@@ -43,7 +43,7 @@ def run(model, X, y, *exts):
 @pytest.mark.parametrize("groups", [1, 2])
 def test_conv_diag_ggn_in_chunks(monkeypatch, chunk, groups):
     """``_SQ_CHUNK_ENTRIES = 1``: one sample per chunk; 40: a few; huge: one chunk."""
-    monkeypatch.setattr(conv_module, "_SQ_CHUNK_ENTRIES", chunk)
+    monkeypatch.setattr(rules_base, "_SQ_CHUNK_ENTRIES", chunk)
     torch.manual_seed(0)
     model, X, y = conv_net(groups), torch.randn(5, 2, 4, 4, dtype=DT), torch.randint(0, 3, (5,))
     run(model, X, y, DiagGGN(), BatchJacobian())
@@ -131,9 +131,7 @@ def test_fallback_diagonals_in_chunks_of_rows(monkeypatch, chunk):
 @pytest.mark.parametrize("chunk", [1, 30, 10**9])
 def test_linear_over_positions_diag_ggn_in_chunks(monkeypatch, chunk):
     """``nn.Linear`` on ``[N, T, in]``: the per-sample products sum over positions before squaring."""
-    from curvhook.rules import linear as linear_module
-
-    monkeypatch.setattr(linear_module, "_SQ_CHUNK_ENTRIES", chunk)
+    monkeypatch.setattr(rules_base, "_SQ_CHUNK_ENTRIES", chunk)
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Flatten(), nn.Linear(10, 3)).to(DT)
     X, y = torch.randn(4, 5, 3, dtype=DT), torch.randint(0, 3, (4,))

@@ -26,8 +26,42 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from curvhook import _memory
 from curvhook.calls import ModuleCall
 from curvhook.losses import identity_factor
+
+# Per-sample products held at once by :func:`sum_of_squared_products` (16 MiB of float32).
+_SQ_CHUNK_ENTRIES = 1 << 22
+
+
+def sum_of_squared_products(left: Tensor, right: Tensor) -> Tensor:
+    """``Σ_{v,n} (left_vn @ right_n)∘(left_vn @ right_n)``, without all products at once.
+
+    The DiagGGN term of a layer whose per-sample parameter products are matrix
+    products (a convolution against its unfolded input, a linear layer over
+    positions). Per column ``v`` and chunk of samples, one batched GEMM writes
+    into a scratch buffer that is squared in place and summed over the samples,
+    so at most ``_SQ_CHUNK_ENTRIES`` products are alive.
+
+    Args:
+        left: ``[V, N, A, K]``.
+        right: ``[N, K, B]``.
+
+    Returns:
+        ``[A, B]``.
+    """
+    v, n, a, _ = left.shape
+    b = right.shape[-1]
+    step = max(1, _SQ_CHUNK_ENTRIES // (a * b))
+    buffer = _memory.scratch((min(step, n), a, b), left, "sq_products")
+    total = left.new_zeros(a, b)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        right_rows, buf = right[rows], buffer[: rows.stop - start]
+        for col in range(v):
+            torch.bmm(left[col, rows], right_rows, out=buf)
+            total += buf.square_().sum(0)
+    return total
 
 
 class LayerRule:

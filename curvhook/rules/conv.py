@@ -40,13 +40,11 @@ from torch import Tensor, nn
 from curvhook import _memory
 from curvhook._memory import empty
 from curvhook.calls import ModuleCall
-from curvhook.rules.base import LayerRule
+from curvhook.rules.base import LayerRule, sum_of_squared_products
 from curvhook.rules.registry import register_rule
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _GRAD_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
-# Per-sample products held at once by the DiagGGN reduction (16 MiB of float32).
-_SQ_CHUNK_ENTRIES = 1 << 22
 _GRAD_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
@@ -177,20 +175,9 @@ class ConvRule(LayerRule):
             return self.param_jac_t_mat_prod(call, name, mat).square().sum((0, 1))
         if call.module.groups > 1:
             return self.param_jac_t_mat_prod(call, name, mat).square_().sum((0, 1))
-        # Σ_{v,n} (m_vn U_nᵀ)²: per column v and chunk of samples, one batched GEMM
-        # into a reused buffer, squared in place and summed over the samples.
-        v, n, c_out = mat.shape[:3]
+        # Σ_{v,n} (m_vn U_nᵀ)² with U_n the unfolded input [I, L]
         patches = self._patches(call)[:, 0]  # [N, I, L]
-        step = max(1, _SQ_CHUNK_ENTRIES // call.module.weight.numel())
-        buffer = _memory.scratch((min(step, n), c_out, patches.shape[1]), mat, "conv_sq_chunk")
-        total = mat.new_zeros(c_out, patches.shape[1])
-        for start in range(0, n, step):
-            rows = slice(start, min(start + step, n))
-            u_t = patches[rows].transpose(1, 2)
-            buf = buffer[: rows.stop - start]
-            for col in range(v):
-                torch.bmm(mat[col, rows].flatten(2), u_t, out=buf)
-                total += buf.square_().sum(0)
+        total = sum_of_squared_products(mat.flatten(3), patches.transpose(1, 2))
         return total.reshape(call.module.weight.shape)
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:

@@ -15,12 +15,8 @@ from torch import Tensor, nn
 from curvhook import _memory
 from curvhook._memory import empty
 from curvhook.calls import ModuleCall
-from curvhook.rules.base import LayerRule
+from curvhook.rules.base import LayerRule, sum_of_squared_products
 from curvhook.rules.registry import register_rule
-
-
-# Per-sample products held at once by the DiagGGN reduction over positions (16 MiB of float32).
-_SQ_CHUNK_ENTRIES = 1 << 22
 
 
 def _positions(call: ModuleCall, mat: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,18 +65,8 @@ class LinearRule(LayerRule):
             return m_sq.sum(0) if name == "bias" else m_sq.T @ _memory.square(x[:, 0], "linear_x_sq")
         if name == "bias":
             return m.sum(2).square().sum((0, 1))
-        # Σ_{v,n} (Σ_t m_vnt x_ntᵀ)²: per column, a batched GEMM over a chunk of
-        # samples into one reused buffer, squared in place and summed.
-        step = max(1, _SQ_CHUNK_ENTRIES // (o * x.shape[-1]))
-        buffer = _memory.scratch((min(step, n), o, x.shape[-1]), m, "linear_sq_chunk")
-        total = m.new_zeros(o, x.shape[-1])
-        for start in range(0, n, step):
-            rows = slice(start, min(start + step, n))
-            x_rows, buf = x[rows], buffer[: rows.stop - start]
-            for col in range(v):
-                torch.bmm(m[col, rows].transpose(1, 2), x_rows, out=buf)
-                total += buf.square_().sum(0)
-        return total
+        # Σ_{v,n} (Σ_t m_vnt x_ntᵀ)²: the positions are the inner dimension of a GEMM
+        return sum_of_squared_products(m.transpose(2, 3), x)
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
         return diag @ call.module.weight.square()
