@@ -135,6 +135,23 @@ class Reductions(nn.Module):
         return self.fc(h.mean((2, 3)) + 0.5 * h.sum(-1).sum(dim=-1))
 
 
+class TwoInputs(nn.Module):
+    """Leaf modules called with two distinct tensors: nn.Bilinear, and cross-attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(3, 4)
+        self.bil = nn.Bilinear(4, 4, 4)
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h, k = self.a(x), torch.tanh(self.b(x))
+        z, _ = self.mha(h, k, k, need_weights=False)  # query and key/value differ
+        mask_like = x[..., :1].detach() * 0.5  # a batched input that needs no grad
+        return self.out(self.bil(z, k)[:, -1] * (1 + mask_like[:, -1]))
+
+
 def _bn_eval(model):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -157,6 +174,7 @@ MODELS = {
     "shared_weights": (Shared, (4,)),
     "mha": (WithMHA, (3, 3)),
     "reductions": (Reductions, (2, 3, 3)),
+    "two_inputs": (TwoInputs, (3, 3)),
 }
 
 

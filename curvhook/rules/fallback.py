@@ -41,30 +41,45 @@ def _params(call: ModuleCall) -> dict[str, Tensor]:
     return {n: p.detach() for n, p in call.module.named_parameters(recurse=call.recurse)}
 
 
-def _forward(call: ModuleCall) -> Callable[[dict, Tensor], Tensor]:
-    """``(params, x) ↦ module(...)`` with ``x`` as the first input, the others held fixed.
+def _replay(call: ModuleCall, params: dict, inputs: list[Tensor]) -> Tensor:
+    """Call the module again with ``inputs`` in the places of its recorded tensor inputs.
 
-    The call is replayed with its recorded arguments; an input passed several
-    times (``attention(x, x, x)``) is one input. A tuple output gives its first
-    tensor.
+    An input passed several times (``attention(x, x, x)``) is one input. A tuple
+    output gives its first tensor.
     """
-    module, fixed = call.module, [t.detach() for t in call.inputs]
+    if call.args or call.kwargs:
+        args, kwargs = fill_template(call.args, call.kwargs, inputs)
+    else:  # a call recorded by hand, without its arguments' layout
+        args, kwargs = tuple(inputs), {}
+    out = functional_call(call.module, params, args, kwargs)
+    return out if isinstance(out, Tensor) else next(o for o in out if isinstance(o, Tensor))
 
-    def run(params: dict, x: Tensor) -> Tensor:
-        if call.args or call.kwargs:
-            args, kwargs = fill_template(call.args, call.kwargs, [x, *fixed[1:]])
-        else:  # a call recorded by hand, without its arguments' layout
-            args, kwargs = (x, *fixed[1:]), {}
-        out = functional_call(module, params, args, kwargs)
-        return out if isinstance(out, Tensor) else next(o for o in out if isinstance(o, Tensor))
+
+def _forward(call: ModuleCall, slot: int = 0) -> Callable[[dict, Tensor], Tensor]:
+    """``(params, x) ↦ module(...)`` with ``x`` as input ``slot``, the other inputs held fixed."""
+    fixed = [t.detach() for t in call.inputs]
+    return lambda params, x: _replay(call, params, [*fixed[:slot], x, *fixed[slot + 1 :]])
+
+
+def _batched(call: ModuleCall) -> list[bool]:
+    """Which inputs carry the sample axis (the first input's batch size first)."""
+    n = call.input.shape[0]
+    return [t.dim() > 0 and t.shape[0] == n for t in call.inputs]
+
+
+def _per_sample(call: ModuleCall) -> Callable[..., Tensor]:
+    """``(params, *inputs_n) ↦ module(...)[0]`` for one sample.
+
+    Every input with the sample axis is passed as that sample's slice (and gets
+    the axis back, of size one); the other inputs are passed whole.
+    """
+    batched = _batched(call)
+
+    def run(params: dict, *inputs_n: Tensor) -> Tensor:
+        full = [x.unsqueeze(0) if b else x for x, b in zip(inputs_n, batched)]
+        return _replay(call, params, full).squeeze(0)
 
     return run
-
-
-def _per_sample(call: ModuleCall) -> Callable[[dict, Tensor], Tensor]:
-    """``(params, x_n) ↦ module(x_n[None])[0]`` for one sample."""
-    run = _forward(call)
-    return lambda params, x_n: run(params, x_n.unsqueeze(0)).squeeze(0)
 
 
 def _map_samples(call: ModuleCall, fn: Callable[..., Tensor], in_dims: tuple, out_dim: int) -> Callable[..., Tensor]:
@@ -162,31 +177,42 @@ class FallbackRule(LayerRule):
             )
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return self.input_jac_t_mat_prod_at(call, mat, 0)
+
+    def input_jac_t_mat_prod_at(self, call: ModuleCall, mat: Tensor, slot: int) -> Tensor:
+        """``J_xᵀ m`` for the input at ``slot``, ``[V, N, *x[1:]]`` (batched over the columns)."""
+
         def compute() -> Tensor:
             params = _params(call)
-            _, pullback = vjp(lambda x: _forward(call)(params, x), call.input.detach())
+            _, pullback = vjp(lambda x: _forward(call, slot)(params, x), call.inputs[slot].detach())
             return vmap(lambda m: pullback(m)[0])(mat)
 
         return _guard(call, compute)
+
+    def input_diag_at(self, call: ModuleCall, diag: Tensor, slot: int) -> Tensor:
+        """``diag(J_xᵀ diag(d) J_x)`` for the input at ``slot``, ``[N, *x[1:]]``."""
+        pull = lambda cols: self.input_jac_t_mat_prod_at(call, cols, slot)  # noqa: E731
+        return _weighted_row_squares(pull, diag, call.inputs[slot][0].numel(), True)
 
     def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
         def compute() -> Tensor:
             params, sample = _params(call), _per_sample(call)
             other = {k: v for k, v in params.items() if k != name}
 
-            def one_sample(x_n: Tensor, m_n: Tensor) -> Tensor:  # m_n: [V, *out]
-                _, pullback = vjp(lambda p: sample({**other, name: p}, x_n), params[name])
+            def one_sample(m_n: Tensor, *inputs_n: Tensor) -> Tensor:  # m_n: [V, *out]
+                _, pullback = vjp(lambda p: sample({**other, name: p}, *inputs_n), params[name])
                 return vmap(lambda m: pullback(m)[0])(m_n)
 
-            return _map_samples(call, one_sample, (0, 1), 1)(call.input.detach(), mat)
+            in_dims = (1, *(0 if b else None for b in _batched(call)))
+            inputs = [t.detach() for t in call.inputs]
+            return _map_samples(call, one_sample, in_dims, 1)(mat, *inputs)
 
         return _guard(call, compute)
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
         # diag(J_xᵀ diag(d) J_x)_i = Σ_o d_o J_oi², with the rows J_o from batched
         # vjps of one-hot columns, a bounded chunk of output entries at a time.
-        x = call.input
-        return _weighted_row_squares(lambda cols: self.jac_t_mat_prod(call, cols), diag, x[0].numel(), True)
+        return self.input_diag_at(call, diag, 0)
 
     def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
         size = dict(call.module.named_parameters(recurse=call.recurse))[name].numel()
