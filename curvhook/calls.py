@@ -9,7 +9,6 @@ so views and memory reuse cannot confuse two tensors.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -123,14 +122,12 @@ class Trace:
     Attributes:
         seq: Position of this forward pass among those of the block.
         calls: The leaf-module calls in forward order.
-        root_ref: Weak reference to the model output, ``[N, *out]``.
         root_value: The model output, detached (shares its storage).
         root_key: Identity of the model output.
         losses: Loss modules called on the model output (or on a function of it).
         after_calls: Tensor operations applied to the model output after the
             model returned and before a loss: part of the network for the GGN
             extensions. They hold no autograd node (see above).
-        after_keys: Identities of the tensors those operations produced.
         after_tasks: Graph tasks of the backward passes that went through them.
         used: Whether a backward has consumed this trace at least once.
         released: Whether the stored tensors were dropped.
@@ -139,12 +136,10 @@ class Trace:
     def __init__(self, seq: int = 0) -> None:
         self.seq = seq
         self.calls: list[ModuleCall] = []
-        self.root_ref: Optional[weakref.ref] = None
         self.root_value: Optional[Tensor] = None
         self.root_key: Optional[TensorKey] = None
         self.losses: list[LossCall] = []
         self.after_calls: list[FunctionCall] = []
-        self.after_keys: set[TensorKey] = set()
         self.after_tasks: set[int] = set()
         self.shared_keys: set[TensorKey] = set()
         self.input_keys: set[TensorKey] = set()
@@ -154,10 +149,10 @@ class Trace:
         self.used = False
         self.released = False
 
-    def is_root(self, tensor: Tensor) -> bool:
-        """Whether ``tensor`` is this forward pass's output, unchanged."""
-        root = self.root_ref() if self.root_ref is not None else None
-        return root is tensor and self.root_key == key_of(tensor)
+    @property
+    def all_calls(self) -> list:
+        """The calls of the network in forward order: the model's, then those after it."""
+        return self.calls + self.after_calls
 
     def detach_root(self, root: Tensor) -> None:
         """Replace every stored reference to ``root`` (or its node) by what the rules need."""
@@ -184,7 +179,6 @@ class Trace:
         self.calls.clear()
         self.losses.clear()
         self.after_calls.clear()
-        self.after_keys.clear()
         self.root_value = None
         self.released = True
 

@@ -172,7 +172,7 @@ class Extend:
         if not output.requires_grad:
             trace.release()  # no backward can follow
             return
-        trace.root_ref, trace.root_key = weakref.ref(output), key_of(output)
+        trace.root_key = key_of(output)
         trace.root_value = output.detach()
         trace.detach_root(output)
         trace.root_handle = output.register_hook(partial(self._on_root_grad, trace))
@@ -334,7 +334,8 @@ class Extend:
         """
         if trace.released:
             return
-        outputs = [tensors[0]] if _is_inplace(func) and tensors else list(_flat_tensors(out))
+        inplace = _is_inplace(func)
+        outputs = [tensors[0]] if inplace and tensors else list(_flat_tensors(out))
         n = trace.root_value.shape[0] if trace.root_value is not None and trace.root_value.dim() else None
         if not any(o.requires_grad and o.dim() and o.shape[0] == n for o in outputs):
             return  # no batch axis left: the loss itself, or a reduction, not part of the network
@@ -362,13 +363,12 @@ class Extend:
             output_shapes=tuple(o.shape for o in outputs),
             output_values=tuple(o.detach() for o in outputs),
             node=None,
-            inplace=_is_inplace(func),
+            inplace=inplace,
             params=tuple(params),
         )
         trace.after_calls.append(call)
         for o, key in zip(outputs, output_keys):
             if key is not None:
-                trace.after_keys.add(key)
                 self._watch[key] = (weakref.ref(o), weakref.ref(trace))
                 trace.handles.append(o.register_hook(partial(_record_after_task, trace)))
 

@@ -49,11 +49,12 @@ def backpropagate(
         key: dict([initial_value(trace, grad_root, exts[0])]) for key, exts in groups.items()
     }
 
-    uses = Counter(id(p) for call in trace.calls for _, p in call.trainable_parameters())
+    calls = trace.all_calls
+    uses = Counter(id(p) for call in calls for _, p in call.trainable_parameters())
     shared = {pid for pid, count in uses.items() if count > 1}
     totals: dict[Extension, dict[int, Tensor]] = {ext: {} for ext in extensions}
 
-    for call in reversed(trace.calls + trace.after_calls):
+    for call in reversed(calls):
         rule = rule_of(call)
         for key, exts in groups.items():
             value = take_value(pending[key], call)
@@ -134,7 +135,7 @@ def check_trace(trace: Trace) -> None:
     root = trace.root_value
     n = root.shape[0] if root.dim() else None
     produced: set[TensorKey] = set()
-    for call in trace.calls + trace.after_calls:
+    for call in trace.all_calls:
         if isinstance(call, FunctionCall):
             produced.update(k for k in call.output_keys if k is not None)
         elif call.output_key is not None:
@@ -146,7 +147,7 @@ def check_trace(trace: Trace) -> None:
             "curvhook saw no module or tensor operation of the model's forward produce its "
             "output. Return a tensor computed inside the model's forward."
         )
-    for call in trace.calls + trace.after_calls:
+    for call in trace.all_calls:
         if isinstance(call, FunctionCall):
             check_operation(call, trace, n)
             continue
