@@ -14,6 +14,17 @@ from reference import DropoutMasks, collect, compare, reference
 ALL = ("BatchJacobian", "DiagGGN", "DiagGGNApprox", "FullGGN")
 
 
+class Chain(nn.Module):
+    """``b(a(x))``: a custom container chaining two children, or a model then a function."""
+
+    def __init__(self, a: Callable[[Tensor], Tensor], b: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(self.a(x))
+
+
 def run_curvhook(
     model: nn.Module,
     X: Tensor,

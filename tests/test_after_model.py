@@ -18,20 +18,10 @@ from curvhook import extend
 from curvhook.errors import CurvhookError, UnsupportedLossError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
 from graph_reference import diag_ggn_approx_graph
+from helpers import Chain
 from reference import check, collect, compare, reference
 
 DT = torch.float64
-
-
-class Then(nn.Module):
-    """``g(model(x))`` as one model: the reference network."""
-
-    def __init__(self, model, g):
-        super().__init__()
-        self.model, self.g = model, g
-
-    def forward(self, x):
-        return self.g(self.model(x))
 
 
 def mlp():
@@ -44,7 +34,7 @@ def run_and_compare(model, X, g, loss_fn, frozen=()):
         loss_fn(g(model(X))).backward()
     for m in frozen:  # the reference differentiates with respect to the model's parameters only
         m.requires_grad_(False)
-    whole = Then(model, g)
+    whole = Chain(model, g)
     ref = reference(whole, X, loss_fn, approx=False)
     got = collect(model, X.shape[0], ("DiagGGN", "DiagGGNApprox", "FullGGN"))
     compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, exts[2].matrix)
@@ -161,3 +151,43 @@ def test_forward_with_operations_after_it_is_freed_without_backward():
         gc.collect()
         alive = sum(r() is not None for r in refs)
     assert alive == 0, f"{alive} tensors of dropped forward passes are still alive inside the block"
+
+
+class Scaled(nn.Module):
+    """A parameter used inside the forward and again, by the caller, after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.scale = nn.Parameter(torch.rand(5) + 0.5)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x) * self.scale)
+
+
+def test_model_parameter_used_again_after_the_model_keeps_its_cross_terms():
+    """The sum over both uses comes before the square, as for weight sharing inside the model.
+
+    The reference is written out here: ``g`` reads ``model.scale`` itself, which the
+    chain-of-modules reference cannot substitute.
+    """
+    torch.manual_seed(6)
+    model = Scaled().to(DT)
+    X, y = torch.randn(4, 4, dtype=DT), torch.randint(0, 5, (4,))
+    crit = nn.CrossEntropyLoss()
+    ggn = FullGGN()
+    with extend(model, DiagGGN(), ggn):
+        crit(model(X) * model.scale, y).backward()
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def network(p):
+        return (torch.func.functional_call(model, p, (X,)) * p["scale"]).reshape(-1)
+
+    jac = torch.func.jacrev(network)(params)
+    J = torch.cat([jac[k].reshape(X.shape[0] * 5, -1) for k in params], 1)
+    H = torch.func.hessian(lambda z: crit(z.reshape(-1, 5), y))(network(params))
+    G = J.T @ H @ J
+    torch.testing.assert_close(ggn.matrix, G, rtol=1e-10, atol=1e-12)
+    got = torch.cat([p.diag_ggn.flatten() for p in model.parameters()])
+    torch.testing.assert_close(got, G.diagonal(), rtol=1e-10, atol=1e-12)

@@ -12,7 +12,7 @@ from torch.nn.modules import module as module_globals
 from curvhook import extend
 from curvhook.errors import CurvhookError, UnsupportedLossError, UnsupportedModelError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
-from helpers import ALL, check_against_reference, run_curvhook
+from helpers import ALL, Chain, check_against_reference, run_curvhook
 from reference import check, collect, compare, reference, trainable
 
 DT = torch.float64
@@ -32,15 +32,6 @@ def all_extensions():
 
 def data(n=4, dtype=DT, d_in=4, classes=3):
     return torch.randn(n, d_in, dtype=dtype), torch.randint(0, classes, (n,))
-
-
-class Chain(nn.Module):
-    def __init__(self, a, b):
-        super().__init__()
-        self.a, self.b = a, b
-
-    def forward(self, x):
-        return self.b(self.a(x))
 
 
 # ------------------------------------------------------------- hook hygiene

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import check_against_reference
+from helpers import Chain, check_against_reference
 from reference import check
 
 DT = torch.float64
@@ -241,17 +241,6 @@ def test_nested_sequential(n):
     ))
     X = torch.randn(n, 4, dtype=DT)
     check_against_reference(model, X, ce(torch.randint(0, 3, (n,))))
-
-
-class Chain(nn.Module):
-    """A custom container whose forward chains its children."""
-
-    def __init__(self, a, b):
-        super().__init__()
-        self.a, self.b = a, b
-
-    def forward(self, x):
-        return self.b(self.a(x))
 
 
 class ReversedChain(nn.Module):

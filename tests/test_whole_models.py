@@ -29,6 +29,7 @@ from curvhook.errors import CurvhookError, UnsupportedLossError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
 from curvhook.rules import fallback
 from graph_reference import diag_ggn_approx_graph
+from helpers import Chain
 from reference import check, collect, compare, reference
 
 DT = torch.float64
@@ -387,17 +388,6 @@ class MLP(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-class Then(nn.Module):
-    """``g(model(x))``: the operations after the model moved inside it."""
-
-    def __init__(self, model: nn.Module, g: Callable[[Tensor], Tensor]) -> None:
-        super().__init__()
-        self.model, self.g = model, g
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.g(self.model(x))
-
-
 AFTER = {
     "scale_tanh": lambda out: 2 * out.tanh(),
     "slice_affine": lambda out: 2 * out[:, :3] - 1,
@@ -410,7 +400,7 @@ AFTER = {
 def test_operations_after_the_model_moved_inside_are_exact(after, n):
     """The documented remedy: move the operations into the model's forward."""
     torch.manual_seed(0)
-    model = Then(MLP(), AFTER[after]).to(DT)
+    model = Chain(MLP(), AFTER[after]).to(DT)
     X = torch.randn(n, 4, dtype=DT)
     classes = 3 if after == "slice_affine" else 5
     check_model(model, X, ce(torch.randint(0, classes, (n,))))
@@ -458,7 +448,7 @@ def test_operations_after_the_model_before_the_loss(after, n):
         with extend(model, *exts):
             crit(g(model(X)), y).backward()
     got = collect(model, n, ("DiagGGN", "DiagGGNApprox", "FullGGN"))
-    whole = Then(model, g)
+    whole = Chain(model, g)
     ref = reference(whole, X, lambda out: crit(out, y), approx=False)
     compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, exts[2].matrix)
     check(got["DiagGGNApprox"], diag_ggn_approx_graph(whole, X, ref.H.diagonal()), "DiagGGNApprox")
