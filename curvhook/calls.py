@@ -142,6 +142,7 @@ class Trace:
         self.after_calls: list[FunctionCall] = []
         self.after_tasks: set[int] = set()
         self.shared_keys: set[TensorKey] = set()
+        self.shared_log: list[TensorKey] = []  # shared_keys in the order they were added
         self.input_keys: set[TensorKey] = set()
         self.produced: set[TensorKey] = set()
         self.handles: list[torch.utils.hooks.RemovableHandle] = []

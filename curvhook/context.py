@@ -197,7 +197,8 @@ class Extend:
             kwargs=t_kwargs,
         )
         has_children = next(module.children(), None) is not None
-        self._frames.append(Frame(call, len(self._stack[-1].calls), has_children))
+        trace = self._stack[-1]
+        self._frames.append(Frame(call, len(trace.calls), has_children, len(trace.shared_log)))
 
     def _on_module_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._stack or not self._frames or self._frames[-1].call.module is not module:
@@ -210,6 +211,12 @@ class Extend:
         # recorded inside it are part of it.
         trace, call = self._stack[-1], frame.call
         del trace.calls[frame.start :]
+        if len(trace.shared_log) > frame.shared_start:
+            # Operations inside a leaf are part of it. Computed from its parameters
+            # alone (its input needs no grad), their outputs are still not shared
+            # tensors of the model: the module output carries the batch axis.
+            trace.shared_keys.difference_update(trace.shared_log[frame.shared_start :])
+            del trace.shared_log[frame.shared_start :]
         call.recurse = frame.has_children
         outputs = [o for o in _flat_tensors(output)]
         if outputs:
@@ -312,7 +319,9 @@ class Extend:
             params=tuple(params),
         )
         if "batched" not in kinds:  # computed from parameters only
-            trace.shared_keys.update(k for k in call.output_keys if k is not None)
+            shared = [k for k in call.output_keys if k is not None]
+            trace.shared_keys.update(shared)
+            trace.shared_log.extend(shared)
         trace.calls.append(call)
 
     def _record_after(
@@ -463,6 +472,7 @@ class Frame:
     call: ModuleCall
     start: int  # len(trace.calls) when it started
     has_children: bool
+    shared_start: int = 0  # len(trace.shared_log) when it started
     child_called: bool = False
 
 

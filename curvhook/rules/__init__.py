@@ -1,6 +1,7 @@
 """Per-layer derivative rules, one file per layer family, and their registry."""
 
 from curvhook.rules import (  # noqa: F401  (importing a family registers its rules)
+    attention,
     conv,
     elementwise,
     embedding,

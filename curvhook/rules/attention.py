@@ -1,0 +1,291 @@
+"""``nn.MultiheadAttention`` used as self-attention: closed-form DiagGGNApprox diagonals.
+
+By the definition of DiagGGNApprox the module is one operation, so the metric
+is pulled back through its whole per-sample Jacobian (``[L·E, L·E]``) before
+only its diagonal is kept. The generic rule would need one vector-Jacobian
+product per output entry; this rule forms the same numbers from the structure
+of attention instead.
+
+Notation (one sample; ``h, g`` heads, ``a, b, c`` coordinates of one head,
+``e, f`` model coordinates, ``l`` query and ``m`` key positions, ``s = dh^-½``)::
+
+    q, k, v = x W_qᵀ + b_q, x W_kᵀ + b_k, x W_vᵀ + b_v        (split into heads)
+    A_h = softmax(s q_h k_hᵀ + mask),  O_h = A_h v_h,  y = Σ_h O_h W_o,hᵀ + b_o
+
+With ``d`` the diagonal metric on ``y`` and ``M_l = W_oᵀ diag(d_l) W_o`` (an
+``E × E`` matrix per query position), every quantity is a sum over ``l`` of
+quadratic forms in ``M_l``, because ``y_l`` depends on ``x`` only through
+``O_l``:
+
+- values: ``∂y_l/∂v_m = A[l,m] W_o``;
+- keys: ``∂O_h[l]/∂k_h[m] = s A_h[l,m] (v_h[m] − O_h[l]) q_h[l]ᵀ``;
+- queries: ``∂O_h[l]/∂q_h[l] = s Σ_j A_h[l,j] (v_h[j] − O_h[l]) (k_h[j] − k̄_h[l])ᵀ``
+  with ``k̄ = A k``; it is the only term with ``l = m``.
+
+The input diagonal ``Σ_{l,e} d[l,e] (∂y[l,e]/∂x[m,f])²`` expands into products
+of pairs of heads; each product is contracted in the order that keeps the
+largest intermediate at ``L·E·H·E`` per sample. The work is about ``L·E³·H``
+multiply-adds per sample (the forward pass is ``L·E²``): more than a backward
+pass, and far less than the ``L·E`` products of the generic rule.
+
+Other configurations (cross-attention, ``kdim``/``vdim``, ``add_bias_kv``,
+``add_zero_attn``, dropout in train mode, ``batch_first=False``) and the
+matrix products of the other extensions use the exact generic rule.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from curvhook import _memory
+from curvhook.calls import ModuleCall, fill_template
+from curvhook.rules.fallback import FallbackRule
+from curvhook.rules.registry import register_rule
+
+# Entries of the largest per-chunk intermediate (``[n, L, E, H, E]``).
+_CHUNK_ENTRIES = 1 << 23
+
+_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def _self_attention_arguments(call: ModuleCall) -> Optional[dict]:
+    """The call's arguments if the closed forms apply to it, else ``None``."""
+    m = call.module
+    if not (m._qkv_same_embed_dim and m.batch_first and m.bias_k is None and not m.add_zero_attn):
+        return None
+    if call.training and m.dropout > 0:
+        return None
+    args, kwargs = fill_template(call.args, call.kwargs, list(call.inputs))
+    try:
+        bound = _SIGNATURE.bind(m, *args, **kwargs)
+    except TypeError:
+        return None
+    arguments = dict(bound.arguments)
+    query = arguments.get("query")
+    if not (isinstance(query, Tensor) and query.dim() == 3):
+        return None
+    if arguments.get("key") is not query or arguments.get("value") is not query:
+        return None
+    return arguments
+
+
+def _attention_weights(m: nn.MultiheadAttention, x: Tensor, arguments: dict) -> Tensor:
+    """``A``, ``[N, H, L, L]``, with the masks of the recorded call (torch's own code path)."""
+    _, weights = m(
+        x, x, x,
+        key_padding_mask=arguments.get("key_padding_mask"),
+        attn_mask=arguments.get("attn_mask"),
+        is_causal=arguments.get("is_causal", False),
+        need_weights=True,
+        average_attn_weights=False,
+    )
+    return weights
+
+
+def _weight_products(m: nn.MultiheadAttention) -> dict:
+    """Products of the weights alone, shared by all chunks of samples."""
+    e_dim, heads = m.embed_dim, m.num_heads
+    w_in = m.in_proj_weight.detach()
+    w_q, w_k, w_v = (rearrange(w, "(h a) f -> h a f", h=heads) for w in w_in.chunk(3))
+    w_o = m.out_proj.weight.detach()  # [e, (h a)]
+    w_o_h = rearrange(w_o, "e (h a) -> h e a", h=heads)
+    # P_h = W_o,h W_v,h: the value path of head h, [H, e, f].
+    p = w_o_h @ w_v
+    return {
+        "w_in": w_in, "w_q": w_q, "w_k": w_k, "w_v": w_v, "w_o": w_o, "w_o_h": w_o_h, "p": p,
+        "w_o_sq": w_o.square(),
+        # M_l = W_oᵀ diag(d_l) W_o = d_l @ W2 (whole) and its diagonal blocks of heads.
+        "w2": torch.einsum("ec,ed->ecd", w_o, w_o).reshape(e_dim, e_dim * e_dim),
+        "w2_heads": rearrange(torch.einsum("hea,heb->ehab", w_o_h, w_o_h), "e h a b -> e (h a b)"),
+        # PP[e, (h, g, f)] = P_h[e, f] P_g[e, f]
+        "pp": rearrange(torch.einsum("hef,gef->ehgf", p, p), "e h g f -> e (h g f)"),
+        "p_cat": rearrange(p, "h e f -> e (h f)"),
+        "w_o_h_s": w_o_h * (e_dim // heads) ** -0.5,
+        "w_v_flat": w_in.chunk(3)[2],
+        "w_q_flat": w_in.chunk(3)[0],
+    }
+
+
+def _approx_diagonals(call: ModuleCall, arguments: dict, diag: Tensor, need_input: bool) -> dict:
+    """Every DiagGGNApprox quantity of one call, computed a chunk of samples at a time.
+
+    Args:
+        call: The recorded call (self-attention, ``batch_first``).
+        arguments: Its bound arguments.
+        diag: ``d``, ``[N, L, E]``.
+        need_input: Whether to compute the input diagonal.
+
+    Returns:
+        ``{"input": [N, L, E] or None, parameter name: [*θ.shape]}``.
+    """
+    m = call.module
+    x = call.input.detach()
+    n_all, length, e_dim = x.shape
+    heads = m.num_heads
+    dh = e_dim // heads
+    s = dh ** -0.5
+    w = _weight_products(m)
+    b_in = None if m.in_proj_bias is None else m.in_proj_bias.detach()
+    with torch.no_grad():
+        weights = _attention_weights(m, x, arguments)
+        q, k, v = rearrange(F.linear(x, w["w_in"], b_in), "n l (t h a) -> t n h l a", t=3, h=heads)
+
+    out_w = diag.new_zeros(e_dim, e_dim)
+    q_w, k_w, v_w = (diag.new_zeros(heads, dh, e_dim) for _ in range(3))
+    q_b, v_b = diag.new_zeros(heads * dh), diag.new_zeros(heads, dh)
+    d_in = torch.empty_like(x) if need_input else None
+    step = max(1, _CHUNK_ENTRIES // (length * e_dim * heads * max(e_dim, length)))
+    for start in range(0, n_all, step):
+        ch = slice(start, min(start + step, n_all))
+        n = ch.stop - start
+        d, xc, A = diag[ch], x[ch], weights[ch]
+        qc, kc, vc = q[ch], k[ch], v[ch]
+        d_rows = d.reshape(n * length, e_dim)
+        O = A @ vc  # [n, h, l, a]
+        Ax = torch.einsum("nhlm,nmf->nhlf", A, xc)
+        # out_proj: y = O W_oᵀ + b_o, a linear layer on O.
+        out_w += d_rows.T @ rearrange(O, "n h l a -> (n l) (h a)").square()
+        # values: ∂y[l,e]/∂W_v[(h,a),f] = W_o[e,(h,a)] (A_h x)[l,f], one term: no cross products.
+        d_wo = rearrange(d_rows @ w["w_o_sq"], "(n l) (h a) -> n h a l", n=n, h=heads)
+        v_w += (d_wo @ Ax.square()).sum(0)
+        v_b += (d_wo @ A.sum(-1).square().unsqueeze(-1)).sum(0).squeeze(-1)
+        # queries: ∂O_h[l,a]/∂q_h[l,c] = s C_q[l,c,a], C_q = Σ_j A[l,j] k[j,c] v[j,a] − k̄[l,c] O[l,a];
+        # W_o C_q (scaled by s) is ∂y_l/∂q_l, [n, l, e, (h c)].
+        kv = rearrange(kc.unsqueeze(-1) * vc.unsqueeze(-2), "n h j c a -> n h j (c a)")
+        cq = (A @ kv).view(n, heads, length, dh, dh)
+        cq.sub_((A @ kc).unsqueeze(-1) * O.unsqueeze(-2))
+        woc = torch.bmm(w["w_o_h_s"], rearrange(cq, "n h l c a -> h a (n l c)"))  # [h, e, (n l c)]
+        wo_cq = _memory.scratch((n, length, e_dim, e_dim), d, "attention_woc")
+        rearrange(wo_cq, "n l e (h c) -> h e n l c", h=heads).copy_(woc.view(heads, e_dim, n, length, dh))
+        sq = torch.mul(wo_cq, wo_cq, out=_memory.scratch(wo_cq.shape, d, "attention_sq"))
+        d_q = torch.bmm(d_rows.unsqueeze(1), sq.view(n * length, e_dim, e_dim)).view(n * length, e_dim)
+        q_w += rearrange(d_q.T @ xc.reshape(n * length, e_dim).square(), "(h c) f -> h c f", h=heads)
+        q_b += d_q.sum(0)
+        # keys: ∂y[l,e]/∂W_k[(h,c),f] = s q_h[l,c] Σ_a W_o[e,(h,a)] C_k[l,a,f],
+        # C_k = Σ_m A[l,m] v[m,a] x[m,f] − O[l,a] (A x)[l,f]. (b_k: softmax is shift-invariant.)
+        if need_input:  # M_l = W_oᵀ diag(d_l) W_o is needed whole; take its head blocks from it
+            M = torch.mm(d_rows, w["w2"], out=_memory.scratch((n * length, e_dim * e_dim), d, "attention_m"))
+            M = M.view(n, length, heads, dh, heads, dh)
+            m_heads = rearrange(M.diagonal(dim1=2, dim2=4), "n l a b h -> n h l a b")
+        else:
+            m_heads = rearrange(d_rows @ w["w2_heads"], "(n l) (h a b) -> n h l a b", n=n, h=heads, a=dh)
+        vx = rearrange(vc.unsqueeze(-1) * xc.unsqueeze(1).unsqueeze(-2), "n h m a f -> n h m (a f)")
+        ck = torch.matmul(A, vx, out=_memory.scratch((n, heads, length, dh * e_dim), d, "attention_ck"))
+        ck = ck.view(n, heads, length, dh, e_dim).addcmul_(O.unsqueeze(-1), Ax.unsqueeze(-2), value=-1)
+        mck = torch.matmul(m_heads, ck, out=_memory.scratch(ck.shape, d, "attention_mck"))
+        e_k = mck.mul_(ck).sum(3)  # [n, h, l, f]
+        k_w += (qc.square().transpose(-1, -2) @ e_k).sum(0) * s**2
+        if need_input:
+            d_in[ch] = _input_diagonal(d, A, qc, vc, O, wo_cq, M, w, s)
+
+    results = {
+        "input": d_in,
+        "in_proj_weight": torch.cat([t.reshape(e_dim, e_dim) for t in (q_w, k_w, v_w)]),
+        "out_proj.weight": out_w,
+        "out_proj.bias": diag.sum((0, 1)),
+    }
+    if b_in is not None:
+        results["in_proj_bias"] = torch.cat([q_b, torch.zeros_like(q_b), v_b.flatten()])
+    return results
+
+
+def _input_diagonal(
+    d: Tensor, A: Tensor, q: Tensor, v: Tensor, O: Tensor, wo_cq: Tensor, M: Tensor, w: dict, s: float
+) -> Tensor:
+    """``Σ_{l,e} d[l,e] (∂y[l,e]/∂x[m,f])²`` for a chunk of samples, ``[n, L, E]``.
+
+    Off the diagonal ``l = m`` the Jacobian is
+    ``J[l,e,m,f] = Σ_h A_h[l,m] (P_h[e,f] + (U_h[m,e] − Y_h[l,e]) R_h[l,f])`` with
+    ``P_h = W_o,h W_v,h``, ``U_h = v_h W_o,hᵀ``, ``Y_h = O_h W_o,hᵀ``, ``R_h = s q_h W_k,h``;
+    the query path adds ``T[l,e,f] = Σ_{h,c} (W_o C_q)[l,e,(h,c)] W_q[(h,c),f]`` at ``l = m``.
+    The square expands into pairs of heads ``(h, g)``, weighted by ``A_h[l,m] A_g[l,m]``.
+
+    Args:
+        d: ``[n, L, E]``; A: ``[n, H, L, L]``; q, v, O: ``[n, H, L, dh]``;
+        wo_cq: ``[n, L, E, (H dh)]`` (``s W_o C_q``); M: ``M_l``, ``[n, L, E, E]`` (any view);
+        w: :func:`_weight_products`.
+    """
+    n, heads, length, dh = v.shape
+    e_dim = d.shape[-1]
+    d_rows = d.reshape(n * length, e_dim)
+    U = torch.einsum("nhma,hea->nhme", v, w["w_o_h"])
+    Y = A @ U
+    R = (q @ w["w_k"]) * s  # [n, h, l, f]
+    dY = d.unsqueeze(1) * Y  # [n, g, l, e]
+    # Pair terms are laid out [n, h, g, l, ·] and contracted with A_h A_g over (h, g, l).
+    # Without m: Σ_e d P_h P_g − 2 R_g Σ_e d Y_g P_h (the W_v·W_v and W_v·O cross terms).
+    f1 = (d_rows @ w["pp"]).view(n, length, heads, heads, e_dim)
+    f3 = (dY.reshape(-1, e_dim) @ w["p_cat"]).view(n, heads, length, heads, e_dim)
+    f3.mul_(R.unsqueeze(3))
+    f_terms = torch.empty((n, heads, heads, length, e_dim), dtype=d.dtype, device=d.device)
+    torch.sub(rearrange(f1, "n l h g f -> n h g l f"), rearrange(f3, "n g l h f -> n h g l f"), alpha=2, out=f_terms)
+    # With m: (U_h[m] − Y_h[l]) M_l (U_g[m] − Y_g[l]) R_h R_g, X laid out [n, m, h, g, l].
+    u_t = rearrange(U, "n h m e -> n m h e").contiguous()
+    uu = (u_t.unsqueeze(3) * u_t.unsqueeze(2)).view(n, -1, e_dim)  # [n, (m h g), e]
+    X = (uu @ d.transpose(1, 2)).view(n, length, heads, heads, length)
+    vmo = (u_t.view(n, -1, e_dim) @ rearrange(dY, "n g l e -> n e (g l)")).view(X.shape)
+    omo = torch.einsum("ngle,nhle->nhgl", dY, Y)
+    X.sub_(vmo).sub_(vmo.transpose(2, 3)).add_(omo.unsqueeze(1))
+    a_t = rearrange(A, "n h l m -> n m h l").contiguous()
+    AA = a_t.unsqueeze(3) * a_t.unsqueeze(2)  # [n, m, h, g, l]
+    RR = (R.unsqueeze(2) * R.unsqueeze(1)).view(n, -1, e_dim)  # [n, (h g l), f]
+    d_in = AA.view(n, length, -1) @ f_terms.view(n, -1, e_dim)
+    d_in.baddbmm_(X.mul_(AA).view(n, length, -1), RR)
+    # The W_v·U cross term: 2 Σ_{l,g} A_g[l,m] R_g[l,f] Σ_{h,a} A_h[l,m] (M_l v_g[m])[(h,a)] W_v[(h,a),f],
+    # one head g at a time: (M_l v_g[m]) is [n, m, l, (h a)].
+    M = M.view(n, length, e_dim, heads, dh)
+    a_mlh = rearrange(A, "n h l m -> n m l h 1")
+    cross = torch.zeros_like(d)
+    for g in range(heads):
+        m_g = M[:, :, :, g].reshape(n, length * e_dim, dh)  # a view: (l, c) merge
+        mv = torch.bmm(v[:, g], m_g.transpose(1, 2), out=_memory.scratch((n, length, length * e_dim), d, "attention_mv"))
+        mv.view(n, length, length, heads, dh).mul_(a_mlh)
+        W = torch.mm(mv.view(-1, e_dim), w["w_v_flat"], out=_memory.scratch((n * length * length, e_dim), d, "attention_w"))
+        W = W.view(n, length, length, e_dim).mul_(R[:, g].unsqueeze(1))  # [n, m, l, f]
+        cross += (A[:, g].transpose(1, 2).unsqueeze(2) @ W).squeeze(2)
+    d_in.add_(cross, alpha=2)
+    # The diagonal l = m: J = J_off + T there, so add Σ_e d (T² + 2 T J_off[l,e,l,f]).
+    T = torch.mm(wo_cq.view(-1, e_dim), w["w_q_flat"], out=_memory.scratch((n * length * e_dim, e_dim), d, "attention_t"))
+    a_diag = rearrange(A.diagonal(dim1=-2, dim2=-1), "n h l -> (n l) h")
+    J = torch.mm(a_diag, w["p"].view(heads, -1), out=_memory.scratch((n * length, e_dim * e_dim), d, "attention_j"))
+    J = J.view(n * length, e_dim, e_dim)
+    uy = rearrange((U - Y) * rearrange(a_diag, "(n l) h -> n h l 1", n=n), "n h l e -> (n l) e h")
+    J.baddbmm_(uy, rearrange(R, "n h l f -> (n l) h f"))
+    J.mul_(2).add_(T.view(J.shape)).mul_(T.view(J.shape))
+    d_in += torch.bmm(d_rows.unsqueeze(1), J).view(n, length, e_dim)
+    return d_in
+
+
+@register_rule(nn.MultiheadAttention)
+class SelfAttentionRule(FallbackRule):
+    """Closed-form DiagGGNApprox diagonals for self-attention; the exact generic rule otherwise."""
+
+    def _results(self, call: ModuleCall, diag: Tensor) -> Optional[dict]:
+        cached = call.cache.get("attention_approx")
+        if cached is not None and cached[0] is diag:
+            return cached[1]
+        arguments = _self_attention_arguments(call)
+        if arguments is None:
+            return None
+        need_input = bool(call.input_requires_grad and call.input_requires_grad[0])
+        results = _approx_diagonals(call, arguments, diag, need_input)
+        call.cache["attention_approx"] = (diag, results)
+        return results
+
+    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        results = self._results(call, diag)
+        if results is None or results["input"] is None:
+            return super().diag_jac_t_diag_jac(call, diag)
+        return results["input"]
+
+    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+        results = self._results(call, diag)
+        if results is None or name not in results:
+            return super().param_diag(call, name, diag)
+        return results[name]
