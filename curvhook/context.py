@@ -79,6 +79,13 @@ class Extend:
     def __enter__(self) -> "Extend":
         if self._active:
             raise RuntimeError("This extend() block is already active.")
+        for name, module in self.model.named_modules():
+            if any(isinstance(getattr(h, "__self__", None), Extend) for h in module._forward_pre_hooks.values()):
+                raise CurvhookError(
+                    f"Module {name or type(module).__name__!r} is already inside an active extend() "
+                    "block; a second block on it would record every call twice. Pass all "
+                    "extensions to one block: extend(model, DiagGGN(), DiagGGNApprox())."
+                )
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._param_ids = {id(p) for p in self._params}
         self._names = {m: name or type(m).__name__ for name, m in self.model.named_modules()}

@@ -92,6 +92,21 @@ def test_hooks_and_attributes_removed_after_normal_block():
             assert hasattr(p, a)
 
 
+@pytest.mark.parametrize("inner", ["same_model", "submodule"])
+def test_nested_blocks_on_the_same_modules_raise_and_leave_them_clean(inner):
+    model = Chain(nn.Sequential(nn.Linear(4, 5), nn.ReLU()), nn.Linear(5, 3)).to(DT)
+    before = snapshot(model)
+    X, y = data()
+    with extend(model, DiagGGN()):
+        target = model if inner == "same_model" else model.a
+        with pytest.raises(CurvhookError, match="already inside an active extend"):
+            with extend(target, DiagGGNApprox()):
+                pass
+        nn.CrossEntropyLoss()(model(X), y).backward()  # the outer block still works
+    assert_clean(model, before)
+    assert all(p.diag_ggn.shape == p.shape for p in model.parameters())
+
+
 def test_hooks_removed_when_forward_raises():
     model = mlp()
     before = snapshot(model)
