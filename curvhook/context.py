@@ -9,6 +9,7 @@ normally or with an exception.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from functools import partial
 from dataclasses import dataclass
@@ -39,6 +40,17 @@ from curvhook.errors import CurvhookError, UnsupportedLossError, UnsupportedMode
 from curvhook.extensions.base import Extension
 from curvhook.loss_uses import LossUseMonitor
 
+
+
+def _without_torch_function(hook: Any) -> Any:
+    """Run a hook with torch functions disabled: its reads of tensor metadata then skip the mode."""
+
+    @functools.wraps(hook)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch._C.DisableTorchFunction():
+            return hook(*args, **kwargs)
+
+    return run
 
 class Extend:
     """Context manager returned by :func:`extend`; see there."""
@@ -148,6 +160,7 @@ class Extend:
         self._active = False
 
     # ---------------------------------------------------------- forward hooks
+    @_without_torch_function
     def _on_model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # A trace that a backward already used is not needed any more once the
         # next forward starts: release it before new activations pile up.
@@ -162,6 +175,7 @@ class Extend:
         trace.input_keys = {key_of(t) for t in _flat_tensors((args, tuple(kwargs.values())))}
         self._stack.append(trace)
 
+    @_without_torch_function
     def _on_model_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._stack:
             return
@@ -186,6 +200,7 @@ class Extend:
         self._traces.add(trace)
         self._watch[trace.root_key] = (weakref.ref(output), weakref.ref(trace))
 
+    @_without_torch_function
     def _on_module_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._stack:
             return
@@ -207,6 +222,7 @@ class Extend:
         trace = self._stack[-1]
         self._frames.append(Frame(call, len(trace.calls), has_children, len(trace.shared_log)))
 
+    @_without_torch_function
     def _on_module_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._stack or not self._frames or self._frames[-1].call.module is not module:
             return

@@ -126,16 +126,23 @@ class LossUseMonitor(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in _NOT_OPERATIONS or (name == "__get__" and not _tensor_property(func)):
             return func(*args, **kwargs)
+        if not self.enabled:
+            return func(*args, **kwargs)
+        # The bookkeeping reads tensor metadata (``_version``, ``grad_fn``); with torch
+        # functions disabled those reads do not come back through this mode.
         state = None
-        if self.enabled and self.recorder is not None:
-            state = self.recorder.before_function(func, args, kwargs)
+        if self.recorder is not None:
+            with torch._C.DisableTorchFunction():
+                state = self.recorder.before_function(func, args, kwargs)
         out = func(*args, **kwargs)
-        if state is not None:
-            self.recorder.after_function(state, out)
-        if self.enabled and self._marks:
-            marks = [m for m in map(self._mark_of, tensor_arguments(args, kwargs)) if m is not None]
-            if marks:
-                self._propagate(func, args, marks, out)
+        if state is not None or self._marks:
+            with torch._C.DisableTorchFunction():
+                if state is not None:
+                    self.recorder.after_function(state, out)
+                if self._marks:
+                    marks = [m for m in map(self._mark_of, tensor_arguments(args, kwargs)) if m is not None]
+                    if marks:
+                        self._propagate(func, args, marks, out)
         return out
 
     def _propagate(self, func, args: tuple, marks: list[bool], out: Any) -> None:

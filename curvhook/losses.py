@@ -132,11 +132,17 @@ class CrossEntropyRule(LossRule):
     Its square-root factor has ``C - 1`` columns per position (see :func:`_softmax_factor`).
     """
 
-    def _coefficients(self, call: LossCall) -> tuple[Tensor, Tensor]:
-        """Return ``p`` and ``a``, both ``[N, C, *d]`` (cached per backward)."""
-        if "coefficients" not in call.cache:
-            call.cache["coefficients"] = self._compute_coefficients(call)
-        return call.cache["coefficients"]
+    def _coefficients(self, call: LossCall) -> tuple[Tensor, Tensor, Tensor]:
+        """Return ``p`` and ``a``, both ``[N, C, *d]``, and ``α = Σ_c a_c``, ``[N, 1, *d]``.
+
+        Cached per backward pass: the loss check, the Hessian diagonal and its
+        factor all start from them.
+        """
+        cached = call.cache.get("coefficients")
+        if cached is None:
+            p, a = self._compute_coefficients(call)
+            cached = call.cache["coefficients"] = (p, a, a.sum(1, keepdim=True))
+        return cached
 
     def _compute_coefficients(self, call: LossCall) -> tuple[Tensor, Tensor]:
         _require_batch(call, 2)
@@ -177,10 +183,10 @@ class CrossEntropyRule(LossRule):
         return p, a
 
     def sqrt_hessian(self, call: LossCall) -> Tensor:
-        p, a = self._coefficients(call)
+        p, _, alpha = self._coefficients(call)
         n, c = p.shape[:2]
         p3 = rearrange(p, "n c ... -> n (...) c")  # [N, D, C]
-        alpha = rearrange(a.sum(1, keepdim=True), "n 1 ... -> n (...) 1")  # [N, D, 1]
+        alpha = rearrange(alpha, "n 1 ... -> n (...) 1")  # [N, D, 1]
         core = _softmax_factor(p3) * (alpha * p3).sqrt().unsqueeze(-1)  # [N, D, C, C-1]
         positions = p3.shape[1]
         if positions == 1:
@@ -191,12 +197,12 @@ class CrossEntropyRule(LossRule):
         return s.reshape(s.shape[0], *p.shape)
 
     def hessian_diag(self, call: LossCall) -> Tensor:
-        p, a = self._coefficients(call)
-        return a.sum(1, keepdim=True) * (p - p.square())
+        p, _, alpha = self._coefficients(call)
+        return torch.addcmul(p, p, p, value=-1).mul_(alpha)  # α p (1 - p)
 
     def gradient(self, call: LossCall) -> Tensor:
-        p, a = self._coefficients(call)
-        return a.sum(1, keepdim=True) * p - a
+        p, a, alpha = self._coefficients(call)
+        return (alpha * p).sub_(a)
 
 
 @register_loss(nn.MSELoss)
