@@ -26,9 +26,6 @@ from curvhook.calls import ModuleCall
 from curvhook.extensions.base import Extension
 from curvhook.rules.base import LayerRule
 
-# Cap on the entries of the [n, A, B, C] intermediate of one Kronecker block
-# (16 MiB of float32: reused by the allocator instead of mapped afresh).
-_CHUNK_ENTRIES = 1 << 22
 # Tile edge of the mirrored copies (a transposed copy tile by tile stays in cache).
 _TILE = 512
 
@@ -54,20 +51,21 @@ def _gram(x: Tensor, y: Tensor) -> Tensor:
     return torch.einsum("vna,vnc->nac", x, y)
 
 
-def _kron_kron(p: Kron, q: Kron, gram: Tensor) -> Tensor:
-    """``Σ_n gram_n ⊗ (b_n d_nᵀ)`` as ``[A·B, C·D]`` (rows ``(a, b)``, columns ``(c, d)``)."""
+def _kron_kron_into(out: Tensor, p: Kron, q: Kron, gram: Tensor) -> None:
+    """Write ``Σ_n gram_n ⊗ (b_n d_nᵀ)`` into ``out``, ``[A·B, C·D]`` (rows ``(a, b)``, columns ``(c, d)``).
+
+    One GEMM with the samples as its inner dimension,
+    ``Y[(a, c), (b, d)] = Σ_n gram[n, a, c] (b_n ⊗ d_n)[(b, d)]``, then ``Y``
+    permuted into place. (Contracting over ``n`` last, as ``[(a b c), n] @ [n, d]``,
+    would need an ``[N, A, B, C]`` intermediate and a GEMM whose inner dimension
+    is a chunk of samples: memory-bound.)
+    """
     n, A, C = gram.shape
     B, D = p.b.shape[1], q.b.shape[1]
-    out: Optional[Tensor] = None
-    step = max(1, _CHUNK_ENTRIES // max(1, A * B * C))
-    buffer = gram.new_empty(min(step, n), A, B, C)
-    for s in range(0, n, step):
-        # X[n, a, b, c] = gram[n, a, c] · b[n, b]; then contract n against d[n, d]
-        x = buffer[: min(step, n - s)]
-        torch.mul(gram[s : s + step, :, None, :], p.b[s : s + step, None, :, None], out=x)
-        part = (x.reshape(x.shape[0], -1).T, q.b[s : s + step])  # [(a b c), d]
-        out = part[0] @ part[1] if out is None else out.addmm_(*part)
-    return out.view(A * B, C * D)
+    bd = (p.b[:, :, None] * q.b[:, None, :]).reshape(n, B * D)
+    y = _memory.scratch((A * C, B * D), gram, "fullggn_kron_block")
+    torch.mm(gram.reshape(n, A * C).T, bd, out=y)
+    out.view(A, B, C, D).copy_(y.view(A, C, B, D).permute(0, 2, 1, 3))
 
 
 def _kron_dense(p: Kron, q: Tensor) -> Tensor:
@@ -85,18 +83,19 @@ def _mirror(matrix: Tensor, rows: slice, cols: slice) -> None:
             matrix[c:c_end, r:r_end].copy_(matrix[r:r_end, c:c_end].T)
 
 
-def _block(p: Block, q: Block, grams: dict) -> Tensor:
-    """``G_pq = Σ_{v,n} (J_pᵀ s_vn)(J_qᵀ s_vn)ᵀ``, ``[P_p, P_q]``."""
+def _block_into(out: Tensor, p: Block, q: Block, grams: dict) -> None:
+    """Write ``G_pq = Σ_{v,n} (J_pᵀ s_vn)(J_qᵀ s_vn)ᵀ`` into ``out``, ``[P_p, P_q]``."""
     if isinstance(p, Kron) and isinstance(q, Kron):
         key = (id(p.a), id(q.a))
         if key not in grams:
             grams[key] = _gram(p.a, q.a)
-        return _kron_kron(p, q, grams[key])
-    if isinstance(p, Kron):
-        return _kron_dense(p, q)
-    if isinstance(q, Kron):
-        return _kron_dense(q, p).T
-    return p.flatten(0, 1).T @ q.flatten(0, 1)
+        _kron_kron_into(out, p, q, grams[key])
+    elif isinstance(p, Kron):
+        out.copy_(_kron_dense(p, q))
+    elif isinstance(q, Kron):
+        out.copy_(_kron_dense(q, p).T)
+    else:
+        out.copy_(p.flatten(0, 1).T @ q.flatten(0, 1))
 
 
 class FullGGN(Extension):
@@ -148,7 +147,7 @@ class FullGGN(Extension):
                 if tp is None or tq is None:  # a parameter the output does not depend on
                     matrix[rows, cols] = 0
                 else:
-                    matrix[rows, cols] = _block(tp, tq, grams)
+                    _block_into(matrix[rows, cols], tp, tq, grams)
                 if j > i:
                     _mirror(matrix, rows, cols)
         return {"matrix": matrix}
