@@ -79,12 +79,18 @@ class ModuleCall:
         return self.inputs[0]
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The module's own parameters that require grad, as ``(name, parameter)``."""
-        return [
-            (n, p)
-            for n, p in self.module.named_parameters(recurse=self.recurse)
-            if p.requires_grad
-        ]
+        """The module's own parameters that require grad, as ``(name, parameter)``.
+
+        Kept in :attr:`cache` for the backward pass under way (the engine asks twice).
+        """
+        found = self.cache.get("trainable_parameters")
+        if found is None:
+            found = self.cache["trainable_parameters"] = [
+                (n, p)
+                for n, p in self.module.named_parameters(recurse=self.recurse)
+                if p.requires_grad
+            ]
+        return found
 
 
 @dataclass(eq=False)

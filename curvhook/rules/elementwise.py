@@ -79,7 +79,19 @@ class ElementwiseRule(LayerRule):
         return _memory.mul(mat, jacobian_diagonal(call))
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        if _slopes_zero_or_one(call) and "jac_diag" not in call.cache and _is_single_node(call):
+            # σ' ∈ {0, 1}, so σ'² ⊙ d = σ' ⊙ d: the module's own backward applied to d
+            out = call.node(diag)
+            return out[0] if isinstance(out, tuple) else out
         return diag * jacobian_diagonal(call).square()
+
+
+def _slopes_zero_or_one(call: ModuleCall) -> bool:
+    """Piecewise-linear activations with slopes 0 and 1 only (ReLU, ReLU6, default Hardtanh)."""
+    module = call.module
+    if type(module) in (nn.ReLU, nn.ReLU6):
+        return call.node is not None
+    return False
 
 
 register_rule(*ACTIVATIONS)(ElementwiseRule)
