@@ -57,6 +57,12 @@ class Runner:
     def close(self) -> None:
         pass
 
+    def suspend(self) -> None:
+        """Leave whatever the method keeps active between steps (curvhook's block)."""
+
+    def resume(self) -> None:
+        """Undo :meth:`suspend`."""
+
 
 def _zero_grad(params: list[nn.Parameter]) -> None:
     for p in params:
@@ -115,7 +121,21 @@ class Curvhook(Runner):
         return None, None
 
     def close(self) -> None:
-        self.ctx.__exit__(None, None, None)
+        if self.ctx is not None:
+            self.ctx.__exit__(None, None, None)
+            self.ctx = None
+
+    def suspend(self) -> None:
+        # The block's global module hooks and torch-function mode would slow down
+        # any other method timed in the same process: leave it between blocks of steps.
+        self.close()
+
+    def resume(self) -> None:
+        from curvhook import extend
+
+        if self.ctx is None:
+            self.ctx = extend(self.pb.model, *self.exts)
+            self.ctx.__enter__()
 
 
 # ------------------------------------------------------------------- BackPACK

@@ -45,9 +45,11 @@ def backpropagate(
     groups: dict[Hashable, list[Extension]] = defaultdict(list)
     for ext in extensions:
         groups[ext.source_key].append(ext)
-    pending: dict[Hashable, dict[TensorKey, Tensor]] = {
-        key: dict([initial_value(trace, grad_root, exts[0])]) for key, exts in groups.items()
-    }
+    pending: dict[Hashable, dict[TensorKey, Tensor]] = {}
+    checked = False  # the loss check runs once per backward pass, whatever the number of sources
+    for key, exts in groups.items():
+        pending[key] = dict([initial_value(trace, grad_root, exts[0], checked)])
+        checked = checked or (exts[0].source != "jacobian" and bool(trace.losses) and exts[0].loss is None)
 
     calls = trace.all_calls
     uses = Counter(id(p) for call in calls for _, p in call.trainable_parameters())
@@ -209,12 +211,16 @@ def check_source(name: str, key: TensorKey, node, trace: Trace) -> None:
     )
 
 
-def initial_value(trace: Trace, grad_root: Tensor, ext: Extension) -> tuple[TensorKey, Tensor]:
+def initial_value(
+    trace: Trace, grad_root: Tensor, ext: Extension, checked: bool = False
+) -> tuple[TensorKey, Tensor]:
     """Where a source starts, and the quantity it starts from there.
 
     The identity columns start at the model output. The loss-based sources start
     at the tensor the losses were called on: the model output, or a function of
     it computed after the model (those operations are then part of the network).
+    ``checked``: the gradient was already checked against the losses in this
+    backward pass (by the source of another extension).
     """
     root = trace.root_value
     if ext.source == "jacobian":
@@ -230,7 +236,7 @@ def initial_value(trace: Trace, grad_root: Tensor, ext: Extension) -> tuple[Tens
     start = keys.pop()
     rules = [loss_rule_for(call.module) for call in losses]
     scales = [1.0 if call.scale is None else float(call.scale) for call in losses]
-    if trace.losses and ext.loss is None:
+    if trace.losses and ext.loss is None and not checked:
         check_gradient(trace, start, losses, rules, scales, grad_root)
     if any(s < 0 for s in scales):
         raise UnsupportedLossError(

@@ -77,8 +77,10 @@ def _softmax_factor(p: Tensor) -> Tensor:
     ``diag(p) - p pᵀ = D (I - q qᵀ) D`` with ``q = √p`` (a unit vector) and
     ``D = diag(√p)``, so ``D Q`` is a square-root factor with ``C - 1`` columns
     instead of ``C``: the Hessian has rank ``C - 1`` (``H 1 = 0``). The Householder
-    reflection ``R = I - 2 w wᵀ / wᵀw`` with ``w = q + e_j`` (``j = argmax q``, so
-    ``wᵀw ≥ 2``) maps ``q`` to ``-e_j``; its columns other than ``j`` span ``q⊥``.
+    reflection ``R = I - 2 w wᵀ / wᵀw`` with ``w = q + e_C`` maps ``q`` to ``-e_C``;
+    its first ``C - 1`` columns span ``q⊥``. As ``q ≥ 0``, ``wᵀw = 2 (1 + q_C) ≥ 2``:
+    no cancellation, whatever the probabilities. Those columns are
+    ``Q[c, k] = δ_ck - w_c q_k / (1 + q_C)`` (``w_k = q_k`` for ``k < C``).
 
     Args:
         p: Probabilities ``[..., C]`` summing to one over the last axis.
@@ -88,13 +90,13 @@ def _softmax_factor(p: Tensor) -> Tensor:
     """
     c = p.shape[-1]
     q = p.sqrt()
-    j = q.argmax(-1, keepdim=True)
-    w = q.scatter_add(-1, j, torch.ones_like(j, dtype=q.dtype))
-    eye = torch.eye(c, dtype=p.dtype, device=p.device)
-    reflection = eye - (2 / w.square().sum(-1, keepdim=True)).unsqueeze(-1) * w.unsqueeze(-1) * w.unsqueeze(-2)
-    others = torch.arange(c - 1, device=p.device)
-    keep = others + (others >= j).long()  # every column index except j, [..., C-1]
-    return reflection.gather(-1, keep.unsqueeze(-2).expand(*p.shape, c - 1))
+    last = torch.zeros(c, dtype=q.dtype, device=q.device)
+    last[-1] = 1
+    w = q + last
+    coef = (q[..., -1:] + 1).reciprocal_()  # [..., 1]
+    outer = (w * coef).unsqueeze(-1) * q[..., None, : c - 1]  # [..., C, C-1]
+    eye = torch.eye(c, c - 1, dtype=q.dtype, device=q.device)
+    return eye - outer
 
 
 class LossRule:

@@ -337,6 +337,25 @@ def test_extra_output_term_raises(extra, ext):
             value.backward()
 
 
+@pytest.mark.parametrize(
+    "exts",
+    [
+        lambda: [BatchJacobian(), DiagGGN()],
+        lambda: [BatchJacobian(), DiagGGNApprox(), FullGGN()],
+        lambda: [DiagGGN(loss=nn.CrossEntropyLoss()), DiagGGNApprox()],
+    ],
+    ids=["jacobian_then_diag", "jacobian_then_two_sources", "named_then_found"],
+)
+def test_extra_output_term_raises_with_several_sources(exts):
+    """The loss check runs once per backward pass, by a source that uses the found loss."""
+    model = model_for((C,))
+    X, y = torch.randn(N, 4, dtype=DT), class_targets((N,))
+    with extend(model, *exts()):
+        out = model(X)
+        with pytest.raises(UnsupportedLossError):
+            (nn.CrossEntropyLoss()(out, y) + 1e-3 * out.pow(2).sum()).backward()
+
+
 NONLINEAR = {
     "square": lambda losses: losses[0].pow(2),
     "exp": lambda losses: losses[0].exp(),
