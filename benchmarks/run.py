@@ -19,6 +19,11 @@ Protocol, per problem and method:
   resident set size (``VmHWM``). ``Δ vs plain`` is that peak minus the peak
   of the subprocess that ran only the plain step. ``--in-process`` skips the
   subprocesses (no memory figures).
+- Tensor memory: one more step of each method runs under torch's profiler
+  (``profile_memory=True``); ``Δ alloc MB`` is the peak of the tensor memory
+  allocated during that step (above what was live before it) minus the same
+  for the plain step. It does not see the C allocator's caching, which makes
+  the resident-set figures of small problems noisy.
 - Paired ratios: the ratio of each target of issue #5 is measured once more
   with both methods in one process, alternating blocks of steps for
   ``--repeats`` rounds (median of the per-round ratios). A 2-vCPU virtual
@@ -110,6 +115,8 @@ def measure(problem: str, method: str, batch_size: Optional[int], repeats: int, 
                 runner.step()
             times.append((time.perf_counter() - t0) / k * runner.extrapolate)
             cpu_times.append((time.process_time() - c0) / k * runner.extrapolate)
+        peak_rss = _max_rss_mb()  # before the profiled step below, which needs memory of its own
+        alloc_peak = _allocator_peak_mb(runner) if reps == repeats else None
     except Exception as err:  # noqa: BLE001 - recorded, the suite goes on
         return {"status": _classify(err), "note": _error_text(err), "traceback": traceback.format_exc(limit=6)}
     finally:
@@ -119,6 +126,7 @@ def measure(problem: str, method: str, batch_size: Optional[int], repeats: int, 
             except Exception:  # noqa: BLE001
                 pass
     out = {
+        "alloc_peak_mb": alloc_peak,
         "status": getattr(runner, "status", "ok"),
         "median_s": statistics.median(times),
         "min_s": min(times),
@@ -128,7 +136,7 @@ def measure(problem: str, method: str, batch_size: Optional[int], repeats: int, 
         "load1": os.getloadavg()[0],
         "note": runner.note,
         "setup_rss_mb": rss_setup,
-        "peak_rss_mb": _max_rss_mb(),
+        "peak_rss_mb": peak_rss,
     }
     if hasattr(runner, "entry_s"):
         out["entry_ms"] = runner.entry_s * 1e3
@@ -237,6 +245,27 @@ def paired_measurements(args: argparse.Namespace, results: dict) -> dict:
             value = f"{r['ratio']:.2f}" if r.get("status") == "ok" else r.get("status")
             print(f"  [paired] {prob:<12} {num} / {den}: {value}", flush=True)
     return out
+
+
+def _allocator_peak_mb(runner: M.Runner) -> Optional[float]:
+    """Peak of the tensor memory allocated during one step, above what was live before it, in MiB.
+
+    From torch's profiler (``profile_memory=True``): the running sum of the
+    allocations and frees of the CPU allocator over one step. Unlike the
+    resident set size it does not see the C allocator's caching.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            runner.step()
+    changes = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage)
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def cpu_busy(interval: float = 0.5) -> Optional[float]:
@@ -396,14 +425,15 @@ def table_rows(prob: dict) -> list[list[str]]:
         status = r.get("status", "?")
         rows.append([
             name, status, _fmt_ms(r), _fmt_ms(r, "min_s"), _fmt(r.get("ratio"), ".2f"), _fmt(r.get("ratio_min"), ".2f"),
-            _fmt(r.get("peak_rss_mb"), ".0f"), _fmt(r.get("delta_rss_mb"), ".0f"),
+            _fmt(r.get("peak_rss_mb"), ".0f"), _fmt(r.get("delta_rss_mb"), ".0f"), _fmt(r.get("delta_alloc_mb"), ".1f"),
             prob.get("check", {}).get(name, ""),
             (r.get("note") or "")[:90],
         ])
     return rows
 
 
-HEADER = ["method", "status", "median ms", "min ms", "x plain", "x plain (min)", "peak MB", "Δ MB vs plain", "agrees", "note"]
+HEADER = ["method", "status", "median ms", "min ms", "x plain", "x plain (min)", "peak MB", "Δ MB vs plain",
+          "Δ alloc MB", "agrees", "note"]
 
 
 def text_table(prob_name: str, prob: dict) -> str:
@@ -411,7 +441,7 @@ def text_table(prob_name: str, prob: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     lines = [f"== {prob_name}: {prob['description']} (N={prob['batch_size']}, P={prob['num_params']:,})"]
     for j, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i in (0, 1, 8, 9) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        lines.append("  ".join(c.ljust(w) if i in (0, 1, 9, 10) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -422,7 +452,7 @@ def markdown_table(prob_name: str, prob: dict) -> str:
         f"### {prob_name}: {prob['description']} (N={prob['batch_size']}, P={prob['num_params']:,})",
         "",
         "| " + " | ".join(HEADER) + " |",
-        "|" + "|".join(["---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "---", "---"]) + "|",
+        "|" + "|".join(["---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "---", "---"]) + "|",
     ]
     for r in table_rows(prob):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
@@ -443,12 +473,17 @@ def compute_targets(results: dict) -> list[dict]:
             elif kind == "time":
                 value = a["median_s"] / b["median_s"]
                 value_min = a["min_s"] / b["min_s"]
-            else:
+            else:  # value: resident set sizes; value_min: the allocator measure (see _allocator_peak_mb)
                 da, db = a.get("delta_rss_mb"), b.get("delta_rss_mb")
                 value = None if da is None or db is None or db <= 0 else max(da, 0.0) / db
+                aa, ab = a.get("delta_alloc_mb"), b.get("delta_alloc_mb")
+                value_min = None if aa is None or ab is None or ab <= 0 else max(aa, 0.0) / ab
             paired = results.get("paired", {}).get(f"{prob}:{num}/{den}", {}) if kind == "time" else {}
             value_paired = paired.get("ratio") if paired.get("status") == "ok" else None
+            # time: the paired ratio where measured; memory: the allocator measure where measured
             decisive = value_paired if value_paired is not None else value
+            if kind == "memory" and value_min is not None:
+                decisive = value_min
             out.append({
                 "target": label, "problem": prob, "value": value, "value_min": value_min,
                 "value_paired": value_paired, "bound": bound,
@@ -469,6 +504,9 @@ def targets_text(targets: list[dict], markdown: bool = False) -> str:
         value = "-" if t["value"] is None else f"{t['value']:.2f}"
         vmin = "-" if t.get("value_min") is None else f"{t['value_min']:.2f}"
         vpair = "-" if t.get("value_paired") is None else f"{t['value_paired']:.2f}"
+        if "memory" in t["target"]:  # resident set sizes, and the allocator measure
+            value = value if value == "-" else value + " (RSS)"
+            vmin = vmin if vmin == "-" else vmin + " (allocator)"
         met = {True: "yes", False: "NO", None: "n/a (" + (t["why_missing"] or "") + ")"}[t["met"]]
         if markdown:
             lines.append(f"| {t['target']} | {t['problem']} | {vpair} | {value} | {vmin} | ≤ {t['bound']} | {met} |")
@@ -596,6 +634,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 r["ratio_min"] = r["min_s"] / plain["min_s"]
                 if r.get("peak_rss_mb") is not None and plain.get("peak_rss_mb") is not None:
                     r["delta_rss_mb"] = r["peak_rss_mb"] - plain["peak_rss_mb"]
+                if r.get("alloc_peak_mb") is not None and plain.get("alloc_peak_mb") is not None:
+                    r["delta_alloc_mb"] = r["alloc_peak_mb"] - plain["alloc_peak_mb"]
         if not args.no_check:
             try:
                 prob["check"] = cross_check(name, chosen, args.check_batch)
