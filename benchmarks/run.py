@@ -25,10 +25,12 @@ Protocol, per problem and method:
   for the plain step. It does not see the C allocator's caching, which makes
   the resident-set figures of small problems noisy.
 - Paired ratios: the ratio of each target of issue #5 is measured once more
-  with both methods in one process, alternating blocks of steps for
-  ``--repeats`` rounds (median of the per-round ratios). A 2-vCPU virtual
-  machine drifts by 10-40 % between the separate subprocesses; alternating
-  exposes both methods to the same drift. ``--no-paired`` skips it.
+  in ``--paired-rounds`` rounds, each a fresh subprocess of the numerator and
+  one of the denominator, alternating (median of the per-round ratios). A
+  2-vCPU virtual machine drifts by 10-40 % over minutes; alternating exposes
+  both methods to the same drift, and separate processes keep them from
+  disturbing each other (in one process the freed memory of one method and
+  curvhook's global hooks change the other's speed). ``--no-paired`` skips it.
 - Agreement: at a small batch (``--check-batch``), every method that computes
   the GGN diagonal, the full GGN or the batch Jacobian is compared to a
   torch.func reference (``max|a - ref| / max|ref|``; ``ok`` below 1e-4).
@@ -217,6 +219,32 @@ def run_paired_in_subprocess(args: argparse.Namespace, problem: str, num: str, d
     return {"status": "crashed", "note": f"exit code {proc.returncode}: {tail[0][:200]}"}
 
 
+def alternate_subprocesses(args: argparse.Namespace, problem: str, num: str, den: str) -> dict:
+    """``--paired-rounds`` fresh subprocesses of each method, alternating; the median per-round ratio.
+
+    Each measurement has a process to itself, as in the separate runs, so
+    neither method sees the other's memory or hooks; alternating in time
+    exposes both to the same drift of the machine.
+    """
+    ratios, nums, dens = [], [], []
+    for r in range(args.paired_rounds):
+        pair = {}
+        for name in ((num, den) if r % 2 == 0 else (den, num)):
+            if args.wait_idle > 0:
+                wait_until_idle(args.wait_idle)
+            pair[name] = run_in_subprocess(args, problem, name)
+        if any(pair[n].get("status") != "ok" for n in (num, den)):
+            bad = next(n for n in (num, den) if pair[n].get("status") != "ok")
+            return {"status": pair[bad].get("status"), "note": f"{bad}: {pair[bad].get('note', '')}"}
+        nums.append(pair[num]["median_s"])
+        dens.append(pair[den]["median_s"])
+        ratios.append(nums[-1] / dens[-1])
+    return {
+        "status": "ok", "ratio": statistics.median(ratios), "ratios": ratios, "rounds": args.paired_rounds,
+        "num_median_s": statistics.median(nums), "den_median_s": statistics.median(dens),
+    }
+
+
 def paired_measurements(args: argparse.Namespace, results: dict) -> dict:
     """The paired ratio of every time target whose two methods ran (and are not slow)."""
     out = {}
@@ -234,13 +262,10 @@ def paired_measurements(args: argparse.Namespace, results: dict) -> dict:
             if max(a["median_s"], b["median_s"]) > 20:
                 out[key] = {"status": "skipped", "note": "a step takes over 20 s"}
                 continue
-            busy = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else None
             if args.in_process:
                 r = measure_paired(prob, num, den, args.batch_size, args.repeats, args.warmup)
             else:
-                r = run_paired_in_subprocess(args, prob, num, den)
-            if busy is not None:
-                r["cpu_busy_before"] = round(busy, 3)
+                r = alternate_subprocesses(args, prob, num, den)
             out[key] = r
             value = f"{r['ratio']:.2f}" if r.get("status") == "ok" else r.get("status")
             print(f"  [paired] {prob:<12} {num} / {den}: {value}", flush=True)
@@ -564,7 +589,9 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true",
                     help="CI config: problems fullggn,conv2d at N=4, curvhook + torch.func, 1 repeat, in-process")
     ap.add_argument("--no-paired", action="store_true",
-                    help="skip the paired measurement of the target ratios (both methods alternating in one process)")
+                    help="skip the paired measurement of the target ratios (fresh subprocesses of the two "
+                         "methods, alternating; with --in-process: blocks of steps alternating in one process)")
+    ap.add_argument("--paired-rounds", type=int, default=3, help="rounds of the paired measurement")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--paired-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
