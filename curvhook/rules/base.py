@@ -64,6 +64,18 @@ def sum_of_squared_products(left: Tensor, right: Tensor) -> Tensor:
     return total
 
 
+def is_single_node(call: ModuleCall) -> bool:
+    """Whether the module's output node leads straight to its input (one autograd operation).
+
+    Then ``call.node`` applied to a vector is ``J_xᵀ`` applied to it.
+    """
+    first = call.node.next_functions[0][0] if call.node.next_functions else None
+    source = call.input_nodes[0]
+    if source is None:  # input is a leaf: its node is an AccumulateGrad
+        return first is not None and getattr(first, "variable", None) is call.inputs[0]
+    return first is source
+
+
 class LayerRule:
     """Stateless derivative rules for one family of layers.
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from curvhook import _memory
 from curvhook.calls import ModuleCall
 from curvhook.errors import UnsupportedModelError
-from curvhook.rules.base import LayerRule
+from curvhook.rules.base import LayerRule, is_single_node
 from curvhook.rules.registry import register_rule
 
 ACTIVATIONS = (
@@ -47,7 +47,7 @@ def jacobian_diagonal(call: ModuleCall) -> Tensor:
         return call.cache["jac_diag"]
     node, out = call.node, call.output
     ones = torch.ones_like(out)
-    if node is not None and _is_single_node(call):
+    if node is not None and is_single_node(call):
         diag = node(ones)
         diag = diag[0] if isinstance(diag, tuple) else diag
     elif call.inputs[0] is not out:
@@ -63,15 +63,6 @@ def jacobian_diagonal(call: ModuleCall) -> Tensor:
     return diag
 
 
-def _is_single_node(call: ModuleCall) -> bool:
-    """Whether the module's output node leads straight to its input."""
-    first = call.node.next_functions[0][0] if call.node.next_functions else None
-    source = call.input_nodes[0]
-    if source is None:  # input is a leaf: its node is an AccumulateGrad
-        return first is not None and getattr(first, "variable", None) is call.inputs[0]
-    return first is source
-
-
 class ElementwiseRule(LayerRule):
     """Rules for any layer whose Jacobian is diagonal."""
 
@@ -79,7 +70,7 @@ class ElementwiseRule(LayerRule):
         return _memory.mul(mat, jacobian_diagonal(call))
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
-        if _slopes_zero_or_one(call) and "jac_diag" not in call.cache and _is_single_node(call):
+        if _slopes_zero_or_one(call) and "jac_diag" not in call.cache and is_single_node(call):
             # σ' ∈ {0, 1}, so σ'² ⊙ d = σ' ⊙ d: the module's own backward applied to d
             out = call.node(diag)
             return out[0] if isinstance(out, tuple) else out

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from curvhook import _memory
 from curvhook.calls import ModuleCall
 from curvhook.rules._maps import columns_vjp, linear_vjp
-from curvhook.rules.base import LayerRule
+from curvhook.rules.base import LayerRule, is_single_node
 from curvhook.rules.registry import register_rule
 
 _POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -70,6 +70,12 @@ class MaxPoolRule(LayerRule):
         return self._scatter(call, mat)
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+        # Every output entry copies one input entry: J has 0/1 entries, so
+        # Σ_o d_o J_oi² = (Jᵀ d)_i, which the module's own backward node computes
+        # from its saved indices (no pooling pass to find them again).
+        if call.node is not None and is_single_node(call):
+            out = call.node(diag)
+            return out[0] if isinstance(out, tuple) else out
         return self._scatter(call, diag)
 
 
