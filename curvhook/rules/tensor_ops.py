@@ -343,6 +343,10 @@ class TensorOpRule:
             if name in MEANS:
                 pulled = pulled * (call.output_values[0].numel() / x.numel())
             return pulled
+        if name in ("relu", "relu_") and len(call.output_values) == 1 and self._own_node(call, slot):
+            # slopes 0 and 1: σ'² ⊙ d = σ' ⊙ d, the operation's own backward applied to d
+            out = call.node(value)
+            return out[0] if isinstance(out, tuple) else out
         if name in ELEMENTWISE and len(call.output_values) == 1:
             slope = self._elementwise_slope(call, slot)
             return value * slope.square() if slope is not None else None
@@ -354,13 +358,24 @@ class TensorOpRule:
         _, pull = vjp(self._function(call, (slot,)), call.tensors[slot].detach())
         return vmap(lambda *m: pull(tuple(m))[0])(*mats)
 
+    @staticmethod
+    def _own_node(call: FunctionCall, slot: int) -> bool:
+        """Whether ``call.node`` is one autograd operation from input ``slot`` to the output."""
+        node = call.node
+        return (
+            node is not None
+            and call.output_values[0].shape == call.tensors[slot].shape
+            and bool(node.next_functions)
+            and node.next_functions[0][0] is call.input_nodes[slot]
+        )
+
     def _elementwise_slope(self, call: FunctionCall, slot: int) -> Optional[Tensor]:
         """``σ'(x)`` of a unary elementwise operation, from its autograd node if it is one."""
         x = call.tensors[slot]
         if call.output_values[0].shape != x.shape:
             return None
         node = call.node
-        if node is not None and node.next_functions and node.next_functions[0][0] is call.input_nodes[slot]:
+        if self._own_node(call, slot):
             slope = node(torch.ones_like(call.output_values[0]))
             return slope[0] if isinstance(slope, tuple) else slope
         if x._version != call.input_versions[slot]:
