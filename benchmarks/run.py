@@ -201,24 +201,6 @@ def measure_paired(problem: str, num: str, den: str, batch_size: Optional[int], 
     }
 
 
-def run_paired_in_subprocess(args: argparse.Namespace, problem: str, num: str, den: str) -> dict:
-    cmd = [
-        sys.executable, "-m", "benchmarks.run", "--paired-worker", "--problem", problem, "--methods", num, den,
-        "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-    ]
-    if args.batch_size is not None:
-        cmd += ["--batch-size", str(args.batch_size)]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "note": f"over {args.timeout} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-    return {"status": "crashed", "note": f"exit code {proc.returncode}: {tail[0][:200]}"}
-
-
 def alternate_subprocesses(args: argparse.Namespace, problem: str, num: str, den: str) -> dict:
     """``--paired-rounds`` fresh subprocesses of each method, alternating; the median per-round ratio.
 
@@ -593,7 +575,6 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
                          "methods, alternating; with --in-process: blocks of steps alternating in one process)")
     ap.add_argument("--paired-rounds", type=int, default=3, help="rounds of the paired measurement")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--paired-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.smoke:
         args.problem = ",".join(SMOKE_PROBLEMS) if args.problem == "mlp" else args.problem
@@ -611,11 +592,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         result = measure(args.problem, args.methods[0], args.batch_size, args.repeats, args.warmup)
         print("RESULT " + json.dumps(result), flush=True)
         return result
-    if args.paired_worker:
-        warnings.filterwarnings("ignore")
-        result = measure_paired(args.problem, args.methods[0], args.methods[1], args.batch_size, args.repeats, args.warmup)
-        print("RESULT " + json.dumps(result), flush=True)
-        return result
 
     problems = P.ALL if args.problem == "all" else args.problem.split(",")
     for name in problems:
@@ -629,7 +605,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(args.threads),
             "versions": versions(),
-            "config": {k: v for k, v in vars(args).items() if k not in ("worker", "paired_worker")},
+            "config": {k: v for k, v in vars(args).items() if k != "worker"},
         },
         "problems": {},
     }

@@ -21,7 +21,7 @@ can be summed over ``V`` and ``N`` before a GEMM.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +74,13 @@ def is_single_node(call: ModuleCall) -> bool:
     if source is None:  # input is a leaf: its node is an AccumulateGrad
         return first is not None and getattr(first, "variable", None) is call.inputs[0]
     return first is source
+
+
+
+def apply_node(node: Any, value: Tensor) -> Tensor:
+    """``J_xᵀ value`` by the autograd node of a one-operation call (see :func:`is_single_node`)."""
+    out = node(value)
+    return out[0] if isinstance(out, tuple) else out
 
 
 class LayerRule:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from curvhook import _memory
 from curvhook.calls import ModuleCall
 from curvhook.errors import UnsupportedModelError
-from curvhook.rules.base import LayerRule, is_single_node
+from curvhook.rules.base import LayerRule, apply_node, is_single_node
 from curvhook.rules.registry import register_rule
 
 ACTIVATIONS = (
@@ -48,8 +48,7 @@ def jacobian_diagonal(call: ModuleCall) -> Tensor:
     node, out = call.node, call.output
     ones = torch.ones_like(out)
     if node is not None and is_single_node(call):
-        diag = node(ones)
-        diag = diag[0] if isinstance(diag, tuple) else diag
+        diag = apply_node(node, ones)
     elif call.inputs[0] is not out:
         with torch.enable_grad():
             (diag,) = torch.autograd.grad(out, call.inputs[0], ones, retain_graph=True)
@@ -72,8 +71,7 @@ class ElementwiseRule(LayerRule):
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
         if _slopes_zero_or_one(call) and "jac_diag" not in call.cache and is_single_node(call):
             # σ' ∈ {0, 1}, so σ'² ⊙ d = σ' ⊙ d: the module's own backward applied to d
-            out = call.node(diag)
-            return out[0] if isinstance(out, tuple) else out
+            return apply_node(call.node, diag)
         return diag * jacobian_diagonal(call).square()
 
 

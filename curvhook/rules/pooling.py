@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from curvhook import _memory
 from curvhook.calls import ModuleCall
 from curvhook.rules._maps import columns_vjp, linear_vjp
-from curvhook.rules.base import LayerRule, is_single_node
+from curvhook.rules.base import LayerRule, apply_node, is_single_node
 from curvhook.rules.registry import register_rule
 
 _POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -74,8 +74,7 @@ class MaxPoolRule(LayerRule):
         # Σ_o d_o J_oi² = (Jᵀ d)_i, which the module's own backward node computes
         # from its saved indices (no pooling pass to find them again).
         if call.node is not None and is_single_node(call):
-            out = call.node(diag)
-            return out[0] if isinstance(out, tuple) else out
+            return apply_node(call.node, diag)
         return self._scatter(call, diag)
 
 

@@ -41,6 +41,7 @@ from torch.func import jacrev, vjp, vmap
 
 from curvhook.calls import FunctionCall, Slot
 from curvhook.errors import UnsupportedModelError
+from curvhook.rules.base import apply_node
 
 STRUCTURAL = {
     "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone",
@@ -345,8 +346,7 @@ class TensorOpRule:
             return pulled
         if name in ("relu", "relu_") and len(call.output_values) == 1 and self._own_node(call, slot):
             # slopes 0 and 1: σ'² ⊙ d = σ' ⊙ d, the operation's own backward applied to d
-            out = call.node(value)
-            return out[0] if isinstance(out, tuple) else out
+            return apply_node(call.node, value)
         if name in ELEMENTWISE and len(call.output_values) == 1:
             slope = self._elementwise_slope(call, slot)
             return value * slope.square() if slope is not None else None
@@ -376,8 +376,7 @@ class TensorOpRule:
             return None
         node = call.node
         if self._own_node(call, slot):
-            slope = node(torch.ones_like(call.output_values[0]))
-            return slope[0] if isinstance(slope, tuple) else slope
+            return apply_node(node, torch.ones_like(call.output_values[0]))
         if x._version != call.input_versions[slot]:
             return None
         _, pull = vjp(self._function(call, (slot,)), x.detach())
