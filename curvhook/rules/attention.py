@@ -59,7 +59,7 @@ def _self_attention_arguments(call: ModuleCall) -> Optional[dict]:
     m = call.module
     if not (m._qkv_same_embed_dim and m.batch_first and m.bias_k is None and not m.add_zero_attn):
         return None
-    if call.training and m.dropout > 0:
+    if (call.training or m.training) and m.dropout > 0:  # the replay below runs in the current mode
         return None
     args, kwargs = fill_template(call.args, call.kwargs, list(call.inputs))
     try:
