@@ -9,9 +9,8 @@ normally or with an exception.
 
 from __future__ import annotations
 
-import functools
 import weakref
-from functools import partial
+from functools import partial, wraps
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -41,16 +40,16 @@ from curvhook.extensions.base import Extension
 from curvhook.loss_uses import LossUseMonitor
 
 
-
 def _without_torch_function(hook: Any) -> Any:
     """Run a hook with torch functions disabled: its reads of tensor metadata then skip the mode."""
 
-    @functools.wraps(hook)
+    @wraps(hook)
     def run(*args: Any, **kwargs: Any) -> Any:
         with torch._C.DisableTorchFunction():
             return hook(*args, **kwargs)
 
     return run
+
 
 class Extend:
     """Context manager returned by :func:`extend`; see there."""
