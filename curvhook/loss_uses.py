@@ -124,9 +124,7 @@ class LossUseMonitor(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _NOT_OPERATIONS or (name == "__get__" and not _tensor_property(func)):
-            return func(*args, **kwargs)
-        if not self.enabled:
+        if not self.enabled or name in _NOT_OPERATIONS or (name == "__get__" and not _tensor_property(func)):
             return func(*args, **kwargs)
         # The bookkeeping reads tensor metadata (``_version``, ``grad_fn``); with torch
         # functions disabled those reads do not come back through this mode.

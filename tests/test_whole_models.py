@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvhook import extend
-from curvhook.errors import CurvhookError, UnsupportedLossError
+from curvhook.errors import UnsupportedLossError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
 from curvhook.rules import fallback
 from graph_reference import diag_ggn_approx_graph

@@ -92,13 +92,14 @@ def _weight_products(m: nn.MultiheadAttention) -> dict:
     """Products of the weights alone, shared by all chunks of samples."""
     e_dim, heads = m.embed_dim, m.num_heads
     w_in = m.in_proj_weight.detach()
-    w_q, w_k, w_v = (rearrange(w, "(h a) f -> h a f", h=heads) for w in w_in.chunk(3))
+    w_q_flat, w_k_flat, w_v_flat = w_in.chunk(3)  # [(h a), f] each
+    w_k, w_v = (rearrange(w, "(h a) f -> h a f", h=heads) for w in (w_k_flat, w_v_flat))
     w_o = m.out_proj.weight.detach()  # [e, (h a)]
     w_o_h = rearrange(w_o, "e (h a) -> h e a", h=heads)
     # P_h = W_o,h W_v,h: the value path of head h, [H, e, f].
     p = w_o_h @ w_v
     return {
-        "w_in": w_in, "w_q": w_q, "w_k": w_k, "w_v": w_v, "w_o": w_o, "w_o_h": w_o_h, "p": p,
+        "w_in": w_in, "w_k": w_k, "w_o_h": w_o_h, "p": p,
         "w_o_sq": w_o.square(),
         # M_l = W_oᵀ diag(d_l) W_o = d_l @ W2 (whole) and its diagonal blocks of heads.
         "w2": torch.einsum("ec,ed->ecd", w_o, w_o).reshape(e_dim, e_dim * e_dim),
@@ -107,8 +108,8 @@ def _weight_products(m: nn.MultiheadAttention) -> dict:
         "pp": rearrange(torch.einsum("hef,gef->ehgf", p, p), "e h g f -> e (h g f)"),
         "p_cat": rearrange(p, "h e f -> e (h f)"),
         "w_o_h_s": w_o_h * (e_dim // heads) ** -0.5,
-        "w_v_flat": w_in.chunk(3)[2],
-        "w_q_flat": w_in.chunk(3)[0],
+        "w_v_flat": w_v_flat,
+        "w_q_flat": w_q_flat,
     }
 
 

@@ -69,12 +69,13 @@ def is_single_node(call: ModuleCall) -> bool:
 
     Then ``call.node`` applied to a vector is ``J_xᵀ`` applied to it.
     """
+    if call.node is None:
+        return False
     first = call.node.next_functions[0][0] if call.node.next_functions else None
     source = call.input_nodes[0]
     if source is None:  # input is a leaf: its node is an AccumulateGrad
         return first is not None and getattr(first, "variable", None) is call.inputs[0]
     return first is source
-
 
 
 def apply_node(node: Any, value: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ def jacobian_diagonal(call: ModuleCall) -> Tensor:
         return call.cache["jac_diag"]
     node, out = call.node, call.output
     ones = torch.ones_like(out)
-    if node is not None and is_single_node(call):
+    if is_single_node(call):
         diag = apply_node(node, ones)
     elif call.inputs[0] is not out:
         with torch.enable_grad():
@@ -69,18 +69,14 @@ class ElementwiseRule(LayerRule):
         return _memory.mul(mat, jacobian_diagonal(call))
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
-        if _slopes_zero_or_one(call) and "jac_diag" not in call.cache and is_single_node(call):
+        if type(call.module) in _SLOPES_ZERO_OR_ONE and is_single_node(call):
             # σ' ∈ {0, 1}, so σ'² ⊙ d = σ' ⊙ d: the module's own backward applied to d
             return apply_node(call.node, diag)
         return diag * jacobian_diagonal(call).square()
 
 
-def _slopes_zero_or_one(call: ModuleCall) -> bool:
-    """Piecewise-linear activations with slopes 0 and 1 only (ReLU, ReLU6, default Hardtanh)."""
-    module = call.module
-    if type(module) in (nn.ReLU, nn.ReLU6):
-        return call.node is not None
-    return False
+# Piecewise-linear activations whose slopes are 0 and 1 only.
+_SLOPES_ZERO_OR_ONE = (nn.ReLU, nn.ReLU6)
 
 
 register_rule(*ACTIVATIONS)(ElementwiseRule)

@@ -73,7 +73,7 @@ class MaxPoolRule(LayerRule):
         # Every output entry copies one input entry: J has 0/1 entries, so
         # Σ_o d_o J_oi² = (Jᵀ d)_i, which the module's own backward node computes
         # from its saved indices (no pooling pass to find them again).
-        if call.node is not None and is_single_node(call):
+        if is_single_node(call):
             return apply_node(call.node, diag)
         return self._scatter(call, diag)
 
