@@ -210,33 +210,38 @@ def make_template(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[Tensor]]
     """
     tensors: list[Tensor] = []
     index: dict[int, int] = {}
-
-    def slot(obj: Any) -> Any:
-        if isinstance(obj, Tensor):
-            if id(obj) not in index:
-                index[id(obj)] = len(tensors)
-                tensors.append(obj)
-            return Slot(index[id(obj)])
-        if isinstance(obj, (list, tuple)) and any(isinstance(o, Tensor) for o in obj):
-            return type(obj)(slot(o) for o in obj) if isinstance(obj, tuple) else [slot(o) for o in obj]
-        return obj
-
-    new_args = tuple(slot(a) for a in args)
-    new_kwargs = {k: slot(v) for k, v in kwargs.items()}
+    new_args = tuple(_slot(a, tensors, index) for a in args)
+    new_kwargs = {k: _slot(v, tensors, index) for k, v in kwargs.items()}
     return new_args, new_kwargs, tensors
+
+
+# Module-level helpers rather than nested recursive closures: a closure that calls
+# itself is a reference cycle, which would keep the tensors it saw alive until
+# the garbage collector runs, and make it run more often.
+def _slot(obj: Any, tensors: list[Tensor], index: dict[int, int]) -> Any:
+    if isinstance(obj, Tensor):
+        if id(obj) not in index:
+            index[id(obj)] = len(tensors)
+            tensors.append(obj)
+        return Slot(index[id(obj)])
+    if isinstance(obj, (list, tuple)) and any(isinstance(o, Tensor) for o in obj):
+        slots = [_slot(o, tensors, index) for o in obj]
+        return tuple(slots) if isinstance(obj, tuple) else slots
+    return obj
 
 
 def fill_template(args: tuple, kwargs: dict, tensors: list[Tensor]) -> tuple[tuple, dict]:
     """Inverse of :func:`make_template` with new tensors in the slots."""
+    return tuple(_fill(a, tensors) for a in args), {k: _fill(v, tensors) for k, v in kwargs.items()}
 
-    def fill(obj: Any) -> Any:
-        if isinstance(obj, Slot):
-            return tensors[obj]
-        if isinstance(obj, (list, tuple)) and any(isinstance(o, Slot) for o in obj):
-            return type(obj)(fill(o) for o in obj) if isinstance(obj, tuple) else [fill(o) for o in obj]
-        return obj
 
-    return tuple(fill(a) for a in args), {k: fill(v) for k, v in kwargs.items()}
+def _fill(obj: Any, tensors: list[Tensor]) -> Any:
+    if isinstance(obj, Slot):
+        return tensors[obj]
+    if isinstance(obj, (list, tuple)) and any(isinstance(o, Slot) for o in obj):
+        filled = [_fill(o, tensors) for o in obj]
+        return tuple(filled) if isinstance(obj, tuple) else filled
+    return obj
 
 
 @dataclass(eq=False)
