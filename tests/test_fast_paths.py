@@ -148,3 +148,42 @@ def test_scratch_buffers_are_reused_and_released_with_the_block():
     X, y = torch.randn(128, 1024), torch.randint(0, 3, (128,))
     run(model, X, y, DiagGGN())
     assert not getattr(_memory._scratch, "pool", {}), "scratch buffers outlive the block"
+
+
+class ResidualMean(nn.Module):
+    """A functional residual (``+``), a difference and a global mean: the direct pullbacks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x) + x)
+        return self.fc((h - 0.5 * x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_sums_and_means_are_pulled_back_without_torch_func(monkeypatch, n):
+    from curvhook.rules import tensor_ops
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.func used for a sum or a mean")
+
+    torch.manual_seed(0)
+    model = ResidualMean().to(DT)
+    X, y = torch.randn(n, 2, 3, 3, dtype=DT), torch.randint(0, 3, (n,))
+    ggn = FullGGN()
+    monkeypatch.setattr(tensor_ops, "vjp", refuse)
+    monkeypatch.setattr(tensor_ops, "vmap", refuse)
+    run(model, X, y, BatchJacobian(), DiagGGN(), DiagGGNApprox(), ggn)
+    monkeypatch.undo()
+    from graph_reference import diag_ggn_approx_graph
+
+    crit = nn.CrossEntropyLoss()
+    ref = reference(model, X, lambda out: crit(out, y), approx=False)
+    got = collect(model, n)
+    compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, ggn.matrix)
+    d = torch.func.hessian(lambda o: crit(o, y))(ref.out).reshape(ref.out.numel(), -1).diagonal()
+    from reference import check
+
+    check(got["DiagGGNApprox"], diag_ggn_approx_graph(model, X, d), "DiagGGNApprox")

@@ -152,6 +152,24 @@ class TwoInputs(nn.Module):
         return self.out(self.bil(z, k)[:, -1] * (1 + mask_like[:, -1]))
 
 
+class SumsAndMeans(nn.Module):
+    """Every form of ``±a ± b`` and ``mean`` that has a direct pullback, and forms that do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h, g = torch.tanh(self.a(x)), torch.sigmoid(self.b(x))
+        z = h - g + (1 - h) + torch.rsub(g, h) + torch.sub(h, g)
+        z = z + h[:, :1]  # broadcast along the feature axis
+        z = torch.add(z, g, alpha=2.0) - 0.5 * torch.add(h, h)  # alpha, and one operand twice
+        z = z.unflatten(1, (2, 3))
+        m = z.mean(-1, True) + z.mean(dim=1, keepdim=True).mean((1, 2)).unsqueeze(1).unsqueeze(2)
+        return self.out((z - m).flatten(1)) + z.mean((-1, -2)).unsqueeze(1)
+
+
 def _bn_eval(model):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -175,6 +193,7 @@ MODELS = {
     "mha": (WithMHA, (3, 3)),
     "reductions": (Reductions, (2, 3, 3)),
     "two_inputs": (TwoInputs, (3, 3)),
+    "sums_and_means": (SumsAndMeans, (4,)),
 }
 
 

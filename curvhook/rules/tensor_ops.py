@@ -63,6 +63,10 @@ ELEMENTWISE = {
 PRODUCTS = {"mul", "__mul__", "__rmul__", "__imul__", "mul_", "multiply"}
 QUOTIENTS = {"div", "__truediv__", "__itruediv__", "div_", "divide", "true_divide"}
 MATMULS = {"matmul", "__matmul__", "bmm", "mm"}
+# Sums and differences of two operands, ``±a ± b``: pulled back without torch.func.
+ADDITIONS = {"add", "__add__", "__radd__", "__iadd__", "add_"}
+SUBTRACTIONS = {"sub", "__sub__", "__isub__", "sub_", "subtract"}  # the second operand is negated
+REVERSED_SUBTRACTIONS = {"rsub", "__rsub__"}  # the first operand is negated
 KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS
 # Operations with a ``dim`` that must not be the batch axis.
 _DIM_OPS = {
@@ -283,6 +287,10 @@ class TensorOpRule:
     def input_jac_t_mat_prod(self, call: FunctionCall, value, slot: int) -> Tensor:
         """``J_xᵀ m`` for the tensor at ``slot``: ``[V, N, *x[1:]]`` (batched) or ``[V, N, *x]`` (shared)."""
         if call.kinds[slot] == "batched":
+            if self._safe(call) and not isinstance(value, list):
+                fast = self._fast_columns(call, value, slot)
+                if fast is not None:
+                    return fast
             mats = _as_list(call, value, _lead(value))
             if not self._safe(call):
                 self.check(call)
@@ -337,6 +345,10 @@ class TensorOpRule:
         name = call.func_name
         if call.kinds[slot] != "batched" or _uses(call, slot) > 1:
             return None
+        if not isinstance(value, list):
+            direct = _linear_pullback(call, value, slot, squared=True)
+            if direct is not None:
+                return direct
         x = call.tensors[slot].detach()
         if name in STRUCTURAL or name in MEANS:
             mats = [d.unsqueeze(0) for d in _diag_list(call, value)]
@@ -354,6 +366,16 @@ class TensorOpRule:
             return self._bilinear_diag(call, value, slot)
         return None
 
+    def _fast_columns(self, call: FunctionCall, value: Tensor, slot: int) -> Optional[Tensor]:
+        """``J_xᵀ m`` without torch.func: sums, means, and elementwise ``σ(x)`` (``m ⊙ σ'(x)``)."""
+        direct = _linear_pullback(call, value, slot, squared=False)
+        if direct is not None or call.func_name not in ELEMENTWISE:
+            return direct
+        if len(call.output_values) != 1 or _uses(call, slot) > 1:
+            return None
+        slope = self._elementwise_slope(call, slot)
+        return value * slope if slope is not None else None
+
     def _pull_batched(self, call: FunctionCall, mats: list[Tensor], slot: int) -> Tensor:
         _, pull = vjp(self._function(call, (slot,)), call.tensors[slot].detach())
         return vmap(lambda *m: pull(tuple(m))[0])(*mats)
@@ -370,7 +392,16 @@ class TensorOpRule:
         )
 
     def _elementwise_slope(self, call: FunctionCall, slot: int) -> Optional[Tensor]:
-        """``σ'(x)`` of a unary elementwise operation, from its autograd node if it is one."""
+        """``σ'(x)`` of a unary elementwise operation, from its autograd node if it is one.
+
+        Kept in ``call.cache`` for the backward pass: every source reads the same slope.
+        """
+        key = ("slope", slot)
+        if key not in call.cache:
+            call.cache[key] = self._compute_slope(call, slot)
+        return call.cache[key]
+
+    def _compute_slope(self, call: FunctionCall, slot: int) -> Optional[Tensor]:
         x = call.tensors[slot]
         if call.output_values[0].shape != x.shape:
             return None
@@ -459,6 +490,48 @@ class TensorOpRule:
 
     def param_diag(self, call: FunctionCall, name: str, diag) -> Tensor:
         return self._exact_diag(call, diag, call.slot_of(name)).sum(0)
+
+
+def _linear_pullback(call: FunctionCall, value: Tensor, slot: int, squared: bool) -> Optional[Tensor]:
+    """``J_xᵀ m`` (or ``Σ_o d_o J_oi²`` if ``squared``) for ``±a ± b`` and ``mean``, directly.
+
+    Both are linear with constant coefficients: a sum gives its operand ``±m``,
+    summed over the axes it was broadcast along; a mean over ``K`` entries gives
+    every entry ``m / K``, and the squared Jacobian ``d / K²``.
+
+    Args:
+        call: A recorded operation already known to keep samples apart.
+        value: ``[*lead, N, *out]``, the columns (or the diagonal) at the output.
+        slot: A batched input used once by the operation.
+        squared: Pull back a diagonal instead of columns.
+
+    Returns:
+        ``[*lead, N, *x[1:]]``, or ``None`` for every other operation or form of call.
+    """
+    name = call.func_name
+    x = call.tensors[slot]
+    lead = value.shape[: value.dim() - len(call.output_shapes[0])]
+    if name in ADDITIONS or name in SUBTRACTIONS or name in REVERSED_SUBTRACTIONS:
+        if call.kwargs or len(call.args) != 2 or _uses(call, slot) != 1:
+            return None  # alpha=..., out=..., or x ± x
+        position = 0 if isinstance(call.args[0], Slot) and call.args[0] == slot else 1
+        negated = (name in SUBTRACTIONS and position == 1) or (name in REVERSED_SUBTRACTIONS and position == 0)
+        pulled = value if value.shape[len(lead):] == x.shape else value.sum_to_size(*lead, *x.shape)
+        return -pulled if negated and not squared else pulled
+    if name in MEANS and slot == 0 and _uses(call, slot) == 1 and set(call.kwargs) <= {"dim", "keepdim"}:
+        dim = _dim_arg(call, default=None)
+        if dim is None or isinstance(dim, Slot):
+            return None
+        keepdim = call.kwargs.get("keepdim", call.args[2] if len(call.args) > 2 else False)
+        if not isinstance(keepdim, bool):
+            return None
+        dims = sorted(d % x.dim() for d in (dim if isinstance(dim, (tuple, list)) else (dim,)))
+        if not keepdim:
+            for d in dims:  # ascending, so each index is already that of the input
+                value = value.unsqueeze(len(lead) + d)
+        count = x.numel() // max(call.output_values[0].numel(), 1)
+        return value.expand(*lead, *x.shape) / (count * count if squared else count)
+    return None
 
 
 def _uses(call: FunctionCall, slot: int) -> int:
