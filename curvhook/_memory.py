@@ -115,7 +115,9 @@ def scratch(shape: Sequence[int], like: Tensor, slot: str) -> Tensor:
 
 
 def square(x: Tensor, slot: str) -> Tensor:
-    """``x ∘ x`` into the scratch buffer of ``slot``."""
+    """``x ∘ x`` into the scratch buffer of ``slot`` (a fresh tensor where ``scratch`` gives one)."""
+    if x.device.type != "cpu" or x.numel() * x.element_size() < _SCRATCH_MIN_BYTES:
+        return x.square()
     return torch.mul(x, x, out=scratch(x.shape, x, slot))
 
 

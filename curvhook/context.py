@@ -28,6 +28,7 @@ from curvhook.calls import (
     FunctionCall,
     LossCall,
     ModuleCall,
+    Slot,
     TensorKey,
     Trace,
     key_of,
@@ -77,11 +78,15 @@ class Extend:
         # loss may be called. Weak references, so an id reused later never matches.
         self._watch: dict[TensorKey, tuple[weakref.ref, weakref.ref]] = {}
         self._names: dict[nn.Module, str] = {}
+        self._modules_seen: dict[nn.Module, tuple[str, bool]] = {}  # name, has children
         self._params: list[nn.Parameter] = []
         self._monitor: Optional[LossUseMonitor] = None
         self._global_handle: Any = None
         self._results: list[tuple[int, dict]] = []
         self._results_task: Optional[int] = None
+        # Traces a backward consumed, released when the next forward starts (weakly held:
+        # a trace whose graph is gone is freed with it).
+        self._used: list["weakref.ref[Trace]"] = []
         self._forwards = 0
         self._losses_running = 0  # loss modules in their forward (their inner ops are not recorded)
         self._active = False
@@ -152,10 +157,12 @@ class Extend:
             trace.remove_hooks()
         self._stack.clear()
         self._frames.clear()
+        self._used.clear()
         self._watch.clear()
         _memory.release_scratch()
         self._losses_running = 0
         self._names = {}
+        self._modules_seen = {}
         self._active = False
 
     # ---------------------------------------------------------- forward hooks
@@ -163,9 +170,11 @@ class Extend:
     def _on_model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # A trace that a backward already used is not needed any more once the
         # next forward starts: release it before new activations pile up.
-        for trace in list(self._traces):
-            if trace.used:
+        for ref in self._used:
+            trace = ref()
+            if trace is not None:
                 trace.release()
+        self._used.clear()
         if self._monitor is not None:
             self._monitor.prune()
         self._watch = {k: v for k, v in self._watch.items() if v[0]() is not None and v[1]() is not None}
@@ -203,23 +212,40 @@ class Extend:
     def _on_module_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._stack:
             return
-        if self._frames:
-            self._frames[-1].child_called = True
-        t_args, t_kwargs, inputs = make_template(args, kwargs)
+        frames = self._frames
+        if frames:
+            frames[-1].child_called = True
+        if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common call: f(x)
+            x = args[0]
+            t_args, t_kwargs, inputs = _ONE_SLOT, {}, (x,)
+            keys, versions, nodes, needs = ((id(x), x._version),), (x._version,), (x.grad_fn,), (x.requires_grad,)
+        else:
+            t_args, t_kwargs, found = make_template(args, kwargs)
+            inputs = tuple(found)
+            keys = tuple(key_of(x) for x in inputs)
+            versions = tuple(k[1] for k in keys)
+            nodes = tuple(x.grad_fn for x in inputs)
+            needs = tuple(x.requires_grad for x in inputs)
+        name, has_children = self._modules_seen.get(module) or self._see(module)
         call = ModuleCall(
             module=module,
-            name=self._names.get(module, type(module).__name__),
-            inputs=tuple(inputs),
-            input_keys=tuple(key_of(x) for x in inputs),
-            input_versions=tuple(x._version for x in inputs),
-            input_nodes=tuple(x.grad_fn for x in inputs),
-            input_requires_grad=tuple(x.requires_grad for x in inputs),
+            name=name,
+            inputs=inputs,
+            input_keys=keys,
+            input_versions=versions,
+            input_nodes=nodes,
+            input_requires_grad=needs,
             args=t_args,
             kwargs=t_kwargs,
         )
-        has_children = next(module.children(), None) is not None
         trace = self._stack[-1]
-        self._frames.append(Frame(call, len(trace.calls), has_children, len(trace.shared_log)))
+        frames.append(Frame(call, len(trace.calls), has_children, len(trace.shared_log)))
+
+    def _see(self, module: nn.Module) -> tuple[str, bool]:
+        """A module's name and whether it has children, looked up once per block."""
+        info = (self._names.get(module, type(module).__name__), next(module.children(), None) is not None)
+        self._modules_seen[module] = info
+        return info
 
     @_without_torch_function
     def _on_module_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -240,7 +266,7 @@ class Extend:
             trace.shared_keys.difference_update(trace.shared_log[frame.shared_start :])
             del trace.shared_log[frame.shared_start :]
         call.recurse = frame.has_children
-        outputs = [o for o in _flat_tensors(output)]
+        outputs = [output] if isinstance(output, Tensor) else list(_flat_tensors(output))
         if outputs:
             first = outputs[0]
             call.output, call.output_key, call.node = first, key_of(first), first.grad_fn
@@ -408,8 +434,12 @@ class Extend:
             self._losses_running += 1
 
     def _on_any_module(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not isinstance(module, _Loss):
+        if not isinstance(module, _Loss):  # every module of the process comes here: return at once
             return
+        self._on_loss(module, args, kwargs, output)
+
+    @_without_torch_function
+    def _on_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self._losses_running = max(0, self._losses_running - 1)
         if not isinstance(output, Tensor):
             return
@@ -468,7 +498,9 @@ class Extend:
             self._results, self._results_task = [], task
             torch.autograd.Variable._execution_engine.queue_callback(self._write_results)
         self._results.append((trace.seq, results))
-        trace.used = True
+        if not trace.used:
+            trace.used = True
+            self._used.append(weakref.ref(trace))
 
     def _write_results(self) -> None:
         """End of a backward pass: write what every forward pass it reached gave.
@@ -519,6 +551,9 @@ def _is_empty_container(module: nn.Module) -> bool:
     """An empty ``nn.Sequential`` returns its input unchanged: not an operation at all."""
     return type(module) in (nn.Sequential, nn.ModuleList, nn.ModuleDict) and not module._parameters
 
+
+# The arguments of a module called with one tensor: the template ``(Slot(0),)``.
+_ONE_SLOT = (Slot(0),)
 
 # Marks an input with an autograd history in an operation recorded after the model.
 _HISTORY = object()

@@ -54,6 +54,7 @@ _NOT_OPERATIONS = {
     "__hash__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__index__",
     "__int__", "__float__", "__array__", "numpy", "cpu", "equal", "allclose", "isclose",
     "register_post_accumulate_grad_hook", "__reduce_ex__", "__deepcopy__", "nelement",
+    "__set__",  # property setters: p.grad = None, x.requires_grad = ...
 }
 _TENSOR_PROPERTIES = {"T", "mT", "H", "mH", "real", "imag"}
 
