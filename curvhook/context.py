@@ -218,7 +218,7 @@ class Extend:
         if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common call: f(x)
             x = args[0]
             t_args, t_kwargs, inputs = _ONE_SLOT, {}, (x,)
-            keys, versions, nodes, needs = ((id(x), x._version),), (x._version,), (x.grad_fn,), (x.requires_grad,)
+            keys, versions, nodes, needs = (key_of(x),), (x._version,), (x.grad_fn,), (x.requires_grad,)
         else:
             t_args, t_kwargs, found = make_template(args, kwargs)
             inputs = tuple(found)
@@ -548,7 +548,8 @@ def _is_inplace(func: Any) -> bool:
 
 
 def _is_empty_container(module: nn.Module) -> bool:
-    """An empty ``nn.Sequential`` returns its input unchanged: not an operation at all."""
+    """A plain container computes nothing itself (an empty ``nn.Sequential`` returns its
+    input): hooks on it would record nothing, so it gets none."""
     return type(module) in (nn.Sequential, nn.ModuleList, nn.ModuleDict) and not module._parameters
 
 

@@ -99,6 +99,11 @@ def _softmax_factor(p: Tensor) -> Tensor:
     return eye - outer
 
 
+def _with_alpha(p: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(p, a, α)`` with ``α = Σ_c a_c``, ``[N, 1, *d]``."""
+    return p, a, a.sum(1, keepdim=True)
+
+
 class LossRule:
     """Hessian rules of one loss family."""
 
@@ -142,21 +147,25 @@ class CrossEntropyRule(LossRule):
         """
         cached = call.cache.get("coefficients")
         if cached is None:
-            p, a = self._compute_coefficients(call)
-            cached = call.cache["coefficients"] = (p, a, a.sum(1, keepdim=True))
+            cached = call.cache["coefficients"] = self._compute_coefficients(call)
         return cached
 
-    def _compute_coefficients(self, call: LossCall) -> tuple[Tensor, Tensor]:
+    def _compute_coefficients(self, call: LossCall) -> tuple[Tensor, Tensor, Tensor]:
         _require_batch(call, 2)
         loss, f, y = call.module, call.input, call.target
         p = f.softmax(1)
         c = f.shape[1]
         eps = loss.label_smoothing
         if y is not None and loss.weight is None and eps == 0 and not y.dtype.is_floating_point:
-            # the common case, in a few operations: a = one_hot(y) on valid positions / count
+            if not bool((y == loss.ignore_index).any()):
+                # the usual case, in a few operations: a = one_hot(y) / count, α = 1 / count
+                scale = 1.0 / y.numel() if loss.reduction == "mean" else 1.0
+                a = torch.zeros_like(p).scatter_(1, y.unsqueeze(1), scale)
+                return p, a, p.new_full((y.shape[0], 1, *y.shape[1:]), scale)
+            # ignored positions: a = one_hot(y) on valid positions / their count
             valid = y != loss.ignore_index
             a = torch.zeros_like(p).scatter_(1, torch.where(valid, y, 0).unsqueeze(1), valid.unsqueeze(1).to(p.dtype))
-            return p, (a / valid.sum() if loss.reduction == "mean" else a)
+            return _with_alpha(p, a / valid.sum() if loss.reduction == "mean" else a)
         w = loss.weight if loss.weight is not None else f.new_ones(c)
         w = w.to(f.dtype).reshape(1, c, *([1] * (f.dim() - 2)))
         if (w < 0).any():
@@ -169,12 +178,12 @@ class CrossEntropyRule(LossRule):
                 )
             a = p.new_full(p.shape, 1.0 / c)  # any a with Σ_c a_c = 1 gives the Hessian
             denom = f.numel() / c if loss.reduction == "mean" else 1.0
-            return p, a / denom
+            return _with_alpha(p, a / denom)
         if y.dtype.is_floating_point:  # class probabilities
             t = y.to(f.dtype) * (1 - eps) + eps / c
             a = w * t
             denom = f.numel() / c if loss.reduction == "mean" else 1.0
-            return p, a / denom
+            return _with_alpha(p, a / denom)
         valid = y != loss.ignore_index
         onehot = F.one_hot(torch.where(valid, y, 0), c).movedim(-1, 1).to(f.dtype)
         a = (1 - eps) * w * onehot + (eps / c) * w
@@ -182,7 +191,7 @@ class CrossEntropyRule(LossRule):
         if loss.reduction == "mean":
             denom = (w * onehot).sum(1)[valid].sum()
             a = a / denom
-        return p, a
+        return _with_alpha(p, a)
 
     def sqrt_hessian(self, call: LossCall) -> Tensor:
         p, _, alpha = self._coefficients(call)
