@@ -216,25 +216,20 @@ class Extend:
         if frames:
             frames[-1].child_called = True
         if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common call: f(x)
-            x = args[0]
-            t_args, t_kwargs, inputs = _ONE_SLOT, {}, (x,)
-            keys, versions, nodes, needs = (key_of(x),), (x._version,), (x.grad_fn,), (x.requires_grad,)
+            t_args, t_kwargs, inputs = _ONE_SLOT, {}, args
         else:
             t_args, t_kwargs, found = make_template(args, kwargs)
             inputs = tuple(found)
-            keys = tuple(key_of(x) for x in inputs)
-            versions = tuple(k[1] for k in keys)
-            nodes = tuple(x.grad_fn for x in inputs)
-            needs = tuple(x.requires_grad for x in inputs)
+        keys = tuple(key_of(x) for x in inputs)
         name, has_children = self._modules_seen.get(module) or self._see(module)
         call = ModuleCall(
             module=module,
             name=name,
             inputs=inputs,
             input_keys=keys,
-            input_versions=versions,
-            input_nodes=nodes,
-            input_requires_grad=needs,
+            input_versions=tuple(k[1] for k in keys),
+            input_nodes=tuple(x.grad_fn for x in inputs),
+            input_requires_grad=tuple(x.requires_grad for x in inputs),
             args=t_args,
             kwargs=t_kwargs,
         )

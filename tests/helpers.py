@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from curvhook import extend
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
-from reference import DropoutMasks, collect, compare, reference
+from graph_reference import diag_ggn_approx_graph
+from reference import DropoutMasks, check, collect, compare, reference
 
 ALL = ("BatchJacobian", "DiagGGN", "DiagGGNApprox", "FullGGN")
 
@@ -66,3 +67,17 @@ def check_against_reference(
     torch.testing.assert_close(ref.H_full, ref.H, rtol=0, atol=1e-12 * ref.H.abs().max().item())
     compare(got, ref, matrix, rtol=rtol)
     return got, ref
+
+
+def check_graph_against_reference(model: nn.Module, X: Tensor, y: Tensor) -> None:
+    """All four extensions on a model with tensor operations between modules, cross-entropy loss.
+
+    The exact quantities against the torch.func reference; DiagGGNApprox against its
+    definition on the graph (``graph_reference``), from ``diag(H)`` at the output.
+    """
+    crit = nn.CrossEntropyLoss()
+    got, matrix, _ = run_curvhook(model, X, lambda out: crit(out, y))
+    ref = reference(model, X, lambda out: crit(out, y), approx=False)
+    compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, matrix)
+    d = torch.func.hessian(lambda o: crit(o, y))(ref.out).reshape(ref.out.numel(), -1).diagonal()
+    check(got["DiagGGNApprox"], diag_ggn_approx_graph(model, X, d), "DiagGGNApprox")

@@ -1,5 +1,7 @@
 """Models with tensor operations between modules, against the torch.func references."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,8 +10,7 @@ from torch import nn
 from curvhook import extend
 from curvhook.errors import UnsupportedModelError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
-from graph_reference import diag_ggn_approx_graph
-from reference import check, collect, compare, reference
+from helpers import check_graph_against_reference
 
 DT = torch.float64
 
@@ -207,19 +208,9 @@ def test_graph_against_reference(case, n):
     with torch.no_grad():
         C = model(X).shape[1]
     y = torch.randint(0, C, (n,))
-    crit = nn.CrossEntropyLoss()
-    ggn = FullGGN()
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nn.MultiheadAttention goes through the fallback
-        with extend(model, BatchJacobian(), DiagGGN(), DiagGGNApprox(), ggn):
-            crit(model(X), y).backward()
-    ref = reference(model, X, lambda out: crit(out, y), approx=False)
-    got = collect(model, n)
-    compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, ggn.matrix)
-    d = torch.func.hessian(lambda o: crit(o, y))(ref.out).reshape(ref.out.numel(), -1).diagonal()
-    check(got["DiagGGNApprox"], diag_ggn_approx_graph(model, X, d), "DiagGGNApprox")
+        check_graph_against_reference(model, X, y)
 
 
 class MixesSamples(nn.Module):
