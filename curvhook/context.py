@@ -77,8 +77,7 @@ class Extend:
         # Model outputs and tensors computed from them after the model: where a
         # loss may be called. Weak references, so an id reused later never matches.
         self._watch: dict[TensorKey, tuple[weakref.ref, weakref.ref]] = {}
-        self._names: dict[nn.Module, str] = {}
-        self._modules_seen: dict[nn.Module, tuple[str, bool]] = {}  # name, has children
+        self._modules: dict[nn.Module, tuple[str, bool]] = {}  # module -> (name, has children)
         self._params: list[nn.Parameter] = []
         self._monitor: Optional[LossUseMonitor] = None
         self._global_handle: Any = None
@@ -104,7 +103,10 @@ class Extend:
                 )
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._param_ids = {id(p) for p in self._params}
-        self._names = {m: name or type(m).__name__ for name, m in self.model.named_modules()}
+        self._modules = {
+            m: (name or type(m).__name__, next(m.children(), None) is not None)
+            for name, m in self.model.named_modules()
+        }
         for ext in self.extensions:  # frozen parameters keep no stale result either
             ext.reset(list(self.model.parameters()))
         try:
@@ -161,8 +163,7 @@ class Extend:
         self._watch.clear()
         _memory.release_scratch()
         self._losses_running = 0
-        self._names = {}
-        self._modules_seen = {}
+        self._modules = {}
         self._active = False
 
     # ---------------------------------------------------------- forward hooks
@@ -221,7 +222,7 @@ class Extend:
             t_args, t_kwargs, found = make_template(args, kwargs)
             inputs = tuple(found)
         keys = tuple(key_of(x) for x in inputs)
-        name, has_children = self._modules_seen.get(module) or self._see(module)
+        name, has_children = self._modules[module]  # hooks are only on the modules listed at entry
         call = ModuleCall(
             module=module,
             name=name,
@@ -235,12 +236,6 @@ class Extend:
         )
         trace = self._stack[-1]
         frames.append(Frame(call, len(trace.calls), has_children, len(trace.shared_log)))
-
-    def _see(self, module: nn.Module) -> tuple[str, bool]:
-        """A module's name and whether it has children, looked up once per block."""
-        info = (self._names.get(module, type(module).__name__), next(module.children(), None) is not None)
-        self._modules_seen[module] = info
-        return info
 
     @_without_torch_function
     def _on_module_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
