@@ -8,6 +8,16 @@ per 4 KiB, which on a virtual machine takes longer than the arithmetic (a
 before the buffer is first touched. Nothing changes where that is not possible
 (not Linux, not the CPU, a small buffer) or when the environment variable
 ``CURVHOOK_HUGEPAGES=0`` is set.
+
+Even with huge pages, a fresh buffer of several GB costs seconds of faults on
+every step. So large buffers are also *recycled*: :func:`empty` hands out the
+memory of an earlier large buffer of the same size once no tensor uses it any
+more (its storage has no other owner: no result the user kept, no view of it,
+no tensor saved by autograd). The extensions remove their attributes of the
+previous backward pass when the next one starts, so a training loop that drops
+its results gets the same memory back on every step; a result the user still
+holds is never written to. Free buffers that were not reused are dropped when
+a backward pass ends, and all of them when the ``extend`` block exits.
 """
 
 from __future__ import annotations
@@ -47,10 +57,29 @@ def empty(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = Non
         dtype: Overrides the dtype of ``like``.
 
     Returns:
-        A contiguous tensor; on a Linux CPU and above 8 MiB, backed by huge pages
-        where the kernel allows it.
+        A contiguous tensor. On a CPU and above 8 MiB it is backed by huge pages
+        where the kernel allows it, and it may reuse the memory of an earlier
+        buffer of the same size that nothing uses any more.
     """
-    out = torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
+    dtype = dtype or like.dtype
+    shape = tuple(shape)
+    if like.device.type != "cpu" or _numel(shape) * dtype.itemsize < _MIN_BYTES:
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    pool = _recycled()
+    if pool is not None:
+        numel = _numel(shape)
+        for buf in pool:
+            if buf.numel() == numel and buf.dtype == dtype and _unused(buf):
+                return buf.view(shape)
+    out = _fresh((_numel(shape),), dtype, like.device)
+    if pool is not None:
+        pool.append(out)
+    return out.view(shape)
+
+
+def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A new buffer, advised to use huge pages when it is large and on the CPU."""
+    out = torch.empty(shape, dtype=dtype, device=device)
     if _madvise is not None and out.device.type == "cpu":
         nbytes = out.numel() * out.element_size()
         if nbytes >= _MIN_BYTES:
@@ -58,6 +87,45 @@ def empty(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = Non
             end = (out.data_ptr() + nbytes) // _PAGE * _PAGE
             _madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: failure is harmless
     return out
+
+
+def _numel(shape: Sequence[int]) -> int:
+    numel = 1
+    for s in shape:
+        numel *= s
+    return numel
+
+
+# Large buffers handed out by ``empty`` during the current block, per thread.
+# Without torch's storage use count (a private function) nothing is recycled.
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+_recycling = threading.local()
+
+
+def _recycled() -> Optional[list[Tensor]]:
+    """This thread's list of recyclable buffers, or ``None`` when recycling is off."""
+    if _use_count is None:
+        return None
+    pool = getattr(_recycling, "pool", None)
+    if pool is None:
+        pool = _recycling.pool = []
+    return pool
+
+
+def _unused(buf: Tensor) -> bool:
+    """Whether only the pool's own tensor uses ``buf``'s memory.
+
+    The storage's use count is one per tensor (view, or tensor saved for
+    backward) that shares it, plus one for the storage object of this call.
+    """
+    return _use_count(buf.untyped_storage()._cdata) <= 2
+
+
+def drop_unused() -> None:
+    """Forget the recyclable buffers that nothing uses (end of a backward pass)."""
+    pool = getattr(_recycling, "pool", None)
+    if pool:
+        pool[:] = [buf for buf in pool if not _unused(buf)]
 
 
 def zeros(shape: Sequence[int], like: Tensor) -> Tensor:
@@ -99,9 +167,7 @@ def scratch(shape: Sequence[int], like: Tensor, slot: str) -> Tensor:
     Returns:
         A contiguous tensor (a fresh one for small sizes and non-CPU devices).
     """
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = _numel(shape)
     if like.device.type != "cpu" or numel * like.element_size() < _SCRATCH_MIN_BYTES:
         return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
     pool = getattr(_scratch, "pool", None)
@@ -110,7 +176,7 @@ def scratch(shape: Sequence[int], like: Tensor, slot: str) -> Tensor:
     key = (slot, like.dtype)
     buf = pool.get(key)
     if buf is None or buf.numel() < numel:
-        buf = pool[key] = empty((numel,), like)
+        buf = pool[key] = _fresh((numel,), like.dtype, like.device)
     return buf[:numel].view(tuple(shape))
 
 
@@ -122,5 +188,6 @@ def square(x: Tensor, slot: str) -> Tensor:
 
 
 def release_scratch() -> None:
-    """Drop this thread's scratch buffers."""
+    """Drop this thread's scratch and recyclable buffers (the ``extend`` block exits)."""
     _scratch.pool = {}
+    _recycling.pool = []

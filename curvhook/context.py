@@ -467,6 +467,11 @@ class Extend:
                 "has a term that couples all samples, which the GGN extensions do not compute. "
                 "Backpropagate a sum of multiples of supported losses."
             )
+        if self._results_task != task and not self.accumulate:
+            # The results of the previous backward pass are replaced: remove them
+            # now, so that large ones nobody kept lend their memory to this pass.
+            for ext in self.extensions:
+                ext.reset(self._params)
         node = torch._C._current_autograd_node()
         root_calls = [c for c in trace.calls if c.output_key == trace.root_key]
         for call in root_calls:  # hand the rules what the trace must not hold
@@ -507,6 +512,7 @@ class Extend:
             for i, (_, results) in enumerate(pending):
                 for ext, result in results.items():
                     ext.write(result, self._params, self.accumulate or i > 0)
+        _memory.drop_unused()
 
 
 @dataclass(eq=False)
@@ -578,8 +584,9 @@ def extend(model: nn.Module, *extensions: Extension, accumulate: bool = False) -
     Args:
         model: Any ``nn.Module``; its output must be one tensor ``[N, *out]``.
         *extensions: Extension instances, e.g. ``DiagGGN()``, ``FullGGN()``.
-        accumulate: If ``False`` (default) each backward overwrites the results
-            of the previous one. If ``True``, results of the backward passes in
+        accumulate: If ``False`` (default) each backward replaces the results
+            of the previous one, removing them from the parameters when it
+            starts; tensors the caller kept are never written to. If ``True``, results of the backward passes in
             this block are summed (``BatchJacobian`` concatenates along the
             sample axis), as a loop over a data loader needs.
 

@@ -152,6 +152,60 @@ def test_scratch_buffers_are_reused_and_released_with_the_block():
     assert not getattr(_memory._scratch, "pool", {}), "scratch buffers outlive the block"
 
 
+def _storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("net", ["mlp", "conv"])
+def test_large_buffers_are_recycled_only_when_nothing_uses_them(monkeypatch, net):
+    """Every buffer counts as large; steps with new inputs, results dropped or kept.
+
+    A dropped result lends its memory to the next step; a kept result (the
+    tensor, or only a view of it) is never written to; every step is exact.
+    """
+    monkeypatch.setattr(_memory, "_MIN_BYTES", 1)
+    torch.manual_seed(7)
+    if net == "mlp":
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).to(DT)
+        shape = (5, 4)
+    else:
+        model, shape = conv_net(), (5, 2, 4, 4)
+    first = next(model.parameters())
+    ggn = FullGGN()
+    kept, steps = [], []
+    with extend(model, DiagGGN(), DiagGGNApprox(), BatchJacobian(), ggn):
+        for step in range(4):
+            X, y = torch.randn(*shape, dtype=DT), torch.randint(0, 3, (5,))
+            before = _storage(first.batch_jacobian) if step else None
+            nn.CrossEntropyLoss()(model(X), y).backward()
+            steps.append((X, y, collect(model, 5), ggn.matrix.clone()))  # copies, checked below
+            if step == 1:  # nothing was kept after step 0: its memory came back
+                assert _storage(first.batch_jacobian) == before
+            if step in (1, 2):  # keep the Jacobian of step 1, a view of step 2's, and G
+                held = first.batch_jacobian if step == 1 else first.batch_jacobian[1:, 0]
+                kept.append((held, held.clone(), ggn.matrix, ggn.matrix.clone()))
+        for held, value, matrix, matrix_value in kept:
+            assert torch.equal(held, value) and torch.equal(matrix, matrix_value)
+        assert _storage(first.batch_jacobian) not in {_storage(h) for h, *_ in kept}
+    assert not getattr(_memory._recycling, "pool", []), "recycled buffers outlive the block"
+    for X, y, got, matrix in steps:
+        ref = reference(model, X, lambda o, y=y: nn.CrossEntropyLoss()(o, y))
+        compare(got, ref, matrix=matrix, tag=" (recycled buffers)")
+
+
+def test_results_of_the_previous_backward_are_removed_when_the_next_starts():
+    """They are replaced by the new ones; reading them during the next backward finds none."""
+    model = nn.Sequential(nn.Linear(3, 2)).to(DT)
+    X, y = torch.randn(4, 3, dtype=DT), torch.randint(0, 2, (4,))
+    seen = []
+    with extend(model, DiagGGN()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+        out = model(X)
+        out.register_hook(lambda g: seen.append(hasattr(model[0].weight, "diag_ggn")))
+        nn.CrossEntropyLoss()(out, y).backward()
+    assert seen == [False] and model[0].weight.diag_ggn.shape == (2, 3)
+
+
 class ResidualMean(nn.Module):
     """A functional residual (``+``), a difference and a global mean: the direct pullbacks."""
 
