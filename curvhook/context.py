@@ -77,7 +77,9 @@ class Extend:
         # Model outputs and tensors computed from them after the model: where a
         # loss may be called. Weak references, so an id reused later never matches.
         self._watch: dict[TensorKey, tuple[weakref.ref, weakref.ref]] = {}
-        self._modules: dict[nn.Module, tuple[str, bool]] = {}  # module -> (name, has children)
+        # module -> (name, has children, a torch layer without children)
+        self._modules: dict[nn.Module, tuple[str, bool, bool]] = {}
+        self._popped: list[nn.Module] = []  # modules running with the mode off the stack
         self._params: list[nn.Parameter] = []
         self._monitor: Optional[LossUseMonitor] = None
         self._global_handle: Any = None
@@ -103,10 +105,11 @@ class Extend:
                 )
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._param_ids = {id(p) for p in self._params}
-        self._modules = {
-            m: (name or type(m).__name__, next(m.children(), None) is not None)
-            for name, m in self.model.named_modules()
-        }
+        self._modules = {}
+        for name, m in self.model.named_modules():
+            has_children = next(m.children(), None) is not None
+            builtin_leaf = not has_children and type(m).__module__.startswith("torch.nn.")
+            self._modules[m] = (name or type(m).__name__, has_children, builtin_leaf)
         for ext in self.extensions:  # frozen parameters keep no stale result either
             ext.reset(list(self.model.parameters()))
         try:
@@ -143,9 +146,11 @@ class Extend:
         if self._monitor is not None:
             self._monitor.clear()
             try:
-                self._monitor.__exit__(None, None, None)
+                if self._mode_on_top():  # not when a forward was interrupted inside a layer
+                    self._monitor.__exit__(None, None, None)
             finally:
                 self._monitor = None
+                self._popped.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -176,6 +181,15 @@ class Extend:
             if trace is not None:
                 trace.release()
         self._used.clear()
+        if self._popped:
+            # A forward was interrupted inside a torch layer (KeyboardInterrupt skips
+            # the post hooks): put the mode back and drop what that forward left open.
+            self._popped.clear()
+            torch._C._push_on_torch_function_stack(self._monitor)
+            for trace in self._stack:
+                trace.release()
+            self._stack.clear()
+            self._frames.clear()
         if self._monitor is not None:
             self._monitor.prune()
         self._watch = {k: v for k, v in self._watch.items() if v[0]() is not None and v[1]() is not None}
@@ -222,7 +236,7 @@ class Extend:
             t_args, t_kwargs, found = make_template(args, kwargs)
             inputs = tuple(found)
         keys = tuple(key_of(x) for x in inputs)
-        name, has_children = self._modules[module]  # hooks are only on the modules listed at entry
+        name, has_children, builtin_leaf = self._modules[module]  # hooks are only on modules listed at entry
         call = ModuleCall(
             module=module,
             name=name,
@@ -236,9 +250,18 @@ class Extend:
         )
         trace = self._stack[-1]
         frames.append(Frame(call, len(trace.calls), has_children, len(trace.shared_log)))
+        if builtin_leaf and self._mode_on_top() and not self._monitor.marked(inputs):
+            # The mode records nothing inside a leaf: a torch layer's forward calls no
+            # module, and its inputs carry no loss value. Off the stack, its functions
+            # skip the mode's Python dispatch; _on_module_post puts it back.
+            torch._C._pop_torch_function_stack()
+            self._popped.append(module)
 
     @_without_torch_function
     def _on_module_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._popped and self._popped[-1] is module:  # also when its forward raised
+            self._popped.pop()
+            torch._C._push_on_torch_function_stack(self._monitor)
         if not self._stack or not self._frames or self._frames[-1].call.module is not module:
             return
         frame = self._frames.pop()
@@ -265,6 +288,11 @@ class Extend:
         call.training = module.training
         if call.inputs or call.output is not None:
             trace.calls.append(call)
+
+    def _mode_on_top(self) -> bool:
+        """Whether this block's torch-function mode is the innermost one active."""
+        depth = torch._C._len_torch_function_stack()
+        return depth > 0 and torch._C._get_function_stack_at(depth - 1) is self._monitor
 
     # ------------------------------------------------- tensor operations (glue)
     def before_function(self, func: Any, args: tuple, kwargs: dict) -> Optional[tuple]:

@@ -107,6 +107,10 @@ class LossUseMonitor(TorchFunctionMode):
             return None
         return entry[1]
 
+    def marked(self, tensors: Iterable[Any]) -> bool:
+        """Whether any of ``tensors`` is a tracked function of a loss value."""
+        return bool(self._marks) and any(self._mark_of(t) is not None for t in tensors)
+
     def clear(self) -> None:
         """Forget every tracked tensor and remove the hooks (end of the block)."""
         for handle in self._handles:

@@ -12,6 +12,7 @@ from torch.nn.modules import module as module_globals
 from curvhook import extend
 from curvhook.errors import CurvhookError, UnsupportedLossError, UnsupportedModelError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from graph_reference import diag_ggn_approx_graph
 from helpers import ALL, Chain, check_against_reference, run_curvhook
 from reference import check, collect, compare, reference, trainable
 
@@ -64,11 +65,12 @@ def snapshot(model):
         for p in model.parameters()
     }
     glob = {d: len(getattr(module_globals, d)) for d in GLOBAL_HOOK_DICTS if hasattr(module_globals, d)}
-    return modules, params, glob
+    return modules, params, glob, torch._C._len_torch_function_stack()
 
 
 def assert_clean(model, before):
     after = snapshot(model)
+    assert after[3] == before[3], "torch-function mode left behind (or one of the caller's removed)"
     assert after[2] == before[2], "global module hooks left behind"
     assert after[1] == before[1], "parameter attributes or tensor hooks left behind"
     for m in model.modules():
@@ -144,6 +146,46 @@ def test_hooks_removed_when_a_leaf_module_raises():
         with extend(model, *all_extensions()):
             model(torch.randn(3, 4, dtype=DT))
     assert_clean(model, before)
+
+
+class Glued(nn.Module):
+    """Tensor operations between layers: recorded only while the block's mode is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.tanh(h) + 0.5 * h)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_torch_layer_that_raises_leaves_the_block_usable_and_clean(error):
+    """Inside a torch layer the block's torch-function mode is off the stack; an
+    exception there (also one that skips torch's always-called hooks) must not
+    lose it for the next forward, leave it behind or take another mode with it."""
+    model = Glued().to(DT)
+    X, y = data()
+    before = snapshot(model)
+
+    def fail(x):
+        raise error("inside the layer")
+
+    crit = nn.CrossEntropyLoss()
+    with extend(model, DiagGGN(), DiagGGNApprox()):
+        model.b.forward = fail
+        with pytest.raises(error, match="inside the layer"):
+            model(X)
+        del model.b.forward
+        crit(model(X), y).backward()
+        approx = collect(model, 4, ("DiagGGNApprox",))
+        crit(2 * model(X), y).backward()  # an operation after the model: the stack is clean
+    assert_clean(model, before)
+    d = torch.func.hessian(lambda o: crit(o, y))(model(X)).reshape(4 * 3, -1).diagonal()
+    check(approx["DiagGGNApprox"], diag_ggn_approx_graph(model, X, d), "DiagGGNApprox")
+    ref = reference(Chain(model, lambda out: 2 * out), X, lambda out: crit(out, y), approx=False)
+    compare(collect(model, 4, ("DiagGGN",)), ref)
 
 
 def test_hooks_removed_when_backward_raises():
@@ -848,6 +890,19 @@ def test_nonlinear_function_of_the_loss_raises_before_any_result_is_written():
         with pytest.raises(UnsupportedLossError, match="nonlinear function of a loss"):
             (loss * loss).backward()
     assert not any(hasattr(p, "diag_ggn") for p in model.parameters())
+
+
+def test_a_layer_of_the_model_applied_to_a_loss_value_is_watched():
+    """Inside torch layers the mode is off the stack, except for inputs that carry a loss value."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Softplus()).to(DT)
+    X, y = torch.randn(4, 3, dtype=DT), torch.randint(0, 3, (4,))
+    crit = nn.CrossEntropyLoss()
+    with extend(model, DiagGGN()):
+        loss = crit(model(X), y)
+        again = model(loss.expand(4, 3))  # the model's layers on the loss value: nonlinear in it
+        with pytest.raises(UnsupportedLossError, match="nonlinear function of a loss"):
+            (loss + crit(again, y)).backward()
 
 
 def test_batch_jacobian_does_not_care_how_the_loss_is_used():
