@@ -16,8 +16,12 @@ more (its storage has no other owner: no result the user kept, no view of it,
 no tensor saved by autograd). The extensions remove their attributes of the
 previous backward pass when the next one starts, so a training loop that drops
 its results gets the same memory back on every step; a result the user still
-holds is never written to. Free buffers that were not reused are dropped when
-a backward pass ends, and all of them when the ``extend`` block exits.
+holds is never written to. When a backward pass ends, the free buffers it used
+(temporaries the size of activations times the columns) are kept for the next
+one while they add up to at most half the memory of the results in the pool
+(so with BatchJacobian, where results dominate, but not with the diagonal
+extensions); the others are dropped, and all of them when the ``extend`` block
+exits.
 """
 
 from __future__ import annotations
@@ -68,12 +72,14 @@ def empty(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = Non
     pool = _recycled()
     if pool is not None:
         numel = _numel(shape)
-        for buf in pool:
+        for entry in pool:
+            buf = entry[0]
             if buf.numel() == numel and buf.dtype == dtype and _unused(buf):
+                entry[1] = _recycling.generation
                 return buf.view(shape)
     out = _fresh((_numel(shape),), dtype, like.device)
     if pool is not None:
-        pool.append(out)
+        pool.append([out, _recycling.generation])
     return out.view(shape)
 
 
@@ -96,19 +102,22 @@ def _numel(shape: Sequence[int]) -> int:
     return numel
 
 
-# Large buffers handed out by ``empty`` during the current block, per thread.
-# Without torch's storage use count (a private function) nothing is recycled.
+# Large buffers handed out by ``empty`` during the current block, per thread, as
+# [buffer, number of the backward pass that last used it]. Without torch's
+# storage use count (a private function) nothing is recycled.
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 _recycling = threading.local()
+_HELD_FRACTION = 0.5  # free buffers kept between passes, relative to the results in use
 
 
-def _recycled() -> Optional[list[Tensor]]:
+def _recycled() -> Optional[list[list]]:
     """This thread's list of recyclable buffers, or ``None`` when recycling is off."""
     if _use_count is None:
         return None
     pool = getattr(_recycling, "pool", None)
     if pool is None:
         pool = _recycling.pool = []
+        _recycling.generation = 0
     return pool
 
 
@@ -122,10 +131,32 @@ def _unused(buf: Tensor) -> bool:
 
 
 def drop_unused() -> None:
-    """Forget the recyclable buffers that nothing uses (end of a backward pass)."""
+    """End of a backward pass: keep the buffers in use, and free ones this pass used
+    while they fit in the budget (largest first); forget the others."""
     pool = getattr(_recycling, "pool", None)
-    if pool:
-        pool[:] = [buf for buf in pool if not _unused(buf)]
+    if not pool:
+        return
+    in_use = [e for e in pool if not _unused(e[0])]
+    budget = _HELD_FRACTION * sum(_nbytes(e[0]) for e in in_use)
+    kept = []
+    fresh = [e for e in pool if e[1] == _recycling.generation and _unused(e[0])]
+    for entry in sorted(fresh, key=lambda e: _nbytes(e[0]), reverse=True):
+        if _nbytes(entry[0]) <= budget:
+            kept.append(entry)
+            budget -= _nbytes(entry[0])
+    pool[:] = in_use + kept
+    _recycling.generation += 1
+
+
+def held_bytes() -> tuple[int, int]:
+    """Bytes of this thread's recyclable buffers: ``(in use, free)``."""
+    pool = getattr(_recycling, "pool", None) or []
+    used = sum(_nbytes(e[0]) for e in pool if not _unused(e[0]))
+    return used, sum(_nbytes(e[0]) for e in pool) - used
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def zeros(shape: Sequence[int], like: Tensor) -> Tensor:
@@ -190,4 +221,4 @@ def square(x: Tensor, slot: str) -> Tensor:
 def release_scratch() -> None:
     """Drop this thread's scratch and recyclable buffers (the ``extend`` block exits)."""
     _scratch.pool = {}
-    _recycling.pool = []
+    _recycling.pool = None

@@ -179,6 +179,8 @@ def test_large_buffers_are_recycled_only_when_nothing_uses_them(monkeypatch, net
             before = _storage(first.batch_jacobian) if step else None
             nn.CrossEntropyLoss()(model(X), y).backward()
             steps.append((X, y, collect(model, 5), ggn.matrix.clone()))  # copies, checked below
+            used, free = _memory.held_bytes()
+            assert 0 < free <= _memory._HELD_FRACTION * used  # temporaries kept within the budget
             if step == 1:  # nothing was kept after step 0: its memory came back
                 assert _storage(first.batch_jacobian) == before
             if step in (1, 2):  # keep the Jacobian of step 1, a view of step 2's, and G
