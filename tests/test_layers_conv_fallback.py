@@ -64,6 +64,10 @@ CONV_MODELS = {
     "conv2d_same_groups_depthwise": (lambda: nn.Sequential(
         nn.Conv2d(4, 6, 3, padding="same", groups=2), nn.Tanh(), nn.MaxPool2d(2, ceil_mode=True),
         nn.Conv2d(6, 6, 2, padding="same", groups=6, bias=False), nn.Flatten(), nn.Linear(54, 3)), (4, 5, 5)),
+    # the stride skips input entries at the end (the input pullback needs output padding)
+    "conv2d_stride_remainder_dilation_groups": (lambda: nn.Sequential(
+        nn.Conv2d(4, 4, 1), nn.Tanh(), nn.Conv2d(4, 6, 3, stride=(2, 3), padding=(1, 0), dilation=(1, 2), groups=2), nn.Tanh(),
+        nn.Flatten(), nn.Linear(48, 3)), (4, 8, 9)),
     "conv3d_valid_pool_padding": (lambda: nn.Sequential(
         nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding="valid"), nn.ReLU(),
         nn.MaxPool3d(2, padding=1), nn.Flatten(), nn.Linear(24, 3)), (2, 4, 5, 4)),

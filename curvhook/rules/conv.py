@@ -44,7 +44,7 @@ from curvhook.rules.base import LayerRule, sum_of_squared_products
 from curvhook.rules.registry import register_rule
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_GRAD_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _GRAD_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
@@ -127,9 +127,15 @@ class ConvRule(LayerRule):
         """Transposed convolution of ``grad`` ``[B, C_out, *out]`` back to input shape ``[B, C_in, *in]``."""
         module = call.module
         x, padding, pads = _geometry(call)
-        size = (grad.shape[0], *x.shape[1:])
-        dims = x.dim() - 2
-        back = _GRAD_INPUT[dims](size, weight, grad, module.stride, padding, module.dilation, module.groups)
+        # A transposed convolution; output_padding restores the input entries that the
+        # stride skipped at the end. (torch.nn.grad.conv*_input passes a zero-stride dummy
+        # input, which makes convolution_backward copy grad to channels-last first.)
+        k, stride, dilation = module.kernel_size, module.stride, module.dilation
+        extra = [
+            x.shape[2 + i] + 2 * padding[i] - dilation[i] * (k[i] - 1) - 1 - (grad.shape[2 + i] - 1) * stride[i]
+            for i in range(x.dim() - 2)
+        ]
+        back = _CONV_T[x.dim() - 2](grad, weight, None, stride, padding, extra, module.groups, dilation)
         return _crop(back, pads)
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:

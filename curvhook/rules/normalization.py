@@ -78,8 +78,10 @@ class BatchNormRule(LayerRule):
         d = diag.reshape(*diag.shape[:2], -1)  # [N, C, L]
         if name == "bias":
             return d.sum((0, 2))
-        x_hat = self._scale_and_normalized(call)[1]
-        return torch.einsum("ncl,ncl->c", d, x_hat.reshape(d.shape).square())
+        x_hat = self._scale_and_normalized(call)[1].reshape(d.shape)
+        # Σ_{n,l} d x̂²: elementwise and one reduction (an einsum would copy both
+        # operands channel-major for a batched GEMM)
+        return (d * x_hat).mul_(x_hat).sum((0, 2))
 
 
 class _GroupNormalizationRule(LayerRule):
