@@ -16,12 +16,17 @@ more (its storage has no other owner: no result the user kept, no view of it,
 no tensor saved by autograd). The extensions remove their attributes of the
 previous backward pass when the next one starts, so a training loop that drops
 its results gets the same memory back on every step; a result the user still
-holds is never written to. When a backward pass ends, the free buffers it used
-(temporaries the size of activations times the columns) are kept for the next
-one while they add up to at most half the memory of the results in the pool
-(so with BatchJacobian, where results dominate, but not with the diagonal
-extensions); the others are dropped, and all of them when the ``extend`` block
-exits.
+holds is never written to.
+
+Holding a buffer keeps its memory allocated after the rule that asked for it is
+done with it, so what is held is bounded by the size of the results, measured
+when each backward pass ends: a pass holds new buffers up to 1.5 times the
+results of the previous pass, and keeps for the next pass the free buffers it
+used up to half of them (largest first). With BatchJacobian and FullGGN, whose
+results dominate memory, temporaries the size of activations times the columns
+are then recycled too; with the diagonal extensions, whose results are small,
+nothing is held and the peak memory is that of fresh allocations. The first
+pass of a block recycles nothing; the block's exit drops everything.
 """
 
 from __future__ import annotations
@@ -78,8 +83,9 @@ def empty(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = Non
                 entry[1] = _recycling.generation
                 return buf.view(shape)
     out = _fresh((_numel(shape),), dtype, like.device)
-    if pool is not None:
+    if pool is not None and _recycling.new_bytes + _nbytes(out) <= _recycling.cap:
         pool.append([out, _recycling.generation])
+        _recycling.new_bytes += _nbytes(out)
     return out.view(shape)
 
 
@@ -104,20 +110,34 @@ def _numel(shape: Sequence[int]) -> int:
 
 # Large buffers handed out by ``empty`` during the current block, per thread, as
 # [buffer, number of the backward pass that last used it]. Without torch's
-# storage use count (a private function) nothing is recycled.
+# storage use count (a private function), or where it does not count views,
+# nothing is recycled.
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 _recycling = threading.local()
-_HELD_FRACTION = 0.5  # free buffers kept between passes, relative to the results in use
+_HELD_FRACTION = 0.5  # free buffers kept between passes, relative to the results
+
+
+def _count_of_a_lone_tensor() -> Optional[int]:
+    """The use count ``_unused`` sees for a tensor nothing else shares, if a view adds one."""
+    if _use_count is None:
+        return None
+    t = torch.empty(1)
+    alone = _use_count(t.untyped_storage()._cdata)
+    view = t.view(1)  # noqa: F841 - shares the storage while the count is read
+    return alone if _use_count(t.untyped_storage()._cdata) == alone + 1 else None
+
+
+_LONE_COUNT = _count_of_a_lone_tensor()
 
 
 def _recycled() -> Optional[list[list]]:
     """This thread's list of recyclable buffers, or ``None`` when recycling is off."""
-    if _use_count is None:
+    if _LONE_COUNT is None:
         return None
     pool = getattr(_recycling, "pool", None)
     if pool is None:
         pool = _recycling.pool = []
-        _recycling.generation = 0
+        _recycling.generation = _recycling.new_bytes = _recycling.cap = 0
     return pool
 
 
@@ -127,17 +147,24 @@ def _unused(buf: Tensor) -> bool:
     The storage's use count is one per tensor (view, or tensor saved for
     backward) that shares it, plus one for the storage object of this call.
     """
-    return _use_count(buf.untyped_storage()._cdata) <= 2
+    return _use_count(buf.untyped_storage()._cdata) == _LONE_COUNT
 
 
-def drop_unused() -> None:
+def drop_unused(result_bytes: int) -> None:
     """End of a backward pass: keep the buffers in use, and free ones this pass used
-    while they fit in the budget (largest first); forget the others."""
-    pool = getattr(_recycling, "pool", None)
-    if not pool:
+    while they fit in the budget (largest first); forget the others.
+
+    Args:
+        result_bytes: The memory of the results the pass wrote; bounds what the
+            next pass holds.
+    """
+    pool = _recycled()
+    if pool is None:
         return
+    _recycling.cap = (1 + _HELD_FRACTION) * result_bytes
+    _recycling.new_bytes = 0
     in_use = [e for e in pool if not _unused(e[0])]
-    budget = _HELD_FRACTION * sum(_nbytes(e[0]) for e in in_use)
+    budget = _HELD_FRACTION * result_bytes
     kept = []
     fresh = [e for e in pool if e[1] == _recycling.generation and _unused(e[0])]
     for entry in sorted(fresh, key=lambda e: _nbytes(e[0]), reverse=True):
@@ -221,4 +248,4 @@ def square(x: Tensor, slot: str) -> Tensor:
 def release_scratch() -> None:
     """Drop this thread's scratch and recyclable buffers (the ``extend`` block exits)."""
     _scratch.pool = {}
-    _recycling.pool = None
+    _recycling.pool = None  # _recycled() starts afresh: nothing held, no budget

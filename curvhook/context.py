@@ -540,7 +540,7 @@ class Extend:
             for i, (_, results) in enumerate(pending):
                 for ext, result in results.items():
                     ext.write(result, self._params, self.accumulate or i > 0)
-        _memory.drop_unused()
+            _memory.drop_unused(sum(ext.result_bytes(self._params) for ext in self.extensions))
 
 
 @dataclass(eq=False)
@@ -614,9 +614,10 @@ def extend(model: nn.Module, *extensions: Extension, accumulate: bool = False) -
         *extensions: Extension instances, e.g. ``DiagGGN()``, ``FullGGN()``.
         accumulate: If ``False`` (default) each backward replaces the results
             of the previous one, removing them from the parameters when it
-            starts; tensors the caller kept are never written to. If ``True``, results of the backward passes in
-            this block are summed (``BatchJacobian`` concatenates along the
-            sample axis), as a loop over a data loader needs.
+            starts; tensors the caller kept are never written to. If ``True``,
+            results of the backward passes in this block are summed
+            (``BatchJacobian`` concatenates along the sample axis), as a loop
+            over a data loader needs.
 
     Returns:
         The context manager.

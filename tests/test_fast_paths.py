@@ -160,8 +160,10 @@ def _storage(t):
 def test_large_buffers_are_recycled_only_when_nothing_uses_them(monkeypatch, net):
     """Every buffer counts as large; steps with new inputs, results dropped or kept.
 
-    A dropped result lends its memory to the next step; a kept result (the
-    tensor, or only a view of it) is never written to; every step is exact.
+    The first pass holds nothing (no results known yet); from the third on, a
+    result nobody kept lends its memory to the next pass. A kept result (the
+    tensor, or only a view of it) is never written to; free buffers held
+    between passes stay within half the results; every step is exact.
     """
     monkeypatch.setattr(_memory, "_MIN_BYTES", 1)
     torch.manual_seed(7)
@@ -172,19 +174,22 @@ def test_large_buffers_are_recycled_only_when_nothing_uses_them(monkeypatch, net
         model, shape = conv_net(), (5, 2, 4, 4)
     first = next(model.parameters())
     ggn = FullGGN()
+    exts = (DiagGGN(), DiagGGNApprox(), BatchJacobian(), ggn)
     kept, steps = [], []
-    with extend(model, DiagGGN(), DiagGGNApprox(), BatchJacobian(), ggn):
-        for step in range(4):
+    with extend(model, *exts):
+        for step in range(5):
             X, y = torch.randn(*shape, dtype=DT), torch.randint(0, 3, (5,))
             before = _storage(first.batch_jacobian) if step else None
             nn.CrossEntropyLoss()(model(X), y).backward()
             steps.append((X, y, collect(model, 5), ggn.matrix.clone()))  # copies, checked below
+            results = sum(e.result_bytes(list(model.parameters())) for e in exts)
             used, free = _memory.held_bytes()
-            assert 0 < free <= _memory._HELD_FRACTION * used  # temporaries kept within the budget
-            if step == 1:  # nothing was kept after step 0: its memory came back
+            assert free <= _memory._HELD_FRACTION * results
+            assert (used > 0 and free > 0) == (step > 0)  # results and temporaries held from pass 2 on
+            if step == 2:  # nothing was kept after step 1: its memory came back
                 assert _storage(first.batch_jacobian) == before
-            if step in (1, 2):  # keep the Jacobian of step 1, a view of step 2's, and G
-                held = first.batch_jacobian if step == 1 else first.batch_jacobian[1:, 0]
+            if step in (2, 3):  # keep the Jacobian of step 2, a view of step 3's, and G
+                held = first.batch_jacobian if step == 2 else first.batch_jacobian[1:, 0]
                 kept.append((held, held.clone(), ggn.matrix, ggn.matrix.clone()))
         for held, value, matrix, matrix_value in kept:
             assert torch.equal(held, value) and torch.equal(matrix, matrix_value)
@@ -193,6 +198,28 @@ def test_large_buffers_are_recycled_only_when_nothing_uses_them(monkeypatch, net
     for X, y, got, matrix in steps:
         ref = reference(model, X, lambda o, y=y: nn.CrossEntropyLoss()(o, y))
         compare(got, ref, matrix=matrix, tag=" (recycled buffers)")
+
+
+def test_the_diagonal_extensions_hold_no_buffers(monkeypatch):
+    """Their results are small: nothing is held, so their peak memory is that of fresh buffers."""
+    monkeypatch.setattr(_memory, "_MIN_BYTES", 1024)
+    fresh, held = _memory._fresh, []
+
+    def fresh_and_count(*args):  # what the pool holds whenever a buffer is made
+        held.append(sum(_memory.held_bytes()))
+        return fresh(*args)
+
+    monkeypatch.setattr(_memory, "_fresh", fresh_and_count)
+    torch.manual_seed(8)
+    widths = [8, 48, 40, 56, 24, 64]  # temporaries of distinct sizes: none reused within a pass
+    layers = [m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.Tanh())]
+    model = nn.Sequential(*layers, nn.Linear(widths[-1], 3)).to(DT)
+    X, y = torch.randn(512, widths[0], dtype=DT), torch.randint(0, 3, (512,))  # temporaries ≫ results
+    results = 8 * sum(p.numel() for p in model.parameters())
+    with extend(model, DiagGGN(), DiagGGNApprox()):
+        for _ in range(3):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+    assert len(held) >= 10 and max(held) <= (1 + _memory._HELD_FRACTION) * 2 * results
 
 
 def test_results_of_the_previous_backward_are_removed_when_the_next_starts():

@@ -110,6 +110,16 @@ class Extension:
         """Accumulate results of two backward passes (sum by default)."""
         return old + new
 
+    def result_bytes(self, params: list[nn.Parameter]) -> int:
+        """Memory of the results on ``params`` (views of one buffer counted once)."""
+        storages = {}
+        for p in params:
+            value = getattr(p, self.attribute, None)
+            if isinstance(value, Tensor):
+                storage = value.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
     def __repr__(self) -> str:
         loss = "" if self.loss is None else f"loss={self.loss!r}"
         return f"{type(self).__name__}({loss})"
