@@ -123,8 +123,10 @@ def _count_of_a_lone_tensor() -> Optional[int]:
         return None
     t = torch.empty(1)
     alone = _use_count(t.untyped_storage()._cdata)
-    view = t.view(1)  # noqa: F841 - shares the storage while the count is read
-    return alone if _use_count(t.untyped_storage()._cdata) == alone + 1 else None
+    view = t.view(1)
+    with_view = _use_count(t.untyped_storage()._cdata)
+    del view
+    return alone if with_view == alone + 1 else None
 
 
 _LONE_COUNT = _count_of_a_lone_tensor()
