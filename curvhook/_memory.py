@@ -70,19 +70,17 @@ def empty(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = Non
         where the kernel allows it, and it may reuse the memory of an earlier
         buffer of the same size that nothing uses any more.
     """
-    dtype = dtype or like.dtype
-    shape = tuple(shape)
-    if like.device.type != "cpu" or _numel(shape) * dtype.itemsize < _MIN_BYTES:
+    dtype, shape, numel = dtype or like.dtype, tuple(shape), _numel(shape)
+    if like.device.type != "cpu" or numel * dtype.itemsize < _MIN_BYTES:
         return torch.empty(shape, dtype=dtype, device=like.device)
     pool = _recycled()
     if pool is not None:
-        numel = _numel(shape)
         for entry in pool:
             buf = entry[0]
             if buf.numel() == numel and buf.dtype == dtype and _unused(buf):
                 entry[1] = _recycling.generation
                 return buf.view(shape)
-    out = _fresh((_numel(shape),), dtype, like.device)
+    out = _fresh((numel,), dtype, like.device)
     if pool is not None and _recycling.new_bytes + _nbytes(out) <= _recycling.cap:
         pool.append([out, _recycling.generation])
         _recycling.new_bytes += _nbytes(out)
@@ -165,11 +163,15 @@ def drop_unused(result_bytes: int) -> None:
         return
     _recycling.cap = (1 + _HELD_FRACTION) * result_bytes
     _recycling.new_bytes = 0
-    in_use = [e for e in pool if not _unused(e[0])]
+    in_use, used_now = [], []  # free buffers this pass used: candidates to keep
+    for entry in pool:
+        if not _unused(entry[0]):
+            in_use.append(entry)
+        elif entry[1] == _recycling.generation:
+            used_now.append(entry)
     budget = _HELD_FRACTION * result_bytes
     kept = []
-    fresh = [e for e in pool if e[1] == _recycling.generation and _unused(e[0])]
-    for entry in sorted(fresh, key=lambda e: _nbytes(e[0]), reverse=True):
+    for entry in sorted(used_now, key=lambda e: _nbytes(e[0]), reverse=True):
         if _nbytes(entry[0]) <= budget:
             kept.append(entry)
             budget -= _nbytes(entry[0])
