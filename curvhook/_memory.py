@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 import sys
 import threading
@@ -70,7 +71,7 @@ def empty(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = Non
         where the kernel allows it, and it may reuse the memory of an earlier
         buffer of the same size that nothing uses any more.
     """
-    dtype, shape, numel = dtype or like.dtype, tuple(shape), _numel(shape)
+    dtype, shape, numel = dtype or like.dtype, tuple(shape), math.prod(shape)
     if like.device.type != "cpu" or numel * dtype.itemsize < _MIN_BYTES:
         return torch.empty(shape, dtype=dtype, device=like.device)
     pool = _recycled()
@@ -81,9 +82,9 @@ def empty(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = Non
                 entry[1] = _recycling.generation
                 return buf.view(shape)
     out = _fresh((numel,), dtype, like.device)
-    if pool is not None and _recycling.new_bytes + _nbytes(out) <= _recycling.cap:
+    if pool is not None and _recycling.new_bytes + out.nbytes <= _recycling.cap:
         pool.append([out, _recycling.generation])
-        _recycling.new_bytes += _nbytes(out)
+        _recycling.new_bytes += out.nbytes
     return out.view(shape)
 
 
@@ -91,19 +92,12 @@ def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     """A new buffer, advised to use huge pages when it is large and on the CPU."""
     out = torch.empty(shape, dtype=dtype, device=device)
     if _madvise is not None and out.device.type == "cpu":
-        nbytes = out.numel() * out.element_size()
+        nbytes = out.nbytes
         if nbytes >= _MIN_BYTES:
             start = -(-out.data_ptr() // _PAGE) * _PAGE
             end = (out.data_ptr() + nbytes) // _PAGE * _PAGE
             _madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: failure is harmless
     return out
-
-
-def _numel(shape: Sequence[int]) -> int:
-    numel = 1
-    for s in shape:
-        numel *= s
-    return numel
 
 
 # Large buffers handed out by ``empty`` during the current block, per thread, as
@@ -171,10 +165,10 @@ def drop_unused(result_bytes: int) -> None:
             used_now.append(entry)
     budget = _HELD_FRACTION * result_bytes
     kept = []
-    for entry in sorted(used_now, key=lambda e: _nbytes(e[0]), reverse=True):
-        if _nbytes(entry[0]) <= budget:
+    for entry in sorted(used_now, key=lambda e: e[0].nbytes, reverse=True):
+        if entry[0].nbytes <= budget:
             kept.append(entry)
-            budget -= _nbytes(entry[0])
+            budget -= entry[0].nbytes
     pool[:] = in_use + kept
     _recycling.generation += 1
 
@@ -182,12 +176,8 @@ def drop_unused(result_bytes: int) -> None:
 def held_bytes() -> tuple[int, int]:
     """Bytes of this thread's recyclable buffers: ``(in use, free)``."""
     pool = getattr(_recycling, "pool", None) or []
-    used = sum(_nbytes(e[0]) for e in pool if not _unused(e[0]))
-    return used, sum(_nbytes(e[0]) for e in pool) - used
-
-
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
+    used = sum(e[0].nbytes for e in pool if not _unused(e[0]))
+    return used, sum(e[0].nbytes for e in pool) - used
 
 
 def zeros(shape: Sequence[int], like: Tensor) -> Tensor:
@@ -229,7 +219,7 @@ def scratch(shape: Sequence[int], like: Tensor, slot: str) -> Tensor:
     Returns:
         A contiguous tensor (a fresh one for small sizes and non-CPU devices).
     """
-    numel = _numel(shape)
+    numel = math.prod(shape)
     if like.device.type != "cpu" or numel * like.element_size() < _SCRATCH_MIN_BYTES:
         return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
     pool = getattr(_scratch, "pool", None)
@@ -244,7 +234,7 @@ def scratch(shape: Sequence[int], like: Tensor, slot: str) -> Tensor:
 
 def square(x: Tensor, slot: str) -> Tensor:
     """``x ∘ x`` into the scratch buffer of ``slot`` (a fresh tensor where ``scratch`` gives one)."""
-    if x.device.type != "cpu" or x.numel() * x.element_size() < _SCRATCH_MIN_BYTES:
+    if x.device.type != "cpu" or x.nbytes < _SCRATCH_MIN_BYTES:
         return x.square()
     return torch.mul(x, x, out=scratch(x.shape, x, slot))
 
