@@ -18,15 +18,22 @@ previous backward pass when the next one starts, so a training loop that drops
 its results gets the same memory back on every step; a result the user still
 holds is never written to.
 
+Recycling starts at 256 KiB: glibc hands buffers of that size back to the
+kernel when they are freed, so a fresh one faults its pages in again on every
+step (the first-layer weight diagonal of the benchmark MLP, 800 KB, took longer
+to fault in than its GEMM).
+
 Holding a buffer keeps its memory allocated after the rule that asked for it is
 done with it, so what is held is bounded by the size of the results, measured
 when each backward pass ends: a pass holds new buffers up to 1.5 times the
 results of the previous pass, and keeps for the next pass the free buffers it
-used up to half of them (largest first). With BatchJacobian and FullGGN, whose
-results dominate memory, temporaries the size of activations times the columns
-are then recycled too; with the diagonal extensions, whose results are small,
-nothing is held and the peak memory is that of fresh allocations. The first
-pass of a block recycles nothing; the block's exit drops everything.
+used up to half of them (largest first). A buffer still in use that this pass
+did not hand out (a result the user kept) is forgotten: the user owns it. With
+BatchJacobian and FullGGN, whose results dominate memory, temporaries the size
+of activations times the columns are then recycled too; with the diagonal
+extensions, whose results are small, their results are recycled and
+temporaries are not. The first pass of a block recycles nothing; the block's
+exit drops everything.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ from torch import Tensor
 
 _MADV_HUGEPAGE = 14
 _PAGE = 4096
-_MIN_BYTES = 8 << 20  # below this, the fault cost is negligible
+_MIN_BYTES = 8 << 20  # huge pages from here on: below, their fault saving is negligible
+_RECYCLE_MIN_BYTES = 256 << 10  # recycled from here on: smaller ones stay in malloc's heap
 
 _madvise: Optional[ctypes._CFuncPtr] = None
 _enabled = sys.platform.startswith("linux") and os.environ.get("CURVHOOK_HUGEPAGES", "1") != "0"
@@ -67,12 +75,12 @@ def empty(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = Non
         dtype: Overrides the dtype of ``like``.
 
     Returns:
-        A contiguous tensor. On a CPU and above 8 MiB it is backed by huge pages
-        where the kernel allows it, and it may reuse the memory of an earlier
-        buffer of the same size that nothing uses any more.
+        A contiguous tensor. On a CPU and from 256 KiB on, it may reuse the
+        memory of an earlier buffer of the same size that nothing uses any
+        more; from 8 MiB on it is backed by huge pages where the kernel allows it.
     """
     dtype, shape, numel = dtype or like.dtype, tuple(shape), math.prod(shape)
-    if like.device.type != "cpu" or numel * dtype.itemsize < _MIN_BYTES:
+    if like.device.type != "cpu" or numel * dtype.itemsize < _RECYCLE_MIN_BYTES:
         return torch.empty(shape, dtype=dtype, device=like.device)
     pool = _recycled()
     if pool is not None:
@@ -145,8 +153,8 @@ def _unused(buf: Tensor) -> bool:
 
 
 def drop_unused(result_bytes: int) -> None:
-    """End of a backward pass: keep the buffers in use, and free ones this pass used
-    while they fit in the budget (largest first); forget the others.
+    """End of a backward pass: keep the buffers this pass handed out, those in use
+    and the free ones while they fit in the budget (largest first); forget the others.
 
     Args:
         result_bytes: The memory of the results the pass wrote; bounds what the
@@ -159,10 +167,9 @@ def drop_unused(result_bytes: int) -> None:
     _recycling.new_bytes = 0
     in_use, used_now = [], []  # free buffers this pass used: candidates to keep
     for entry in pool:
-        if not _unused(entry[0]):
-            in_use.append(entry)
-        elif entry[1] == _recycling.generation:
-            used_now.append(entry)
+        if entry[1] != _recycling.generation:
+            continue  # not handed out by this pass: free, or a result the user kept
+        (used_now if _unused(entry[0]) else in_use).append(entry)
     budget = _HELD_FRACTION * result_bytes
     kept = []
     for entry in sorted(used_now, key=lambda e: e[0].nbytes, reverse=True):

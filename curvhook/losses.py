@@ -15,7 +15,7 @@ loss averages over, exactly as PyTorch does.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,17 @@ def _require_batch(call: LossCall, min_dim: int) -> None:
         )
 
 
+def _any_ignored(y: Tensor, ignore_index: int) -> bool:
+    """Whether some class-index target equals ``ignore_index``.
+
+    ``cross_entropy`` accepts no other negative target, so for the usual negative
+    ``ignore_index`` the minimum tells, in one operation fewer.
+    """
+    if ignore_index < 0 and y.numel():
+        return int(y.min()) < 0
+    return bool((y == ignore_index).any())
+
+
 @register_loss(nn.CrossEntropyLoss)
 class CrossEntropyRule(LossRule):
     """``CrossEntropyLoss`` on ``[N, C]`` or ``[N, C, d1, ...]`` logits.
@@ -139,11 +150,14 @@ class CrossEntropyRule(LossRule):
     Its square-root factor has ``C - 1`` columns per position (see :func:`_softmax_factor`).
     """
 
-    def _coefficients(self, call: LossCall) -> tuple[Tensor, Tensor, Tensor]:
+    def _coefficients(self, call: LossCall) -> tuple[Tensor, Optional[Tensor], Union[Tensor, float]]:
         """Return ``p`` and ``a``, both ``[N, C, *d]``, and ``α = Σ_c a_c``, ``[N, 1, *d]``.
 
-        Cached per backward pass: the loss check, the Hessian diagonal and its
-        factor all start from them.
+        In the usual case (class indices, none ignored, no weights, no label
+        smoothing) ``a`` is ``α`` times the one-hot targets and the same ``α`` for
+        every position: ``a`` is then ``None`` (``call.target`` gives it) and ``α``
+        a number. Cached per backward pass: the loss check, the Hessian diagonal
+        and its factor all start from them.
         """
         cached = call.cache.get("coefficients")
         if cached is None:
@@ -157,11 +171,9 @@ class CrossEntropyRule(LossRule):
         c = f.shape[1]
         eps = loss.label_smoothing
         if y is not None and loss.weight is None and eps == 0 and not y.dtype.is_floating_point:
-            if not bool((y == loss.ignore_index).any()):
-                # the usual case, in a few operations: a = one_hot(y) / count, α = 1 / count
-                scale = 1.0 / y.numel() if loss.reduction == "mean" else 1.0
-                a = torch.zeros_like(p).scatter_(1, y.unsqueeze(1), scale)
-                return p, a, p.new_full((y.shape[0], 1, *y.shape[1:]), scale)
+            if not _any_ignored(y, loss.ignore_index):
+                # the usual case: a = α one_hot(y) with α = 1 / count, kept implicit
+                return p, None, 1.0 / y.numel() if loss.reduction == "mean" else 1.0
             # ignored positions: a = one_hot(y) on valid positions / their count
             valid = y != loss.ignore_index
             a = torch.zeros_like(p).scatter_(1, torch.where(valid, y, 0).unsqueeze(1), valid.unsqueeze(1).to(p.dtype))
@@ -197,7 +209,8 @@ class CrossEntropyRule(LossRule):
         p, _, alpha = self._coefficients(call)
         n, c = p.shape[:2]
         p3 = rearrange(p, "n c ... -> n (...) c")  # [N, D, C]
-        alpha = rearrange(alpha, "n 1 ... -> n (...) 1")  # [N, D, 1]
+        if isinstance(alpha, Tensor):
+            alpha = rearrange(alpha, "n 1 ... -> n (...) 1")  # [N, D, 1]
         core = _softmax_factor(p3) * (alpha * p3).sqrt().unsqueeze(-1)  # [N, D, C, C-1]
         positions = p3.shape[1]
         if positions == 1:
@@ -213,6 +226,8 @@ class CrossEntropyRule(LossRule):
 
     def gradient(self, call: LossCall) -> Tensor:
         p, a, alpha = self._coefficients(call)
+        if a is None:  # α p - α one_hot(y)
+            return torch.mul(p, alpha).scatter_(1, call.target.unsqueeze(1), -alpha, reduce="add")
         return (alpha * p).sub_(a)
 
 

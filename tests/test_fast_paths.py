@@ -165,7 +165,7 @@ def test_large_buffers_are_recycled_only_when_nothing_uses_them(monkeypatch, net
     tensor, or only a view of it) is never written to; free buffers held
     between passes stay within half the results; every step is exact.
     """
-    monkeypatch.setattr(_memory, "_MIN_BYTES", 1)
+    monkeypatch.setattr(_memory, "_RECYCLE_MIN_BYTES", 1)
     torch.manual_seed(7)
     if net == "mlp":
         model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).to(DT)
@@ -200,9 +200,9 @@ def test_large_buffers_are_recycled_only_when_nothing_uses_them(monkeypatch, net
         compare(got, ref, matrix=matrix, tag=" (recycled buffers)")
 
 
-def test_the_diagonal_extensions_hold_no_buffers(monkeypatch):
-    """Their results are small: nothing is held, so their peak memory is that of fresh buffers."""
-    monkeypatch.setattr(_memory, "_MIN_BYTES", 1024)
+def test_the_diagonal_extensions_hold_only_about_their_results(monkeypatch):
+    """Their results are small and their temporaries large: the temporaries are not held."""
+    monkeypatch.setattr(_memory, "_RECYCLE_MIN_BYTES", 1024)
     fresh, held = _memory._fresh, []
 
     def fresh_and_count(*args):  # what the pool holds whenever a buffer is made
@@ -220,6 +220,33 @@ def test_the_diagonal_extensions_hold_no_buffers(monkeypatch):
         for _ in range(3):
             nn.CrossEntropyLoss()(model(X), y).backward()
     assert len(held) >= 10 and max(held) <= (1 + _memory._HELD_FRACTION) * 2 * results
+
+
+def test_diagonal_results_are_recycled_and_kept_ones_are_left_alone():
+    """At the default threshold (256 KiB) a weight diagonal reuses the memory of the
+    previous one when nobody kept it. Results kept from some step on are never
+    written to, and the pool forgets them instead of growing with every step."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 3)).to(DT)  # 256 KiB weight
+    weight = model[0].weight
+    assert weight.nbytes >= _memory._RECYCLE_MIN_BYTES
+    ptrs, kept, steps, pool_sizes = [], [], [], []
+    with extend(model, DiagGGN(), DiagGGNApprox()):
+        for step in range(7):
+            X, y = torch.randn(4, 128, dtype=DT), torch.randint(0, 3, (4,))
+            nn.CrossEntropyLoss()(model(X), y).backward()
+            ptrs.append((_storage(weight.diag_ggn), _storage(weight.diag_ggn_approx)))
+            steps.append((X, y, collect(model, 4, ("DiagGGN", "DiagGGNApprox"))))
+            pool_sizes.append(len(_memory._recycling.pool))
+            if step >= 4:  # keep every result from here on
+                kept += [(r, r.clone()) for r in (weight.diag_ggn, weight.diag_ggn_approx)]
+    assert ptrs[1] == ptrs[2] == ptrs[3] == ptrs[4]  # the first pass recycles nothing
+    assert len({p for pair in ptrs[4:] for p in pair}) == 6  # kept ones are not reused
+    assert min(pool_sizes[1:]) >= 2 and max(pool_sizes) <= 4  # both weight diagonals held, no more
+    for held, value in kept:
+        assert torch.equal(held, value)
+    for X, y, got in steps:
+        compare(got, reference(model, X, lambda o, y=y: nn.CrossEntropyLoss()(o, y)), tag=" (recycled results)")
 
 
 def test_results_of_the_previous_backward_are_removed_when_the_next_starts():

@@ -99,7 +99,9 @@ class Extension:
     def write(self, results: dict[int, Tensor], params: list[nn.Parameter], accumulate: bool) -> None:
         """Store the results on the parameters, overwriting or accumulating."""
         for p in params:
-            value = results[id(p)].to(p.dtype)
+            value = results[id(p)]
+            if value.dtype != p.dtype:
+                value = value.to(p.dtype)
             if accumulate and id(p) in self._written:
                 value = self.combine(getattr(p, self.attribute), value)
             setattr(p, self.attribute, value)

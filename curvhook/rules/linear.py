@@ -64,18 +64,26 @@ class LinearRule(LayerRule):
             if cached is None or cached[0] is not mat:  # one backpropagated matrix per source
                 cached = call.cache["m_sq"] = (mat, m[:, :, 0].square().sum(0))  # [N, O]
             m_sq = cached[1]
-            return m_sq.sum(0) if name == "bias" else m_sq.T @ _memory.square(x[:, 0], "linear_x_sq")
+            if name == "bias":
+                return m_sq.sum(0)
+            x_sq = _memory.square(x[:, 0], "linear_x_sq")
+            return torch.mm(m_sq.t(), x_sq, out=empty(call.module.weight.shape, like=m_sq))
         if name == "bias":
             return m.sum(2).square().sum((0, 1))
         # Σ_{v,n} (Σ_t m_vnt x_ntᵀ)²: the positions are the inner dimension of a GEMM
         return sum_of_squared_products(m.transpose(2, 3), x)
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
-        return diag @ call.module.weight.square()
+        return diag @ _memory.square(call.module.weight, "linear_w_sq")
 
     def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
-        d = diag.flatten(0, -2)  # "n ... o -> (n ...) o"
+        d = _rows(diag)  # "n ... o -> (n ...) o"
         if name == "bias":
             return d.sum(0)
-        x = call.input.flatten(0, -2)  # "n ... i -> (n ...) i"
-        return d.T @ _memory.square(x, "linear_x_sq")
+        x_sq = _memory.square(_rows(call.input), "linear_x_sq")  # [(N ...), I]
+        return torch.mm(d.t(), x_sq, out=empty(call.module.weight.shape, like=d))
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``[N, ..., K] → [(N ...), K]`` (no operation for the usual ``[N, K]``)."""
+    return t if t.dim() == 2 else t.flatten(0, -2)
