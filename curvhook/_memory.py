@@ -96,6 +96,19 @@ def empty(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = Non
     return out.view(shape)
 
 
+def recyclable(shape: Sequence[int], like: Tensor) -> Optional[Tensor]:
+    """:func:`empty` where it may recycle, else ``None``: ``torch.mm(a, b, out=None)``
+    then allocates as usual, without a separate ``empty`` operation.
+
+    Args:
+        shape: The shape of the result.
+        like: Gives dtype and device.
+    """
+    if like.device.type != "cpu" or math.prod(shape) * like.element_size() < _RECYCLE_MIN_BYTES:
+        return None
+    return empty(shape, like)
+
+
 def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A new buffer, advised to use huge pages when it is large and on the CPU."""
     out = torch.empty(shape, dtype=dtype, device=device)
@@ -233,10 +246,15 @@ def scratch(shape: Sequence[int], like: Tensor, slot: str) -> Tensor:
     if pool is None:
         pool = _scratch.pool = {}
     key = (slot, like.dtype)
-    buf = pool.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = pool[key] = _fresh((numel,), like.dtype, like.device)
-    return buf[:numel].view(tuple(shape))
+    entry = pool.get(key)  # (flat buffer, shape of the last view, the last view)
+    shape = tuple(shape)
+    if entry is not None and entry[1] == shape:
+        return entry[2]  # the usual case, every step: no slicing and viewing operations
+    if entry is None or entry[0].numel() < numel:
+        entry = (_fresh((numel,), like.dtype, like.device), None, None)
+    view = entry[0][:numel].view(shape)
+    pool[key] = (entry[0], shape, view)
+    return view
 
 
 def square(x: Tensor, slot: str) -> Tensor:

@@ -288,7 +288,7 @@ def check_gradient(
     expected = _weighted_sum([rule.gradient(call) for rule, call in zip(rules, losses)], scales)
     if start != trace.root_key:
         expected = pull_to_root(trace, start, expected)
-    actual = grad_root.detach()
+    actual = grad_root.detach() if grad_root.requires_grad else grad_root
     if actual.numel() == 0:
         return
     tol = 1e-4 if actual.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9

@@ -146,6 +146,10 @@ def test_scratch_buffers_are_reused_and_released_with_the_block():
     a = _memory.scratch((256, 512), like, "test_slot")
     b = _memory.scratch((128, 512), like, "test_slot")
     assert a.data_ptr() == b.data_ptr()  # the same memory, no fresh pages
+    assert _memory.scratch((128, 512), like, "test_slot") is b  # the same shape again: the same view
+    c = _memory.scratch((512, 256), like, "test_slot")
+    assert c.shape == (512, 256) and c.data_ptr() == a.data_ptr()
+    assert _memory.scratch((1024, 512), like, "test_slot").shape == (1024, 512)  # grows
     model = nn.Sequential(nn.Linear(1024, 3))
     X, y = torch.randn(128, 1024), torch.randint(0, 3, (128,))
     run(model, X, y, DiagGGN())

@@ -67,21 +67,22 @@ class LinearRule(LayerRule):
             if name == "bias":
                 return m_sq.sum(0)
             x_sq = _memory.square(x[:, 0], "linear_x_sq")
-            return torch.mm(m_sq.t(), x_sq, out=empty(call.module.weight.shape, like=m_sq))
+            return torch.mm(m_sq.t(), x_sq, out=_memory.recyclable(call.module.weight.shape, m_sq))
         if name == "bias":
             return m.sum(2).square().sum((0, 1))
         # Σ_{v,n} (Σ_t m_vnt x_ntᵀ)²: the positions are the inner dimension of a GEMM
         return sum_of_squared_products(m.transpose(2, 3), x)
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
-        return diag @ _memory.square(call.module.weight, "linear_w_sq")
+        w_sq = _memory.square(call.module.weight, "linear_w_sq")
+        return torch.mm(diag, w_sq) if diag.dim() == 2 else diag @ w_sq
 
     def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
         d = _rows(diag)  # "n ... o -> (n ...) o"
         if name == "bias":
             return d.sum(0)
         x_sq = _memory.square(_rows(call.input), "linear_x_sq")  # [(N ...), I]
-        return torch.mm(d.t(), x_sq, out=empty(call.module.weight.shape, like=d))
+        return torch.mm(d.t(), x_sq, out=_memory.recyclable(call.module.weight.shape, d))
 
 
 def _rows(t: Tensor) -> Tensor:
