@@ -80,7 +80,7 @@ def empty(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = Non
         more; from 8 MiB on it is backed by huge pages where the kernel allows it.
     """
     dtype, shape, numel = dtype or like.dtype, tuple(shape), math.prod(shape)
-    if like.device.type != "cpu" or numel * dtype.itemsize < _RECYCLE_MIN_BYTES:
+    if not _recycles(numel * dtype.itemsize, like):
         return torch.empty(shape, dtype=dtype, device=like.device)
     pool = _recycled()
     if pool is not None:
@@ -104,9 +104,12 @@ def recyclable(shape: Sequence[int], like: Tensor) -> Optional[Tensor]:
         shape: The shape of the result.
         like: Gives dtype and device.
     """
-    if like.device.type != "cpu" or math.prod(shape) * like.element_size() < _RECYCLE_MIN_BYTES:
-        return None
-    return empty(shape, like)
+    return empty(shape, like) if _recycles(math.prod(shape) * like.element_size(), like) else None
+
+
+def _recycles(nbytes: int, like: Tensor) -> bool:
+    """Whether a buffer of ``nbytes`` on ``like``'s device is worth recycling."""
+    return like.device.type == "cpu" and nbytes >= _RECYCLE_MIN_BYTES
 
 
 def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
