@@ -31,8 +31,8 @@ used up to half of them (largest first). A buffer still in use that this pass
 did not hand out (a result the user kept) is forgotten: the user owns it. With
 BatchJacobian and FullGGN, whose results dominate memory, temporaries the size
 of activations times the columns are then recycled too; with the diagonal
-extensions, whose results are small, their results are recycled and
-temporaries are not. The first pass of a block recycles nothing; the block's
+extensions, whose results are small, the results are recycled and their
+larger temporaries do not fit in the bound. The first pass of a block recycles nothing; the block's
 exit drops everything.
 """
 
@@ -169,8 +169,8 @@ def _unused(buf: Tensor) -> bool:
 
 
 def drop_unused(result_bytes: int) -> None:
-    """End of a backward pass: keep the buffers this pass handed out, those in use
-    and the free ones while they fit in the budget (largest first); forget the others.
+    """End of a backward pass: of the buffers this pass handed out, keep those in use
+    and the free ones that fit in the budget (largest first); forget all others.
 
     Args:
         result_bytes: The memory of the results the pass wrote; bounds what the

@@ -74,8 +74,7 @@ class LinearRule(LayerRule):
         return sum_of_squared_products(m.transpose(2, 3), x)
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
-        w_sq = _memory.square(call.module.weight, "linear_w_sq")
-        return torch.mm(diag, w_sq) if diag.dim() == 2 else diag @ w_sq
+        return diag @ _memory.square(call.module.weight, "linear_w_sq")
 
     def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
         d = _rows(diag)  # "n ... o -> (n ...) o"
