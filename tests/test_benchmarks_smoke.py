@@ -70,3 +70,38 @@ def test_skips_are_reported_not_raised():
     reason = methods.BY_NAME["curvhook:FullGGN"].skip_reason(pb)
     assert reason and "dense" in reason
     assert methods.BY_NAME["plain"].skip_reason(pb) is None
+
+
+def test_floor_script_agrees_with_curvhook_and_reports_ratios(capsys):
+    floor = pytest.importorskip("benchmarks.floor")
+    results = floor.main(["--problem", "fullggn", "mlp", "--batch-size", "3", "--rounds", "1",
+                          "--steps", "2", "--threads", "1"])
+    assert "ratio to plain" in capsys.readouterr().out
+    for name in ("fullggn", "mlp"):
+        res = results[name]
+        # The bare straight-line code computes curvhook's numbers (else its timing means nothing).
+        assert res["agreement"] < 1e-6
+        assert set(res["times_us"]) == {"plain", "curvhook", "bare"}
+        assert all(len(v) == 1 and v[0] > 0 for v in res["times_us"].values())
+        assert res["ratio"]["plain"] == 1.0
+
+
+def test_floor_script_refuses_models_it_does_not_cover():
+    floor = pytest.importorskip("benchmarks.floor")
+    with pytest.raises(SystemExit, match="chains of Linear"):
+        floor.main(["--problem", "3c3d", "--batch-size", "2", "--rounds", "1", "--steps", "1"])
+
+
+def test_floor_agreement_sees_a_wrong_bare_result(monkeypatch):
+    floor = pytest.importorskip("benchmarks.floor")
+    from benchmarks import problems
+
+    backward = floor.Bare._backward
+
+    def slightly_off(self, f):
+        backward(self, f)
+        first = next(iter(self.results))
+        self.results[first] = self.results[first] * 1.001
+
+    monkeypatch.setattr(floor.Bare, "_backward", slightly_off)
+    assert floor.agreement(problems.make("fullggn", batch_size=3)) > 5e-4

@@ -176,9 +176,14 @@ def _approx_diagonals(call: ModuleCall, arguments: dict, diag: Tensor, need_inpu
             m_heads = rearrange(M.diagonal(dim1=2, dim2=4), "n l a b h -> n h l a b")
         else:
             m_heads = rearrange(d_rows @ w["w2_heads"], "(n l) (h a b) -> n h l a b", n=n, h=heads, a=dh)
-        vx = rearrange(vc.unsqueeze(-1) * xc.unsqueeze(1).unsqueeze(-2), "n h m a f -> n h m (a f)")
-        ck = torch.matmul(A, vx, out=_memory.scratch((n, heads, length, dh * e_dim), d, "attention_ck"))
-        ck = ck.view(n, heads, length, dh, e_dim).addcmul_(O.unsqueeze(-1), Ax.unsqueeze(-2), value=-1)
+        # C_k[l,a,f] = Σ_m A[l,m] (v[m,a] − O[l,a]) x[m,f]: one GEMM over m per sample, with the
+        # weights B[(h,l,a),m] = A_h[l,m] (v_h[m,a] − O_h[l,a]) on the left and x shared by the heads.
+        b = torch.sub(
+            vc.transpose(-1, -2).unsqueeze(2), O.unsqueeze(-1),
+            out=_memory.scratch((n, heads, length, dh, length), d, "attention_b"),
+        ).mul_(A.unsqueeze(3))
+        ck = torch.bmm(b.view(n, -1, length), xc, out=_memory.scratch((n, heads * length * dh, e_dim), d, "attention_ck"))
+        ck = ck.view(n, heads, length, dh, e_dim)
         mck = torch.matmul(m_heads, ck, out=_memory.scratch(ck.shape, d, "attention_mck"))
         e_k = mck.mul_(ck).sum(3)  # [n, h, l, f]
         k_w += (qc.square().transpose(-1, -2) @ e_k).sum(0) * s**2
