@@ -195,7 +195,10 @@ class Extend:
         self._watch = {k: v for k, v in self._watch.items() if v[0]() is not None and v[1]() is not None}
         self._forwards += 1
         trace = Trace(self._forwards)
-        trace.input_keys = {key_of(t) for t in _flat_tensors((args, tuple(kwargs.values())))}
+        if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common call: model(X)
+            trace.input_keys = {key_of(args[0])}
+        else:
+            trace.input_keys = {key_of(t) for t in _flat_tensors((args, tuple(kwargs.values())))}
         self._stack.append(trace)
 
     @_without_torch_function
@@ -230,27 +233,39 @@ class Extend:
         frames = self._frames
         if frames:
             frames[-1].child_called = True
+        name, has_children, builtin_leaf = self._modules[module]  # hooks are only on modules listed at entry
         if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common call: f(x)
-            t_args, t_kwargs, inputs = _ONE_SLOT, {}, args
+            x = args[0]
+            version = x._version
+            call = ModuleCall(
+                module=module,
+                name=name,
+                inputs=args,
+                input_keys=((id(x), version),),
+                input_versions=(version,),
+                input_nodes=(x.grad_fn,),
+                input_requires_grad=(x.requires_grad,),
+                args=_ONE_SLOT,
+                kwargs={},
+            )
         else:
             t_args, t_kwargs, found = make_template(args, kwargs)
             inputs = tuple(found)
-        keys = tuple(key_of(x) for x in inputs)
-        name, has_children, builtin_leaf = self._modules[module]  # hooks are only on modules listed at entry
-        call = ModuleCall(
-            module=module,
-            name=name,
-            inputs=inputs,
-            input_keys=keys,
-            input_versions=tuple(k[1] for k in keys),
-            input_nodes=tuple(x.grad_fn for x in inputs),
-            input_requires_grad=tuple(x.requires_grad for x in inputs),
-            args=t_args,
-            kwargs=t_kwargs,
-        )
+            keys = tuple(key_of(x) for x in inputs)
+            call = ModuleCall(
+                module=module,
+                name=name,
+                inputs=inputs,
+                input_keys=keys,
+                input_versions=tuple(k[1] for k in keys),
+                input_nodes=tuple(x.grad_fn for x in inputs),
+                input_requires_grad=tuple(x.requires_grad for x in inputs),
+                args=t_args,
+                kwargs=t_kwargs,
+            )
         trace = self._stack[-1]
         frames.append(Frame(call, len(trace.calls), has_children, len(trace.shared_log)))
-        if builtin_leaf and self._mode_on_top() and not self._monitor.marked(inputs):
+        if builtin_leaf and self._mode_on_top() and not self._monitor.marked(call.inputs):
             # The mode records nothing inside a leaf: a torch layer's forward calls no
             # module, and its inputs carry no loss value. Off the stack, its functions
             # skip the mode's Python dispatch; _on_module_post puts it back.
@@ -279,12 +294,15 @@ class Extend:
             trace.shared_keys.difference_update(trace.shared_log[frame.shared_start :])
             del trace.shared_log[frame.shared_start :]
         call.recurse = frame.has_children
-        outputs = [output] if isinstance(output, Tensor) else list(_flat_tensors(output))
-        if outputs:
-            first = outputs[0]
+        if isinstance(output, Tensor):
+            first, others = output, ()
+        else:
+            first, *others = list(_flat_tensors(output)) or [None]
+        if first is not None:
             call.output, call.output_key, call.node = first, key_of(first), first.grad_fn
             call.output_shape, call.output_requires_grad = first.shape, first.requires_grad
-            call.other_output_keys = tuple(key_of(o) for o in outputs[1:] if o.requires_grad)
+            if others:
+                call.other_output_keys = tuple(key_of(o) for o in others if o.requires_grad)
         call.training = module.training
         if call.inputs or call.output is not None:
             trace.calls.append(call)

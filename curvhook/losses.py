@@ -119,6 +119,11 @@ class LossRule:
         """``∂L/∂f``, shape ``[N, *out]``."""
         raise NotImplementedError
 
+    def residual(self, call: LossCall, grad: Tensor, scale: float) -> Tensor:
+        """``grad - scale · ∂L/∂f``, a new tensor of shape ``[N, *out]``: zero when ``grad``
+        is the gradient of ``scale · L``."""
+        return grad - scale * self.gradient(call)
+
 
 def _require_batch(call: LossCall, min_dim: int) -> None:
     if call.input.dim() < min_dim:
@@ -229,6 +234,13 @@ class CrossEntropyRule(LossRule):
         if a is None:  # α p - α one_hot(y)
             return torch.mul(p, alpha).scatter_(1, call.target.unsqueeze(1), -alpha, reduce="add")
         return (alpha * p).sub_(a)
+
+    def residual(self, call: LossCall, grad: Tensor, scale: float) -> Tensor:
+        p, a, alpha = self._coefficients(call)
+        if a is None:  # grad - c α p + c α one_hot(y): two operations
+            c = scale * alpha
+            return torch.sub(grad, p, alpha=c).scatter_(1, call.target.unsqueeze(1), c, reduce="add")
+        return super().residual(call, grad, scale)
 
 
 @register_loss(nn.MSELoss)
