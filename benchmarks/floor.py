@@ -15,6 +15,12 @@ timing, in one process and alternating round by round:
   straight-line code written for this one model and loss. It finds no loss,
   checks nothing and records no operation: the least any hook-based
   implementation can do. Its results are compared with curvhook's first.
+- ``guarded``: ``bare`` plus the two guarantees the core issue asks for
+  ("never a silent wrong number") at their cheapest: a pass-through
+  torch-function mode active in the block (what it takes to see the functions
+  of a loss value, ``loss ** 2``, that change the Hessian), and the check, in
+  the output hook, that the gradient reaching the output is that of the loss
+  (no extra term), with targets checked for ``ignore_index``.
 
 Example::
 
@@ -35,6 +41,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from benchmarks import problems as P
 
@@ -58,6 +65,13 @@ def _check_supported(pb: P.Problem) -> None:
         raise SystemExit("benchmarks.floor needs a default CrossEntropyLoss on class-index targets.")
 
 
+class PassThrough(TorchFunctionMode):
+    """A torch-function mode that only calls the function: the dispatch cost of any mode."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 class Bare:
     """DiagGGNApprox for one Linear/ReLU chain with mean cross-entropy, in straight-line code.
 
@@ -66,10 +80,16 @@ class Bare:
     walks the layers backwards: ``nn.Linear`` writes ``dᵀ (x∘x)`` (``[out, in]``)
     and ``Σ_n d`` (``[out]``) and passes ``d (W∘W)`` on; ``ReLU`` passes
     ``d ∘ 1[y > 0]`` on; ``Flatten`` reshapes ``d``.
+
+    Args:
+        model: The chain.
+        guarded: Also check, before using ``d``, that no target is ignored and
+            that the gradient at the output is ``(p - one_hot(y)) / N``.
     """
 
-    def __init__(self, model: nn.Sequential) -> None:
+    def __init__(self, model: nn.Sequential, guarded: bool = False) -> None:
         self.model = model
+        self.guarded = guarded
         self.layers = list(model)
         self.seen: dict[nn.Module, tuple[Tensor, Tensor, bool]] = {}
         self.results: dict[nn.Parameter, Tensor] = {}
@@ -78,17 +98,26 @@ class Bare:
     def _keep(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         self.seen[module] = (args[0].detach(), output.detach(), args[0].requires_grad)
 
-    def forward(self, X: Tensor) -> Tensor:
+    def forward(self, X: Tensor, y: Tensor) -> Tensor:
+        """The model output ``[N, C]``; its gradient will start the diagonal pass (targets ``y``, ``[N]``)."""
         out = self.model(X)
         f = out.detach()  # no reference to ``out`` in its own hook: no cycle
-        out.register_hook(lambda grad: self._backward(f))
+        out.register_hook(lambda grad: self._backward(f, y, grad))
         return out
 
-    def _backward(self, f: Tensor) -> None:
+    def _backward(self, f: Tensor, y: Tensor, grad: Tensor) -> None:
         p = f.softmax(1)
-        d = torch.addcmul(p, p, p, value=-1).div_(f.shape[0])  # diag of the mean CE Hessian
+        a = 1.0 / f.shape[0]
+        if self.guarded:
+            if int(y.min()) < 0:
+                raise RuntimeError("ignored targets: not covered")
+            residual = torch.sub(grad, p, alpha=a).scatter_(1, y.unsqueeze(1), a, reduce="add")
+            diff, size = torch.linalg.vector_norm(torch.stack([residual, grad]), float("inf"), dim=(1, 2)).tolist()
+            if diff > 1e-4 * (2 * size + diff):
+                raise RuntimeError("the gradient at the output is not that of the loss")
+        d = torch.addcmul(p, p, p, value=-1).mul_(a)  # diag of the mean CE Hessian
         for module in reversed(self.layers):
-            x, y, x_needs_grad = self.seen.pop(module)
+            x, out, x_needs_grad = self.seen.pop(module)
             if isinstance(module, nn.Linear):
                 self.results[module.weight] = d.t() @ x.square()
                 if module.bias is not None:
@@ -98,7 +127,7 @@ class Bare:
             if isinstance(module, nn.Linear):
                 d = d @ module.weight.detach().square()
             elif isinstance(module, nn.ReLU):
-                d = d * (y > 0)
+                d = d * (out > 0)
             else:  # Flatten
                 d = d.reshape(x.shape)
         self.seen.clear()
@@ -128,9 +157,9 @@ def agreement(pb: P.Problem) -> float:
 
     with extend(pb.model, DiagGGNApprox()):
         pb.loss_fn(pb.model(pb.X), pb.y).backward()
-    bare = Bare(pb.model)
+    bare = Bare(pb.model, guarded=True)
     try:
-        pb.loss_fn(bare.forward(pb.X), pb.y).backward()
+        pb.loss_fn(bare.forward(pb.X, pb.y), pb.y).backward()
     finally:
         bare.close()
     worst = 0.0
@@ -142,7 +171,7 @@ def agreement(pb: P.Problem) -> float:
 
 
 def measure(pb: P.Problem, rounds: int, steps: int) -> dict:
-    """Alternate plain, curvhook and bare ``rounds`` times; per-round medians and ratios.
+    """Alternate plain, curvhook, bare and guarded ``rounds`` times; per-round medians and ratios.
 
     Returns:
         ``{"times_us": {variant: [per round]}, "ratio": {variant: median ratio to plain}}``.
@@ -160,20 +189,25 @@ def measure(pb: P.Problem, rounds: int, steps: int) -> dict:
         zero_grad()
         loss_fn(model(X), y).backward()
 
-    times: dict[str, list[float]] = {"plain": [], "curvhook": [], "bare": []}
+    times: dict[str, list[float]] = {"plain": [], "curvhook": [], "bare": [], "guarded": []}
     for _ in range(rounds):
         times["plain"].append(_median_us(plain, steps))
         with extend(model, DiagGGNApprox()):
             times["curvhook"].append(_median_us(plain, steps))
-        bare = Bare(model)
-        try:
-            def bare_step() -> None:
-                zero_grad()
-                loss_fn(bare.forward(X), y).backward()
+        for name in ("bare", "guarded"):
+            bare = Bare(model, guarded=name == "guarded")
+            try:
+                def bare_step() -> None:
+                    zero_grad()
+                    loss_fn(bare.forward(X, y), y).backward()
 
-            times["bare"].append(_median_us(bare_step, steps))
-        finally:
-            bare.close()
+                if bare.guarded:
+                    with PassThrough():
+                        times[name].append(_median_us(bare_step, steps))
+                else:
+                    times[name].append(_median_us(bare_step, steps))
+            finally:
+                bare.close()
     ratio = {
         name: statistics.median(t / base for t, base in zip(ts, times["plain"])) for name, ts in times.items()
     }
@@ -185,15 +219,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--problem", nargs="+", default=["mlp", "fullggn"])
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=9, help="alternations of the three variants")
+    ap.add_argument("--rounds", type=int, default=9, help="alternations of the four variants")
     ap.add_argument("--steps", type=int, default=100, help="timed steps per variant and round")
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     results = {}
-    print(f"{'problem':10s} {'plain µs':>9s} {'curvhook':>9s} {'bare':>9s}  ratio to plain: curvhook, bare  "
-          "(medians over rounds; bare vs curvhook max rel. diff)")
+    names = ("plain", "curvhook", "bare", "guarded")
+    print(f"{'problem':10s}" + "".join(f"{n + ' µs':>12s}" for n in names)
+          + "   ratio to plain: curvhook, bare, guarded   (bare vs curvhook: max rel. diff)")
     for name in args.problem:
         if name not in P.SPECS:
             raise SystemExit(f"Unknown problem {name!r}; choose from {list(P.SPECS)}.")
@@ -204,8 +239,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         res["agreement"] = agree
         results[name] = res
         med = {k: statistics.median(v) for k, v in res["times_us"].items()}
-        print(f"{name:10s} {med['plain']:9.0f} {med['curvhook']:9.0f} {med['bare']:9.0f}  "
-              f"{res['ratio']['curvhook']:.2f}, {res['ratio']['bare']:.2f}  ({agree:.1e})")
+        ratios = ", ".join(f"{res['ratio'][n]:.2f}" for n in names[1:])
+        print(f"{name:10s}" + "".join(f"{med[n]:12.0f}" for n in names) + f"   {ratios}   ({agree:.1e})")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "results": results}, fh, indent=1)

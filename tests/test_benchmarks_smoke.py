@@ -81,7 +81,7 @@ def test_floor_script_agrees_with_curvhook_and_reports_ratios(capsys):
         res = results[name]
         # The bare straight-line code computes curvhook's numbers (else its timing means nothing).
         assert res["agreement"] < 1e-6
-        assert set(res["times_us"]) == {"plain", "curvhook", "bare"}
+        assert set(res["times_us"]) == {"plain", "curvhook", "bare", "guarded"}
         assert all(len(v) == 1 and v[0] > 0 for v in res["times_us"].values())
         assert res["ratio"]["plain"] == 1.0
 
@@ -98,10 +98,24 @@ def test_floor_agreement_sees_a_wrong_bare_result(monkeypatch):
 
     backward = floor.Bare._backward
 
-    def slightly_off(self, f):
-        backward(self, f)
+    def slightly_off(self, *args):
+        backward(self, *args)
         first = next(iter(self.results))
         self.results[first] = self.results[first] * 1.001
 
     monkeypatch.setattr(floor.Bare, "_backward", slightly_off)
     assert floor.agreement(problems.make("fullggn", batch_size=3)) > 5e-4
+
+
+def test_floor_guards_refuse_a_gradient_that_is_not_the_loss():
+    floor = pytest.importorskip("benchmarks.floor")
+    from benchmarks import problems
+
+    pb = problems.make("fullggn", batch_size=3)
+    bare = floor.Bare(pb.model, guarded=True)
+    try:
+        out = bare.forward(pb.X, pb.y)
+        with pytest.raises(RuntimeError, match="not that of the loss"):
+            (pb.loss_fn(out, pb.y) + out.sum()).backward()
+    finally:
+        bare.close()
