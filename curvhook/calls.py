@@ -230,8 +230,7 @@ def _slot(obj: Any, tensors: list[Tensor], index: dict[int, int]) -> Any:
             tensors.append(obj)
         return Slot(index[id(obj)])
     if isinstance(obj, (list, tuple)) and any(isinstance(o, Tensor) for o in obj):
-        slots = [_slot(o, tensors, index) for o in obj]
-        return tuple(slots) if isinstance(obj, tuple) else slots
+        return _same_container(obj, [_slot(o, tensors, index) for o in obj])
     return obj
 
 
@@ -244,9 +243,17 @@ def _fill(obj: Any, tensors: list[Tensor]) -> Any:
     if isinstance(obj, Slot):
         return tensors[obj]
     if isinstance(obj, (list, tuple)) and any(isinstance(o, Slot) for o in obj):
-        filled = [_fill(o, tensors) for o in obj]
-        return tuple(filled) if isinstance(obj, tuple) else filled
+        return _same_container(obj, [_fill(o, tensors) for o in obj])
     return obj
+
+
+def _same_container(obj: Any, items: list) -> Any:
+    """``items`` in a container of ``obj``'s kind: a list, a tuple, or the same namedtuple."""
+    if not isinstance(obj, tuple):
+        return items
+    if hasattr(type(obj), "_fields"):  # a namedtuple: the module reads its fields by name
+        return type(obj)(*items)
+    return tuple(items)
 
 
 @dataclass(eq=False)

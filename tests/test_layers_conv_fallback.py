@@ -1,6 +1,7 @@
 """Convolution and max-pool rules, the torch.func fallback and custom rules against torch.func."""
 
 import warnings
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -341,3 +342,46 @@ def test_fallback_leaves_the_random_number_stream_alone():
         with extend(model, DiagGGN(), DiagGGNApprox(), BatchJacobian()):
             nn.CrossEntropyLoss()(model(X), y).backward()
     torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+class _Pair(NamedTuple):
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+class PairGate(nn.Module):
+    """A leaf without a rule that takes a namedtuple of tensors and reads it by field name."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, pair):
+        return pair.a * self.w + torch.tanh(pair.b)
+
+
+class PairNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.gate = PairGate(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.head(self.gate(_Pair(h, h * h)))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_fallback_replays_a_namedtuple_argument_as_that_namedtuple(n):
+    """The exact fallback calls the module again; a namedtuple argument must reach it as one."""
+    torch.manual_seed(0)
+    model = PairNet().double()
+    X = torch.randn(n, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (n,))
+    criterion = nn.CrossEntropyLoss()
+    got = run_all(model, X, y, criterion)
+    J, G = ggn_reference(model, X, y, criterion)
+    close(got["full"], G)
+    close(got["diag"], G.diagonal())
+    close(got["jac"].reshape(-1, J.shape[1]), J)
