@@ -236,36 +236,29 @@ class Extend:
         name, has_children, builtin_leaf = self._modules[module]  # hooks are only on modules listed at entry
         if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common call: f(x)
             x = args[0]
-            version = x._version
-            call = ModuleCall(
-                module=module,
-                name=name,
-                inputs=args,
-                input_keys=((id(x), version),),
-                input_versions=(version,),
-                input_nodes=(x.grad_fn,),
-                input_requires_grad=(x.requires_grad,),
-                args=_ONE_SLOT,
-                kwargs={},
-            )
+            inputs, t_args, t_kwargs, version = args, _ONE_SLOT, {}, x._version
+            keys, versions, nodes, needs = ((id(x), version),), (version,), (x.grad_fn,), (x.requires_grad,)
         else:
             t_args, t_kwargs, found = make_template(args, kwargs)
             inputs = tuple(found)
             keys = tuple(key_of(x) for x in inputs)
-            call = ModuleCall(
-                module=module,
-                name=name,
-                inputs=inputs,
-                input_keys=keys,
-                input_versions=tuple(k[1] for k in keys),
-                input_nodes=tuple(x.grad_fn for x in inputs),
-                input_requires_grad=tuple(x.requires_grad for x in inputs),
-                args=t_args,
-                kwargs=t_kwargs,
-            )
+            versions = tuple(k[1] for k in keys)
+            nodes = tuple(x.grad_fn for x in inputs)
+            needs = tuple(x.requires_grad for x in inputs)
+        call = ModuleCall(
+            module=module,
+            name=name,
+            inputs=inputs,
+            input_keys=keys,
+            input_versions=versions,
+            input_nodes=nodes,
+            input_requires_grad=needs,
+            args=t_args,
+            kwargs=t_kwargs,
+        )
         trace = self._stack[-1]
         frames.append(Frame(call, len(trace.calls), has_children, len(trace.shared_log)))
-        if builtin_leaf and self._mode_on_top() and not self._monitor.marked(call.inputs):
+        if builtin_leaf and self._mode_on_top() and not self._monitor.marked(inputs):
             # The mode records nothing inside a leaf: a torch layer's forward calls no
             # module, and its inputs carry no loss value. Off the stack, its functions
             # skip the mode's Python dispatch; _on_module_post puts it back.
