@@ -46,6 +46,15 @@ def close(actual, expected, rtol=1e-6):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
 
 
+def assert_exact(model, X, y, criterion):
+    """Run every extension and compare FullGGN, DiagGGN and BatchJacobian with torch.func."""
+    got = run_all(model, X, y, criterion)
+    J, G = ggn_reference(model, X, y, criterion)
+    close(got["full"], G)
+    close(got["diag"], G.diagonal())
+    close(got["jac"].reshape(-1, J.shape[1]), J)
+
+
 class SquaredWeight(nn.Module):
     """Not linear in its parameter: ``y = x (W∘W)ᵀ + b``."""
 
@@ -84,11 +93,7 @@ def test_conv_and_maxpool_match_reference(case, n):
     X = torch.randn(n, *shape, dtype=torch.float64)
     y = torch.randint(0, 3, (n,))
     criterion = nn.CrossEntropyLoss()
-    got = run_all(model, X, y, criterion)
-    J, G = ggn_reference(model, X, y, criterion)
-    close(got["full"], G)
-    close(got["diag"], G.diagonal())
-    close(got["jac"].reshape(-1, J.shape[1]), J)
+    assert_exact(model, X, y, criterion)
 
 
 @pytest.mark.parametrize("case", sorted(CONV_MODELS))
@@ -120,11 +125,7 @@ def test_fallback_is_exact_for_nonlinear_parameters_layernorm_and_embedding(n):
     X = torch.randint(0, 7, (n, 3))
     y = torch.randn(n, 3, dtype=torch.float64)
     criterion = nn.MSELoss(reduction="sum")
-    got = run_all(model, X, y, criterion)
-    J, G = ggn_reference(model, X, y, criterion)
-    close(got["full"], G)
-    close(got["diag"], G.diagonal())
-    close(got["jac"].reshape(-1, J.shape[1]), J)
+    assert_exact(model, X, y, criterion)
 
 
 def test_fallback_approx_is_exact_for_single_nonlinear_layer_with_mse():
@@ -380,8 +381,4 @@ def test_fallback_replays_a_namedtuple_argument_as_that_namedtuple(n):
     X = torch.randn(n, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (n,))
     criterion = nn.CrossEntropyLoss()
-    got = run_all(model, X, y, criterion)
-    J, G = ggn_reference(model, X, y, criterion)
-    close(got["full"], G)
-    close(got["diag"], G.diagonal())
-    close(got["jac"].reshape(-1, J.shape[1]), J)
+    assert_exact(model, X, y, criterion)
