@@ -33,6 +33,7 @@ default ``CrossEntropyLoss`` (mean over class-index targets) are supported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -201,10 +202,7 @@ def measure(pb: P.Problem, rounds: int, steps: int) -> dict:
                     zero_grad()
                     loss_fn(bare.forward(X, y), y).backward()
 
-                if bare.guarded:
-                    with PassThrough():
-                        times[name].append(_median_us(bare_step, steps))
-                else:
+                with PassThrough() if bare.guarded else contextlib.nullcontext():
                     times[name].append(_median_us(bare_step, steps))
             finally:
                 bare.close()
