@@ -122,7 +122,8 @@ class LossRule:
     def residual(self, call: LossCall, grad: Tensor, scale: float) -> Tensor:
         """``grad - scale · ∂L/∂f``, a new tensor of shape ``[N, *out]``: zero when ``grad``
         is the gradient of ``scale · L``."""
-        return grad - scale * self.gradient(call)
+        gradient = self.gradient(call)
+        return grad - (gradient if scale == 1.0 else scale * gradient)  # no multiplication by one
 
 
 def _require_batch(call: LossCall, min_dim: int) -> None:
