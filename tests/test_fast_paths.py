@@ -17,6 +17,7 @@ from curvhook.extensions import full_ggn as full_ggn_module
 from curvhook.losses import _softmax_factor
 from curvhook.rules import base as rules_base
 from curvhook.rules import fallback as fallback_module
+from curvhook.rules import pooling
 from curvhook.rules import tensor_ops
 from helpers import check_graph_against_reference
 from reference import collect, compare, reference
@@ -292,3 +293,29 @@ def test_sums_and_means_are_pulled_back_without_torch_func(monkeypatch, n):
     run(model, X, y, BatchJacobian(), DiagGGN(), DiagGGNApprox(), FullGGN())  # raises on torch.func
     monkeypatch.undo()
     check_graph_against_reference(model, X, y)
+
+
+@pytest.mark.parametrize(
+    "pool, dims, saved",
+    [(nn.MaxPool2d(3, 2, 1), 2, True), (nn.AdaptiveMaxPool2d(3), 2, True), (nn.MaxPool3d(2), 3, True), (nn.MaxPool1d(3, 2, 1), 1, False)],
+)
+def test_max_pooling_reads_the_indices_of_its_forward_pass(monkeypatch, pool, dims, saved):
+    """2d and 3d pooling take the indices their autograd node saved; 1d computes them again."""
+    recomputed = []
+    compute = pooling.MaxPoolRule._compute_indices
+
+    def count(call):
+        recomputed.append(call.name)
+        return compute(call)
+
+    monkeypatch.setattr(pooling.MaxPoolRule, "_compute_indices", staticmethod(count))
+    monkeypatch.setattr(pooling.AdaptiveMaxPoolRule, "_compute_indices", staticmethod(count))
+    torch.manual_seed(0)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](2, 3, 3)
+    model = nn.Sequential(conv, nn.ReLU(), pool, nn.Flatten(), nn.LazyLinear(3)).to(DT)
+    X, y = torch.randn(4, 2, *([8] * dims), dtype=DT), torch.randint(0, 3, (4,))
+    model(X)
+    run(model, X, y, BatchJacobian(), DiagGGN())
+    assert bool(recomputed) is not saved
+    ref = reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y), approx=False)
+    compare(collect(model, 4, ("BatchJacobian", "DiagGGN")), ref)

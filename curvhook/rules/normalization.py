@@ -36,6 +36,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from curvhook import _memory
 from curvhook.calls import ModuleCall
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule
@@ -50,38 +51,48 @@ def _channel_shape(x: Tensor) -> tuple[int, ...]:
 class BatchNormRule(LayerRule):
     """BatchNorm that normalizes with its running statistics (eval mode)."""
 
-    def _scale_and_normalized(self, call: ModuleCall) -> tuple[Tensor, Tensor]:
-        """``a`` ``[C, 1, ...]`` and ``x̂`` ``[N, C, *]`` (cached per backward)."""
-        if "bn" not in call.cache:
+    def _scale(self, call: ModuleCall) -> Tensor:
+        """``a = γ / √(v + ε)`` shaped ``[C, 1, ...]`` (cached per backward)."""
+        if "bn_scale" not in call.cache:
+            module, x = call.module, call.input
+            scale = torch.rsqrt(module.running_var.to(x.dtype) + module.eps)
+            if module.weight is not None:
+                scale = scale * module.weight.detach()
+            call.cache["bn_scale"] = scale.reshape(_channel_shape(x))
+        return call.cache["bn_scale"]
+
+    def _x_hat(self, call: ModuleCall) -> Tensor:
+        """``x̂`` ``[N, C, *]`` (cached per backward; only the matrix rules need it)."""
+        if "bn_x_hat" not in call.cache:
             module, x = call.module, call.input.detach()
             shape = _channel_shape(x)
             inv_std = torch.rsqrt(module.running_var.to(x.dtype) + module.eps).reshape(shape)
-            x_hat = (x - module.running_mean.to(x.dtype).reshape(shape)) * inv_std
-            scale = inv_std if module.weight is None else inv_std * module.weight.detach().reshape(shape)
-            call.cache["bn"] = (scale, x_hat)
-        return call.cache["bn"]
+            call.cache["bn_x_hat"] = (x - module.running_mean.to(x.dtype).reshape(shape)) * inv_std
+        return call.cache["bn_x_hat"]
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        return mat * self._scale_and_normalized(call)[0]
+        return mat * self._scale(call)
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
-        return diag * self._scale_and_normalized(call)[0].square()
+        return diag * self._scale(call).square()
 
     def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
         m = mat.flatten(3) if mat.dim() > 3 else mat.unsqueeze(-1)  # [V, N, C, L]
         if name == "bias":
             return m.sum(-1)
-        x_hat = self._scale_and_normalized(call)[1]
+        x_hat = self._x_hat(call)
         return torch.einsum("vncl,ncl->vnc", m, x_hat.reshape(*x_hat.shape[:2], -1))
 
     def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
         d = diag.reshape(*diag.shape[:2], -1)  # [N, C, L]
         if name == "bias":
             return d.sum((0, 2))
-        x_hat = self._scale_and_normalized(call)[1].reshape(d.shape)
-        # Σ_{n,l} d x̂²: elementwise and one reduction (an einsum would copy both
-        # operands channel-major for a batched GEMM)
-        return (d * x_hat).mul_(x_hat).sum((0, 2))
+        # Σ_{n,l} d x̂² = (Σ_{n,l} d (x - μ)²) / (v + ε): in place in one scratch buffer and
+        # one reduction (an einsum would copy both operands channel-major for a batched GEMM)
+        module, x = call.module, call.input.detach()
+        x = x.reshape(d.shape)
+        centered = torch.sub(x, module.running_mean.to(x.dtype).unsqueeze(-1), out=_memory.scratch(d.shape, x, "bn_centered"))
+        return centered.square_().mul_(d).sum((0, 2)).div_(module.running_var.to(x.dtype) + module.eps)
 
 
 class _GroupNormalizationRule(LayerRule):

@@ -3,7 +3,9 @@
 Max pooling: each output entry copies one input entry, chosen by the indices
 of the forward pass, so ``J`` has entries 0 and 1: ``J_xᵀ m`` scatter-adds ``m``
 onto the chosen inputs (overlapping windows add up), and since ``J∘J = J`` the
-diagonal rule is the same scatter. The indices are recomputed from the stored input.
+diagonal rule is the same scatter. The indices are those the forward pass saved
+for autograd when the module is one autograd operation (2d and 3d), else they
+are recomputed from the stored input.
 
 Average pooling is linear: output ``o`` is ``c_o Σ_{i ∈ window(o)} x_i`` with one
 coefficient ``c_o = 1/divisor_o`` per window (the divisor depends on the window
@@ -18,6 +20,7 @@ the transpose applied to ``d`` scaled by the per-window coefficient.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +56,12 @@ class MaxPoolRule(LayerRule):
     def _indices(self, call: ModuleCall) -> Tensor:
         """Flat input index of each output entry, ``[N, C, L_out]`` (cached per backward)."""
         if "indices" not in call.cache:
-            call.cache["indices"] = self._compute_indices(call).flatten(2)
+            # The forward pass's own indices, saved on its autograd node (no second
+            # pooling pass); 1d pooling adds a squeeze node and recomputes them.
+            saved = _saved_indices(call)
+            if saved is None or saved.shape != call.output_shape:
+                saved = self._compute_indices(call)
+            call.cache["indices"] = saved.flatten(2)
         return call.cache["indices"]
 
     def _scatter(self, call: ModuleCall, values: Tensor) -> Tensor:
@@ -92,6 +100,16 @@ class AdaptiveMaxPoolRule(MaxPoolRule):
         )
         _, idx = _ADAPTIVE_MAX[x.dim() - 2](x, size, return_indices=True)
         return idx
+
+
+def _saved_indices(call: ModuleCall) -> Optional[Tensor]:
+    """The indices the pooling's autograd node saved, or ``None`` where there is none to read."""
+    if not is_single_node(call):
+        return None
+    try:
+        return getattr(call.node, "_saved_result1", None)
+    except RuntimeError:  # freed by an earlier backward pass
+        return None
 
 
 def _as_tuple(value, dims: int) -> tuple:
