@@ -160,10 +160,19 @@ class ConvRule(LayerRule):
         v = mat.shape[0]
         if out is None:
             out = empty((n, v, g, mat.shape[2] // g, i), like=mat)
-        if g == 1:  # per column v, one GEMM batched over samples: [O, L] @ [L, I]
-            u_t = patches[:, 0].transpose(1, 2)
-            for col in range(v):
-                torch.bmm(mat[col].flatten(2), u_t, out=out[:, col, 0])
+        if g == 1:
+            u_t = patches[:, 0].transpose(1, 2)  # [N, L, I]
+            o, length = mat.shape[2], patches.shape[-1]
+            if length <= i:
+                # One GEMM per sample for all columns, [V·O, L] @ [L, I], straight into the
+                # sample-major result. Copying m sample-major first costs less than the
+                # products it saves copying (L ≤ I).
+                m = _memory.scratch((n, v, o, length), mat, "conv_columns")
+                m.copy_(mat.flatten(3).transpose(0, 1))
+                torch.bmm(m.view(n, v * o, length), u_t, out=out.view(n, v * o, i))
+            else:  # per column, batched over samples: [O, L] @ [L, I] (a small product per column)
+                for col in range(v):
+                    torch.bmm(mat[col].flatten(2), u_t, out=out[:, col, 0])
         else:
             m = rearrange(mat.flatten(3), "v n (g o) l -> v n g o l", g=g)
             out.copy_(torch.einsum("vngol,ngil->nvgoi", m, patches))
