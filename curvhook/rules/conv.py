@@ -167,8 +167,9 @@ class ConvRule(LayerRule):
                 # One GEMM per sample for all columns, [V·O, L] @ [L, I], straight into the
                 # sample-major result. Copying m sample-major first costs less than the
                 # products it saves copying (L ≤ I).
-                m = _memory.scratch((n, v, o, length), mat, "conv_columns")
-                m.copy_(mat.flatten(3).transpose(0, 1))
+                m = mat.flatten(3).transpose(0, 1)  # [N, V, O, L]; already in place when V = 1
+                if not m.is_contiguous():
+                    m = _memory.scratch(m.shape, mat, "conv_columns").copy_(m)
                 torch.bmm(m.view(n, v * o, length), u_t, out=out.view(n, v * o, i))
             else:  # per column, batched over samples: [O, L] @ [L, I] (a small product per column)
                 for col in range(v):
