@@ -51,14 +51,19 @@ def _channel_shape(x: Tensor) -> tuple[int, ...]:
 class BatchNormRule(LayerRule):
     """BatchNorm that normalizes with its running statistics (eval mode)."""
 
+    @staticmethod
+    def _inv_std(call: ModuleCall) -> Tensor:
+        """``1 / √(v + ε)`` per channel, ``[C]``."""
+        module = call.module
+        return torch.rsqrt(module.running_var.to(call.input.dtype) + module.eps)
+
     def _scale(self, call: ModuleCall) -> Tensor:
         """``a = γ / √(v + ε)`` shaped ``[C, 1, ...]`` (cached per backward)."""
         if "bn_scale" not in call.cache:
-            module, x = call.module, call.input
-            scale = torch.rsqrt(module.running_var.to(x.dtype) + module.eps)
-            if module.weight is not None:
-                scale = scale * module.weight.detach()
-            call.cache["bn_scale"] = scale.reshape(_channel_shape(x))
+            scale = self._inv_std(call)
+            if call.module.weight is not None:
+                scale = scale * call.module.weight.detach()
+            call.cache["bn_scale"] = scale.reshape(_channel_shape(call.input))
         return call.cache["bn_scale"]
 
     def _x_hat(self, call: ModuleCall) -> Tensor:
@@ -66,8 +71,8 @@ class BatchNormRule(LayerRule):
         if "bn_x_hat" not in call.cache:
             module, x = call.module, call.input.detach()
             shape = _channel_shape(x)
-            inv_std = torch.rsqrt(module.running_var.to(x.dtype) + module.eps).reshape(shape)
-            call.cache["bn_x_hat"] = (x - module.running_mean.to(x.dtype).reshape(shape)) * inv_std
+            mean = module.running_mean.to(x.dtype).reshape(shape)
+            call.cache["bn_x_hat"] = (x - mean) * self._inv_std(call).reshape(shape)
         return call.cache["bn_x_hat"]
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
@@ -92,7 +97,7 @@ class BatchNormRule(LayerRule):
         module, x = call.module, call.input.detach()
         x = x.reshape(d.shape)
         centered = torch.sub(x, module.running_mean.to(x.dtype).unsqueeze(-1), out=_memory.scratch(d.shape, x, "bn_centered"))
-        return centered.square_().mul_(d).sum((0, 2)).div_(module.running_var.to(x.dtype) + module.eps)
+        return centered.square_().mul_(d).sum((0, 2)).mul_(self._inv_std(call).square())
 
 
 class _GroupNormalizationRule(LayerRule):
