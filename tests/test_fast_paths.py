@@ -302,14 +302,16 @@ def test_sums_and_means_are_pulled_back_without_torch_func(monkeypatch, n):
 def test_max_pooling_reads_the_indices_of_its_forward_pass(monkeypatch, pool, dims, saved):
     """2d and 3d pooling take the indices their autograd node saved; 1d computes them again."""
     recomputed = []
-    compute = pooling.MaxPoolRule._compute_indices
 
-    def count(call):
-        recomputed.append(call.name)
-        return compute(call)
+    def counting(compute):
+        def count(call):
+            recomputed.append(call.name)
+            return compute(call)
 
-    monkeypatch.setattr(pooling.MaxPoolRule, "_compute_indices", staticmethod(count))
-    monkeypatch.setattr(pooling.AdaptiveMaxPoolRule, "_compute_indices", staticmethod(count))
+        return staticmethod(count)
+
+    for rule in (pooling.MaxPoolRule, pooling.AdaptiveMaxPoolRule):
+        monkeypatch.setattr(rule, "_compute_indices", counting(rule._compute_indices))
     torch.manual_seed(0)
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](2, 3, 3)
     model = nn.Sequential(conv, nn.ReLU(), pool, nn.Flatten(), nn.LazyLinear(3)).to(DT)
