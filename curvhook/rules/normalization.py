@@ -145,24 +145,37 @@ class _GroupNormalizationRule(LayerRule):
             back = back - u.mean(-1, keepdim=True)
         return self._ungroup(call, back * inv_std, 2)
 
+    def _x_hat_sq(self, call: ModuleCall) -> Tensor:
+        """``x̂ ∘ x̂``, ``[N, T, G]`` (cached per backward: the diagonals of input and weight share it)."""
+        if "x_hat_sq" not in call.cache:
+            call.cache["x_hat_sq"] = self._normalized(call)[0].square()
+        return call.cache["x_hat_sq"]
+
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
         x_hat, inv_std = self._normalized(call)
+        x_sq = self._x_hat_sq(call)
         gamma = self._gamma(call)
         e = self._group(call, diag, 1)  # [N, T, G]
         if gamma is not None:
             e = e * gamma.square()
         size = e.shape[-1]
-        x_sq = x_hat.square()
-        s2 = (e * x_sq).sum(-1, keepdim=True)
+        rows = e.reshape(-1, 1, size)  # the sums over a group as batched dot products: no temporaries
+
+        def group_dot(t: Tensor) -> Tensor:
+            return torch.bmm(rows, t.reshape(-1, size, 1)).view(*e.shape[:-1], 1)
+
+        s2 = group_dot(x_sq)
         if self.centered:
-            s0 = e.sum(-1, keepdim=True)
-            s1 = (e * x_hat).sum(-1, keepdim=True)
             # Σ_o e_o (δ_oi - 1/G - x̂_o x̂_i / G)²
-            back = e * (1 - 2 * (1 + x_sq) / size) + (s0 + 2 * x_hat * s1 + x_sq * s2) / size**2
+            #   = e_i (1 - 2 (1 + x̂_i²) / G) + (Σ e + 2 x̂_i Σ e x̂ + x̂_i² Σ e x̂²) / G²
+            back = torch.add(x_sq, 1).mul_(-2 / size).add_(1).mul_(e)
+            back.addcmul_(x_hat, group_dot(x_hat), value=2 / size**2)
+            back.add_(e.sum(-1, keepdim=True), alpha=1 / size**2)
         else:
-            # Σ_o e_o (δ_oi - x̂_o x̂_i / G)²
-            back = e * (1 - 2 * x_sq / size) + x_sq * s2 / size**2
-        return self._ungroup(call, back * inv_std.square(), 1)
+            # Σ_o e_o (δ_oi - x̂_o x̂_i / G)² = e_i (1 - 2 x̂_i² / G) + x̂_i² Σ e x̂² / G²
+            back = torch.mul(x_sq, -2 / size).add_(1).mul_(e)
+        back.addcmul_(x_sq, s2, value=1 / size**2)
+        return self._ungroup(call, back.mul_(inv_std.square()), 1)
 
     # The affine parameters: the subclasses reduce ``m ∘ x̂`` / ``m`` over the shared positions.
     def _param_reduce(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
@@ -181,7 +194,7 @@ class _GroupNormalizationRule(LayerRule):
     def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
         if name == "bias":
             return self._param_reduce(call, diag, 1).sum(0)
-        return self._param_reduce(call, diag * self._x_hat(call).square(), 1).sum(0)
+        return self._param_reduce(call, diag * self._ungroup(call, self._x_hat_sq(call), 1), 1).sum(0)
 
 
 @register_rule(nn.LayerNorm)
