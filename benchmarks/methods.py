@@ -88,6 +88,16 @@ class Plain(Runner):
 CURVHOOK_QUANTITY = {"DiagGGN": "diag_ggn", "FullGGN": "full_ggn", "BatchJacobian": "batch_jacobian"}
 
 
+# Variants of an extension, named ``Extension-variant``: the keyword arguments they pass.
+VARIANTS = {"split": {"split_attention": True}}
+
+
+def _extension(module, name: str):
+    """Build the extension ``name`` (``DiagGGNApprox`` or a variant such as ``DiagGGNApprox-split``)."""
+    base, _, variant = name.partition("-")
+    return getattr(module, base)(**VARIANTS[variant]) if variant else getattr(module, base)()
+
+
 class Curvhook(Runner):
     """Steady state inside an entered ``extend`` block (entry timed separately)."""
 
@@ -96,7 +106,7 @@ class Curvhook(Runner):
         from curvhook import extensions as ext
 
         self.pb, self.names = pb, names
-        self.exts = [getattr(ext, n)() for n in names]
+        self.exts = [_extension(ext, n) for n in names]
         t0 = time.perf_counter()
         self.ctx = extend(pb.model, *self.exts)
         self.ctx.__enter__()
@@ -108,7 +118,7 @@ class Curvhook(Runner):
         self.pb.loss_fn(self.pb.model(self.pb.X), self.pb.y).backward()
 
     def result(self):
-        name = self.names[0]
+        name = self.names[0].partition("-")[0]
         params = self.pb.params
         if name == "DiagGGN":
             return _flat([p.diag_ggn for p in params]), None
@@ -311,6 +321,8 @@ class Method:
             importlib.import_module(self.library)
         except Exception as err:  # noqa: BLE001 - any import failure means "not available"
             return f"{self.library} not importable ({type(err).__name__})"
+        if self.name.endswith("-split") and not any(isinstance(m, nn.MultiheadAttention) for m in pb.model.modules()):
+            return "no nn.MultiheadAttention: the same computation as without -split"
         P = pb.num_params if num_params is None else num_params
         if self.size == "dense" and P > MAX_DENSE_P:
             return f"dense P x P with P={P:,} (limit {MAX_DENSE_P:,})"
@@ -328,6 +340,7 @@ METHODS: list[Method] = [
     Method("plain", "torch", None, Plain),
     _ch("DiagGGN"),
     _ch("DiagGGNApprox"),
+    _ch("DiagGGNApprox-split"),  # DiagGGNApprox(split_attention=True): attention split into its operations
     _ch("DiagGGN", "DiagGGNApprox"),
     _ch("BatchJacobian", size="jacobian"),
     _ch("FullGGN", size="dense"),

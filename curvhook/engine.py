@@ -57,11 +57,12 @@ def backpropagate(
     totals: dict[Extension, dict[int, Tensor]] = {ext: {} for ext in extensions}
 
     for call in reversed(calls):
-        rule = rule_of(call)
+        default_rule = rule_of(call)
         for key, exts in groups.items():
             value = take_value(pending[key], call)
             if value is None:
                 continue
+            rule = exts[0].adapt_rule(default_rule)  # the same for every extension of the key
             for name, p in call.trainable_parameters():
                 for ext in exts:
                     term = ext.param_term(rule, call, name, value, id(p) in shared)

@@ -8,6 +8,7 @@ through the generic rule and are compared with torch.func.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -198,3 +199,139 @@ def test_chunks_of_samples_agree(monkeypatch):
     _run(model, X, y, [DiagGGNApprox()])
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.diag_ggn_approx, whole[name], rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------ DiagGGNApprox(split_attention=True)
+class HandWrittenAttention(nn.Module):
+    """The self-attention of an ``nn.MultiheadAttention``, written out with its weights.
+
+    Its children are called, so both curvhook and the graph reference see the
+    projections as modules and everything between them as tensor operations:
+    the split approximation by its definition.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        e, bias = mha.embed_dim, mha.in_proj_bias is not None
+        self.heads = mha.num_heads
+        like = dict(dtype=mha.in_proj_weight.dtype)
+        self.in_proj = nn.Linear(e, 3 * e, bias=bias, **like)
+        self.out_proj = nn.Linear(e, e, bias=bias, **like)
+        with torch.no_grad():
+            self.in_proj.weight.copy_(mha.in_proj_weight)
+            self.out_proj.weight.copy_(mha.out_proj.weight)
+            if bias:
+                self.in_proj.bias.copy_(mha.in_proj_bias)
+                self.out_proj.bias.copy_(mha.out_proj.bias)
+
+    def forward(self, h, h2, h3, need_weights=False, attn_mask=None, key_padding_mask=None, is_causal=False):
+        n, length, e = h.shape
+        q, k, v = (
+            t.reshape(n, length, self.heads, e // self.heads).transpose(1, 2) for t in self.in_proj(h).chunk(3, -1)
+        )
+        s = (q * (e // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            s = s.masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+        if key_padding_mask is not None:
+            s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        o = (s.softmax(-1) @ v).transpose(1, 2).reshape(n, length, e)
+        return self.out_proj(o), None
+
+
+def _hand_written_twin(model):
+    twin = copy.deepcopy(model)
+    twin.mha = HandWrittenAttention(model.mha)
+    return twin
+
+
+SPLIT_CASES = ["plain", "four_heads", "one_head", "no_bias", "causal_bool", "float_mask", "key_padding"]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_split_attention_matches_attention_written_out(case, n, monkeypatch):
+    """Split mode on nn.MultiheadAttention = the graph reference on the same attention by hand."""
+    torch.manual_seed(6)
+    model = SelfAttentionNet(**CASES[case]).to(DT).eval()
+    X, y = torch.randn(n, 5, 3, dtype=DT), torch.randint(0, 4, (n,))
+    _no_fallback_diagonals(monkeypatch)
+    crit = _run(model, X, y, [DiagGGNApprox(split_attention=True)])
+    got = collect(model, n, ("DiagGGNApprox",))["DiagGGNApprox"]
+    twin = _hand_written_twin(model)
+    want = _approx_reference(twin, X, y, crit)
+    check(got, want, "DiagGGNApprox")
+    if case != "key_padding":  # (a per-sample mask is a constant with a batch axis: refused there)
+        # curvhook on the hand-written twin (modules and tensor operations) gives the same numbers
+        _run(twin, X, y, [DiagGGNApprox()])
+        check(got, collect(twin, n, ("DiagGGNApprox",))["DiagGGNApprox"], "DiagGGNApprox")
+    # and it is another approximation than the definition's single operation
+    assert not torch.allclose(got, _approx_reference(model, X, y, crit), rtol=1e-3)
+
+
+def test_split_and_single_operation_in_one_pass():
+    """Both variants in one backward pass travel separately and each matches its reference."""
+    torch.manual_seed(7)
+    model = SelfAttentionNet(e=8, heads=4, mask="causal_bool").to(DT).eval()
+    X, y = torch.randn(3, 4, 3, dtype=DT), torch.randint(0, 4, (3,))
+    split, whole = DiagGGNApprox(split_attention=True), DiagGGNApprox()
+    crit = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with extend(model, whole, DiagGGN()):
+            crit(model(X), y).backward()
+        one = collect(model, 3, ("DiagGGNApprox",))["DiagGGNApprox"]
+        with extend(model, split):
+            crit(model(X), y).backward()
+        two = collect(model, 3, ("DiagGGNApprox",))["DiagGGNApprox"]
+    check(one, _approx_reference(model, X, y, crit), "DiagGGNApprox")
+    check(two, _approx_reference(_hand_written_twin(model), X, y, crit), "DiagGGNApprox")
+    assert repr(split) == "DiagGGNApprox(split_attention=True)"
+
+
+def test_split_attention_in_a_transformer_encoder_layer():
+    """nn.TransformerEncoderLayer calls its attention with keyword masks: split there too."""
+    torch.manual_seed(8)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, tokens):
+            pad = tokens == 0
+            return self.head(self.layer(self.emb(tokens), src_key_padding_mask=pad).mean(1))
+
+    model = Encoder().to(DT).eval()
+    X = torch.randint(1, 11, (3, 5))
+    X[:, -1] = 0
+    y = torch.randint(0, 3, (3,))
+    crit = _run(model, X, y, [DiagGGNApprox(split_attention=True)])
+    got = collect(model, 3, ("DiagGGNApprox",))["DiagGGNApprox"]
+
+    class PostNormLayer(nn.Module):  # the encoder layer's forward in eval mode, attention by hand
+        def __init__(self, layer):
+            super().__init__()
+            self.attn = HandWrittenAttention(layer.self_attn)  # parameters in the encoder's order
+            self.linear1, self.linear2 = copy.deepcopy(layer.linear1), copy.deepcopy(layer.linear2)
+            self.norm1, self.norm2 = copy.deepcopy(layer.norm1), copy.deepcopy(layer.norm2)
+
+        def forward(self, x, src_key_padding_mask):
+            x = self.norm1(x + self.attn(x, x, x, key_padding_mask=src_key_padding_mask)[0])
+            return self.norm2(x + self.linear2(torch.relu(self.linear1(x))))
+
+    twin = copy.deepcopy(model)
+    twin.layer = PostNormLayer(model.layer)
+    check(got, _approx_reference(twin, X, y, crit), "DiagGGNApprox")
+
+
+def test_split_attention_warns_and_keeps_other_configurations_whole():
+    torch.manual_seed(9)
+    model = KeyValueWidth().to(DT).eval()
+    X, y = torch.randn(2, 4, 3, dtype=DT), torch.randint(0, 4, (2,))
+    crit = nn.CrossEntropyLoss()
+    with pytest.warns(UserWarning, match="split_attention=True"):
+        with extend(model, DiagGGNApprox(split_attention=True)):
+            crit(model(X), y).backward()
+    check(collect(model, 2, ("DiagGGNApprox",))["DiagGGNApprox"], _approx_reference(model, X, y, crit), "DiagGGNApprox")

@@ -119,3 +119,23 @@ def test_floor_guards_refuse_a_gradient_that_is_not_the_loss():
             (pb.loss_fn(out, pb.y) + out.sum()).backward()
     finally:
         bare.close()
+
+
+def test_split_attention_variant_runs_only_where_there_is_attention():
+    import torch
+    from curvhook.extensions import DiagGGNApprox
+
+    from benchmarks import methods, problems
+
+    split = methods.BY_NAME["curvhook:DiagGGNApprox-split"]
+    assert "MultiheadAttention" in split.skip_reason(problems.make("mlp", batch_size=2))
+    pb = problems.make("transformer", batch_size=2)
+    assert split.skip_reason(pb) is None
+    runner = split.build(pb)
+    try:
+        assert isinstance(runner.exts[0], DiagGGNApprox) and runner.exts[0].split_attention
+        runner.step()
+        got, _ = runner.result()
+    finally:
+        runner.close()
+    assert got.numel() == pb.num_params and bool(torch.isfinite(got).all())

@@ -58,6 +58,15 @@ class Extension:
         """Extensions with equal keys share one backpropagated quantity."""
         return (self.source, None if self.loss is None else id(self.loss))
 
+    def adapt_rule(self, rule: LayerRule) -> LayerRule:
+        """The rule this extension uses where the registry chose ``rule``.
+
+        An option of an extension may swap the rule of a layer family; its
+        ``source_key`` must then tell it apart from the same extension without
+        the option, since both keys' quantities travel through different rules.
+        """
+        return rule
+
     def param_term(
         self, rule: LayerRule, call: ModuleCall, name: str, value: Tensor, shared: bool
     ) -> Tensor:

@@ -31,11 +31,19 @@ pass, and far less than the ``L·E`` products of the generic rule.
 Other configurations (cross-attention, ``kdim``/``vdim``, ``add_bias_kv``,
 ``add_zero_attn``, dropout in train mode, ``batch_first=False``) and the
 matrix products of the other extensions use the exact generic rule.
+
+``DiagGGNApprox(split_attention=True)`` asks for another approximation: the
+module counts as the operations it is built from (the in-projection, the
+scores ``s q_h k_hᵀ`` plus masks, the softmax over keys, ``A_h v_h`` and the
+out-projection), with only the diagonal kept between them, as for attention
+written out by hand. :class:`SplitAttentionRule` computes it in about the
+work of one backward pass through the module (``L·E²`` and ``L²·E`` per sample).
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Optional
 
 import torch
@@ -268,20 +276,114 @@ def _input_diagonal(
     return d_in
 
 
+def _split_diagonals(call: ModuleCall, arguments: dict, diag: Tensor, need_input: bool) -> dict:
+    """DiagGGNApprox through self-attention split into its operations, for all samples at once.
+
+    Going backwards, with ``d`` the diagonal at each operation's output (one
+    sample; ``A``, ``q``, ``k``, ``v``, ``O`` per head, ``s = dh^-½``):
+
+    - out-projection ``y = O W_oᵀ + b_o``: ``d_O = d (W_o∘W_o)``;
+    - ``O = A v``: ``d_A = d_O (v∘v)ᵀ``, ``d_v = (A∘A)ᵀ d_O``;
+    - softmax over keys, ``J[j,i] = A_j (δ_ij − A_i)``:
+      ``d_S[i] = A_i² (d_A[i] (1 − 2 A_i) + Σ_j d_A[j] A_j²)`` (masks add constants: identity);
+    - ``S = s q kᵀ``: ``d_q = s² d_S (k∘k)``, ``d_k = s² d_Sᵀ (q∘q)``;
+    - in-projection ``[q k v] = x W_inᵀ + b_in``: ``d_x = [d_q d_k d_v] (W_in∘W_in)``.
+
+    A linear map's weight gets ``Σ_n d_outᵀ (in∘in)`` and its bias ``Σ_n d_out``.
+
+    Args:
+        call: The recorded call (self-attention, ``batch_first``).
+        arguments: Its bound arguments.
+        diag: ``d``, ``[N, L, E]``.
+        need_input: Whether to compute the input diagonal.
+
+    Returns:
+        ``{"input": [N, L, E] or None, parameter name: [*θ.shape]}``.
+    """
+    m = call.module
+    x = call.input.detach()
+    n, length, e_dim = x.shape
+    heads = m.num_heads
+    dh = e_dim // heads
+    w_in, w_o = m.in_proj_weight.detach(), m.out_proj.weight.detach()
+    b_in = None if m.in_proj_bias is None else m.in_proj_bias.detach()
+    with torch.no_grad():
+        # q, k, v as [N, H, L, dh] each, contiguous for the batched GEMMs below
+        qkv = _memory.scratch((3, n, heads, length, dh), diag, "attention_qkv")
+        qkv.copy_(rearrange(F.linear(x, w_in, b_in), "n l (t h a) -> t n h l a", t=3, h=heads))
+        q, k, v = qkv
+        A = _split_weights(q, k, arguments)  # [N, H, L, L]
+        O = A @ v
+    q_sq, k_sq, v_sq = qkv.square_()  # q, k, v are not needed any more
+    d_rows = diag.reshape(n * length, e_dim)
+    results = {
+        "out_proj.weight": d_rows.T @ rearrange(O, "n h l a -> (n l) (h a)").square_(),
+        "out_proj.bias": d_rows.sum(0),
+    }
+    d_o = rearrange(d_rows @ w_o.square(), "(n l) (h a) -> n h l a", n=n, h=heads).contiguous()
+    a_sq = A.square()
+    d_a = d_o @ v_sq.transpose(-1, -2)  # [N, H, L, L]
+    d_v = a_sq.transpose(-1, -2) @ d_o
+    d_s = A.mul_(-2).add_(1).mul_(d_a)  # d_A (1 − 2A), in the place of A
+    d_s.add_(d_a.mul_(a_sq).sum(-1, keepdim=True)).mul_(a_sq)
+    # [d_q d_k d_v] laid out as the in-projection's output, [N, L, (3 H dh)]
+    d_qkv = _memory.scratch((n, length, 3, heads, dh), diag, "attention_d_qkv")
+    s_sq = 1.0 / dh
+    torch.mul(d_s @ k_sq, s_sq, out=d_qkv[:, :, 0].transpose(1, 2))
+    torch.mul(d_s.transpose(-1, -2) @ q_sq, s_sq, out=d_qkv[:, :, 1].transpose(1, 2))
+    d_qkv[:, :, 2].transpose(1, 2).copy_(d_v)
+    d_qkv = d_qkv.view(n * length, 3 * e_dim)
+    x_sq = _memory.square(x.reshape(n * length, e_dim), "attention_x_sq")
+    results["in_proj_weight"] = d_qkv.T @ x_sq
+    if b_in is not None:
+        results["in_proj_bias"] = d_qkv.sum(0)
+    results["input"] = (d_qkv @ w_in.square()).view(n, length, e_dim) if need_input else None
+    return results
+
+
+def _split_weights(q: Tensor, k: Tensor, arguments: dict) -> Tensor:
+    """``A = softmax(s q kᵀ + masks)``, ``[N, H, L, L]``, with the masks as torch merges them.
+
+    ``q``, ``k``: ``[N, H, L, dh]``. Boolean masks become ``-inf`` where true; an
+    ``attn_mask`` is ``[L, L]`` or ``[N·H, L, L]``, a ``key_padding_mask`` ``[N, L]``.
+    """
+    n, heads, length, dh = q.shape
+    attn_mask, padding = arguments.get("attn_mask"), arguments.get("key_padding_mask")
+    padding = F._canonical_mask(
+        mask=padding, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask", target_type=q.dtype,
+    )
+    attn_mask = F._canonical_mask(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+        target_type=q.dtype, check_other=False,
+    )
+    scores = (q * dh**-0.5) @ k.transpose(-1, -2)
+    if attn_mask is not None:
+        scores += attn_mask if attn_mask.dim() == 2 else attn_mask.view(n, heads, length, length)
+    if padding is not None:
+        scores += padding.view(n, 1, 1, length)
+    return scores.softmax(-1)
+
+
 @register_rule(nn.MultiheadAttention)
 class SelfAttentionRule(FallbackRule):
     """Closed-form DiagGGNApprox diagonals for self-attention; the exact generic rule otherwise."""
 
+    _cache_key = "attention_approx"
+
+    def _diagonals(self, call: ModuleCall, arguments: dict, diag: Tensor, need_input: bool) -> dict:
+        return _approx_diagonals(call, arguments, diag, need_input)
+
     def _results(self, call: ModuleCall, diag: Tensor) -> Optional[dict]:
-        cached = call.cache.get("attention_approx")
+        cached = call.cache.get(self._cache_key)
         if cached is not None and cached[0] is diag:
             return cached[1]
         arguments = _self_attention_arguments(call)
         if arguments is None:
             return None
         need_input = bool(call.input_requires_grad and call.input_requires_grad[0])
-        results = _approx_diagonals(call, arguments, diag, need_input)
-        call.cache["attention_approx"] = (diag, results)
+        results = self._diagonals(call, arguments, diag, need_input)
+        call.cache[self._cache_key] = (diag, results)
         return results
 
     def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
@@ -295,3 +397,37 @@ class SelfAttentionRule(FallbackRule):
         if results is None or name not in results:
             return super().param_diag(call, name, diag)
         return results[name]
+
+
+_SPLIT_WARNED: set[str] = set()
+
+
+class SplitAttentionRule(SelfAttentionRule):
+    """DiagGGNApprox with self-attention split into its operations (``split_attention=True``).
+
+    Not registered: :class:`~curvhook.extensions.DiagGGNApprox` swaps it in for
+    :class:`SelfAttentionRule` when asked. A configuration the split form does
+    not cover (see the module docstring) keeps the module as one operation,
+    with a warning.
+    """
+
+    _cache_key = "attention_split"
+
+    def _diagonals(self, call: ModuleCall, arguments: dict, diag: Tensor, need_input: bool) -> dict:
+        return _split_diagonals(call, arguments, diag, need_input)
+
+    def _results(self, call: ModuleCall, diag: Tensor) -> Optional[dict]:
+        results = super()._results(call, diag)
+        if results is None and call.name not in _SPLIT_WARNED:
+            _SPLIT_WARNED.add(call.name)
+            warnings.warn(
+                f"DiagGGNApprox(split_attention=True) splits self-attention with batch_first=True, "
+                f"the same tensor as query, key and value, no add_bias_kv or add_zero_attn and no "
+                f"dropout in train mode; module {call.name!r} is not such a call, so it counts as "
+                "one operation (the exact, slower rule of the definition).",
+                stacklevel=2,
+            )
+        return results
+
+
+SPLIT_ATTENTION = SplitAttentionRule()
