@@ -268,8 +268,8 @@ def test_split_attention_matches_attention_written_out(case, n, monkeypatch):
     assert not torch.allclose(got, _approx_reference(model, X, y, crit), rtol=1e-3)
 
 
-def test_split_and_single_operation_in_one_pass():
-    """Both variants in one backward pass travel separately and each matches its reference."""
+def test_split_and_single_operation_in_turn():
+    """The two variants one after the other on one model (with DiagGGN beside the first): each matches its reference."""
     torch.manual_seed(7)
     model = SelfAttentionNet(e=8, heads=4, mask="causal_bool").to(DT).eval()
     X, y = torch.randn(3, 4, 3, dtype=DT), torch.randint(0, 4, (3,))

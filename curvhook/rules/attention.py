@@ -290,18 +290,9 @@ def _split_diagonals(call: ModuleCall, arguments: dict, diag: Tensor, need_input
     - in-projection ``[q k v] = x W_inᵀ + b_in``: ``d_x = [d_q d_k d_v] (W_in∘W_in)``.
 
     A linear map's weight gets ``Σ_n d_outᵀ (in∘in)`` and its bias ``Σ_n d_out``.
-
-    Args:
-        call: The recorded call (self-attention, ``batch_first``).
-        arguments: Its bound arguments.
-        diag: ``d``, ``[N, L, E]``.
-        need_input: Whether to compute the input diagonal.
-
-    Returns:
-        ``{"input": [N, L, E] or None, parameter name: [*θ.shape]}``.
+    Arguments and result as for :func:`_approx_diagonals` (``diag`` is ``[N, L, E]``).
     """
-    m = call.module
-    x = call.input.detach()
+    m, x = call.module, call.input.detach()
     n, length, e_dim = x.shape
     heads = m.num_heads
     dh = e_dim // heads

@@ -194,7 +194,9 @@ class _GroupNormalizationRule(LayerRule):
     def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
         if name == "bias":
             return self._param_reduce(call, diag, 1).sum(0)
-        return self._param_reduce(call, diag * self._ungroup(call, self._x_hat_sq(call), 1), 1).sum(0)
+        x_sq = self._ungroup(call, self._x_hat_sq(call), 1)
+        terms = torch.mul(diag, x_sq, out=_memory.scratch(diag.shape, diag, "normalization_weight_terms"))
+        return self._param_reduce(call, terms, 1).sum(0)
 
 
 @register_rule(nn.LayerNorm)
