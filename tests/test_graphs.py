@@ -85,6 +85,19 @@ class Attention(nn.Module):
         return self.o(h.mean(-1))
 
 
+class PaddedAttention(Attention):
+    """Per-sample padding masks, constants with a batch axis, through masked_fill and where."""
+
+    def forward(self, x):  # x: [N, T, E]
+        pad = x[..., 0] > 0.5
+        pad[:, 0] = False  # every sample keeps a key
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        scores = (q @ k.transpose(1, 2) / 2.0).masked_fill(pad[:, None, :], float("-inf"))
+        h = torch.where(pad[:, :, None], torch.zeros_like(v), torch.softmax(scores, dim=-1) @ v)
+        keep = (~pad).to(x.dtype)[:, :, None]  # and per-sample constants in * and +
+        return self.o((h * keep + 0.1 * keep).mean(1))
+
+
 class ConvResidual(nn.Module):
     """torchvision-style: ``relu(bn(conv(x)) + x)``, in-place add as torchvision writes it."""
 
@@ -189,6 +202,7 @@ MODELS = {
     "own_parameters": (OwnParameters, (4,)),
     "gated_cat_split": (Gated, (4,)),
     "attention": (Attention, (3, 4)),
+    "padded_attention": (PaddedAttention, (4, 4)),
     "conv_residual": (lambda: _bn_eval(ConvResidual()), (2, 3, 3)),
     "shared_weights": (Shared, (4,)),
     "mha": (WithMHA, (3, 3)),
@@ -240,3 +254,22 @@ def test_operation_that_mixes_samples_raises(op, ext):
         loss = nn.CrossEntropyLoss()(model(X), y)
         with pytest.raises(UnsupportedModelError):
             loss.backward()
+
+
+def test_unknown_operation_with_a_per_sample_constant_names_it():
+    """An operation curvhook replays per sample, given a constant with the batch axis: a clear hint."""
+
+    class PaddedRoll(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            mask = (x > 0).to(x.dtype)  # [N, 4], no grad
+            return self.b(torch.lerp(self.a(x), mask, 0.5))  # lerp: no cheap rule
+
+    model = PaddedRoll().to(DT)
+    X, y = torch.randn(3, 4, dtype=DT), torch.randint(0, 3, (3,))
+    with pytest.raises(UnsupportedModelError, match="per-sample mask"):
+        with extend(model, DiagGGNApprox()):
+            nn.CrossEntropyLoss()(model(X), y).backward()

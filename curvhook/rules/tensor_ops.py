@@ -51,6 +51,7 @@ STRUCTURAL = {
     "float", "double", "type_as", "__get__", "repeat", "tile", "flip", "roll", "sum", "add",
     "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "__isub__", "sub_",
     "subtract", "rsub", "neg", "__neg__", "negative", "positive", "__pos__", "__setitem__",
+    "masked_fill", "masked_fill_", "where",  # entries 0 or 1: a mask (maybe per sample) selects
 }
 MEANS = {"mean"}
 ELEMENTWISE = {
@@ -275,11 +276,21 @@ class TensorOpRule:
                 "Operations must keep the batch axis first and treat samples independently."
             ) from err
         if not same:
+            n = call.output_values[0].shape[0] if call.output_values[0].dim() else None
+            per_sample_constant = any(
+                k == "const" and t.dim() and t.shape[0] == n for t, k in zip(call.tensors, call.kinds)
+            )
+            hint = (
+                " One of its arguments without grad has the batch axis (a per-sample mask?): "
+                "curvhook passes such constants whole to each sample; masked_fill, where, "
+                "+, − and * take them, or wrap the operation in a module with a rule."
+                if per_sample_constant else ""
+            )
             raise UnsupportedModelError(
                 f"The operation {call.name} mixes samples, moves the batch axis, or is random "
                 "(it gives other values when applied to one sample at a time). Per-sample "
                 "Jacobians do not exist for it. Keep the batch axis first, and make random "
-                "operations modules (nn.Dropout)."
+                "operations modules (nn.Dropout)." + hint
             )
         call.cache["checked"] = True
 
