@@ -83,17 +83,28 @@ def _self_attention_arguments(call: ModuleCall) -> Optional[dict]:
     return arguments
 
 
-def _attention_weights(m: nn.MultiheadAttention, x: Tensor, arguments: dict) -> Tensor:
-    """``A``, ``[N, H, L, L]``, with the masks of the recorded call (torch's own code path)."""
-    _, weights = m(
-        x, x, x,
-        key_padding_mask=arguments.get("key_padding_mask"),
-        attn_mask=arguments.get("attn_mask"),
-        is_causal=arguments.get("is_causal", False),
-        need_weights=True,
-        average_attn_weights=False,
+def _attention_weights(q: Tensor, k: Tensor, arguments: dict) -> Tensor:
+    """``A = softmax(s q kᵀ + masks)``, ``[N, H, L, L]``, with the masks as torch merges them.
+
+    ``q``, ``k``: ``[N, H, L, dh]``. Boolean masks become ``-inf`` where true; an
+    ``attn_mask`` is ``[L, L]`` or ``[N·H, L, L]``, a ``key_padding_mask`` ``[N, L]``.
+    """
+    n, heads, length, dh = q.shape
+    attn_mask, padding = arguments.get("attn_mask"), arguments.get("key_padding_mask")
+    padding = F._canonical_mask(
+        mask=padding, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask", target_type=q.dtype,
     )
-    return weights
+    attn_mask = F._canonical_mask(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+        target_type=q.dtype, check_other=False,
+    )
+    scores = (q * dh**-0.5) @ k.transpose(-1, -2)
+    if attn_mask is not None:
+        scores += attn_mask if attn_mask.dim() == 2 else attn_mask.view(n, heads, length, length)
+    if padding is not None:
+        scores += padding.view(n, 1, 1, length)
+    return scores.softmax(-1)
 
 
 def _weight_products(m: nn.MultiheadAttention) -> dict:
@@ -142,8 +153,8 @@ def _approx_diagonals(call: ModuleCall, arguments: dict, diag: Tensor, need_inpu
     w = _weight_products(m)
     b_in = None if m.in_proj_bias is None else m.in_proj_bias.detach()
     with torch.no_grad():
-        weights = _attention_weights(m, x, arguments)
         q, k, v = rearrange(F.linear(x, w["w_in"], b_in), "n l (t h a) -> t n h l a", t=3, h=heads)
+        weights = _attention_weights(q, k, arguments)
 
     out_w = diag.new_zeros(e_dim, e_dim)
     q_w, k_w, v_w = (diag.new_zeros(heads, dh, e_dim) for _ in range(3))
@@ -303,7 +314,7 @@ def _split_diagonals(call: ModuleCall, arguments: dict, diag: Tensor, need_input
         qkv = _memory.scratch((3, n, heads, length, dh), diag, "attention_qkv")
         qkv.copy_(rearrange(F.linear(x, w_in, b_in), "n l (t h a) -> t n h l a", t=3, h=heads))
         q, k, v = qkv
-        A = _split_weights(q, k, arguments)  # [N, H, L, L]
+        A = _attention_weights(q, k, arguments)  # [N, H, L, L]
         O = A @ v
     q_sq, k_sq, v_sq = qkv.square_()  # q, k, v are not needed any more
     d_rows = diag.reshape(n * length, e_dim)
@@ -330,30 +341,6 @@ def _split_diagonals(call: ModuleCall, arguments: dict, diag: Tensor, need_input
         results["in_proj_bias"] = d_qkv.sum(0)
     results["input"] = (d_qkv @ w_in.square()).view(n, length, e_dim) if need_input else None
     return results
-
-
-def _split_weights(q: Tensor, k: Tensor, arguments: dict) -> Tensor:
-    """``A = softmax(s q kᵀ + masks)``, ``[N, H, L, L]``, with the masks as torch merges them.
-
-    ``q``, ``k``: ``[N, H, L, dh]``. Boolean masks become ``-inf`` where true; an
-    ``attn_mask`` is ``[L, L]`` or ``[N·H, L, L]``, a ``key_padding_mask`` ``[N, L]``.
-    """
-    n, heads, length, dh = q.shape
-    attn_mask, padding = arguments.get("attn_mask"), arguments.get("key_padding_mask")
-    padding = F._canonical_mask(
-        mask=padding, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask", target_type=q.dtype,
-    )
-    attn_mask = F._canonical_mask(
-        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
-        target_type=q.dtype, check_other=False,
-    )
-    scores = (q * dh**-0.5) @ k.transpose(-1, -2)
-    if attn_mask is not None:
-        scores += attn_mask if attn_mask.dim() == 2 else attn_mask.view(n, heads, length, length)
-    if padding is not None:
-        scores += padding.view(n, 1, 1, length)
-    return scores.softmax(-1)
 
 
 @register_rule(nn.MultiheadAttention)
