@@ -173,14 +173,15 @@ def test_exact_extensions_and_approx_in_one_pass():
     check(got["DiagGGNApprox"], _approx_reference(model, X, y, crit), "DiagGGNApprox")
 
 
-def test_float32_follows_float64():
+@pytest.mark.parametrize("split", [False, True], ids=["one_operation", "split"])
+def test_float32_follows_float64(split):
     torch.manual_seed(4)
-    model = SelfAttentionNet(e=8, heads=2).to(DT).eval()
+    model = SelfAttentionNet(e=8, heads=2, mask="padding").to(DT).eval()
     X, y = torch.randn(3, 6, 3, dtype=DT), torch.randint(0, 4, (3,))
-    _run(model, X, y, [DiagGGNApprox()])
+    _run(model, X, y, [DiagGGNApprox(split_attention=split)])
     want = {name: p.diag_ggn_approx.clone() for name, p in model.named_parameters()}
     model32 = model.float()
-    _run(model32, X.float(), y, [DiagGGNApprox()])
+    _run(model32, X.float(), y, [DiagGGNApprox(split_attention=split)])
     for name, p in model32.named_parameters():
         assert p.diag_ggn_approx.dtype == torch.float32
         torch.testing.assert_close(p.diag_ggn_approx.double(), want[name], rtol=1e-4, atol=1e-6 * want[name].abs().max())
@@ -279,11 +280,14 @@ def test_split_and_single_operation_in_turn():
         with extend(model, whole, DiagGGN()):
             crit(model(X), y).backward()
         one = collect(model, 3, ("DiagGGNApprox",))["DiagGGNApprox"]
-        with extend(model, split):
+        exact = [p.diag_ggn.clone() for p in model.parameters()]
+        with extend(model, split, DiagGGN()):
             crit(model(X), y).backward()
         two = collect(model, 3, ("DiagGGNApprox",))["DiagGGNApprox"]
     check(one, _approx_reference(model, X, y, crit), "DiagGGNApprox")
     check(two, _approx_reference(_hand_written_twin(model), X, y, crit), "DiagGGNApprox")
+    for p, want in zip(model.parameters(), exact):  # the option leaves the other extensions alone
+        torch.testing.assert_close(p.diag_ggn, want, rtol=1e-12, atol=0)
     assert repr(split) == "DiagGGNApprox(split_attention=True)"
 
 
