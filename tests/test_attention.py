@@ -289,6 +289,10 @@ def test_split_and_single_operation_in_turn():
     for p, want in zip(model.parameters(), exact):  # the option leaves the other extensions alone
         torch.testing.assert_close(p.diag_ggn, want, rtol=1e-12, atol=0)
     assert repr(split) == "DiagGGNApprox(split_attention=True)"
+    assert repr(DiagGGNApprox(loss=nn.MSELoss(), split_attention=True)) == (
+        "DiagGGNApprox(loss=MSELoss(), split_attention=True)"
+    )
+    assert repr(whole) == "DiagGGNApprox()"
 
 
 def test_split_attention_in_a_transformer_encoder_layer():

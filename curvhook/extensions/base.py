@@ -131,9 +131,12 @@ class Extension:
                 storages[storage.data_ptr()] = storage.nbytes()
         return sum(storages.values())
 
+    def _options(self) -> list[str]:
+        """The non-default constructor arguments, as ``name=value`` (for ``repr``)."""
+        return [] if self.loss is None else [f"loss={self.loss!r}"]
+
     def __repr__(self) -> str:
-        loss = "" if self.loss is None else f"loss={self.loss!r}"
-        return f"{type(self).__name__}({loss})"
+        return f"{type(self).__name__}({', '.join(self._options())})"
 
 
 def zeros_for(p: nn.Parameter, *lead: int) -> Tensor:

@@ -65,8 +65,5 @@ class DiagGGNApprox(Extension):
     ) -> dict[int, Tensor]:
         return {id(p): totals[id(p)] if id(p) in totals else zeros_for(p) for p in params}
 
-    def __repr__(self) -> str:
-        text = super().__repr__()
-        if not self.split_attention:
-            return text
-        return text[:-1] + (", " if text[-2] != "(" else "") + "split_attention=True)"
+    def _options(self) -> list[str]:
+        return super()._options() + (["split_attention=True"] if self.split_attention else [])
