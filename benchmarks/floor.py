@@ -25,6 +25,7 @@ timing, in one process and alternating round by round:
 Example::
 
     python -m benchmarks.floor --problem mlp fullggn --rounds 9
+    python -m benchmarks.floor --problem mlp fullggn --batch-size 32 128 512 2048   # how it scales
 
 Only ``nn.Sequential`` models of ``Linear``, ``ReLU`` and ``Flatten`` with a
 default ``CrossEntropyLoss`` (mean over class-index targets) are supported.
@@ -215,7 +216,8 @@ def measure(pb: P.Problem, rounds: int, steps: int) -> dict:
 def main(argv: Optional[list[str]] = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.floor", description=__doc__.split("\n\n")[0])
     ap.add_argument("--problem", nargs="+", default=["mlp", "fullggn"])
-    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[None],
+                    help="one or more batch sizes (default: each problem's own); one row per problem and size")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9, help="alternations of the four variants")
     ap.add_argument("--steps", type=int, default=100, help="timed steps per variant and round")
@@ -225,20 +227,23 @@ def main(argv: Optional[list[str]] = None) -> dict:
     warnings.filterwarnings("ignore")
     results = {}
     names = ("plain", "curvhook", "bare", "guarded")
-    print(f"{'problem':10s}" + "".join(f"{n + ' µs':>12s}" for n in names)
+    print(f"{'problem':10s}{'N':>6s}" + "".join(f"{n + ' µs':>12s}" for n in names)
           + "   ratio to plain: curvhook, bare, guarded   (bare vs curvhook: max rel. diff)")
     for name in args.problem:
         if name not in P.SPECS:
             raise SystemExit(f"Unknown problem {name!r}; choose from {list(P.SPECS)}.")
-        pb = P.make(name, args.batch_size)
-        _check_supported(pb)
-        agree = agreement(pb)
-        res = measure(pb, args.rounds, args.steps)
-        res["agreement"] = agree
-        results[name] = res
-        med = {k: statistics.median(v) for k, v in res["times_us"].items()}
-        ratios = ", ".join(f"{res['ratio'][n]:.2f}" for n in names[1:])
-        print(f"{name:10s}" + "".join(f"{med[n]:12.0f}" for n in names) + f"   {ratios}   ({agree:.1e})")
+        for size in args.batch_size:
+            pb = P.make(name, size)
+            _check_supported(pb)
+            agree = agreement(pb)
+            res = measure(pb, args.rounds, args.steps)
+            res["agreement"] = agree
+            res["batch_size"] = pb.batch_size
+            results[name if len(args.batch_size) == 1 else f"{name}@N={pb.batch_size}"] = res
+            med = {k: statistics.median(v) for k, v in res["times_us"].items()}
+            ratios = ", ".join(f"{res['ratio'][n]:.2f}" for n in names[1:])
+            print(f"{name:10s}{pb.batch_size:6d}" + "".join(f"{med[n]:12.0f}" for n in names)
+                  + f"   {ratios}   ({agree:.1e})", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "results": results}, fh, indent=1)

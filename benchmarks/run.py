@@ -25,12 +25,14 @@ Protocol, per problem and method:
   for the plain step. It does not see the C allocator's caching, which makes
   the resident-set figures of small problems noisy.
 - Paired ratios: the ratio of each target of issue #5 is measured once more
-  in ``--paired-rounds`` rounds, each a fresh subprocess of the numerator and
-  one of the denominator, alternating (median of the per-round ratios). A
-  2-vCPU virtual machine drifts by 10-40 % over minutes; alternating exposes
-  both methods to the same drift, and separate processes keep them from
-  disturbing each other (in one process the freed memory of one method and
-  curvhook's global hooks change the other's speed). ``--no-paired`` skips it.
+  in lock step: the numerator and the denominator each run in a process of
+  their own, side by side, and take turns timing one block of steps (about
+  ``MIN_BLOCK_S``) while the other waits, ``--paired-rounds`` times each; the
+  median of the per-round ratios is reported. A 2-vCPU virtual machine drifts
+  by tens of percent within seconds: blocks a fraction of a second apart see
+  the same drift, and separate processes keep the methods from disturbing
+  each other (in one process the freed memory of one method and curvhook's
+  global hooks change the other's speed). ``--no-paired`` skips it.
 - Agreement: at a small batch (``--check-batch``), every method that computes
   the GGN diagonal, the full GGN or the batch Jacobian is compared to a
   torch.func reference (``max|a - ref| / max|ref|``; ``ok`` below 1e-4).
@@ -43,10 +45,12 @@ import json
 import os
 import platform
 import resource
+import select
 import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -203,30 +207,153 @@ def measure_paired(problem: str, num: str, den: str, batch_size: Optional[int], 
     }
 
 
-def alternate_subprocesses(args: argparse.Namespace, problem: str, num: str, den: str) -> dict:
-    """``--paired-rounds`` fresh subprocesses of each method, alternating; the median per-round ratio.
+def lockstep_worker(problem: str, method: str, batch_size: Optional[int], warmup: int) -> None:
+    """The worker of :func:`lockstep_subprocesses`: time one block of steps per ``go`` on stdin.
 
-    Each measurement has a process to itself, as in the separate runs, so
-    neither method sees the other's memory or hooks; alternating in time
-    exposes both to the same drift of the machine.
+    Prints ``READY k`` once the method is built and warm (``k`` steps make a
+    block of about ``MIN_BLOCK_S``), then ``TIME t`` (seconds per step) for each
+    ``go``; any other line ends it. A failure is reported as ``RESULT {json}``.
     """
-    ratios, nums, dens = [], [], []
-    for r in range(args.paired_rounds):
-        pair = {}
-        for name in ((num, den) if r % 2 == 0 else (den, num)):
-            if args.wait_idle > 0:
-                wait_until_idle(args.wait_idle)
-            pair[name] = run_in_subprocess(args, problem, name)
-        if any(pair[n].get("status") != "ok" for n in (num, den)):
-            bad = next(n for n in (num, den) if pair[n].get("status") != "ok")
-            return {"status": pair[bad].get("status"), "note": f"{bad}: {pair[bad].get('note', '')}"}
-        nums.append(pair[num]["median_s"])
-        dens.append(pair[den]["median_s"])
-        ratios.append(nums[-1] / dens[-1])
+    pb = P.make(problem, batch_size)
+    m = M.BY_NAME[method]
+    reason = m.skip_reason(pb)
+    if reason:
+        print("RESULT " + json.dumps({"status": "skipped", "note": reason}), flush=True)
+        return
+    runner = None
+    try:
+        runner = m.build(pb)
+        runner.step()  # the first step of a block fills caches and recycles nothing
+        t0 = time.perf_counter()
+        for _ in range(max(warmup, 1)):
+            runner.step()
+        first = (time.perf_counter() - t0) / max(warmup, 1)
+        k = max(1, min(50, int(MIN_BLOCK_S / max(first, 1e-6))))
+        print(f"READY {k}", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "go":
+                break
+            # The first block after the other worker's turn runs slower (by up to half on a
+            # 2-vCPU VM: its OpenMP threads still spin, caches are cold); it is not timed.
+            for _ in range(k):
+                runner.step()
+            t0 = time.perf_counter()
+            for _ in range(k):
+                runner.step()
+            print(f"TIME {(time.perf_counter() - t0) / k * runner.extrapolate!r}", flush=True)
+    except Exception as err:  # noqa: BLE001 - reported to the parent
+        print("RESULT " + json.dumps({"status": _classify(err), "note": _error_text(err)}), flush=True)
+    finally:
+        if runner is not None:
+            runner.close()
+
+
+def _reply(proc: subprocess.Popen, timeout: float) -> str:
+    """The next line a lock-step worker prints, or ``""`` if it died or took over ``timeout`` s."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(proc.stdout, select.POLLIN)
+        if not poller.poll(timeout * 1000):
+            return ""
+    return proc.stdout.readline().strip()
+
+
+def lockstep_subprocesses(args: argparse.Namespace, problem: str, num: str, den: str) -> dict:
+    """The ratio of two methods, each in its own process, timed in alternating blocks.
+
+    ``--paired-processes`` times, a fresh pair of workers is built side by
+    side; then, ``--paired-rounds`` times, each worker runs one block of steps
+    untimed and one timed (about ``MIN_BLOCK_S`` each) while the other waits on
+    its pipe, the order swapping every round.
+
+    - Separate processes keep the two methods from disturbing each other
+      (curvhook's global hooks, one method's freed memory).
+    - Blocks a fraction of a second apart expose both to the same drift of the
+      machine, which on a small VM moves by tens of percent within seconds.
+    - The untimed block absorbs the switch: right after the other worker's turn
+      a block runs up to 1.5 times slower (its OpenMP threads still spin,
+      caches are cold), which alone made the ratios of alternate rounds differ
+      by a factor of two.
+    - Fresh pairs average over what a process draws at its start (the same
+      step differs by up to 1.5 times from one process to the next).
+
+    The ratio of a round is ``t_num / t_den`` per step; the median over all
+    rounds of all pairs is reported, with the per-pair medians.
+    """
+    ratios: list[float] = []
+    pairs: list[float] = []
+    nums: list[float] = []
+    dens: list[float] = []
+    for _ in range(args.paired_processes):
+        one = _lockstep_pair(args, problem, num, den)
+        if one.get("status") != "ok":
+            return one
+        ratios += one["ratios"]
+        pairs.append(statistics.median(one["ratios"]))
+        nums += one["num_s"]
+        dens += one["den_s"]
     return {
-        "status": "ok", "ratio": statistics.median(ratios), "ratios": ratios, "rounds": args.paired_rounds,
+        "status": "ok", "ratio": statistics.median(ratios), "ratios": ratios, "pair_ratios": pairs,
+        "rounds": args.paired_rounds, "processes": args.paired_processes,
         "num_median_s": statistics.median(nums), "den_median_s": statistics.median(dens),
     }
+
+
+def _lockstep_pair(args: argparse.Namespace, problem: str, num: str, den: str) -> dict:
+    """One pair of lock-step workers: ``{"status", "ratios", "num_s", "den_s"}`` (see above)."""
+    procs: dict[str, subprocess.Popen] = {}
+    logs: dict[str, Any] = {}
+
+    def fail(name: str, line: str) -> dict:
+        if line.startswith("RESULT "):
+            res = json.loads(line[len("RESULT "):])
+            return {"status": res.get("status", "error"), "note": f"{name}: {res.get('note', '')}"}
+        if not line:
+            logs[name].seek(0)
+            tail = logs[name].read().strip().splitlines()[-1:] or [""]
+            return {"status": "crashed", "note": f"{name}: exited or silent for {args.timeout} s: {tail[0][:200]}"}
+        return {"status": "error", "note": f"{name}: unexpected reply {line[:200]!r}"}
+
+    try:
+        for name in (num, den):
+            cmd = [
+                sys.executable, "-m", "benchmarks.run", "--worker", "--lockstep", "--problem", problem,
+                "--methods", name, "--threads", str(args.threads), "--warmup", str(args.warmup),
+            ]
+            if args.batch_size is not None:
+                cmd += ["--batch-size", str(args.batch_size)]
+            logs[name] = tempfile.TemporaryFile(mode="w+")
+            procs[name] = subprocess.Popen(
+                cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logs[name],
+                text=True, bufsize=1,
+            )
+        for name, proc in procs.items():
+            line = _reply(proc, args.timeout)
+            if not line.startswith("READY "):
+                return fail(name, line)
+        if args.wait_idle > 0:
+            wait_until_idle(args.wait_idle)
+        per_step: dict[str, list[float]] = {num: [], den: []}
+        for r in range(args.paired_rounds):
+            for name in ((num, den) if r % 2 == 0 else (den, num)):
+                proc = procs[name]
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                line = _reply(proc, args.timeout)
+                if not line.startswith("TIME "):
+                    return fail(name, line)
+                per_step[name].append(float(line.split()[1]))
+    finally:
+        for proc in procs.values():
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=60)
+            except Exception:  # noqa: BLE001 - a stuck worker is killed
+                proc.kill()
+        for log in logs.values():
+            log.close()
+    ratios = [a / b for a, b in zip(per_step[num], per_step[den])]
+    return {"status": "ok", "ratios": ratios, "num_s": per_step[num], "den_s": per_step[den]}
 
 
 def paired_measurements(args: argparse.Namespace, results: dict) -> dict:
@@ -249,7 +376,7 @@ def paired_measurements(args: argparse.Namespace, results: dict) -> dict:
             if args.in_process:
                 r = measure_paired(prob, num, den, args.batch_size, args.repeats, args.warmup)
             else:
-                r = alternate_subprocesses(args, prob, num, den)
+                r = lockstep_subprocesses(args, prob, num, den)
             out[key] = r
             value = f"{r['ratio']:.2f}" if r.get("status") == "ok" else r.get("status")
             print(f"  [paired] {prob:<12} {num} / {den}: {value}", flush=True)
@@ -575,8 +702,12 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--no-paired", action="store_true",
                     help="skip the paired measurement of the target ratios (fresh subprocesses of the two "
                          "methods, alternating; with --in-process: blocks of steps alternating in one process)")
-    ap.add_argument("--paired-rounds", type=int, default=3, help="rounds of the paired measurement")
+    ap.add_argument("--paired-rounds", type=int, default=5,
+                    help="timed blocks of steps per method and pair of processes in the paired measurement")
+    ap.add_argument("--paired-processes", type=int, default=3,
+                    help="fresh pairs of processes in the paired measurement")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.smoke:
         args.problem = ",".join(SMOKE_PROBLEMS) if args.problem == "mlp" else args.problem
@@ -591,6 +722,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     torch.set_num_threads(args.threads)
     if args.worker:
         warnings.filterwarnings("ignore")
+        if args.lockstep:
+            lockstep_worker(args.problem, args.methods[0], args.batch_size, args.warmup)
+            return {}
         result = measure(args.problem, args.methods[0], args.batch_size, args.repeats, args.warmup)
         print("RESULT " + json.dumps(result), flush=True)
         return result

@@ -58,6 +58,29 @@ def test_smoke_run_writes_table_and_json(tmp_path, capsys):
     assert "| method |" in md.read_text()
 
 
+def _lockstep_args(**kw):
+    import argparse
+
+    base = dict(threads=1, warmup=1, batch_size=2, timeout=300, wait_idle=0, paired_rounds=2, paired_processes=1)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_lockstep_pairs_time_both_methods_in_their_own_processes():
+    res = run.lockstep_subprocesses(_lockstep_args(paired_processes=2), "fullggn", "curvhook:DiagGGNApprox", "plain")
+    assert res["status"] == "ok", res
+    # two pairs of two rounds: four per-round ratios, one median per pair
+    assert len(res["ratios"]) == 4 and len(res["pair_ratios"]) == 2
+    assert all(r > 0 for r in res["ratios"]) and res["num_median_s"] > 0 and res["den_median_s"] > 0
+
+
+def test_lockstep_reports_a_worker_that_cannot_run():
+    # No attention in fullggn: the split variant's worker says it is skipped instead of timing.
+    res = run.lockstep_subprocesses(_lockstep_args(), "fullggn", "curvhook:DiagGGNApprox-split", "plain")
+    assert res["status"] == "skipped"
+    assert res["note"].startswith("curvhook:DiagGGNApprox-split: ") and "MultiheadAttention" in res["note"]
+
+
 def test_unknown_problem_is_rejected():
     with pytest.raises(SystemExit):
         run.main(["--problem", "nope", "--in-process"])
@@ -84,6 +107,16 @@ def test_floor_script_agrees_with_curvhook_and_reports_ratios(capsys):
         assert set(res["times_us"]) == {"plain", "curvhook", "bare", "guarded"}
         assert all(len(v) == 1 and v[0] > 0 for v in res["times_us"].values())
         assert res["ratio"]["plain"] == 1.0
+
+
+def test_floor_script_gives_one_row_per_batch_size(capsys):
+    floor = pytest.importorskip("benchmarks.floor")
+    results = floor.main(["--problem", "fullggn", "--batch-size", "1", "4", "--rounds", "1",
+                          "--steps", "1", "--threads", "1"])
+    assert set(results) == {"fullggn@N=1", "fullggn@N=4"}
+    assert [results[k]["batch_size"] for k in ("fullggn@N=1", "fullggn@N=4")] == [1, 4]
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [("fullggn", "1"), ("fullggn", "4")]
 
 
 def test_floor_script_refuses_models_it_does_not_cover():
