@@ -25,14 +25,15 @@ to fault in than its GEMM).
 
 Holding a buffer keeps its memory allocated after the rule that asked for it is
 done with it, so what is held is bounded by the size of the results, measured
-when each backward pass ends: a pass holds new buffers up to 1.5 times the
-results of the previous pass, and keeps for the next pass the free buffers it
-used up to half of them (largest first). A buffer still in use that this pass
+when each backward pass ends: a pass keeps for the next pass the free buffers
+it used up to a budget of half the results or 32 MiB, whichever is larger
+(largest first), and holds new buffers up to the results plus that budget. A buffer still in use that this pass
 did not hand out (a result the user kept) is forgotten: the user owns it. With
 BatchJacobian and FullGGN, whose results dominate memory, temporaries the size
 of activations times the columns are then recycled too; with the diagonal
-extensions, whose results are small, the results are recycled and their
-larger temporaries do not fit in the bound. The first pass of a block recycles nothing; the block's
+extensions, whose results are small, the results are recycled, and so are
+temporaries up to 32 MiB in all (those of small models; a large model's do not
+fit). The first pass of a block recycles nothing; the block's
 exit drops everything.
 """
 
@@ -130,7 +131,18 @@ def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 # nothing is recycled.
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 _recycling = threading.local()
-_HELD_FRACTION = 0.5  # free buffers kept between passes, relative to the results
+_HELD_FRACTION = 0.5  # free buffers kept between passes, relative to the results ...
+_HELD_MIN_BYTES = 32 << 20  # ... or up to this much where the results are smaller
+
+
+def held_budget(result_bytes: int) -> float:
+    """Bytes of free buffers a pass may keep for the next: half the results, at least 32 MiB.
+
+    The floor lets small models recycle their temporaries too (the backpropagated
+    matrices of DiagGGN on an MLP are larger than its results and would otherwise
+    fault their pages in on every step).
+    """
+    return max(_HELD_FRACTION * result_bytes, _HELD_MIN_BYTES)
 
 
 def _count_of_a_lone_tensor() -> Optional[int]:
@@ -179,14 +191,14 @@ def drop_unused(result_bytes: int) -> None:
     pool = _recycled()
     if pool is None:
         return
-    _recycling.cap = (1 + _HELD_FRACTION) * result_bytes
+    budget = held_budget(result_bytes)
+    _recycling.cap = result_bytes + budget
     _recycling.new_bytes = 0
     in_use, used_now = [], []  # free buffers this pass used: candidates to keep
     for entry in pool:
         if entry[1] != _recycling.generation:
             continue  # not handed out by this pass: free, or a result the user kept
         (used_now if _unused(entry[0]) else in_use).append(entry)
-    budget = _HELD_FRACTION * result_bytes
     kept = []
     for entry in sorted(used_now, key=lambda e: e[0].nbytes, reverse=True):
         if entry[0].nbytes <= budget:

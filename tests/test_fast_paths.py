@@ -189,7 +189,7 @@ def test_large_buffers_are_recycled_only_when_nothing_uses_them(monkeypatch, net
             steps.append((X, y, collect(model, 5), ggn.matrix.clone()))  # copies, checked below
             results = sum(e.result_bytes(list(model.parameters())) for e in exts)
             used, free = _memory.held_bytes()
-            assert free <= _memory._HELD_FRACTION * results
+            assert free <= _memory.held_budget(results)
             assert (used > 0 and free > 0) == (step > 0)  # results and temporaries held from pass 2 on
             if step == 2:  # nothing was kept after step 1: its memory came back
                 assert _storage(first.batch_jacobian) == before
@@ -205,13 +205,20 @@ def test_large_buffers_are_recycled_only_when_nothing_uses_them(monkeypatch, net
         compare(got, ref, matrix=matrix, tag=" (recycled buffers)")
 
 
-def test_the_diagonal_extensions_hold_only_about_their_results(monkeypatch):
-    """Their results are small and their temporaries large: the temporaries are not held."""
+@pytest.mark.parametrize("floor", [0, None])
+def test_the_diagonal_extensions_hold_at_most_their_results_and_the_budget(monkeypatch, floor):
+    """Their results are small and their temporaries large. What the pool holds stays
+    within the results plus the budget (half the results, at least ``_HELD_MIN_BYTES``).
+    Without the floor the temporaries are not held; with the default floor (32 MiB)
+    a small model's temporaries are recycled: after the second pass none is made anew."""
     monkeypatch.setattr(_memory, "_RECYCLE_MIN_BYTES", 1024)
-    fresh, held = _memory._fresh, []
+    if floor is not None:
+        monkeypatch.setattr(_memory, "_HELD_MIN_BYTES", floor)
+    fresh, held, made = _memory._fresh, [], []
 
     def fresh_and_count(*args):  # what the pool holds whenever a buffer is made
         held.append(sum(_memory.held_bytes()))
+        made.append(pass_number[0])
         return fresh(*args)
 
     monkeypatch.setattr(_memory, "_fresh", fresh_and_count)
@@ -221,10 +228,19 @@ def test_the_diagonal_extensions_hold_only_about_their_results(monkeypatch):
     model = nn.Sequential(*layers, nn.Linear(widths[-1], 3)).to(DT)
     X, y = torch.randn(512, widths[0], dtype=DT), torch.randint(0, 3, (512,))  # temporaries ≫ results
     results = 8 * sum(p.numel() for p in model.parameters())
+    pass_number = [0]
     with extend(model, DiagGGN(), DiagGGNApprox()):
-        for _ in range(3):
+        for step in range(4):
+            pass_number[0] = step
             nn.CrossEntropyLoss()(model(X), y).backward()
-    assert len(held) >= 10 and max(held) <= (1 + _memory._HELD_FRACTION) * 2 * results
+            collected = collect(model, 512, ("DiagGGN", "DiagGGNApprox"))
+    assert len(held) >= 10 and max(held) <= 2 * results + 2 * _memory.held_budget(2 * results)
+    if floor == 0:
+        assert max(held) <= (1 + _memory._HELD_FRACTION) * 2 * results
+        assert made.count(3) >= 10  # temporaries made anew on every pass
+    else:
+        assert made.count(3) == 0  # every temporary and result came from the pool
+    compare(collected, reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y)), tag=" (recycled buffers)")
 
 
 def test_diagonal_results_are_recycled_and_kept_ones_are_left_alone():

@@ -32,7 +32,8 @@ class LinearRule(LayerRule):
     """Rules for ``nn.Linear`` with any number of leading dimensions."""
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        return mat @ call.module.weight
+        w = call.module.weight.detach()
+        return torch.matmul(mat, w, out=_memory.recyclable((*mat.shape[:-1], w.shape[1]), mat))
 
     def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
         x, m = _positions(call, mat)
@@ -62,7 +63,7 @@ class LinearRule(LayerRule):
             # the bias term Σ_{v,n} m_vn² shares the first sum.
             cached = call.cache.get("m_sq")
             if cached is None or cached[0] is not mat:  # one backpropagated matrix per source
-                cached = call.cache["m_sq"] = (mat, m[:, :, 0].square().sum(0))  # [N, O]
+                cached = call.cache["m_sq"] = (mat, _memory.square(m[:, :, 0], "linear_m_sq").sum(0))  # [N, O]
             m_sq = cached[1]
             if name == "bias":
                 return m_sq.sum(0)
