@@ -223,7 +223,7 @@ def lockstep_worker(problem: str, method: str, batch_size: Optional[int], warmup
     runner = None
     try:
         runner = m.build(pb)
-        runner.step()  # the first step of a block fills caches and recycles nothing
+        runner.step()  # the first step inside curvhook's block recycles nothing: not part of k
         t0 = time.perf_counter()
         for _ in range(max(warmup, 1)):
             runner.step()
@@ -700,8 +700,8 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true",
                     help="CI config: problems fullggn,conv2d at N=4, curvhook + torch.func, 1 repeat, in-process")
     ap.add_argument("--no-paired", action="store_true",
-                    help="skip the paired measurement of the target ratios (fresh subprocesses of the two "
-                         "methods, alternating; with --in-process: blocks of steps alternating in one process)")
+                    help="skip the paired measurement of the target ratios (the two methods in processes of "
+                         "their own, in lock step; with --in-process: blocks of steps alternating in one process)")
     ap.add_argument("--paired-rounds", type=int, default=5,
                     help="timed blocks of steps per method and pair of processes in the paired measurement")
     ap.add_argument("--paired-processes", type=int, default=3,

@@ -27,14 +27,14 @@ Holding a buffer keeps its memory allocated after the rule that asked for it is
 done with it, so what is held is bounded by the size of the results, measured
 when each backward pass ends: a pass keeps for the next pass the free buffers
 it used up to a budget of half the results or 32 MiB, whichever is larger
-(largest first), and holds new buffers up to the results plus that budget. A buffer still in use that this pass
-did not hand out (a result the user kept) is forgotten: the user owns it. With
-BatchJacobian and FullGGN, whose results dominate memory, temporaries the size
-of activations times the columns are then recycled too; with the diagonal
-extensions, whose results are small, the results are recycled, and so are
-temporaries up to 32 MiB in all (those of small models; a large model's do not
-fit). The first pass of a block recycles nothing; the block's
-exit drops everything.
+(largest first), and holds new buffers up to the results plus that budget. A
+buffer still in use that this pass did not hand out (a result the user kept)
+is forgotten: the user owns it. With BatchJacobian and FullGGN, whose results
+dominate memory, temporaries the size of activations times the columns are
+then recycled too; with the diagonal extensions, whose results are small, the
+results are recycled, and so are temporaries up to 32 MiB in all (those of
+small models; a large model's do not fit). The first pass of a block recycles
+nothing; the block's exit drops everything.
 """
 
 from __future__ import annotations
