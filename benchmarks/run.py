@@ -96,6 +96,22 @@ def _error_text(err: BaseException) -> str:
     return text[:300]
 
 
+def _block_steps(step_s: float) -> int:
+    """Steps in a timed block of about ``MIN_BLOCK_S`` for a step of ``step_s`` seconds (1 to 50)."""
+    return max(1, min(50, int(MIN_BLOCK_S / max(step_s, 1e-6))))
+
+
+def _worker_command(args: argparse.Namespace, problem: str, method: str, *extra: str) -> list[str]:
+    """The command line of a worker subprocess that runs ``method`` on ``problem``."""
+    cmd = [
+        sys.executable, "-m", "benchmarks.run", "--worker", *extra, "--problem", problem, "--methods", method,
+        "--threads", str(args.threads), "--warmup", str(args.warmup),
+    ]
+    if args.batch_size is not None:
+        cmd += ["--batch-size", str(args.batch_size)]
+    return cmd
+
+
 def measure(problem: str, method: str, batch_size: Optional[int], repeats: int, warmup: int) -> dict:
     """Build ``problem``, run ``method`` ``warmup + repeats`` times, return timings."""
     pb = P.make(problem, batch_size)
@@ -115,7 +131,7 @@ def measure(problem: str, method: str, batch_size: Optional[int], repeats: int, 
         # timed in blocks of k steps lasting about MIN_BLOCK_S, so that one sample is
         # not dominated by timer and scheduler noise; a sample is block time / k.
         reps = 1 if warmup and first > 20 else repeats
-        k = max(1, min(50, int(MIN_BLOCK_S / max(first, 1e-6)))) if warmup else 1
+        k = _block_steps(first) if warmup else 1
         times, cpu_times = [], []
         for _ in range(reps):
             t0, c0 = time.perf_counter(), time.process_time()
@@ -179,7 +195,7 @@ def measure_paired(problem: str, num: str, den: str, batch_size: Optional[int], 
                 runner.step()
             first = (time.perf_counter() - t0) / max(warmup, 1)
             runner.suspend()
-            k[name] = max(1, min(50, int(MIN_BLOCK_S / max(first, 1e-6))))
+            k[name] = _block_steps(first)
         per_step: dict[str, list[float]] = {num: [], den: []}
         ratios = []
         for r in range(rounds):
@@ -228,7 +244,7 @@ def lockstep_worker(problem: str, method: str, batch_size: Optional[int], warmup
         for _ in range(max(warmup, 1)):
             runner.step()
         first = (time.perf_counter() - t0) / max(warmup, 1)
-        k = max(1, min(50, int(MIN_BLOCK_S / max(first, 1e-6))))
+        k = _block_steps(first)
         print(f"READY {k}", flush=True)
         for line in sys.stdin:
             if line.strip() != "go":
@@ -316,12 +332,7 @@ def _lockstep_pair(args: argparse.Namespace, problem: str, num: str, den: str) -
 
     try:
         for name in (num, den):
-            cmd = [
-                sys.executable, "-m", "benchmarks.run", "--worker", "--lockstep", "--problem", problem,
-                "--methods", name, "--threads", str(args.threads), "--warmup", str(args.warmup),
-            ]
-            if args.batch_size is not None:
-                cmd += ["--batch-size", str(args.batch_size)]
+            cmd = _worker_command(args, problem, name, "--lockstep")
             logs[name] = tempfile.TemporaryFile(mode="w+")
             procs[name] = subprocess.Popen(
                 cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logs[name],
@@ -448,12 +459,7 @@ def _max_rss_mb() -> float:
 
 
 def run_in_subprocess(args: argparse.Namespace, problem: str, method: str) -> dict:
-    cmd = [
-        sys.executable, "-m", "benchmarks.run", "--worker", "--problem", problem, "--methods", method,
-        "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-    ]
-    if args.batch_size is not None:
-        cmd += ["--batch-size", str(args.batch_size)]
+    cmd = _worker_command(args, problem, method, "--repeats", str(args.repeats))
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
