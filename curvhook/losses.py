@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from curvhook.calls import LossCall
+from curvhook.records import LossCall
 from curvhook.errors import UnsupportedLossError
 
 L = TypeVar("L", bound=type)
@@ -165,10 +165,9 @@ class CrossEntropyRule(LossRule):
         a number. Cached per backward pass: the loss check, the Hessian diagonal
         and its factor all start from them.
         """
-        cached = call.cache.get("coefficients")
-        if cached is None:
-            cached = call.cache["coefficients"] = self._compute_coefficients(call)
-        return cached
+        if call.scratch.coefficients is None:
+            call.scratch.coefficients = self._compute_coefficients(call)
+        return call.scratch.coefficients
 
     def _compute_coefficients(self, call: LossCall) -> tuple[Tensor, Tensor, Tensor]:
         _require_batch(call, 2)
@@ -274,9 +273,9 @@ class BCEWithLogitsRule(LossRule):
 
     def _parts(self, call: LossCall) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """Return ``σ(f)``, the per-entry factor ``s w (r y + 1 - y)`` and ``s w r y`` (cached)."""
-        if "parts" not in call.cache:
-            call.cache["parts"] = self._compute_parts(call)
-        return call.cache["parts"]
+        if call.scratch.parts is None:
+            call.scratch.parts = self._compute_parts(call)
+        return call.scratch.parts
 
     def _compute_parts(self, call: LossCall) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         _require_batch(call, 1)

@@ -32,14 +32,19 @@ def run_curvhook(
     loss_fn: Callable[[Tensor], Tensor],
     which=ALL,
     record_masks: bool = False,
+    split_attention: bool = True,
 ):
     """One ``with extend(...)`` block: forward, ``loss_fn(out).backward()``.
+
+    ``split_attention`` is DiagGGNApprox's option (``False``: ``nn.MultiheadAttention``
+    is one operation, as in ``graph_reference``).
 
     Returns ``(results, matrix, masks)``: the collected attributes, ``FullGGN.matrix``
     and the dropout-mask recorder (or ``None``).
     """
     ggn = FullGGN()
-    exts = {"BatchJacobian": BatchJacobian(), "DiagGGN": DiagGGN(), "DiagGGNApprox": DiagGGNApprox(), "FullGGN": ggn}
+    approx = DiagGGNApprox(split_attention=split_attention)
+    exts = {"BatchJacobian": BatchJacobian(), "DiagGGN": DiagGGN(), "DiagGGNApprox": approx, "FullGGN": ggn}
     masks = DropoutMasks(model) if record_masks else None
     with extend(model, *(exts[k] for k in which)):
         if masks is not None:
@@ -74,9 +79,11 @@ def check_graph_against_reference(model: nn.Module, X: Tensor, y: Tensor) -> Non
 
     The exact quantities against the torch.func reference; DiagGGNApprox against its
     definition on the graph (``graph_reference``), from ``diag(H)`` at the output.
+    ``graph_reference`` counts every leaf module as one operation, so DiagGGNApprox
+    runs with ``split_attention=False`` (the split form: tests/test_attention.py).
     """
     crit = nn.CrossEntropyLoss()
-    got, matrix, _ = run_curvhook(model, X, lambda out: crit(out, y))
+    got, matrix, _ = run_curvhook(model, X, lambda out: crit(out, y), split_attention=False)
     ref = reference(model, X, lambda out: crit(out, y), approx=False)
     compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, matrix)
     d = torch.func.hessian(lambda o: crit(o, y))(ref.out).reshape(ref.out.numel(), -1).diagonal()

@@ -1,9 +1,11 @@
-"""nn.MultiheadAttention as self-attention: the closed-form DiagGGNApprox rule.
+"""nn.MultiheadAttention as self-attention: the DiagGGNApprox rules.
 
-Every case is compared with the dense per-operation reference of
-tests/graph_reference.py (float64), in which the attention module is one
-operation, as the definition of DiagGGNApprox says. The exact extensions go
-through the generic rule and are compared with torch.func.
+By default DiagGGNApprox counts self-attention as its operations; those cases
+are compared with the same attention written out by hand. With
+``split_attention=False`` the module is one operation, and every such case is
+compared with the dense per-operation reference of tests/graph_reference.py
+(float64), in which the attention module is one operation. The exact
+extensions go through the generic rule and are compared with torch.func.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def test_closed_form_matches_the_definition(case, n, monkeypatch):
     assert isinstance(rule_for(model.mha), SelfAttentionRule)
     X, y = torch.randn(n, 5, 3, dtype=DT), torch.randint(0, 4, (n,))
     _no_fallback_diagonals(monkeypatch)
-    crit = _run(model, X, y, [DiagGGNApprox()])
+    crit = _run(model, X, y, [DiagGGNApprox(split_attention=False)])
     got = collect(model, n, ("DiagGGNApprox",))["DiagGGNApprox"]
     check(got, _approx_reference(model, X, y, crit), "DiagGGNApprox")
 
@@ -123,7 +125,7 @@ def test_input_straight_from_data():
     model = Net().to(DT)
     X, y = torch.randn(2, 3, 4, dtype=DT), torch.randint(0, 3, (2,))
     ggn = FullGGN()
-    crit = _run(model, X, y, [BatchJacobian(), DiagGGN(), DiagGGNApprox(), ggn])
+    crit = _run(model, X, y, [BatchJacobian(), DiagGGN(), DiagGGNApprox(split_attention=False), ggn])
     got = collect(model, 2)
     compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, reference(model, X, lambda o: crit(o, y), approx=False), ggn.matrix)
     check(got["DiagGGNApprox"], _approx_reference(model, X, y, crit), "DiagGGNApprox")
@@ -156,7 +158,7 @@ def test_other_configurations_use_the_exact_generic_rule(make):
     torch.manual_seed(2)
     model = make().to(DT).eval()
     X, y = torch.randn(2, 4, 3, dtype=DT), torch.randint(0, 4, (2,))
-    crit = _run(model, X, y, [DiagGGNApprox()])
+    crit = _run(model, X, y, [DiagGGNApprox(split_attention=False)])
     check(collect(model, 2, ("DiagGGNApprox",))["DiagGGNApprox"], _approx_reference(model, X, y, crit), "DiagGGNApprox")
 
 
@@ -166,7 +168,7 @@ def test_exact_extensions_and_approx_in_one_pass():
     n = 3
     X, y = torch.randn(n, 4, 3, dtype=DT), torch.randint(0, 4, (n,))
     ggn = FullGGN()
-    crit = _run(model, X, y, [BatchJacobian(), DiagGGN(), DiagGGNApprox(), ggn])
+    crit = _run(model, X, y, [BatchJacobian(), DiagGGN(), DiagGGNApprox(split_attention=False), ggn])
     got = collect(model, n)
     ref = reference(model, X, lambda out: crit(out, y), approx=False)
     compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, ggn.matrix)
@@ -194,10 +196,10 @@ def test_chunks_of_samples_agree(monkeypatch):
     torch.manual_seed(5)
     model = SelfAttentionNet(e=8, heads=4, mask="padding").to(DT).eval()
     X, y = torch.randn(5, 4, 3, dtype=DT), torch.randint(0, 4, (5,))
-    _run(model, X, y, [DiagGGNApprox()])
+    _run(model, X, y, [DiagGGNApprox(split_attention=False)])
     whole = {name: p.diag_ggn_approx.clone() for name, p in model.named_parameters()}
     monkeypatch.setattr(attention, "_CHUNK_ENTRIES", 1)
-    _run(model, X, y, [DiagGGNApprox()])
+    _run(model, X, y, [DiagGGNApprox(split_attention=False)])
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.diag_ggn_approx, whole[name], rtol=1e-12, atol=0)
 
@@ -256,7 +258,7 @@ def test_split_attention_matches_attention_written_out(case, n, monkeypatch):
     model = SelfAttentionNet(**CASES[case]).to(DT).eval()
     X, y = torch.randn(n, 5, 3, dtype=DT), torch.randint(0, 4, (n,))
     _no_fallback_diagonals(monkeypatch)
-    crit = _run(model, X, y, [DiagGGNApprox(split_attention=True)])
+    crit = _run(model, X, y, [DiagGGNApprox()])  # the default splits
     got = collect(model, n, ("DiagGGNApprox",))["DiagGGNApprox"]
     twin = _hand_written_twin(model)
     want = _approx_reference(twin, X, y, crit)
@@ -273,7 +275,7 @@ def test_split_and_single_operation_in_turn():
     torch.manual_seed(7)
     model = SelfAttentionNet(e=8, heads=4, mask="causal_bool").to(DT).eval()
     X, y = torch.randn(3, 4, 3, dtype=DT), torch.randint(0, 4, (3,))
-    split, whole = DiagGGNApprox(split_attention=True), DiagGGNApprox()
+    split, whole = DiagGGNApprox(split_attention=True), DiagGGNApprox(split_attention=False)
     crit = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -288,11 +290,11 @@ def test_split_and_single_operation_in_turn():
     check(two, _approx_reference(_hand_written_twin(model), X, y, crit), "DiagGGNApprox")
     for p, want in zip(model.parameters(), exact):  # the option leaves the other extensions alone
         torch.testing.assert_close(p.diag_ggn, want, rtol=1e-12, atol=0)
-    assert repr(split) == "DiagGGNApprox(split_attention=True)"
-    assert repr(DiagGGNApprox(loss=nn.MSELoss(), split_attention=True)) == (
-        "DiagGGNApprox(loss=MSELoss(), split_attention=True)"
+    assert repr(split) == "DiagGGNApprox()"
+    assert repr(DiagGGNApprox(loss=nn.MSELoss(), split_attention=False)) == (
+        "DiagGGNApprox(loss=MSELoss(), split_attention=False)"
     )
-    assert repr(whole) == "DiagGGNApprox()"
+    assert repr(whole) == "DiagGGNApprox(split_attention=False)"
 
 
 def test_split_attention_in_a_transformer_encoder_layer():

@@ -40,11 +40,15 @@ SIZES = [1, 3]
 def run_extensions(model: nn.Module, X: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> tuple[dict, Tensor]:
     """One ``extend`` block with all four extensions: forward, ``loss_fn(out).backward()``.
 
+    DiagGGNApprox counts ``nn.MultiheadAttention`` as one operation here
+    (``split_attention=False``), as ``graph_reference`` does; the split form is
+    tested in tests/test_attention.py.
+
     Returns:
         The collected results (``reference.collect``) and ``FullGGN.matrix``.
     """
     ggn = FullGGN()
-    with extend(model, BatchJacobian(), DiagGGN(), DiagGGNApprox(), ggn):
+    with extend(model, BatchJacobian(), DiagGGN(), DiagGGNApprox(split_attention=False), ggn):
         loss_fn(model(X)).backward()
     return collect(model, X.shape[0]), ggn.matrix
 
@@ -442,7 +446,7 @@ def test_operations_after_the_model_before_the_loss(after, n):
         X = torch.randn(n, 4, dtype=DT)
         g, y = AFTER[after], torch.randint(0, 3, (n,))
     crit = nn.CrossEntropyLoss()
-    exts = [DiagGGN(), DiagGGNApprox(), FullGGN()]
+    exts = [DiagGGN(), DiagGGNApprox(split_attention=False), FullGGN()]  # attention as one operation, as the reference
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with extend(model, *exts):

@@ -1,28 +1,20 @@
 """What every extension declares: what it backpropagates and what it writes.
 
-An extension names a *source* (the quantity that travels backward) and turns
-what reaches each parameter into the attribute it writes. Several extensions
-that share a source share one backward traversal.
-
-Sources:
-
-- ``"jacobian"``: the identity columns ``e_1 … e_C`` at the model output, ``[C, N, *out]``.
-- ``"sqrt_ggn"``: a square-root factor ``S`` of the loss Hessian, ``[V, N, *out]``.
-- ``"diag_ggn"``: the loss-Hessian diagonal, ``[N, *out]``, propagated by keeping
-  only the diagonal between operations.
+An extension names a *source* (:mod:`curvhook.sources`: the quantity that
+travels backward) and turns what reaches each parameter into the attribute it
+writes. Several extensions with equal sources share one backward traversal.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Hashable, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
-from curvhook.calls import ModuleCall
+from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
-
-MATRIX_SOURCES = ("jacobian", "sqrt_ggn")
+from curvhook.sources import Source
 
 
 class Extension:
@@ -37,10 +29,10 @@ class Extension:
     """
 
     attribute: ClassVar[str]
-    source: ClassVar[str]
+    source_type: ClassVar[type]
 
     def __init__(self, loss: Optional[nn.Module] = None) -> None:
-        if loss is not None and not self.needs_loss:
+        if loss is not None and not self.source_type.needs_loss:
             raise TypeError(f"{type(self).__name__} does not use a loss; do not pass loss=.")
         if loss is not None and not isinstance(loss, nn.Module):
             raise TypeError(
@@ -49,52 +41,41 @@ class Extension:
         self.loss = loss
 
     @property
-    def needs_loss(self) -> bool:
-        """Whether the extension needs the loss Hessian."""
-        return self.source != "jacobian"
-
-    @property
-    def source_key(self) -> Hashable:
-        """Extensions with equal keys share one backpropagated quantity."""
-        return (self.source, None if self.loss is None else id(self.loss))
-
-    def adapt_rule(self, rule: LayerRule) -> LayerRule:
-        """The rule this extension uses where the registry chose ``rule``.
-
-        An option of an extension may swap the rule of a layer family; its
-        ``source_key`` must then tell it apart from the same extension without
-        the option, since both keys' quantities travel through different rules.
-        """
-        return rule
+    def source(self) -> Source:
+        """What this extension backpropagates; equal sources share one traversal."""
+        return self.source_type(self.loss)
 
     def param_term(
-        self, rule: LayerRule, call: ModuleCall, name: str, value: Tensor, shared: bool
-    ) -> Tensor:
-        """The contribution of one module call to one parameter's result.
+        self, rule: LayerRule, op: Operation, name: str, value: Tensor, shared: bool
+    ) -> Any:
+        """The contribution of one operation to one parameter's result.
 
         Args:
-            rule: The layer rule of ``call.module``.
-            call: The recorded call.
+            rule: The rule of the operation.
+            op: The recorded operation.
             name: The parameter's name in the module.
-            value: The backpropagated quantity at the module output.
-            shared: Whether the parameter is used by more than one call, in which
-                case the terms of all calls are summed before any squaring.
+            value: The backpropagated quantity at the operation's output.
+            shared: Whether the parameter is used by more than one operation, in
+                which case the terms of all operations are summed before any squaring.
 
         Returns:
-            A tensor; terms of the calls that use a parameter are summed.
+            A term; the terms of the operations that use a parameter are summed.
         """
         raise NotImplementedError
 
     def finalize(
-        self, totals: dict[int, Tensor], shared: set[int], params: list[nn.Parameter], root: Tensor
-    ) -> dict[int, Tensor]:
-        """Turn the summed terms into the results, keyed by ``id(parameter)``.
+        self, totals: dict[int, Any], shared: frozenset[int], params: list[nn.Parameter], root: Tensor
+    ) -> Any:
+        """Turn the summed terms of one backward pass into its result.
 
         Args:
-            totals: Summed terms for each parameter that received any.
-            shared: ``id`` of the parameters used by more than one call.
+            totals: Summed terms for each parameter that received any, by ``id``.
+            shared: ``id`` of the parameters used by more than one operation.
             params: Every trainable parameter of the model, in order.
             root: The model output, ``[N, *out]``.
+
+        Returns:
+            What :meth:`write` takes: by default a tensor per parameter, keyed by ``id``.
         """
         raise NotImplementedError
 
@@ -105,8 +86,8 @@ class Extension:
                 delattr(p, self.attribute)
         self._written: set[int] = set()
 
-    def write(self, results: dict[int, Tensor], params: list[nn.Parameter], accumulate: bool) -> None:
-        """Store the results on the parameters, overwriting or accumulating."""
+    def write(self, results: Any, params: list[nn.Parameter], accumulate: bool) -> None:
+        """Store a result of :meth:`finalize` on the parameters, overwriting or accumulating."""
         for p in params:
             value = results[id(p)]
             if value.dtype != p.dtype:

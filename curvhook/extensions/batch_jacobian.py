@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from curvhook.calls import ModuleCall
+from curvhook.records import Operation
+from curvhook.sources import JacobianColumns
 from curvhook.extensions.base import Extension, zeros_for
 from curvhook.rules.base import LayerRule
 
@@ -24,15 +25,15 @@ class BatchJacobian(Extension):
     """
 
     attribute = "batch_jacobian"
-    source = "jacobian"
+    source_type = JacobianColumns
 
     def param_term(
-        self, rule: LayerRule, call: ModuleCall, name: str, value: Tensor, shared: bool
+        self, rule: LayerRule, op: Operation, name: str, value: Tensor, shared: bool
     ) -> Tensor:
-        return rule.param_jac_t_mat_prod(call, name, value)
+        return rule.param_jac_t_mat_prod(op, name, value)
 
     def finalize(
-        self, totals: dict[int, Tensor], shared: set[int], params: list[nn.Parameter], root: Tensor
+        self, totals: dict[int, Tensor], shared: frozenset[int], params: list[nn.Parameter], root: Tensor
     ) -> dict[int, Tensor]:
         n, c = root.shape[0], root[0].numel()
         return {

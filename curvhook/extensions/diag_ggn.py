@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from curvhook.calls import ModuleCall
+from curvhook.records import Operation
+from curvhook.sources import LossHessianSqrt
 from curvhook.extensions.base import Extension, zeros_for
 from curvhook.rules.base import LayerRule
 
@@ -18,17 +19,17 @@ class DiagGGN(Extension):
     """Writes ``p.diag_ggn``, shaped like ``p``: ``diag(G)`` restricted to ``p``."""
 
     attribute = "diag_ggn"
-    source = "sqrt_ggn"
+    source_type = LossHessianSqrt
 
     def param_term(
-        self, rule: LayerRule, call: ModuleCall, name: str, value: Tensor, shared: bool
+        self, rule: LayerRule, op: Operation, name: str, value: Tensor, shared: bool
     ) -> Tensor:
         if shared:  # the sum over uses comes before the square
-            return rule.param_jac_t_mat_prod(call, name, value)
-        return rule.param_sq_sum(call, name, value)
+            return rule.param_jac_t_mat_prod(op, name, value)
+        return rule.param_sq_sum(op, name, value)
 
     def finalize(
-        self, totals: dict[int, Tensor], shared: set[int], params: list[nn.Parameter], root: Tensor
+        self, totals: dict[int, Tensor], shared: frozenset[int], params: list[nn.Parameter], root: Tensor
     ) -> dict[int, Tensor]:
         out = {}
         for p in params:

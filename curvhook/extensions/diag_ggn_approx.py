@@ -5,24 +5,24 @@ diagonal of the metric, ``d_in = diag(J_opᵀ diag(d_out) J_op)``; a parameter
 gets ``Σ_n diag(J_θᵀ diag(d) J_θ)``. Diagonals reaching one tensor along
 several paths are summed. The cost is of the order of one backward pass.
 
-An operation is a leaf module or a tensor operation between modules, so
-``nn.MultiheadAttention`` (which uses its ``out_proj`` without calling it) is
-one operation, whose diagonal needs its whole per-sample Jacobian: many times
-a backward pass. ``split_attention=True`` counts self-attention as the
-operations it is built from instead, as if it were written out by hand: a
-different approximation, at the cost of a backward pass.
+An operation is a leaf module or a tensor operation between modules.
+``nn.MultiheadAttention`` used as self-attention counts as the operations it
+is built from (the in-projection, the scores, the softmax, ``A v`` and the
+out-projection), as if it were written out by hand, at the cost of a backward
+pass. ``split_attention=False`` counts it as one operation instead, whose
+diagonal needs its whole per-sample Jacobian: many times a backward pass.
 """
 
 from __future__ import annotations
 
-from typing import Hashable, Optional
+from typing import Optional
 
 from torch import Tensor, nn
 
-from curvhook.calls import ModuleCall
 from curvhook.extensions.base import Extension, zeros_for
-from curvhook.rules.attention import SPLIT_ATTENTION, SelfAttentionRule
+from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
+from curvhook.sources import LossHessianDiag, Source
 
 
 class DiagGGNApprox(Extension):
@@ -32,38 +32,32 @@ class DiagGGNApprox(Extension):
         loss: See :class:`~curvhook.extensions.base.Extension`.
         split_attention: Count ``nn.MultiheadAttention`` used as self-attention
             (``batch_first=True``) as its operations (in-projection, scores,
-            softmax, ``A v``, out-projection) instead of one operation, keeping
-            only the diagonal between them. Far cheaper on transformers, but a
-            different approximation than the definition's (it equals that of
-            the same attention written out by hand). Other configurations stay
-            one operation, with a warning.
+            softmax, ``A v``, out-projection), keeping only the diagonal between
+            them (the default; other configurations stay one operation, with a
+            warning). ``False`` counts the module as one operation: its whole
+            per-sample Jacobian enters the diagonal, at many times the cost.
     """
 
     attribute = "diag_ggn_approx"
-    source = "diag_ggn"
+    source_type = LossHessianDiag
 
-    def __init__(self, loss: Optional[nn.Module] = None, split_attention: bool = False) -> None:
+    def __init__(self, loss: Optional[nn.Module] = None, split_attention: bool = True) -> None:
         super().__init__(loss)
         self.split_attention = bool(split_attention)
 
     @property
-    def source_key(self) -> Hashable:
-        return (*super().source_key, self.split_attention)
-
-    def adapt_rule(self, rule: LayerRule) -> LayerRule:
-        if self.split_attention and type(rule) is SelfAttentionRule:
-            return SPLIT_ATTENTION
-        return rule
+    def source(self) -> Source:
+        return LossHessianDiag(self.loss, attention_as_one=not self.split_attention)
 
     def param_term(
-        self, rule: LayerRule, call: ModuleCall, name: str, value: Tensor, shared: bool
+        self, rule: LayerRule, op: Operation, name: str, value: Tensor, shared: bool
     ) -> Tensor:
-        return rule.param_diag(call, name, value)
+        return rule.param_diag(op, name, value)
 
     def finalize(
-        self, totals: dict[int, Tensor], shared: set[int], params: list[nn.Parameter], root: Tensor
+        self, totals: dict[int, Tensor], shared: frozenset[int], params: list[nn.Parameter], root: Tensor
     ) -> dict[int, Tensor]:
         return {id(p): totals[id(p)] if id(p) in totals else zeros_for(p) for p in params}
 
     def _options(self) -> list[str]:
-        return super()._options() + (["split_attention=True"] if self.split_attention else [])
+        return super()._options() + ([] if self.split_attention else ["split_attention=False"])

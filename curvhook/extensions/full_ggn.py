@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from curvhook import _memory
-from curvhook.calls import ModuleCall
+from curvhook.records import Operation
+from curvhook.sources import LossHessianSqrt
 from curvhook.extensions.base import Extension
 from curvhook.rules.base import LayerRule
 
@@ -114,26 +115,26 @@ class FullGGN(Extension):
     """
 
     attribute = "ggn"
-    source = "sqrt_ggn"
+    source_type = LossHessianSqrt
 
     def __init__(self, loss: Optional[nn.Module] = None) -> None:
         super().__init__(loss)
         self.matrix: Optional[Tensor] = None
 
     def param_term(
-        self, rule: LayerRule, call: ModuleCall, name: str, value: Tensor, shared: bool
+        self, rule: LayerRule, op: Operation, name: str, value: Tensor, shared: bool
     ) -> Block:
-        if not shared:  # a parameter used once: its factors are never summed with another call's
-            factorize = getattr(rule, "param_factors", None)
-            factors = factorize(call, name, value) if factorize is not None else None
+        if not shared:  # a parameter used once: its factors are never summed with another operation's
+            factors = rule.param_factors(op, name, value)
             if factors is not None:
                 a, b = factors
                 return Kron(a, b if b is not None else a.new_ones(a.shape[1], 1))
-        return rule.param_jac_t_mat_prod(call, name, value).flatten(2)
+        return rule.param_jac_t_mat_prod(op, name, value).flatten(2)
 
     def finalize(
-        self, totals: dict[int, Block], shared: set[int], params: list[nn.Parameter], root: Tensor
-    ) -> dict[str, Tensor]:
+        self, totals: dict[int, Block], shared: frozenset[int], params: list[nn.Parameter], root: Tensor
+    ) -> Tensor:
+        """The whole ``[P, P]`` matrix, block by block."""
         sizes = [p.numel() for p in params]
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         like = next((t.a if isinstance(t, Kron) else t for t in totals.values()), root)
@@ -150,15 +151,15 @@ class FullGGN(Extension):
                     _block_into(matrix[rows, cols], tp, tq, grams)
                 if j > i:
                     _mirror(matrix, rows, cols)
-        return {"matrix": matrix}
+        return matrix
 
     def reset(self, params: list[nn.Parameter]) -> None:
         super().reset(params)
         self.matrix = None
 
-    def write(self, results: dict, params: list[nn.Parameter], accumulate: bool) -> None:
+    def write(self, results: Tensor, params: list[nn.Parameter], accumulate: bool) -> None:
         dtype = params[0].dtype if params else None
-        matrix = results["matrix"].to(dtype)
+        matrix = results.to(dtype)
         if accumulate and self.matrix is not None:
             self.matrix += matrix
         else:

@@ -52,7 +52,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from curvhook import _memory
-from curvhook.calls import ModuleCall, fill_template
+from curvhook.records import CONST, Operation, fill_template
+from curvhook.rules.base import LayerRule
 from curvhook.rules.fallback import FallbackRule
 from curvhook.rules.registry import register_rule
 
@@ -62,7 +63,7 @@ _CHUNK_ENTRIES = 1 << 23
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 
-def _self_attention_arguments(call: ModuleCall) -> Optional[dict]:
+def _self_attention_arguments(call: Operation) -> Optional[dict]:
     """The call's arguments if the closed forms apply to it, else ``None``."""
     m = call.module
     if not (m._qkv_same_embed_dim and m.batch_first and m.bias_k is None and not m.add_zero_attn):
@@ -132,7 +133,7 @@ def _weight_products(m: nn.MultiheadAttention) -> dict:
     }
 
 
-def _approx_diagonals(call: ModuleCall, arguments: dict, diag: Tensor, need_input: bool) -> dict:
+def _approx_diagonals(call: Operation, arguments: dict, diag: Tensor, need_input: bool) -> dict:
     """Every DiagGGNApprox quantity of one call, computed a chunk of samples at a time.
 
     Args:
@@ -287,7 +288,7 @@ def _input_diagonal(
     return d_in
 
 
-def _split_diagonals(call: ModuleCall, arguments: dict, diag: Tensor, need_input: bool) -> dict:
+def _split_diagonals(call: Operation, arguments: dict, diag: Tensor, need_input: bool) -> dict:
     """DiagGGNApprox through self-attention split into its operations, for all samples at once.
 
     Going backwards, with ``d`` the diagonal at each operation's output (one
@@ -349,28 +350,31 @@ class SelfAttentionRule(FallbackRule):
 
     _cache_key = "attention_approx"
 
-    def _diagonals(self, call: ModuleCall, arguments: dict, diag: Tensor, need_input: bool) -> dict:
+    def operations_rule(self) -> LayerRule:
+        return SPLIT_ATTENTION
+
+    def _diagonals(self, call: Operation, arguments: dict, diag: Tensor, need_input: bool) -> dict:
         return _approx_diagonals(call, arguments, diag, need_input)
 
-    def _results(self, call: ModuleCall, diag: Tensor) -> Optional[dict]:
-        cached = call.cache.get(self._cache_key)
-        if cached is not None and cached[0] is diag:
-            return cached[1]
+    def _results(self, call: Operation, diag: Tensor) -> Optional[dict]:
+        cached = call.scratch.attention
+        if cached is not None and cached[0] == self._cache_key and cached[1] is diag:
+            return cached[2]
         arguments = _self_attention_arguments(call)
         if arguments is None:
             return None
-        need_input = bool(call.input_requires_grad and call.input_requires_grad[0])
+        need_input = bool(call.input_kinds) and call.input_kinds[0] != CONST
         results = self._diagonals(call, arguments, diag, need_input)
-        call.cache[self._cache_key] = (diag, results)
+        call.scratch.attention = (self._cache_key, diag, results)
         return results
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         results = self._results(call, diag)
         if results is None or results["input"] is None:
             return super().diag_jac_t_diag_jac(call, diag)
         return results["input"]
 
-    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         results = self._results(call, diag)
         if results is None or name not in results:
             return super().param_diag(call, name, diag)
@@ -381,25 +385,29 @@ _SPLIT_WARNED: set[str] = set()
 
 
 class SplitAttentionRule(SelfAttentionRule):
-    """DiagGGNApprox with self-attention split into its operations (``split_attention=True``).
+    """DiagGGNApprox with self-attention split into its operations (the default).
 
-    Not registered: :class:`~curvhook.extensions.DiagGGNApprox` swaps it in for
-    :class:`SelfAttentionRule` when asked. A configuration the split form does
+    Not registered: :meth:`SelfAttentionRule.operations_rule` returns it, which
+    :class:`~curvhook.sources.LossHessianDiag` uses unless asked for the
+    module as one operation (``DiagGGNApprox(split_attention=False)``). A configuration the split form does
     not cover (see the module docstring) keeps the module as one operation,
     with a warning.
     """
 
     _cache_key = "attention_split"
 
-    def _diagonals(self, call: ModuleCall, arguments: dict, diag: Tensor, need_input: bool) -> dict:
+    def operations_rule(self) -> LayerRule:
+        return self
+
+    def _diagonals(self, call: Operation, arguments: dict, diag: Tensor, need_input: bool) -> dict:
         return _split_diagonals(call, arguments, diag, need_input)
 
-    def _results(self, call: ModuleCall, diag: Tensor) -> Optional[dict]:
+    def _results(self, call: Operation, diag: Tensor) -> Optional[dict]:
         results = super()._results(call, diag)
         if results is None and call.name not in _SPLIT_WARNED:
             _SPLIT_WARNED.add(call.name)
             warnings.warn(
-                f"DiagGGNApprox(split_attention=True) splits self-attention with batch_first=True, "
+                f"DiagGGNApprox (split_attention=True, the default) splits self-attention with batch_first=True, "
                 f"the same tensor as query, key and value, no add_bias_kv or add_zero_attn and no "
                 f"dropout in train mode; module {call.name!r} is not such a call, so it counts as "
                 "one operation (the exact, slower rule of the definition).",

@@ -7,13 +7,16 @@ Notation used in all rules (one call of a module ``y = m(x; θ)``):
   Column ``v`` of sample ``n`` is a vector ``m_vn`` in output space.
 - ``diag``: a per-sample diagonal metric on the output, ``[N, *y.shape[1:]]``.
 
-The four products a rule provides:
+The products a rule provides, for the input at ``slot`` (the ``i``-th distinct
+tensor argument) and for each parameter by name:
 
-- ``jac_t_mat_prod``: ``J_xᵀ m_vn`` for every column, ``[V, N, *x.shape[1:]]``.
+- ``input_jac_t_mat_prod``: ``J_xᵀ m_vn`` for every column, ``[V, N, *x.shape[1:]]``.
 - ``param_jac_t_mat_prod``: the per-sample ``J_θᵀ m_vn``, ``[V, N, *θ.shape]``.
-- ``diag_jac_t_diag_jac``: ``diag(J_xᵀ diag(d_n) J_x)``, ``[N, *x.shape[1:]]``.
+- ``input_diag``: ``diag(J_xᵀ diag(d_n) J_x)``, ``[N, *x.shape[1:]]``.
 - ``param_diag``: ``Σ_n diag(J_θᵀ diag(d_n) J_θ)``, ``[*θ.shape]``.
 
+A layer with one input implements ``jac_t_mat_prod`` and ``diag_jac_t_diag_jac``,
+the products for slot 0; the slot methods call them and refuse other slots.
 ``param_sq_sum`` (``Σ_{v,n} (J_θᵀ m_vn)²``, the DiagGGN contribution) has a
 default built from ``param_jac_t_mat_prod``; rules override it when the square
 can be summed over ``V`` and ``N`` before a GEMM.
@@ -27,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from curvhook import _memory
-from curvhook.calls import ModuleCall
+from curvhook.records import Operation
+from curvhook.errors import UnsupportedModelError
 from curvhook.losses import identity_factor
 
 # Per-sample products held at once by :func:`sum_of_squared_products` (16 MiB of float32).
@@ -64,7 +68,7 @@ def sum_of_squared_products(left: Tensor, right: Tensor) -> Tensor:
     return total
 
 
-def is_single_node(call: ModuleCall) -> bool:
+def is_single_node(call: Operation) -> bool:
     """Whether the module's output node leads straight to its input (one autograd operation).
 
     Then ``call.node`` applied to a vector is ``J_xᵀ`` applied to it.
@@ -105,8 +109,41 @@ class LayerRule:
         """
         return True
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        """Backpropagate columns through the input Jacobian.
+    def operations_rule(self) -> "LayerRule":
+        """The rule that counts a module as the operations it is built from.
+
+        DiagGGNApprox keeps only the diagonal between operations; a rule whose
+        module is several operations (self-attention) returns a rule that keeps
+        only the diagonal between them too. The default: the module is one operation.
+        """
+        return self
+
+    def input_jac_t_mat_prod(self, call: Operation, mat: Tensor, slot: int) -> Tensor:
+        """``J_xᵀ m_vn`` for the input at ``slot``, ``[V, N, *x.shape[1:]]``.
+
+        Args:
+            call: The recorded operation.
+            mat: ``[V, N, *out]``.
+            slot: Which tensor input.
+        """
+        if slot == 0:
+            return self.jac_t_mat_prod(call, mat)
+        raise _several_inputs(call)
+
+    def input_diag(self, call: Operation, diag: Tensor, slot: int) -> Tensor:
+        """``diag(J_xᵀ diag(d_n) J_x)`` for the input at ``slot``, ``[N, *x.shape[1:]]``.
+
+        Args:
+            call: The recorded operation.
+            diag: ``[N, *out]``.
+            slot: Which tensor input.
+        """
+        if slot == 0:
+            return self.diag_jac_t_diag_jac(call, diag)
+        raise _several_inputs(call)
+
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        """Backpropagate columns through the Jacobian of the first input.
 
         Args:
             call: The recorded module call.
@@ -117,7 +154,7 @@ class LayerRule:
         """
         raise NotImplementedError
 
-    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         """Per-sample parameter Jacobian-transposed products.
 
         Args:
@@ -131,7 +168,7 @@ class LayerRule:
         raise NotImplementedError
 
     def param_factors(
-        self, call: ModuleCall, name: str, mat: Tensor
+        self, call: Operation, name: str, mat: Tensor
     ) -> Optional[tuple[Tensor, Optional[Tensor]]]:
         """Optional: the per-sample products as outer products, ``J_θᵀ m_vn = a_vn ⊗ b_n``.
 
@@ -151,11 +188,11 @@ class LayerRule:
         """
         return None
 
-    def param_sq_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         """``Σ_{v,n} (J_θᵀ m_vn)²``, shape ``[*θ.shape]``."""
         return self.param_jac_t_mat_prod(call, name, mat).square().sum((0, 1))
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         """Pull a diagonal metric back to the input, keeping only the diagonal.
 
         Args:
@@ -173,7 +210,7 @@ class LayerRule:
         rows = self.jac_t_mat_prod(call, identity_factor(diag))  # [O, N, *in]
         return torch.einsum("on...,no->n...", rows.square(), diag.flatten(1))
 
-    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         """``Σ_n diag(J_θᵀ diag(d_n) J_θ)``, shape ``[*θ.shape]``.
 
         The default is exact and derived from :meth:`param_jac_t_mat_prod` with
@@ -182,3 +219,9 @@ class LayerRule:
         rows = self.param_jac_t_mat_prod(call, name, identity_factor(diag))  # [O, N, *θ]
         return torch.einsum("on...,no->...", rows.square(), diag.flatten(1))
 
+
+def _several_inputs(call: Operation) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"Module {call.name!r} ({type(call.module).__name__}) takes several tensor inputs that "
+        "require grad, and its rule handles only the first."
+    )

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from curvhook import _memory
 from curvhook._memory import empty
-from curvhook.calls import ModuleCall
+from curvhook.records import Operation
 from curvhook.rules.base import LayerRule, sum_of_squared_products
 from curvhook.rules.registry import register_rule
 
@@ -48,14 +48,14 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _GRAD_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
-def _geometry(call: ModuleCall) -> tuple[Tensor, tuple[int, ...], list[int]]:
+def _geometry(call: Operation) -> tuple[Tensor, tuple[int, ...], list[int]]:
     """Return the explicitly padded input, the symmetric padding left to the conv, and the pads applied.
 
     ``padding='same'`` can be asymmetric; it is applied with ``F.pad`` so that
     every convolution below uses symmetric padding.
     """
-    if "geometry" in call.cache:
-        return call.cache["geometry"]
+    if call.scratch.conv_geometry is not None:
+        return call.scratch.conv_geometry
     module, x = call.module, call.input.detach()
     dims = x.dim() - 2
     if isinstance(module.padding, str):
@@ -69,7 +69,7 @@ def _geometry(call: ModuleCall) -> tuple[Tensor, tuple[int, ...], list[int]]:
             result = (F.pad(x, pads), (0,) * dims, pads)
     else:
         result = (x, tuple(module.padding), [0] * (2 * dims))
-    call.cache["geometry"] = result
+    call.scratch.conv_geometry = result
     return result
 
 
@@ -115,15 +115,15 @@ class ConvRule(LayerRule):
         # 'reflect', 'replicate', 'circular' pad before a valid convolution: the fallback serves them.
         return module.padding_mode == "zeros"
 
-    def _patches(self, call: ModuleCall) -> Tensor:
+    def _patches(self, call: Operation) -> Tensor:
         """Per-group unfolded input, ``[N, G, C_in/G · K, L]`` (cached per backward)."""
-        if "patches" not in call.cache:
+        if call.scratch.conv_patches is None:
             x, padding, _ = _geometry(call)
             u = unfold(x, call.module, padding)
-            call.cache["patches"] = rearrange(u, "n (g i) l -> n g i l", g=call.module.groups)
-        return call.cache["patches"]
+            call.scratch.conv_patches = rearrange(u, "n (g i) l -> n g i l", g=call.module.groups)
+        return call.scratch.conv_patches
 
-    def _input_transpose(self, call: ModuleCall, weight: Tensor, grad: Tensor) -> Tensor:
+    def _input_transpose(self, call: Operation, weight: Tensor, grad: Tensor) -> Tensor:
         """Transposed convolution of ``grad`` ``[B, C_out, *out]`` back to input shape ``[B, C_in, *in]``."""
         module = call.module
         x, padding, pads = _geometry(call)
@@ -138,12 +138,12 @@ class ConvRule(LayerRule):
         back = _CONV_T[x.dim() - 2](grad, weight, None, stride, padding, extra, module.groups, dilation)
         return _crop(back, pads)
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         v = mat.shape[0]
         back = self._input_transpose(call, call.module.weight, mat.flatten(0, 1))
         return back.unflatten(0, (v, -1))
 
-    def _weight_products(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def _weight_products(self, call: Operation, mat: Tensor) -> Tensor:
         """``J_Wᵀ m_vn = m_vn U_nᵀ`` per group, sample-major.
 
         Args:
@@ -173,14 +173,14 @@ class ConvRule(LayerRule):
             out.copy_(torch.einsum("vngol,ngil->nvgoi", m, patches))
         return out
 
-    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         if name == "bias":
             return mat.flatten(3).sum(-1) if mat.dim() > 3 else mat
         # Sample-major buffer returned as a [V, N, *θ] view: contiguous batch Jacobians.
         prod = self._weight_products(call, mat)
         return prod.transpose(0, 1).reshape(*mat.shape[:2], *call.module.weight.shape)
 
-    def param_sq_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         if name == "bias":
             return self.param_jac_t_mat_prod(call, name, mat).square().sum((0, 1))
         if call.module.groups > 1:
@@ -190,10 +190,10 @@ class ConvRule(LayerRule):
         total = sum_of_squared_products(mat.flatten(3), patches.transpose(1, 2))
         return total.reshape(call.module.weight.shape)
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return self._input_transpose(call, call.module.weight.square(), diag)
 
-    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         if name == "bias":
             return diag.flatten(2).sum((0, 2))
         module = call.module
@@ -221,7 +221,7 @@ class ConvTransposeRule(LayerRule):
         return module.padding_mode == "zeros"
 
     @staticmethod
-    def _taps(call: ModuleCall, t: Tensor) -> Iterator[Tensor]:
+    def _taps(call: Operation, t: Tensor) -> Iterator[Tensor]:
         """For every kernel tap ``k`` (row-major), the entries of ``t`` that tap ``k`` writes.
 
         ``t`` is output-shaped, ``[*lead, C_out, *out]``; each view has shape
@@ -244,21 +244,21 @@ class ConvTransposeRule(LayerRule):
             )
             yield padded[(Ellipsis, *index)]
 
-    def _adjoint(self, call: ModuleCall, weight: Tensor, grad: Tensor) -> Tensor:
+    def _adjoint(self, call: Operation, weight: Tensor, grad: Tensor) -> Tensor:
         """Convolve ``grad`` ``[B, C_out, *out]`` with ``weight`` back to ``[B, C_in, *in]``."""
         module, x = call.module, call.input
         back = _CONV[x.dim() - 2](grad, weight, None, module.stride, module.padding, module.dilation, module.groups)
         return _crop_to(back, tuple(x.shape[2:]))
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         back = self._adjoint(call, call.module.weight, mat.flatten(0, 1))
         return back.unflatten(0, mat.shape[:2])
 
-    def _grouped_input(self, call: ModuleCall) -> Tensor:
+    def _grouped_input(self, call: Operation) -> Tensor:
         """``x`` as ``[N, G, C_in/G, L_in]``."""
         return rearrange(call.input.detach().flatten(2), "n (g i) l -> n g i l", g=call.module.groups)
 
-    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         if name == "bias":
             return mat.flatten(3).sum(-1)
         module = call.module
@@ -273,14 +273,14 @@ class ConvTransposeRule(LayerRule):
             out[..., tap] = torch.einsum("vngol,ngil->vngio", m_k, x)
         return out.reshape(v, n, *module.weight.shape)
 
-    def param_sq_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         prod = self.param_jac_t_mat_prod(call, name, mat)
         return prod.square_().sum((0, 1))  # one [V, N, *θ] buffer, squared in place
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return self._adjoint(call, call.module.weight.square(), diag)
 
-    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         if name == "bias":
             return diag.flatten(2).sum((0, 2))
         module = call.module

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from curvhook import _memory
-from curvhook.calls import ModuleCall
+from curvhook.records import Operation
 from curvhook.errors import UnsupportedModelError
 from curvhook.rules.base import LayerRule, apply_node, is_single_node
 from curvhook.rules.registry import register_rule
@@ -41,10 +41,10 @@ ACTIVATIONS = (
 )
 
 
-def jacobian_diagonal(call: ModuleCall) -> Tensor:
+def jacobian_diagonal(call: Operation) -> Tensor:
     """``σ'(x)`` of an elementwise call, ``[N, *x.shape[1:]]`` (cached per backward)."""
-    if "jac_diag" in call.cache:
-        return call.cache["jac_diag"]
+    if call.scratch.jac_diag is not None:
+        return call.scratch.jac_diag
     node, out = call.node, call.output
     ones = torch.ones_like(out)
     if is_single_node(call):
@@ -58,17 +58,17 @@ def jacobian_diagonal(call: ModuleCall) -> Tensor:
             f"({type(call.module).__name__}): it is not a single autograd operation. "
             "Construct it with inplace=False."
         )
-    call.cache["jac_diag"] = diag
+    call.scratch.jac_diag = diag
     return diag
 
 
 class ElementwiseRule(LayerRule):
     """Rules for any layer whose Jacobian is diagonal."""
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         return _memory.mul(mat, jacobian_diagonal(call))
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         if type(call.module) in _SLOPES_ZERO_OR_ONE and is_single_node(call):
             # σ' ∈ {0, 1}, so σ'² ⊙ d = σ' ⊙ d: the module's own backward applied to d
             return apply_node(call.node, diag)
@@ -87,11 +87,11 @@ class DropoutRule(ElementwiseRule):
     """Dropout: the identity in eval mode, ``mask / (1 - p)`` from this forward pass in train mode."""
 
     @staticmethod
-    def _is_identity(call: ModuleCall) -> bool:
+    def _is_identity(call: Operation) -> bool:
         return not call.training or call.module.p == 0
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         return mat if self._is_identity(call) else super().jac_t_mat_prod(call, mat)
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return diag if self._is_identity(call) else super().diag_jac_t_diag_jac(call, diag)

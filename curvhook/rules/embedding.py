@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from curvhook.calls import ModuleCall
+from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule
 
@@ -35,24 +35,24 @@ class EmbeddingRule(LayerRule):
         return module.max_norm is None and not module.scale_grad_by_freq
 
     @staticmethod
-    def _indices(call: ModuleCall) -> Tensor:
+    def _indices(call: Operation) -> Tensor:
         """The indices, ``[N, T]``."""
         return call.input.reshape(call.input.shape[0], -1)
 
     @staticmethod
-    def _drop_padding(call: ModuleCall, result: Tensor) -> Tensor:
+    def _drop_padding(call: Operation, result: Tensor) -> Tensor:
         """Zero the ``padding_idx`` row of ``[..., num_embeddings, dim]``."""
         if call.module.padding_idx is not None:
             result[..., call.module.padding_idx, :] = 0
         return result
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         raise RuntimeError("nn.Embedding takes integer indices: there is no input Jacobian.")
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         raise RuntimeError("nn.Embedding takes integer indices: there is no input Jacobian.")
 
-    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         weight = call.module.weight
         v, n = mat.shape[:2]
         m = mat.reshape(v, n, -1, weight.shape[1])  # [V, N, T, D]
@@ -60,7 +60,7 @@ class EmbeddingRule(LayerRule):
         out = m.new_zeros(v, n, *weight.shape)
         return self._drop_padding(call, out.scatter_add_(2, idx, m))
 
-    def param_sq_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         weight = call.module.weight
         v, n = mat.shape[:2]
         m = mat.reshape(v, n, -1, weight.shape[1]).flatten(1, 2)  # [V, N·T, D]
@@ -73,7 +73,7 @@ class EmbeddingRule(LayerRule):
         out = squares.new_zeros(weight.shape).index_add_(0, keys % weight.shape[0], squares)
         return self._drop_padding(call, out)
 
-    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         weight = call.module.weight
         d = diag.reshape(-1, weight.shape[1])  # [N·T, D]
         out = d.new_zeros(weight.shape).index_add_(0, self._indices(call).flatten(), d)

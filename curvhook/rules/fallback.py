@@ -30,18 +30,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
-from curvhook.calls import ModuleCall, fill_template
+from curvhook.records import Operation, fill_template
 from curvhook.errors import UnsupportedModelError
 from curvhook.rules.base import LayerRule
 
 _WARNED: set[type] = set()
 
 
-def _params(call: ModuleCall) -> dict[str, Tensor]:
+def _params(call: Operation) -> dict[str, Tensor]:
     return {n: p.detach() for n, p in call.module.named_parameters(recurse=call.recurse)}
 
 
-def _replay(call: ModuleCall, params: dict, inputs: list[Tensor]) -> Tensor:
+def _replay(call: Operation, params: dict, inputs: list[Tensor]) -> Tensor:
     """Call the module again with ``inputs`` in the places of its recorded tensor inputs.
 
     An input passed several times (``attention(x, x, x)``) is one input. A tuple
@@ -55,19 +55,19 @@ def _replay(call: ModuleCall, params: dict, inputs: list[Tensor]) -> Tensor:
     return out if isinstance(out, Tensor) else next(o for o in out if isinstance(o, Tensor))
 
 
-def _forward(call: ModuleCall, slot: int = 0) -> Callable[[dict, Tensor], Tensor]:
+def _forward(call: Operation, slot: int = 0) -> Callable[[dict, Tensor], Tensor]:
     """``(params, x) ↦ module(...)`` with ``x`` as input ``slot``, the other inputs held fixed."""
     fixed = [t.detach() for t in call.inputs]
     return lambda params, x: _replay(call, params, [*fixed[:slot], x, *fixed[slot + 1 :]])
 
 
-def _batched(call: ModuleCall) -> list[bool]:
+def _batched(call: Operation) -> list[bool]:
     """Which inputs carry the sample axis (the first input's batch size first)."""
     n = call.input.shape[0]
     return [t.dim() > 0 and t.shape[0] == n for t in call.inputs]
 
 
-def _per_sample(call: ModuleCall) -> Callable[..., Tensor]:
+def _per_sample(call: Operation) -> Callable[..., Tensor]:
     """``(params, *inputs_n) ↦ module(...)[0]`` for one sample.
 
     Every input with the sample axis is passed as that sample's slice (and gets
@@ -82,11 +82,11 @@ def _per_sample(call: ModuleCall) -> Callable[..., Tensor]:
     return run
 
 
-def _map_samples(call: ModuleCall, fn: Callable[..., Tensor], in_dims: tuple, out_dim: int) -> Callable[..., Tensor]:
+def _map_samples(call: Operation, fn: Callable[..., Tensor], in_dims: tuple, out_dim: int) -> Callable[..., Tensor]:
     """``vmap(fn)`` over the sample axis, or a loop over the samples where ``vmap`` fails.
 
     Args:
-        call: The recorded call; ``call.cache["loop"]`` remembers, for this
+        call: The recorded call; ``call.scratch.loop_over_samples`` remembers, for this
             backward pass, that ``vmap`` could not run the module.
         fn: The per-sample function.
         in_dims: The sample axis of each argument, ``None`` for one shared by all samples.
@@ -99,11 +99,11 @@ def _map_samples(call: ModuleCall, fn: Callable[..., Tensor], in_dims: tuple, ou
         return torch.stack([fn(*pick(i)) for i in range(n)], dim=out_dim)
 
     def mapped(*args: Tensor) -> Tensor:
-        if not call.cache.get("loop"):
+        if not call.scratch.loop_over_samples:
             try:
                 return vmap(fn, in_dims=in_dims, out_dims=out_dim)(*args)
             except RuntimeError:  # e.g. an in-place write of a per-sample value (nn.LSTM)
-                call.cache["loop"] = True
+                call.scratch.loop_over_samples = True
         return looped(*args)
 
     return mapped
@@ -122,12 +122,12 @@ def _set_rng_states(device: torch.device, states: list[Tensor]) -> None:
         torch.cuda.set_rng_state(states[1], device)
 
 
-def _check_deterministic(call: ModuleCall) -> None:
+def _check_deterministic(call: Operation) -> None:
     """Raise if replaying the module draws random numbers (once per call and backward pass).
 
     The replay leaves the random number generators as it found them.
     """
-    if "deterministic" in call.cache:
+    if call.scratch.deterministic:
         return
     device = call.input.device
     before = _rng_states(device)
@@ -144,10 +144,10 @@ def _check_deterministic(call: ModuleCall) -> None:
             "replays the forward pass and cannot draw the same numbers again. Call "
             "model.eval(), use nn.Dropout (its mask is recorded), or register a rule for it."
         )
-    call.cache["deterministic"] = True
+    call.scratch.deterministic = True
 
 
-def _guard(call: ModuleCall, fn: Callable[[], Tensor]) -> Tensor:
+def _guard(call: Operation, fn: Callable[[], Tensor]) -> Tensor:
     try:
         _check_deterministic(call)
         return fn()
@@ -164,7 +164,7 @@ def _guard(call: ModuleCall, fn: Callable[[], Tensor]) -> Tensor:
 class FallbackRule(LayerRule):
     """Exact rules for any per-sample leaf module, through ``torch.func``."""
 
-    def warn_once(self, call: ModuleCall) -> None:
+    def warn_once(self, call: Operation) -> None:
         """Warn the first time a module type goes through this rule."""
         cls = type(call.module)
         if cls not in _WARNED:
@@ -176,10 +176,20 @@ class FallbackRule(LayerRule):
                 stacklevel=2,
             )
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        return self.input_jac_t_mat_prod_at(call, mat, 0)
+    def input_jac_t_mat_prod(self, call: Operation, mat: Tensor, slot: int) -> Tensor:
+        if slot == 0:  # a subclass may have a faster form for the first input
+            return self.jac_t_mat_prod(call, mat)
+        return self._pull_columns(call, mat, slot)
 
-    def input_jac_t_mat_prod_at(self, call: ModuleCall, mat: Tensor, slot: int) -> Tensor:
+    def input_diag(self, call: Operation, diag: Tensor, slot: int) -> Tensor:
+        if slot == 0:
+            return self.diag_jac_t_diag_jac(call, diag)
+        return self._pull_diagonal(call, diag, slot)
+
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        return self._pull_columns(call, mat, 0)
+
+    def _pull_columns(self, call: Operation, mat: Tensor, slot: int) -> Tensor:
         """``J_xᵀ m`` for the input at ``slot``, ``[V, N, *x[1:]]`` (batched over the columns)."""
 
         def compute() -> Tensor:
@@ -189,12 +199,12 @@ class FallbackRule(LayerRule):
 
         return _guard(call, compute)
 
-    def input_diag_at(self, call: ModuleCall, diag: Tensor, slot: int) -> Tensor:
+    def _pull_diagonal(self, call: Operation, diag: Tensor, slot: int) -> Tensor:
         """``diag(J_xᵀ diag(d) J_x)`` for the input at ``slot``, ``[N, *x[1:]]``."""
-        pull = lambda cols: self.input_jac_t_mat_prod_at(call, cols, slot)  # noqa: E731
+        pull = lambda cols: self._pull_columns(call, cols, slot)  # noqa: E731
         return _weighted_row_squares(pull, diag, call.inputs[slot][0].numel(), True)
 
-    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         def compute() -> Tensor:
             params, sample = _params(call), _per_sample(call)
             other = {k: v for k, v in params.items() if k != name}
@@ -209,12 +219,12 @@ class FallbackRule(LayerRule):
 
         return _guard(call, compute)
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         # diag(J_xᵀ diag(d) J_x)_i = Σ_o d_o J_oi², with the rows J_o from batched
         # vjps of one-hot columns, a bounded chunk of output entries at a time.
-        return self.input_diag_at(call, diag, 0)
+        return self._pull_diagonal(call, diag, 0)
 
-    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         size = dict(call.module.named_parameters(recurse=call.recurse))[name].numel()
         pull = lambda cols: self.param_jac_t_mat_prod(call, name, cols)  # noqa: E731
         return _weighted_row_squares(pull, diag, size, False)

@@ -14,12 +14,12 @@ from torch import Tensor, nn
 
 from curvhook import _memory
 from curvhook._memory import empty
-from curvhook.calls import ModuleCall
+from curvhook.records import Operation
 from curvhook.rules.base import LayerRule, sum_of_squared_products
 from curvhook.rules.registry import register_rule
 
 
-def _positions(call: ModuleCall, mat: Tensor) -> tuple[Tensor, Tensor]:
+def _positions(call: Operation, mat: Tensor) -> tuple[Tensor, Tensor]:
     """Flatten the shared positions: ``x → [N, T, in]`` and ``mat → [V, N, T, out]``."""
     x = call.input.detach()
     # rearrange "n ... i -> n (...) i" and "v n ... o -> v n (...) o"; reshape is a view here
@@ -31,11 +31,11 @@ def _positions(call: ModuleCall, mat: Tensor) -> tuple[Tensor, Tensor]:
 class LinearRule(LayerRule):
     """Rules for ``nn.Linear`` with any number of leading dimensions."""
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         w = call.module.weight.detach()
         return torch.matmul(mat, w, out=_memory.recyclable((*mat.shape[:-1], w.shape[1]), mat))
 
-    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         x, m = _positions(call, mat)
         if name == "bias":
             return m[:, :, 0] if m.shape[2] == 1 else m.sum(2)
@@ -49,21 +49,21 @@ class LinearRule(LayerRule):
             torch.bmm(rearrange(m, "v n t o -> n (v o) t"), x, out=out.view(n, v * o, -1))
         return out.transpose(0, 1)
 
-    def param_factors(self, call: ModuleCall, name: str, mat: Tensor) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    def param_factors(self, call: Operation, name: str, mat: Tensor) -> Optional[tuple[Tensor, Optional[Tensor]]]:
         x, m = _positions(call, mat)
         if x.shape[1] != 1:
             return None
         return m[:, :, 0], (x[:, 0] if name == "weight" else None)
 
-    def param_sq_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         x, m = _positions(call, mat)
         v, n, t, o = m.shape
         if t == 1:
             # Σ_{v,n} (m_vn x_nᵀ)² = Σ_n (Σ_v m_vn²) (x_n²)ᵀ: sum over V before the GEMM;
             # the bias term Σ_{v,n} m_vn² shares the first sum.
-            cached = call.cache.get("m_sq")
+            cached = call.scratch.linear_m_sq
             if cached is None or cached[0] is not mat:  # one backpropagated matrix per source
-                cached = call.cache["m_sq"] = (mat, _memory.square(m[:, :, 0], "linear_m_sq").sum(0))  # [N, O]
+                cached = call.scratch.linear_m_sq = (mat, _memory.square(m[:, :, 0], "linear_m_sq").sum(0))  # [N, O]
             m_sq = cached[1]
             if name == "bias":
                 return m_sq.sum(0)
@@ -74,10 +74,10 @@ class LinearRule(LayerRule):
         # Σ_{v,n} (Σ_t m_vnt x_ntᵀ)²: the positions are the inner dimension of a GEMM
         return sum_of_squared_products(m.transpose(2, 3), x)
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return diag @ _memory.square(call.module.weight, "linear_w_sq")
 
-    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         d = _rows(diag)  # "n ... o -> (n ...) o"
         if name == "bias":
             return d.sum(0)

@@ -37,7 +37,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from curvhook import _memory
-from curvhook.calls import ModuleCall
+from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule
 
@@ -52,43 +52,43 @@ class BatchNormRule(LayerRule):
     """BatchNorm that normalizes with its running statistics (eval mode)."""
 
     @staticmethod
-    def _inv_std(call: ModuleCall) -> Tensor:
+    def _inv_std(call: Operation) -> Tensor:
         """``1 / √(v + ε)`` per channel, ``[C]``."""
         module = call.module
         return torch.rsqrt(module.running_var.to(call.input.dtype) + module.eps)
 
-    def _scale(self, call: ModuleCall) -> Tensor:
+    def _scale(self, call: Operation) -> Tensor:
         """``a = γ / √(v + ε)`` shaped ``[C, 1, ...]`` (cached per backward)."""
-        if "bn_scale" not in call.cache:
+        if call.scratch.bn_scale is None:
             scale = self._inv_std(call)
             if call.module.weight is not None:
                 scale = scale * call.module.weight.detach()
-            call.cache["bn_scale"] = scale.reshape(_channel_shape(call.input))
-        return call.cache["bn_scale"]
+            call.scratch.bn_scale = scale.reshape(_channel_shape(call.input))
+        return call.scratch.bn_scale
 
-    def _x_hat(self, call: ModuleCall) -> Tensor:
+    def _x_hat(self, call: Operation) -> Tensor:
         """``x̂`` ``[N, C, *]`` (cached per backward; only the matrix rules need it)."""
-        if "bn_x_hat" not in call.cache:
+        if call.scratch.bn_x_hat is None:
             module, x = call.module, call.input.detach()
             shape = _channel_shape(x)
             mean = module.running_mean.to(x.dtype).reshape(shape)
-            call.cache["bn_x_hat"] = (x - mean) * self._inv_std(call).reshape(shape)
-        return call.cache["bn_x_hat"]
+            call.scratch.bn_x_hat = (x - mean) * self._inv_std(call).reshape(shape)
+        return call.scratch.bn_x_hat
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         return mat * self._scale(call)
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return diag * self._scale(call).square()
 
-    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         m = mat.flatten(3) if mat.dim() > 3 else mat.unsqueeze(-1)  # [V, N, C, L]
         if name == "bias":
             return m.sum(-1)
         x_hat = self._x_hat(call)
         return torch.einsum("vncl,ncl->vnc", m, x_hat.reshape(*x_hat.shape[:2], -1))
 
-    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         d = diag.reshape(*diag.shape[:2], -1)  # [N, C, L]
         if name == "bias":
             return d.sum((0, 2))
@@ -111,29 +111,29 @@ class _GroupNormalizationRule(LayerRule):
 
     centered = True  # LayerNorm, GroupNorm subtract the mean; RMSNorm does not
 
-    def _group(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+    def _group(self, call: Operation, t: Tensor, lead: int) -> Tensor:
         raise NotImplementedError
 
-    def _ungroup(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+    def _ungroup(self, call: Operation, t: Tensor, lead: int) -> Tensor:
         raise NotImplementedError
 
-    def _gamma(self, call: ModuleCall) -> Tensor | None:
+    def _gamma(self, call: Operation) -> Tensor | None:
         raise NotImplementedError
 
-    def _eps(self, call: ModuleCall, x: Tensor) -> float:
+    def _eps(self, call: Operation, x: Tensor) -> float:
         return call.module.eps
 
-    def _normalized(self, call: ModuleCall) -> tuple[Tensor, Tensor]:
+    def _normalized(self, call: Operation) -> tuple[Tensor, Tensor]:
         """``x̂`` ``[N, T, G]`` and ``1/σ`` ``[N, T, 1]`` (cached per backward)."""
-        if "normalized" not in call.cache:
+        if call.scratch.normalized is None:
             x = self._group(call, call.input.detach(), 1)
             if self.centered:
                 x = x - x.mean(-1, keepdim=True)
             inv_std = torch.rsqrt(x.square().mean(-1, keepdim=True) + self._eps(call, x))
-            call.cache["normalized"] = (x * inv_std, inv_std)
-        return call.cache["normalized"]
+            call.scratch.normalized = (x * inv_std, inv_std)
+        return call.scratch.normalized
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         x_hat, inv_std = self._normalized(call)
         gamma = self._gamma(call)
         u = self._group(call, mat, 2)  # [V, N, T, G]
@@ -145,13 +145,13 @@ class _GroupNormalizationRule(LayerRule):
             back = back - u.mean(-1, keepdim=True)
         return self._ungroup(call, back * inv_std, 2)
 
-    def _x_hat_sq(self, call: ModuleCall) -> Tensor:
+    def _x_hat_sq(self, call: Operation) -> Tensor:
         """``x̂ ∘ x̂``, ``[N, T, G]`` (cached per backward: the diagonals of input and weight share it)."""
-        if "x_hat_sq" not in call.cache:
-            call.cache["x_hat_sq"] = self._normalized(call)[0].square()
-        return call.cache["x_hat_sq"]
+        if call.scratch.x_hat_sq is None:
+            call.scratch.x_hat_sq = self._normalized(call)[0].square()
+        return call.scratch.x_hat_sq
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         x_hat, inv_std = self._normalized(call)
         x_sq = self._x_hat_sq(call)
         gamma = self._gamma(call)
@@ -178,20 +178,20 @@ class _GroupNormalizationRule(LayerRule):
         return self._ungroup(call, back.mul_(inv_std.square()), 1)
 
     # The affine parameters: the subclasses reduce ``m ∘ x̂`` / ``m`` over the shared positions.
-    def _param_reduce(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+    def _param_reduce(self, call: Operation, t: Tensor, lead: int) -> Tensor:
         """Sum ``[*lead, *sample]`` over the positions that share one parameter entry."""
         raise NotImplementedError
 
-    def _x_hat(self, call: ModuleCall) -> Tensor:
+    def _x_hat(self, call: Operation) -> Tensor:
         """``x̂`` in the input's shape, ``[N, *sample]``."""
         return self._ungroup(call, self._normalized(call)[0], 1)
 
-    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         if name == "bias":
             return self._param_reduce(call, mat, 2)
         return self._param_reduce(call, mat * self._x_hat(call), 2)
 
-    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         if name == "bias":
             return self._param_reduce(call, diag, 1).sum(0)
         x_sq = self._ungroup(call, self._x_hat_sq(call), 1)
@@ -203,21 +203,21 @@ class _GroupNormalizationRule(LayerRule):
 class LayerNormRule(_GroupNormalizationRule):
     """``nn.LayerNorm`` over the last ``len(normalized_shape)`` dims, with or without affine and bias."""
 
-    def _dims(self, call: ModuleCall) -> int:
+    def _dims(self, call: Operation) -> int:
         return len(call.module.normalized_shape)
 
-    def _group(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+    def _group(self, call: Operation, t: Tensor, lead: int) -> Tensor:
         # [*lead, *, *normalized] -> [*lead, T, G]
         return t.reshape(*t.shape[:lead], -1, math.prod(call.module.normalized_shape))
 
-    def _ungroup(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+    def _ungroup(self, call: Operation, t: Tensor, lead: int) -> Tensor:
         return t.reshape(*t.shape[:lead], *call.input.shape[1:])
 
-    def _gamma(self, call: ModuleCall) -> Tensor | None:
+    def _gamma(self, call: Operation) -> Tensor | None:
         weight = call.module.weight
         return None if weight is None else weight.detach().flatten()
 
-    def _param_reduce(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+    def _param_reduce(self, call: Operation, t: Tensor, lead: int) -> Tensor:
         dims = self._dims(call)
         shared = tuple(range(lead, t.dim() - dims))  # the leading positions of the sample
         return t.sum(shared) if shared else t
@@ -228,19 +228,19 @@ class GroupNormRule(_GroupNormalizationRule):
     """``nn.GroupNorm`` on ``[N, C, *]``: ``num_groups`` groups of ``C / num_groups`` channels."""
 
     @staticmethod
-    def _num_groups(call: ModuleCall) -> int:
+    def _num_groups(call: Operation) -> int:
         return call.module.num_groups
 
-    def _group(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+    def _group(self, call: Operation, t: Tensor, lead: int) -> Tensor:
         t = t.reshape(*t.shape[: lead + 1], -1)  # [*lead, C, L]
         return rearrange(t, "... (t c) l -> ... t (c l)", t=self._num_groups(call))
 
-    def _ungroup(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+    def _ungroup(self, call: Operation, t: Tensor, lead: int) -> Tensor:
         c = call.input.shape[1] // self._num_groups(call)
         t = rearrange(t, "... t (c l) -> ... (t c) l", c=c)
         return t.reshape(*t.shape[:lead], *call.input.shape[1:])
 
-    def _gamma(self, call: ModuleCall) -> Tensor | None:
+    def _gamma(self, call: Operation) -> Tensor | None:
         weight = call.module.weight
         if weight is None:
             return None
@@ -248,7 +248,7 @@ class GroupNormRule(_GroupNormalizationRule):
         w = weight.detach()[:, None].expand(-1, spatial)  # [C, L]
         return rearrange(w, "(t c) l -> t (c l)", t=self._num_groups(call))
 
-    def _param_reduce(self, call: ModuleCall, t: Tensor, lead: int) -> Tensor:
+    def _param_reduce(self, call: Operation, t: Tensor, lead: int) -> Tensor:
         return t.reshape(*t.shape[: lead + 1], -1).sum(-1)  # over the spatial positions
 
 
@@ -265,29 +265,29 @@ class InstanceNormRule(GroupNormRule):
     """
 
     @staticmethod
-    def _num_groups(call: ModuleCall) -> int:
+    def _num_groups(call: Operation) -> int:
         return call.input.shape[1]
 
     @staticmethod
-    def _running(call: ModuleCall) -> bool:
+    def _running(call: Operation) -> bool:
         return call.module.track_running_stats and not call.training
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         if self._running(call):
             return _BATCH_NORM.jac_t_mat_prod(call, mat)
         return super().jac_t_mat_prod(call, mat)
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         if self._running(call):
             return _BATCH_NORM.diag_jac_t_diag_jac(call, diag)
         return super().diag_jac_t_diag_jac(call, diag)
 
-    def param_jac_t_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         if self._running(call):
             return _BATCH_NORM.param_jac_t_mat_prod(call, name, mat)
         return super().param_jac_t_mat_prod(call, name, mat)
 
-    def param_diag(self, call: ModuleCall, name: str, diag: Tensor) -> Tensor:
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         if self._running(call):
             return _BATCH_NORM.param_diag(call, name, diag)
         return super().param_diag(call, name, diag)
@@ -299,7 +299,7 @@ class RMSNormRule(LayerNormRule):
 
     centered = False
 
-    def _eps(self, call: ModuleCall, x: Tensor) -> float:
+    def _eps(self, call: Operation, x: Tensor) -> float:
         eps = call.module.eps
         if eps is None:  # torch uses the epsilon of the computation type
             dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32

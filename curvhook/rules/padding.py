@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvhook.calls import ModuleCall
-from curvhook.rules._maps import columns_vjp, linear_vjp
+from curvhook.records import Operation
+from curvhook.rules.linear_maps import columns_vjp, linear_vjp
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule
 
@@ -30,13 +30,13 @@ class ConstantPadRule(LayerRule):
     """``y = pad(x)`` with a constant border: the transpose removes the border."""
 
     @staticmethod
-    def _unpad(call: ModuleCall, t: Tensor) -> Tensor:
+    def _unpad(call: Operation, t: Tensor) -> Tensor:
         return F.pad(t, [-p for p in call.module.padding])
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         return self._unpad(call, mat)
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return self._unpad(call, diag)
 
 
@@ -54,8 +54,8 @@ class ConstantPadRule(LayerRule):
 class CopyPadRule(LayerRule):
     """Padding that copies input entries into the border: 0/1 Jacobian, transposed by autograd."""
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         return columns_vjp(call, mat)
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return linear_vjp(call, diag)  # J∘J = J

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvhook import _memory
-from curvhook.calls import ModuleCall
-from curvhook.rules._maps import columns_vjp, linear_vjp
+from curvhook.records import Operation
+from curvhook.rules.linear_maps import columns_vjp, linear_vjp
 from curvhook.rules.base import LayerRule, apply_node, is_single_node
 from curvhook.rules.registry import register_rule
 
@@ -45,7 +45,7 @@ class MaxPoolRule(LayerRule):
         return not module.return_indices  # a tuple output is not one tensor
 
     @staticmethod
-    def _compute_indices(call: ModuleCall) -> Tensor:
+    def _compute_indices(call: Operation) -> Tensor:
         """Flat input index of each output entry, ``[N, C, *out]``."""
         m, x = call.module, call.input.detach()
         _, idx = _POOL[x.dim() - 2](
@@ -53,18 +53,18 @@ class MaxPoolRule(LayerRule):
         )
         return idx
 
-    def _indices(self, call: ModuleCall) -> Tensor:
+    def _indices(self, call: Operation) -> Tensor:
         """Flat input index of each output entry, ``[N, C, L_out]`` (cached per backward)."""
-        if "indices" not in call.cache:
+        if call.scratch.pool_indices is None:
             # The forward pass's own indices, saved on its autograd node (no second
             # pooling pass); 1d pooling adds a squeeze node and recomputes them.
             saved = _saved_indices(call)
             if saved is None or saved.shape != call.output_shape:
                 saved = self._compute_indices(call)
-            call.cache["indices"] = saved.flatten(2)
-        return call.cache["indices"]
+            call.scratch.pool_indices = saved.flatten(2)
+        return call.scratch.pool_indices
 
-    def _scatter(self, call: ModuleCall, values: Tensor) -> Tensor:
+    def _scatter(self, call: Operation, values: Tensor) -> Tensor:
         """Scatter-add ``[..., C, *out]`` onto ``[..., C, *in]``; leading dims broadcast the indices."""
         x = call.input
         lead = values.shape[: values.dim() - x.dim() + 1]  # (V, N) or (N,)
@@ -74,10 +74,10 @@ class MaxPoolRule(LayerRule):
         out = _memory.zeros((*lead, x.shape[1], x[0, 0].numel()), like=flat)
         return out.scatter_add_(-1, idx, flat).reshape(*lead, *x.shape[1:])
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         return self._scatter(call, mat)
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         # Every output entry copies one input entry: J has 0/1 entries, so
         # Σ_o d_o J_oi² = (Jᵀ d)_i, which the module's own backward node computes
         # from its saved indices (no pooling pass to find them again).
@@ -91,7 +91,7 @@ class AdaptiveMaxPoolRule(MaxPoolRule):
     """Rules for N-d adaptive max pooling: the same scatter, with adaptive windows."""
 
     @staticmethod
-    def _compute_indices(call: ModuleCall) -> Tensor:
+    def _compute_indices(call: Operation) -> Tensor:
         x = call.input.detach()
         # ``output_size`` may hold ``None`` (keep that input size): resolve it from the input.
         size = tuple(
@@ -102,7 +102,7 @@ class AdaptiveMaxPoolRule(MaxPoolRule):
         return idx
 
 
-def _saved_indices(call: ModuleCall) -> Optional[Tensor]:
+def _saved_indices(call: Operation) -> Optional[Tensor]:
     """The indices the pooling's autograd node saved, or ``None`` where there is none to read."""
     if not is_single_node(call):
         return None
@@ -119,24 +119,24 @@ def _as_tuple(value, dims: int) -> tuple:
 class _AveragePoolRule(LayerRule):
     """Shared rules of the average poolings: transpose by autograd, coefficients per window."""
 
-    def _coefficients(self, call: ModuleCall, out_size: tuple[int, ...]) -> Tensor:
+    def _coefficients(self, call: Operation, out_size: tuple[int, ...]) -> Tensor:
         """``c_o``, the weight every input of window ``o`` gets, ``[*out]``."""
         raise NotImplementedError
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         return columns_vjp(call, mat)
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
-        if "coefficients" not in call.cache:
-            call.cache["coefficients"] = self._coefficients(call, tuple(diag.shape[2:]))
-        return linear_vjp(call, diag * call.cache["coefficients"])
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
+        if call.scratch.pool_coefficients is None:
+            call.scratch.pool_coefficients = self._coefficients(call, tuple(diag.shape[2:]))
+        return linear_vjp(call, diag * call.scratch.pool_coefficients)
 
 
 @register_rule(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 class AvgPoolRule(_AveragePoolRule):
     """Rules for N-d average pooling (padding, ceil_mode, count_include_pad, divisor_override)."""
 
-    def _coefficients(self, call: ModuleCall, out_size: tuple[int, ...]) -> Tensor:
+    def _coefficients(self, call: Operation, out_size: tuple[int, ...]) -> Tensor:
         # c_o = (Σ_i J[o, i]) / |window(o) ∩ input| : pool a ones tensor once as an average
         # (the module itself) and once as a plain sum (divisor 1) over the same windows.
         module, x = call.module, call.input
@@ -154,7 +154,7 @@ class AvgPoolRule(_AveragePoolRule):
 class AdaptiveAvgPoolRule(_AveragePoolRule):
     """Rules for N-d adaptive average pooling."""
 
-    def _coefficients(self, call: ModuleCall, out_size: tuple[int, ...]) -> Tensor:
+    def _coefficients(self, call: Operation, out_size: tuple[int, ...]) -> Tensor:
         # Window o_j along a dimension of input size L and output size O covers
         # [⌊o_j L / O⌋, ⌈(o_j + 1) L / O⌉); c_o = 1 / Π_j (window length along j).
         x = call.input

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvhook.calls import ModuleCall
+from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule
 
@@ -20,10 +20,10 @@ from curvhook.rules.registry import register_rule
 class ReshapeRule(LayerRule):
     """Reshape the output-shaped quantity back to the input shape."""
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         return mat.reshape(mat.shape[0], *call.input.shape)
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return diag.reshape(call.input.shape)
 
 
@@ -31,10 +31,10 @@ class ReshapeRule(LayerRule):
 class PixelShuffleRule(LayerRule):
     """``[C·r², H, W] → [C, H·r, W·r]``: the transpose is ``pixel_unshuffle``."""
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         return F.pixel_unshuffle(mat, call.module.upscale_factor)  # leading dims pass through
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return F.pixel_unshuffle(diag, call.module.upscale_factor)
 
 
@@ -42,8 +42,8 @@ class PixelShuffleRule(LayerRule):
 class PixelUnshuffleRule(LayerRule):
     """``[C, H·r, W·r] → [C·r², H, W]``: the transpose is ``pixel_shuffle``."""
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         return F.pixel_shuffle(mat, call.module.downscale_factor)
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return F.pixel_shuffle(diag, call.module.downscale_factor)

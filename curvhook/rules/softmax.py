@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from curvhook.calls import ModuleCall
+from curvhook.records import Operation
 from curvhook.errors import UnsupportedModelError
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule
 
 
-def _softmax_dim(call: ModuleCall) -> int:
+def _softmax_dim(call: Operation) -> int:
     """The softmax dimension, counted from the end (so it also indexes ``[V, N, *]``)."""
     module, ndim = call.module, call.input.dim()
     if isinstance(module, nn.Softmax2d):
@@ -48,20 +48,20 @@ class SoftmaxRule(LayerRule):
 
     log = False
 
-    def _probabilities(self, call: ModuleCall) -> tuple[Tensor, int]:
+    def _probabilities(self, call: Operation) -> tuple[Tensor, int]:
         """``s`` ``[N, *in]`` and the dimension (cached per backward)."""
-        if "softmax" not in call.cache:
+        if call.scratch.softmax is None:
             dim = _softmax_dim(call)
-            call.cache["softmax"] = (torch.softmax(call.input.detach(), dim), dim)
-        return call.cache["softmax"]
+            call.scratch.softmax = (torch.softmax(call.input.detach(), dim), dim)
+        return call.scratch.softmax
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         s, dim = self._probabilities(call)
         if self.log:
             return mat - s * mat.sum(dim, keepdim=True)
         return s * (mat - (mat * s).sum(dim, keepdim=True))
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         s, dim = self._probabilities(call)
         if self.log:
             return diag * (1 - 2 * s) + s.square() * diag.sum(dim, keepdim=True)

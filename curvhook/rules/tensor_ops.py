@@ -1,6 +1,6 @@
 """Rules for tensor operations executed between modules (``x + y``, ``x.view``, ``F.relu`` …).
 
-Every operation is recorded as a :class:`~curvhook.calls.FunctionCall` and can be
+Every operation is recorded as a :class:`~curvhook.calls.Operation` and can be
 run again on its stored inputs. Its tensor arguments are *batched* (computed
 from the model input, batch axis first), *shared* (parameters, or tensors
 computed from parameters only) or constant.
@@ -39,46 +39,17 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vjp, vmap
 
-from curvhook.calls import FunctionCall, Slot
+from curvhook._torch_internals import tensor_version
 from curvhook.errors import UnsupportedModelError
-from curvhook.rules.base import apply_node
-
-STRUCTURAL = {
-    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone",
-    "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "__getitem__",
-    "expand", "expand_as", "view_as", "reshape_as", "narrow", "select", "cat", "concat",
-    "concatenate", "stack", "hstack", "split", "chunk", "unbind", "tensor_split", "to",
-    "float", "double", "type_as", "__get__", "repeat", "tile", "flip", "roll", "sum", "add",
-    "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "__isub__", "sub_",
-    "subtract", "rsub", "neg", "__neg__", "negative", "positive", "__pos__", "__setitem__",
-    "masked_fill", "masked_fill_", "where",  # entries 0 or 1: a mask (maybe per sample) selects
-}
-MEANS = {"mean"}
-ELEMENTWISE = {
-    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu",
-    "gelu", "silu", "mish", "softplus", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log",
-    "sin", "cos", "hardtanh", "hardtanh_", "hardsigmoid", "hardswish", "logsigmoid",
-    "square", "sqrt", "rsqrt", "abs", "log1p", "expm1", "erf", "__pow__", "pow", "softsign",
-    "tanhshrink", "threshold", "square_", "exp_", "reciprocal",
-}
-PRODUCTS = {"mul", "__mul__", "__rmul__", "__imul__", "mul_", "multiply"}
-QUOTIENTS = {"div", "__truediv__", "__itruediv__", "div_", "divide", "true_divide"}
-MATMULS = {"matmul", "__matmul__", "bmm", "mm"}
-# Sums and differences of two operands, ``±a ± b``: pulled back without torch.func.
-ADDITIONS = {"add", "__add__", "__radd__", "__iadd__", "add_"}
-SUBTRACTIONS = {"sub", "__sub__", "__isub__", "sub_", "subtract"}  # the second operand is negated
-REVERSED_SUBTRACTIONS = {"rsub", "__rsub__"}  # the first operand is negated
-KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS
-# Operations with a ``dim`` that must not be the batch axis.
-_DIM_OPS = {
-    "cat", "concat", "concatenate", "stack", "split", "chunk", "unbind", "tensor_split",
-    "sum", "mean", "select", "narrow", "squeeze", "unsqueeze", "flatten", "transpose",
-    "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "flip", "roll",
-}
-
+from curvhook.operations import (
+    ADDITIONS, CHANGE_RANK, DIM_OPERATIONS, ELEMENTWISE, KNOWN, MATMULS, MEANS, PRODUCTS, QUOTIENTS,
+    REVERSED_SUBTRACTIONS, STRUCTURAL, SUBTRACTIONS,
+)
+from curvhook.records import BATCHED, Operation, Slot
+from curvhook.rules.base import LayerRule, apply_node
 
 # ----------------------------------------------------------------- structure
-def batch_safe(call: FunctionCall, n: int) -> bool:
+def batch_safe(call: Operation, n: int) -> bool:
     """Whether the shapes and arguments show that ``call`` keeps samples apart.
 
     A ``False`` sends the call to the generic rule, which checks it numerically.
@@ -89,13 +60,11 @@ def batch_safe(call: FunctionCall, n: int) -> bool:
     if any(s is not None and (len(s) == 0 or s[0] != n) for s in call.output_shapes):
         return False
     out_ndim = len(call.output_shapes[0])
-    for t, kind in zip(call.tensors, call.kinds):
-        if kind == "batched" and (t.dim() != out_ndim or t.shape[0] != n) and name not in (
-            "__getitem__", "squeeze", "unsqueeze", "flatten", "unflatten", "view", "reshape",
-            "select", "unbind", "stack", "__get__", "split", "chunk", "tensor_split", "sum", "mean",
-        ):  # these change the number of axes; their dims are checked below
+    for t, kind in zip(call.inputs, call.input_kinds):
+        if kind == BATCHED and (t.dim() != out_ndim or t.shape[0] != n) and name not in CHANGE_RANK:
+            # the others may change the number of axes; their dims are checked below
             return False
-    if name in _DIM_OPS and not _dims_avoid_batch(call):
+    if name in DIM_OPERATIONS and not _dims_avoid_batch(call):
         return False
     if name == "__getitem__":
         return _index_keeps_batch(call.args[1] if len(call.args) > 1 else None)
@@ -108,10 +77,10 @@ def batch_safe(call: FunctionCall, n: int) -> bool:
     return True
 
 
-def _dims_avoid_batch(call: FunctionCall) -> bool:
+def _dims_avoid_batch(call: Operation) -> bool:
     name = call.func_name
     args, kwargs = call.args, call.kwargs
-    first = next((t for t, k in zip(call.tensors, call.kinds) if k == "batched"), None)
+    first = next((t for t, k in zip(call.inputs, call.input_kinds) if k == BATCHED), None)
     ndim = first.dim() if first is not None else 1
     if name in ("permute",):
         dims = args[1:] if len(args) > 1 else kwargs.get("dims", ())
@@ -152,7 +121,7 @@ def _dims_avoid_batch(call: FunctionCall) -> bool:
     return isinstance(dim, int) and dim % ndim != 0
 
 
-def _dim_arg(call: FunctionCall, default, position: int = 1):
+def _dim_arg(call: Operation, default, position: int = 1):
     if "dim" in call.kwargs:
         return call.kwargs["dim"]
     if len(call.args) > position and not isinstance(call.args[position], Slot):
@@ -167,16 +136,16 @@ def _index_keeps_batch(index) -> bool:
     return isinstance(first, slice) and first == slice(None)
 
 
-def _matmul_keeps_batch(call: FunctionCall) -> bool:
-    if len(call.tensors) != 2 or len(call.args) < 2:
+def _matmul_keeps_batch(call: Operation) -> bool:
+    if len(call.inputs) != 2 or len(call.args) < 2:
         return False
-    a, b = (call.tensors[s] if isinstance(s, Slot) else None for s in call.args[:2])
-    ka, kb = (call.kinds[s] if isinstance(s, Slot) else "const" for s in call.args[:2])
+    a, b = (call.inputs[s] if isinstance(s, Slot) else None for s in call.args[:2])
+    ka, kb = (call.input_kinds[s] if isinstance(s, Slot) else "const" for s in call.args[:2])
     if a is None or b is None:
         return False
-    if kb == "batched":  # its batch axis must be a broadcast axis, not the contracted one
-        return b.dim() >= 3 and (ka != "batched" or a.dim() == b.dim()) and (ka == "batched" or a.dim() <= 2)
-    return ka == "batched" and a.dim() >= 2 and b.dim() <= 2
+    if kb == BATCHED:  # its batch axis must be a broadcast axis, not the contracted one
+        return b.dim() >= 3 and (ka != BATCHED or a.dim() == b.dim()) and (ka == BATCHED or a.dim() <= 2)
+    return ka == BATCHED and a.dim() >= 2 and b.dim() <= 2
 
 
 # --------------------------------------------------------------- the rule
@@ -194,7 +163,7 @@ def _flatten(obj):
         yield obj
 
 
-def _as_list(call: FunctionCall, value, lead: tuple[int, ...]) -> list[Tensor]:
+def _as_list(call: Operation, value, lead: tuple[int, ...]) -> list[Tensor]:
     """The values at every output, zeros where none arrived: ``[*lead, *out]`` each."""
     values = value if isinstance(value, list) else [value]
     return [
@@ -203,7 +172,7 @@ def _as_list(call: FunctionCall, value, lead: tuple[int, ...]) -> list[Tensor]:
     ]
 
 
-def _guard(call: FunctionCall, fn: Callable[[], Tensor]) -> Tensor:
+def _guard(call: Operation, fn: Callable[[], Tensor]) -> Tensor:
     try:
         return fn()
     except UnsupportedModelError:
@@ -216,14 +185,14 @@ def _guard(call: FunctionCall, fn: Callable[[], Tensor]) -> Tensor:
         ) from err
 
 
-class TensorOpRule:
+class TensorOpRule(LayerRule):
     """Exact rules for a recorded tensor operation (see the module docstring)."""
 
     # ---------------------------------------------------------- helpers
-    def _fixed(self, call: FunctionCall) -> list[Tensor]:
-        return [t.detach() for t in call.tensors]
+    def _fixed(self, call: Operation) -> list[Tensor]:
+        return [t.detach() for t in call.inputs]
 
-    def _function(self, call: FunctionCall, slots: tuple[int, ...]) -> Callable:
+    def _function(self, call: Operation, slots: tuple[int, ...]) -> Callable:
         """``(*tensors at slots) ↦ outputs`` with every other argument held fixed."""
         fixed = self._fixed(call)
 
@@ -235,9 +204,9 @@ class TensorOpRule:
 
         return run
 
-    def _per_sample(self, call: FunctionCall, slots: tuple[int, ...]) -> Callable:
+    def _per_sample(self, call: Operation, slots: tuple[int, ...]) -> Callable:
         """``(batched samples…, *tensors at slots) ↦ outputs[n]`` for one sample."""
-        batched = [i for i, k in enumerate(call.kinds) if k == "batched"]
+        batched = [i for i, k in enumerate(call.input_kinds) if k == BATCHED]
         fixed = self._fixed(call)
         outs_batched = [True] * len(call.output_values)
 
@@ -252,12 +221,12 @@ class TensorOpRule:
 
         return run
 
-    def _samples(self, call: FunctionCall) -> tuple[Tensor, ...]:
-        return tuple(t.detach() for t, k in zip(call.tensors, call.kinds) if k == "batched")
+    def _samples(self, call: Operation) -> tuple[Tensor, ...]:
+        return tuple(t.detach() for t, k in zip(call.inputs, call.input_kinds) if k == BATCHED)
 
-    def check(self, call: FunctionCall) -> None:
+    def check(self, call: Operation) -> None:
         """Check, once per backward, that the operation treats samples independently."""
-        if "checked" in call.cache or "batched" not in call.kinds:
+        if call.scratch.keeps_samples_apart_checked or BATCHED not in call.input_kinds:
             return
 
         def compute():
@@ -278,7 +247,7 @@ class TensorOpRule:
         if not same:
             n = call.output_values[0].shape[0] if call.output_values[0].dim() else None
             per_sample_constant = any(
-                k == "const" and t.dim() and t.shape[0] == n for t, k in zip(call.tensors, call.kinds)
+                k == "const" and t.dim() and t.shape[0] == n for t, k in zip(call.inputs, call.input_kinds)
             )
             hint = (
                 " One of its arguments without grad has the batch axis (a per-sample mask?): "
@@ -292,12 +261,12 @@ class TensorOpRule:
                 "Jacobians do not exist for it. Keep the batch axis first, and make random "
                 "operations modules (nn.Dropout)." + hint
             )
-        call.cache["checked"] = True
+        call.scratch.keeps_samples_apart_checked = True
 
     # ----------------------------------------------------- matrix products
-    def input_jac_t_mat_prod(self, call: FunctionCall, value, slot: int) -> Tensor:
+    def input_jac_t_mat_prod(self, call: Operation, value, slot: int) -> Tensor:
         """``J_xᵀ m`` for the tensor at ``slot``: ``[V, N, *x[1:]]`` (batched) or ``[V, N, *x]`` (shared)."""
-        if call.kinds[slot] == "batched":
+        if call.input_kinds[slot] == BATCHED:
             if self._safe(call) and not isinstance(value, list):
                 fast = self._fast_columns(call, value, slot)
                 if fast is not None:
@@ -307,17 +276,17 @@ class TensorOpRule:
                 self.check(call)
 
             def compute():
-                _, pull = vjp(self._function(call, (slot,)), call.tensors[slot].detach())
+                _, pull = vjp(self._function(call, (slot,)), call.inputs[slot].detach())
                 return vmap(lambda *m: pull(tuple(m))[0])(*mats)
 
             return _guard(call, compute)
         return self.shared_jac_t_mat_prod(call, value, slot)
 
-    def shared_jac_t_mat_prod(self, call: FunctionCall, value, slot: int) -> Tensor:
+    def shared_jac_t_mat_prod(self, call: Operation, value, slot: int) -> Tensor:
         """Per-sample ``J_wᵀ m_vn`` for a shared tensor ``w``: ``[V, N, *w]``."""
-        w = call.tensors[slot].detach()
+        w = call.inputs[slot].detach()
         lead = _lead(value)
-        if "batched" not in call.kinds:  # an operation on parameters only: no sample axis
+        if BATCHED not in call.input_kinds:  # an operation on parameters only: no sample axis
             mats = [m.flatten(0, 1) for m in _as_list_shared(call, value, lead)]
 
             def compute_shared():
@@ -341,7 +310,7 @@ class TensorOpRule:
         return _guard(call, compute)
 
     # ------------------------------------------------------------ diagonals
-    def input_diag(self, call: FunctionCall, value, slot: int) -> Tensor:
+    def input_diag(self, call: Operation, value, slot: int) -> Tensor:
         """``diag(J_xᵀ diag(d) J_x)`` per sample: ``[N, *x[1:]]`` or ``[N, *w]`` (shared)."""
         if self._safe(call):
             fast = self._fast_diag(call, value, slot)
@@ -349,18 +318,18 @@ class TensorOpRule:
                 return fast
         return self._exact_diag(call, value, slot)
 
-    def _safe(self, call: FunctionCall) -> bool:
-        return call.cache.get("safe", False)
+    def _safe(self, call: Operation) -> bool:
+        return call.known_per_sample
 
-    def _fast_diag(self, call: FunctionCall, value, slot: int) -> Optional[Tensor]:
+    def _fast_diag(self, call: Operation, value, slot: int) -> Optional[Tensor]:
         name = call.func_name
-        if call.kinds[slot] != "batched" or _uses(call, slot) > 1:
+        if call.input_kinds[slot] != BATCHED or _uses(call, slot) > 1:
             return None
         if not isinstance(value, list):
             direct = _linear_pullback(call, value, slot, squared=True)
             if direct is not None:
                 return direct
-        x = call.tensors[slot].detach()
+        x = call.inputs[slot].detach()
         if name in STRUCTURAL or name in MEANS:
             mats = [d.unsqueeze(0) for d in _diag_list(call, value)]
             pulled = self._pull_batched(call, mats, slot)[0].abs()
@@ -377,7 +346,7 @@ class TensorOpRule:
             return self._bilinear_diag(call, value, slot)
         return None
 
-    def _fast_columns(self, call: FunctionCall, value: Tensor, slot: int) -> Optional[Tensor]:
+    def _fast_columns(self, call: Operation, value: Tensor, slot: int) -> Optional[Tensor]:
         """``J_xᵀ m`` without torch.func: sums, means, and elementwise ``σ(x)`` (``m ⊙ σ'(x)``)."""
         direct = _linear_pullback(call, value, slot, squared=False)
         if direct is not None or call.func_name not in ELEMENTWISE:
@@ -387,52 +356,54 @@ class TensorOpRule:
         slope = self._elementwise_slope(call, slot)
         return value * slope if slope is not None else None
 
-    def _pull_batched(self, call: FunctionCall, mats: list[Tensor], slot: int) -> Tensor:
-        _, pull = vjp(self._function(call, (slot,)), call.tensors[slot].detach())
+    def _pull_batched(self, call: Operation, mats: list[Tensor], slot: int) -> Tensor:
+        _, pull = vjp(self._function(call, (slot,)), call.inputs[slot].detach())
         return vmap(lambda *m: pull(tuple(m))[0])(*mats)
 
     @staticmethod
-    def _own_node(call: FunctionCall, slot: int) -> bool:
+    def _own_node(call: Operation, slot: int) -> bool:
         """Whether ``call.node`` is one autograd operation from input ``slot`` to the output."""
         node = call.node
         return (
             node is not None
-            and call.output_values[0].shape == call.tensors[slot].shape
+            and call.output_values[0].shape == call.inputs[slot].shape
             and bool(node.next_functions)
             and node.next_functions[0][0] is call.input_nodes[slot]
         )
 
-    def _elementwise_slope(self, call: FunctionCall, slot: int) -> Optional[Tensor]:
+    def _elementwise_slope(self, call: Operation, slot: int) -> Optional[Tensor]:
         """``σ'(x)`` of a unary elementwise operation, from its autograd node if it is one.
 
-        Kept in ``call.cache`` for the backward pass: every source reads the same slope.
+        Kept in ``call.scratch`` for the backward pass: every source reads the same slope.
         """
-        key = ("slope", slot)
-        if key not in call.cache:
-            call.cache[key] = self._compute_slope(call, slot)
-        return call.cache[key]
+        slopes = call.scratch.slopes
+        if slopes is None:
+            slopes = call.scratch.slopes = {}
+        if slot not in slopes:
+            slopes[slot] = self._compute_slope(call, slot)
+        return slopes[slot]
 
-    def _compute_slope(self, call: FunctionCall, slot: int) -> Optional[Tensor]:
-        x = call.tensors[slot]
+    def _compute_slope(self, call: Operation, slot: int) -> Optional[Tensor]:
+        x = call.inputs[slot]
         if call.output_values[0].shape != x.shape:
             return None
         node = call.node
         if self._own_node(call, slot):
             return apply_node(node, torch.ones_like(call.output_values[0]))
-        if x._version != call.input_versions[slot]:
+        if tensor_version(x) != call.input_versions[slot]:
             return None
         _, pull = vjp(self._function(call, (slot,)), x.detach())
         return pull((torch.ones_like(call.output_values[0]),))[0]
 
-    def _bilinear_diag(self, call: FunctionCall, value: Tensor, slot: int) -> Optional[Tensor]:
+    def _bilinear_diag(self, call: Operation, value: Tensor, slot: int) -> Optional[Tensor]:
         """``a⊙b``, ``a/b``, ``a@b``: the transposed product with the other operand squared."""
         name = call.func_name
         first = call.args[0]
         other_arg = call.args[1] if isinstance(first, Slot) and first == slot else first
-        other = call.tensors[other_arg].detach() if isinstance(other_arg, Slot) else other_arg
+        other = call.inputs[other_arg].detach() if isinstance(other_arg, Slot) else other_arg
         if not isinstance(other, (Tensor, int, float)):
             return None
-        x = call.tensors[slot].detach()
+        x = call.inputs[slot].detach()
         is_first = isinstance(first, Slot) and first == slot
         if name in QUOTIENTS:
             if not is_first:
@@ -450,11 +421,11 @@ class TensorOpRule:
 
         return _guard(call, compute)
 
-    def _exact_diag(self, call: FunctionCall, value, slot: int) -> Tensor:
+    def _exact_diag(self, call: Operation, value, slot: int) -> Tensor:
         """Per-sample dense Jacobians: ``Σ_o d_o J_oi²``."""
-        shared = call.kinds[slot] != "batched"
-        if "batched" not in call.kinds:  # parameters only: one Jacobian for every sample
-            w = call.tensors[slot].detach()
+        shared = call.input_kinds[slot] != BATCHED
+        if BATCHED not in call.input_kinds:  # parameters only: one Jacobian for every sample
+            w = call.inputs[slot].detach()
             jacs = jacrev(self._function(call, (slot,)))(w)
             diags = _as_list_shared(call, value, (value[0].shape[0] if isinstance(value, list) else value.shape[0],))
             total = 0
@@ -466,11 +437,11 @@ class TensorOpRule:
         diags = _diag_list(call, value)
         per_sample = self._per_sample(call, (slot,))
         samples = self._samples(call)
-        batched_slots = [i for i, k in enumerate(call.kinds) if k == "batched"]
+        batched_slots = [i for i, k in enumerate(call.input_kinds) if k == BATCHED]
 
         def compute():
             if shared:
-                w = call.tensors[slot].detach()
+                w = call.inputs[slot].detach()
                 jacs = vmap(jacrev(lambda s, x: per_sample(s, x), argnums=1), in_dims=(0, None))(samples, w)
                 size = w.numel()
             else:
@@ -487,23 +458,23 @@ class TensorOpRule:
             for d, jac in zip(diags, jacs):
                 jac = jac.reshape(d.shape[0], d[0].numel(), size)
                 total = total + torch.einsum("no,noi->ni", d.flatten(1), jac.square())
-            shape = call.tensors[slot].shape if shared else call.tensors[slot].shape[1:]
+            shape = call.inputs[slot].shape if shared else call.inputs[slot].shape[1:]
             return total.reshape(-1, *shape)
 
         return _guard(call, compute)
 
     # --------------------------------------------------- parameter results
-    def param_jac_t_mat_prod(self, call: FunctionCall, name: str, mat) -> Tensor:
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat) -> Tensor:
         return self.shared_jac_t_mat_prod(call, mat, call.slot_of(name))
 
-    def param_sq_sum(self, call: FunctionCall, name: str, mat) -> Tensor:
+    def param_sq_sum(self, call: Operation, name: str, mat) -> Tensor:
         return self.param_jac_t_mat_prod(call, name, mat).square().sum((0, 1))
 
-    def param_diag(self, call: FunctionCall, name: str, diag) -> Tensor:
+    def param_diag(self, call: Operation, name: str, diag) -> Tensor:
         return self._exact_diag(call, diag, call.slot_of(name)).sum(0)
 
 
-def _linear_pullback(call: FunctionCall, value: Tensor, slot: int, squared: bool) -> Optional[Tensor]:
+def _linear_pullback(call: Operation, value: Tensor, slot: int, squared: bool) -> Optional[Tensor]:
     """``J_xᵀ m`` (or ``Σ_o d_o J_oi²`` if ``squared``) for ``±a ± b`` and ``mean``, directly.
 
     Both are linear with constant coefficients: a sum gives its operand ``±m``,
@@ -520,7 +491,7 @@ def _linear_pullback(call: FunctionCall, value: Tensor, slot: int, squared: bool
         ``[*lead, N, *x[1:]]``, or ``None`` for every other operation or form of call.
     """
     name = call.func_name
-    x = call.tensors[slot]
+    x = call.inputs[slot]
     lead = value.shape[: value.dim() - len(call.output_shapes[0])]
     if name in ADDITIONS or name in SUBTRACTIONS or name in REVERSED_SUBTRACTIONS:
         if call.kwargs or len(call.args) != 2 or _uses(call, slot) != 1:
@@ -545,14 +516,14 @@ def _linear_pullback(call: FunctionCall, value: Tensor, slot: int, squared: bool
     return None
 
 
-def _uses(call: FunctionCall, slot: int) -> int:
+def _uses(call: Operation, slot: int) -> int:
     count = 0
     for obj in _flatten((call.args, tuple(call.kwargs.values()))):
         count += isinstance(obj, Slot) and obj == slot
     return count
 
 
-def _diag_list(call: FunctionCall, value) -> list[Tensor]:
+def _diag_list(call: Operation, value) -> list[Tensor]:
     """Diagonals at every output of an operation on batched tensors, zeros where none arrived."""
     values = value if isinstance(value, list) else [value]
     return [v if v is not None else torch.zeros_like(call.output_values[i]) for i, v in enumerate(values)]
@@ -563,7 +534,7 @@ def _lead(value) -> tuple[int, int]:
     return tuple(first.shape[:2])
 
 
-def _as_list_shared(call: FunctionCall, value, lead) -> list[Tensor]:
+def _as_list_shared(call: Operation, value, lead) -> list[Tensor]:
     values = value if isinstance(value, list) else [value]
     return [
         v if v is not None else call.output_values[i].new_zeros(*lead, *call.output_values[i].shape)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from curvhook.calls import ModuleCall
-from curvhook.rules._maps import columns_vjp, linear_vjp
+from curvhook.records import Operation
+from curvhook.rules.linear_maps import columns_vjp, linear_vjp
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule
 
@@ -39,9 +39,9 @@ class UpsampleRule(LayerRule):
         return module.mode in _COPYING + _SEPARABLE
 
     @staticmethod
-    def _matrices(call: ModuleCall) -> list[Tensor]:
+    def _matrices(call: Operation) -> list[Tensor]:
         """``A_j`` ``[out_j, in_j]`` for every spatial dimension ``j`` (cached per backward)."""
-        if "matrices" not in call.cache:
+        if call.scratch.upsampling_matrices is None:
             x = call.input
             spatial = tuple(x.shape[2:])
             matrices = []
@@ -52,13 +52,13 @@ class UpsampleRule(LayerRule):
                 out = call.module.forward(one_hot.expand(size, 1, *spatial).contiguous())
                 index = [slice(None), 0] + [slice(None) if k == j else 0 for k in range(len(spatial))]
                 matrices.append(out[tuple(index)].T)  # [out_j, in_j]
-            call.cache["matrices"] = matrices
-        return call.cache["matrices"]
+            call.scratch.upsampling_matrices = matrices
+        return call.scratch.upsampling_matrices
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         return columns_vjp(call, mat)
 
-    def diag_jac_t_diag_jac(self, call: ModuleCall, diag: Tensor) -> Tensor:
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         if call.module.mode in _COPYING:
             return linear_vjp(call, diag)  # J∘J = J
         back = diag

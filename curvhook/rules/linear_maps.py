@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvhook.calls import ModuleCall
+from curvhook.records import Operation
 
 
-def linear_vjp(call: ModuleCall, grad: Tensor) -> Tensor:
+def linear_vjp(call: Operation, grad: Tensor) -> Tensor:
     """``Aᵀ g`` for the linear module of ``call``.
 
     Args:
@@ -35,6 +35,6 @@ def linear_vjp(call: ModuleCall, grad: Tensor) -> Tensor:
     return back
 
 
-def columns_vjp(call: ModuleCall, mat: Tensor) -> Tensor:
+def columns_vjp(call: Operation, mat: Tensor) -> Tensor:
     """``Aᵀ m`` for every column: ``[V, N, *out] → [V, N, *in]`` in one batched call."""
     return linear_vjp(call, mat.flatten(0, 1)).unflatten(0, mat.shape[:2])

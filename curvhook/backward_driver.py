@@ -1,0 +1,159 @@
+"""The backward driver: runs the engine when the gradient reaches the model output.
+
+A hook on each model output calls :meth:`BackwardDriver.on_root_grad` inside
+the backward pass. It refuses what the extensions cannot compute (a nonlinear
+function of a loss, a released forward pass), finds the plan of the graph,
+the loss terms and their check, runs the engine, and queues the writing of the
+results for the end of the backward pass, so that several forward passes
+reached by one backward pass add up in forward order.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from curvhook import _memory
+from curvhook._torch_internals import (
+    current_autograd_node, current_graph_task_id, disable_torch_function, queue_backward_callback,
+)
+from curvhook.block_state import BlockState
+from curvhook.engine import backpropagate
+from curvhook.errors import CurvhookError, UnsupportedLossError
+from curvhook.extensions.base import Extension
+from curvhook.loss_linearity import LossLinearity
+from curvhook.loss_terms import LossTerms, check_gradient, find_loss_terms
+from curvhook.plan import plan_for
+from curvhook.sources import Source
+from curvhook.trace import Trace
+
+
+class BackwardDriver:
+    """Runs the extensions in each backward pass and writes their results.
+
+    Args:
+        model: The extended model.
+        state: The block's shared state.
+        extensions: The active extensions.
+        linearity: Marks of the functions of loss values.
+        accumulate: Sum the results of successive backward passes.
+    """
+
+    def __init__(
+        self, model: nn.Module, state: BlockState, extensions: list[Extension], linearity: LossLinearity,
+        accumulate: bool,
+    ) -> None:
+        self.model = model
+        self.state = state
+        self.extensions = extensions
+        self.linearity = linearity
+        self.accumulate = accumulate
+        self.active = True
+        self.groups: dict[Source, list[Extension]] = defaultdict(list)
+        for ext in extensions:
+            self.groups[ext.source].append(ext)
+        self._results: list[tuple[int, dict]] = []
+        self._results_task: Optional[int] = None
+        # Traces a backward consumed, released when the next forward starts (weakly held:
+        # a trace whose graph is gone is freed with it).
+        self.used: list["weakref.ref[Trace]"] = []
+
+    def release_used(self) -> None:
+        """Release the traces that a backward pass already used (a new forward pass starts)."""
+        for ref in self.used:
+            trace = ref()
+            if trace is not None:
+                trace.release()
+        self.used.clear()
+
+    def on_root_grad(self, trace: Trace, grad: Tensor) -> None:
+        """Tensor hook on a model output: compute the extensions for this backward pass."""
+        params = self.state.params
+        if not self.active or not params:
+            return
+        task = current_graph_task_id()
+        self._refuse(trace, task)
+        if self._results_task != task and not self.accumulate:
+            # The results of the previous backward pass are replaced: remove them
+            # now, so that large ones nobody kept lend their memory to this pass.
+            for ext in self.extensions:
+                ext.reset(params)
+        results = self._run(trace, grad)
+        if self._results_task != task:  # first forward pass reached by this backward
+            self._results, self._results_task = [], task
+            queue_backward_callback(self._write_results)
+        self._results.append((trace.seq, results))
+        if not trace.used:
+            trace.used = True
+            self.used.append(weakref.ref(trace))
+
+    def _refuse(self, trace: Trace, task: int) -> None:
+        if trace.released:
+            raise CurvhookError(
+                "curvhook already released the inputs stored for this forward pass (a new "
+                "forward pass started after its first backward). Run the forward pass again "
+                "before this backward."
+            )
+        if task in self.linearity.nonlinear_tasks and any(ext.source.needs_loss for ext in self.extensions):
+            raise UnsupportedLossError(
+                "The scalar you backpropagate is a nonlinear function of a loss value (such as "
+                "loss ** 2, loss.exp(), loss.log() or a product of two losses). Its Hessian "
+                "has a term that couples all samples, which the GGN extensions do not compute. "
+                "Backpropagate a sum of multiples of supported losses."
+            )
+
+    def _run(self, trace: Trace, grad: Tensor) -> dict:
+        """Plan, loss terms and the reverse walk, with the tape off and no graph built."""
+        node = current_autograd_node()
+        root_ops = [op for op in trace.operations if op.output_key == trace.root_key]
+        for op in root_ops:  # hand the rules what the trace must not hold
+            op.output, op.node = trace.root_value, node
+        try:
+            # Results are not differentiable, even under backward(create_graph=True).
+            with disable_torch_function(), torch.no_grad():
+                plan, shape = plan_for(self.model, trace)
+                plan.bind(trace)
+                terms = self._loss_terms(trace, grad)
+                return backpropagate(trace, plan, shape, grad, self.groups, terms, self.state.params)
+        finally:
+            for op in root_ops:
+                op.output = op.node = None
+            for loss in trace.losses:
+                loss.scale = None
+                loss.scratch = type(loss.scratch)()
+
+    def _loss_terms(self, trace: Trace, grad: Tensor) -> dict[Source, LossTerms]:
+        """The loss terms of every source that needs them; the gradient is checked once."""
+        terms: dict[Source, LossTerms] = {}
+        checked = False
+        for source, exts in self.groups.items():
+            if not source.needs_loss:
+                continue
+            terms[source] = found = find_loss_terms(trace, source.loss, type(exts[0]).__name__)
+            if source.loss is None and trace.losses and not checked:
+                check_gradient(trace, found, grad)
+                checked = True
+            found.require_nonnegative()
+        return terms
+
+    def _write_results(self) -> None:
+        """End of a backward pass: write what every forward pass it reached gave.
+
+        Separate backward passes overwrite each other unless ``accumulate=True``;
+        the forward passes of one backward pass add up (their samples are all
+        part of the loss), ``BatchJacobian`` concatenating them in forward order.
+        """
+        pending = sorted(self._results, key=lambda item: item[0])
+        self._results, self._results_task = [], None
+        if not self.active:
+            return
+        params = self.state.params
+        with disable_torch_function():
+            for i, (_, results) in enumerate(pending):
+                for ext, result in results.items():
+                    ext.write(result, params, self.accumulate or i > 0)
+            _memory.drop_unused(sum(ext.result_bytes(params) for ext in self.extensions))

@@ -1,0 +1,77 @@
+"""What the parts of one ``extend`` block share while it is active."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import Tensor, nn
+
+from curvhook.records import Operation, TensorKey, key_of
+from curvhook.trace import Trace
+
+
+@dataclass(eq=False)
+class ModuleInfo:
+    """What the module recorder needs to know of a module of the model, read at entry."""
+
+    name: str
+    has_children: bool
+    torch_leaf: bool  # a torch layer without children: its forward calls no module
+
+
+@dataclass(eq=False)
+class Frame:
+    """A module whose ``forward`` is running: leaf or container is known only at its end."""
+
+    op: Operation
+    start: int  # len(trace.operations) when it started
+    has_children: bool
+    shared_start: int = 0  # len(trace.shared_log) when it started
+    child_called: bool = False
+
+
+@dataclass(eq=False)
+class BlockState:
+    """The recording state of an active block.
+
+    Attributes:
+        params: The model's parameters that require grad, in order.
+        param_ids: Their ``id``.
+        modules: Every module of the model, as found at entry.
+        stack: Traces of the forward passes of the model under way (innermost last).
+        frames: Modules of the innermost forward pass whose ``forward`` is running.
+        watch: Model outputs and tensors computed from them after the model:
+            where a loss may be called. Weak references, so an id reused later
+            never matches.
+        traces: Every trace whose output has a hook (weakly held).
+        losses_running: Loss modules in their forward (their operations are not recorded).
+        forwards: Forward passes started in the block.
+    """
+
+    params: list[nn.Parameter] = field(default_factory=list)
+    param_ids: set[int] = field(default_factory=set)
+    modules: dict[nn.Module, ModuleInfo] = field(default_factory=dict)
+    stack: list[Trace] = field(default_factory=list)
+    frames: list[Frame] = field(default_factory=list)
+    watch: dict[TensorKey, tuple[weakref.ref, weakref.ref]] = field(default_factory=dict)
+    traces: "weakref.WeakSet[Trace]" = field(default_factory=weakref.WeakSet)
+    losses_running: int = 0
+    forwards: int = 0
+
+    def watched(self, tensor: Tensor) -> Optional[Trace]:
+        """The live trace whose output ``tensor`` is, or was computed from after the model."""
+        entry = self.watch.get(key_of(tensor))
+        if entry is None or entry[0]() is not tensor:
+            return None
+        trace = entry[1]()
+        return None if trace is None or trace.released else trace
+
+    def watch_output(self, tensor: Tensor, key: TensorKey, trace: Trace) -> None:
+        """Remember that ``tensor`` is (a function of) the output of ``trace``."""
+        self.watch[key] = (weakref.ref(tensor), weakref.ref(trace))
+
+    def prune_watch(self) -> None:
+        """Forget watched tensors that died."""
+        self.watch = {k: v for k, v in self.watch.items() if v[0]() is not None and v[1]() is not None}

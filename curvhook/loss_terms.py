@@ -1,0 +1,164 @@
+"""The loss terms of the backpropagated scalar, and the per-step check that they are all of it.
+
+curvhook needs ``ℓ = Σ_i c_i L_i + g``: the ``L_i`` are loss modules called on
+the model output (or on one function of it), the ``c_i ≥ 0`` their multiples,
+and ``g`` does not depend on the output. The multiples are read from hooks on
+the loss values; the gradient reaching the model output is then checked to be
+``Σ_i c_i ∂L_i/∂f``, so nothing else depends on the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from curvhook._torch_internals import current_graph_task_id
+from curvhook.errors import UnsupportedLossError
+from curvhook.losses import LossRule, loss_rule_for
+from curvhook.records import LossCall, TensorKey
+from curvhook.trace import Trace
+
+
+@dataclass(eq=False)
+class LossTerms:
+    """The losses ``L_i`` of the backpropagated scalar and their multiples ``c_i``.
+
+    Attributes:
+        start: Identity of the tensor every loss was called on.
+        calls: The loss calls.
+        rules: Their Hessian rules.
+        scales: ``c_i = dℓ/dL_i`` (1 for a named loss).
+    """
+
+    start: TensorKey
+    calls: list[LossCall]
+    rules: list[LossRule]
+    scales: list[float]
+
+    def require_nonnegative(self) -> None:
+        """Refuse a scalar that decreases with a loss: its Hessian has no square-root factor."""
+        if any(s < 0 for s in self.scales):
+            raise UnsupportedLossError(
+                "The backpropagated scalar decreases with the loss (a negative multiple of it); "
+                "its Hessian is negative and has no square-root factor. Backpropagate the loss itself."
+            )
+
+    def weighted_sum(self, terms: list[Tensor]) -> Tensor:
+        """``Σ_i c_i t_i``, without arithmetic where there is one term of weight one."""
+        if len(terms) == 1 and self.scales[0] == 1.0:
+            return terms[0]
+        return sum(w * t for w, t in zip(self.scales, terms))
+
+
+def find_loss_terms(trace: Trace, loss: Optional[nn.Module], who: str) -> LossTerms:
+    """The loss terms of this backward pass, or a clear error if there are none.
+
+    Args:
+        trace: The forward pass.
+        loss: A named loss module, or ``None`` for the losses called in the block.
+        who: The extension's name, for messages.
+    """
+    calls = _loss_calls(trace, loss, who)
+    keys = {call.key for call in calls}
+    if len(keys) > 1:
+        raise UnsupportedLossError(
+            "The backpropagated scalar sums losses called on different functions of the model "
+            "output. curvhook follows one: call every loss on the same tensor, or move the "
+            "operations that differ into the model."
+        )
+    rules = [loss_rule_for(call.module) for call in calls]  # refuses reduction='none' first
+    scales = [1.0 if call.scale is None else float(call.scale) for call in calls]
+    return LossTerms(keys.pop(), calls, rules, scales)
+
+
+def _loss_calls(trace: Trace, loss: Optional[nn.Module], who: str) -> list[LossCall]:
+    if loss is not None:
+        if current_graph_task_id() in trace.after_tasks:
+            raise UnsupportedLossError(
+                f"{who}(loss=...) describes the loss of the model output, but this "
+                "backward pass goes through operations applied to the output after the model. "
+                "Call a loss module on their result inside the block instead of naming the loss "
+                "(nn.CrossEntropyLoss()(g(model(X)), y)), or move them into the model."
+            )
+        return [LossCall(module=loss, input=trace.root_value, target=None, key=trace.root_key)]
+    if not trace.losses:
+        raise UnsupportedLossError(
+            f"{who} needs the loss, and no loss module was called on the model "
+            "output inside the block. Call a loss module (nn.CrossEntropyLoss, nn.MSELoss, "
+            "nn.BCEWithLogitsLoss) on the model output inside the `with extend(...)` block, "
+            f"or name it: {who}(loss=nn.CrossEntropyLoss())."
+        )
+    reached = [call for call in trace.losses if call.scale is not None]
+    if not reached:
+        raise UnsupportedLossError(
+            f"{who} needs the loss, but the scalar being backpropagated does not "
+            "depend on the loss module called on the model output. Call backward() on that loss "
+            f"(or a multiple of it), or name the loss: {who}(loss=...)."
+        )
+    return reached
+
+
+def check_gradient(trace: Trace, terms: LossTerms, grad_root: Tensor) -> None:
+    """Check that ``∂ℓ/∂f`` equals ``Σ_i c_i ∂L_i/∂f``, so that ``ℓ`` is a sum of the losses seen.
+
+    For losses called after operations ``g`` on the output, their gradient is
+    pulled back through ``g`` to the model output first.
+    """
+    actual = grad_root.detach() if grad_root.requires_grad else grad_root
+    if actual.numel() == 0:
+        return
+    if len(terms.calls) == 1 and terms.start == trace.root_key:  # the usual case: one loss on the output
+        residual = terms.rules[0].residual(terms.calls[0], actual, terms.scales[0])
+    else:
+        expected = terms.weighted_sum([rule.gradient(call) for rule, call in zip(terms.rules, terms.calls)])
+        if terms.start != trace.root_key:
+            expected = pull_to_root(trace, terms.start, expected)
+        residual = actual - expected
+    tol = 1e-4 if actual.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    # max|actual − expected| against tol · (max|actual| + max|expected|), in few operations
+    # and one synchronisation: max|expected| ≤ max|actual| + max|actual − expected|.
+    both = torch.stack([residual, actual])
+    diff, size = torch.linalg.vector_norm(both, float("inf"), dim=tuple(range(1, both.dim()))).tolist()
+    if diff > tol * (2 * size + diff) + torch.finfo(actual.dtype).tiny:
+        raise UnsupportedLossError(
+            "The gradient reaching the model output is not that of the loss module(s) called on "
+            "it: the scalar you backpropagate also depends on the model output in another way "
+            "(an extra term, or a nonlinear function of the loss). Its Hessian is then not the "
+            "loss Hessian curvhook knows. Backpropagate a sum of multiples of supported losses."
+        )
+
+
+def pull_to_root(trace: Trace, start: TensorKey, vector: Tensor) -> Tensor:
+    """Apply ``J_gᵀ`` of the operations after the model to a per-sample vector at ``start``.
+
+    Args:
+        trace: The forward pass; ``trace.after_operations`` lead from its output to ``start``.
+        start: Identity of the tensor the losses were called on.
+        vector: ``[N, *]`` at ``start``.
+
+    Returns:
+        ``[N, *out]`` at the model output.
+    """
+    from curvhook.rules.tensor_ops import TENSOR_OPS
+
+    pending = {start: vector.unsqueeze(0)}
+    for op in reversed(trace.after_operations):
+        values = [pending.pop(k, None) if k is not None else None for k in op.output_keys]
+        if all(v is None for v in values):
+            continue
+        value = values[0] if len(values) == 1 else values
+        for slot, (kind, key) in enumerate(zip(op.input_kinds, op.input_keys)):
+            if kind == "const" or not _produced(trace, key):
+                continue
+            back = TENSOR_OPS.input_jac_t_mat_prod(op, value, slot)
+            pending[key] = back if key not in pending else pending[key] + back
+    root = pending.get(trace.root_key)
+    return torch.zeros_like(trace.root_value) if root is None else root[0]
+
+
+def _produced(trace: Trace, key: TensorKey) -> bool:
+    """Whether ``key`` is the model output or an output of an operation after the model."""
+    return key == trace.root_key or any(key in op.output_keys for op in trace.after_operations)

@@ -1,0 +1,240 @@
+"""The module recorder: forward hooks that record the leaf-module calls of the model.
+
+Every module of the model gets a pre-hook and a post-hook. Whether a call is a
+leaf (recorded as one operation) or a container (its children and the tensor
+operations between them are recorded instead) is known only when it ends:
+a module whose ``forward`` called no child is a leaf, also when it has children
+it only reads parameters from (``nn.MultiheadAttention`` uses its ``out_proj``
+without calling it). The model's own hooks open a trace for each forward pass
+and, when it returns, hook the backward driver onto its output.
+"""
+
+from __future__ import annotations
+
+from functools import partial, wraps
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from curvhook._torch_internals import (
+    disable_torch_function, own_parameters, pop_torch_function_mode, push_torch_function_mode,
+    torch_function_mode_on_top,
+)
+from curvhook.block_state import BlockState, Frame
+from curvhook.errors import UnsupportedModelError
+from curvhook.records import BATCHED, CONST, Operation, Slot, flat_tensors, key_of, make_template
+from curvhook.tape import OperationTape
+from curvhook.trace import Trace
+
+# The arguments of a module called with one tensor: the template ``(Slot(0),)``.
+_ONE_SLOT = (Slot(0),)
+
+
+def _without_torch_function(hook: Callable) -> Callable:
+    """Run a hook with torch functions disabled: its reads of tensor metadata then skip the tape."""
+
+    @wraps(hook)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with disable_torch_function():
+            return hook(*args, **kwargs)
+
+    return run
+
+
+class ModuleRecorder:
+    """The forward hooks of one block (see the module docstring).
+
+    Args:
+        state: The block's shared state.
+        tape: The block's tape; it is taken off the mode stack inside torch layers.
+        on_forward_start: Called when a forward pass of the model starts, before
+            its trace opens.
+        on_output: Called as ``on_output(trace, output)`` when a forward pass of
+            the model returned a tensor that requires grad.
+    """
+
+    def __init__(
+        self,
+        state: BlockState,
+        tape: OperationTape,
+        on_forward_start: Callable[[], None],
+        on_output: Callable[[Trace, Tensor], None],
+    ) -> None:
+        self.state = state
+        self.tape = tape
+        self.on_forward_start = on_forward_start
+        self.on_output = on_output
+        self.popped: list[nn.Module] = []  # torch layers running with the tape off the stack
+
+    def register(self, model: nn.Module) -> list[Any]:
+        """Register the hooks on ``model`` and its modules; return their handles."""
+        handles = [model.register_forward_pre_hook(self.on_model_pre, prepend=True, with_kwargs=True)]
+        for module in model.modules():
+            if not _is_empty_container(module):
+                handles.append(module.register_forward_pre_hook(self.on_module_pre, with_kwargs=True))
+                handles.append(module.register_forward_hook(self.on_module_post, with_kwargs=True, always_call=True))
+        handles.append(model.register_forward_hook(self.on_model_post, with_kwargs=True, always_call=True))
+        return handles
+
+    def tape_on_top(self) -> bool:
+        """Whether the tape is the innermost torch-function mode."""
+        return torch_function_mode_on_top(self.tape)
+
+    def restore_tape(self) -> None:
+        """Put the tape back after a forward pass was interrupted inside a torch layer.
+
+        ``KeyboardInterrupt`` skips the post hooks; what that forward left open is dropped.
+        """
+        if not self.popped:
+            return
+        self.popped.clear()
+        push_torch_function_mode(self.tape)
+        for trace in self.state.stack:
+            trace.release()
+        self.state.stack.clear()
+        self.state.frames.clear()
+
+    # ------------------------------------------------------------- the model
+    @_without_torch_function
+    def on_model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A forward pass of the model starts: open its trace."""
+        self.on_forward_start()
+        self.restore_tape()
+        state = self.state
+        state.forwards += 1
+        trace = Trace(state.forwards)
+        if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common call: model(X)
+            trace.input_keys = {key_of(args[0])}
+        else:
+            trace.input_keys = {key_of(t) for t in flat_tensors((args, tuple(kwargs.values())))}
+        state.stack.append(trace)
+
+    @_without_torch_function
+    def on_model_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """A forward pass of the model returned: hand its output to the backward driver."""
+        state = self.state
+        if not state.stack:
+            return
+        trace = state.stack.pop()
+        state.frames.clear()
+        if output is None:  # the forward raised
+            trace.release()
+            return
+        if not isinstance(output, Tensor):
+            trace.release()
+            raise UnsupportedModelError(
+                f"The model returned a {type(output).__name__}; curvhook needs the model to "
+                "return one tensor of shape [N, *out]. Wrap the model so that it does."
+            )
+        if not output.requires_grad:
+            trace.release()  # no backward can follow
+            return
+        self.on_output(trace, output)
+
+    # ----------------------------------------------------------- any module
+    @_without_torch_function
+    def on_module_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A module of the model starts: open a frame with what it was called with."""
+        state = self.state
+        if not state.stack:
+            return
+        frames = state.frames
+        if frames:
+            frames[-1].child_called = True
+        info = state.modules[module]  # hooks are only on modules listed at entry
+        op = _module_operation(module, info.name, args, kwargs)
+        trace = state.stack[-1]
+        frames.append(Frame(op, len(trace.operations), info.has_children, len(trace.shared_log)))
+        if info.torch_leaf and self.tape_on_top() and not self.tape.linearity.marked(op.inputs):
+            # The tape records nothing inside a leaf: a torch layer's forward calls no
+            # module, and its inputs carry no loss value. Off the stack, its functions
+            # skip the tape's Python dispatch; on_module_post puts it back.
+            pop_torch_function_mode()
+            self.popped.append(module)
+
+    @_without_torch_function
+    def on_module_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """A module of the model returned: record it if it was a leaf."""
+        if self.popped and self.popped[-1] is module:  # also when its forward raised
+            self.popped.pop()
+            push_torch_function_mode(self.tape)
+        state = self.state
+        if not state.stack or not state.frames or state.frames[-1].op.module is not module:
+            return
+        frame = state.frames.pop()
+        if frame.child_called:  # a container: its children and operations are recorded
+            return
+        trace, op = state.stack[-1], frame.op
+        del trace.operations[frame.start :]
+        if len(trace.shared_log) > frame.shared_start:
+            # Operations inside a leaf are part of it. Computed from its parameters
+            # alone (its input needs no grad), their outputs are still not shared
+            # tensors of the model: the module output carries the batch axis.
+            trace.shared_keys.difference_update(trace.shared_log[frame.shared_start :])
+            del trace.shared_log[frame.shared_start :]
+        _finish_leaf(op, module, frame.has_children, output)
+        if op.inputs or op.output_keys:
+            trace.operations.append(op)
+
+
+def _module_operation(module: nn.Module, name: str, args: tuple, kwargs: dict) -> Operation:
+    """The record of a module call as it starts (its outputs are filled in when it ends)."""
+    if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common call: f(x)
+        x = args[0]
+        key = key_of(x)
+        inputs, t_args, t_kwargs = args, _ONE_SLOT, {}
+        keys, nodes, kinds = (key,), (x.grad_fn,), (BATCHED if x.requires_grad else CONST,)
+    else:
+        t_args, t_kwargs, found = make_template(args, kwargs)
+        inputs = tuple(found)
+        keys = tuple(key_of(x) for x in inputs)
+        nodes = tuple(x.grad_fn for x in inputs)
+        kinds = tuple(BATCHED if x.requires_grad else CONST for x in inputs)
+    return Operation(
+        name=name,
+        module=module,
+        args=t_args,
+        kwargs=t_kwargs,
+        inputs=inputs,
+        input_kinds=kinds,
+        input_keys=keys,
+        input_versions=tuple(k[1] for k in keys),
+        input_nodes=nodes,
+    )
+
+
+def _finish_leaf(op: Operation, module: nn.Module, has_children: bool, output: Any) -> None:
+    """Fill in what a leaf call returned, and the parameters it uses."""
+    op.recurse = has_children
+    if isinstance(output, Tensor):
+        first, others = output, ()
+    else:
+        first, *others = list(flat_tensors(output)) or [None]
+    if first is not None:
+        op.output, op.node = first, first.grad_fn
+        op.output_keys = (key_of(first) if first.requires_grad else None,)
+        op.output_shapes = (first.shape,)
+        if others:
+            op.unfollowed_output_keys = tuple(key_of(o) for o in others if o.requires_grad)
+    op.training = module.training
+    op.params = _trainable_parameters(module, has_children)
+
+
+def _trainable_parameters(module: nn.Module, recurse: bool) -> tuple:
+    """The parameters that require grad of a leaf (all below it when ``recurse``), named once."""
+    named = module.named_parameters() if recurse else own_parameters(module)
+    found = [(n, p) for n, p in named if p is not None and p.requires_grad]
+    if len({id(p) for _, p in found}) < len(found):  # one parameter under two names
+        first: dict = {}
+        for n, p in found:
+            first.setdefault(id(p), (n, p))
+        found = list(first.values())
+    return tuple(found)
+
+
+def _is_empty_container(module: nn.Module) -> bool:
+    """A plain container computes nothing itself (an empty ``nn.Sequential`` returns its
+    input): hooks on it would record nothing, so it gets none."""
+    return type(module) in (nn.Sequential, nn.ModuleList, nn.ModuleDict) and not any(
+        True for _ in own_parameters(module)
+    )

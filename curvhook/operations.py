@@ -1,0 +1,98 @@
+"""One vocabulary of the tensor operations curvhook knows by name.
+
+The tape (what to skip, what is in place), the loss-linearity check (which
+functions of a loss value keep its Hessian) and the tensor-operation rules
+(which closed-form pullbacks apply) all read these tables, so they cannot
+disagree about an operation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Calls that compute no new differentiable tensor: the tape skips them at once.
+NOT_OPERATIONS = frozenset({
+    "detach", "detach_", "register_hook", "size", "dim", "numel", "item", "tolist", "backward",
+    "requires_grad_", "retain_grad", "__len__", "__format__", "__repr__", "data_ptr", "stride",
+    "is_contiguous", "storage_offset", "element_size", "__bool__", "untyped_storage",
+    "__hash__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__index__",
+    "__int__", "__float__", "__array__", "numpy", "cpu", "equal", "allclose", "isclose",
+    "register_post_accumulate_grad_hook", "__reduce_ex__", "__deepcopy__", "nelement",
+    "__set__",  # property setters: p.grad = None, x.requires_grad = ...
+})
+# Property getters that return a differentiable view (``x.T``), not metadata.
+TENSOR_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+
+# Sums and differences of two operands, ``±a ± b``.
+ADDITIONS = frozenset({"add", "__add__", "__radd__", "__iadd__", "add_"})
+SUBTRACTIONS = frozenset({"sub", "__sub__", "__isub__", "sub_", "subtract"})  # the second negated
+REVERSED_SUBTRACTIONS = frozenset({"rsub", "__rsub__"})  # the first operand negated
+
+# Every Jacobian entry is 0 or ±1 with one sign per input: views, permutations,
+# selections, concatenation, splits, expansion, sums, masks (maybe per sample).
+STRUCTURAL = frozenset({
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone",
+    "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "__getitem__",
+    "expand", "expand_as", "view_as", "reshape_as", "narrow", "select", "cat", "concat",
+    "concatenate", "stack", "hstack", "split", "chunk", "unbind", "tensor_split", "to",
+    "float", "double", "type_as", "__get__", "repeat", "tile", "flip", "roll", "sum",
+    "neg", "__neg__", "negative", "positive", "__pos__", "__setitem__",
+    "masked_fill", "masked_fill_", "where",
+}) | ADDITIONS | SUBTRACTIONS | REVERSED_SUBTRACTIONS
+MEANS = frozenset({"mean"})
+ELEMENTWISE = frozenset({
+    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu",
+    "gelu", "silu", "mish", "softplus", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log",
+    "sin", "cos", "hardtanh", "hardtanh_", "hardsigmoid", "hardswish", "logsigmoid",
+    "square", "sqrt", "rsqrt", "abs", "log1p", "expm1", "erf", "__pow__", "pow", "softsign",
+    "tanhshrink", "threshold", "square_", "exp_", "reciprocal",
+})
+PRODUCTS = frozenset({"mul", "__mul__", "__rmul__", "__imul__", "mul_", "multiply"})
+QUOTIENTS = frozenset({"div", "__truediv__", "__itruediv__", "div_", "divide", "true_divide"})
+MATMULS = frozenset({"matmul", "__matmul__", "bmm", "mm"})
+# Operations whose per-sample structure the rules can read off shapes and arguments.
+KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS
+# Operations with a ``dim`` that must not be the batch axis.
+DIM_OPERATIONS = frozenset({
+    "cat", "concat", "concatenate", "stack", "split", "chunk", "unbind", "tensor_split",
+    "sum", "mean", "select", "narrow", "squeeze", "unsqueeze", "flatten", "transpose",
+    "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "flip", "roll",
+})
+# Known operations that may change the number of axes (their dims are checked instead).
+CHANGE_RANK = frozenset({
+    "__getitem__", "squeeze", "unsqueeze", "flatten", "unflatten", "view", "reshape",
+    "select", "unbind", "stack", "__get__", "split", "chunk", "tensor_split", "sum", "mean",
+})
+
+# Functions of a loss value that keep its Hessian (affine in all their tensor
+# arguments together): the structural maps and means, and a few more linear maps.
+LINEAR_IN_ALL = STRUCTURAL | MEANS | frozenset({
+    "nansum", "nanmean", "index_select", "half", "bfloat16", "type", "sum_to_size", "cumsum",
+    "t", "T", "mT", "ravel", "vstack", "squeeze_", "unsqueeze_",
+})
+# Linear in each argument on its own: linear when exactly one argument is a loss.
+LINEAR_IN_EACH = PRODUCTS | MATMULS | frozenset({"mv", "dot", "einsum", "outer"})
+# Linear in the first argument only.
+LINEAR_IN_FIRST = QUOTIENTS
+
+_INPLACE_DUNDERS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__", "__setitem__", "__ipow__"})
+
+
+def name_of(func: Any) -> str:
+    """The bare name of a torch function or tensor method (``"add"``, ``"__getitem__"``)."""
+    return getattr(func, "__name__", "")
+
+
+def is_inplace(name: str) -> bool:
+    """Whether the operation called ``name`` changes its first argument in place."""
+    return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+
+
+def is_tensor_property(getter: Any) -> bool:
+    """Whether a property getter returns a differentiable view (``x.T``), not metadata."""
+    return getattr(getattr(getter, "__self__", None), "__name__", "") in TENSOR_PROPERTIES
+
+
+def skipped(func: Any, name: str) -> bool:
+    """Whether the tape ignores a call: no new differentiable tensor comes out of it."""
+    return name in NOT_OPERATIONS or (name == "__get__" and not is_tensor_property(func))

@@ -1,0 +1,237 @@
+"""A plan: what the reverse walk does for one graph, compiled once and reused.
+
+Everything that depends only on the structure of a forward pass is decided
+when its plan is built: the checks that the graph can be followed, the rule of
+every operation, which inputs receive a pullback, which parameters are used
+more than once, and dense slot numbers for the tensors. A backward pass then
+only walks the plan's steps.
+
+A plan is reused while the graph is the same. Its key (see
+:mod:`curvhook.plan_key`) changes whenever anything a check depended on
+changes: module identity and configuration, operation arguments, shapes,
+dtypes, devices, requires_grad and train/eval mode. What depends on values is
+checked on every step all the same: the loss linearity and the gradient check
+(:mod:`curvhook.loss_terms`), and the per-sample replay of operations whose
+structure does not show that they keep samples apart (the tensor-operation rule).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Hashable, Optional
+
+from torch import nn
+
+from curvhook.errors import UnsupportedModelError
+from curvhook.plan_key import GraphShape, graph_shape
+from curvhook.records import BATCHED, CONST, Operation
+from curvhook.rules.base import LayerRule
+from curvhook.rules.fallback import FALLBACK, mixes_samples
+from curvhook.rules.registry import rule_for
+from curvhook.rules.tensor_ops import TENSOR_OPS, batch_safe
+from curvhook.trace import Trace
+
+
+@dataclass(frozen=True)
+class ParamUse:
+    """A trainable parameter an operation uses.
+
+    Attributes:
+        name: Its name in the operation (module attribute, or ``"t<slot>"``).
+        position: Its index in ``Operation.params``.
+        shared: Whether other operations use it too (terms are then summed
+            before any squaring).
+    """
+
+    name: str
+    position: int
+    shared: bool
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the reverse walk does at one operation.
+
+    Attributes:
+        index: The operation's index in ``trace.all_operations``.
+        rule: The rule that differentiates it.
+        outputs: Dense slots of its followed outputs (``-1`` for one without grad).
+        unfollowed: Dense slots of a module's further outputs (a value there is refused).
+        upstream: ``(input slot, dense slot)`` of the inputs a pullback is needed for.
+        params: The trainable parameters it uses.
+        known_per_sample: Its structure shows it keeps samples apart (tensor operations).
+    """
+
+    index: int
+    rule: LayerRule
+    outputs: tuple[int, ...]
+    unfollowed: tuple[int, ...]
+    upstream: tuple[tuple[int, int], ...]
+    params: tuple[ParamUse, ...]
+    known_per_sample: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The compiled reverse walk of one graph.
+
+    Attributes:
+        steps: In reverse forward order.
+        slots: The number of dense slots.
+        root: Dense slot of the model output.
+        shared_params: ``id`` of the parameters used by more than one operation.
+    """
+
+    steps: tuple[Step, ...]
+    slots: int
+    root: int
+    shared_params: frozenset[int]
+
+    def bind(self, trace: Trace) -> None:
+        """Hand the operations of ``trace`` what the plan knows of them."""
+        ops = trace.all_operations
+        for step in self.steps:
+            ops[step.index].known_per_sample = step.known_per_sample
+
+
+def plan_for(model: nn.Module, trace: Trace) -> tuple[Plan, GraphShape]:
+    """The plan of ``trace``'s graph: a cached one if the graph is the same, else a new one.
+
+    Args:
+        model: The extended model (plans are cached per model, weakly).
+        trace: A forward pass whose output is reached by the backward pass.
+
+    Returns:
+        The plan and the graph's shape (its dense slot of every tensor key).
+    """
+    shape = graph_shape(trace)
+    cache = _PLANS.get(model)
+    if cache is None:
+        cache = _PLANS[model] = OrderedDict()
+    plan = cache.get(shape.key) if shape.key is not None else None
+    if plan is None:
+        plan = build_plan(trace, shape)
+        if shape.key is not None:
+            cache[shape.key] = plan
+            while len(cache) > _PLANS_PER_MODEL:
+                cache.popitem(last=False)
+    else:
+        cache.move_to_end(shape.key)
+    return plan, shape
+
+
+# Plans per model: a few graphs alternate in practice (train and eval, two batch sizes).
+_PLANS_PER_MODEL = 8
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, OrderedDict[Hashable, Plan]]" = weakref.WeakKeyDictionary()
+
+
+def clear_plans() -> None:
+    """Forget every cached plan (tests, and a user who changed a model behind curvhook's back)."""
+    _PLANS.clear()
+
+
+def build_plan(trace: Trace, shape: GraphShape) -> Plan:
+    """Check the graph of ``trace`` and compile its reverse walk."""
+    ops = trace.all_operations
+    slot_of = shape.slot_of
+    if trace.root_key not in shape.produced:
+        raise UnsupportedModelError(
+            "curvhook saw no module or tensor operation of the model's forward produce its "
+            "output. Return a tensor computed inside the model's forward."
+        )
+    n = trace.batch_size
+    known = [check_operation(op, trace, shape, n) for op in ops]
+    uses = Counter(id(p) for op in ops for _, p in op.params)
+    shared = frozenset(pid for pid, count in uses.items() if count > 1)
+    steps = []
+    for index in reversed(range(len(ops))):
+        op = ops[index]
+        upstream = tuple(
+            (i, slot_of[k]) for i, (kind, k) in enumerate(zip(op.input_kinds, op.input_keys))
+            if kind != CONST and k in shape.produced
+        )
+        params = tuple(ParamUse(name, i, id(p) in shared) for i, (name, p) in enumerate(op.params))
+        steps.append(Step(
+            index=index,
+            rule=resolve_rule(op),
+            outputs=tuple(slot_of.get(k, -1) if k is not None else -1 for k in op.output_keys),
+            unfollowed=tuple(slot_of[k] for k in op.unfollowed_output_keys),
+            upstream=upstream,
+            params=params,
+            known_per_sample=known[index],
+        ))
+    return Plan(tuple(steps), len(slot_of), slot_of[trace.root_key], shared)
+
+
+def resolve_rule(op: Operation) -> LayerRule:
+    """The rule of an operation: the tensor-operation rule, a module's registered rule, or the fallback."""
+    if op.module is None:
+        return TENSOR_OPS
+    return rule_for(op.module) or FALLBACK
+
+
+def check_operation(op: Operation, trace: Trace, shape: GraphShape, n: Optional[int]) -> bool:
+    """Raise a clear error if curvhook cannot follow ``op``.
+
+    Returns:
+        For a tensor operation, whether its structure shows that it keeps samples apart.
+    """
+    if op.module is None:
+        if all(k is None for k in op.output_keys):
+            return False
+        for kind, key, node in zip(op.input_kinds, op.input_keys, op.input_nodes):
+            if kind != CONST:
+                _check_source(op.name, key, node, trace, shape)
+        return n is not None and BATCHED in op.input_kinds and batch_safe(op, n)
+    if op.output_key is not None:
+        _check_module(op, trace, shape, n)
+    return False
+
+
+def _check_module(op: Operation, trace: Trace, shape: GraphShape, n: Optional[int]) -> None:
+    module = op.module
+    if mixes_samples(module):
+        raise UnsupportedModelError(
+            f"Module {op.name!r} ({type(module).__name__}) normalizes with statistics "
+            "of the whole batch, so samples are mixed and per-sample Jacobians do not exist. "
+            "Call model.eval() (BatchNorm then uses its running statistics)."
+        )
+    if rule_for(module) is None:
+        FALLBACK.warn_once(op)
+    out = op.output_shape
+    if n is not None and (len(out) == 0 or out[0] != n):
+        raise UnsupportedModelError(
+            f"Module {op.name!r} returned shape {tuple(out)}; curvhook needs "
+            f"every module to keep the batch axis first (N = {n}). Operations that move or "
+            "mix samples have no per-sample Jacobian."
+        )
+    for x, kind, key, node in zip(op.inputs, op.input_kinds, op.input_keys, op.input_nodes):
+        if kind == CONST:
+            continue
+        if key in trace.shared_keys:
+            raise UnsupportedModelError(
+                f"Module {op.name!r} gets an input computed from parameters only (no batch "
+                "axis). curvhook supports that for tensor operations, not for module inputs; "
+                "make the module own the parameter."
+            )
+        _check_source(op.name, key, node, trace, shape)
+        if x.shape[0] != n:
+            raise UnsupportedModelError(
+                f"Module {op.name!r} got an input of shape {tuple(x.shape)}; "
+                f"curvhook needs the batch axis first (N = {n})."
+            )
+
+
+def _check_source(name: str, key, node, trace: Trace, shape: GraphShape) -> None:
+    """An input with an autograd history must come from a recorded operation or the model input."""
+    if node is None or key in shape.produced or key in trace.input_keys:
+        return
+    raise UnsupportedModelError(
+        f"An input of {name!r} was computed by an operation curvhook did not see "
+        f"({type(node).__name__}): outside the model's forward, or by code that bypasses "
+        "torch's function dispatch. Compute it inside the model's forward with torch "
+        "operations or modules."
+    )
+

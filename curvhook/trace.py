@@ -1,0 +1,98 @@
+"""Everything one forward pass of the extended model recorded."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from curvhook.records import LossCall, Operation, TensorKey
+
+
+class Trace:
+    """The record of one forward pass: its operations, output and losses.
+
+    The trace must not hold the model output or its autograd node: the gradient
+    hook on the output holds the trace, and a reference back would make a cycle
+    through the autograd graph that Python's garbage collector cannot see. So
+    the trace lives exactly as long as the graph of its forward pass.
+
+    Attributes:
+        seq: Position of this forward pass among those of the block.
+        operations: Leaf-module calls and tensor operations of the model, in
+            forward order.
+        after_operations: Tensor operations applied to the model output after the
+            model returned and before a loss: part of the network for the GGN
+            extensions. They hold no autograd node (see above).
+        root_value: The model output, detached (shares its storage).
+        root_key: Identity of the model output.
+        input_keys: Identity of the tensors passed to the model.
+        shared_keys: Outputs of operations computed from parameters only (no batch axis).
+        shared_log: ``shared_keys`` in the order they were added.
+        losses: Loss modules called on the model output (or on a function of it).
+        after_tasks: Graph tasks of the backward passes that went through the
+            operations after the model.
+        used: Whether a backward has consumed this trace at least once.
+        released: Whether the stored tensors were dropped.
+    """
+
+    def __init__(self, seq: int = 0) -> None:
+        self.seq = seq
+        self.operations: list[Operation] = []
+        self.after_operations: list[Operation] = []
+        self.root_value: Optional[Tensor] = None
+        self.root_key: Optional[TensorKey] = None
+        self.input_keys: set[TensorKey] = set()
+        self.shared_keys: set[TensorKey] = set()
+        self.shared_log: list[TensorKey] = []
+        self.losses: list[LossCall] = []
+        self.after_tasks: set[int] = set()
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.root_handle: Optional[torch.utils.hooks.RemovableHandle] = None
+        self.used = False
+        self.released = False
+
+    @property
+    def all_operations(self) -> list[Operation]:
+        """The operations of the network in forward order: the model's, then those after it."""
+        return self.operations + self.after_operations
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        """``N``, the leading size of the model output (``None`` for a scalar output)."""
+        root = self.root_value
+        return root.shape[0] if root is not None and root.dim() else None
+
+    def detach_root(self, root: Tensor) -> None:
+        """Replace every stored reference to ``root`` (or its node) by what the rules need."""
+        node = root.grad_fn
+        for op in self.operations:
+            if op.output is root:
+                op.output = None
+            if op.node is node:
+                op.node = None
+            if any(x is root for x in op.inputs):  # an in-place operation changed its input
+                op.inputs = tuple(x.detach() if x is root else x for x in op.inputs)
+
+    def release(self) -> None:
+        """Drop every stored tensor and remove the hooks on loss values.
+
+        The hook on the model output stays until the block exits, so that a later
+        backward through this forward pass raises instead of being ignored.
+        """
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.operations.clear()
+        self.losses.clear()
+        self.after_operations.clear()
+        self.root_value = None
+        self.released = True
+
+    def remove_hooks(self) -> None:
+        """Release everything, the hook on the model output included."""
+        self.release()
+        if self.root_handle is not None:
+            self.root_handle.remove()
+            self.root_handle = None
