@@ -4,7 +4,20 @@ A method is built on a :class:`~benchmarks.problems.Problem` and returns a
 :class:`Runner` whose ``step()`` is one full computation as a training loop
 would run it (forward, loss, backward, plus whatever the library needs), and
 whose ``result()`` returns the computed quantity flattened in
-``model.parameters()`` order, for the numerical cross-check.
+``model.parameters()`` order, for the numerical cross-check (the flattening is
+not part of the timed step).
+
+Every method is given its usage that counts and its fastest form:
+
+- ``curvhook:X`` is written as the README tells users: a new
+  ``with extend(model, X()):`` block around forward, loss and backward of every
+  step. ``curvhook:X@one-block`` is the steady state inside one block entered
+  once (entry timed apart as ``entry_ms``).
+- ``torchfunc:BatchJacobian`` is ``vmap(jacrev)`` returning per-parameter
+  tensors, as torch.func gives them.
+- ``floor:BatchJacobian-write-*`` write a result of BatchJacobian's size once
+  (into fresh memory or memory written before): no method that returns it
+  can be faster.
 
 Quantities (what ``result()`` returns, all for the mean-reduced loss):
 
@@ -42,20 +55,30 @@ CURVLINOPS_CHUNK = 64
 
 
 class Runner:
-    """One method bound to one problem."""
+    """One method bound to one problem.
+
+    Attributes:
+        note: Shown in the table's note column.
+        extrapolate: Multiply the measured time by this (curvlinops' chunks).
+    """
 
     note: str = ""
-    extrapolate: float = 1.0  # multiply the measured time by this (curvlinops chunks)
+    extrapolate: float = 1.0
 
     def step(self) -> None:
+        """Run one step: what a training loop runs per batch."""
         raise NotImplementedError
 
     def result(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """``(flat result, index of the entries of the reference it covers or None)``."""
+        """The quantity of the last step, for the cross-check.
+
+        Returns:
+            ``(flat result, index of the entries of the reference it covers or None)``.
+        """
         return None, None
 
     def close(self) -> None:
-        pass
+        """Release what the method holds."""
 
     def suspend(self) -> None:
         """Leave whatever the method keeps active between steps (curvhook's block)."""
@@ -65,21 +88,37 @@ class Runner:
 
 
 def _zero_grad(params: list[nn.Parameter]) -> None:
+    """Set every ``p.grad`` to ``None``, as ``optimizer.zero_grad()`` does."""
     for p in params:
         p.grad = None
 
 
 def _flat(tensors: list[Tensor], lead: int = 0) -> Tensor:
-    """Concatenate per-parameter tensors ``[*lead_dims, *p.shape]`` along a flat P axis."""
+    """Concatenate per-parameter tensors along a flat ``P`` axis.
+
+    Args:
+        tensors: ``[*lead_dims, *p.shape]`` per parameter.
+        lead: The number of leading dimensions.
+
+    Returns:
+        ``[*lead_dims, P]``.
+    """
     return torch.cat([t.reshape(*t.shape[:lead], -1) for t in tensors], dim=lead)
 
 
 # ---------------------------------------------------------------------- plain
 class Plain(Runner):
+    """The plain step, ``loss.backward()``: the denominator of the ratios to plain.
+
+    Args:
+        pb: The problem.
+    """
+
     def __init__(self, pb: Problem) -> None:
         self.pb = pb
 
     def step(self) -> None:
+        """Forward, loss and backward."""
         _zero_grad(self.pb.params)
         self.pb.loss_fn(self.pb.model(self.pb.X), self.pb.y).backward()
 
@@ -87,37 +126,67 @@ class Plain(Runner):
 # ------------------------------------------------------------------- curvhook
 CURVHOOK_QUANTITY = {"DiagGGN": "diag_ggn", "FullGGN": "full_ggn", "BatchJacobian": "batch_jacobian"}
 
+# Keyword arguments every extension is built with. ``split_attention`` is passed
+# explicitly, so the default measurement counts ``nn.MultiheadAttention`` as its
+# operations both before and after the extension's default changes to that.
+EXTENSION_KWARGS = {"DiagGGNApprox": {"split_attention": True}}
 
-# Variants of an extension, named ``Extension-variant``: the keyword arguments they pass.
-VARIANTS = {"split": {"split_attention": True}}
+# Variants of an extension, named ``Extension-variant``: the keyword arguments they
+# change, and the module type without which a variant computes what the default does.
+VARIANTS = {"attention-as-one": {"split_attention": False}}
+VARIANT_NEEDS = {"attention-as-one": nn.MultiheadAttention}
+
+# Suffix of the methods timed in steady state inside one ``extend`` block.
+ONE_BLOCK = "@one-block"
 
 
 def _extension(module, name: str):
-    """Build the extension ``name`` (``DiagGGNApprox`` or a variant such as ``DiagGGNApprox-split``)."""
+    """Build one extension from its benchmark name.
+
+    Args:
+        module: ``curvhook.extensions``.
+        name: ``DiagGGNApprox`` or a variant such as ``DiagGGNApprox-attention-as-one``.
+
+    Returns:
+        The extension, built with :data:`EXTENSION_KWARGS` updated by the variant's.
+    """
     base, _, variant = name.partition("-")
-    return getattr(module, base)(**VARIANTS[variant]) if variant else getattr(module, base)()
+    kwargs = {**EXTENSION_KWARGS.get(base, {}), **(VARIANTS[variant] if variant else {})}
+    return getattr(module, base)(**kwargs)
 
 
 class Curvhook(Runner):
-    """Steady state inside an entered ``extend`` block (entry timed separately)."""
+    """curvhook as the README writes it: a new ``extend`` block around every step.
+
+    Each step builds its extensions, enters ``extend(model, *extensions)``, runs
+    forward, loss and ``backward()`` inside it and leaves the block, so that
+    the block's entry and exit, and the first pass of a block (which recycles
+    no memory), are part of every step.
+
+    Args:
+        pb: The problem.
+        names: Extension names (see :func:`_extension`), all in one block.
+    """
 
     def __init__(self, pb: Problem, names: tuple[str, ...]) -> None:
         from curvhook import extend
         from curvhook import extensions as ext
 
+        self.extend, self.module = extend, ext
         self.pb, self.names = pb, names
         self.exts = [_extension(ext, n) for n in names]
-        t0 = time.perf_counter()
-        self.ctx = extend(pb.model, *self.exts)
-        self.ctx.__enter__()
-        self.entry_s = time.perf_counter() - t0
-        self.note = ""
 
     def step(self) -> None:
-        _zero_grad(self.pb.params)
-        self.pb.loss_fn(self.pb.model(self.pb.X), self.pb.y).backward()
+        """Forward, loss and backward inside a fresh ``extend`` block."""
+        pb = self.pb
+        _zero_grad(pb.params)
+        self.exts = [_extension(self.module, n) for n in self.names]
+        with self.extend(pb.model, *self.exts):
+            loss = pb.loss_fn(pb.model(pb.X), pb.y)
+            loss.backward()
 
     def result(self):
+        """The first extension's result, flattened in parameter order."""
         name = self.names[0].partition("-")[0]
         params = self.pb.params
         if name == "DiagGGN":
@@ -130,26 +199,61 @@ class Curvhook(Runner):
             return _flat([p.diag_ggn_approx for p in params]), None
         return None, None
 
+
+class CurvhookOneBlock(Curvhook):
+    """Steady state inside one ``extend`` block entered once (its entry is timed apart).
+
+    Args:
+        pb: The problem.
+        names: Extension names (see :func:`_extension`), all in one block.
+    """
+
+    def __init__(self, pb: Problem, names: tuple[str, ...]) -> None:
+        super().__init__(pb, names)
+        t0 = time.perf_counter()
+        self.ctx = self.extend(pb.model, *self.exts)
+        self.ctx.__enter__()
+        self.entry_s = time.perf_counter() - t0
+
+    def step(self) -> None:
+        """Forward, loss and backward inside the block entered at construction."""
+        _zero_grad(self.pb.params)
+        self.pb.loss_fn(self.pb.model(self.pb.X), self.pb.y).backward()
+
     def close(self) -> None:
+        """Leave the block."""
         if self.ctx is not None:
             self.ctx.__exit__(None, None, None)
             self.ctx = None
 
     def suspend(self) -> None:
-        # The block's global module hooks and torch-function mode would slow down
-        # any other method timed in the same process: leave it between blocks of steps.
+        """Leave the block between blocks of steps of another method in this process.
+
+        The block's global module hooks and torch-function mode would slow down
+        any other method timed in the same process.
+        """
         self.close()
 
     def resume(self) -> None:
-        from curvhook import extend
-
+        """Enter the block again."""
         if self.ctx is None:
-            self.ctx = extend(self.pb.model, *self.exts)
+            self.ctx = self.extend(self.pb.model, *self.exts)
             self.ctx.__enter__()
 
 
 # ------------------------------------------------------------------- BackPACK
 class Backpack(Runner):
+    """A BackPACK extension, as its documentation writes it.
+
+    The model and the loss are ``backpack.extend``-ed copies; the forward pass
+    and the loss run outside ``with backpack(ext):``, the backward inside.
+    BackPACK's extensions have no options that make them faster.
+
+    Args:
+        pb: The problem.
+        name: The extension's class name in ``backpack.extensions``.
+    """
+
     ATTR = {"DiagGGNExact": "diag_ggn_exact", "DiagGGNMC": "diag_ggn_mc", "BatchGrad": "grad_batch", "KFAC": "kfac"}
 
     def __init__(self, pb: Problem, name: str) -> None:
@@ -166,6 +270,7 @@ class Backpack(Runner):
         self.X, self.y = pb.X, pb.y
 
     def step(self) -> None:
+        """Forward and loss, then backward inside ``with backpack(ext):``."""
         _zero_grad(self.params)
         attr = self.ATTR[self.name]
         for p in self.params:  # so that a missing result is seen below
@@ -182,6 +287,7 @@ class Backpack(Runner):
             self.note = f"no {attr} on {len(missing)} of {len(self.params)} parameters"
 
     def result(self):
+        """DiagGGNExact's diagonal, flattened."""
         if self.name == "DiagGGNExact" and getattr(self, "status", "ok") == "ok":
             return _flat([p.diag_ggn_exact for p in self.params]), None
         return None, None
@@ -190,6 +296,13 @@ class Backpack(Runner):
 
 # ----------------------------------------------------------------- NNGeometry
 class NNGeometry(Runner):
+    """NNGeometry's ``FIM(variant="classif_logits")`` (the GGN of the mean cross-entropy).
+
+    Args:
+        pb: The problem.
+        rep: ``"diag"`` (``PMatDiag``) or ``"dense"`` (``PMatDense``).
+    """
+
     def __init__(self, pb: Problem, rep: str) -> None:
         from nngeometry.metrics import FIM
         from nngeometry.object import PMatDense, PMatDiag
@@ -214,6 +327,7 @@ class NNGeometry(Runner):
                     self.lc.add_layer_from_model(pb.model, m)
 
     def step(self) -> None:
+        """Build the matrix from a one-batch loader and read it out."""
         # FIM(variant="classif_logits") is the exact Fisher of the softmax = the GGN
         # of the mean cross-entropy; NNGeometry runs its own forward/backward passes.
         self.matrix = self.FIM(
@@ -225,12 +339,21 @@ class NNGeometry(Runner):
             self.out = self.matrix.to_torch()
 
     def result(self):
+        """The diagonal or the dense matrix."""
         return self.out, None
 
 
 # ----------------------------------------------------------------- curvlinops
 class Curvlinops(Runner):
-    """``GGNLinearOperator`` applied to identity columns (all, or a chunk)."""
+    """``GGNLinearOperator`` applied to identity columns (all, or a chunk).
+
+    curvlinops 3 has no exact diagonal of its own (``hutchinson_diag`` and
+    ``xdiag`` are estimates), so its exact diagonal is read off ``G @ I``.
+
+    Args:
+        pb: The problem.
+        kind: ``"diag"`` or ``"dense"``.
+    """
 
     def __init__(self, pb: Problem, kind: str) -> None:
         from curvlinops import GGNLinearOperator
@@ -245,6 +368,7 @@ class Curvlinops(Runner):
             self.note = f"timed {self.cols} of {P} columns, extrapolated x{self.extrapolate:.0f}"
 
     def step(self) -> None:
+        """Build the operator and multiply it with the identity columns."""
         pb = self.pb
         G = self.GGN(
             pb.model, pb.loss_fn, pb.params, [(pb.X, pb.y)],
@@ -253,15 +377,28 @@ class Curvlinops(Runner):
         self.GE = G @ self.E  # [P, cols]
 
     def result(self):
+        """The diagonal (of the columns computed) or the dense matrix."""
         if self.kind == "diag":
             return torch.diagonal(self.GE[: self.cols]), torch.arange(self.cols)
         return self.GE, None
 
 
 # ------------------------------------------------------------------ torch.func
-def _per_sample_jacobian(pb: Problem) -> Tensor:
-    """``vmap(jacrev)`` per-sample Jacobian, flattened: ``[N, C, P]``."""
-    names = [n for n, p in pb.model.named_parameters() if p.requires_grad]
+def _per_sample_jacobian(pb: Problem) -> dict[str, Tensor]:
+    """Per-sample Jacobians by ``vmap(jacrev)``: ``{name: [N, C, *p.shape]}``.
+
+    The fastest torch.func form on the benchmark problems: ``jacrev`` of the
+    function of one sample, mapped over the batch, its results left per
+    parameter as torch.func returns them (no concatenation into ``[N, C, P]``).
+    ``jacrev`` of the batched model is slower (each of its ``N C`` pullbacks runs
+    over the whole batch), and ``vmap(..., chunk_size=...)`` too.
+
+    Args:
+        pb: The problem.
+
+    Returns:
+        The Jacobian of every trainable parameter, keyed by its name.
+    """
     params = {n: p.detach() for n, p in pb.model.named_parameters() if p.requires_grad}
     buffers = {n: b for n, b in pb.model.named_buffers()}
     frozen = {n: p.detach() for n, p in pb.model.named_parameters() if not p.requires_grad}
@@ -270,12 +407,18 @@ def _per_sample_jacobian(pb: Problem) -> Tensor:
         out = functional_call(pb.model, {**params, **frozen, **buffers}, (x.unsqueeze(0),))
         return out.squeeze(0).reshape(-1)
 
-    jac = vmap(jacrev(f), in_dims=(None, 0))(params, pb.X)
-    return _flat([jac[n] for n in names], lead=2)
+    return vmap(jacrev(f), in_dims=(None, 0))(params, pb.X)
 
 
 def _loss_hessians(pb: Problem) -> Tensor:
-    """Per-sample Hessians of the mean loss w.r.t. the output, ``[N, C, C]``."""
+    """Per-sample Hessians of the mean loss w.r.t. the output.
+
+    Args:
+        pb: The problem.
+
+    Returns:
+        ``[N, C, C]``.
+    """
     with torch.no_grad():
         out = pb.model(pb.X)
     n = out.shape[0]
@@ -287,42 +430,127 @@ def _loss_hessians(pb: Problem) -> Tensor:
 
 
 class TorchFunc(Runner):
+    """The torch.func formulations: batch Jacobian, GGN diagonal, full GGN.
+
+    - ``batch_jacobian``: :func:`_per_sample_jacobian`, per parameter.
+    - ``diag_ggn``: per parameter, ``Σ_{n,c} J ∘ (H J)`` with ``H`` the per-sample
+      loss Hessians (no ``[N, C, P]`` concatenation).
+    - ``full_ggn``: ``Jᵀ (H J)`` as one GEMM over ``[N C, P]`` (the one place that
+      needs the concatenated Jacobian).
+
+    Args:
+        pb: The problem.
+        kind: One of the three quantities above.
+    """
+
     def __init__(self, pb: Problem, kind: str) -> None:
         self.pb, self.kind = pb, kind
+        self.names = [n for n, p in pb.model.named_parameters() if p.requires_grad]
 
     def step(self) -> None:
-        J = _per_sample_jacobian(self.pb)  # [N, C, P]
+        """Compute the quantity; it is kept in ``self.out``."""
+        J = _per_sample_jacobian(self.pb)  # {name: [N, C, *p.shape]}
         if self.kind == "batch_jacobian":
             self.out = J
             return
         H = _loss_hessians(self.pb)  # [N, C, C]
-        HJ = torch.einsum("nij,njp->nip", H, J)
         if self.kind == "diag_ggn":
-            self.out = torch.einsum("nip,nip->p", J, HJ)
-        else:  # full GGN: Jᵀ H J
-            self.out = J.flatten(0, 1).T @ HJ.flatten(0, 1)
+            self.out = {}
+            for name, j in J.items():
+                flat = j.flatten(2)
+                self.out[name] = (flat * torch.bmm(H, flat)).sum((0, 1)).view(j.shape[2:])
+            return
+        Jf = _flat([J[n] for n in self.names], lead=2)  # [N, C, P]
+        HJ = torch.bmm(H, Jf)
+        self.out = Jf.flatten(0, 1).T @ HJ.flatten(0, 1)  # full GGN: Jᵀ H J
 
     def result(self):
-        return self.out, None
+        """The quantity flattened in parameter order (outside the timed step)."""
+        if self.kind == "full_ggn":
+            return self.out, None
+        return _flat([self.out[n] for n in self.names], lead=2 if self.kind == "batch_jacobian" else 0), None
+
+
+# ---------------------------------------------------------------------- floor
+class WriteFloor(Runner):
+    """The floor of BatchJacobian: writing a result of its size once.
+
+    One step writes ``[N, C, *p.shape]`` for every trainable parameter (the bytes
+    of BatchJacobian's results) with ``fill_``:
+
+    - ``fresh``: into tensors allocated in the step (``torch.empty``), whose
+      pages the write touches first: allocation and page faults included. The
+      previous step's tensors are freed first, as a loop that drops its results
+      does, so the large ones are new pages from the kernel.
+    - ``touched``: into the same tensors on every step, written once before.
+
+    Args:
+        pb: The problem.
+        fresh: Which of the two.
+    """
+
+    def __init__(self, pb: Problem, fresh: bool) -> None:
+        C = pb.num_outputs
+        self.specs = [((pb.batch_size, C, *p.shape), p.dtype) for p in pb.params]
+        self.fresh = fresh
+        self.out: Optional[list[Tensor]] = None
+        if not fresh:
+            self.out = [torch.empty(shape, dtype=dtype).fill_(0.0) for shape, dtype in self.specs]
+        nbytes = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in self.specs)
+        where = "fresh memory (torch.empty + fill_)" if fresh else "memory written before (fill_)"
+        self.note = f"writes {nbytes / 2**20:,.0f} MiB into {where}"
+
+    def step(self) -> None:
+        """Write every parameter's ``[N, C, *p.shape]`` once."""
+        if self.fresh:
+            self.out = None
+            self.out = [torch.empty(shape, dtype=dtype).fill_(1.0) for shape, dtype in self.specs]
+        else:
+            for t in self.out:
+                t.fill_(1.0)
+
+    def close(self) -> None:
+        """Free the tensors."""
+        self.out = None
 
 
 # -------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Method:
+    """One benchmarked method.
+
+    Attributes:
+        name: ``library:what``, e.g. ``curvhook:DiagGGN`` or ``backpack:DiagGGNExact``.
+        library: The module that must be importable.
+        quantity: What ``result()`` returns (see the module docstring), or ``None``.
+        build: Builds the method's :class:`Runner` on a problem.
+        size: ``"dense"``: needs a ``[P, P]`` matrix; ``"jacobian"``: an ``[N, C, P]`` one.
+    """
+
     name: str
-    library: str  # module that must be importable
+    library: str
     quantity: Optional[str]
     build: Callable[[Problem], Runner]
-    size: str = "any"  # "dense": needs a [P, P] matrix; "jacobian": an [N, C, P] one
+    size: str = "any"
 
     def skip_reason(self, pb: Problem, num_params: Optional[int] = None) -> Optional[str]:
-        """Why this method is not run on ``pb`` (``None``: it is run)."""
+        """Why this method is not run on ``pb``.
+
+        Args:
+            pb: The problem.
+            num_params: ``P`` to assume instead of the problem's.
+
+        Returns:
+            The reason, or ``None`` if it is run.
+        """
         try:
             importlib.import_module(self.library)
         except Exception as err:  # noqa: BLE001 - any import failure means "not available"
             return f"{self.library} not importable ({type(err).__name__})"
-        if self.name.endswith("-split") and not any(isinstance(m, nn.MultiheadAttention) for m in pb.model.modules()):
-            return "no nn.MultiheadAttention: the same computation as without -split"
+        variant = self.name.partition(":")[2].split(ONE_BLOCK)[0].partition("-")[2]
+        needs = VARIANT_NEEDS.get(variant) if self.library == "curvhook" else None
+        if needs is not None and not any(isinstance(m, needs) for m in pb.model.modules()):
+            return f"no nn.{needs.__name__}: the same computation as without -{variant}"
         P = pb.num_params if num_params is None else num_params
         if self.size == "dense" and P > MAX_DENSE_P:
             return f"dense P x P with P={P:,} (limit {MAX_DENSE_P:,})"
@@ -331,19 +559,35 @@ class Method:
         return None
 
 
-def _ch(*names: str, size: str = "any") -> Method:
+def _ch(*names: str, size: str = "any", one_block: bool = False) -> Method:
+    """A curvhook method: the README idiom, or the steady state in one block (``@one-block``).
+
+    Args:
+        *names: Extension names (see :func:`_extension`), computed in one block.
+        size: See :class:`Method`.
+        one_block: Time the steady state inside one block entered once.
+
+    Returns:
+        The method, named ``curvhook:A+B`` (plus ``@one-block``).
+    """
     quantity = CURVHOOK_QUANTITY.get(names[0]) if len(names) == 1 else None
-    return Method("curvhook:" + "+".join(names), "curvhook", quantity, lambda pb: Curvhook(pb, names), size)
+    name = "curvhook:" + "+".join(names) + (ONE_BLOCK if one_block else "")
+    runner = CurvhookOneBlock if one_block else Curvhook
+    return Method(name, "curvhook", quantity, lambda pb: runner(pb, names), size)
 
 
 METHODS: list[Method] = [
     Method("plain", "torch", None, Plain),
     _ch("DiagGGN"),
-    _ch("DiagGGNApprox"),
-    _ch("DiagGGNApprox-split"),  # DiagGGNApprox(split_attention=True): attention split into its operations
+    _ch("DiagGGN", one_block=True),
+    _ch("DiagGGNApprox"),  # DiagGGNApprox(split_attention=True): attention counted as its operations
+    _ch("DiagGGNApprox", one_block=True),
+    _ch("DiagGGNApprox-attention-as-one"),  # DiagGGNApprox(split_attention=False)
     _ch("DiagGGN", "DiagGGNApprox"),
     _ch("BatchJacobian", size="jacobian"),
+    _ch("BatchJacobian", size="jacobian", one_block=True),
     _ch("FullGGN", size="dense"),
+    _ch("FullGGN", size="dense", one_block=True),
     Method("backpack:DiagGGNExact", "backpack", "diag_ggn", lambda pb: Backpack(pb, "DiagGGNExact")),
     Method("backpack:DiagGGNMC", "backpack", None, lambda pb: Backpack(pb, "DiagGGNMC")),
     Method("backpack:BatchGrad", "backpack", None, lambda pb: Backpack(pb, "BatchGrad")),
@@ -355,6 +599,8 @@ METHODS: list[Method] = [
     Method("torchfunc:BatchJacobian", "torch", "batch_jacobian", lambda pb: TorchFunc(pb, "batch_jacobian"), "jacobian"),
     Method("torchfunc:DiagGGN", "torch", "diag_ggn", lambda pb: TorchFunc(pb, "diag_ggn"), "jacobian"),
     Method("torchfunc:FullGGN", "torch", "full_ggn", lambda pb: TorchFunc(pb, "full_ggn"), "dense"),
+    Method("floor:BatchJacobian-write-fresh", "torch", None, lambda pb: WriteFloor(pb, fresh=True), "jacobian"),
+    Method("floor:BatchJacobian-write-touched", "torch", None, lambda pb: WriteFloor(pb, fresh=False), "jacobian"),
 ]
 
 BY_NAME = {m.name: m for m in METHODS}
@@ -364,14 +610,28 @@ REFERENCE = {"diag_ggn": "torchfunc:DiagGGN", "full_ggn": "torchfunc:FullGGN", "
 
 
 def select(patterns: Optional[list[str]]) -> list[Method]:
-    """Methods whose name equals or starts with one of ``patterns`` (all if ``None``).
+    """The methods that ``patterns`` name, in :data:`METHODS` order.
 
-    ``plain`` is always included: every ratio is taken against it.
+    A pattern that is a method's exact name selects that method only; any other
+    pattern selects every method whose name starts with it (``curvhook``,
+    ``backpack:``). ``plain`` is always included: every ratio is taken against it.
+
+    Args:
+        patterns: Names or prefixes; ``None`` or empty: all methods.
+
+    Returns:
+        The selected methods.
+
+    Raises:
+        SystemExit: A pattern matches no method.
     """
     if not patterns:
         return list(METHODS)
-    chosen = [m for m in METHODS if m.name == "plain" or any(m.name == p or m.name.startswith(p) for p in patterns)]
-    unknown = [p for p in patterns if not any(m.name == p or m.name.startswith(p) for m in METHODS)]
+
+    def matches(name: str, pattern: str) -> bool:
+        return name == pattern if pattern in BY_NAME else name.startswith(pattern)
+
+    unknown = [p for p in patterns if not any(matches(m.name, p) for m in METHODS)]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; known: {[m.name for m in METHODS]}")
-    return chosen
+    return [m for m in METHODS if m.name == "plain" or any(matches(m.name, p) for p in patterns)]

@@ -2,37 +2,39 @@
 
 Examples::
 
-    python -m benchmarks.run --problem 3c3d
+    python -m benchmarks.run --targets --json targets.json     # only what the targets need
     python -m benchmarks.run --problem all --json out.json --plot out.png --markdown out.md
-    python -m benchmarks.run --smoke            # seconds: tiny batch, curvhook + torch.func
+    python -m benchmarks.run --smoke            # seconds: tiny batch, curvhook + torch.func, in-process
 
-Protocol, per problem and method:
+Protocol, per problem and method (docs/benchmarks.md has the short version):
 
-- Time: one step is what a training loop runs per batch: forward, loss,
-  backward, plus whatever the library needs (NNGeometry and curvlinops build
-  their object from a one-batch loader; torch.func computes its Jacobian).
-  curvhook is timed in steady state inside an ``extend`` block entered once
-  (the entry is reported apart as ``entry_ms``). ``--warmup`` steps are run
-  first, then ``--repeats`` timed steps; the median is reported, and its ratio
-  to the plain ``loss.backward()`` step of the same run.
+- Step: what a training loop runs per batch: forward, loss, backward, plus
+  whatever the library needs (NNGeometry and curvlinops build their object
+  from a one-batch loader; torch.func computes its Jacobian). ``curvhook:X``
+  is written as the README tells users, a new ``with extend(model, X()):``
+  block around every step; ``curvhook:X@one-block`` is the steady state inside
+  one block entered once (its entry is reported apart as ``entry_ms``).
+- Time: ``--warmup`` steps, then ``--repeats`` samples; a fast method's sample
+  is the mean over a block of steps lasting about ``MIN_BLOCK_S``. The median
+  is reported, and its ratio to the plain ``loss.backward()`` step.
 - Memory: each method runs in its own fresh subprocess, which reports its peak
-  resident set size (``VmHWM``). ``Δ vs plain`` is that peak minus the peak
-  of the subprocess that ran only the plain step. ``--in-process`` skips the
+  resident set size (``VmHWM``); ``Δ vs plain`` subtracts the plain
+  subprocess's. ``Δ alloc MB``: the peak of the tensor memory allocated during
+  one more step (torch's profiler, ``profile_memory=True``) minus the same for
+  plain; it does not see the C allocator's caching. ``--in-process`` skips the
   subprocesses (no memory figures).
-- Tensor memory: one more step of each method runs under torch's profiler
-  (``profile_memory=True``); ``Δ alloc MB`` is the peak of the tensor memory
-  allocated during that step (above what was live before it) minus the same
-  for the plain step. It does not see the C allocator's caching, which makes
-  the resident-set figures of small problems noisy.
-- Paired ratios: the ratio of each target of issue #5 is measured once more
-  in lock step: the numerator and the denominator each run in a process of
-  their own, side by side, and take turns timing one block of steps (about
-  ``MIN_BLOCK_S``) while the other waits, ``--paired-rounds`` times each; the
-  median of the per-round ratios is reported. A 2-vCPU virtual machine drifts
-  by tens of percent within seconds: blocks a fraction of a second apart see
-  the same drift, and separate processes keep the methods from disturbing
-  each other (in one process the freed memory of one method and curvhook's
-  global hooks change the other's speed). ``--no-paired`` skips it.
+- Huge pages: unless ``--no-thp``, every process runs with
+  ``THP_MEM_ALLOC_ENABLE=1``, so torch's allocator asks for 2 MiB pages for
+  its large buffers, as curvhook does for its results: the peers and the
+  floors get the same page-fault cost as curvhook.
+- Targets (``benchmarks/targets.json``): the time ratios are measured once more
+  in lock step. The numerator and the denominator each run in a process of
+  their own, side by side, and take turns: each runs one block of steps
+  untimed and one timed (about ``MIN_BLOCK_S`` each) while the other waits,
+  the order swapping every round; ``--paired-rounds`` rounds per pair of
+  processes, ``--paired-processes`` fresh pairs, the median of all per-round
+  ratios decides. ``--no-paired`` skips it; with ``--in-process`` the two
+  alternate in one process instead (the smoke test).
 - Agreement: at a small batch (``--check-batch``), every method that computes
   the GGN diagonal, the full GGN or the batch Jacobian is compared to a
   torch.func reference (``max|a - ref| / max|ref|``; ``ok`` below 1e-4).
@@ -63,35 +65,30 @@ import torch
 
 from benchmarks import methods as M
 from benchmarks import problems as P
+from benchmarks import targets as T
 
 AGREE_TOL = 1e-4
 MIN_BLOCK_S = 0.05
 SMOKE_PROBLEMS = ["fullggn", "conv2d"]
-SMOKE_METHODS = ["curvhook", "torchfunc"]
-ROOT = Path(__file__).resolve().parent.parent
-
-# The problems issue #5 names; conv2d and linear are microbenchmarks of one layer.
-ISSUE_PROBLEMS = ["mlp", "3c3d", "resnet", "transformer", "fullggn"]
-
-# Target figures of issue #5: (label, numerator, denominator, problems, quantity, bound)
-TARGETS = [
-    ("DiagGGN / BackPACK DiagGGNExact (time)", "curvhook:DiagGGN", "backpack:DiagGGNExact", ["mlp", "3c3d"], "time", 0.8),
-    ("DiagGGNApprox / plain backward (time)", "curvhook:DiagGGNApprox", "plain", ISSUE_PROBLEMS, "time", 2.0),
-    # the same bound for the opt-in variant that splits attention (another approximation)
-    ("DiagGGNApprox(split_attention) / plain backward (time)", "curvhook:DiagGGNApprox-split", "plain", ["transformer"], "time", 2.0),
-    ("BatchJacobian / torch.func vmap(jacrev) (time)", "curvhook:BatchJacobian", "torchfunc:BatchJacobian", ["mlp", "3c3d"], "time", 0.2),
-    ("FullGGN / torch.func JᵀHJ (time)", "curvhook:FullGGN", "torchfunc:FullGGN", ["fullggn"], "time", 0.2),
-    ("DiagGGN / BackPACK DiagGGNExact (extra peak memory over plain)", "curvhook:DiagGGN", "backpack:DiagGGNExact", ["mlp", "3c3d"], "memory", 1.0),
+# Every curvhook extension as the README writes it, the steady state of the cheap ones
+# (FullGGN's adds seconds), torch.func and the floors.
+SMOKE_METHODS = [
+    "curvhook:DiagGGN", "curvhook:DiagGGN@one-block", "curvhook:DiagGGNApprox", "curvhook:DiagGGNApprox@one-block",
+    "curvhook:DiagGGNApprox-attention-as-one", "curvhook:DiagGGN+DiagGGNApprox", "curvhook:BatchJacobian",
+    "curvhook:BatchJacobian@one-block", "curvhook:FullGGN", "torchfunc", "floor",
 ]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------ one method
 def _classify(err: BaseException) -> str:
+    """``"unsupported"`` for a library's refusal (``NotImplementedError``, ``Unsupported…``), else ``"error"``."""
     name = type(err).__name__
     return "unsupported" if "Unsupported" in name or isinstance(err, NotImplementedError) else "error"
 
 
 def _error_text(err: BaseException) -> str:
+    """The error as one line of at most 300 characters, for the tables."""
     text = f"{type(err).__name__}: {err}".replace("\n", " ")
     return text[:300]
 
@@ -109,11 +106,59 @@ def _worker_command(args: argparse.Namespace, problem: str, method: str, *extra:
     ]
     if args.batch_size is not None:
         cmd += ["--batch-size", str(args.batch_size)]
+    if not getattr(args, "thp", True):
+        cmd.append("--no-thp")
     return cmd
 
 
+def _time_steps(runner: M.Runner, warmup: int, repeats: int) -> tuple[list[float], list[float], int]:
+    """Warm ``runner`` up, then time ``repeats`` samples of its step.
+
+    A fast method is timed in blocks of ``k`` steps lasting about
+    ``MIN_BLOCK_S``, so that one sample is not dominated by timer and scheduler
+    noise (a sample is block time / ``k``); a very slow one (over 20 s a step)
+    is timed once.
+
+    Args:
+        runner: The method on its problem.
+        warmup: Untimed steps first (their mean time sets ``k``).
+        repeats: Samples.
+
+    Returns:
+        ``(wall seconds per step, CPU seconds per step, k)``, one entry per sample.
+    """
+    t0 = time.perf_counter()
+    for _ in range(max(warmup, 0)):
+        runner.step()
+    first = (time.perf_counter() - t0) / max(warmup, 1)
+    reps = 1 if warmup and first > 20 else repeats
+    k = _block_steps(first) if warmup else 1
+    times, cpu_times = [], []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(k):
+            runner.step()
+        times.append((time.perf_counter() - t0) / k * runner.extrapolate)
+        cpu_times.append((time.process_time() - c0) / k * runner.extrapolate)
+    return times, cpu_times, k
+
+
 def measure(problem: str, method: str, batch_size: Optional[int], repeats: int, warmup: int) -> dict:
-    """Build ``problem``, run ``method`` ``warmup + repeats`` times, return timings."""
+    """One separate measurement: build ``problem``, time ``method``, profile one more step.
+
+    Args:
+        problem: The problem.
+        method: The method.
+        batch_size: ``None``: the problem's own.
+        repeats: Timed samples (see :func:`_time_steps`).
+        warmup: Untimed steps first.
+
+    Returns:
+        ``status``, ``note``, the times (``median_s``, ``min_s``, ``times_s``,
+        ``cpu_median_s``), the memory (``peak_rss_mb``, ``alloc_peak_mb``) and,
+        for a method timed in one block, ``entry_ms``; or a failure's
+        ``status`` and ``note``.
+    """
     pb = P.make(problem, batch_size)
     m = M.BY_NAME[method]
     reason = m.skip_reason(pb)
@@ -123,24 +168,9 @@ def measure(problem: str, method: str, batch_size: Optional[int], repeats: int, 
     runner = None
     try:
         runner = m.build(pb)
-        t0 = time.perf_counter()
-        for _ in range(max(warmup, 0)):
-            runner.step()
-        first = (time.perf_counter() - t0) / max(warmup, 1)
-        # A very slow method (tens of seconds a step) is timed once. A fast one is
-        # timed in blocks of k steps lasting about MIN_BLOCK_S, so that one sample is
-        # not dominated by timer and scheduler noise; a sample is block time / k.
-        reps = 1 if warmup and first > 20 else repeats
-        k = _block_steps(first) if warmup else 1
-        times, cpu_times = [], []
-        for _ in range(reps):
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(k):
-                runner.step()
-            times.append((time.perf_counter() - t0) / k * runner.extrapolate)
-            cpu_times.append((time.process_time() - c0) / k * runner.extrapolate)
+        times, cpu_times, k = _time_steps(runner, warmup, repeats)
         peak_rss = _max_rss_mb()  # before the profiled step below, which needs memory of its own
-        alloc_peak = _allocator_peak_mb(runner) if reps == repeats else None
+        alloc_peak = _allocator_peak_mb(runner) if len(times) == repeats else None
     except Exception as err:  # noqa: BLE001 - recorded, the suite goes on
         return {"status": _classify(err), "note": _error_text(err), "traceback": traceback.format_exc(limit=6)}
     finally:
@@ -150,21 +180,14 @@ def measure(problem: str, method: str, batch_size: Optional[int], repeats: int, 
             except Exception:  # noqa: BLE001
                 pass
     out = {
-        "alloc_peak_mb": alloc_peak,
-        "status": getattr(runner, "status", "ok"),
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "times_s": times,
-        "cpu_median_s": statistics.median(cpu_times),
-        "steps_per_sample": k,
-        "load1": os.getloadavg()[0],
-        "note": runner.note,
-        "setup_rss_mb": rss_setup,
-        "peak_rss_mb": peak_rss,
+        "alloc_peak_mb": alloc_peak, "status": getattr(runner, "status", "ok"),
+        "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
+        "cpu_median_s": statistics.median(cpu_times), "steps_per_sample": k, "load1": os.getloadavg()[0],
+        "note": runner.note, "setup_rss_mb": rss_setup, "peak_rss_mb": peak_rss,
     }
     if hasattr(runner, "entry_s"):
         out["entry_ms"] = runner.entry_s * 1e3
-    if reps != repeats:
+    if len(times) != repeats:
         out["note"] = (out["note"] + "; " if out["note"] else "") + "timed once (slow)"
     if runner.extrapolate != 1.0:
         out["extrapolated"] = True
@@ -181,6 +204,17 @@ def measure_paired(problem: str, num: str, den: str, batch_size: Optional[int], 
     of steps: its global module hooks and torch-function mode would slow the
     other method down. The ratio of a round is ``t_num / t_den`` (per
     step); the median over the rounds is reported.
+
+    Args:
+        problem: The problem.
+        num: The numerator's method.
+        den: The denominator's method.
+        batch_size: ``None``: the problem's own.
+        rounds: Timed blocks per method.
+        warmup: Untimed steps first (at least one).
+
+    Returns:
+        ``status``, ``ratio`` (the median), ``ratios``, ``num_median_s``, ``den_median_s``.
     """
     runners = {}
     try:
@@ -229,6 +263,12 @@ def lockstep_worker(problem: str, method: str, batch_size: Optional[int], warmup
     Prints ``READY k`` once the method is built and warm (``k`` steps make a
     block of about ``MIN_BLOCK_S``), then ``TIME t`` (seconds per step) for each
     ``go``; any other line ends it. A failure is reported as ``RESULT {json}``.
+
+    Args:
+        problem: The problem.
+        method: The method.
+        batch_size: ``None``: the problem's own.
+        warmup: Untimed steps after the first (their mean time sets ``k``).
     """
     pb = P.make(problem, batch_size)
     m = M.BY_NAME[method]
@@ -265,7 +305,15 @@ def lockstep_worker(problem: str, method: str, batch_size: Optional[int], warmup
 
 
 def _reply(proc: subprocess.Popen, timeout: float) -> str:
-    """The next line a lock-step worker prints, or ``""`` if it died or took over ``timeout`` s."""
+    """The next line a lock-step worker prints.
+
+    Args:
+        proc: The worker.
+        timeout: Seconds to wait.
+
+    Returns:
+        The line, or ``""`` if the worker died or took longer.
+    """
     if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(proc.stdout, select.POLLIN)
@@ -295,6 +343,17 @@ def lockstep_subprocesses(args: argparse.Namespace, problem: str, num: str, den:
 
     The ratio of a round is ``t_num / t_den`` per step; the median over all
     rounds of all pairs is reported, with the per-pair medians.
+
+    Args:
+        args: The command line (``paired_processes``, ``paired_rounds``, ``timeout``,
+            ``wait_idle`` and what :func:`_worker_command` reads).
+        problem: The problem.
+        num: The numerator's method.
+        den: The denominator's method.
+
+    Returns:
+        ``status``, ``ratio``, ``ratios``, ``pair_ratios``, ``num_median_s``,
+        ``den_median_s``; or the failing worker's ``status`` and ``note``.
     """
     ratios: list[float] = []
     pairs: list[float] = []
@@ -321,6 +380,7 @@ def _lockstep_pair(args: argparse.Namespace, problem: str, num: str, den: str) -
     logs: dict[str, Any] = {}
 
     def fail(name: str, line: str) -> dict:
+        """The result for a worker that answered ``line`` instead of what was expected."""
         if line.startswith("RESULT "):
             res = json.loads(line[len("RESULT "):])
             return {"status": res.get("status", "error"), "note": f"{name}: {res.get('note', '')}"}
@@ -367,30 +427,39 @@ def _lockstep_pair(args: argparse.Namespace, problem: str, num: str, den: str) -
     return {"status": "ok", "ratios": ratios, "num_s": per_step[num], "den_s": per_step[den]}
 
 
-def paired_measurements(args: argparse.Namespace, results: dict) -> dict:
-    """The paired ratio of every time target whose two methods ran (and are not slow)."""
+def paired_measurements(args: argparse.Namespace, results: dict, targets: list[T.Target]) -> dict:
+    """The lock-step ratio of every time target whose two methods ran (and are not slow).
+
+    Args:
+        args: The command line (pairing options, ``--in-process``).
+        results: The separate measurements so far (``problems``).
+        targets: The targets.
+
+    Returns:
+        ``{"problem:numerator/denominator": result}`` (see :func:`lockstep_subprocesses`).
+    """
     out = {}
-    for label, num, den, probs, kind, _ in TARGETS:
-        if kind != "time":
+    for t in targets:
+        if t.quantity != "time":
             continue
-        for prob in probs:
+        for prob in t.problems:
             pr = results["problems"].get(prob)
             if not pr:
                 continue
-            a, b = pr["methods"].get(num, {}), pr["methods"].get(den, {})
+            a, b = pr["methods"].get(t.numerator, {}), pr["methods"].get(t.denominator, {})
             if a.get("status") != "ok" or b.get("status") != "ok":
                 continue
-            key = f"{prob}:{num}/{den}"
+            key = f"{prob}:{t.numerator}/{t.denominator}"
             if max(a["median_s"], b["median_s"]) > 20:
                 out[key] = {"status": "skipped", "note": "a step takes over 20 s"}
                 continue
             if args.in_process:
-                r = measure_paired(prob, num, den, args.batch_size, args.repeats, args.warmup)
+                r = measure_paired(prob, t.numerator, t.denominator, args.batch_size, args.repeats, args.warmup)
             else:
-                r = lockstep_subprocesses(args, prob, num, den)
+                r = lockstep_subprocesses(args, prob, t.numerator, t.denominator)
             out[key] = r
             value = f"{r['ratio']:.2f}" if r.get("status") == "ok" else r.get("status")
-            print(f"  [paired] {prob:<12} {num} / {den}: {value}", flush=True)
+            print(f"  [paired] {prob:<12} {t.numerator} / {t.denominator}: {value}", flush=True)
     return out
 
 
@@ -418,6 +487,7 @@ def _allocator_peak_mb(runner: M.Runner) -> Optional[float]:
 def cpu_busy(interval: float = 0.5) -> Optional[float]:
     """Fraction of all cores busy over ``interval`` seconds (from /proc/stat), or None."""
     def read() -> Optional[tuple[int, int]]:
+        """``(all jiffies, idle jiffies)`` from /proc/stat, or ``None``."""
         try:
             fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
         except Exception:  # noqa: BLE001 - not Linux
@@ -459,6 +529,16 @@ def _max_rss_mb() -> float:
 
 
 def run_in_subprocess(args: argparse.Namespace, problem: str, method: str) -> dict:
+    """One separate measurement (:func:`measure`) in a fresh subprocess, for its peak memory.
+
+    Args:
+        args: The command line.
+        problem: The problem.
+        method: The method.
+
+    Returns:
+        The worker's result, or ``{"status": "timeout" | "crashed", "note"}``.
+    """
     cmd = _worker_command(args, problem, method, "--repeats", str(args.repeats))
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
@@ -472,10 +552,42 @@ def run_in_subprocess(args: argparse.Namespace, problem: str, method: str) -> di
 
 
 # ------------------------------------------------------------------ agreement
+def _one_result(problem: str, method: M.Method, batch_size: int) -> Any:
+    """One step of ``method`` at ``batch_size``: ``(flat result, index)``, or the exception it raised."""
+    runner = None
+    try:
+        runner = method.build(P.make(problem, batch_size))
+        runner.step()
+        return runner.result()
+    except Exception as err:  # noqa: BLE001 - reported by the caller
+        return err
+    finally:
+        if runner is not None:
+            runner.close()
+
+
+def _agreement(value: Optional[torch.Tensor], index: Optional[torch.Tensor], ref: torch.Tensor) -> str:
+    """``ok (err)`` or ``MISMATCH (err)`` for ``max|value - ref| / max|ref|``, or the shapes that differ."""
+    expected = ref if index is None else ref[index]
+    if value is None or value.shape != expected.shape:
+        return f"SHAPE {tuple(value.shape) if value is not None else None} != {tuple(expected.shape)}"
+    scale = expected.abs().max().item()
+    err = (value.double() - expected.double()).abs().max().item() / max(scale, 1e-30)
+    return f"ok ({err:.0e})" if err < AGREE_TOL else f"MISMATCH ({err:.1e})"
+
+
 def cross_check(problem: str, chosen: list[M.Method], batch_size: int) -> dict[str, str]:
-    """Compare every method that has a quantity to the torch.func reference at a small batch."""
+    """Compare every method that has a quantity to the torch.func reference at a small batch.
+
+    Args:
+        problem: The problem.
+        chosen: The methods (those without a quantity are left out).
+        batch_size: The batch size of the check.
+
+    Returns:
+        ``{method: "ok (err)" | "MISMATCH (err)" | "reference" | "n/a" | ...}``.
+    """
     pb = P.make(problem, batch_size)
-    P_ = pb.num_params
     out: dict[str, str] = {}
     refs: dict[str, Any] = {}
     for m in chosen:
@@ -487,47 +599,22 @@ def cross_check(problem: str, chosen: list[M.Method], batch_size: int) -> dict[s
         ref_name = M.REFERENCE[m.quantity]
         if ref_name not in refs:
             ref_method = M.BY_NAME[ref_name]
-            reason = ref_method.skip_reason(pb)
-            if reason:
-                refs[ref_name] = None
-            else:
-                try:
-                    r = ref_method.build(P.make(problem, batch_size))
-                    r.step()
-                    refs[ref_name] = r.result()[0]
-                except Exception as err:  # noqa: BLE001
-                    refs[ref_name] = err
+            got = None if ref_method.skip_reason(pb) else _one_result(problem, ref_method, batch_size)
+            refs[ref_name] = got[0] if isinstance(got, tuple) else got
         ref = refs[ref_name]
         if m.name == ref_name:
             out[m.name] = "reference" if isinstance(ref, torch.Tensor) else "n/a"
-            continue
-        if not isinstance(ref, torch.Tensor):
+        elif not isinstance(ref, torch.Tensor):
             out[m.name] = "no reference"
-            continue
-        runner = None
-        try:
-            runner = m.build(P.make(problem, batch_size))
-            runner.step()
-            value, index = runner.result()
-        except Exception as err:  # noqa: BLE001
-            out[m.name] = _classify(err)
-            continue
-        finally:
-            if runner is not None:
-                runner.close()
-        expected = ref if index is None else ref[index]
-        if value is None or value.shape != expected.shape:
-            out[m.name] = f"SHAPE {tuple(value.shape) if value is not None else None} != {tuple(expected.shape)}"
-            continue
-        scale = expected.abs().max().item()
-        err = (value.double() - expected.double()).abs().max().item() / max(scale, 1e-30)
-        out[m.name] = f"ok ({err:.0e})" if err < AGREE_TOL else f"MISMATCH ({err:.1e})"
-    del P_
+        else:
+            got = _one_result(problem, m, batch_size)
+            out[m.name] = _classify(got) if isinstance(got, BaseException) else _agreement(*got, ref)
     return out
 
 
 # ----------------------------------------------------------------- reporting
 def machine_info(threads: int) -> dict:
+    """The CPU model (``lscpu``), logical CPUs, torch threads and platform."""
     model = platform.processor() or ""
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -540,6 +627,7 @@ def machine_info(threads: int) -> dict:
 
 
 def versions() -> dict:
+    """The versions of Python, torch, curvhook and the peers (``None``: not installed)."""
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for dist in ["curvhook", "backpack-for-pytorch", "nngeometry", "curvlinops-for-pytorch", "matplotlib"]:
         try:
@@ -550,6 +638,7 @@ def versions() -> dict:
 
 
 def _fmt_ms(r: dict, key: str = "median_s") -> str:
+    """A time of ``r`` in ms (``*``: extrapolated), ``-`` if absent."""
     if key not in r:
         return "-"
     v = r[key] * 1e3
@@ -558,10 +647,12 @@ def _fmt_ms(r: dict, key: str = "median_s") -> str:
 
 
 def _fmt(v: Optional[float], spec: str) -> str:
+    """``v`` formatted with ``spec``, ``-`` if ``None``."""
     return "-" if v is None else format(v, spec)
 
 
 def table_rows(prob: dict) -> list[list[str]]:
+    """The cells of one problem's table (see :data:`HEADER`), one row per method."""
     rows = []
     for name, r in prob["methods"].items():
         status = r.get("status", "?")
@@ -579,6 +670,7 @@ HEADER = ["method", "status", "median ms", "min ms", "x plain", "x plain (min)",
 
 
 def text_table(prob_name: str, prob: dict) -> str:
+    """One problem's table as aligned text, with a title line."""
     rows = [HEADER] + table_rows(prob)
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     lines = [f"== {prob_name}: {prob['description']} (N={prob['batch_size']}, P={prob['num_params']:,})"]
@@ -590,6 +682,7 @@ def text_table(prob_name: str, prob: dict) -> str:
 
 
 def markdown_table(prob_name: str, prob: dict) -> str:
+    """One problem's table as markdown, with a title."""
     lines = [
         f"### {prob_name}: {prob['description']} (N={prob['batch_size']}, P={prob['num_params']:,})",
         "",
@@ -601,64 +694,15 @@ def markdown_table(prob_name: str, prob: dict) -> str:
     return "\n".join(lines)
 
 
-def compute_targets(results: dict) -> list[dict]:
-    out = []
-    for label, num, den, probs, kind, bound in TARGETS:
-        for prob in probs:
-            pr = results["problems"].get(prob)
-            if not pr:
-                continue
-            a, b = pr["methods"].get(num, {}), pr["methods"].get(den, {})
-            value_min = None
-            if a.get("status") != "ok" or b.get("status") != "ok":
-                value = None
-            elif kind == "time":
-                value = a["median_s"] / b["median_s"]
-                value_min = a["min_s"] / b["min_s"]
-            else:  # value: resident set sizes; value_min: the allocator measure (see _allocator_peak_mb)
-                da, db = a.get("delta_rss_mb"), b.get("delta_rss_mb")
-                value = None if da is None or db is None or db <= 0 else max(da, 0.0) / db
-                aa, ab = a.get("delta_alloc_mb"), b.get("delta_alloc_mb")
-                value_min = None if aa is None or ab is None or ab <= 0 else max(aa, 0.0) / ab
-            paired = results.get("paired", {}).get(f"{prob}:{num}/{den}", {}) if kind == "time" else {}
-            value_paired = paired.get("ratio") if paired.get("status") == "ok" else None
-            # time: the paired ratio where measured; memory: the allocator measure where measured
-            decisive = value_paired if value_paired is not None else value
-            if kind == "memory" and value_min is not None:
-                decisive = value_min
-            out.append({
-                "target": label, "problem": prob, "value": value, "value_min": value_min,
-                "value_paired": value_paired, "bound": bound,
-                "met": None if decisive is None else decisive <= bound,
-                "why_missing": None if value is not None else f"{num}: {a.get('status', 'not run')}, {den}: {b.get('status', 'not run')}",
-            })
-    return out
-
-
-def targets_text(targets: list[dict], markdown: bool = False) -> str:
-    lines = []
-    if markdown:
-        lines += [
-            "| target | problem | paired (median of rounds) | separate runs (medians) | separate runs (minima) | bound | met |",
-            "|---|---|--:|--:|--:|--:|---|",
-        ]
-    for t in targets:
-        value = "-" if t["value"] is None else f"{t['value']:.2f}"
-        vmin = "-" if t.get("value_min") is None else f"{t['value_min']:.2f}"
-        vpair = "-" if t.get("value_paired") is None else f"{t['value_paired']:.2f}"
-        if "memory" in t["target"]:  # resident set sizes, and the allocator measure
-            value = value if value == "-" else value + " (RSS)"
-            vmin = vmin if vmin == "-" else vmin + " (allocator)"
-        met = {True: "yes", False: "NO", None: "n/a (" + (t["why_missing"] or "") + ")"}[t["met"]]
-        if markdown:
-            lines.append(f"| {t['target']} | {t['problem']} | {vpair} | {value} | {vmin} | ≤ {t['bound']} | {met} |")
-        else:
-            lines.append(f"  {t['target']:<62} {t['problem']:<12} paired {vpair:>7}  separate {value:>8} "
-                         f"(min {vmin:>6})  (≤ {t['bound']})  {met}")
-    return "\n".join(lines)
-
-
 def plot(results: dict, path: str) -> None:
+    """A bar chart of every method's ratio to plain, one panel per problem (log scale).
+
+    curvhook is blue, the peers orange, the floors green, plain gray.
+
+    Args:
+        results: The run's results.
+        path: The image file to write.
+    """
     try:
         import matplotlib
 
@@ -672,7 +716,8 @@ def plot(results: dict, path: str) -> None:
     for ax, (name, pr) in zip(axes[:, 0], probs):
         items = [(m, r["ratio"]) for m, r in pr["methods"].items() if r.get("ratio")]
         labels = [m for m, _ in items]
-        colors = ["tab:blue" if m.startswith("curvhook") else "tab:gray" if m == "plain" else "tab:orange" for m in labels]
+        colors = ["tab:blue" if m.startswith("curvhook") else "tab:gray" if m == "plain"
+                  else "tab:green" if m.startswith("floor") else "tab:orange" for m in labels]
         ax.barh(range(len(items)), [v for _, v in items], color=colors)
         ax.set_yticks(range(len(items)), labels, fontsize=7)
         ax.invert_yaxis()
@@ -686,25 +731,39 @@ def plot(results: dict, path: str) -> None:
 
 # ------------------------------------------------------------------------ main
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    """Parse the command line; ``--smoke`` and ``--targets`` fill in their defaults.
+
+    Args:
+        argv: The arguments (``None``: ``sys.argv[1:]``).
+
+    Returns:
+        The options.
+    """
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--problem", default="mlp", help=f"one of {P.ALL}, 'all', or a comma-separated list")
+    ap.add_argument("--problem", default=None, help=f"one of {P.ALL}, 'all', or a comma-separated list (default: mlp)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: each problem's own (128)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--methods", nargs="*", default=None,
-                    help="method names or prefixes (e.g. curvhook backpack:DiagGGNExact); default: all")
+                    help="method names (exact) or prefixes (e.g. curvhook backpack:DiagGGNExact); default: all")
+    ap.add_argument("--targets", action="store_true",
+                    help="only the problems and methods of the targets (with --problem: of those problems)")
+    ap.add_argument("--targets-file", default=None, help=f"default: {T.TARGETS_FILE.relative_to(ROOT)}")
     ap.add_argument("--json", default=None, help="write the results to this file")
     ap.add_argument("--plot", default=None, help="write a bar chart (needs matplotlib)")
     ap.add_argument("--markdown", default=None, help="write the tables as markdown")
     ap.add_argument("--in-process", action="store_true", help="no subprocesses, no memory figures")
     ap.add_argument("--check-batch", type=int, default=8, help="batch size of the agreement check")
     ap.add_argument("--no-check", action="store_true", help="skip the agreement check")
+    ap.add_argument("--no-thp", dest="thp", action="store_false",
+                    help="do not set THP_MEM_ALLOC_ENABLE=1 (torch's allocator then uses 4 KiB pages)")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per method subprocess")
     ap.add_argument("--wait-idle", type=float, default=0.0,
                     help="before each method wait up to this many seconds for other processes to leave the CPU")
     ap.add_argument("--smoke", action="store_true",
-                    help="CI config: problems fullggn,conv2d at N=4, curvhook + torch.func, 1 repeat, in-process")
+                    help="CI config: problems fullggn,conv2d at N=4, curvhook + torch.func + floors, 1 repeat, "
+                         "in-process")
     ap.add_argument("--no-paired", action="store_true",
                     help="skip the paired measurement of the target ratios (the two methods in processes of "
                          "their own, in lock step; with --in-process: blocks of steps alternating in one process)")
@@ -715,96 +774,175 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.targets and args.methods:
+        ap.error("--targets chooses the methods itself: leave out --methods")
     if args.smoke:
-        args.problem = ",".join(SMOKE_PROBLEMS) if args.problem == "mlp" else args.problem
+        args.problem = args.problem or ",".join(SMOKE_PROBLEMS)
         args.batch_size = args.batch_size or 4
         args.methods = args.methods or SMOKE_METHODS
         args.repeats, args.warmup, args.in_process, args.check_batch = 1, 0, True, 4
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    args = parse(argv)
-    torch.set_num_threads(args.threads)
-    if args.worker:
-        warnings.filterwarnings("ignore")
-        if args.lockstep:
-            lockstep_worker(args.problem, args.methods[0], args.batch_size, args.warmup)
-            return {}
-        result = measure(args.problem, args.methods[0], args.batch_size, args.repeats, args.warmup)
-        print("RESULT " + json.dumps(result), flush=True)
-        return result
+def run_plan(args: argparse.Namespace, targets: list[T.Target]) -> dict[str, list[M.Method]]:
+    """The problems to run and the methods to run on each.
 
-    problems = P.ALL if args.problem == "all" else args.problem.split(",")
-    for name in problems:
+    Args:
+        args: The command line (``--problem``, ``--methods``, ``--targets``).
+        targets: The targets.
+
+    Returns:
+        ``{problem: methods}`` in run order.
+
+    Raises:
+        SystemExit: An unknown problem or method.
+    """
+    chosen = None if args.problem is None else P.ALL if args.problem == "all" else args.problem.split(",")
+    for name in chosen or []:
         if name not in P.SPECS:
             raise SystemExit(f"unknown problem {name!r}; known: {P.ALL} or 'all'")
-    chosen = M.select(args.methods)
-    command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    results: dict[str, Any] = {
-        "meta": {
-            "command": command,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_info(args.threads),
-            "versions": versions(),
-            "config": {k: v for k, v in vars(args).items() if k != "worker"},
-        },
-        "problems": {},
-    }
-    print(f"# {command}\n# {results['meta']['machine']['cpu_model']}, {args.threads} threads, torch {torch.__version__}")
-    for name in problems:
-        pb = P.make(name, args.batch_size)
-        prob: dict[str, Any] = {
-            "description": pb.description, "batch_size": pb.batch_size,
-            "num_params": pb.num_params, "num_outputs": pb.num_outputs, "methods": {},
-        }
-        results["problems"][name] = prob
-        for m in chosen:
-            busy = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else None
-            t0 = time.perf_counter()
-            if args.in_process:
-                r = measure(name, m.name, args.batch_size, args.repeats, args.warmup)
-                r.pop("setup_rss_mb", None), r.pop("peak_rss_mb", None)
-            else:
-                r = run_in_subprocess(args, name, m.name)
-            if busy is not None:
-                r["cpu_busy_before"] = round(busy, 3)
-            prob["methods"][m.name] = r
-            print(f"  [{name}] {m.name:<32} {r['status']:<11} {_fmt_ms(r):>10} ms  ({time.perf_counter() - t0:.1f} s,"
-                  f" load {os.getloadavg()[0]:.1f})", flush=True)
-        plain = prob["methods"].get("plain", {})
-        for r in prob["methods"].values():
-            if "median_s" in r and plain.get("status") == "ok":
-                r["ratio"] = r["median_s"] / plain["median_s"]
-                r["ratio_min"] = r["min_s"] / plain["min_s"]
-                if r.get("peak_rss_mb") is not None and plain.get("peak_rss_mb") is not None:
-                    r["delta_rss_mb"] = r["peak_rss_mb"] - plain["peak_rss_mb"]
-                if r.get("alloc_peak_mb") is not None and plain.get("alloc_peak_mb") is not None:
-                    r["delta_alloc_mb"] = r["alloc_peak_mb"] - plain["alloc_peak_mb"]
-        if not args.no_check:
-            try:
-                prob["check"] = cross_check(name, chosen, args.check_batch)
-            except Exception as err:  # noqa: BLE001
-                prob["check"] = {"error": _error_text(err)}
-        print(text_table(name, prob), flush=True)
-        print()
+    if args.targets:
+        return {prob: [M.BY_NAME[n] for n in names] for prob, names in T.plan(targets, chosen).items()}
+    methods = M.select(args.methods)
+    return {prob: methods for prob in chosen or ["mlp"]}
 
-    if not args.no_paired:
-        results["paired"] = paired_measurements(args, results)
-    results["targets"] = compute_targets(results)
-    if results["targets"]:
-        print("Targets (issue #5):")
-        print(targets_text(results["targets"]))
+
+def run_problem(args: argparse.Namespace, name: str, methods: list[M.Method]) -> dict:
+    """Measure every method on one problem, each in its own subprocess unless ``--in-process``.
+
+    Args:
+        args: The command line.
+        name: The problem.
+        methods: The methods.
+
+    Returns:
+        The problem's description and ``methods: {name: result}``, with the ratios to plain.
+    """
+    pb = P.make(name, args.batch_size)
+    prob: dict[str, Any] = {
+        "description": pb.description, "batch_size": pb.batch_size,
+        "num_params": pb.num_params, "num_outputs": pb.num_outputs, "methods": {},
+    }
+    del pb
+    for m in methods:
+        busy = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else None
+        t0 = time.perf_counter()
+        if args.in_process:
+            r = measure(name, m.name, args.batch_size, args.repeats, args.warmup)
+            r.pop("setup_rss_mb", None), r.pop("peak_rss_mb", None)
+        else:
+            r = run_in_subprocess(args, name, m.name)
+        if busy is not None:
+            r["cpu_busy_before"] = round(busy, 3)
+        prob["methods"][m.name] = r
+        print(f"  [{name}] {m.name:<36} {r['status']:<11} {_fmt_ms(r):>10} ms  ({time.perf_counter() - t0:.1f} s,"
+              f" load {os.getloadavg()[0]:.1f})", flush=True)
+    add_ratios(prob["methods"])
+    if not args.no_check:
+        try:
+            prob["check"] = cross_check(name, methods, args.check_batch)
+        except Exception as err:  # noqa: BLE001
+            prob["check"] = {"error": _error_text(err)}
+    return prob
+
+
+def add_ratios(results: dict) -> None:
+    """Add each method's ratios (time, memory) to the plain step of the same problem, in place.
+
+    Args:
+        results: ``{method: result}`` of one problem.
+    """
+    plain = results.get("plain", {})
+    if plain.get("status") != "ok":
+        return
+    for r in results.values():
+        if "median_s" not in r:
+            continue
+        r["ratio"] = r["median_s"] / plain["median_s"]
+        r["ratio_min"] = r["min_s"] / plain["min_s"]
+        if r.get("peak_rss_mb") is not None and plain.get("peak_rss_mb") is not None:
+            r["delta_rss_mb"] = r["peak_rss_mb"] - plain["peak_rss_mb"]
+        if r.get("alloc_peak_mb") is not None and plain.get("alloc_peak_mb") is not None:
+            r["delta_alloc_mb"] = r["alloc_peak_mb"] - plain["alloc_peak_mb"]
+
+
+def write_outputs(args: argparse.Namespace, results: dict) -> None:
+    """Write the JSON, markdown and plot files the command line asks for.
+
+    Args:
+        args: The command line (``--json``, ``--markdown``, ``--plot``).
+        results: The run's results.
+    """
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
         print(f"JSON written to {args.json}")
     if args.markdown:
         md = [markdown_table(k, v) for k, v in results["problems"].items()]
-        md.append("### Targets\n\n" + targets_text(results["targets"], markdown=True))
+        if results["targets"]:
+            md.append("### Targets\n\n" + T.text(results["targets"], markdown=True))
         Path(args.markdown).write_text("\n\n".join(md) + "\n")
         print(f"markdown written to {args.markdown}")
     if args.plot:
         plot(results, args.plot)
+
+
+def _meta(args: argparse.Namespace, argv: Optional[list[str]]) -> dict:
+    """The run's command, date, machine, versions and options, for the JSON."""
+    command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    return {
+        "command": command,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(args.threads),
+        "versions": versions(),
+        "config": {k: v for k, v in vars(args).items() if k != "worker"},
+        "env": {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")},
+    }
+
+
+def _worker_main(args: argparse.Namespace) -> dict:
+    """A worker subprocess: a lock-step worker, or one separate measurement printed as ``RESULT``."""
+    warnings.filterwarnings("ignore")
+    if args.lockstep:
+        lockstep_worker(args.problem, args.methods[0], args.batch_size, args.warmup)
+        return {}
+    result = measure(args.problem, args.methods[0], args.batch_size, args.repeats, args.warmup)
+    print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Run the benchmarks the command line asks for, print the tables, write the files.
+
+    Args:
+        argv: The arguments (``None``: ``sys.argv[1:]``).
+
+    Returns:
+        The results (``meta``, ``problems``, ``paired``, ``targets``), as written to ``--json``.
+    """
+    args = parse(argv)
+    if args.worker or not args.in_process:
+        # torch reads it at its first large allocation; the worker subprocesses inherit it.
+        # An in-process run (the smoke test) leaves the environment of its process alone.
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if args.thp else "0"
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        return _worker_main(args)
+    targets = T.load(args.targets_file)
+    plan = run_plan(args, targets)
+    results: dict[str, Any] = {"meta": _meta(args, argv), "problems": {}}
+    print(f"# {results['meta']['command']}\n# {results['meta']['machine']['cpu_model']}, {args.threads} threads, "
+          f"torch {torch.__version__}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
+    for name, methods in plan.items():
+        results["problems"][name] = run_problem(args, name, methods)
+        print(text_table(name, results["problems"][name]), flush=True)
+        print()
+    if not args.no_paired:
+        results["paired"] = paired_measurements(args, results, targets)
+    results["targets"] = T.evaluate(targets, results)
+    if results["targets"]:
+        print("Targets (benchmarks/targets.json; 'met' reads the paired ratio for time, the allocator for memory):")
+        print(T.text(results["targets"]))
+    write_outputs(args, results)
     return results
 
 
