@@ -11,7 +11,7 @@ and, when it returns, hook the backward driver onto its output.
 
 from __future__ import annotations
 
-from functools import partial, wraps
+from functools import wraps
 from typing import Any, Callable
 
 from torch import Tensor, nn
