@@ -150,75 +150,114 @@ def _approx_diagonals(call: Operation, arguments: dict, diag: Tensor, need_input
     n_all, length, e_dim = x.shape
     heads = m.num_heads
     dh = e_dim // heads
-    s = dh ** -0.5
     w = _weight_products(m)
     b_in = None if m.in_proj_bias is None else m.in_proj_bias.detach()
     with torch.no_grad():
         q, k, v = rearrange(F.linear(x, w["w_in"], b_in), "n l (t h a) -> t n h l a", t=3, h=heads)
         weights = _attention_weights(q, k, arguments)
-
-    out_w = diag.new_zeros(e_dim, e_dim)
-    q_w, k_w, v_w = (diag.new_zeros(heads, dh, e_dim) for _ in range(3))
-    q_b, v_b = diag.new_zeros(heads * dh), diag.new_zeros(heads, dh)
-    d_in = torch.empty_like(x) if need_input else None
+    acc = {
+        "out_w": diag.new_zeros(e_dim, e_dim), "q_b": diag.new_zeros(heads * dh),
+        "v_b": diag.new_zeros(heads, dh), "d_in": torch.empty_like(x) if need_input else None,
+        **{name: diag.new_zeros(heads, dh, e_dim) for name in ("q_w", "k_w", "v_w")},
+    }
     step = max(1, _CHUNK_ENTRIES // (length * e_dim * heads * max(e_dim, length)))
     for start in range(0, n_all, step):
         ch = slice(start, min(start + step, n_all))
-        n = ch.stop - start
-        d, xc, A = diag[ch], x[ch], weights[ch]
-        qc, kc, vc = q[ch], k[ch], v[ch]
-        d_rows = d.reshape(n * length, e_dim)
-        O = A @ vc  # [n, h, l, a]
-        Ax = torch.einsum("nhlm,nmf->nhlf", A, xc)
-        # out_proj: y = O W_oᵀ + b_o, a linear layer on O.
-        out_w += d_rows.T @ rearrange(O, "n h l a -> (n l) (h a)").square()
-        # values: ∂y[l,e]/∂W_v[(h,a),f] = W_o[e,(h,a)] (A_h x)[l,f], one term: no cross products.
-        d_wo = rearrange(d_rows @ w["w_o_sq"], "(n l) (h a) -> n h a l", n=n, h=heads)
-        v_w += (d_wo @ Ax.square()).sum(0)
-        v_b += (d_wo @ A.sum(-1).square().unsqueeze(-1)).sum(0).squeeze(-1)
-        # queries: ∂O_h[l,a]/∂q_h[l,c] = s C_q[l,c,a], C_q = Σ_j A[l,j] k[j,c] v[j,a] − k̄[l,c] O[l,a];
-        # W_o C_q (scaled by s) is ∂y_l/∂q_l, [n, l, e, (h c)].
-        kv = rearrange(kc.unsqueeze(-1) * vc.unsqueeze(-2), "n h j c a -> n h j (c a)")
-        cq = (A @ kv).view(n, heads, length, dh, dh)
-        cq.sub_((A @ kc).unsqueeze(-1) * O.unsqueeze(-2))
-        woc = torch.bmm(w["w_o_h_s"], rearrange(cq, "n h l c a -> h a (n l c)"))  # [h, e, (n l c)]
-        wo_cq = _memory.scratch((n, length, e_dim, e_dim), d, "attention_woc")
-        rearrange(wo_cq, "n l e (h c) -> h e n l c", h=heads).copy_(woc.view(heads, e_dim, n, length, dh))
-        sq = torch.mul(wo_cq, wo_cq, out=_memory.scratch(wo_cq.shape, d, "attention_sq"))
-        d_q = torch.bmm(d_rows.unsqueeze(1), sq.view(n * length, e_dim, e_dim)).view(n * length, e_dim)
-        q_w += rearrange(d_q.T @ xc.reshape(n * length, e_dim).square(), "(h c) f -> h c f", h=heads)
-        q_b += d_q.sum(0)
-        # keys: ∂y[l,e]/∂W_k[(h,c),f] = s q_h[l,c] Σ_a W_o[e,(h,a)] C_k[l,a,f],
-        # C_k = Σ_m A[l,m] v[m,a] x[m,f] − O[l,a] (A x)[l,f]. (b_k: softmax is shift-invariant.)
-        if need_input:  # M_l = W_oᵀ diag(d_l) W_o is needed whole; take its head blocks from it
-            M = torch.mm(d_rows, w["w2"], out=_memory.scratch((n * length, e_dim * e_dim), d, "attention_m"))
-            M = M.view(n, length, heads, dh, heads, dh)
-            m_heads = rearrange(M.diagonal(dim1=2, dim2=4), "n l a b h -> n h l a b")
-        else:
-            m_heads = rearrange(d_rows @ w["w2_heads"], "(n l) (h a b) -> n h l a b", n=n, h=heads, a=dh)
-        # C_k[l,a,f] = Σ_m A[l,m] (v[m,a] − O[l,a]) x[m,f]: one GEMM over m per sample, with the
-        # weights B[(h,l,a),m] = A_h[l,m] (v_h[m,a] − O_h[l,a]) on the left and x shared by the heads.
-        b = torch.sub(
-            vc.transpose(-1, -2).unsqueeze(2), O.unsqueeze(-1),
-            out=_memory.scratch((n, heads, length, dh, length), d, "attention_b"),
-        ).mul_(A.unsqueeze(3))
-        ck = torch.bmm(b.view(n, -1, length), xc, out=_memory.scratch((n, heads * length * dh, e_dim), d, "attention_ck"))
-        ck = ck.view(n, heads, length, dh, e_dim)
-        mck = torch.matmul(m_heads, ck, out=_memory.scratch(ck.shape, d, "attention_mck"))
-        e_k = mck.mul_(ck).sum(3)  # [n, h, l, f]
-        k_w += (qc.square().transpose(-1, -2) @ e_k).sum(0) * s**2
-        if need_input:
-            d_in[ch] = _input_diagonal(d, A, qc, vc, O, wo_cq, M, w, s)
-
+        _approx_chunk(acc, ch, diag[ch], x[ch], weights[ch], (q[ch], k[ch], v[ch]), w, dh**-0.5)
     results = {
-        "input": d_in,
-        "in_proj_weight": torch.cat([t.reshape(e_dim, e_dim) for t in (q_w, k_w, v_w)]),
-        "out_proj.weight": out_w,
+        "input": acc["d_in"],
+        "in_proj_weight": torch.cat([acc[t].reshape(e_dim, e_dim) for t in ("q_w", "k_w", "v_w")]),
+        "out_proj.weight": acc["out_w"],
         "out_proj.bias": diag.sum((0, 1)),
     }
     if b_in is not None:
-        results["in_proj_bias"] = torch.cat([q_b, torch.zeros_like(q_b), v_b.flatten()])
+        results["in_proj_bias"] = torch.cat([acc["q_b"], torch.zeros_like(acc["q_b"]), acc["v_b"].flatten()])
     return results
+
+
+def _approx_chunk(
+    acc: dict, ch: slice, d: Tensor, xc: Tensor, A: Tensor, qkv: tuple, w: dict, s: float
+) -> None:
+    """Add one chunk of samples' terms to ``acc`` (see :func:`_approx_diagonals`).
+
+    Args:
+        acc: The running sums, and ``d_in`` written at the chunk's rows.
+        ch: The chunk's samples.
+        d: ``[n, L, E]``; xc: ``[n, L, E]``; A: ``[n, H, L, L]``.
+        qkv: ``q, k, v``, each ``[n, H, L, dh]``.
+        w: :func:`_weight_products`.
+        s: ``dh^-½``.
+    """
+    qc, kc, vc = qkv
+    n, heads, length, dh = qc.shape
+    e_dim = xc.shape[-1]
+    d_rows = d.reshape(n * length, e_dim)
+    O = A @ vc  # [n, h, l, a]
+    Ax = torch.einsum("nhlm,nmf->nhlf", A, xc)
+    # out_proj: y = O W_oᵀ + b_o, a linear layer on O.
+    acc["out_w"] += d_rows.T @ rearrange(O, "n h l a -> (n l) (h a)").square()
+    # values: ∂y[l,e]/∂W_v[(h,a),f] = W_o[e,(h,a)] (A_h x)[l,f], one term: no cross products.
+    d_wo = rearrange(d_rows @ w["w_o_sq"], "(n l) (h a) -> n h a l", n=n, h=heads)
+    acc["v_w"] += (d_wo @ Ax.square()).sum(0)
+    acc["v_b"] += (d_wo @ A.sum(-1).square().unsqueeze(-1)).sum(0).squeeze(-1)
+    wo_cq = _query_products(d, A, qc, kc, vc, O, w)
+    sq = torch.mul(wo_cq, wo_cq, out=_memory.scratch(wo_cq.shape, d, "attention_sq"))
+    d_q = torch.bmm(d_rows.unsqueeze(1), sq.view(n * length, e_dim, e_dim)).view(n * length, e_dim)
+    acc["q_w"] += rearrange(d_q.T @ xc.reshape(n * length, e_dim).square(), "(h c) f -> h c f", h=heads)
+    acc["q_b"] += d_q.sum(0)
+    M, m_heads = _metric_blocks(d_rows, w, n, length, heads, acc["d_in"] is not None)
+    acc["k_w"] += (qc.square().transpose(-1, -2) @ _key_terms(d, A, xc, vc, O, m_heads)).sum(0) * s**2
+    if acc["d_in"] is not None:
+        acc["d_in"][ch] = _input_diagonal(d, A, qc, vc, O, wo_cq, M, w, s)
+
+
+def _query_products(d: Tensor, A: Tensor, qc: Tensor, kc: Tensor, vc: Tensor, O: Tensor, w: dict) -> Tensor:
+    """``s W_o C_q``, ``[n, L, E, (H dh)]``: ``∂y_l/∂q_l`` per query position.
+
+    ``∂O_h[l,a]/∂q_h[l,c] = s C_q[l,c,a]`` with
+    ``C_q = Σ_j A[l,j] k[j,c] v[j,a] − k̄[l,c] O[l,a]``.
+    """
+    n, heads, length, dh = qc.shape
+    e_dim = d.shape[-1]
+    kv = rearrange(kc.unsqueeze(-1) * vc.unsqueeze(-2), "n h j c a -> n h j (c a)")
+    cq = (A @ kv).view(n, heads, length, dh, dh)
+    cq.sub_((A @ kc).unsqueeze(-1) * O.unsqueeze(-2))
+    woc = torch.bmm(w["w_o_h_s"], rearrange(cq, "n h l c a -> h a (n l c)"))  # [h, e, (n l c)]
+    wo_cq = _memory.scratch((n, length, e_dim, e_dim), d, "attention_woc")
+    rearrange(wo_cq, "n l e (h c) -> h e n l c", h=heads).copy_(woc.view(heads, e_dim, n, length, dh))
+    return wo_cq
+
+
+def _metric_blocks(d_rows: Tensor, w: dict, n: int, length: int, heads: int, whole: bool) -> tuple:
+    """``M_l = W_oᵀ diag(d_l) W_o`` (whole, if ``whole``) and its head blocks ``[n, H, L, dh, dh]``."""
+    e_dim = d_rows.shape[-1]
+    dh = e_dim // heads
+    if not whole:
+        return None, rearrange(d_rows @ w["w2_heads"], "(n l) (h a b) -> n h l a b", n=n, h=heads, a=dh)
+    M = torch.mm(d_rows, w["w2"], out=_memory.scratch((n * length, e_dim * e_dim), d_rows, "attention_m"))
+    M = M.view(n, length, heads, dh, heads, dh)
+    return M, rearrange(M.diagonal(dim1=2, dim2=4), "n l a b h -> n h l a b")
+
+
+def _key_terms(d: Tensor, A: Tensor, xc: Tensor, vc: Tensor, O: Tensor, m_heads: Tensor) -> Tensor:
+    """``Σ_{a,b} M_l[a,b] C_k[l,a,f] C_k[l,b,f]`` per head, ``[n, H, L, E]`` (the key weights' terms).
+
+    ``∂y[l,e]/∂W_k[(h,c),f] = s q_h[l,c] Σ_a W_o[e,(h,a)] C_k[l,a,f]`` with
+    ``C_k = Σ_m A[l,m] v[m,a] x[m,f] − O[l,a] (A x)[l,f]`` (``b_k``: softmax is
+    shift-invariant). One GEMM over ``m`` per sample, with the weights
+    ``B[(h,l,a),m] = A_h[l,m] (v_h[m,a] − O_h[l,a])`` on the left and ``x``
+    shared by the heads.
+    """
+    n, heads, length, dh = vc.shape
+    e_dim = xc.shape[-1]
+    b = torch.sub(
+        vc.transpose(-1, -2).unsqueeze(2), O.unsqueeze(-1),
+        out=_memory.scratch((n, heads, length, dh, length), d, "attention_b"),
+    ).mul_(A.unsqueeze(3))
+    ck = torch.bmm(b.view(n, -1, length), xc, out=_memory.scratch((n, heads * length * dh, e_dim), d, "attention_ck"))
+    ck = ck.view(n, heads, length, dh, e_dim)
+    mck = torch.matmul(m_heads, ck, out=_memory.scratch(ck.shape, d, "attention_mck"))
+    return mck.mul_(ck).sum(3)  # [n, h, l, f]
 
 
 def _input_diagonal(
@@ -263,8 +302,19 @@ def _input_diagonal(
     RR = (R.unsqueeze(2) * R.unsqueeze(1)).view(n, -1, e_dim)  # [n, (h g l), f]
     d_in = AA.view(n, length, -1) @ f_terms.view(n, -1, e_dim)
     d_in.baddbmm_(X.mul_(AA).view(n, length, -1), RR)
-    # The W_v·U cross term: 2 Σ_{l,g} A_g[l,m] R_g[l,f] Σ_{h,a} A_h[l,m] (M_l v_g[m])[(h,a)] W_v[(h,a),f],
-    # one head g at a time: (M_l v_g[m]) is [n, m, l, (h a)].
+    d_in.add_(_value_cross_term(d, A, v, M, R, w), alpha=2)
+    d_in += _query_diagonal_term(d_rows, A, U, Y, R, wo_cq, w).view(n, length, e_dim)
+    return d_in
+
+
+def _value_cross_term(d: Tensor, A: Tensor, v: Tensor, M: Tensor, R: Tensor, w: dict) -> Tensor:
+    """The ``W_v·U`` cross term of the input diagonal (before its factor 2), ``[n, L, E]``.
+
+    ``Σ_{l,g} A_g[l,m] R_g[l,f] Σ_{h,a} A_h[l,m] (M_l v_g[m])[(h,a)] W_v[(h,a),f]``,
+    one head ``g`` at a time: ``(M_l v_g[m])`` is ``[n, m, l, (h a)]``.
+    """
+    n, heads, length, dh = v.shape
+    e_dim = d.shape[-1]
     M = M.view(n, length, e_dim, heads, dh)
     a_mlh = rearrange(A, "n h l m -> n m l h 1")
     cross = torch.zeros_like(d)
@@ -275,17 +325,23 @@ def _input_diagonal(
         W = torch.mm(mv.view(-1, e_dim), w["w_v_flat"], out=_memory.scratch((n * length * length, e_dim), d, "attention_w"))
         W = W.view(n, length, length, e_dim).mul_(R[:, g].unsqueeze(1))  # [n, m, l, f]
         cross += (A[:, g].transpose(1, 2).unsqueeze(2) @ W).squeeze(2)
-    d_in.add_(cross, alpha=2)
-    # The diagonal l = m: J = J_off + T there, so add Σ_e d (T² + 2 T J_off[l,e,l,f]).
-    T = torch.mm(wo_cq.view(-1, e_dim), w["w_q_flat"], out=_memory.scratch((n * length * e_dim, e_dim), d, "attention_t"))
+    return cross
+
+
+def _query_diagonal_term(
+    d_rows: Tensor, A: Tensor, U: Tensor, Y: Tensor, R: Tensor, wo_cq: Tensor, w: dict
+) -> Tensor:
+    """The diagonal ``l = m``, where ``J = J_off + T``: ``Σ_e d (T² + 2 T J_off[l,e,l,f])``, ``[(n L), E]``."""
+    n, heads, length, _ = U.shape
+    e_dim = d_rows.shape[-1]
+    T = torch.mm(wo_cq.view(-1, e_dim), w["w_q_flat"], out=_memory.scratch((n * length * e_dim, e_dim), d_rows, "attention_t"))
     a_diag = rearrange(A.diagonal(dim1=-2, dim2=-1), "n h l -> (n l) h")
-    J = torch.mm(a_diag, w["p"].view(heads, -1), out=_memory.scratch((n * length, e_dim * e_dim), d, "attention_j"))
+    J = torch.mm(a_diag, w["p"].view(heads, -1), out=_memory.scratch((n * length, e_dim * e_dim), d_rows, "attention_j"))
     J = J.view(n * length, e_dim, e_dim)
     uy = rearrange((U - Y) * rearrange(a_diag, "(n l) h -> n h l 1", n=n), "n h l e -> (n l) e h")
     J.baddbmm_(uy, rearrange(R, "n h l f -> (n l) h f"))
     J.mul_(2).add_(T.view(J.shape)).mul_(T.view(J.shape))
-    d_in += torch.bmm(d_rows.unsqueeze(1), J).view(n, length, e_dim)
-    return d_in
+    return torch.bmm(d_rows.unsqueeze(1), J).view(n * length, e_dim)
 
 
 def _split_diagonals(call: Operation, arguments: dict, diag: Tensor, need_input: bool) -> dict:
