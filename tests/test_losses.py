@@ -8,6 +8,7 @@ from torch import nn
 from curvhook import extend
 from curvhook.errors import UnsupportedLossError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from curvhook.losses import _softmax_factor
 from helpers import check_against_reference, run_curvhook
 from reference import collect, compare, reference
 
@@ -487,3 +488,20 @@ def test_bce_without_pos_weight_targets_outside_unit_interval_are_exact():
     y = torch.rand(N, C, dtype=DT) * 3 - 1
     crit = nn.BCEWithLogitsLoss(weight=torch.tensor([1.0, 0.2, 2.0], dtype=DT))
     check_against_reference(model, X, lambda out: crit(out, y))
+
+
+# ------------------------------------------------ the cross-entropy Hessian factor
+@pytest.mark.parametrize("c", [1, 2, 3, 10])
+def test_softmax_factor_squares_to_the_cross_entropy_hessian(c):
+    torch.manual_seed(3)
+    logits = torch.randn(6, c, dtype=DT) * 3
+    logits[0] = torch.tensor([60.0] + [0.0] * (c - 1), dtype=DT)  # saturated: p is one-hot
+    p = logits.softmax(-1)
+    q = _softmax_factor(p)
+    assert q.shape == (6, c, c - 1)
+    factor = q * p.sqrt().unsqueeze(-1)
+    for i in range(6):
+        f = lambda z: torch.nn.functional.cross_entropy(z[None], torch.tensor([0]))  # noqa: E731
+        hess = torch.func.hessian(f)(logits[i])
+        torch.testing.assert_close(factor[i] @ factor[i].T, hess, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(q[i].T @ q[i], torch.eye(c - 1, dtype=DT), rtol=0, atol=1e-12)
