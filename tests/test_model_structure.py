@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import DT, Chain, ce, check_against_reference, randomize_linear
+from helpers import DT, Chain, ce, check_against_reference, data, randomize_linear
 
 
 def test_single_linear_without_sequential():
@@ -78,3 +78,30 @@ def test_module_called_with_keyword_input():
     model = randomize_linear(KwChain())
     X = torch.randn(3, 4, dtype=DT)
     check_against_reference(model, X, ce(torch.randint(0, 3, (3,))))
+
+
+def test_module_that_is_never_called_gets_zero_results():
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.spare, self.b = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = WithSpare().to(DT)
+    X, y = data()
+    got, ref = check_against_reference(model, X, lambda out: nn.CrossEntropyLoss()(out, y))
+    assert torch.count_nonzero(model.spare.weight.diag_ggn) == 0
+    assert torch.count_nonzero(ref.J[:, 25:55]) == 0  # the reference agrees that spare has no effect
+
+
+def test_empty_sequential_is_no_operation():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Sequential(), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    X, y = data()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        check_against_reference(model, X, lambda out: nn.CrossEntropyLoss()(out, y))
+
