@@ -57,7 +57,7 @@ class DropsBatchAxis(nn.Module):
 @pytest.mark.parametrize("ext", sorted(EXTENSIONS))
 @pytest.mark.parametrize("case", ["batch_axis_not_kept"])
 def test_modules_without_per_sample_structure_raise(case, ext):
-    # several distinct differentiable inputs are supported now (tests/test_graphs.py, "two_inputs")
+    # several distinct differentiable inputs are supported now (tests/rules/test_tensor_ops.py, "two_inputs")
     model = {"batch_axis_not_kept": DropsBatchAxis}[case]().to(DT)
     X, y = data()
     before = snapshot(model)
