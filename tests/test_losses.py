@@ -1,4 +1,6 @@
-"""Loss Hessians (every supported option), scaled and summed losses, and the loss errors."""
+"""``curvhook/losses.py`` and how the loss is used: loss Hessians (every supported option),
+the factor of the cross-entropy Hessian, scaled and summed losses, nonlinear functions
+of the loss, and the loss errors."""
 
 import pytest
 import torch
@@ -8,7 +10,8 @@ from torch import nn
 from curvhook import extend
 from curvhook.errors import UnsupportedLossError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
-from helpers import check_against_reference, run_curvhook
+from curvhook.losses import _softmax_factor
+from helpers import check_against_reference, data, mlp, run_curvhook
 from reference import collect, compare, reference
 
 DT = torch.float64
@@ -487,3 +490,61 @@ def test_bce_without_pos_weight_targets_outside_unit_interval_are_exact():
     y = torch.rand(N, C, dtype=DT) * 3 - 1
     crit = nn.BCEWithLogitsLoss(weight=torch.tensor([1.0, 0.2, 2.0], dtype=DT))
     check_against_reference(model, X, lambda out: crit(out, y))
+
+
+# ------------------------------------------------ the cross-entropy Hessian factor
+@pytest.mark.parametrize("c", [1, 2, 3, 10])
+def test_softmax_factor_squares_to_the_cross_entropy_hessian(c):
+    torch.manual_seed(3)
+    logits = torch.randn(6, c, dtype=DT) * 3
+    logits[0] = torch.tensor([60.0] + [0.0] * (c - 1), dtype=DT)  # saturated: p is one-hot
+    p = logits.softmax(-1)
+    q = _softmax_factor(p)
+    assert q.shape == (6, c, c - 1)
+    factor = q * p.sqrt().unsqueeze(-1)
+    for i in range(6):
+        f = lambda z: torch.nn.functional.cross_entropy(z[None], torch.tensor([0]))  # noqa: E731
+        hess = torch.func.hessian(f)(logits[i])
+        torch.testing.assert_close(factor[i] @ factor[i].T, hess, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(q[i].T @ q[i], torch.eye(c - 1, dtype=DT), rtol=0, atol=1e-12)
+
+
+# ---------------------- nonlinear functions of the loss, watched and not
+@pytest.mark.parametrize("use", ["exp_logged", "detached_square", "item"])
+def test_nonlinear_function_of_the_loss_that_is_not_backpropagated_is_fine(use):
+    """Logging exp(loss) (a perplexity) must not trip the nonlinearity check."""
+    model = mlp()
+    X, y = data()
+    crit = nn.CrossEntropyLoss()
+    with extend(model, DiagGGN()):
+        loss = crit(model(X), y)
+        logged = {"exp_logged": lambda: loss.exp(), "detached_square": lambda: loss.detach() ** 2,
+                  "item": lambda: loss.item()}[use]()
+        (2.0 * loss + 1.0).backward()
+    ref = reference(model, X, lambda out: 2.0 * crit(out, y), approx=False)
+    compare(collect(model, 4, ("DiagGGN",)), ref)
+    assert logged is not None
+
+
+def test_nonlinear_function_of_the_loss_raises_before_any_result_is_written():
+    model = mlp()
+    X, y = data()
+    with extend(model, DiagGGN()):
+        loss = nn.CrossEntropyLoss()(model(X), y)
+        with pytest.raises(UnsupportedLossError, match="nonlinear function of a loss"):
+            (loss * loss).backward()
+    assert not any(hasattr(p, "diag_ggn") for p in model.parameters())
+
+
+def test_a_layer_of_the_model_applied_to_a_loss_value_is_watched():
+    """Inside torch layers the mode is off the stack, except for inputs that carry a loss value."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Softplus()).to(DT)
+    X, y = torch.randn(4, 3, dtype=DT), torch.randint(0, 3, (4,))
+    crit = nn.CrossEntropyLoss()
+    with extend(model, DiagGGN()):
+        loss = crit(model(X), y)
+        again = model(loss.expand(4, 3))  # the model's layers on the loss value: nonlinear in it
+        with pytest.raises(UnsupportedLossError, match="nonlinear function of a loss"):
+            (loss + crit(again, y)).backward()
+

@@ -29,7 +29,7 @@ from curvhook.errors import UnsupportedLossError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
 from curvhook.rules import fallback
 from graph_reference import diag_ggn_approx_graph
-from helpers import Chain
+from helpers import DEEP_MLPS, Chain, bce, check_against_reference, mse, randomize_linear
 from reference import check, collect, compare, reference
 
 DT = torch.float64
@@ -468,3 +468,18 @@ def test_named_loss_with_operations_after_the_model_raises():
     with pytest.raises(UnsupportedLossError, match="operations applied to the output after the model"):
         with extend(model, DiagGGN(loss=nn.CrossEntropyLoss()), ggn):
             loss_fn(model(X)).backward()
+
+
+# ------------------------------------------------------------- deeper MLPs
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce_sum"])
+@pytest.mark.parametrize("case", sorted(DEEP_MLPS))
+def test_deeper_mlps(case, loss, n):
+    model = randomize_linear(DEEP_MLPS[case]())
+    X = torch.randn(n, 4, dtype=DT)
+    loss_fn = {
+        "ce": lambda: ce(torch.randint(0, 3, (n,))),
+        "mse": lambda: mse(torch.randn(n, 3, dtype=DT)),
+        "bce_sum": lambda: bce((torch.rand(n, 3, dtype=DT) > 0.5).to(DT), "sum"),
+    }[loss]()
+    check_against_reference(model, X, loss_fn)

@@ -1,4 +1,4 @@
-"""nn.MultiheadAttention as self-attention: the DiagGGNApprox rules.
+"""``curvhook/rules/attention.py``: nn.MultiheadAttention as self-attention, the DiagGGNApprox rules.
 
 By default DiagGGNApprox counts self-attention as its operations; those cases
 are compared with the same attention written out by hand. With
@@ -103,6 +103,22 @@ def test_closed_form_matches_the_definition(case, n, monkeypatch):
     crit = _run(model, X, y, [DiagGGNApprox(split_attention=False)])
     got = collect(model, n, ("DiagGGNApprox",))["DiagGGNApprox"]
     check(got, _approx_reference(model, X, y, crit), "DiagGGNApprox")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_extension_in_one_pass(case):
+    """The table with all four extensions in one block: the exact ones against torch.func,
+    DiagGGNApprox against its definition (a batch of two, three tokens)."""
+    torch.manual_seed(0)
+    model = SelfAttentionNet(**CASES[case]).to(DT).eval()
+    n = 2
+    X, y = torch.randn(n, 3, 3, dtype=DT), torch.randint(0, 4, (n,))
+    ggn = FullGGN()
+    crit = _run(model, X, y, [BatchJacobian(), DiagGGN(), DiagGGNApprox(split_attention=False), ggn])
+    got = collect(model, n)
+    ref = reference(model, X, lambda out: crit(out, y), approx=False)
+    compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, ggn.matrix)
+    check(got["DiagGGNApprox"], _approx_reference(model, X, y, crit), "DiagGGNApprox")
 
 
 def test_input_straight_from_data():

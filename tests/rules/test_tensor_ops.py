@@ -1,4 +1,11 @@
-"""Models with tensor operations between modules, against the torch.func references."""
+"""``curvhook/rules/tensor_ops.py``: models with tensor operations between modules,
+against the torch.func references, and operations that mix samples (refused).
+
+Every model of the table runs all four extensions in one ``extend`` block
+(``helpers.check_graph_against_reference``): the exact ones against the
+torch.func reference, DiagGGNApprox against its definition on the graph
+(``tests/graph_reference.py``), for one sample and for a batch of three.
+"""
 
 import warnings
 
@@ -10,6 +17,7 @@ from torch import nn
 from curvhook import extend
 from curvhook.errors import UnsupportedModelError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from curvhook.rules import tensor_ops
 from helpers import check_graph_against_reference
 
 DT = torch.float64
@@ -273,3 +281,32 @@ def test_unknown_operation_with_a_per_sample_constant_names_it():
     with pytest.raises(UnsupportedModelError, match="per-sample mask"):
         with extend(model, DiagGGNApprox()):
             nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+class ResidualMean(nn.Module):
+    """A functional residual (``+``), a difference and a global mean: the direct pullbacks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x) + x)
+        return self.fc((h - 0.5 * x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_sums_and_means_are_pulled_back_without_torch_func(monkeypatch, n):
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.func used for a sum or a mean")
+
+    torch.manual_seed(0)
+    model = ResidualMean().to(DT)
+    X, y = torch.randn(n, 2, 3, 3, dtype=DT), torch.randint(0, 3, (n,))
+    monkeypatch.setattr(tensor_ops, "vjp", refuse)
+    monkeypatch.setattr(tensor_ops, "vmap", refuse)
+    with extend(model, BatchJacobian(), DiagGGN(), DiagGGNApprox(), FullGGN()):  # raises on torch.func
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    monkeypatch.undo()
+    check_graph_against_reference(model, X, y)

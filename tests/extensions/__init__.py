@@ -1,0 +1,1 @@
+"""What is particular to one extension of ``curvhook/extensions/`` (a package, so that file names may repeat elsewhere)."""

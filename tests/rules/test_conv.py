@@ -1,0 +1,273 @@
+"""``curvhook/rules/conv.py``: convolutions and transposed convolutions, 1d/2d/3d.
+
+Every case of the table runs BatchJacobian, DiagGGN, DiagGGNApprox and FullGGN in
+one ``extend`` block and compares them in float64 with the brute-force reference
+(``tests/reference.py``), for one sample and for a batch of three with a
+non-contiguous input; the registered rule (never the torch.func fallback) must
+serve every module; a float32 run is compared with the same reference. The
+cases cover stride, padding (numbers, ``'same'``, ``'valid'``), dilation, groups,
+bias on and off, and the layer as the first one (no input Jacobian needed).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from curvhook import extend
+from curvhook.extensions import BatchJacobian, DiagGGN
+from curvhook.rules import base as rules_base
+from curvhook.rules import registry
+from helpers import (
+    CLASSES,
+    DT,
+    assert_exact,
+    ce,
+    check_against_reference,
+    check_layer_batch_noncontiguous_and_float32,
+    close,
+    conv_net,
+    float_input,
+    ggn_reference,
+    head,
+    leaf_types,
+    mse,
+    prefix_conv,
+    randomize_layers,
+    registered_types,
+    run_all,
+    run_curvhook,
+    run_layer_case,
+    seq,
+)
+from reference import collect, compare, reference
+
+# name -> (model builder, input builder)
+CASES = {
+    # ------------------------------------------------------- convolutions
+    "conv1d_first_layer": (seq(nn.Conv1d(2, 3, 3), nn.Tanh(), *head()), float_input((2, 6))),
+    "conv1d_stride_padding_dilation_no_bias": (
+        seq(prefix_conv(1, 2), nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2, bias=False), *head()),
+        float_input((2, 7)),
+    ),
+    "conv1d_groups_same": (
+        seq(prefix_conv(1, 4), nn.Conv1d(4, 4, 3, padding="same", groups=2), *head()),
+        float_input((4, 5)),
+    ),
+    "conv2d_first_layer_stride": (
+        seq(nn.Conv2d(2, 3, (2, 3), stride=(2, 1)), nn.ReLU(), *head()),
+        float_input((2, 5, 4)),
+    ),
+    "conv2d_padding_dilation_groups": (
+        seq(prefix_conv(2, 4), nn.Conv2d(4, 6, 3, padding=(2, 1), dilation=(2, 1), groups=2), nn.Sigmoid(),
+            *head()),
+        float_input((4, 5, 4)),
+    ),
+    "conv2d_depthwise_no_bias": (
+        seq(prefix_conv(2, 3), nn.Conv2d(3, 3, 2, groups=3, bias=False), *head()),
+        float_input((3, 4, 4)),
+    ),
+    "conv2d_valid_1x1": (
+        seq(prefix_conv(2, 2), nn.Conv2d(2, 3, 1, padding="valid"), *head()),
+        float_input((2, 3, 3)),
+    ),
+    # the stride skips input entries at the end
+    "conv2d_stride_skips_entries": (
+        seq(prefix_conv(2, 2), nn.Conv2d(2, 2, 2, stride=3), *head()),
+        float_input((2, 5, 5)),
+    ),
+    "conv2d_same_even_kernel": (
+        seq(prefix_conv(2, 2), nn.Conv2d(2, 2, (2, 3), padding="same"), *head()),
+        float_input((2, 3, 4)),
+    ),
+    "conv3d_first_layer": (seq(nn.Conv3d(1, 2, 2), *head()), float_input((1, 3, 3, 3))),
+    "conv3d_stride_padding_groups_no_bias": (
+        seq(prefix_conv(3, 2), nn.Conv3d(2, 4, (2, 1, 2), stride=(1, 2, 1), padding=(1, 0, 1), groups=2, bias=False),
+            *head()),
+        float_input((2, 3, 3, 2)),
+    ),
+    "conv3d_dilation_same": (
+        seq(prefix_conv(3, 2), nn.Conv3d(2, 2, 2, padding="same", dilation=2), *head()),
+        float_input((2, 3, 3, 3)),
+    ),
+    # --------------------------------------------- transposed convolutions
+    "convT1d_stride_pad_outpad_groups_dilation": (
+        lambda: nn.Sequential(prefix_conv(1, 4), nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1,
+                                                                     groups=2, dilation=2), nn.Tanh(), *head()),
+        float_input((4, 7)),
+    ),
+    "convT2d_outpad_exceeds_stride_no_bias": (
+        lambda: nn.Sequential(prefix_conv(2, 3), nn.ConvTranspose2d(3, 2, (2, 3), stride=(1, 2), padding=(0, 1),
+                                                                    output_padding=(1, 1), dilation=(2, 2), bias=False),
+                              nn.Sigmoid(), *head()),
+        float_input((3, 5, 4)),
+    ),
+    "convT3d_groups_stride": (
+        lambda: nn.Sequential(prefix_conv(3, 2), nn.ConvTranspose3d(2, 4, (2, 1, 2), stride=(2, 1, 1), padding=(1, 0, 0),
+                                                                    output_padding=(1, 0, 0), groups=2),
+                              *head()),
+        float_input((2, 3, 3, 3)),
+    ),
+    "convT1d_first_layer_depthwise": (
+        seq(nn.ConvTranspose1d(3, 3, 2, stride=3, groups=3), nn.ReLU(), *head()),
+        float_input((3, 5)),
+    ),
+    "convT2d_plain": (
+        seq(prefix_conv(2, 2), nn.ConvTranspose2d(2, 3, 2), *head()),
+        float_input((2, 3, 3)),
+    ),
+    "convT3d_first_layer_dilation_no_bias": (
+        seq(nn.ConvTranspose3d(1, 2, 2, dilation=2, bias=False), *head()),
+        float_input((1, 2, 2, 2)),
+    ),
+}
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_one_sample(case):
+    run_layer_case(CASES[case], 1, contiguous=True)
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_batch_noncontiguous_and_float32(case):
+    check_layer_batch_noncontiguous_and_float32(CASES[case])
+
+
+def test_table_covers_every_registered_type():
+    assert registered_types("conv") <= leaf_types(CASES)
+
+
+LAST_LAYER = {
+    "convT2d": (lambda: nn.Sequential(nn.Conv2d(2, 2, 1), nn.ConvTranspose2d(2, 1, 2, stride=2)), (2, 2, 3)),
+}
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("case", sorted(LAST_LAYER))
+def test_new_layer_as_the_model_output_with_mse(case):
+    """The layer under test produces the model output (the loss Hessian reaches it first)."""
+    build, shape = LAST_LAYER[case]
+    model = randomize_layers(build())
+    X = torch.randn(3, *shape, dtype=DT)
+    with torch.no_grad():
+        y = torch.randn_like(model(X))
+    check_against_reference(model, X, mse(y))
+
+
+class OutputSize(nn.Module):
+    """Calls a transposed convolution with ``output_size``, which overrides ``output_padding``."""
+
+    def __init__(self, conv, size):
+        super().__init__()
+        self.pre, self.conv, self.flat, self.lin = nn.Conv1d(2, 2, 1), conv, nn.Flatten(), nn.Linear(3 * size, CLASSES)
+        self.size = size
+
+    def forward(self, x):
+        return self.lin(self.flat(self.conv(self.pre(x), output_size=[self.size])))
+
+
+@pytest.mark.usefixtures("no_fallback")
+def test_conv_transpose_called_with_output_size():
+    """``output_size`` picks the output padding at call time; the rule reads it off the output."""
+    conv = nn.ConvTranspose1d(2, 3, 3, stride=3, padding=1)  # output_padding attribute stays 0
+    model = OutputSize(conv, 15).to(DT)
+    same = nn.Sequential(model.pre, nn.ConvTranspose1d(2, 3, 3, stride=3, padding=1, output_padding=2),
+                         model.flat, model.lin).to(DT)
+    with torch.no_grad():
+        same[1].weight.copy_(conv.weight)
+        same[1].bias.copy_(conv.bias)
+    X = torch.randn(3, 2, 5, dtype=DT)
+    y = torch.randint(0, CLASSES, (3,))
+    torch.testing.assert_close(model(X), same(X), rtol=0, atol=0)
+    got, matrix, _ = run_curvhook(model, X, ce(y))
+    _, ref = check_against_reference(same, X, ce(y))  # the same function, with a fixed output padding
+    compare(got, ref, matrix)
+
+
+# -------------------------------------------- convolutions with max pooling
+CONV_MODELS = {
+    "conv1d_stride_dilation": (lambda: nn.Sequential(
+        nn.Conv1d(2, 4, 3, stride=2, padding=1, dilation=2), nn.ReLU(), nn.MaxPool1d(3, 2, 1),
+        nn.Flatten(), nn.Linear(12, 3)), (2, 11)),
+    "conv2d_same_groups_depthwise": (lambda: nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding="same", groups=2), nn.Tanh(), nn.MaxPool2d(2, ceil_mode=True),
+        nn.Conv2d(6, 6, 2, padding="same", groups=6, bias=False), nn.Flatten(), nn.Linear(54, 3)), (4, 5, 5)),
+    # the stride skips input entries at the end (the input pullback needs output padding)
+    "conv2d_stride_remainder_dilation_groups": (lambda: nn.Sequential(
+        nn.Conv2d(4, 4, 1), nn.Tanh(), nn.Conv2d(4, 6, 3, stride=(2, 3), padding=(1, 0), dilation=(1, 2), groups=2), nn.Tanh(),
+        nn.Flatten(), nn.Linear(48, 3)), (4, 8, 9)),
+    "conv3d_valid_pool_padding": (lambda: nn.Sequential(
+        nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding="valid"), nn.ReLU(),
+        nn.MaxPool3d(2, padding=1), nn.Flatten(), nn.Linear(24, 3)), (2, 4, 5, 4)),
+}
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("case", sorted(CONV_MODELS))
+def test_conv_and_maxpool_match_reference(case, n):
+    torch.manual_seed(0)
+    build, shape = CONV_MODELS[case]
+    model = build().double()
+    X = torch.randn(n, *shape, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,))
+    criterion = nn.CrossEntropyLoss()
+    assert_exact(model, X, y, criterion)
+
+
+@pytest.mark.parametrize("case", sorted(CONV_MODELS))
+def test_fast_rules_agree_with_fallback_for_approx(case):
+    """DiagGGNApprox of the fast conv/pool rules equals the dense per-sample fallback."""
+    torch.manual_seed(0)
+    build, shape = CONV_MODELS[case]
+    model = build().double()
+    X = torch.randn(2, *shape, dtype=torch.float64)
+    y = torch.randint(0, 3, (2,))
+    fast = run_all(model, X, y, nn.CrossEntropyLoss())
+    saved = dict(registry._RULES)
+    try:
+        for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d):
+            registry._RULES.pop(t)
+        slow = run_all(model, X, y, nn.CrossEntropyLoss())
+    finally:
+        registry._RULES.clear()
+        registry._RULES.update(saved)
+    for key in fast:
+        close(fast[key], slow[key], rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_conv_with_nonzero_padding_mode_goes_to_the_exact_fallback(mode):
+    """The fast conv rule covers zero padding only; other padding modes must not use it."""
+    from curvhook.rules import fallback
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode)
+    assert registry.rule_for(conv) is None
+    assert registry.rule_for(nn.Conv2d(2, 3, 3, padding=1)) is not None
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 5, 3)).double()
+    X = torch.randn(2, 2, 4, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (2,))
+    fallback._WARNED.discard(nn.Conv2d)
+    with pytest.warns(UserWarning, match="no rule for Conv2d"):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+    got = run_all(model, X, y, nn.CrossEntropyLoss())
+    J, G = ggn_reference(model, X, y, nn.CrossEntropyLoss())
+    close(got["full"], G)
+    close(got["diag"], G.diagonal())
+    close(got["jac"].reshape(-1, J.shape[1]), J)
+
+
+# ------------------------------------------------- chunked squared products
+@pytest.mark.parametrize("chunk", [1, 40, 10**9])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_diag_ggn_in_chunks(monkeypatch, chunk, groups):
+    """``_SQ_CHUNK_ENTRIES = 1``: one sample per chunk; 40: a few; huge: one chunk."""
+    monkeypatch.setattr(rules_base, "_SQ_CHUNK_ENTRIES", chunk)
+    torch.manual_seed(0)
+    model, X, y = conv_net(groups), torch.randn(5, 2, 4, 4, dtype=DT), torch.randint(0, 3, (5,))
+    with extend(model, DiagGGN(), BatchJacobian()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    ref = reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y), approx=False)
+    compare(collect(model, 5, ("DiagGGN", "BatchJacobian")), ref)

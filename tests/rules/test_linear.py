@@ -1,0 +1,108 @@
+"""``curvhook/rules/linear.py``: ``nn.Linear`` on features and on leading (position) axes.
+
+Every case of the table runs BatchJacobian, DiagGGN, DiagGGNApprox and FullGGN in
+one ``extend`` block and compares them in float64 with the brute-force reference
+(``tests/reference.py``), for one sample and for a batch of three with a
+non-contiguous input; the registered rule (never the torch.func fallback) must
+serve every module; a float32 run is compared with the same reference.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from curvhook import extend
+from curvhook.extensions import BatchJacobian, DiagGGN
+from curvhook.rules import base as rules_base
+from helpers import (
+    CLASSES,
+    DT,
+    bce,
+    ce,
+    check_against_reference,
+    check_layer_batch_noncontiguous_and_float32,
+    float_input,
+    head,
+    leaf_types,
+    mse,
+    prefix_conv,
+    randomize_linear,
+    registered_types,
+    run_layer_case,
+    seq,
+)
+from reference import check, collect, compare, reference
+
+# name -> (model builder, input builder)
+CASES = {
+    "first_layer": (seq(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, CLASSES)), float_input((4,))),
+    "no_bias_after_linear": (
+        seq(nn.Linear(4, 4), nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, CLASSES)),
+        float_input((4,)),
+    ),
+    "one_output_feature": (seq(nn.Linear(4, 1), nn.Tanh(), nn.Linear(1, CLASSES)), float_input((4,))),
+    "one_input_feature_no_bias": (seq(nn.Linear(1, 3, bias=False), nn.Sigmoid(), nn.Linear(3, CLASSES)), float_input((1,))),
+    "positions": (seq(nn.Linear(3, 4), nn.Linear(4, 2), *head()), float_input((5, 3))),
+    "positions_2d_no_bias": (seq(nn.Linear(3, 4, bias=False), nn.Sigmoid(), *head()), float_input((2, 3, 3))),
+    "last_axis_of_conv_maps": (seq(prefix_conv(1, 2), nn.Linear(5, 3), *head()), float_input((2, 5))),
+    "output_layer_only": (seq(nn.Linear(6, CLASSES)), float_input((6,))),
+}
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_one_sample(case):
+    run_layer_case(CASES[case], 1, contiguous=True)
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_batch_noncontiguous_and_float32(case):
+    check_layer_batch_noncontiguous_and_float32(CASES[case])
+
+
+def test_table_covers_every_registered_type():
+    assert registered_types("linear") <= leaf_types(CASES)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("loss", ["ce", "mse_mean", "mse_sum", "bce"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_single_linear(loss, n, bias):
+    model = randomize_linear(nn.Sequential(nn.Linear(5, 3, bias=bias)))
+    X = torch.randn(n, 5, dtype=DT)
+    loss_fn = {
+        "ce": lambda: ce(torch.randint(0, 3, (n,))),
+        "mse_mean": lambda: mse(torch.randn(n, 3, dtype=DT)),
+        "mse_sum": lambda: mse(torch.randn(n, 3, dtype=DT), "sum"),
+        "bce": lambda: bce(torch.rand(n, 3, dtype=DT)),
+    }[loss]()
+    got, ref = check_against_reference(model, X, loss_fn)
+    if loss.startswith("mse"):
+        # documented: the approximation is exact for a single Linear with MSELoss
+        check(got["DiagGGNApprox"], ref.diag_ggn, "DiagGGNApprox")
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("loss", ["mse_on_NTC", "ce_after_flatten"])
+def test_linear_with_leading_dims(loss, n):
+    layers = [nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)]
+    if loss == "ce_after_flatten":
+        layers.append(nn.Flatten())
+    model = randomize_linear(nn.Sequential(*layers))
+    X = torch.randn(n, 4, 3, dtype=DT)  # [N, T, in]
+    loss_fn = mse(torch.randn(n, 4, 2, dtype=DT)) if loss == "mse_on_NTC" else ce(torch.randint(0, 8, (n,)))
+    check_against_reference(model, X, loss_fn)
+
+
+@pytest.mark.parametrize("chunk", [1, 30, 10**9])
+def test_linear_over_positions_diag_ggn_in_chunks(monkeypatch, chunk):
+    """``nn.Linear`` on ``[N, T, in]``: the per-sample products sum over positions before squaring."""
+    monkeypatch.setattr(rules_base, "_SQ_CHUNK_ENTRIES", chunk)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Flatten(), nn.Linear(10, 3)).to(DT)
+    X, y = torch.randn(4, 5, 3, dtype=DT), torch.randint(0, 3, (4,))
+    with extend(model, DiagGGN(), BatchJacobian()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    ref = reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y), approx=False)
+    compare(collect(model, 4, ("DiagGGN", "BatchJacobian")), ref)

@@ -1,0 +1,174 @@
+"""``curvhook/rules/normalization.py``: BatchNorm (eval mode), LayerNorm, GroupNorm,
+InstanceNorm and RMSNorm, with and without affine parameters.
+
+Every case of the table runs BatchJacobian, DiagGGN, DiagGGNApprox and FullGGN in
+one ``extend`` block and compares them in float64 with the brute-force reference
+(``tests/reference.py``), for one sample and for a batch of three with a
+non-contiguous input; the registered rule (never the torch.func fallback) must
+serve every module; a float32 run is compared with the same reference. Affine
+parameters and running statistics are drawn away from their defaults
+(``helpers.randomize_layers``).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from curvhook import extend
+from curvhook.errors import UnsupportedModelError
+from curvhook.extensions import BatchJacobian, DiagGGN
+from helpers import (
+    CLASSES,
+    DT,
+    check_against_reference,
+    check_layer_batch_noncontiguous_and_float32,
+    close,
+    float_input,
+    ggn_reference,
+    head,
+    leaf_types,
+    mse,
+    prefix_conv,
+    randomize_layers,
+    registered_types,
+    run_all,
+    run_layer_case,
+    seq,
+)
+
+# name -> (model builder, input builder)
+CASES = {
+    "batchnorm1d_features": (
+        seq(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, CLASSES)),
+        float_input((5,)),
+    ),
+    "batchnorm1d_sequence": (
+        seq(prefix_conv(1, 3), nn.BatchNorm1d(3), *head()),
+        float_input((3, 5)),
+    ),
+    "batchnorm2d_no_affine": (
+        seq(prefix_conv(2, 3), nn.BatchNorm2d(3, affine=False), *head()),
+        float_input((3, 3, 5)),
+    ),
+    "batchnorm3d_first_layer": (
+        seq(nn.BatchNorm3d(2), *head()),
+        float_input((2, 2, 3, 3)),
+    ),
+    "layernorm_last_dim": (
+        seq(nn.Linear(5, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, CLASSES)),
+        float_input((5,)),
+    ),
+    "layernorm_two_dims_on_sequence": (
+        seq(prefix_conv(1, 3), nn.LayerNorm((3, 4)), *head()),
+        float_input((3, 4)),
+    ),
+    "layernorm_positions_no_bias": (
+        seq(nn.Linear(4, 5), nn.LayerNorm(5, bias=False), *head()),
+        float_input((3, 4)),
+    ),
+    "layernorm_no_affine": (
+        seq(nn.Linear(6, 7), nn.LayerNorm(7, elementwise_affine=False), nn.Linear(7, CLASSES)),
+        float_input((6,)),
+    ),
+    "groupnorm_1d": (
+        seq(prefix_conv(1, 6), nn.GroupNorm(3, 6), *head()),
+        float_input((6, 5)),
+    ),
+    "groupnorm_2d_no_affine_one_group": (
+        seq(prefix_conv(2, 4), nn.GroupNorm(1, 4, affine=False), *head()),
+        float_input((4, 3, 3)),
+    ),
+    "groupnorm_instance_like_on_features": (
+        seq(nn.Linear(5, 4), nn.GroupNorm(2, 4), nn.Linear(4, CLASSES)),
+        float_input((5,)),
+    ),
+    "instancenorm1d_affine": (
+        seq(prefix_conv(1, 3), nn.InstanceNorm1d(3, affine=True), *head()),
+        float_input((3, 5)),
+    ),
+    "instancenorm2d_default": (
+        seq(prefix_conv(2, 2), nn.InstanceNorm2d(2), *head()),
+        float_input((2, 3, 3)),
+    ),
+    "instancenorm3d_running_stats_eval": (
+        seq(prefix_conv(3, 2), nn.InstanceNorm3d(2, affine=True, track_running_stats=True), *head()),
+        float_input((2, 2, 3, 2)),
+    ),
+    "rmsnorm_last_dim": (
+        seq(nn.Linear(5, 5), nn.RMSNorm(5), nn.Tanh(), nn.Linear(5, CLASSES)),
+        float_input((5,)),
+    ),
+    "rmsnorm_two_dims_no_weight_eps": (
+        seq(prefix_conv(1, 3), nn.RMSNorm((3, 4), eps=0.1, elementwise_affine=False), *head()),
+        float_input((3, 4)),
+    ),
+    # first layers (the input needs no Jacobian) and 3d group normalization
+    "layernorm_first_layer": (
+        seq(nn.LayerNorm(4), nn.Linear(4, CLASSES)),
+        float_input((4,)),
+    ),
+    "groupnorm_3d_first_layer": (
+        seq(nn.GroupNorm(2, 4), *head()),
+        float_input((4, 2, 2, 2)),
+    ),
+    "batchnorm2d_after_conv": (
+        seq(prefix_conv(2, 2), nn.BatchNorm2d(2), nn.ReLU(), *head()),
+        float_input((2, 3, 3)),
+    ),
+}
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_one_sample(case):
+    run_layer_case(CASES[case], 1, contiguous=True)
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_batch_noncontiguous_and_float32(case):
+    check_layer_batch_noncontiguous_and_float32(CASES[case])
+
+
+def test_table_covers_every_registered_type():
+    assert registered_types("normalization") <= leaf_types(CASES)
+
+
+LAST_LAYER = {
+    "layernorm": (lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), (3,)),
+}
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("case", sorted(LAST_LAYER))
+def test_new_layer_as_the_model_output_with_mse(case):
+    """The layer under test produces the model output (the loss Hessian reaches it first)."""
+    build, shape = LAST_LAYER[case]
+    model = randomize_layers(build())
+    X = torch.randn(3, *shape, dtype=DT)
+    with torch.no_grad():
+        y = torch.randn_like(model(X))
+    check_against_reference(model, X, mse(y))
+
+
+def test_batchnorm_with_batch_statistics_is_still_rejected():
+    for train, track in ((True, True), (False, False)):
+        bn = nn.BatchNorm1d(4, track_running_stats=track).train(train)
+        model = nn.Sequential(nn.Linear(3, 4), bn, nn.Linear(4, 2)).to(DT)
+        with pytest.raises(UnsupportedModelError, match="statistics"):
+            with extend(model, DiagGGN()):
+                model(torch.randn(5, 3, dtype=DT)).sum().backward()
+
+
+def test_batchnorm_in_train_mode_raises_and_eval_mode_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).double()
+    X = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (5,))
+    with pytest.raises(UnsupportedModelError, match="eval"):
+        with extend(model, BatchJacobian()):
+            model(X).sum().backward()
+    model.eval()
+    got = run_all(model, X, y, nn.CrossEntropyLoss())
+    _, G = ggn_reference(model, X, y, nn.CrossEntropyLoss())
+    close(got["diag"], G.diagonal())

@@ -1,0 +1,69 @@
+"""Clear refusals: wrong arguments to ``extend``, models that return several tensors, and
+models whose samples are not independent, all leaving the model clean. (Refused losses
+and uses of the loss are in ``tests/test_losses.py``; operations that mix samples in
+``tests/rules/test_tensor_ops.py``.)"""
+
+import pytest
+import torch
+from torch import nn
+
+from curvhook import extend
+from curvhook.errors import UnsupportedModelError
+from curvhook.extensions import DiagGGN
+from helpers import DT, EXTENSIONS, assert_clean, data, mlp, snapshot, warnings_ignored
+
+
+def test_same_extension_type_twice_is_rejected():
+    with pytest.raises(ValueError):
+        extend(mlp(), DiagGGN(), DiagGGN())
+
+
+def test_extend_rejects_non_modules_and_classes():
+    with pytest.raises(TypeError):
+        extend(lambda x: x, DiagGGN())
+    with pytest.raises(TypeError):
+        extend(mlp(), DiagGGN)
+
+
+class TupleModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = self.a(x)
+        return out, out
+
+
+@pytest.mark.parametrize("ext", sorted(EXTENSIONS))
+def test_model_returning_a_tuple_raises(ext):
+    model = TupleModel().to(DT)
+    before = snapshot(model)
+    with extend(model, EXTENSIONS[ext]()):
+        with pytest.raises(UnsupportedModelError, match="tuple|one tensor"):
+            model(torch.randn(2, 4, dtype=DT))
+    assert_clean(model, before)
+
+
+class DropsBatchAxis(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.flat, self.unflat, self.b = nn.Linear(4, 3), nn.Flatten(0), nn.Unflatten(0, (4, 3)), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.b(self.unflat(self.flat(self.a(x))))
+
+
+@pytest.mark.parametrize("ext", sorted(EXTENSIONS))
+@pytest.mark.parametrize("case", ["batch_axis_not_kept"])
+def test_modules_without_per_sample_structure_raise(case, ext):
+    # several distinct differentiable inputs are supported now (tests/rules/test_tensor_ops.py, "two_inputs")
+    model = {"batch_axis_not_kept": DropsBatchAxis}[case]().to(DT)
+    X, y = data()
+    before = snapshot(model)
+    with warnings_ignored():
+        with extend(model, EXTENSIONS[ext]()):
+            loss = nn.CrossEntropyLoss()(model(X), y)
+            with pytest.raises(UnsupportedModelError):
+                loss.backward()
+    assert_clean(model, before)
