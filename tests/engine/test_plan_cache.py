@@ -19,7 +19,7 @@ from torch import Tensor, nn
 import curvhook.plan as plan_module
 from curvhook import extend
 from curvhook.errors import UnsupportedLossError, UnsupportedModelError
-from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from curvhook.extensions import DiagGGN, FullGGN
 from curvhook.plan import _PLANS, clear_plans
 from graph_reference import diag_ggn_approx_graph
 from helpers import ALL, run_curvhook
