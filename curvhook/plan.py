@@ -192,7 +192,7 @@ def check_operation(op: Operation, trace: Trace, shape: GraphShape, n: Optional[
 
 def _check_module(op: Operation, trace: Trace, shape: GraphShape, n: Optional[int]) -> None:
     module = op.module
-    if mixes_samples(module):
+    if mixes_samples(module, op.training):
         raise UnsupportedModelError(
             f"Module {op.name!r} ({type(module).__name__}) normalizes with statistics "
             "of the whole batch, so samples are mixed and per-sample Jacobians do not exist. "

@@ -24,7 +24,7 @@ recognised by the generator state its replay advances.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -266,8 +266,15 @@ def _weighted_row_squares(
 FALLBACK = FallbackRule()
 
 
-def mixes_samples(module: nn.Module) -> bool:
-    """Whether the module combines samples (BatchNorm with batch statistics)."""
+def mixes_samples(module: nn.Module, training: Optional[bool] = None) -> bool:
+    """Whether the module combines samples (BatchNorm with batch statistics).
+
+    Args:
+        module: The module.
+        training: Its mode when it was called (``None``: its mode now). The
+            forward pass decides: a call in train mode used batch statistics
+            even if the model is put in eval mode before the backward pass.
+    """
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.training or not module.track_running_stats
+        return (module.training if training is None else training) or not module.track_running_stats
     return False
