@@ -4,7 +4,7 @@ Two forward passes have the same key exactly when every check a plan made, and
 every decision it holds, is the same for both: the same operations (module
 identity, type, configuration and train/eval mode; function and arguments),
 connected the same way, on inputs of the same shapes, dtypes, devices,
-requires_grad and kind, with the same parameters.
+requires_grad and kind, with the same parameters, and no rule registered in between.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from curvhook.records import Operation, Slot, TensorKey
+from curvhook.rules.registry import registry_version
 from curvhook.trace import Trace
 
 _PLAIN = (int, float, str, bool, bytes, type(None), torch.dtype, torch.device, type(Ellipsis))
@@ -45,7 +46,7 @@ class GraphShape:
 def graph_shape(trace: Trace) -> GraphShape:
     """Number the tensors of ``trace`` and compute its key."""
     slot_of: dict[TensorKey, int] = {}
-    parts: list[Hashable] = [len(trace.operations)]
+    parts: list[Hashable] = [registry_version(), len(trace.operations)]
     for op in trace.all_operations:
         inputs = tuple(_input_token(op, i, slot_of, trace) for i in range(len(op.inputs)))
         for key in (*op.output_keys, *op.unfollowed_output_keys):

@@ -15,6 +15,7 @@ from torch import nn
 from curvhook.rules.base import LayerRule
 
 _RULES: dict[type, LayerRule] = {}
+_VERSION = [0]  # grows with every registration: cached plans made before it are not reused
 
 R = TypeVar("R", bound=type)
 
@@ -41,6 +42,7 @@ def register_rule(*module_types: type) -> Callable[[R], R]:
             if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
                 raise TypeError(f"register_rule expects nn.Module subclasses, got {module_type!r}")
             _RULES[module_type] = rule
+        _VERSION[0] += 1
         return rule_cls
 
     return decorate
@@ -62,6 +64,11 @@ def rule_for(module: nn.Module) -> Optional[LayerRule]:
     if rule is None or not rule.accepts(module):
         return None
     return rule
+
+
+def registry_version() -> int:
+    """A number that changes whenever a rule is registered (part of every plan's key)."""
+    return _VERSION[0]
 
 
 def rule_or_fallback(module: nn.Module) -> LayerRule:

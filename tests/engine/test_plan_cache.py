@@ -10,6 +10,7 @@ with a fresh or a reused plan, are compared with the torch.func references
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Optional
 
 import pytest
@@ -464,3 +465,41 @@ def test_operation_mixing_samples_for_some_values_is_checked_every_step(builds):
             run_curvhook(model, shuffled, cross_entropy(labels()), which)
     exact_step(model, ordered * 2)
     assert len(builds) == 1
+
+
+class _Gain(nn.Module):
+    """``y = x ∘ w``: a custom leaf, first through the fallback, then through a rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=DT))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
+def test_rule_registered_between_steps_builds_a_new_plan(builds, monkeypatch):
+    """A cached plan keeps the rule it resolved: registering one must not leave it in use."""
+    from curvhook import LayerRule, register_rule
+    from curvhook.rules import registry
+
+    monkeypatch.setattr(registry, "_RULES", dict(registry._RULES))
+    used = []
+
+    class GainRule(LayerRule):
+        def jac_t_mat_prod(self, call, mat):
+            used.append("rule")
+            return mat * call.module.weight
+
+        def param_jac_t_mat_prod(self, call, name, mat):
+            return mat * call.input
+
+    model = nn.Sequential(nn.Linear(3, 4), _Gain(), nn.Linear(4, 2)).to(DT)
+    X = torch.randn(N, 3, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning
+        exact_step(model, X, which=("BatchJacobian", "DiagGGN"))
+    assert len(builds) == 1 and not used
+    register_rule(_Gain)(GainRule)
+    exact_step(model, X, which=("BatchJacobian", "DiagGGN"))
+    assert len(builds) == 2 and used, "the plan cached before the registration was reused"
