@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from curvhook._torch_internals import BATCH_NORM_TYPES
 from curvhook.calls import ModuleCall, fill_template
 from curvhook.errors import UnsupportedModelError
 from curvhook.rules.base import LayerRule
@@ -258,6 +259,6 @@ FALLBACK = FallbackRule()
 
 def mixes_samples(module: nn.Module) -> bool:
     """Whether the module combines samples (BatchNorm with batch statistics)."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if isinstance(module, BATCH_NORM_TYPES):
         return module.training or not module.track_running_stats
     return False

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vjp, vmap
 
+from curvhook._torch_internals import tensor_version
 from curvhook.calls import FunctionCall, Slot
 from curvhook.errors import UnsupportedModelError
 from curvhook.rules.base import apply_node
@@ -419,7 +420,7 @@ class TensorOpRule:
         node = call.node
         if self._own_node(call, slot):
             return apply_node(node, torch.ones_like(call.output_values[0]))
-        if x._version != call.input_versions[slot]:
+        if tensor_version(x) != call.input_versions[slot]:
             return None
         _, pull = vjp(self._function(call, (slot,)), x.detach())
         return pull((torch.ones_like(call.output_values[0]),))[0]

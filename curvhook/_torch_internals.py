@@ -1,0 +1,353 @@
+"""Every private torch API curvhook uses, behind one name each.
+
+This is the only file of curvhook that touches torch internals: ``torch._C``,
+underscore attributes of torch objects (``tensor._version``,
+``module._parameters``, an autograd node's ``_saved_*``) and underscore names of
+torch modules (``_Loss``, ``_BatchNorm``, ``F._canonical_mask``). The rest of the
+package imports the names below instead; ``tests/test_torch_internals.py``
+scans the package for private torch APIs used anywhere else and tests every
+entry here on the installed torch.
+
+Each entry says what it does, the torch versions it was checked on, and what
+curvhook does where the internal is missing: a fallback built from public APIs,
+a degraded path (something is recomputed or not recycled; results stay exact),
+or a :class:`~curvhook.errors.CurvhookError` when the entry is used (never
+when this file is imported). A new torch release is supported once the test
+suite passes on it; widen the ranges then.
+
+"Checked on torch 2.6–2.13" means: the tests of this file and the whole test
+suite pass on torch 2.6.0 (the oldest release curvhook supports) and 2.13.0,
+the two releases CI tests. Older releases lack public features curvhook needs
+(README.md, "Supported torch versions").
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from curvhook.errors import CurvhookError
+
+__all__ = [
+    "BATCH_NORM_TYPES",
+    "LOSS_MODULE_TYPES",
+    "attention_packs_projections",
+    "canonical_attention_masks",
+    "current_autograd_node",
+    "current_graph_task_id",
+    "disable_torch_function",
+    "forward_pre_hooks",
+    "own_parameters",
+    "pop_torch_function_mode",
+    "push_torch_function_mode",
+    "queue_backward_callback",
+    "remove_global_forward_hook",
+    "saved_pooling_indices",
+    "storage_use_count",
+    "tensor_version",
+    "torch_function_mode_on_top",
+]
+
+_C = torch._C
+
+
+def _missing(name: str, consequence: str) -> Callable[..., Any]:
+    """A stand-in for a missing internal that raises a clear error when called."""
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise CurvhookError(
+            f"This torch ({torch.__version__}) lacks {name}, which curvhook needs: {consequence} "
+            "Install a torch release that curvhook supports (see README.md, 'Supported torch versions')."
+        )
+
+    unavailable.__name__ = name.rsplit(".", 1)[-1]
+    return unavailable
+
+
+# ------------------------------------------------------- torch-function modes
+
+# disable_torch_function(): context manager under which no torch-function mode
+# and no ``__torch_function__`` override runs: the hooks and the mode's own
+# bookkeeping read tensor metadata (``grad_fn``, the version counter) through it
+# without coming back into curvhook's mode. A C type, entered on every
+# operation of a model inside an ``extend`` block: aliased, not wrapped.
+# Checked on torch 2.6–2.13 (``torch._C.DisableTorchFunction``).
+# Missing: entering it raises CurvhookError (curvhook cannot record the tape).
+if hasattr(_C, "DisableTorchFunction"):
+    disable_torch_function = _C.DisableTorchFunction
+else:  # pragma: no cover - every torch 2.x has it
+
+    class disable_torch_function:  # type: ignore[no-redef]  # noqa: N801
+        def __enter__(self) -> None:
+            _missing("torch._C.DisableTorchFunction", "its hooks run with torch functions disabled.")()
+
+        def __exit__(self, *exc: Any) -> None:
+            return None
+
+
+# push_torch_function_mode(mode): put an already-entered torch-function mode
+# back on top of the mode stack without calling its ``__enter__`` again;
+# pop_torch_function_mode() takes the innermost mode off the stack and
+# returns it. ``extend`` takes its mode off the stack while a torch layer
+# without children runs (nothing to record inside it, and its functions then
+# skip the mode's Python dispatch) and puts it back after.
+# Checked on torch 2.6–2.13 (``torch._C._push_on_torch_function_stack``,
+# ``torch._C._pop_torch_function_stack``).
+# Missing: raises CurvhookError when an extend block runs a layer.
+push_torch_function_mode: Callable[[Any], None] = getattr(
+    _C, "_push_on_torch_function_stack", None
+) or _missing("torch._C._push_on_torch_function_stack", "it steps its mode aside while a torch layer runs.")
+pop_torch_function_mode: Callable[[], Any] = getattr(
+    _C, "_pop_torch_function_stack", None
+) or _missing("torch._C._pop_torch_function_stack", "it steps its mode aside while a torch layer runs.")
+
+_stack_len = getattr(_C, "_len_torch_function_stack", None)
+_stack_at = getattr(_C, "_get_function_stack_at", None)
+
+
+def torch_function_mode_on_top(mode: Any) -> bool:
+    """Whether ``mode`` is the innermost torch-function mode on the stack.
+
+    Checked on torch 2.6–2.13 (``torch._C._len_torch_function_stack``,
+    ``torch._C._get_function_stack_at``). Missing: ``False`` (an ``extend`` block
+    then never takes its mode off the stack: torch layers run through the mode,
+    slower, with the same results).
+    """
+    if _stack_len is None or _stack_at is None:  # pragma: no cover - every torch 2.x has both
+        return False
+    depth = _stack_len()
+    return depth > 0 and _stack_at(depth - 1) is mode
+
+
+# ------------------------------------------------------------ autograd engine
+
+# current_graph_task_id() -> int: an id of the backward pass (graph task) under
+# way, the same in every hook of one pass, different for the next pass; -1
+# outside of a backward pass. Tells the forward passes one backward reaches
+# apart from separate backward passes, and finds the passes that went through
+# a nonlinear function of a loss.
+# Checked on torch 2.6–2.13 (``torch._C._current_graph_task_id``).
+# Missing: raises CurvhookError in the first backward pass inside a block.
+current_graph_task_id: Callable[[], int] = getattr(_C, "_current_graph_task_id", None) or _missing(
+    "torch._C._current_graph_task_id", "it tells one backward pass from the next."
+)
+
+# current_autograd_node(): the autograd node (``grad_fn``) whose hooks or
+# backward are running, ``None`` outside of a backward pass. In the tensor hook
+# on the model output, the node that produced the output: the rules of the
+# last layer apply it instead of holding a reference to the graph.
+# Checked on torch 2.6–2.13 (``torch._C._current_autograd_node``).
+# Missing: ``None``, which the rules treat like a call without a single node
+# (the last layer's product is recomputed from its inputs; results are the same).
+current_autograd_node: Callable[[], Any] = getattr(_C, "_current_autograd_node", None) or (lambda: None)
+
+_engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+
+
+def queue_backward_callback(callback: Callable[[], None]) -> None:
+    """Run ``callback()`` once when the backward pass under way has finished.
+
+    Only valid inside a backward pass (a tensor hook or an autograd node).
+    ``extend`` writes the results of all forward passes one backward pass
+    reached at its end, in forward order.
+
+    Checked on torch 2.6–2.13
+    (``torch.autograd.Variable._execution_engine.queue_callback``). Missing:
+    raises CurvhookError (results could not be written at the end of the pass).
+    """
+    if _engine is None:  # pragma: no cover - every torch 2.x has it
+        _missing("torch.autograd.Variable._execution_engine", "it writes results when backward ends.")()
+    _engine.queue_callback(callback)
+
+
+def saved_pooling_indices(node: Any) -> Optional[Tensor]:
+    """The argmax indices a max-pooling autograd node saved for its backward, if it has them.
+
+    ``MaxPool{2,3}DWithIndicesBackward0`` and ``AdaptiveMaxPool{1,2,3}DBackward0``
+    keep their indices output as ``_saved_result1``. Returns ``None`` for any
+    other node, and once a backward pass without ``retain_graph`` freed them.
+
+    Checked on torch 2.6–2.13. Missing (renamed): ``None``; the
+    pooling rule then recomputes the indices by pooling the stored input again.
+    """
+    try:
+        saved = getattr(node, "_saved_result1", None)
+    except RuntimeError:  # freed by an earlier backward pass
+        return None
+    return saved if isinstance(saved, Tensor) else None
+
+
+# ------------------------------------------------------------ tensors, memory
+
+# tensor_version(t) -> int: the version counter of ``t``, which every in-place
+# operation on it or on a view of it increments. ``(id(t), tensor_version(t))``
+# identifies the state of a tensor in a recording, and rules check that an
+# input was not overwritten since the forward pass. Called for every recorded
+# tensor: a C getter, not a Python function.
+# Checked on torch 2.6–2.13 (``Tensor._version``).
+# Missing: none of torch 2.x lacks it; the getter would raise AttributeError.
+tensor_version: Callable[[Tensor], int] = operator.attrgetter("_version")
+
+_use_count = getattr(_C, "_storage_Use_Count", None)
+
+
+def storage_use_count(tensor: Tensor) -> Optional[int]:
+    """The use count of ``tensor``'s storage, or ``None`` where torch does not expose it.
+
+    One for each tensor (view, or tensor saved by autograd) that shares the
+    storage, plus one for the storage object this call creates. The buffer
+    pool of :mod:`curvhook._memory` hands a buffer out again only when nothing
+    but the pool uses it.
+
+    Checked on torch 2.6–2.13 (``torch._C._storage_Use_Count`` of
+    ``UntypedStorage._cdata``). Missing: ``None``; nothing is recycled then
+    (every large buffer is fresh, slower for large results, same numbers).
+    """
+    if _use_count is None:
+        return None
+    return _use_count(tensor.untyped_storage()._cdata)
+
+
+# ------------------------------------------------------------------- modules
+
+
+def own_parameters(module: nn.Module) -> Mapping[str, Optional[nn.Parameter]]:
+    """The parameters registered on ``module`` itself (not its children), by name.
+
+    A read-only view by convention: do not change it. Entries may be ``None``
+    (a parameter registered as ``None``, such as a bias turned off). Reading
+    the dict costs a fraction of ``named_parameters(recurse=False)``'s
+    generator on every call of every leaf.
+
+    Checked on torch 2.6–2.13 (``Module._parameters``). Missing:
+    the same from ``named_parameters(recurse=False)`` (without ``None``
+    entries, which the callers skip anyway).
+    """
+    params = getattr(module, "_parameters", None)
+    if params is None:  # pragma: no cover - every nn.Module has it
+        return dict(module.named_parameters(recurse=False))
+    return params
+
+
+def forward_pre_hooks(module: nn.Module) -> Iterable[Callable[..., Any]]:
+    """The forward pre-hooks registered on ``module`` (not the global ones), in order.
+
+    ``extend`` refuses to open a second block on a module whose hooks already
+    include one of another active block.
+
+    Checked on torch 2.6–2.13 (``Module._forward_pre_hooks``).
+    Missing: no hooks (the check for a second block is then skipped).
+    """
+    hooks = getattr(module, "_forward_pre_hooks", None)
+    return () if hooks is None else hooks.values()
+
+
+def remove_global_forward_hook(handle: Any) -> None:
+    """Remove a hook of ``torch.nn.modules.module.register_module_forward_hook`` completely.
+
+    ``handle.remove()`` leaves the hook's entry in torch's table of global
+    hooks taking keyword arguments (``with_kwargs=True``) behind, which would
+    grow by one entry per ``extend`` block; this removes both. Removing twice
+    is harmless.
+
+    Checked on torch 2.6–2.13 (``_global_forward_hooks_with_kwargs``
+    of ``torch.nn.modules.module``). Missing: only ``handle.remove()``.
+    """
+    handle.remove()
+    table = getattr(torch.nn.modules.module, "_global_forward_hooks_with_kwargs", None)
+    if table is not None:
+        table.pop(handle.id, None)
+
+
+def _public_classes(module: Any, match: Callable[[str], bool]) -> tuple[type, ...]:
+    """The public module classes of ``module`` whose names ``match``: a stand-in for a private base."""
+    return tuple(
+        cls
+        for name, cls in vars(module).items()
+        if not name.startswith("_") and match(name) and isinstance(cls, type) and issubclass(cls, nn.Module)
+    )
+
+
+# LOSS_MODULE_TYPES: a tuple for ``isinstance``: the base class of every torch
+# loss module (``nn.MSELoss``, ``nn.CrossEntropyLoss``, ...; user losses that
+# subclass it too). The global module hook counts calls of these as losses.
+# Checked on torch 2.6–2.13 (``torch.nn.modules.loss._Loss``).
+# Missing: the classes of ``torch.nn.modules.loss`` named ``*Loss*`` (a user
+# loss that subclasses only the private base is then not seen as a loss).
+_loss_base = getattr(getattr(nn.modules, "loss", None), "_Loss", None)
+LOSS_MODULE_TYPES: tuple[type, ...] = (
+    (_loss_base,) if isinstance(_loss_base, type) else _public_classes(nn.modules.loss, lambda name: "Loss" in name)
+)
+
+# BATCH_NORM_TYPES: a tuple for ``isinstance``: the batch-norm modules
+# (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, the lazy ones), which mix
+# the samples of a batch when they use batch statistics.
+# Checked on torch 2.6–2.13 (``torch.nn.modules.batchnorm._BatchNorm``).
+# Missing: the classes of ``torch.nn.modules.batchnorm`` named ``*BatchNorm*``.
+_batch_norm_base = getattr(getattr(nn.modules, "batchnorm", None), "_BatchNorm", None)
+BATCH_NORM_TYPES: tuple[type, ...] = (
+    (_batch_norm_base,)
+    if isinstance(_batch_norm_base, type)
+    else _public_classes(nn.modules.batchnorm, lambda name: "BatchNorm" in name)
+)
+
+
+def attention_packs_projections(module: nn.MultiheadAttention) -> bool:
+    """Whether ``nn.MultiheadAttention`` keeps one packed ``in_proj_weight`` for q, k and v.
+
+    True when ``kdim == vdim == embed_dim``; otherwise it has separate
+    ``q_proj_weight``, ``k_proj_weight`` and ``v_proj_weight``.
+
+    Checked on torch 2.6–2.13 (``MultiheadAttention._qkv_same_embed_dim``).
+    Missing: whether ``in_proj_weight`` is set, which is the same.
+    """
+    flag = getattr(module, "_qkv_same_embed_dim", None)
+    if flag is None:
+        return getattr(module, "in_proj_weight", None) is not None
+    return bool(flag)
+
+
+def _canonical_mask_fallback(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional[Tensor]:
+    """What ``F._canonical_mask`` does: a boolean mask becomes ``-inf`` where true, 0 elsewhere."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool and not torch.is_floating_point(mask):
+        raise AssertionError(f"only bool and floating types of {name} are supported")
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    return mask
+
+
+def canonical_attention_masks(
+    attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], dtype: torch.dtype
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The masks of ``nn.MultiheadAttention`` as it adds them to the scores: ``(attn_mask, key_padding_mask)``.
+
+    A boolean mask becomes a float mask of ``dtype`` that is ``-inf`` where it is
+    true; a float mask is returned as it is; ``None`` stays ``None``. Other
+    dtypes raise ``AssertionError``, as in the module's forward.
+
+    Checked on torch 2.6–2.13 (``F._canonical_mask`` and
+    ``F._none_or_dtype``, as ``F.multi_head_attention_forward`` calls them).
+    Missing: the same conversion written out here (without torch's warning
+    about masks of different types, which the module's forward already gave).
+    """
+    canonical = getattr(torch.nn.functional, "_canonical_mask", None)
+    none_or_dtype = getattr(torch.nn.functional, "_none_or_dtype", None)
+    if canonical is None or none_or_dtype is None:
+        return (
+            _canonical_mask_fallback(attn_mask, "attn_mask", dtype),
+            _canonical_mask_fallback(key_padding_mask, "key_padding_mask", dtype),
+        )
+    padding = canonical(
+        mask=key_padding_mask, mask_name="key_padding_mask", other_type=none_or_dtype(attn_mask),
+        other_name="attn_mask", target_type=dtype,
+    )
+    attn_mask = canonical(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+        target_type=dtype, check_other=False,
+    )
+    return attn_mask, padding
