@@ -34,6 +34,7 @@ from curvhook.errors import CurvhookError
 __all__ = [
     "BATCH_NORM_TYPES",
     "LOSS_MODULE_TYPES",
+    "TORCH_FUNC_IMPORTS_DYNAMO",
     "attention_packs_projections",
     "canonical_attention_masks",
     "current_autograd_node",
@@ -120,6 +121,28 @@ def torch_function_mode_on_top(mode: Any) -> bool:
         return False
     depth = _stack_len()
     return depth > 0 and _stack_at(depth - 1) is mode
+
+
+# ------------------------------------------------------------------ torch.func
+
+# The transforms of ``torch.func`` (``vmap``, ``jacrev``, ...) of torch before
+# 2.8 import ``torch._dynamo`` on their first call. That import runs a
+# torch-function mode of its own and asserts that it sees the calls it makes;
+# under ``disable_torch_function()``, where curvhook's rules run during the
+# backward pass, it sees none, the import fails, and so does every later call
+# of a transform. On those releases, curvhook imports ``torch._dynamo`` here,
+# once, outside any block (about 1 s).
+# Checked on torch 2.6 (needed: without it, the tests fail; 2.7's
+# ``torch._functorch.apis`` has the same import of ``torch._dynamo``) and 2.13
+# (not needed: from 2.8 on it imports ``torch.compiler`` instead, so curvhook
+# skips the import there).
+# Missing (``torch._dynamo`` gone): nothing to do, the import is skipped.
+TORCH_FUNC_IMPORTS_DYNAMO = torch.__version__ < (2, 8)
+if TORCH_FUNC_IMPORTS_DYNAMO:
+    try:
+        import torch._dynamo  # noqa: F401
+    except ImportError:  # pragma: no cover - a build without dynamo
+        pass
 
 
 # ------------------------------------------------------------ autograd engine

@@ -9,6 +9,8 @@ somewhere deep in a backward pass).
 import ast
 import io
 import re
+import subprocess
+import sys
 import tokenize
 from pathlib import Path
 
@@ -188,6 +190,27 @@ def test_pop_and_push_change_the_mode_on_top():
         torch.cos(x)
     assert not ti.torch_function_mode_on_top(outer)
     assert "cos" in outer.seen and "sin" not in outer.seen
+
+
+# ------------------------------------------------------------------ torch.func
+
+
+def test_torch_func_works_under_disabled_torch_functions_from_its_first_call():
+    # A fresh process: the first transform of torch.func runs where curvhook's rules
+    # run it, with torch functions disabled (torch 2.6-2.7 import torch._dynamo then).
+    code = (
+        "import torch, curvhook\n"
+        "from curvhook._torch_internals import disable_torch_function\n"
+        "with disable_torch_function():\n"
+        "    y = torch.func.vmap(torch.sin)(torch.ones(2, 3))\n"
+        "    torch.func.jacrev(torch.sin)(torch.ones(3))\n"
+        "print(tuple(y.shape))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "(2, 3)"
 
 
 # ------------------------------------------------------------ autograd engine
