@@ -50,6 +50,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from curvhook._torch_internals import storage_use_count
+
 _MADV_HUGEPAGE = 14
 _PAGE = 4096
 _MIN_BYTES = 8 << 20  # huge pages from here on: below, their fault saving is negligible
@@ -127,9 +129,8 @@ def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 # Large buffers handed out by ``empty`` during the current block, per thread, as
 # [buffer, number of the backward pass that last used it]. Without torch's
-# storage use count (a private function), or where it does not count views,
-# nothing is recycled.
-_use_count = getattr(torch._C, "_storage_Use_Count", None)
+# storage use count (a private function: _torch_internals.storage_use_count),
+# or where it does not count views, nothing is recycled.
 _recycling = threading.local()
 _HELD_FRACTION = 0.5  # free buffers kept between passes, relative to the results ...
 _HELD_MIN_BYTES = 32 << 20  # ... or up to this much where the results are smaller
@@ -147,12 +148,12 @@ def held_budget(result_bytes: int) -> float:
 
 def _count_of_a_lone_tensor() -> Optional[int]:
     """The use count ``_unused`` sees for a tensor nothing else shares, if a view adds one."""
-    if _use_count is None:
-        return None
     t = torch.empty(1)
-    alone = _use_count(t.untyped_storage()._cdata)
+    alone = storage_use_count(t)
+    if alone is None:
+        return None
     view = t.view(1)
-    with_view = _use_count(t.untyped_storage()._cdata)
+    with_view = storage_use_count(t)
     del view
     return alone if with_view == alone + 1 else None
 
@@ -177,7 +178,7 @@ def _unused(buf: Tensor) -> bool:
     The storage's use count is one per tensor (view, or tensor saved for
     backward) that shares it, plus one for the storage object of this call.
     """
-    return _use_count(buf.untyped_storage()._cdata) == _LONE_COUNT
+    return storage_use_count(buf) == _LONE_COUNT
 
 
 def drop_unused(result_bytes: int) -> None:

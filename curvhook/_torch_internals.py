@@ -1,126 +1,376 @@
-"""The only file of curvhook that touches private torch APIs.
+"""Every private torch API curvhook uses, behind one name each.
 
-Every entry says what it does, the torch versions it was checked on, and what
-curvhook does where it is missing. Nothing else in ``curvhook/`` may use an
-underscore name of torch (``tests/test_torch_internals.py`` checks that).
+This is the only file of curvhook that touches torch internals: ``torch._C``,
+underscore attributes of torch objects (``tensor._version``,
+``module._parameters``, an autograd node's ``_saved_*``) and underscore names of
+torch modules (``_Loss``, ``_BatchNorm``, ``F._canonical_mask``). The rest of the
+package imports the names below instead; ``tests/test_torch_internals.py``
+scans the package for private torch APIs used anywhere else and tests every
+entry here on the installed torch.
+
+Each entry says what it does, the torch versions it was checked on, and what
+curvhook does where the internal is missing: a fallback built from public APIs,
+a degraded path (something is recomputed or not recycled; results stay exact),
+or a :class:`~curvhook.errors.CurvhookError` when the entry is used (never
+when this file is imported). A new torch release is supported once the test
+suite passes on it; widen the ranges then.
+
+"Checked on torch 2.6–2.13" means: the tests of this file and the whole test
+suite pass on torch 2.6.0 (the oldest release curvhook supports) and 2.13.0,
+the two releases CI tests. Older releases lack public features curvhook needs
+(README.md, "Supported torch versions").
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+import operator
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
 
-# Checked on torch 2.13 unless an entry says otherwise; the oldest supported
-# version is the one setup.cfg names, where CI runs the whole suite.
+from curvhook.errors import CurvhookError
+
+__all__ = [
+    "BATCH_NORM_TYPES",
+    "LOSS_MODULE_TYPES",
+    "TORCH_FUNC_IMPORTS_DYNAMO",
+    "attention_packs_projections",
+    "canonical_attention_masks",
+    "current_autograd_node",
+    "current_graph_task_id",
+    "disable_torch_function",
+    "forward_pre_hooks",
+    "own_parameters",
+    "pop_torch_function_mode",
+    "push_torch_function_mode",
+    "queue_backward_callback",
+    "remove_global_forward_hook",
+    "saved_pooling_indices",
+    "storage_use_count",
+    "tensor_version",
+    "torch_function_mode_on_top",
+]
+
+_C = torch._C
 
 
-def disable_torch_function() -> Any:
-    """Context manager: torch functions skip every torch-function mode inside it.
+def _missing(name: str, consequence: str) -> Callable[..., Any]:
+    """A stand-in for a missing internal that raises a clear error when called."""
 
-    The tape's own bookkeeping (reading ``grad_fn``, versions, shapes) must not
-    come back through the tape. ``torch._C.DisableTorchFunction`` (torch ≥ 1.13);
-    without it curvhook cannot record tensor operations and would not import.
-    """
-    return torch._C.DisableTorchFunction()
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise CurvhookError(
+            f"This torch ({torch.__version__}) lacks {name}, which curvhook needs: {consequence} "
+            "Install a torch release that curvhook supports (see README.md, 'Supported torch versions')."
+        )
 
-
-def pop_torch_function_mode() -> None:
-    """Take the innermost torch-function mode off the stack (it must be curvhook's tape).
-
-    Inside a torch layer the tape records nothing, and off the stack each of the
-    layer's functions skips the mode's Python dispatch.
-    ``torch._C._pop_torch_function_stack`` (torch ≥ 2.0).
-    """
-    torch._C._pop_torch_function_stack()
+    unavailable.__name__ = name.rsplit(".", 1)[-1]
+    return unavailable
 
 
-def push_torch_function_mode(mode: Any) -> None:
-    """Put ``mode`` back on top of the torch-function mode stack.
+# ------------------------------------------------------- torch-function modes
 
-    ``torch._C._push_on_torch_function_stack`` (torch ≥ 2.0).
-    """
-    torch._C._push_on_torch_function_stack(mode)
+# disable_torch_function(): context manager under which no torch-function mode
+# and no ``__torch_function__`` override runs: the hooks and the mode's own
+# bookkeeping read tensor metadata (``grad_fn``, the version counter) through it
+# without coming back into curvhook's mode. A C type, entered on every
+# operation of a model inside an ``extend`` block: aliased, not wrapped.
+# Checked on torch 2.6–2.13 (``torch._C.DisableTorchFunction``).
+# Missing: entering it raises CurvhookError (curvhook cannot record the tape).
+if hasattr(_C, "DisableTorchFunction"):
+    disable_torch_function = _C.DisableTorchFunction
+else:  # pragma: no cover - every torch 2.x has it
+
+    class disable_torch_function:  # type: ignore[no-redef]  # noqa: N801
+        def __enter__(self) -> None:
+            _missing("torch._C.DisableTorchFunction", "its hooks run with torch functions disabled.")()
+
+        def __exit__(self, *exc: Any) -> None:
+            return None
+
+
+# push_torch_function_mode(mode): put an already-entered torch-function mode
+# back on top of the mode stack without calling its ``__enter__`` again;
+# pop_torch_function_mode() takes the innermost mode off the stack and
+# returns it. ``extend`` takes its mode off the stack while a torch layer
+# without children runs (nothing to record inside it, and its functions then
+# skip the mode's Python dispatch) and puts it back after.
+# Checked on torch 2.6–2.13 (``torch._C._push_on_torch_function_stack``,
+# ``torch._C._pop_torch_function_stack``).
+# Missing: raises CurvhookError when an extend block runs a layer.
+push_torch_function_mode: Callable[[Any], None] = getattr(
+    _C, "_push_on_torch_function_stack", None
+) or _missing("torch._C._push_on_torch_function_stack", "it steps its mode aside while a torch layer runs.")
+pop_torch_function_mode: Callable[[], Any] = getattr(
+    _C, "_pop_torch_function_stack", None
+) or _missing("torch._C._pop_torch_function_stack", "it steps its mode aside while a torch layer runs.")
+
+_stack_len = getattr(_C, "_len_torch_function_stack", None)
+_stack_at = getattr(_C, "_get_function_stack_at", None)
 
 
 def torch_function_mode_on_top(mode: Any) -> bool:
-    """Whether ``mode`` is the innermost active torch-function mode.
+    """Whether ``mode`` is the innermost torch-function mode on the stack.
 
-    ``torch._C._len_torch_function_stack`` and ``_get_function_stack_at`` (torch ≥ 2.0).
+    Checked on torch 2.6–2.13 (``torch._C._len_torch_function_stack``,
+    ``torch._C._get_function_stack_at``). Missing: ``False`` (an ``extend`` block
+    then never takes its mode off the stack: torch layers run through the mode,
+    slower, with the same results).
     """
-    depth = torch._C._len_torch_function_stack()
-    return depth > 0 and torch._C._get_function_stack_at(depth - 1) is mode
+    if _stack_len is None or _stack_at is None:  # pragma: no cover - every torch 2.x has both
+        return False
+    depth = _stack_len()
+    return depth > 0 and _stack_at(depth - 1) is mode
 
 
-def current_graph_task_id() -> int:
-    """Id of the backward pass (graph task) running on this thread; ``-1`` outside one.
+# ------------------------------------------------------------------ torch.func
 
-    Tells apart two backward passes through the same forward pass.
-    ``torch._C._current_graph_task_id`` (torch ≥ 1.13).
-    """
-    return torch._C._current_graph_task_id()
+# The transforms of ``torch.func`` (``vmap``, ``jacrev``, ...) of torch before
+# 2.8 import ``torch._dynamo`` on their first call. That import runs a
+# torch-function mode of its own and asserts that it sees the calls it makes;
+# under ``disable_torch_function()``, where curvhook's rules run during the
+# backward pass, it sees none, the import fails, and so does every later call
+# of a transform. On those releases, curvhook imports ``torch._dynamo`` here,
+# once, outside any block (about 1 s).
+# Checked on torch 2.6 (needed: without it, the tests fail; 2.7's
+# ``torch._functorch.apis`` has the same import of ``torch._dynamo``) and 2.13
+# (not needed: from 2.8 on it imports ``torch.compiler`` instead, so curvhook
+# skips the import there).
+# Missing (``torch._dynamo`` gone): nothing to do, the import is skipped.
+TORCH_FUNC_IMPORTS_DYNAMO = torch.__version__ < (2, 8)
+if TORCH_FUNC_IMPORTS_DYNAMO:
+    try:
+        import torch._dynamo  # noqa: F401
+    except ImportError:  # pragma: no cover - a build without dynamo
+        pass
 
 
-def current_autograd_node() -> Any:
-    """The autograd node whose hook or function is running now (``None`` outside backward).
+# ------------------------------------------------------------ autograd engine
 
-    The rules of the module that produced the model output need its node, which
-    the record may not hold (see :class:`~curvhook.trace.Trace`).
-    ``torch._C._current_autograd_node`` (torch ≥ 2.0).
-    """
-    return torch._C._current_autograd_node()
+# current_graph_task_id() -> int: an id of the backward pass (graph task) under
+# way, the same in every hook of one pass, different for the next pass; -1
+# outside of a backward pass. Tells the forward passes one backward reaches
+# apart from separate backward passes, and finds the passes that went through
+# a nonlinear function of a loss.
+# Checked on torch 2.6–2.13 (``torch._C._current_graph_task_id``).
+# Missing: raises CurvhookError in the first backward pass inside a block.
+current_graph_task_id: Callable[[], int] = getattr(_C, "_current_graph_task_id", None) or _missing(
+    "torch._C._current_graph_task_id", "it tells one backward pass from the next."
+)
+
+# current_autograd_node(): the autograd node (``grad_fn``) whose hooks or
+# backward are running, ``None`` outside of a backward pass. In the tensor hook
+# on the model output, the node that produced the output: the rules of the
+# last layer apply it instead of holding a reference to the graph.
+# Checked on torch 2.6–2.13 (``torch._C._current_autograd_node``).
+# Missing: ``None``, which the rules treat like a call without a single node
+# (the last layer's product is recomputed from its inputs; results are the same).
+current_autograd_node: Callable[[], Any] = getattr(_C, "_current_autograd_node", None) or (lambda: None)
+
+_engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
 
 
 def queue_backward_callback(callback: Callable[[], None]) -> None:
-    """Run ``callback`` when the backward pass under way ends.
+    """Run ``callback()`` once when the backward pass under way has finished.
 
-    Results are written then, so that several forward passes reached by one
-    backward pass add up. ``Variable._execution_engine.queue_callback`` (torch ≥ 1.0).
+    Only valid inside a backward pass (a tensor hook or an autograd node).
+    ``extend`` writes the results of all forward passes one backward pass
+    reached at its end, in forward order.
+
+    Checked on torch 2.6–2.13
+    (``torch.autograd.Variable._execution_engine.queue_callback``). Missing:
+    raises CurvhookError (results could not be written at the end of the pass).
     """
-    torch.autograd.Variable._execution_engine.queue_callback(callback)
+    if _engine is None:  # pragma: no cover - every torch 2.x has it
+        _missing("torch.autograd.Variable._execution_engine", "it writes results when backward ends.")()
+    _engine.queue_callback(callback)
+
+
+def saved_pooling_indices(node: Any) -> Optional[Tensor]:
+    """The argmax indices a max-pooling autograd node saved for its backward, if it has them.
+
+    ``MaxPool{2,3}DWithIndicesBackward0`` and ``AdaptiveMaxPool{1,2,3}DBackward0``
+    keep their indices output as ``_saved_result1``. Returns ``None`` for any
+    other node, and once a backward pass without ``retain_graph`` freed them.
+
+    Checked on torch 2.6–2.13. Missing (renamed): ``None``; the
+    pooling rule then recomputes the indices by pooling the stored input again.
+    """
+    try:
+        saved = getattr(node, "_saved_result1", None)
+    except RuntimeError:  # freed by an earlier backward pass
+        return None
+    return saved if isinstance(saved, Tensor) else None
+
+
+# ------------------------------------------------------------ tensors, memory
+
+# tensor_version(t) -> int: the version counter of ``t``, which every in-place
+# operation on it or on a view of it increments. ``(id(t), tensor_version(t))``
+# identifies the state of a tensor in a recording, and rules check that an
+# input was not overwritten since the forward pass. Called for every recorded
+# tensor: a C getter, not a Python function.
+# Checked on torch 2.6–2.13 (``Tensor._version``).
+# Missing: none of torch 2.x lacks it; the getter would raise AttributeError.
+tensor_version: Callable[[Tensor], int] = operator.attrgetter("_version")
+
+_use_count = getattr(_C, "_storage_Use_Count", None)
+
+
+def storage_use_count(tensor: Tensor) -> Optional[int]:
+    """The use count of ``tensor``'s storage, or ``None`` where torch does not expose it.
+
+    One for each tensor (view, or tensor saved by autograd) that shares the
+    storage, plus one for the storage object this call creates. The buffer
+    pool of :mod:`curvhook._memory` hands a buffer out again only when nothing
+    but the pool uses it.
+
+    Checked on torch 2.6–2.13 (``torch._C._storage_Use_Count`` of
+    ``UntypedStorage._cdata``). Missing: ``None``; nothing is recycled then
+    (every large buffer is fresh, slower for large results, same numbers).
+    """
+    if _use_count is None:
+        return None
+    return _use_count(tensor.untyped_storage()._cdata)
+
+
+# ------------------------------------------------------------------- modules
+
+
+def own_parameters(module: nn.Module) -> Mapping[str, Optional[nn.Parameter]]:
+    """The parameters registered on ``module`` itself (not its children), by name.
+
+    A read-only view by convention: do not change it. Entries may be ``None``
+    (a parameter registered as ``None``, such as a bias turned off). Reading
+    the dict costs a fraction of ``named_parameters(recurse=False)``'s
+    generator on every call of every leaf.
+
+    Checked on torch 2.6–2.13 (``Module._parameters``). Missing:
+    the same from ``named_parameters(recurse=False)`` (without ``None``
+    entries, which the callers skip anyway).
+    """
+    params = getattr(module, "_parameters", None)
+    if params is None:  # pragma: no cover - every nn.Module has it
+        return dict(module.named_parameters(recurse=False))
+    return params
+
+
+def forward_pre_hooks(module: nn.Module) -> Iterable[Callable[..., Any]]:
+    """The forward pre-hooks registered on ``module`` (not the global ones), in order.
+
+    ``extend`` refuses to open a second block on a module whose hooks already
+    include one of another active block.
+
+    Checked on torch 2.6–2.13 (``Module._forward_pre_hooks``).
+    Missing: no hooks (the check for a second block is then skipped).
+    """
+    hooks = getattr(module, "_forward_pre_hooks", None)
+    return () if hooks is None else hooks.values()
 
 
 def remove_global_forward_hook(handle: Any) -> None:
-    """Remove a global module forward hook registered ``with_kwargs=True``.
+    """Remove a hook of ``torch.nn.modules.module.register_module_forward_hook`` completely.
 
-    ``handle.remove()`` leaves its id in ``_global_forward_hooks_with_kwargs``
-    (torch 2.1–2.13); this drops it there too. Where that table does not exist
-    there is nothing to drop.
+    ``handle.remove()`` leaves the hook's entry in torch's table of global
+    hooks taking keyword arguments (``with_kwargs=True``) behind, which would
+    grow by one entry per ``extend`` block; this removes both. Removing twice
+    is harmless.
+
+    Checked on torch 2.6–2.13 (``_global_forward_hooks_with_kwargs``
+    of ``torch.nn.modules.module``). Missing: only ``handle.remove()``.
     """
     handle.remove()
-    table = getattr(_module, "_global_forward_hooks_with_kwargs", None)
+    table = getattr(torch.nn.modules.module, "_global_forward_hooks_with_kwargs", None)
     if table is not None:
         table.pop(handle.id, None)
 
 
-def tensor_version(tensor: Tensor) -> int:
-    """The version counter of ``tensor``: it grows with every in-place change.
+def _public_classes(module: Any, match: Callable[[str], bool]) -> tuple[type, ...]:
+    """The public module classes of ``module`` whose names ``match``: a stand-in for a private base."""
+    return tuple(
+        cls
+        for name, cls in vars(module).items()
+        if not name.startswith("_") and match(name) and isinstance(cls, type) and issubclass(cls, nn.Module)
+    )
 
-    ``Tensor._version`` (every torch 1.x and 2.x).
+
+# LOSS_MODULE_TYPES: a tuple for ``isinstance``: the base class of every torch
+# loss module (``nn.MSELoss``, ``nn.CrossEntropyLoss``, ...; user losses that
+# subclass it too). The global module hook counts calls of these as losses.
+# Checked on torch 2.6–2.13 (``torch.nn.modules.loss._Loss``).
+# Missing: the classes of ``torch.nn.modules.loss`` named ``*Loss*`` (a user
+# loss that subclasses only the private base is then not seen as a loss).
+_loss_base = getattr(getattr(nn.modules, "loss", None), "_Loss", None)
+LOSS_MODULE_TYPES: tuple[type, ...] = (
+    (_loss_base,) if isinstance(_loss_base, type) else _public_classes(nn.modules.loss, lambda name: "Loss" in name)
+)
+
+# BATCH_NORM_TYPES: a tuple for ``isinstance``: the batch-norm modules
+# (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, the lazy ones), which mix
+# the samples of a batch when they use batch statistics.
+# Checked on torch 2.6–2.13 (``torch.nn.modules.batchnorm._BatchNorm``).
+# Missing: the classes of ``torch.nn.modules.batchnorm`` named ``*BatchNorm*``.
+_batch_norm_base = getattr(getattr(nn.modules, "batchnorm", None), "_BatchNorm", None)
+BATCH_NORM_TYPES: tuple[type, ...] = (
+    (_batch_norm_base,)
+    if isinstance(_batch_norm_base, type)
+    else _public_classes(nn.modules.batchnorm, lambda name: "BatchNorm" in name)
+)
+
+
+def attention_packs_projections(module: nn.MultiheadAttention) -> bool:
+    """Whether ``nn.MultiheadAttention`` keeps one packed ``in_proj_weight`` for q, k and v.
+
+    True when ``kdim == vdim == embed_dim``; otherwise it has separate
+    ``q_proj_weight``, ``k_proj_weight`` and ``v_proj_weight``.
+
+    Checked on torch 2.6–2.13 (``MultiheadAttention._qkv_same_embed_dim``).
+    Missing: whether ``in_proj_weight`` is set, which is the same.
     """
-    return tensor._version
+    flag = getattr(module, "_qkv_same_embed_dim", None)
+    if flag is None:
+        return getattr(module, "in_proj_weight", None) is not None
+    return bool(flag)
 
 
-def own_parameters(module: nn.Module) -> Iterable[tuple[str, Any]]:
-    """``(name, parameter or None)`` of the parameters a module registered itself.
+def _canonical_mask_fallback(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional[Tensor]:
+    """What ``F._canonical_mask`` does: a boolean mask becomes ``-inf`` where true, 0 elsewhere."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool and not torch.is_floating_point(mask):
+        raise AssertionError(f"only bool and floating types of {name} are supported")
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    return mask
 
-    ``module._parameters`` is read directly: ``named_parameters(recurse=False)``
-    costs several times more on every call of every step. Every torch 1.x and 2.x.
+
+def canonical_attention_masks(
+    attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], dtype: torch.dtype
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The masks of ``nn.MultiheadAttention`` as it adds them to the scores: ``(attn_mask, key_padding_mask)``.
+
+    A boolean mask becomes a float mask of ``dtype`` that is ``-inf`` where it is
+    true; a float mask is returned as it is; ``None`` stays ``None``. Other
+    dtypes raise ``AssertionError``, as in the module's forward.
+
+    Checked on torch 2.6–2.13 (``F._canonical_mask`` and
+    ``F._none_or_dtype``, as ``F.multi_head_attention_forward`` calls them).
+    Missing: the same conversion written out here (without torch's warning
+    about masks of different types, which the module's forward already gave).
     """
-    return module._parameters.items()
-
-
-def forward_pre_hooks(module: nn.Module) -> Iterator[Any]:
-    """The forward pre-hooks registered on ``module``.
-
-    ``extend`` refuses a module already inside another active block.
-    ``module._forward_pre_hooks`` (every torch 1.x and 2.x).
-    """
-    return iter(module._forward_pre_hooks.values())
-
-
-# Base class of torch's loss modules: those the loss finder watches. It is
-# ``torch.nn.modules.loss._Loss`` on every torch 1.x and 2.x.
-LOSS_BASE: type = torch.nn.modules.loss._Loss
+    canonical = getattr(torch.nn.functional, "_canonical_mask", None)
+    none_or_dtype = getattr(torch.nn.functional, "_none_or_dtype", None)
+    if canonical is None or none_or_dtype is None:
+        return (
+            _canonical_mask_fallback(attn_mask, "attn_mask", dtype),
+            _canonical_mask_fallback(key_padding_mask, "key_padding_mask", dtype),
+        )
+    padding = canonical(
+        mask=key_padding_mask, mask_name="key_padding_mask", other_type=none_or_dtype(attn_mask),
+        other_name="attn_mask", target_type=dtype,
+    )
+    attn_mask = canonical(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+        target_type=dtype, check_other=False,
+    )
+    return attn_mask, padding

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from curvhook._torch_internals import LOSS_BASE, disable_torch_function
+from curvhook._torch_internals import LOSS_MODULE_TYPES, disable_torch_function
 from curvhook.block_state import BlockState
 from curvhook.loss_linearity import LossLinearity
 from curvhook.records import LossCall, key_of
@@ -28,7 +28,7 @@ class LossFinder:
 
     def before_any_module(self, module: nn.Module, args: tuple) -> None:
         """Global pre-hook: a loss module starts (its inner operations are not recorded)."""
-        if isinstance(module, LOSS_BASE):
+        if isinstance(module, LOSS_MODULE_TYPES):
             self.state.losses_running += 1
 
     def after_any_module(self, module: nn.Module, args: tuple, kwargs: Any, output: Any = None) -> None:
@@ -37,7 +37,7 @@ class LossFinder:
         On its exception path torch calls it as ``hook(module, args, result)``:
         ``kwargs`` is then the (missing) result, and ``output`` is absent.
         """
-        if not isinstance(module, LOSS_BASE):  # every module of the process comes here: return at once
+        if not isinstance(module, LOSS_MODULE_TYPES):  # every module of the process comes here: return at once
             return
         self.state.losses_running = max(0, self.state.losses_running - 1)
         if isinstance(kwargs, dict) and isinstance(output, Tensor):

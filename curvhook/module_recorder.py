@@ -222,7 +222,7 @@ def _finish_leaf(op: Operation, module: nn.Module, has_children: bool, output: A
 
 def _trainable_parameters(module: nn.Module, recurse: bool) -> tuple:
     """The parameters that require grad of a leaf (all below it when ``recurse``), named once."""
-    named = module.named_parameters() if recurse else own_parameters(module)
+    named = module.named_parameters() if recurse else own_parameters(module).items()
     found = [(n, p) for n, p in named if p is not None and p.requires_grad]
     if len({id(p) for _, p in found}) < len(found):  # one parameter under two names
         first: dict = {}
@@ -235,6 +235,4 @@ def _trainable_parameters(module: nn.Module, recurse: bool) -> tuple:
 def _is_empty_container(module: nn.Module) -> bool:
     """A plain container computes nothing itself (an empty ``nn.Sequential`` returns its
     input): hooks on it would record nothing, so it gets none."""
-    return type(module) in (nn.Sequential, nn.ModuleList, nn.ModuleDict) and not any(
-        True for _ in own_parameters(module)
-    )
+    return type(module) in (nn.Sequential, nn.ModuleList, nn.ModuleDict) and not own_parameters(module)

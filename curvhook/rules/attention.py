@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from curvhook import _memory
+from curvhook._torch_internals import attention_packs_projections, canonical_attention_masks
 from curvhook.records import CONST, Operation, fill_template
 from curvhook.rules.base import LayerRule
 from curvhook.rules.fallback import FallbackRule
@@ -66,7 +67,7 @@ _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 def _self_attention_arguments(call: Operation) -> Optional[dict]:
     """The call's arguments if the closed forms apply to it, else ``None``."""
     m = call.module
-    if not (m._qkv_same_embed_dim and m.batch_first and m.bias_k is None and not m.add_zero_attn):
+    if not (attention_packs_projections(m) and m.batch_first and m.bias_k is None and not m.add_zero_attn):
         return None
     if (call.training or m.training) and m.dropout > 0:  # the replay below runs in the current mode
         return None
@@ -91,14 +92,8 @@ def _attention_weights(q: Tensor, k: Tensor, arguments: dict) -> Tensor:
     ``attn_mask`` is ``[L, L]`` or ``[N·H, L, L]``, a ``key_padding_mask`` ``[N, L]``.
     """
     n, heads, length, dh = q.shape
-    attn_mask, padding = arguments.get("attn_mask"), arguments.get("key_padding_mask")
-    padding = F._canonical_mask(
-        mask=padding, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask", target_type=q.dtype,
-    )
-    attn_mask = F._canonical_mask(
-        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
-        target_type=q.dtype, check_other=False,
+    attn_mask, padding = canonical_attention_masks(
+        arguments.get("attn_mask"), arguments.get("key_padding_mask"), q.dtype
     )
     scores = (q * dh**-0.5) @ k.transpose(-1, -2)
     if attn_mask is not None:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from curvhook._torch_internals import BATCH_NORM_TYPES
 from curvhook.records import Operation, fill_template
 from curvhook.errors import UnsupportedModelError
 from curvhook.rules.base import LayerRule
@@ -275,6 +276,6 @@ def mixes_samples(module: nn.Module, training: Optional[bool] = None) -> bool:
             forward pass decides: a call in train mode used batch statistics
             even if the model is put in eval mode before the backward pass.
     """
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if isinstance(module, BATCH_NORM_TYPES):
         return (module.training if training is None else training) or not module.track_running_stats
     return False

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvhook import _memory
+from curvhook._torch_internals import saved_pooling_indices
 from curvhook.records import Operation
 from curvhook.rules.linear_maps import columns_vjp, linear_vjp
 from curvhook.rules.base import LayerRule, apply_node, is_single_node
@@ -106,10 +107,7 @@ def _saved_indices(call: Operation) -> Optional[Tensor]:
     """The indices the pooling's autograd node saved, or ``None`` where there is none to read."""
     if not is_single_node(call):
         return None
-    try:
-        return getattr(call.node, "_saved_result1", None)
-    except RuntimeError:  # freed by an earlier backward pass
-        return None
+    return saved_pooling_indices(call.node)
 
 
 def _as_tuple(value, dims: int) -> tuple:
