@@ -1,6 +1,7 @@
 """curvhook: exact curvature packed into PyTorch's backward pass."""
 
 from curvhook import rules  # noqa: F401  (registers the built-in layer rules)
+from curvhook._memory import release_memory
 from curvhook.context import Extend, extend
 from curvhook.errors import CurvhookError, UnsupportedLossError, UnsupportedModelError
 from curvhook.losses import LossRule, register_loss, supported_losses
@@ -17,6 +18,7 @@ __all__ = [
     "UnsupportedModelError",
     "extend",
     "register_loss",
+    "release_memory",
     "register_rule",
     "supported_losses",
     "supported_module_types",

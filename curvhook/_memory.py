@@ -45,7 +45,8 @@ import math
 import os
 import sys
 import threading
-from typing import Optional, Sequence
+import weakref
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -209,6 +210,37 @@ def drop_unused(result_bytes: int) -> None:
     _recycling.generation += 1
 
 
+def adopt(results: Iterable[Tensor]) -> None:
+    """A block starts: offer the memory of the previous block's results for recycling.
+
+    The results are about to be removed from the parameters (the extensions
+    reset them). Where nothing else holds a result's memory once they are
+    gone (the user kept no reference), this block's first backward pass writes
+    into it instead of faulting fresh pages in: a training loop that opens a new
+    block per step recycles its results as one long block does. Memory still in
+    use is never handed out (:func:`empty` checks), and the block's exit drops
+    the pool as usual, so nothing is held after it.
+
+    Args:
+        results: The tensors the extensions wrote in an earlier block (views of
+            one buffer are counted once).
+    """
+    pool = _recycled()
+    if pool is None:
+        return
+    known = {e[0].untyped_storage().data_ptr() for e in pool}
+    for t in results:
+        if not isinstance(t, Tensor) or not _recycles(t.untyped_storage().nbytes(), t):
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() in known:
+            continue
+        known.add(storage.data_ptr())
+        whole = torch.empty(0, dtype=t.dtype, device=t.device)
+        whole.set_(storage, 0, (storage.nbytes() // t.element_size(),))
+        pool.append([whole, _recycling.generation - 1])  # not handed out by this pass yet
+
+
 def held_bytes() -> tuple[int, int]:
     """Bytes of this thread's recyclable buffers: ``(in use, free)``."""
     pool = getattr(_recycling, "pool", None) or []
@@ -284,3 +316,51 @@ def release_scratch() -> None:
     """Drop this thread's scratch and recyclable buffers (the ``extend`` block exits)."""
     _scratch.pool = {}
     _recycling.pool = None  # _recycled() starts afresh: nothing held, no budget
+
+
+# Between two blocks on the same model, per thread: the scratch buffers and the
+# free recyclable buffers (at most the budget of :func:`held_budget`) of the
+# last block, so that a training loop that opens a block per step (the README
+# idiom) reuses its temporaries as one long block does instead of faulting
+# their pages in again. Only the last model's are parked, under a weak key:
+# they go with the model, when another model's block starts, or with
+# :func:`release_memory`. No result and no recorded tensor is parked.
+_parked = threading.local()
+
+
+def park(model: object) -> None:
+    """The block of ``model`` exits: keep its temporaries for its next block, drop the rest.
+
+    Args:
+        model: The extended model (weakly referenced).
+    """
+    scratch = getattr(_scratch, "pool", None) or {}
+    pool = getattr(_recycling, "pool", None) or []
+    free = [entry for entry in pool if _unused(entry[0])]  # drop_unused kept them within the budget
+    table: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    if scratch or free:
+        table[model] = (scratch, free)
+    _parked.table = table
+    release_scratch()
+
+
+def resume(model: object) -> None:
+    """A block of ``model`` starts: take back what its last block parked, drop any other model's."""
+    table = getattr(_parked, "table", None)
+    _parked.table = None
+    entry = table.pop(model, None) if table is not None else None
+    if entry is None:
+        return
+    scratch, free = entry
+    _scratch.pool = scratch
+    pool = _recycled()
+    if pool is not None:
+        for item in free:
+            item[1] = _recycling.generation - 1  # not handed out by this block's first pass yet
+            pool.append(item)
+
+
+def release_memory() -> None:
+    """Free every buffer curvhook keeps on this thread between blocks (see :func:`park`)."""
+    _parked.table = None
+    release_scratch()

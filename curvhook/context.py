@@ -81,8 +81,11 @@ class Extend:
         state.params = [p for p in self.model.parameters() if p.requires_grad]
         state.param_ids = {id(p) for p in state.params}
         state.modules = _module_infos(self.model)
+        _memory.resume(self.model)
+        all_params = list(self.model.parameters())
         for ext in self.extensions:  # frozen parameters keep no stale result either
-            ext.reset(list(self.model.parameters()))
+            _memory.adopt(ext.results_on(all_params))  # their memory, if nobody else holds it
+            ext.reset(all_params)
         try:
             self._handles.extend(self._recorder.register(self.model))
             self._global_handle = register_module_forward_hook(
@@ -132,7 +135,7 @@ class Extend:
         state.modules = {}
         self._driver.used.clear()
         self._driver.active = False
-        _memory.release_scratch()
+        _memory.park(self.model)  # its temporaries, for the model's next block
         self._active = False
 
     # ------------------------------------------------------ between the parts

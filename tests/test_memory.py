@@ -157,3 +157,79 @@ def test_diagonal_results_are_recycled_and_kept_ones_are_left_alone():
         assert torch.equal(held, value)
     for X, y, got in steps:
         compare(got, reference(model, X, lambda o, y=y: nn.CrossEntropyLoss()(o, y)), tag=" (recycled results)")
+
+
+def test_a_new_block_per_step_recycles_the_results_nobody_kept():
+    """The README idiom: each block writes into the memory of the previous block's results,
+    unless the user kept them; kept results are never written to, and every result is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8)).to(DT)  # 64·64·8·8 B: 256 KiB
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(X, y):
+        with extend(model, BatchJacobian(), DiagGGN()):
+            loss_fn(model(X), y).backward()
+        ref = reference(model, X, lambda out: loss_fn(out, y), approx=False)
+        compare(collect(model, X.shape[0], ("BatchJacobian", "DiagGGN")), ref, None)
+        return model[0].weight.batch_jacobian
+
+    X, y = torch.randn(8, 64, dtype=DT), torch.randint(0, 8, (8,))
+    first = step(X, y).data_ptr()
+    second = step(X, y)  # the first result was dropped: its memory is written again
+    assert second.data_ptr() == first
+    kept, kept_values = second, second.clone()
+    third = step(torch.randn(8, 64, dtype=DT), y)  # the user holds the second result
+    assert third.data_ptr() != kept.data_ptr()
+    torch.testing.assert_close(kept, kept_values, rtol=0, atol=0)
+
+
+def test_temporaries_are_parked_for_the_same_models_next_block_and_freed_with_it():
+    """A block per step reuses the scratch buffers of the last block on the same model; they
+    are freed when another model's block starts, when the model goes, or by release_memory()."""
+    import gc
+    import weakref
+
+    import curvhook
+
+    def scratch_ptrs():
+        return {k: v[0].data_ptr() for k, v in (getattr(_memory._scratch, "pool", None) or {}).items()}
+
+    def parked_models():
+        table = getattr(_memory._parked, "table", None)
+        return list(table.keys()) if table is not None else []
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 3)).to(DT)
+    X, y = torch.randn(128, 1024, dtype=DT), torch.randint(0, 3, (128,))
+    seen = []
+    with extend(model, DiagGGN()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+        seen.append(scratch_ptrs())
+    assert seen[0], "the linear rule should use a scratch buffer for x²"
+    assert not getattr(_memory._scratch, "pool", {}), "the active pool outlives the block"
+    assert parked_models() == [model]
+    with extend(model, DiagGGN()):  # the next step: the same memory
+        nn.CrossEntropyLoss()(model(X), y).backward()
+        seen.append(scratch_ptrs())
+    assert seen[1] == seen[0]
+    ref = reference(model, X, lambda out: nn.CrossEntropyLoss()(out, y), approx=False)
+    compare(collect(model, 128, ("DiagGGN",)), ref, None)
+
+    other = nn.Sequential(nn.Linear(4, 3)).to(DT)
+    with extend(other, DiagGGN()):
+        pass
+    assert model not in parked_models()  # another model's block dropped them
+
+    with extend(model, DiagGGN()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    assert parked_models() == [model]
+    curvhook.release_memory()
+    assert parked_models() == []
+
+    with extend(model, DiagGGN()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None, "parked buffers keep the model alive"
+    assert parked_models() == []

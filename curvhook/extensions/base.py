@@ -79,6 +79,10 @@ class Extension:
         """
         raise NotImplementedError
 
+    def results_on(self, params: list[nn.Parameter]) -> list[Tensor]:
+        """The results an earlier backward pass left on ``params`` (to recycle their memory)."""
+        return [value for p in params if isinstance(value := getattr(p, self.attribute, None), Tensor)]
+
     def reset(self, params: list[nn.Parameter]) -> None:
         """Remove results of an earlier block so nothing stale is read."""
         for p in params:
