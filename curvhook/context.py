@@ -64,6 +64,7 @@ class Extend:
 
     def _make_parts(self) -> None:
         """Fresh parts for a block that starts: nothing carries over from an earlier one."""
+        self._parts_used = False
         self._state = BlockState()
         self._linearity = LossLinearity()
         self._tape = OperationTape(self._state, self._linearity)
@@ -75,14 +76,16 @@ class Extend:
     def __enter__(self) -> "Extend":
         if self._active:
             raise RuntimeError("This extend() block is already active.")
-        self._refuse_nested()
-        self._make_parts()
+        modules = _module_infos(self.model)  # refuses a module already in an active block
+        if self._parts_used:  # the same Extend entered again
+            self._make_parts()
+        self._parts_used = True
         state = self._state
-        state.params = [p for p in self.model.parameters() if p.requires_grad]
-        state.param_ids = {id(p) for p in state.params}
-        state.modules = _module_infos(self.model)
-        _memory.resume(self.model)
         all_params = list(self.model.parameters())
+        state.params = [p for p in all_params if p.requires_grad]
+        state.param_ids = {id(p) for p in state.params}
+        state.modules = modules
+        _memory.resume(self.model)
         for ext in self.extensions:  # frozen parameters keep no stale result either
             _memory.adopt(ext.results_on(all_params))  # their memory, if nobody else holds it
             ext.reset(all_params)
@@ -101,15 +104,6 @@ class Extend:
 
     def __exit__(self, *exc: Any) -> None:
         self._cleanup()
-
-    def _refuse_nested(self) -> None:
-        for name, module in self.model.named_modules():
-            if any(isinstance(getattr(h, "__self__", None), ModuleRecorder) for h in forward_pre_hooks(module)):
-                raise CurvhookError(
-                    f"Module {name or type(module).__name__!r} is already inside an active extend() "
-                    "block; a second block on it would record every call twice. Pass all "
-                    "extensions to one block: extend(model, DiagGGN(), DiagGGNApprox())."
-                )
 
     def _cleanup(self) -> None:
         self._linearity.clear()
@@ -158,8 +152,15 @@ class Extend:
 
 
 def _module_infos(model: nn.Module) -> dict[nn.Module, ModuleInfo]:
+    """What the module recorder needs of every module; refuses one already in an active block."""
     infos = {}
     for name, m in model.named_modules():
+        if any(isinstance(getattr(h, "__self__", None), ModuleRecorder) for h in forward_pre_hooks(m)):
+            raise CurvhookError(
+                f"Module {name or type(m).__name__!r} is already inside an active extend() "
+                "block; a second block on it would record every call twice. Pass all "
+                "extensions to one block: extend(model, DiagGGN(), DiagGGNApprox())."
+            )
         has_children = next(m.children(), None) is not None
         torch_leaf = not has_children and type(m).__module__.startswith("torch.nn.")
         infos[m] = ModuleInfo(name or type(m).__name__, has_children, torch_leaf)
