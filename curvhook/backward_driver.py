@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
+from functools import partial
 from typing import Optional
 
 import torch
@@ -28,6 +29,7 @@ from curvhook.extensions.base import Extension
 from curvhook.loss_linearity import LossLinearity
 from curvhook.loss_terms import LossTerms, check_gradient, find_loss_terms
 from curvhook.plan import plan_for
+from curvhook.records import key_of
 from curvhook.sources import Source
 from curvhook.trace import Trace
 
@@ -62,13 +64,28 @@ class BackwardDriver:
         # a trace whose graph is gone is freed with it).
         self.used: list["weakref.ref[Trace]"] = []
 
-    def release_used(self) -> None:
-        """Release the traces that a backward pass already used (a new forward pass starts)."""
+    def before_forward(self) -> None:
+        """A forward pass of the model starts: release what earlier ones no longer need.
+
+        A trace that a backward already used is not needed any more once the next
+        forward starts: it is released before new activations pile up.
+        """
         for ref in self.used:
             trace = ref()
             if trace is not None:
                 trace.release()
         self.used.clear()
+        self.linearity.prune()
+        self.state.prune_watch()
+
+    def on_output(self, trace: Trace, output: Tensor) -> None:
+        """A forward pass returned ``output`` (it requires grad): hook :meth:`on_root_grad` onto it."""
+        trace.root_key = key_of(output)
+        trace.root_value = output.detach()
+        trace.detach_root(output)
+        trace.root_handle = output.register_hook(partial(self.on_root_grad, trace))
+        self.state.traces.add(trace)
+        self.state.watch_output(output, trace.root_key, trace)
 
     def on_root_grad(self, trace: Trace, grad: Tensor) -> None:
         """Tensor hook on a model output: compute the extensions for this backward pass."""

@@ -20,10 +20,9 @@ exception.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from curvhook import _memory
@@ -35,9 +34,7 @@ from curvhook.extensions.base import Extension
 from curvhook.loss_finder import LossFinder
 from curvhook.loss_linearity import LossLinearity
 from curvhook.module_recorder import ModuleRecorder
-from curvhook.records import key_of
 from curvhook.tape import OperationTape
-from curvhook.trace import Trace
 
 
 class Extend:
@@ -69,7 +66,7 @@ class Extend:
         self._linearity = LossLinearity()
         self._tape = OperationTape(self._state, self._linearity)
         self._driver = BackwardDriver(self.model, self._state, self.extensions, self._linearity, self.accumulate)
-        self._recorder = ModuleRecorder(self._state, self._tape, self._before_forward, self._on_output)
+        self._recorder = ModuleRecorder(self._state, self._tape, self._driver.before_forward, self._driver.on_output)
         self._finder = LossFinder(self._state, self._linearity)
 
     # ------------------------------------------------------------- lifecycle
@@ -131,24 +128,6 @@ class Extend:
         self._driver.active = False
         _memory.park(self.model)  # its temporaries, for the model's next block
         self._active = False
-
-    # ------------------------------------------------------ between the parts
-    def _before_forward(self) -> None:
-        """A forward pass of the model starts: release what earlier ones no longer need."""
-        # A trace that a backward already used is not needed any more once the
-        # next forward starts: release it before new activations pile up.
-        self._driver.release_used()
-        self._linearity.prune()
-        self._state.prune_watch()
-
-    def _on_output(self, trace: Trace, output: Tensor) -> None:
-        """A forward pass returned ``output``: hook the backward driver onto it."""
-        trace.root_key = key_of(output)
-        trace.root_value = output.detach()
-        trace.detach_root(output)
-        trace.root_handle = output.register_hook(partial(self._driver.on_root_grad, trace))
-        self._state.traces.add(trace)
-        self._state.watch_output(output, trace.root_key, trace)
 
 
 def _module_infos(model: nn.Module) -> dict[nn.Module, ModuleInfo]:

@@ -233,3 +233,33 @@ def test_temporaries_are_parked_for_the_same_models_next_block_and_freed_with_it
     gc.collect()
     assert gone() is None, "parked buffers keep the model alive"
     assert parked_models() == []
+
+
+def test_a_block_is_freed_without_the_garbage_collector_and_its_full_ggn_recycled():
+    """No reference cycle keeps a finished block (and its extensions' results) alive, so the
+    next block recycles the full GGN matrix of an extension the user dropped."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 16), nn.Tanh(), nn.Linear(16, 3)).to(DT)  # P = 707: 4 MB
+    X, y = torch.randn(6, 40, dtype=DT), torch.randint(0, 3, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    gc.disable()
+    try:
+        ggn = FullGGN()
+        block = extend(model, ggn)
+        with block:
+            loss_fn(model(X), y).backward()
+        first = ggn.matrix.data_ptr()
+        gone = weakref.ref(block)
+        del block, ggn
+        assert gone() is None, "a reference cycle keeps the block alive"
+        ggn = FullGGN()
+        with extend(model, ggn):
+            loss_fn(model(X), y).backward()
+    finally:
+        gc.enable()
+    assert ggn.matrix.data_ptr() == first
+    ref = reference(model, X, lambda out: loss_fn(out, y), approx=False)
+    compare(collect(model, 6, ("FullGGN",)), ref, ggn.matrix)
