@@ -337,9 +337,11 @@ def park(model: object) -> None:
     scratch = getattr(_scratch, "pool", None) or {}
     pool = getattr(_recycling, "pool", None) or []
     free = [entry for entry in pool if _unused(entry[0])]  # drop_unused kept them within the budget
+    # What the last pass may hold, the next block's first pass may too.
+    cap = getattr(_recycling, "cap", 0) if getattr(_recycling, "pool", None) is not None else 0
     table: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-    if scratch or free:
-        table[model] = (scratch, free)
+    if scratch or free or cap:
+        table[model] = (scratch, free, cap)
     _parked.table = table
     release_scratch()
 
@@ -351,10 +353,11 @@ def resume(model: object) -> None:
     entry = table.pop(model, None) if table is not None else None
     if entry is None:
         return
-    scratch, free = entry
+    scratch, free, cap = entry
     _scratch.pool = scratch
     pool = _recycled()
     if pool is not None:
+        _recycling.cap = cap  # the first pass of this block may pool new buffers as the last one did
         for item in free:
             item[1] = _recycling.generation - 1  # not handed out by this block's first pass yet
             pool.append(item)
