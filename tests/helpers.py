@@ -12,6 +12,7 @@ import dataclasses
 import warnings
 from typing import Callable
 
+import pytest
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
@@ -427,3 +428,33 @@ def leaf_types(cases) -> set:
 def registered_types(rule_module: str) -> set:
     """The module types whose registered rule is defined in ``curvhook.rules.<rule_module>``."""
     return {t for t in supported_module_types() if type(registry._RULES[t]).__module__ == f"curvhook.rules.{rule_module}"}
+
+
+def layer_table_tests(cases: dict, family: str) -> tuple:
+    """The three tests every rule family's table runs, for its module to bind at top level.
+
+    ``test_layer_one_sample`` (N = 1), ``test_layer_batch_noncontiguous_and_float32``
+    (N = 3, a non-contiguous input, then float32), both with the fallback refused
+    (the ``no_fallback`` fixture of ``tests/rules/conftest.py``), and
+    ``test_table_covers_every_registered_type`` (every type registered in
+    ``curvhook.rules.<family>`` appears in the table).
+
+    Args:
+        cases: The family's table, ``name -> (model builder, input builder)``.
+        family: The rule module's name (``"conv"``).
+    """
+
+    @pytest.mark.usefixtures("no_fallback")
+    @pytest.mark.parametrize("case", sorted(cases))
+    def test_layer_one_sample(case):
+        run_layer_case(cases[case], 1, contiguous=True)
+
+    @pytest.mark.usefixtures("no_fallback")
+    @pytest.mark.parametrize("case", sorted(cases))
+    def test_layer_batch_noncontiguous_and_float32(case):
+        check_layer_batch_noncontiguous_and_float32(cases[case])
+
+    def test_table_covers_every_registered_type():
+        assert registered_types(family) <= leaf_types(cases)
+
+    return test_layer_one_sample, test_layer_batch_noncontiguous_and_float32, test_table_covers_every_registered_type

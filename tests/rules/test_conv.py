@@ -18,25 +18,22 @@ from curvhook.extensions import BatchJacobian, DiagGGN
 from curvhook.rules import base as rules_base
 from curvhook.rules import registry
 from helpers import (
+    layer_table_tests,
     CLASSES,
     DT,
     assert_exact,
     ce,
     check_against_reference,
-    check_layer_batch_noncontiguous_and_float32,
     close,
     conv_net,
     float_input,
     ggn_reference,
     head,
-    leaf_types,
     mse,
     prefix_conv,
     randomize_layers,
-    registered_types,
     run_all,
     run_curvhook,
-    run_layer_case,
     seq,
 )
 from reference import collect, compare, reference
@@ -122,20 +119,9 @@ CASES = {
 }
 
 
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_layer_one_sample(case):
-    run_layer_case(CASES[case], 1, contiguous=True)
-
-
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_layer_batch_noncontiguous_and_float32(case):
-    check_layer_batch_noncontiguous_and_float32(CASES[case])
-
-
-def test_table_covers_every_registered_type():
-    assert registered_types("conv") <= leaf_types(CASES)
+test_layer_one_sample, test_layer_batch_noncontiguous_and_float32, test_table_covers_every_registered_type = (
+    layer_table_tests(CASES, "conv")
+)
 
 
 LAST_LAYER = {

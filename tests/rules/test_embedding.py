@@ -8,16 +8,12 @@ registered rule (never the torch.func fallback) must serve every module; a
 float32 run is compared with the same reference.
 """
 
-import pytest
 from torch import nn
 
 from helpers import (
-    check_layer_batch_noncontiguous_and_float32,
+    layer_table_tests,
     head,
     index_input,
-    leaf_types,
-    registered_types,
-    run_layer_case,
     seq,
 )
 
@@ -46,17 +42,6 @@ CASES = {
 }
 
 
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_layer_one_sample(case):
-    run_layer_case(CASES[case], 1, contiguous=True)
-
-
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_layer_batch_noncontiguous_and_float32(case):
-    check_layer_batch_noncontiguous_and_float32(CASES[case])
-
-
-def test_table_covers_every_registered_type():
-    assert registered_types("embedding") <= leaf_types(CASES)
+test_layer_one_sample, test_layer_batch_noncontiguous_and_float32, test_table_covers_every_registered_type = (
+    layer_table_tests(CASES, "embedding")
+)

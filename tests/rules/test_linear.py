@@ -15,20 +15,17 @@ from curvhook import extend
 from curvhook.extensions import BatchJacobian, DiagGGN
 from curvhook.rules import base as rules_base
 from helpers import (
+    layer_table_tests,
     CLASSES,
     DT,
     bce,
     ce,
     check_against_reference,
-    check_layer_batch_noncontiguous_and_float32,
     float_input,
     head,
-    leaf_types,
     mse,
     prefix_conv,
     randomize_linear,
-    registered_types,
-    run_layer_case,
     seq,
 )
 from reference import check, collect, compare, reference
@@ -49,20 +46,9 @@ CASES = {
 }
 
 
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_layer_one_sample(case):
-    run_layer_case(CASES[case], 1, contiguous=True)
-
-
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_layer_batch_noncontiguous_and_float32(case):
-    check_layer_batch_noncontiguous_and_float32(CASES[case])
-
-
-def test_table_covers_every_registered_type():
-    assert registered_types("linear") <= leaf_types(CASES)
+test_layer_one_sample, test_layer_batch_noncontiguous_and_float32, test_table_covers_every_registered_type = (
+    layer_table_tests(CASES, "linear")
+)
 
 
 @pytest.mark.parametrize("n", [1, 4])

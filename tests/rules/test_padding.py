@@ -7,17 +7,13 @@ non-contiguous input; the registered rule (never the torch.func fallback) must
 serve every module; a float32 run is compared with the same reference.
 """
 
-import pytest
 from torch import nn
 
 from helpers import (
-    check_layer_batch_noncontiguous_and_float32,
+    layer_table_tests,
     float_input,
     head,
-    leaf_types,
     prefix_conv,
-    registered_types,
-    run_layer_case,
     seq,
 )
 
@@ -50,17 +46,6 @@ CASES = {
 }
 
 
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_layer_one_sample(case):
-    run_layer_case(CASES[case], 1, contiguous=True)
-
-
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_layer_batch_noncontiguous_and_float32(case):
-    check_layer_batch_noncontiguous_and_float32(CASES[case])
-
-
-def test_table_covers_every_registered_type():
-    assert registered_types("padding") <= leaf_types(CASES)
+test_layer_one_sample, test_layer_batch_noncontiguous_and_float32, test_table_covers_every_registered_type = (
+    layer_table_tests(CASES, "padding")
+)

@@ -13,19 +13,16 @@ import torch
 from torch import nn
 
 from helpers import (
+    layer_table_tests,
     CLASSES,
     DT,
     ce,
     check_against_reference,
-    check_layer_batch_noncontiguous_and_float32,
     float_input,
     head,
-    leaf_types,
     mse,
     prefix_conv,
     randomize_linear,
-    registered_types,
-    run_layer_case,
     seq,
 )
 
@@ -57,20 +54,9 @@ CASES = {
 }
 
 
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_layer_one_sample(case):
-    run_layer_case(CASES[case], 1, contiguous=True)
-
-
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_layer_batch_noncontiguous_and_float32(case):
-    check_layer_batch_noncontiguous_and_float32(CASES[case])
-
-
-def test_table_covers_every_registered_type():
-    assert registered_types("reshape") <= leaf_types(CASES)
+test_layer_one_sample, test_layer_batch_noncontiguous_and_float32, test_table_covers_every_registered_type = (
+    layer_table_tests(CASES, "reshape")
+)
 
 
 @pytest.mark.parametrize("n", [1, 3])
