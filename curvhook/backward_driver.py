@@ -58,6 +58,7 @@ class BackwardDriver:
         self.groups: dict[Source, list[Extension]] = defaultdict(list)
         for ext in extensions:
             self.groups[ext.source].append(ext)
+        self.needs_loss = any(source.needs_loss for source in self.groups)
         self._results: list[tuple[int, dict]] = []
         self._results_task: Optional[int] = None
         # Traces a backward consumed, released when the next forward starts (weakly held:
@@ -115,7 +116,7 @@ class BackwardDriver:
                 "forward pass started after its first backward). Run the forward pass again "
                 "before this backward."
             )
-        if task in self.linearity.nonlinear_tasks and any(ext.source.needs_loss for ext in self.extensions):
+        if task in self.linearity.nonlinear_tasks and self.needs_loss:
             raise UnsupportedLossError(
                 "The scalar you backpropagate is a nonlinear function of a loss value (such as "
                 "loss ** 2, loss.exp(), loss.log() or a product of two losses). Its Hessian "

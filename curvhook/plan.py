@@ -29,7 +29,7 @@ from curvhook.plan_key import GraphShape, graph_shape
 from curvhook.records import BATCHED, CONST, Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.fallback import FALLBACK, mixes_samples
-from curvhook.rules.registry import rule_for
+from curvhook.rules.registry import rule_for, rule_or_fallback
 from curvhook.rules.tensor_ops import TENSOR_OPS, batch_safe
 from curvhook.trace import Trace
 
@@ -167,9 +167,7 @@ def build_plan(trace: Trace, shape: GraphShape) -> Plan:
 
 def resolve_rule(op: Operation) -> LayerRule:
     """The rule of an operation: the tensor-operation rule, a module's registered rule, or the fallback."""
-    if op.module is None:
-        return TENSOR_OPS
-    return rule_for(op.module) or FALLBACK
+    return TENSOR_OPS if op.module is None else rule_or_fallback(op.module)
 
 
 def check_operation(op: Operation, trace: Trace, shape: GraphShape, n: Optional[int]) -> bool:
