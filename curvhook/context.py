@@ -33,14 +33,16 @@ from curvhook.errors import CurvhookError
 from curvhook.extensions.base import Extension
 from curvhook.loss_finder import LossFinder
 from curvhook.loss_linearity import LossLinearity
-from curvhook.module_recorder import ModuleRecorder
+from curvhook.module_recorder import ModuleRecorder, OutputChoice
 from curvhook.tape import OperationTape
 
 
 class Extend:
     """Context manager returned by :func:`extend`; see there."""
 
-    def __init__(self, model: nn.Module, *extensions: Extension, accumulate: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, *extensions: Extension, accumulate: bool = False, output: OutputChoice = None
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"extend() expects an nn.Module, got {type(model).__name__}.")
         for ext in extensions:
@@ -54,6 +56,7 @@ class Extend:
         self.model = model
         self.extensions = list(extensions)
         self.accumulate = accumulate
+        self.output = output
         self._handles: list[Any] = []
         self._global_handle: Any = None
         self._active = False
@@ -66,7 +69,9 @@ class Extend:
         self._linearity = LossLinearity()
         self._tape = OperationTape(self._state, self._linearity)
         self._driver = BackwardDriver(self.model, self._state, self.extensions, self._linearity, self.accumulate)
-        self._recorder = ModuleRecorder(self._state, self._tape, self._driver.before_forward, self._driver.on_output)
+        self._recorder = ModuleRecorder(
+            self._state, self._tape, self._driver.before_forward, self._driver.on_output, self.output
+        )
         self._finder = LossFinder(self._state, self._linearity)
 
     # ------------------------------------------------------------- lifecycle
@@ -146,7 +151,9 @@ def _module_infos(model: nn.Module) -> dict[nn.Module, ModuleInfo]:
     return infos
 
 
-def extend(model: nn.Module, *extensions: Extension, accumulate: bool = False) -> Extend:
+def extend(
+    model: nn.Module, *extensions: Extension, accumulate: bool = False, output: OutputChoice = None
+) -> Extend:
     """Compute curvature alongside the gradient, without changing the model.
 
     Example::
@@ -162,7 +169,8 @@ def extend(model: nn.Module, *extensions: Extension, accumulate: bool = False) -
     attribute is left on any module; the results stay on the parameters.
 
     Args:
-        model: Any ``nn.Module``; its output must be one tensor ``[N, *out]``.
+        model: Any ``nn.Module``. Its output is a tensor ``[N, *out]``, or a
+            dict, Hugging Face ``ModelOutput`` or tuple holding it (see ``output``).
         *extensions: Extension instances, e.g. ``DiagGGN()``, ``FullGGN()``.
         accumulate: If ``False`` (default) each backward replaces the results
             of the previous one, removing them from the parameters when it
@@ -170,8 +178,13 @@ def extend(model: nn.Module, *extensions: Extension, accumulate: bool = False) -
             results of the backward passes in this block are summed
             (``BatchJacobian`` concatenates along the sample axis), as a loop
             over a data loader needs.
+        output: Which tensor of a model output that is not one tensor the
+            curvature is of: a key (``"logits"``) of a dict or ``ModelOutput``,
+            an index of a tuple, or a function ``output -> Tensor``. ``None``
+            (default): the tensor itself; else ``"logits"`` where there is one;
+            else the only tensor of the output that requires grad.
 
     Returns:
         The context manager.
     """
-    return Extend(model, *extensions, accumulate=accumulate)
+    return Extend(model, *extensions, accumulate=accumulate, output=output)

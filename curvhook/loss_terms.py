@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from curvhook._torch_internals import current_graph_task_id
 from curvhook.errors import UnsupportedLossError
 from curvhook.losses import LossRule, loss_rule_for
-from curvhook.records import LossCall, TensorKey
+from curvhook.records import LossCall, Operation, TensorKey
 from curvhook.trace import Trace
 
 
@@ -37,6 +37,35 @@ class LossTerms:
     calls: list[LossCall]
     rules: list[LossRule]
     scales: list[float]
+    merge: Optional[Operation] = None
+
+    def __post_init__(self) -> None:
+        if self.merge is not None:  # the walk starts before the reshape that merged the rows
+            self.start = self.merge.input_keys[0]
+
+    def columns_at_start(self, factor: Tensor) -> Tensor:
+        """Square-root factor columns at :attr:`start`, ``[V', N, *x[1:]]``.
+
+        Where a reshape merged the batch axis with the next ones before the loss
+        (``[N, k, *t]`` → ``[N·k, *t]``), the factor of the rows ``[V, N·k, *t]``
+        becomes per-sample columns: sample ``n``'s Hessian is block-diagonal over
+        its ``k`` rows, so row ``j``'s columns become columns ``(v, j)`` that are
+        zero in every other row: ``[V·k, N, k, *t]``.
+        """
+        if self.merge is None:
+            return factor
+        x = self.merge.inputs[0]
+        n, k = x.shape[0], self.merge.rows_per_sample
+        v, rest = factor.shape[0], factor.shape[2:]
+        rows = factor.reshape(v, n, k, *rest).movedim(2, 0)  # [k, V, N, *t]
+        blocks = factor.new_zeros(v, k, n, k, *rest)
+        index = torch.arange(k, device=factor.device)
+        blocks[:, index, :, index] = rows
+        return blocks.reshape(v * k, n, *x.shape[1:])
+
+    def per_sample_at_start(self, value: Tensor) -> Tensor:
+        """A per-row quantity ``[N·k, *t]`` (a gradient, a diagonal) at :attr:`start`: ``[N, *x[1:]]``."""
+        return value if self.merge is None else value.reshape(self.merge.inputs[0].shape)
 
     def require_nonnegative(self) -> None:
         """Refuse a scalar that decreases with a loss: its Hessian has no square-root factor."""
@@ -71,7 +100,9 @@ def find_loss_terms(trace: Trace, loss: Optional[nn.Module], who: str) -> LossTe
         )
     rules = [loss_rule_for(call.module) for call in calls]  # refuses reduction='none' first
     scales = [1.0 if call.scale is None else float(call.scale) for call in calls]
-    return LossTerms(keys.pop(), calls, rules, scales)
+    key = keys.pop()
+    merge = next((op for op in trace.after_operations if op.rows_per_sample and key in op.output_keys), None)
+    return LossTerms(key, calls, rules, scales, merge)
 
 
 def _loss_calls(trace: Trace, loss: Optional[nn.Module], who: str) -> list[LossCall]:
@@ -110,10 +141,11 @@ def check_gradient(trace: Trace, terms: LossTerms, grad_root: Tensor) -> None:
     actual = grad_root.detach() if grad_root.requires_grad else grad_root
     if actual.numel() == 0:
         return
-    if len(terms.calls) == 1 and terms.start == trace.root_key:  # the usual case: one loss on the output
+    if len(terms.calls) == 1 and terms.start == trace.root_key and terms.merge is None:  # the usual case
         residual = terms.rules[0].residual(terms.calls[0], actual, terms.scales[0])
     else:
         expected = terms.weighted_sum([rule.gradient(call) for rule, call in zip(terms.rules, terms.calls)])
+        expected = terms.per_sample_at_start(expected)
         if terms.start != trace.root_key:
             expected = pull_to_root(trace, terms.start, expected)
         residual = actual - expected

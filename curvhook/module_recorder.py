@@ -11,8 +11,9 @@ and, when it returns, hook the backward driver onto its output.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import wraps
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from torch import Tensor, nn
 
@@ -22,7 +23,7 @@ from curvhook._torch_internals import (
 )
 from curvhook.block_state import BlockState, Frame
 from curvhook.errors import UnsupportedModelError
-from curvhook.records import BATCHED, CONST, Operation, Slot, flat_tensors, key_of, make_template
+from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, flat_tensors, key_of, make_template
 from curvhook.tape import OperationTape
 from curvhook.trace import Trace
 
@@ -51,6 +52,8 @@ class ModuleRecorder:
             its trace opens.
         on_output: Called as ``on_output(trace, output)`` when a forward pass of
             the model returned a tensor that requires grad.
+        output: Which tensor of a structured model output to follow (see
+            :func:`~curvhook.context.extend`).
     """
 
     def __init__(
@@ -59,7 +62,9 @@ class ModuleRecorder:
         tape: OperationTape,
         on_forward_start: Callable[[], None],
         on_output: Callable[[Trace, Tensor], None],
+        output: OutputChoice = None,
     ) -> None:
+        self.output = output
         self.state = state
         self.tape = tape
         self.on_forward_start = on_forward_start
@@ -105,8 +110,13 @@ class ModuleRecorder:
         trace = Trace(state.forwards)
         if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common call: model(X)
             trace.input_keys = {key_of(args[0])}
+            first = args[0]
         else:
-            trace.input_keys = {key_of(t) for t in flat_tensors((args, tuple(kwargs.values())))}
+            given = list(flat_tensors((args, tuple(kwargs.values()))))
+            trace.input_keys = {key_of(t) for t in given}
+            first = given[0] if given else None
+        if first is not None and first.dim():
+            trace.batch_hint = first.shape[0]
         state.stack.append(trace)
 
     @_without_torch_function
@@ -120,12 +130,12 @@ class ModuleRecorder:
         if output is None:  # the forward raised
             trace.release()
             return
-        if not isinstance(output, Tensor):
-            trace.release()
-            raise UnsupportedModelError(
-                f"The model returned a {type(output).__name__}; curvhook needs the model to "
-                "return one tensor of shape [N, *out]. Wrap the model so that it does."
-            )
+        if not isinstance(output, Tensor) or self.output is not None:
+            try:
+                output = select_output(output, self.output)
+            except UnsupportedModelError:
+                trace.release()
+                raise
         if not output.requires_grad:
             trace.release()  # no backward can follow
             return
@@ -142,8 +152,8 @@ class ModuleRecorder:
         if frames:
             frames[-1].child_called = True
         info = state.modules[module]  # hooks are only on modules listed at entry
-        op = _module_operation(module, info.name, args, kwargs)
         trace = state.stack[-1]
+        op = _module_operation(module, info.name, args, kwargs, state.param_ids, trace.shared_keys)
         frames.append(Frame(op, len(trace.operations), info.has_children, len(trace.shared_log)))
         if info.torch_leaf and self.tape_on_top() and not self.tape.linearity.marked(op.inputs):
             # The tape records nothing inside a leaf: a torch layer's forward calls no
@@ -173,23 +183,92 @@ class ModuleRecorder:
             trace.shared_keys.difference_update(trace.shared_log[frame.shared_start :])
             del trace.shared_log[frame.shared_start :]
         _finish_leaf(op, module, frame.has_children, output)
+        if _from_parameters(op, trace.batch_hint):
+            op.from_parameters = True
+            trace.shared_keys.add(op.output_key)
+            trace.shared_log.append(op.output_key)
         if op.inputs or op.output_keys:
             trace.operations.append(op)
 
 
-def _module_operation(module: nn.Module, name: str, args: tuple, kwargs: dict) -> Operation:
-    """The record of a module call as it starts (its outputs are filled in when it ends)."""
+OutputChoice = Union[str, int, Callable[[Any], Tensor], None]
+
+
+def select_output(output: Any, choice: OutputChoice) -> Tensor:
+    """The tensor of a model output the curvature is of (see ``extend(..., output=)``).
+
+    Args:
+        output: What the model returned: a tensor, a mapping (``dict``, Hugging
+            Face ``ModelOutput``), a tuple or list, or an object with attributes.
+        choice: A key, an index, a function, or ``None`` to infer it.
+
+    Returns:
+        ``[N, *out]``.
+    """
+    if choice is not None:
+        try:
+            picked = choice(output) if callable(choice) else _item(output, choice)
+        except (KeyError, IndexError, AttributeError, TypeError) as err:
+            raise UnsupportedModelError(
+                f"extend(..., output={choice!r}) does not name a tensor of the model output "
+                f"({type(output).__name__}: {err})."
+            ) from err
+        if not isinstance(picked, Tensor):
+            raise UnsupportedModelError(
+                f"extend(..., output={choice!r}) picked a {type(picked).__name__}, not a tensor."
+            )
+        return picked
+    if isinstance(output, Tensor):
+        return output
+    items = _named_items(output)
+    if "logits" in items and isinstance(items["logits"], Tensor):
+        return items["logits"]
+    grads = {k: v for k, v in items.items() if isinstance(v, Tensor) and v.requires_grad and v.dim()}
+    if len(grads) == 1:
+        return next(iter(grads.values()))
+    found = ", ".join(map(repr, grads)) or "none"
+    raise UnsupportedModelError(
+        f"The model returned a {type(output).__name__}; curvhook needs to know which of its "
+        f"tensors the loss is computed from (tensors that require grad: {found}). Name it: "
+        "extend(model, ..., output='logits') (a key, an index, or a function of the output)."
+    )
+
+
+def _item(output: Any, choice: Union[str, int]) -> Any:
+    if isinstance(choice, str) and not isinstance(output, Mapping):
+        return getattr(output, choice)
+    return output[choice]
+
+
+def _named_items(output: Any) -> dict:
+    """The top-level entries of a structured output, by key or index."""
+    if isinstance(output, Mapping):
+        return dict(output.items())
+    if isinstance(output, (tuple, list)):
+        return dict(enumerate(output))
+    return {}
+
+
+def _module_operation(
+    module: nn.Module, name: str, args: tuple, kwargs: dict, param_ids: set[int], shared: set
+) -> Operation:
+    """The record of a module call as it starts (its outputs are filled in when it ends).
+
+    An input is :data:`SHARED` if it is a parameter of the model or was computed
+    from parameters only (its key is in ``shared``), :data:`BATCHED` if it
+    otherwise requires grad, :data:`CONST` if not.
+    """
     if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common call: f(x)
         x = args[0]
         key = key_of(x)
         inputs, t_args, t_kwargs = args, _ONE_SLOT, {}
-        keys, nodes, kinds = (key,), (x.grad_fn,), (BATCHED if x.requires_grad else CONST,)
+        keys, nodes, kinds = (key,), (x.grad_fn,), (_kind(x, key, param_ids, shared),)
     else:
         t_args, t_kwargs, found = make_template(args, kwargs)
         inputs = tuple(found)
         keys = tuple(key_of(x) for x in inputs)
         nodes = tuple(x.grad_fn for x in inputs)
-        kinds = tuple(BATCHED if x.requires_grad else CONST for x in inputs)
+        kinds = tuple(_kind(x, k, param_ids, shared) for x, k in zip(inputs, keys))
     return Operation(
         name=name,
         module=module,
@@ -201,6 +280,27 @@ def _module_operation(module: nn.Module, name: str, args: tuple, kwargs: dict) -
         input_versions=tuple(k[1] for k in keys),
         input_nodes=nodes,
     )
+
+
+def _kind(x: Tensor, key, param_ids: set[int], shared: set) -> str:
+    if not x.requires_grad:
+        return CONST
+    return SHARED if id(x) in param_ids or key in shared else BATCHED
+
+
+def _from_parameters(op: Operation, batch_hint) -> bool:
+    """Whether a leaf call computes its output from constants and parameters only,
+    without a batch axis (``position_embeddings(position_ids)`` with ids ``[1, L]``).
+
+    An output whose leading size is that of the model input keeps the batch
+    axis (``word_embeddings(input_ids)``): it is one row per sample.
+    """
+    if op.output_key is None or BATCHED in op.input_kinds:
+        return False
+    if not op.params and SHARED not in op.input_kinds:
+        return False
+    shape = op.output_shape
+    return len(shape) == 0 or batch_hint is None or shape[0] != batch_hint
 
 
 def _finish_leaf(op: Operation, module: nn.Module, has_children: bool, output: Any) -> None:

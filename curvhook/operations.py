@@ -40,6 +40,8 @@ STRUCTURAL = frozenset({
     "masked_fill", "masked_fill_", "where",
 }) | ADDITIONS | SUBTRACTIONS | REVERSED_SUBTRACTIONS
 MEANS = frozenset({"mean"})
+# Reshapes that may merge the batch axis with the next ones before a loss (``logits.reshape(-1, V)``).
+MERGING_RESHAPES = frozenset({"reshape", "view", "flatten"})
 ELEMENTWISE = frozenset({
     "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu",
     "gelu", "silu", "mish", "softplus", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log",

@@ -26,9 +26,10 @@ from torch import nn
 
 from curvhook.errors import UnsupportedModelError
 from curvhook.plan_key import GraphShape, graph_shape
-from curvhook.records import BATCHED, CONST, Operation
+from curvhook.records import BATCHED, CONST, SHARED, Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.fallback import FALLBACK, mixes_samples
+from curvhook.rules.parameters_only import TO_BATCH, parameters_only
 from curvhook.rules.registry import rule_for, rule_or_fallback
 from curvhook.rules.tensor_ops import TENSOR_OPS, batch_safe
 from curvhook.trace import Trace
@@ -166,8 +167,15 @@ def build_plan(trace: Trace, shape: GraphShape) -> Plan:
 
 
 def resolve_rule(op: Operation) -> LayerRule:
-    """The rule of an operation: the tensor-operation rule, a module's registered rule, or the fallback."""
-    return TENSOR_OPS if op.module is None else rule_or_fallback(op.module)
+    """The rule of an operation: the tensor-operation rule, a module's registered rule, or the fallback.
+
+    Operations on tensors computed from parameters only get the rules of
+    :mod:`curvhook.rules.parameters_only` (around the module's own rule).
+    """
+    if op.module is None:
+        return TO_BATCH if op.to_batch else TENSOR_OPS
+    rule = rule_or_fallback(op.module)
+    return parameters_only(rule) if op.from_parameters else rule
 
 
 def check_operation(op: Operation, trace: Trace, shape: GraphShape, n: Optional[int]) -> bool:
@@ -179,6 +187,12 @@ def check_operation(op: Operation, trace: Trace, shape: GraphShape, n: Optional[
     if op.module is None:
         if all(k is None for k in op.output_keys):
             return False
+        if op.to_batch and (n is None or op.output_shapes[0][0] != n):
+            raise UnsupportedModelError(
+                f"The operation {op.name} copies a tensor computed from parameters only to "
+                f"leading size {op.output_shapes[0][0]}, the leading size of the model input, but "
+                f"the model output has batch size {n}. Keep the batch axis first."
+            )
         for kind, key, node in zip(op.input_kinds, op.input_keys, op.input_nodes):
             if kind != CONST:
                 _check_source(op.name, key, node, trace, shape)
@@ -198,6 +212,11 @@ def _check_module(op: Operation, trace: Trace, shape: GraphShape, n: Optional[in
         )
     if rule_for(module) is None:
         FALLBACK.warn_once(op)
+    if op.from_parameters:  # no batch axis: every sample reads the whole output
+        for kind, key, node in zip(op.input_kinds, op.input_keys, op.input_nodes):
+            if kind != CONST:
+                _check_source(op.name, key, node, trace, shape)
+        return
     out = op.output_shape
     if n is not None and (len(out) == 0 or out[0] != n):
         raise UnsupportedModelError(
@@ -208,7 +227,7 @@ def _check_module(op: Operation, trace: Trace, shape: GraphShape, n: Optional[in
     for x, kind, key, node in zip(op.inputs, op.input_kinds, op.input_keys, op.input_nodes):
         if kind == CONST:
             continue
-        if key in trace.shared_keys:
+        if kind == SHARED:
             raise UnsupportedModelError(
                 f"Module {op.name!r} gets an input computed from parameters only (no batch "
                 "axis). curvhook supports that for tensor operations, not for module inputs; "

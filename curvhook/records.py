@@ -60,6 +60,7 @@ class Scratch:
     normalized: Optional[tuple] = None  # normalization: (x̂, 1/σ) of LayerNorm / GroupNorm
     x_hat_sq: Optional[Tensor] = None  # normalization: x̂²
     softmax: Optional[tuple] = None  # softmax: (softmax(x), dim)
+    batched_view: Optional[Any] = None  # parameters_only: the call as a batched operation
 
 
 @dataclass(eq=False)
@@ -97,6 +98,15 @@ class Operation:
         known_per_sample: Set from the plan before a backward pass: the
             structure of this tensor operation shows that it keeps samples
             apart, so its rule may skip the per-sample replay.
+        from_parameters: A leaf module called on constants and parameters only
+            whose output has no batch axis (a position embedding of
+            ``arange(L)``): its output is shared by every sample.
+        to_batch: A tensor operation that broadcasts a tensor computed from
+            parameters only along a new batch axis (``cls_token.expand(N, -1, -1)``):
+            every row of its output is the same function of the parameters.
+        rows_per_sample: For an operation after the model that merges the batch
+            axis with the axes after it (``logits.reshape(-1, V)``): each sample is
+            a block of this many rows of its output. ``0`` otherwise.
         scratch: Per-backward values the rules reuse.
     """
 
@@ -121,6 +131,9 @@ class Operation:
     recurse: bool = False
     inplace: bool = False
     known_per_sample: bool = False
+    from_parameters: bool = False
+    to_batch: bool = False
+    rows_per_sample: int = 0
     scratch: Scratch = field(default_factory=Scratch)
 
     @property

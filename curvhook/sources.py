@@ -97,7 +97,7 @@ class LossHessianSqrt(Source):
         factors = [
             math.sqrt(s) * rule.sqrt_hessian(call) for s, rule, call in zip(terms.scales, terms.rules, terms.calls)
         ]
-        return terms.start, factors[0] if len(factors) == 1 else torch.cat(factors)
+        return terms.start, terms.columns_at_start(factors[0] if len(factors) == 1 else torch.cat(factors))
 
 
 class LossHessianDiag(Source):
@@ -123,4 +123,5 @@ class LossHessianDiag(Source):
         return rule if self.attention_as_one else rule.operations_rule()
 
     def initial(self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms]) -> tuple[TensorKey, Tensor]:
-        return terms.start, terms.weighted_sum([rule.hessian_diag(call) for rule, call in zip(terms.rules, terms.calls)])
+        diag = terms.weighted_sum([rule.hessian_diag(call) for rule, call in zip(terms.rules, terms.calls)])
+        return terms.start, terms.per_sample_at_start(diag)

@@ -25,10 +25,11 @@ from torch.overrides import TorchFunctionMode
 from curvhook._torch_internals import current_graph_task_id, disable_torch_function
 from curvhook.block_state import BlockState
 from curvhook.loss_linearity import LossLinearity
-from curvhook.operations import is_inplace, name_of, skipped
+from curvhook.operations import MERGING_RESHAPES, is_inplace, name_of, skipped
 from curvhook.records import (
     BATCHED, CONST, SHARED, Operation, flat_tensors, key_of, make_template, tensor_arguments,
 )
+from curvhook.rules.parameters_only import COPIES_TO_BATCH
 from curvhook.trace import Trace
 
 # Marks an input with an autograd history in an operation recorded after the model.
@@ -133,11 +134,15 @@ class OperationTape(TorchFunctionMode):
                 params.append((f"t{i}", t))
             else:
                 kinds.append(SHARED if keys[i] in trace.shared_keys else BATCHED)
+        if BATCHED not in kinds and SHARED in kinds:
+            _mark_batched_constants(kinds, tensors, outputs, trace.batch_hint)
         op = _operation(
             f"{name} (in {frame.op.name!r})", func, t_args, t_kwargs, tuple(tensors), kinds, keys,
             nodes, outputs, outputs[0].grad_fn, inplace, params,
         )
-        if BATCHED not in kinds:  # computed from parameters only
+        if BATCHED not in kinds and _copies_to_batch(op, tensors, outputs, trace.batch_hint):
+            op.to_batch = True  # its output has the batch axis: one copy per sample
+        elif BATCHED not in kinds:  # computed from parameters only
             shared = [k for k in op.output_keys if k is not None]
             trace.shared_keys.update(shared)
             trace.shared_log.extend(shared)
@@ -157,8 +162,11 @@ class OperationTape(TorchFunctionMode):
             return
         func, name, t_args, t_kwargs = call
         n = trace.batch_size
+        rows = 0
         if not any(o.requires_grad and o.dim() and o.shape[0] == n for o in outputs):
-            return  # no batch axis left: the loss itself, or a reduction, not part of the network
+            rows = _merged_rows(name, tensors, outputs, n)
+            if not rows:
+                return  # no batch axis left: the loss itself, or a reduction, not part of the network
         kinds, params = [], []
         for i, t in enumerate(tensors):
             if id(t) in self.state.param_ids:
@@ -173,11 +181,62 @@ class OperationTape(TorchFunctionMode):
             tuple(t.detach() if k == BATCHED else t for t, k in zip(tensors, kinds)), kinds,
             keys, tuple(None if node is None else _HISTORY for node in nodes), outputs, None, inplace, params,
         )
+        op.rows_per_sample = rows
         trace.after_operations.append(op)
         for o, key in zip(outputs, op.output_keys):
             if key is not None:
                 self.state.watch_output(o, key, trace)
                 trace.handles.append(o.register_hook(partial(_record_after_task, trace)))
+
+
+def _mark_batched_constants(kinds: list, tensors: list, outputs: list, batch_hint) -> None:
+    """Count constants with the batch axis as batched where they meet shared tensors.
+
+    ``inputs_embeds + position_embeds`` with frozen token embeddings ``[N, L, D]``
+    and trainable position embeddings ``[1, L, D]``: the sum has one row per
+    sample, so the constant is split by sample like a batched input (it gets no
+    pullback: no recorded operation produced it).
+    """
+    out = outputs[0]
+    if batch_hint is None or out.dim() == 0 or out.shape[0] != batch_hint:
+        return
+    for i, (t, kind) in enumerate(zip(tensors, kinds)):
+        if kind == CONST and t.dim() and t.shape[0] == batch_hint:
+            kinds[i] = BATCHED
+
+
+def _merged_rows(name: str, tensors: list, outputs: list, n) -> int:
+    """Rows per sample of a reshape that merges the batch axis with the axes after it.
+
+    ``logits.reshape(-1, V)`` for logits ``[N, L, V]`` gives ``[N·L, V]``: sample
+    ``n`` is rows ``n·L … n·L + L − 1``. Returns ``0`` for any other operation.
+    """
+    if name not in MERGING_RESHAPES or len(tensors) != 1 or len(outputs) != 1 or n is None:
+        return 0
+    x, out = tensors[0], outputs[0]
+    if x.dim() < 2 or out.dim() == 0 or x.shape[0] != n or out.shape[0] % n:
+        return 0
+    rows = out.shape[0] // n
+    size = 1
+    for j in range(1, x.dim()):
+        size *= x.shape[j]
+        if size == rows and tuple(out.shape[1:]) == tuple(x.shape[j + 1 :]):
+            return rows if rows > 1 else 0
+    return 0
+
+
+def _copies_to_batch(op: Operation, tensors: list, outputs: list, batch_hint) -> bool:
+    """Whether a tensor operation on shared tensors copies one along a new batch axis.
+
+    ``cls_token.expand(N, -1, -1)``: the first argument, with a leading axis of
+    size one (or fewer axes), copied to the leading size of the model input.
+    """
+    if op.func_name not in COPIES_TO_BATCH or batch_hint is None or len(outputs) != 1:
+        return False
+    out, w = outputs[0], tensors[0]
+    if op.args[:1] != (0,) or out.dim() == 0 or out.shape[0] != batch_hint:
+        return False
+    return w.dim() < out.dim() or w.shape[0] == 1
 
 
 def _operation(

@@ -28,6 +28,10 @@ class Trace:
         root_value: The model output, detached (shares its storage).
         root_key: Identity of the model output.
         input_keys: Identity of the tensors passed to the model.
+        batch_hint: The leading size of the first tensor passed to the model:
+            while the forward runs, the best guess of ``N`` (a module output
+            computed from parameters only with another leading size has no
+            batch axis).
         shared_keys: Outputs of operations computed from parameters only (no batch axis).
         shared_log: ``shared_keys`` in the order they were added.
         losses: Loss modules called on the model output (or on a function of it).
@@ -44,6 +48,7 @@ class Trace:
         self.root_value: Optional[Tensor] = None
         self.root_key: Optional[TensorKey] = None
         self.input_keys: set[TensorKey] = set()
+        self.batch_hint: Optional[int] = None
         self.shared_keys: set[TensorKey] = set()
         self.shared_log: list[TensorKey] = []
         self.losses: list[LossCall] = []

@@ -1,0 +1,186 @@
+"""Rules for tensors computed from parameters only that enter the batch.
+
+Every sample of a transformer shares some tensors: position embeddings looked
+up from ``arange(L)``, class and register tokens, relative-position tables.
+They are functions ``w(θ)`` of the parameters alone, without a batch axis, and
+every sample ``n`` reads them. The per-sample Jacobian of sample ``n``'s output
+with respect to ``θ`` goes through ``w``, so what reaches ``w`` is per sample:
+columns ``[V, N, *w.shape]`` or a diagonal ``[N, *w.shape]`` (see
+:mod:`curvhook.rules.base` for the notation).
+
+Two kinds of recorded operation produce or consume such tensors:
+
+- :class:`ParametersOnlyModuleRule`: a leaf module called on constants (and
+  shared tensors) only, whose output has no batch axis
+  (``position_embeddings(position_ids)`` with ids ``[1, L]``). Its output
+  ``w = m(c; θ)`` receives per-sample values, and its parameters get
+  ``J_θᵀ m_vn`` for every sample. Where the constants and the output have a
+  leading axis of size one, the call is the module applied to the constant
+  repeated for every sample, so the module's own (fast) rule runs on that
+  batched view; otherwise ``torch.func`` differentiates the call.
+- :class:`ToBatchRule`: a tensor operation that copies a shared tensor along a
+  new batch axis (``cls_token.expand(N, -1, -1)``). Every row of its output is
+  the same copy ``g(w)`` of ``w``, so each sample's columns at that row are
+  pulled back through ``g``; its Jacobian has one entry ``1`` per output
+  entry, so a diagonal is pulled back the same way (``Σ_o d_o J_oi² = Jᵀ d``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, vjp, vmap
+
+from curvhook.records import BATCHED, CONST, Operation, Scratch
+from curvhook.rules.base import LayerRule
+from curvhook.rules.fallback import _params, _replay
+
+# Tensor operations that copy their first argument along new leading axes.
+COPIES_TO_BATCH = frozenset({"expand", "expand_as", "broadcast_to", "repeat"})
+
+
+class ParametersOnlyModuleRule(LayerRule):
+    """A leaf module whose output is computed from parameters only (see the module docstring).
+
+    Args:
+        inner: The module's own rule (or the generic fallback).
+    """
+
+    def __init__(self, inner: LayerRule) -> None:
+        self.inner = inner
+
+    def operations_rule(self) -> LayerRule:
+        return parameters_only(self.inner.operations_rule())
+
+    # ---------------------------------------------------------- columns
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        view = _batched_view(call, mat.shape[1])
+        if view is not None:
+            return self.inner.param_jac_t_mat_prod(view, name, mat.squeeze(2))
+        return _columns(_param_function(call, name), _params(call)[name], mat, call.output_shape)
+
+    def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        view = _batched_view(call, mat.shape[1])
+        if view is not None:
+            return self.inner.param_sq_sum(view, name, mat.squeeze(2))
+        return self.param_jac_t_mat_prod(call, name, mat).square().sum((0, 1))
+
+    def param_factors(self, call: Operation, name: str, mat: Tensor):
+        view = _batched_view(call, mat.shape[1])
+        return None if view is None else self.inner.param_factors(view, name, mat.squeeze(2))
+
+    def input_jac_t_mat_prod(self, call: Operation, mat: Tensor, slot: int) -> Tensor:
+        """``[V, N, *x]`` for a shared input ``x`` at ``slot``."""
+        view = _batched_view(call, mat.shape[1])
+        if view is not None:
+            return self.inner.input_jac_t_mat_prod(view, mat.squeeze(2), slot).unsqueeze(2)
+        return _columns(_input_function(call, slot), call.inputs[slot].detach(), mat, call.output_shape)
+
+    # -------------------------------------------------------- diagonals
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
+        view = _batched_view(call, diag.shape[0])
+        if view is not None:
+            return self.inner.param_diag(view, name, diag.squeeze(1))
+        return _diagonal(_param_function(call, name), _params(call)[name], diag).sum(0)
+
+    def input_diag(self, call: Operation, diag: Tensor, slot: int) -> Tensor:
+        """``[N, *x]`` for a shared input ``x`` at ``slot``."""
+        view = _batched_view(call, diag.shape[0])
+        if view is not None:
+            return self.inner.input_diag(view, diag.squeeze(1), slot).unsqueeze(1)
+        return _diagonal(_input_function(call, slot), call.inputs[slot].detach(), diag)
+
+
+_WRAPPED: dict[int, ParametersOnlyModuleRule] = {}
+
+
+def parameters_only(inner: LayerRule) -> ParametersOnlyModuleRule:
+    """The (cached) :class:`ParametersOnlyModuleRule` around ``inner``."""
+    rule = _WRAPPED.get(id(inner))
+    if rule is None or rule.inner is not inner:
+        rule = _WRAPPED[id(inner)] = ParametersOnlyModuleRule(inner)
+    return rule
+
+
+def _batched_view(call: Operation, n: int):
+    """The call as the module applied to its constants repeated for ``n`` samples, or ``None``.
+
+    Possible where every input and the output have a leading axis of size one
+    (ids ``[1, L]`` → embeddings ``[1, L, D]``): sample ``n`` then reads row 0,
+    and the repeated call gives every sample that row. Cached for the backward pass.
+    """
+    cached = call.scratch.batched_view
+    if cached is not None and cached[0] == n:
+        return cached[1]
+    out = call.output_shape
+    view = None
+    if len(out) and out[0] == 1 and all(x.dim() and x.shape[0] == 1 for x in call.inputs):
+        view = dataclasses.replace(
+            call,
+            inputs=tuple(x.detach().expand(n, *x.shape[1:]) for x in call.inputs),
+            input_kinds=tuple(CONST if k == CONST else BATCHED for k in call.input_kinds),
+            output=None if call.output is None else call.output.detach().expand(n, *out[1:]),
+            output_shapes=(torch.Size((n, *out[1:])),),
+            node=None,
+            from_parameters=False,
+            scratch=Scratch(),
+        )
+    call.scratch.batched_view = (n, view)
+    return view
+
+
+def _param_function(call: Operation, name: str) -> Callable[[Tensor], Tensor]:
+    params = _params(call)
+    inputs = [x.detach() for x in call.inputs]
+    return lambda theta: _replay(call, {**params, name: theta}, inputs)
+
+
+def _input_function(call: Operation, slot: int) -> Callable[[Tensor], Tensor]:
+    params = _params(call)
+    inputs = [x.detach() for x in call.inputs]
+    return lambda x: _replay(call, params, [*inputs[:slot], x, *inputs[slot + 1 :]])
+
+
+def _columns(fn: Callable[[Tensor], Tensor], at: Tensor, mat: Tensor, out_shape) -> Tensor:
+    """``J_fᵀ m_vn`` for every column of every sample: ``[V, N, *at.shape]``."""
+    v, n = mat.shape[:2]
+    _, pull = vjp(fn, at)
+    pulled = vmap(lambda m: pull(m)[0])(mat.reshape(v * n, *out_shape))
+    return pulled.reshape(v, n, *at.shape)
+
+
+def _diagonal(fn: Callable[[Tensor], Tensor], at: Tensor, diag: Tensor) -> Tensor:
+    """``Σ_o d_no J_oi²`` per sample, from the dense Jacobian of ``fn``: ``[N, *at.shape]``."""
+    jac = jacrev(fn)(at).reshape(diag[0].numel(), at.numel())
+    return torch.einsum("no,oi->ni", diag.flatten(1), jac.square()).reshape(-1, *at.shape)
+
+
+class ToBatchRule(LayerRule):
+    """A copy of a shared tensor along a new batch axis (see the module docstring)."""
+
+    def input_jac_t_mat_prod(self, call: Operation, mat: Tensor, slot: int) -> Tensor:
+        """``[V, N, *w]``: each sample's columns at its row, pulled back through the copy."""
+        return _columns(_row_function(call), call.inputs[0].detach(), mat, call.output_shape[1:])
+
+    def input_diag(self, call: Operation, diag: Tensor, slot: int) -> Tensor:
+        """``[N, *w]``: ``Jᵀ d`` per sample (one entry ``1`` per output entry)."""
+        n = diag.shape[0]
+        return self.input_jac_t_mat_prod(call, diag.unsqueeze(0), slot).reshape(n, *call.inputs[0].shape)
+
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        return self.input_jac_t_mat_prod(call, mat, call.slot_of(name))
+
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
+        return self.input_diag(call, diag, call.slot_of(name)).sum(0)
+
+
+def _row_function(call: Operation) -> Callable[[Tensor], Tensor]:
+    """``w ↦ op(w)[0]``: one row of the copy (every row is the same function of ``w``)."""
+    fixed = [x.detach() for x in call.inputs]
+    return lambda w: call.invoke([w, *fixed[1:]])[0]
+
+
+TO_BATCH = ToBatchRule()

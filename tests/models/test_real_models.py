@@ -1,0 +1,80 @@
+"""Real models as users bring them: torchvision, timm and Hugging Face transformers.
+
+Each model is built by its package's own constructor with a tiny config and
+random weights, called as the user calls it (``model(**batch)``, a Hugging Face
+``ModelOutput`` back, the usual language-model loss over merged axes), and
+every exact extension is compared with the torch.func reference in float64
+(``zoo.exact_reference``). The packages are the test extra ``models``
+(setup.cfg); without one of them its models are skipped.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from curvhook import extend
+from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from reference import check
+from zoo import MODELS, available, exact_reference
+
+
+def _case(name: str, n: int = 2):
+    package, build = MODELS[name]
+    if not available(package):
+        pytest.skip(f"{package} is not installed (pip install -e '.[models]')")
+    torch.manual_seed(0)
+    return build(n)
+
+
+def _run(case, *extensions):
+    with extend(case.model, *extensions):
+        out = case.forward()
+        case.loss(case.logits(out), case.criterion).backward()
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exact_extensions_match_torch_func(name):
+    """DiagGGN, FullGGN and BatchJacobian of the trainable parameters, exact to 1e-10 relative."""
+    case = _case(name)
+    ref = exact_reference(case)
+    ggn = FullGGN()
+    _run(case, DiagGGN(), BatchJacobian(), ggn)
+    params = ref.params
+    n, o = ref.J.shape[:2]
+    diag = torch.cat([p.diag_ggn.flatten() for p in params])
+    check(diag, ref.G.diagonal(), f"real/{name}/DiagGGN", rtol=case.rtol, atol_factor=case.rtol)
+    check(ggn.matrix, ref.G, f"real/{name}/FullGGN", rtol=case.rtol, atol_factor=case.rtol)
+    jac = torch.cat([p.batch_jacobian.reshape(n, o, -1) for p in params], dim=2)
+    check(jac, ref.J, f"real/{name}/BatchJacobian", rtol=case.rtol, atol_factor=case.rtol)
+
+
+@pytest.mark.parametrize("name", ["transformers.Bert", "transformers.GPT2", "torchvision.VisionTransformer"])
+def test_batch_of_one(name):
+    """N = 1: the batch axis and the leading axis of shared tensors have the same size."""
+    case = _case(name, n=1)
+    ref = exact_reference(case)
+    _run(case, DiagGGN())
+    check(torch.cat([p.diag_ggn.flatten() for p in ref.params]), ref.G.diagonal(), f"real/{name}/N=1", rtol=case.rtol, atol_factor=case.rtol)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_diag_ggn_approx_runs_and_is_nonnegative(name):
+    """DiagGGNApprox on every model: finite, nonnegative, shaped like the parameters."""
+    case = _case(name)
+    _run(case, DiagGGNApprox())
+    for p in case.model.parameters():
+        if p.requires_grad:
+            assert p.diag_ggn_approx.shape == p.shape
+            assert torch.isfinite(p.diag_ggn_approx).all() and (p.diag_ggn_approx >= 0).all()
+
+
+def test_gradient_untouched_on_a_hugging_face_model():
+    case = _case("transformers.GPT2")
+    case.loss(case.logits(case.forward()), case.criterion).backward()
+    plain = [p.grad.clone() for p in case.model.parameters() if p.requires_grad]
+    case.model.zero_grad()
+    _run(case, DiagGGN(), DiagGGNApprox())
+    for p, g in zip([p for p in case.model.parameters() if p.requires_grad], plain):
+        assert torch.equal(p.grad, g)

@@ -1,0 +1,247 @@
+"""Tiny real models from torchvision, timm and Hugging Face transformers, and their references.
+
+Every builder returns a :class:`ZooCase`: the model from its package's own
+constructor (tiny config, random weights, no download) in float64, the inputs
+of one forward pass as the user passes them (``model(**batch)``), the loss the
+user writes after it, and the parameters kept trainable. The rest are frozen
+so that the dense float64 torch.func reference stays small; the trainable ones
+include what makes each model hard: position embeddings, class tokens, layer
+scale, attention projections, normalisation, the head.
+
+:func:`exact_reference` builds ``J``, the per-sample loss Hessians and
+``G = Σ_n J_nᵀ H_n J_n`` with ``torch.func`` alone (``jacrev`` of
+``functional_call``, ``hessian`` of the loss), independently of curvhook.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev
+
+
+@dataclass
+class ZooCase:
+    """One real model and how a user trains it.
+
+    Attributes:
+        model: The model, float64, with only the chosen parameters requiring grad.
+        inputs: Keyword arguments of one forward pass.
+        loss: ``loss(logits, criterion) -> scalar``, what the user writes.
+        logits: ``logits(model output) -> Tensor`` ``[N, *out]``: the tensor the
+            loss is computed from (curvhook infers it; the reference needs it).
+    """
+
+    model: nn.Module
+    inputs: dict
+    loss: Callable[[Tensor, nn.Module], Tensor]
+    criterion: nn.Module = field(default_factory=nn.CrossEntropyLoss)
+    logits: Callable[[Any], Tensor] = lambda out: out
+    rtol: float = 1e-10
+
+    def forward(self) -> Any:
+        return self.model(**self.inputs)
+
+
+def available(*packages: str) -> bool:
+    return all(importlib.util.find_spec(p) is not None for p in packages)
+
+
+def keep_trainable(model: nn.Module, prefixes: tuple[str, ...]) -> nn.Module:
+    """Freeze every parameter whose name starts with none of ``prefixes``."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+    assert any(p.requires_grad for p in model.parameters()), patterns
+    return model
+
+
+def _classifier(model: nn.Module, key: str, x: Tensor, classes: int, patterns, logits=lambda o: o) -> ZooCase:
+    y = torch.randint(0, classes, (x.shape[0],))
+    model = keep_trainable(model.double(), patterns)
+    x = x.double() if x.is_floating_point() else x
+    return ZooCase(model, {key: x}, lambda out, crit: crit(out, y), logits=logits)
+
+
+def _language_model(model: nn.Module, ids: Tensor, vocab: int, patterns) -> ZooCase:
+    """Next-token loss as users write it: ``crit(logits.reshape(-1, V), labels.reshape(-1))``."""
+    labels = torch.randint(0, vocab, ids.shape)
+    model = keep_trainable(model.double(), patterns)
+
+    def loss(logits: Tensor, crit: nn.Module) -> Tensor:
+        return crit(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    return ZooCase(model, {"input_ids": ids}, loss, logits=lambda out: out.logits)
+
+
+N, CLASSES, VOCAB, LENGTH = 2, 3, 20, 5
+
+
+def _images(size: int, n: int = N) -> Tensor:
+    return torch.randn(n, 3, size, size)
+
+
+def _ids(n: int = N) -> Tensor:
+    return torch.randint(0, VOCAB, (n, LENGTH))
+
+
+# ------------------------------------------------------------ torchvision
+def tv_resnet18(n: int = N) -> ZooCase:
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=CLASSES).eval()
+    return _classifier(model, "x", _images(16, n), CLASSES, ("bn1.", "layer1.0.bn1.", "layer4.1.bn2.", "fc."))
+
+
+def tv_mobilenet_v3_small(n: int = N) -> ZooCase:
+    import torchvision
+
+    model = torchvision.models.mobilenet_v3_small(num_classes=CLASSES).eval()
+    return _classifier(model, "x", _images(32, n), CLASSES, ("features.0.", "features.1.block.1.", "classifier.3."))
+
+
+def tv_convnext_tiny(n: int = N) -> ZooCase:
+    import torchvision
+
+    model = torchvision.models.convnext_tiny(num_classes=CLASSES).eval()
+    patterns = ("features.0.1.", "features.7.2.layer_scale", "features.7.2.block.2.", "classifier.")
+    return _classifier(model, "x", _images(32, n), CLASSES, patterns)
+
+
+def tv_vit(n: int = N) -> ZooCase:
+    import torchvision
+
+    model = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=CLASSES
+    )
+    return _classifier(model, "x", _images(16, n), CLASSES, ("class_token", "encoder.pos_embedding", "conv_proj.", "encoder.layers.encoder_layer_0.ln_1.", "encoder.layers.encoder_layer_0.self_attention.", "heads."))
+
+
+# ------------------------------------------------------------------- timm
+def timm_vit_tiny(n: int = N) -> ZooCase:
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=CLASSES, embed_dim=16, num_heads=2)
+    return _classifier(model, "x", _images(32, n), CLASSES, ("cls_token", "pos_embed", "patch_embed.proj.bias", "blocks.0.attn.", "blocks.0.norm1.", "head."))
+
+
+def timm_mobilevitv2(n: int = N) -> ZooCase:
+    import timm
+
+    model = timm.create_model("mobilevitv2_050", num_classes=CLASSES).eval()
+    return _classifier(model, "x", _images(64, n), CLASSES, ("stem.", "stages.4.1.conv_kxk.", "head."))
+
+
+def timm_convnext_atto(n: int = N) -> ZooCase:
+    import timm
+
+    model = timm.create_model("convnext_atto", num_classes=CLASSES)
+    return _classifier(model, "x", _images(32, n), CLASSES, ("stem.1.", "stages.3.blocks.1.gamma", "stages.3.blocks.1.norm.", "head."))
+
+
+def timm_resnet10t(n: int = N) -> ZooCase:
+    import timm
+
+    model = timm.create_model("resnet10t", num_classes=CLASSES).eval()
+    return _classifier(model, "x", _images(32, n), CLASSES, ("conv1.0.", "bn1.", "layer4.0.bn2.", "fc."))
+
+
+# ----------------------------------------------------------- transformers
+def hf_bert(n: int = N) -> ZooCase:
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=16, num_labels=CLASSES, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.BertForSequenceClassification(config)
+    patterns = ("bert.embeddings.", "bert.encoder.layer.0.attention.", "bert.pooler.", "classifier.")
+    return _classifier(model, "input_ids", _ids(n), CLASSES, patterns, logits=lambda out: out.logits)
+
+
+def hf_distilbert(n: int = N) -> ZooCase:
+    import transformers
+
+    config = transformers.DistilBertConfig(
+        vocab_size=VOCAB, dim=8, n_layers=1, n_heads=2, hidden_dim=16, max_position_embeddings=16,
+        num_labels=CLASSES, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0,
+    )
+    model = transformers.DistilBertForSequenceClassification(config)
+    patterns = ("distilbert.embeddings.", "distilbert.transformer.layer.0.attention.q_lin.", "distilbert.transformer.layer.0.ffn.", "pre_classifier.", "classifier.")
+    return _classifier(model, "input_ids", _ids(n), CLASSES, patterns, logits=lambda out: out.logits)
+
+
+def hf_gpt2(n: int = N) -> ZooCase:
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    return _language_model(model, _ids(n), VOCAB, ("transformer.wpe.", "transformer.h.0.attn.", "transformer.h.0.ln_1.", "transformer.h.0.mlp.", "transformer.ln_f."))
+
+
+def hf_llama(n: int = N) -> ZooCase:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=16, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    case = _language_model(model, _ids(n), VOCAB, ("model.embed_tokens.", "model.layers.0.self_attn.", "model.layers.0.input_layernorm.", "model.layers.0.mlp.down_proj.", "model.norm."))
+    # LlamaRMSNorm and the rotary tables compute in float32 by design, also in a float64
+    # model: the model itself, and so any two ways of differentiating it, agree to float32.
+    case.rtol = 1e-6
+    return case
+
+
+MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
+    "torchvision.resnet18": ("torchvision", tv_resnet18),
+    "torchvision.mobilenet_v3_small": ("torchvision", tv_mobilenet_v3_small),
+    "torchvision.convnext_tiny": ("torchvision", tv_convnext_tiny),
+    "torchvision.VisionTransformer": ("torchvision", tv_vit),
+    "timm.vit_tiny": ("timm", timm_vit_tiny),
+    "timm.mobilevitv2_050": ("timm", timm_mobilevitv2),
+    "timm.convnext_atto": ("timm", timm_convnext_atto),
+    "timm.resnet10t": ("timm", timm_resnet10t),
+    "transformers.Bert": ("transformers", hf_bert),
+    "transformers.DistilBert": ("transformers", hf_distilbert),
+    "transformers.GPT2": ("transformers", hf_gpt2),
+    "transformers.Llama": ("transformers", hf_llama),
+}
+
+
+# -------------------------------------------------------------- reference
+@dataclass
+class ExactReference:
+    """``J`` ``[N, O, P]``, ``G`` ``[P, P]`` over the trainable parameters, in order."""
+
+    J: Tensor
+    G: Tensor
+    params: list[nn.Parameter]
+    hessian_diag: Tensor  # [N, *out], the diagonal of the per-sample loss Hessians
+
+
+def exact_reference(case: ZooCase) -> ExactReference:
+    """The batch Jacobian and the GGN of ``case`` with torch.func (float64)."""
+    names = [n for n, p in case.model.named_parameters() if p.requires_grad]
+    params = [p for p in case.model.parameters() if p.requires_grad]
+    values = tuple(p.detach() for p in params)
+
+    def logits(*ps: Tensor) -> Tensor:
+        return case.logits(functional_call(case.model, dict(zip(names, ps)), (), case.inputs))
+
+    with torch.no_grad():
+        out = logits(*values)
+    n, o = out.shape[0], out[0].numel()
+    jacs = jacrev(logits, argnums=tuple(range(len(values))))(*values)
+    J = torch.cat([j.reshape(n, o, -1) for j in jacs], dim=2)
+    H = hessian(lambda f: case.loss(f, case.criterion))(out).reshape(n, o, n, o)
+    blocks = torch.stack([H[i, :, i] for i in range(n)])  # per-sample blocks H_n: [N, O, O]
+    G = torch.einsum("nap,naq->pq", J, torch.bmm(blocks, J))
+    return ExactReference(J, G, params, torch.diagonal(blocks, dim1=1, dim2=2).reshape(out.shape))
