@@ -60,6 +60,7 @@ class Scratch:
     normalized: Optional[tuple] = None  # normalization: (x̂, 1/σ) of LayerNorm / GroupNorm
     x_hat_sq: Optional[Tensor] = None  # normalization: x̂²
     softmax: Optional[tuple] = None  # softmax: (softmax(x), dim)
+    recurrent: Optional[Any] = None  # recurrent: the re-run recurrence (pullback, forward values, caches)
 
 
 @dataclass(eq=False)
