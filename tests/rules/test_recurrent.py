@@ -184,3 +184,29 @@ def test_float32_where_the_fused_kernel_fails_in_the_fallback():
     for p in model.parameters():
         for attr in ("batch_jacobian", "diag_ggn", "diag_ggn_approx"):
             assert getattr(p, attr).dtype == torch.float32 and torch.isfinite(getattr(p, attr)).all()
+
+
+@pytest.mark.parametrize("config", ["batch_first_false", "dropout_train"])
+def test_declined_configurations_raise_clear_errors(config):
+    """Declined modules reach the engine's batch-axis check or the fallback's random-numbers check."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            first = config != "batch_first_false"
+            dropout = 0.5 if config == "dropout_train" else 0.0
+            self.rnn = nn.GRU(FEATURES, 4, num_layers=2, dropout=dropout, batch_first=first)
+            self.head = nn.Linear(4, CLASSES)
+
+        def forward(self, x):
+            if not self.rnn.batch_first:
+                return self.head(self.rnn(x.transpose(0, 1))[0][-1])
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Net().to(DT).train()
+    X, y = _data(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnsupportedModelError, match="batch axis|random numbers"):
+            with extend(model, DiagGGN()):
+                nn.CrossEntropyLoss()(model(X), y).backward()
