@@ -80,7 +80,8 @@ def _weights(module: nn.Module, layer: int, direction: int) -> dict[str, Optiona
     """The detached weights of one layer and direction (``None`` for an absent bias or projection)."""
     sfx = f"_l{layer}{'_reverse' if direction else ''}"
     get = lambda name: getattr(module, name + sfx, None)  # noqa: E731
-    return {k: (None if get(k) is None else get(k).detach()) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")}
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+    return {k: (None if get(k) is None else get(k).detach()) for k in names}
 
 
 def _cell(mode: str, a_t: Tensor, c_t: Tensor, h: Tensor, s: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
@@ -211,7 +212,9 @@ def _parse(call: Operation, name: str) -> tuple[str, str, int]:
     """``"weight_hh_l1_reverse"`` → ``("weight", "hh", index of (layer 1, reverse))``."""
     match = _PARAM.match(name)
     if match is None:
-        raise UnsupportedModelError(f"Module {call.name!r} has a parameter {name!r} the recurrent rule does not know.")
+        raise UnsupportedModelError(
+            f"Module {call.name!r} has a parameter {name!r} that the recurrent rule does not know."
+        )
     kind, part, layer, reverse = match.groups()
     dirs = 2 if call.module.bidirectional else 1
     return kind, part, int(layer) * dirs + (1 if reverse else 0)
@@ -232,7 +235,7 @@ def _product(delta: Tensor, z: Optional[Tensor]) -> Tensor:
     """``Σ_t δ_vnt z_ntᵀ`` ``[V, N, A, B]`` (``Σ_t δ_vnt`` ``[V, N, A]`` for a bias)."""
     if z is None:
         return delta.sum(2)
-    return torch.einsum("vnla,nlb->vnab", delta, z)
+    return torch.matmul(delta.transpose(-1, -2), z)  # [V, N, A, L] @ [N, L, B], broadcast over V
 
 
 @register_rule(nn.LSTM, nn.GRU, nn.RNN)
@@ -293,11 +296,13 @@ def _approx_diagonals(call: Operation, diag: Tensor) -> dict[str, Tensor]:
         cols = diag.new_zeros(stop - start, n, outs)
         cols[torch.arange(stop - start), :, torch.arange(start, stop)] = 1
         dx, eps = vmap(rec.pullback)(cols.view(stop - start, *diag.shape))
-        w = d[:, start:stop]  # [N, c]
-        parts = {"input": torch.einsum("cn...,nc->n...", dx.square(), w)}
+        w = d[:, start:stop].t()  # [c, N]
+        parts = {"input": (dx.square() * w.view(*w.shape, 1, 1)).sum(0)}
         for name in names:
             rows = _product(*_factors(call, rec, name, eps))  # [c, N, *θ]
-            parts[name] = torch.einsum("cn...,nc->...", rows.square(), w)
+            # Σ_{c,n} w_cn rows_cn²: a matrix-vector product over the (c, n) pairs
+            sq = rows.square_().reshape(w.numel(), -1)
+            parts[name] = torch.mv(sq.t(), w.reshape(-1)).view(rows.shape[2:])
         for key, value in parts.items():
             total[key] = value if key not in total else total[key].add_(value)
     rec.diagonals = (diag, total)

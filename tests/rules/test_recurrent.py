@@ -60,7 +60,9 @@ CASES = {
     "lstm_last": lambda: Recurrent(nn.LSTM),
     "lstm_all_two_layers": lambda: Recurrent(nn.LSTM, use="all", num_layers=2),
     "lstm_bidirectional_no_bias": lambda: Recurrent(nn.LSTM, bidirectional=True, bias=False),
-    "lstm_proj_two_layers_bidirectional": lambda: Recurrent(nn.LSTM, use="all", num_layers=2, bidirectional=True, proj_size=2),
+    "lstm_proj_two_layers_bidirectional": lambda: Recurrent(
+        nn.LSTM, use="all", num_layers=2, bidirectional=True, proj_size=2
+    ),
     "lstm_dropout_eval": lambda: Recurrent(nn.LSTM, num_layers=2, dropout=0.5),
     "gru_last": lambda: Recurrent(nn.GRU),
     "gru_all_bidirectional_two_layers": lambda: Recurrent(nn.GRU, use="all", num_layers=2, bidirectional=True),
