@@ -288,7 +288,9 @@ def _approx_diagonals(call: Operation, diag: Tensor) -> dict[str, Tensor]:
     n, outs = diag.shape[0], diag[0].numel()
     d = diag.reshape(n, outs)
     names = [name for name, _ in call.params]
-    sizes = [call.input[0].numel(), *(p.numel() for _, p in call.params)]
+    # per column and sample: the one-hot column, J_xᵀ e_o, every cotangent δ and each parameter row
+    cotangents = sum(t[0].numel() for t in rec.previous) * (2 * _GATES[call.module.mode] + 1)
+    sizes = [outs, call.input[0].numel(), cotangents, *(p.numel() for _, p in call.params)]
     step = max(1, _ROW_CHUNK_ENTRIES // (n * max(sizes)))
     total: dict[str, Tensor] = {}
     for start in range(0, outs, step):

@@ -212,3 +212,13 @@ def test_declined_configurations_raise_clear_errors(config):
         with pytest.raises(UnsupportedModelError, match="batch axis|random numbers"):
             with extend(model, DiagGGN()):
                 nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+@pytest.mark.parametrize("chunk", [1, 10**9])
+def test_diag_ggn_approx_in_chunks_of_columns(monkeypatch, chunk):
+    """One one-hot column at a time, or all at once: the same exact diagonals."""
+    from curvhook.rules import recurrent  # noqa: PLC0415
+
+    monkeypatch.setattr(recurrent, "_ROW_CHUNK_ENTRIES", chunk)
+    model = _model("gru_all_bidirectional_two_layers", 2)
+    check_graph_against_reference(model, *_data(2))
