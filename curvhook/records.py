@@ -61,6 +61,7 @@ class Scratch:
     x_hat_sq: Optional[Tensor] = None  # normalization: x̂²
     softmax: Optional[tuple] = None  # softmax: (softmax(x), dim)
     batched_view: Optional[Any] = None  # parameters_only: the call as a batched operation
+    recurrent: Optional[Any] = None  # recurrent: the re-run recurrence (pullback, forward values, caches)
 
 
 @dataclass(eq=False)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from curvhook import extend
 from curvhook.errors import UnsupportedLossError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
-from curvhook.rules import fallback
+from curvhook.rules import fallback, registry
 from graph_reference import diag_ggn_approx_graph
 from helpers import DEEP_MLPS, Chain, bce, check_against_reference, mse, randomize_linear
 from reference import check, collect, compare, reference
@@ -348,7 +348,7 @@ def test_weight_shared_mlp(loss, n):
     assert not torch.allclose(without_cross_terms, reference(model, X, loss_fn, approx=False).diag_ggn, rtol=1e-3)
 
 
-# ---------------------------------------------------------- LSTM (fallback)
+# ------------------------------------------------ LSTM and GRU (rule, fallback)
 class RecurrentClassifier(nn.Module):
     """``nn.LSTM`` or ``nn.GRU`` (tuple output) followed by a classifier on the last step."""
 
@@ -364,8 +364,24 @@ class RecurrentClassifier(nn.Module):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
-def test_recurrent_through_the_fallback(cell, n):
-    """No rule: the exact fallback, which loops over samples where ``vmap`` cannot run the cell."""
+def test_recurrent_by_its_rule(cell, n):
+    """``curvhook/rules/recurrent.py`` serves the module: no fallback warning."""
+    torch.manual_seed(0)
+    model = RecurrentClassifier(cell).to(DT)
+    X = torch.randn(n, 3, 3, dtype=DT)
+    loss_fn = ce(torch.randint(0, 3, (n,)))
+    fallback._WARNED.discard(cell)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no rule")
+        got, matrix = run_extensions(model, X, loss_fn)
+    check_against_references(got, matrix, model, X, loss_fn)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
+def test_recurrent_through_the_fallback(cell, n, monkeypatch):
+    """Without its rule: the exact fallback, which loops over samples where ``vmap`` cannot run the cell."""
+    monkeypatch.delitem(registry._RULES, cell)
     torch.manual_seed(0)
     model = RecurrentClassifier(cell).to(DT)
     X = torch.randn(n, 3, 3, dtype=DT)

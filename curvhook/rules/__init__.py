@@ -9,6 +9,7 @@ from curvhook.rules import (  # noqa: F401  (importing a family registers its ru
     normalization,
     padding,
     pooling,
+    recurrent,
     reshape,
     softmax,
     upsampling,

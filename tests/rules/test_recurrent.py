@@ -1,0 +1,224 @@
+"""``curvhook/rules/recurrent.py``: ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` with ``batch_first=True``.
+
+A recurrent module returns a tuple, which the chain reference of ``reference.py``
+cannot follow, so every case of the table runs the graph check of
+``tests/helpers.py`` (``check_graph_against_reference``): BatchJacobian, DiagGGN
+and FullGGN against torch.func, DiagGGNApprox against its definition on the graph
+(the recurrent module is one operation), in float64, for one sample and for a
+batch of three with a non-contiguous input, with the fallback refused; then the
+same model in float32 against the float64 results.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from curvhook import UnsupportedModelError, extend
+from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from curvhook.rules import registry
+from curvhook.rules.recurrent import RecurrentRule
+from helpers import (
+    CLASSES,
+    DT,
+    check_graph_against_reference,
+    leaf_types,
+    noncontiguous,
+    registered_types,
+    run_curvhook,
+)
+from graph_reference import diag_ggn_approx_graph
+from reference import check, compare, reference
+
+FEATURES, LENGTH = 3, 4
+
+
+class Recurrent(nn.Module):
+    """``Linear → recurrent module → last step or whole sequence → Linear`` (or on the raw input)."""
+
+    def __init__(self, cell: type, use: str = "last", embed: bool = True, hidden: int = 4, **kwargs) -> None:
+        super().__init__()
+        self.emb = nn.Linear(FEATURES, FEATURES) if embed else nn.Identity()
+        self.rnn = cell(FEATURES, hidden, batch_first=True, **kwargs)
+        self.use = use
+        self.head = nn.LazyLinear(CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(torch.tanh(self.emb(x)))
+        if self.use == "last":
+            return self.head(out[:, -1])
+        if self.use == "mean":
+            return self.head(out.mean(1))
+        return self.head(out.flatten(1))  # "all": every step
+
+
+CASES = {
+    "lstm_last": lambda: Recurrent(nn.LSTM),
+    "lstm_all_two_layers": lambda: Recurrent(nn.LSTM, use="all", num_layers=2),
+    "lstm_bidirectional_no_bias": lambda: Recurrent(nn.LSTM, bidirectional=True, bias=False),
+    "lstm_proj_two_layers_bidirectional": lambda: Recurrent(
+        nn.LSTM, use="all", num_layers=2, bidirectional=True, proj_size=2
+    ),
+    "lstm_dropout_eval": lambda: Recurrent(nn.LSTM, num_layers=2, dropout=0.5),
+    "gru_last": lambda: Recurrent(nn.GRU),
+    "gru_all_bidirectional_two_layers": lambda: Recurrent(nn.GRU, use="all", num_layers=2, bidirectional=True),
+    "gru_no_bias_mean": lambda: Recurrent(nn.GRU, use="mean", bias=False),
+    "rnn_tanh_last": lambda: Recurrent(nn.RNN),
+    "rnn_relu_all_two_layers": lambda: Recurrent(nn.RNN, use="all", num_layers=2, nonlinearity="relu"),
+    "rnn_tanh_bidirectional_no_bias": lambda: Recurrent(nn.RNN, bidirectional=True, bias=False),
+    "lstm_on_the_input": lambda: Recurrent(nn.LSTM, embed=False, num_layers=2),
+    "gru_on_the_input": lambda: Recurrent(nn.GRU, embed=False, use="all"),
+}
+
+
+def _model(case: str, n: int) -> nn.Module:
+    torch.manual_seed(0)
+    model = CASES[case]().to(DT).eval()
+    with torch.no_grad():
+        model(torch.randn(n, LENGTH, FEATURES, dtype=DT))  # materializes the LazyLinear head
+    with torch.no_grad():  # weights away from the small default init: every regime of the gates
+        for name, p in model.rnn.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.8 if name.startswith("weight") else 0.5))
+    assert isinstance(registry.rule_for(model.rnn), RecurrentRule)
+    return model
+
+
+def _data(n: int, contiguous: bool = True) -> tuple[Tensor, Tensor]:
+    X = torch.randn(n, LENGTH, FEATURES, dtype=DT)
+    return (X if contiguous else noncontiguous(X)), torch.randint(0, CLASSES, (n,))
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_one_sample(case):
+    model = _model(case, 1)
+    check_graph_against_reference(model, *_data(1))
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_batch_noncontiguous_and_float32(case):
+    """N = 3 with a non-contiguous input in float64, then float32 against the float64 results."""
+    model = _model(case, 3)
+    X, y = _data(3, contiguous=False)
+    check_graph_against_reference(model, X, y)
+    crit = nn.CrossEntropyLoss()
+    want, _, _ = run_curvhook(model, X, lambda o: crit(o, y), split_attention=False)
+    got, _, _ = run_curvhook(copy.deepcopy(model).float(), X.float(), lambda o: crit(o, y), split_attention=False)
+    for key, value in got.items():
+        assert value.dtype == torch.float32
+        check(value.double(), want[key], key + " (float32)", rtol=1e-4, atol_factor=1e-4)
+
+
+def test_table_covers_every_registered_type():
+    assert registered_types("recurrent") <= leaf_types({k: (build, None) for k, build in CASES.items()})
+
+
+def test_mse_on_the_whole_sequence_with_an_initial_state():
+    """Sequence to sequence: MSE on every step, with an initial state ``(h0, c0)`` held fixed."""
+    torch.manual_seed(3)
+
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(FEATURES, 4, num_layers=2, batch_first=True, bidirectional=True)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            n = x.shape[0]
+            h0 = torch.linspace(-1, 1, 4 * n * 4, dtype=x.dtype).view(4, n, 4)
+            out, _ = self.rnn(x, (h0, 0.5 * h0))
+            return self.out(out)
+
+    model = Seq2Seq().to(DT)
+    X, target = torch.randn(3, LENGTH, FEATURES, dtype=DT), torch.randn(3, LENGTH, 2, dtype=DT)
+    crit = nn.MSELoss()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no rule")
+        got, matrix, _ = run_curvhook(model, X, lambda o: crit(o, target), split_attention=False)
+    ref = reference(model, X, lambda o: crit(o, target), approx=False)
+    compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, matrix)
+    d = torch.func.hessian(lambda o: crit(o, target))(ref.out).reshape(ref.out.numel(), -1).diagonal()
+    check(got["DiagGGNApprox"], diag_ggn_approx_graph(model, X, d), "DiagGGNApprox")
+
+
+def test_rule_declines_batch_first_false_and_train_mode_dropout():
+    assert registry.rule_for(nn.LSTM(3, 4)) is None  # batch_first=False: the engine's batch-axis error
+    dropped = nn.GRU(3, 4, num_layers=2, dropout=0.3, batch_first=True)
+    assert registry.rule_for(dropped) is None
+    assert isinstance(registry.rule_for(dropped.eval()), RecurrentRule)
+    with warnings.catch_warnings():  # torch warns that one layer has no dropout to apply
+        warnings.simplefilter("ignore")
+        one_layer = nn.RNN(3, 4, dropout=0.3, batch_first=True)
+    assert isinstance(registry.rule_for(one_layer), RecurrentRule)
+
+
+def test_using_the_final_state_is_refused():
+    """curvhook follows only the first output of a module: ``h_n`` raises a clear error."""
+
+    class LastState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(FEATURES, 4, batch_first=True), nn.Linear(4, CLASSES)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[1][0])
+
+    model = LastState().to(DT)
+    X, y = _data(2)
+    with pytest.raises(UnsupportedModelError):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+def test_float32_where_the_fused_kernel_fails_in_the_fallback():
+    """float32 on CPU: the rule never calls the fused kernel, so all four extensions run."""
+    torch.manual_seed(4)
+    model = Recurrent(nn.LSTM, num_layers=2, bidirectional=True).float()
+    X, y = torch.randn(3, LENGTH, FEATURES), torch.randint(0, CLASSES, (3,))
+    exts = [BatchJacobian(), DiagGGN(), DiagGGNApprox(), FullGGN()]
+    with extend(model, *exts):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    for p in model.parameters():
+        for attr in ("batch_jacobian", "diag_ggn", "diag_ggn_approx"):
+            assert getattr(p, attr).dtype == torch.float32 and torch.isfinite(getattr(p, attr)).all()
+
+
+@pytest.mark.parametrize("config", ["batch_first_false", "dropout_train"])
+def test_declined_configurations_raise_clear_errors(config):
+    """Declined modules reach the engine's batch-axis check or the fallback's random-numbers check."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            first = config != "batch_first_false"
+            dropout = 0.5 if config == "dropout_train" else 0.0
+            self.rnn = nn.GRU(FEATURES, 4, num_layers=2, dropout=dropout, batch_first=first)
+            self.head = nn.Linear(4, CLASSES)
+
+        def forward(self, x):
+            if not self.rnn.batch_first:
+                return self.head(self.rnn(x.transpose(0, 1))[0][-1])
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Net().to(DT).train()
+    X, y = _data(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnsupportedModelError, match="batch axis|random numbers"):
+            with extend(model, DiagGGN()):
+                nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+@pytest.mark.parametrize("chunk", [1, 10**9])
+def test_diag_ggn_approx_in_chunks_of_columns(monkeypatch, chunk):
+    """One one-hot column at a time, or all at once: the same exact diagonals."""
+    from curvhook.rules import recurrent  # noqa: PLC0415
+
+    monkeypatch.setattr(recurrent, "_ROW_CHUNK_ENTRIES", chunk)
+    model = _model("gru_all_bidirectional_two_layers", 2)
+    check_graph_against_reference(model, *_data(2))
