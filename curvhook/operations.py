@@ -52,6 +52,9 @@ QUOTIENTS = frozenset({"div", "__truediv__", "__itruediv__", "div_", "divide", "
 MATMULS = frozenset({"matmul", "__matmul__", "bmm", "mm"})
 # Operations whose per-sample structure the rules can read off shapes and arguments.
 KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS
+# Lookups of parameter rows by a constant index: with the model input as index
+# (``F.embedding(token_ids, weight)``) the output has its batch axis, not parameters only.
+LOOKUPS = frozenset({"embedding"})
 # Operations with a ``dim`` that must not be the batch axis.
 DIM_OPERATIONS = frozenset({
     "cat", "concat", "concatenate", "stack", "split", "chunk", "unbind", "tensor_split",

@@ -30,7 +30,8 @@ from curvhook.records import BATCHED, CONST, Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.fallback import FALLBACK, mixes_samples
 from curvhook.rules.registry import rule_for, rule_or_fallback
-from curvhook.rules.tensor_ops import TENSOR_OPS, batch_safe
+from curvhook.rules.functional import FUNCTIONAL_RULES
+from curvhook.rules.tensor_ops import TENSOR_OPS
 from curvhook.trace import Trace
 
 
@@ -166,8 +167,8 @@ def build_plan(trace: Trace, shape: GraphShape) -> Plan:
 
 
 def resolve_rule(op: Operation) -> LayerRule:
-    """The rule of an operation: the tensor-operation rule, a module's registered rule, or the fallback."""
-    return TENSOR_OPS if op.module is None else rule_or_fallback(op.module)
+    """The rule of an operation: a functional layer's, the tensor-operation rule, a module's registered rule, or the fallback."""
+    return FUNCTIONAL_RULES.get(op.func, TENSOR_OPS) if op.module is None else rule_or_fallback(op.module)
 
 
 def check_operation(op: Operation, trace: Trace, shape: GraphShape, n: Optional[int]) -> bool:
@@ -182,7 +183,7 @@ def check_operation(op: Operation, trace: Trace, shape: GraphShape, n: Optional[
         for kind, key, node in zip(op.input_kinds, op.input_keys, op.input_nodes):
             if kind != CONST:
                 _check_source(op.name, key, node, trace, shape)
-        return n is not None and BATCHED in op.input_kinds and batch_safe(op, n)
+        return n is not None and BATCHED in op.input_kinds and resolve_rule(op).keeps_samples_apart(op, n)
     if op.output_key is not None:
         _check_module(op, trace, shape, n)
     return False

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from curvhook._torch_internals import current_graph_task_id, disable_torch_function
 from curvhook.block_state import BlockState
 from curvhook.loss_linearity import LossLinearity
-from curvhook.operations import is_inplace, name_of, skipped
+from curvhook.operations import LOOKUPS, is_inplace, name_of, skipped
 from curvhook.records import (
     BATCHED, CONST, SHARED, Operation, flat_tensors, key_of, make_template, tensor_arguments,
 )
@@ -137,7 +137,8 @@ class OperationTape(TorchFunctionMode):
             f"{name} (in {frame.op.name!r})", func, t_args, t_kwargs, tuple(tensors), kinds, keys,
             nodes, outputs, outputs[0].grad_fn, inplace, params,
         )
-        if BATCHED not in kinds:  # computed from parameters only
+        looked_up = name in LOOKUPS and keys[0] in trace.input_keys  # rows by the model's indices
+        if BATCHED not in kinds and not looked_up:  # computed from parameters only
             shared = [k for k in op.output_keys if k is not None]
             trace.shared_keys.update(shared)
             trace.shared_log.extend(shared)

@@ -221,6 +221,10 @@ class TensorOpRule(LayerRule):
 
         return run
 
+    def keeps_samples_apart(self, call: Operation, n: int) -> bool:
+        """Whether the structure of ``call`` shows that it keeps samples apart (see :func:`batch_safe`)."""
+        return batch_safe(call, n)
+
     def _samples(self, call: Operation) -> tuple[Tensor, ...]:
         return tuple(t.detach() for t, k in zip(call.inputs, call.input_kinds) if k == BATCHED)
 
