@@ -20,6 +20,7 @@ from torch import nn
 
 from curvhook.errors import UnsupportedModelError
 from curvhook.rules import tensor_ops
+from curvhook.rules.functional import FUNCTIONAL_RULES
 from helpers import check_graph_against_reference, run_curvhook
 
 DT = torch.float64
@@ -170,3 +171,74 @@ def test_functional_against_reference(case, n):
     model = build().to(DT).eval()
     X = _input(shape, n)
     check_graph_against_reference(model, X, torch.randint(0, 3, (n,)))
+
+
+FAST = [c for c in CASES if not c.startswith(("sdpa", "chunk", "rms_norm_by_hand"))]
+
+
+@pytest.mark.parametrize("case", FAST)
+def test_closed_forms_are_used(case, monkeypatch):
+    """The functional layers never take the generic torch.func paths: the module rules' closed forms serve them."""
+    for method in ("input_jac_t_mat_prod", "shared_jac_t_mat_prod", "_exact_diag", "check"):
+        generic = getattr(tensor_ops.TensorOpRule, method)
+
+        def guarded(self, call, *args, generic=generic, method=method):
+            assert call.func not in FUNCTIONAL_RULES, f"{call.name}: generic {method}"
+            return generic(self, call, *args)
+
+        monkeypatch.setattr(tensor_ops.TensorOpRule, method, guarded)
+    torch.manual_seed(0)
+    build, shape = CASES[case]
+    model = build().to(DT).eval()
+    X = _input(shape, 3)
+    run_curvhook(model, X, lambda out: nn.CrossEntropyLoss()(out, torch.randint(0, 3, (3,))))
+
+
+TRAINING_BATCH_NORMS = {
+    "running_statistics": CASES["batch_norm_act_module"][0],
+    "no_running_statistics": lambda: ConvThen(lambda m, x: F.batch_norm(x, None, None, m.weight, m.bias, True)),
+}
+
+
+@pytest.mark.parametrize("case", TRAINING_BATCH_NORMS)
+def test_batch_norm_with_batch_statistics_is_refused(case):
+    model = TRAINING_BATCH_NORMS[case]().to(DT).train()
+    with pytest.raises(UnsupportedModelError, match=r"statistics of the whole batch.*model\.eval\(\)"):
+        run_curvhook(model, torch.randn(3, 2, 3, 3, dtype=DT), lambda out: nn.CrossEntropyLoss()(out, torch.randint(0, 3, (3,))))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_in_place_activation_after_batch_norm(n):
+    """timm's BatchNormAct2d: SiLU(inplace=True) overwrites F.batch_norm's output (no false refusal).
+
+    The exact extensions against the reference; DiagGGNApprox against the same model with
+    ``inplace=False`` (``graph_reference`` replays modules on their overwritten inputs).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), BatchNormAct(3, inplace=True), nn.Flatten(), nn.Linear(27, 3))
+    model = model.to(DT).eval()
+    X, y = torch.randn(n, 2, 3, 3, dtype=DT), torch.randint(0, 3, (n,))
+    loss = lambda out: nn.CrossEntropyLoss()(out, y)  # noqa: E731
+    from helpers import check_against_reference
+
+    got, _ = check_against_reference(model, X, loss, which=("BatchJacobian", "DiagGGN", "FullGGN"))
+    plain = copy.deepcopy(model)
+    plain[1].act.inplace = False
+    approx = run_curvhook(model, X, loss, which=("DiagGGNApprox",))[0]["DiagGGNApprox"]
+    torch.testing.assert_close(approx, run_curvhook(plain, X, loss, which=("DiagGGNApprox",))[0]["DiagGGNApprox"])
+
+
+def test_in_place_output_check_still_catches_mixing():
+    """A replayed operation whose output was overwritten is compared with a batched replay."""
+
+    class Mixing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.act, self.b = nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(self.act(torch.cumsum(self.a(x), 0)))
+
+    model = Mixing().to(DT)
+    with pytest.raises(UnsupportedModelError, match="mixes samples"):
+        run_curvhook(model, torch.randn(3, 4, dtype=DT), lambda out: nn.CrossEntropyLoss()(out, torch.randint(0, 3, (3,))))
