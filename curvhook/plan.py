@@ -31,7 +31,8 @@ from curvhook.rules.base import LayerRule
 from curvhook.rules.fallback import FALLBACK, mixes_samples
 from curvhook.rules.parameters_only import TO_BATCH, parameters_only
 from curvhook.rules.registry import rule_for, rule_or_fallback
-from curvhook.rules.tensor_ops import TENSOR_OPS, batch_safe
+from curvhook.rules.functional import FUNCTIONAL_RULES
+from curvhook.rules.tensor_ops import TENSOR_OPS
 from curvhook.trace import Trace
 
 
@@ -167,13 +168,14 @@ def build_plan(trace: Trace, shape: GraphShape) -> Plan:
 
 
 def resolve_rule(op: Operation) -> LayerRule:
-    """The rule of an operation: the tensor-operation rule, a module's registered rule, or the fallback.
+    """The rule of an operation: a functional layer's, the tensor-operation rule, a module's
+    registered rule, or the fallback.
 
     Operations on tensors computed from parameters only get the rules of
     :mod:`curvhook.rules.parameters_only` (around the module's own rule).
     """
     if op.module is None:
-        return TO_BATCH if op.to_batch else TENSOR_OPS
+        return TO_BATCH if op.to_batch else FUNCTIONAL_RULES.get(op.func, TENSOR_OPS)
     rule = rule_or_fallback(op.module)
     return parameters_only(rule) if op.from_parameters else rule
 
@@ -196,7 +198,7 @@ def check_operation(op: Operation, trace: Trace, shape: GraphShape, n: Optional[
         for kind, key, node in zip(op.input_kinds, op.input_keys, op.input_nodes):
             if kind != CONST:
                 _check_source(op.name, key, node, trace, shape)
-        return n is not None and BATCHED in op.input_kinds and batch_safe(op, n)
+        return n is not None and BATCHED in op.input_kinds and resolve_rule(op).keeps_samples_apart(op, n)
     if op.output_key is not None:
         _check_module(op, trace, shape, n)
     return False

@@ -221,6 +221,10 @@ class TensorOpRule(LayerRule):
 
         return run
 
+    def keeps_samples_apart(self, call: Operation, n: int) -> bool:
+        """Whether the structure of ``call`` shows that it keeps samples apart (see :func:`batch_safe`)."""
+        return batch_safe(call, n)
+
     def _samples(self, call: Operation) -> tuple[Tensor, ...]:
         return tuple(t.detach() for t, k in zip(call.inputs, call.input_kinds) if k == BATCHED)
 
@@ -235,9 +239,10 @@ class TensorOpRule(LayerRule):
 
         try:
             outs = compute()
-            same = len(outs) == len(call.output_values) and all(
+            recorded = _recorded_outputs(call)
+            same = len(outs) == len(recorded) and all(
                 o.shape == r.shape and torch.allclose(o, r, rtol=1e-5, atol=1e-6 * (1 + r.abs().max().item()))
-                for o, r in zip(outs, call.output_values)
+                for o, r in zip(outs, recorded)
             )
         except Exception as err:  # noqa: BLE001 - any failure means: cannot be split by sample
             raise UnsupportedModelError(
@@ -246,8 +251,9 @@ class TensorOpRule(LayerRule):
             ) from err
         if not same:
             n = call.output_values[0].shape[0] if call.output_values[0].dim() else None
-            per_sample_constant = any(
-                k == "const" and t.dim() and t.shape[0] == n for t, k in zip(call.inputs, call.input_kinds)
+            per_sample_constant = any(  # of the output's rank: not a per-channel vector with C = N
+                k == "const" and t.dim() == call.output_values[0].dim() and t.shape[0] == n
+                for t, k in zip(call.inputs, call.input_kinds)
             )
             hint = (
                 " One of its arguments without grad has the batch axis (a per-sample mask?): "
@@ -514,6 +520,23 @@ def _linear_pullback(call: Operation, value: Tensor, slot: int, squared: bool) -
         count = x.numel() // max(call.output_values[0].numel(), 1)
         return value.expand(*lead, *x.shape) / (count * count if squared else count)
     return None
+
+
+def _recorded_outputs(call: Operation) -> tuple[Tensor, ...]:
+    """The outputs the operation computed: the recorded ones, or a replay on the whole batch.
+
+    ``output_values`` share storage with the outputs, so an in-place operation
+    after this one (``nn.SiLU(inplace=True)`` after ``F.batch_norm``) changes
+    them; their version counters tell. The replay then gives the values to compare with.
+    """
+    changed = any(
+        key is not None and tensor_version(value) != key[1]
+        for value, key in zip(call.output_values, call.output_keys)
+    )
+    if not changed:
+        return call.output_values
+    with torch.no_grad():
+        return _outputs(call.invoke([t.detach() for t in call.inputs]))
 
 
 def _uses(call: Operation, slot: int) -> int:

@@ -1,0 +1,326 @@
+"""Functional layers called in a container's ``forward``: the module rules, reused.
+
+Real models override ``forward`` and call ``F.batch_norm`` (timm's ``BatchNormAct2d``),
+``F.layer_norm``, ``F.group_norm``, ``F.rms_norm``, ``F.linear``, ``torch.addmm``
+(GPT-2's ``Conv1D``) or ``F.embedding``. Such a call is recorded as a tensor
+operation; :data:`FUNCTIONAL_RULES` gives it the closed forms of the module rule
+of the same layer (``curvhook/rules/normalization.py``, ``linear.py``,
+``embedding.py``) instead of ``torch.func`` Jacobians: a :class:`_ModuleCall`
+presents the operation as a call of a module whose attributes (``weight``,
+``eps``, ``normalized_shape`` …) are the call's arguments. The parameters of
+the operation are named ``"t<slot>"``; each maps to the module's ``"weight"`` or
+``"bias"``.
+
+``torch.addmm(b, x, W)`` is ``F.linear(x, Wᵀ, b)``: the results for ``W`` are
+the module rule's, transposed. Any form the module rule does not cover (a
+batched weight, an input passed twice, ``beta ≠ 1``) takes the generic exact
+path of :class:`~curvhook.rules.tensor_ops.TensorOpRule`.
+
+``F.scaled_dot_product_attention`` (no dropout, a mask without a per-sample
+axis) and the normalizations are known to keep samples apart, so the
+per-sample replay check is skipped. ``F.batch_norm`` with ``training=True``
+normalizes with batch statistics and is refused.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from curvhook.errors import UnsupportedModelError
+from curvhook.records import BATCHED, Operation, Slot
+from curvhook.rules.base import LayerRule
+from curvhook.rules.embedding import EmbeddingRule
+from curvhook.rules.linear import LinearRule
+from curvhook.rules.normalization import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
+from curvhook.rules.tensor_ops import TensorOpRule
+
+
+class _ModuleCall:
+    """A recorded functional call, as the module rules read a module call.
+
+    Attributes:
+        module: The layer's attributes (``weight``, ``bias``, ``eps`` …) from the call's arguments.
+        inputs: ``(x,)``, the layer input ``[N, *in]``.
+        op: The recorded operation (its ``scratch`` is the module rule's cache).
+    """
+
+    training = False
+
+    def __init__(self, op: Operation, module: SimpleNamespace, x: Tensor) -> None:
+        self.op, self.module, self.inputs = op, module, (x,)
+
+    @property
+    def input(self) -> Tensor:
+        return self.inputs[0]
+
+    @property
+    def scratch(self):
+        return self.op.scratch
+
+    @property
+    def name(self) -> str:
+        return self.op.name
+
+
+def _bind(call: Operation, names: tuple[str, ...], defaults: dict) -> dict[str, Any]:
+    """The call's arguments by parameter name, slots left as :class:`Slot` markers."""
+    bound = dict(defaults)
+    bound.update(zip(names, call.args))
+    bound.update(call.kwargs)
+    return bound
+
+
+def _value(call: Operation, arg: Any) -> Any:
+    """A bound argument with its tensor filled in (detached)."""
+    return call.inputs[arg].detach() if isinstance(arg, Slot) else arg
+
+
+class FunctionalRule(TensorOpRule):
+    """A torch functional served by a module rule (see the module docstring).
+
+    Class attributes of the subclasses:
+        names: The functional's positional parameter names.
+        defaults: Their defaults.
+        rule: The module rule.
+        x_arg: The parameter that is the layer input.
+        roles: Functional parameter name -> module parameter name (``"weight"``, ``"bias"``).
+    """
+
+    names: tuple[str, ...] = ()
+    defaults: dict = {}
+    rule: LayerRule
+    x_arg = "input"
+    roles = {"weight": "weight", "bias": "bias"}
+
+    # ------------------------------------------------------------ structure
+    def bound(self, call: Operation) -> dict[str, Any]:
+        return _bind(call, self.names, self.defaults)
+
+    def module(self, call: Operation, args: dict[str, Any]) -> SimpleNamespace:
+        """The attributes the module rule reads, from the bound arguments."""
+        return SimpleNamespace(**{k: _value(call, v) for k, v in args.items()})
+
+    def configuration_ok(self, call: Operation, args: dict[str, Any]) -> bool:
+        """Whether the module rule covers this form of the call (checked shapes aside)."""
+        return True
+
+    def keeps_samples_apart(self, call: Operation, n: int) -> bool:
+        """Whether the arguments show that the call keeps samples apart (no replay check)."""
+        args = self.bound(call)
+        x = args.get(self.x_arg)
+        return (
+            isinstance(x, Slot) and call.input_kinds[x] == BATCHED and call.inputs[x].shape[0] == n
+            and all(s is not None and len(s) and s[0] == n for s in call.output_shapes)
+            and all(call.input_kinds[v] != BATCHED for k, v in args.items() if k != self.x_arg and isinstance(v, Slot))
+            and self.configuration_ok(call, args)
+        )
+
+    def _served(self, call: Operation, value: Any) -> Optional[tuple[_ModuleCall, dict]]:
+        """The module call, if the module rule serves this call: else ``None`` (generic path)."""
+        if isinstance(value, list) or not call.known_per_sample:
+            return None
+        args = self.bound(call)
+        x = args[self.x_arg]
+        if sum(isinstance(v, Slot) and v == x for v in args.values()) != 1:
+            return None  # the layer input passed twice (F.linear(x, x))
+        return _ModuleCall(call, self.module(call, args), call.inputs[x].detach()), args
+
+    def _role(self, call: Operation, args: dict, slot: int) -> Optional[str]:
+        return next((self.roles[k] for k, v in args.items() if k in self.roles and isinstance(v, Slot) and v == slot), None)
+
+    # -------------------------------------------------------------- input
+    def input_jac_t_mat_prod(self, call: Operation, value, slot: int) -> Tensor:
+        served = self._served(call, value)
+        if served is not None and call.input_kinds[slot] == BATCHED:
+            return self.rule.jac_t_mat_prod(served[0], value)
+        if served is not None and self._role(call, served[1], slot) is not None:
+            return self.param_jac_t_mat_prod(call, f"t{slot}", value)
+        return super().input_jac_t_mat_prod(call, value, slot)
+
+    def input_diag(self, call: Operation, value, slot: int) -> Tensor:
+        served = self._served(call, value)
+        if served is not None and call.input_kinds[slot] == BATCHED:
+            return self.rule.diag_jac_t_diag_jac(served[0], value)
+        return super().input_diag(call, value, slot)
+
+    # --------------------------------------------------------- parameters
+    def _param(self, call: Operation, name: str, value, method: str) -> Optional[Tensor]:
+        served = self._served(call, value)
+        role = None if served is None else self._role(call, served[1], call.slot_of(name))
+        if role is None:
+            return None
+        return self.transposed(role, getattr(self.rule, method)(served[0], role, value))
+
+    def transposed(self, role: str, result: Tensor) -> Tensor:
+        """The module rule's result in the functional's layout of the parameter (default: the same)."""
+        return result
+
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat) -> Tensor:
+        out = self._param(call, name, mat, "param_jac_t_mat_prod")
+        return out if out is not None else super().param_jac_t_mat_prod(call, name, mat)
+
+    def param_sq_sum(self, call: Operation, name: str, mat) -> Tensor:
+        out = self._param(call, name, mat, "param_sq_sum")
+        return out if out is not None else super().param_sq_sum(call, name, mat)
+
+    def param_diag(self, call: Operation, name: str, diag) -> Tensor:
+        out = self._param(call, name, diag, "param_diag")
+        return out if out is not None else super().param_diag(call, name, diag)
+
+
+class BatchNormFunction(FunctionalRule):
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training=False, momentum, eps)``."""
+
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+    rule = BatchNormRule()
+
+    def configuration_ok(self, call: Operation, args: dict) -> bool:
+        self.refuse(call, args)
+        stats = (args["running_mean"], args["running_var"])
+        return all(isinstance(s, Slot) and call.input_kinds[s] != BATCHED for s in stats)
+
+    @staticmethod
+    def refuse(call: Operation, args: dict) -> None:
+        """Batch statistics mix samples: refused with the remedy."""
+        if args["training"] or args["running_mean"] is None:
+            raise UnsupportedModelError(
+                f"The operation {call.name} normalizes with statistics of the whole batch "
+                "(F.batch_norm with training=True), so samples are mixed and per-sample "
+                "Jacobians do not exist. Call model.eval() (BatchNorm then uses its running statistics)."
+            )
+
+    def check(self, call: Operation) -> None:
+        self.refuse(call, self.bound(call))
+        super().check(call)
+
+
+class LayerNormFunction(FunctionalRule):
+    """``F.layer_norm(x, normalized_shape, weight, bias, eps)`` over trailing axes of a sample."""
+
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    defaults = {"weight": None, "bias": None, "eps": 1e-5}
+    rule = LayerNormRule()
+
+    def module(self, call: Operation, args: dict) -> SimpleNamespace:
+        module = super().module(call, args)
+        shape = module.normalized_shape
+        module.normalized_shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        return module
+
+    def configuration_ok(self, call: Operation, args: dict) -> bool:
+        shape = args["normalized_shape"]
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        return 0 < len(shape) < call.inputs[args["input"]].dim()  # not the batch axis
+
+
+class RMSNormFunction(LayerNormFunction):
+    """``F.rms_norm(x, normalized_shape, weight, eps)``."""
+
+    names = ("input", "normalized_shape", "weight", "eps")
+    defaults = {"weight": None, "eps": None}
+    rule = RMSNormRule()
+
+
+class GroupNormFunction(FunctionalRule):
+    """``F.group_norm(x, num_groups, weight, bias, eps)``: per sample always."""
+
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    defaults = {"weight": None, "bias": None, "eps": 1e-5}
+    rule = GroupNormRule()
+
+
+class LinearFunction(FunctionalRule):
+    """``F.linear(x, weight, bias)`` with ``x`` ``[N, *, in]``."""
+
+    names = ("input", "weight", "bias")
+    defaults = {"bias": None}
+    rule = LinearRule()
+
+    def configuration_ok(self, call: Operation, args: dict) -> bool:
+        w, b = _value(call, args["weight"]), _value(call, args["bias"])
+        return isinstance(w, Tensor) and w.dim() == 2 and (b is None or b.dim() == 1)
+
+    def param_factors(self, call: Operation, name: str, mat: Tensor):
+        served = self._served(call, mat)
+        role = None if served is None else self._role(call, served[1], call.slot_of(name))
+        return None if role is None else self.rule.param_factors(served[0], role, mat)
+
+
+class AddmmFunction(LinearFunction):
+    """``torch.addmm(b, x, W) = x W + b``: ``F.linear(x, Wᵀ, b)`` for ``x`` ``[N, in]``, ``W`` ``[in, out]``."""
+
+    names = ("input", "mat1", "mat2")
+    defaults = {}
+    x_arg = "mat1"
+    roles = {"mat2": "weight", "input": "bias"}
+
+    def module(self, call: Operation, args: dict) -> SimpleNamespace:
+        return SimpleNamespace(weight=_value(call, args["mat2"]).t(), bias=_value(call, args["input"]))
+
+    def configuration_ok(self, call: Operation, args: dict) -> bool:
+        b = _value(call, args["input"])
+        return args.get("beta", 1) == 1 and args.get("alpha", 1) == 1 and isinstance(b, Tensor) and b.dim() == 1
+
+    def transposed(self, role: str, result: Tensor) -> Tensor:
+        return result.transpose(-1, -2) if role == "weight" else result
+
+    def param_factors(self, call: Operation, name: str, mat: Tensor):
+        return None  # the factors of Wᵀ, not W
+
+
+class EmbeddingFunction(FunctionalRule):
+    """``F.embedding(indices, weight, padding_idx)``: indices ``[N, *]`` from the model input."""
+
+    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    defaults = {"padding_idx": None, "max_norm": None, "scale_grad_by_freq": False}
+    rule = EmbeddingRule()
+    roles = {"weight": "weight"}
+
+    def _served(self, call: Operation, value: Any) -> Optional[tuple[_ModuleCall, dict]]:
+        args = self.bound(call)
+        x, w = args["input"], args["weight"]
+        if isinstance(value, list) or not isinstance(w, Slot) or args["max_norm"] is not None or args["scale_grad_by_freq"]:
+            return None
+        return _ModuleCall(call, self.module(call, args), _value(call, x)), args
+
+
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+class AttentionFunction(TensorOpRule):
+    """``F.scaled_dot_product_attention``: known to keep samples apart without dropout and per-sample masks.
+
+    Its products are the generic exact ones (``torch.func`` on the whole call).
+    """
+
+    def keeps_samples_apart(self, call: Operation, n: int) -> bool:
+        args = _bind(call, SDPA_ARGS, {"attn_mask": None, "dropout_p": 0.0})
+        q, k, v = (args.get(a) for a in SDPA_ARGS[:3])
+        mask = _value(call, args["attn_mask"])
+        batched = [t for t in (q, k, v) if isinstance(t, Slot) and call.input_kinds[t] == BATCHED]
+        out_rank = len(call.output_shapes[0])
+        return (
+            args["dropout_p"] == 0 and len(batched) == 3
+            and all(call.inputs[t].dim() == out_rank and call.inputs[t].shape[0] == n for t in batched)
+            and (mask is None or mask.dim() < out_rank or mask.shape[0] == 1)  # no per-sample mask
+            and (not isinstance(args["attn_mask"], Slot) or call.input_kinds[args["attn_mask"]] != BATCHED)
+        )
+
+
+FUNCTIONAL_RULES: dict[Callable, TensorOpRule] = {
+    F.batch_norm: BatchNormFunction(),
+    F.layer_norm: LayerNormFunction(),
+    F.group_norm: GroupNormFunction(),
+    F.linear: LinearFunction(),
+    torch.addmm: AddmmFunction(),
+    F.embedding: EmbeddingFunction(),
+    F.scaled_dot_product_attention: AttentionFunction(),
+}
+if hasattr(F, "rms_norm"):  # torch >= 2.4
+    FUNCTIONAL_RULES[F.rms_norm] = RMSNormFunction()

@@ -1,0 +1,244 @@
+"""``curvhook/rules/functional.py``: functional layers called in a container's ``forward``.
+
+Real models override ``forward`` and call ``F.batch_norm`` (timm's ``BatchNormAct2d``),
+``F.layer_norm`` on a permuted tensor (timm's ``LayerNorm2d``), ``torch.addmm``
+(GPT-2's ``Conv1D``), ``F.linear``, ``F.embedding``, ``F.group_norm``, ``F.rms_norm``
+and ``F.scaled_dot_product_attention``. Every model of the table runs all four
+extensions in one ``extend`` block against the torch.func references
+(``helpers.check_graph_against_reference``), for one sample and for a batch of
+three, in float64. Further tests: the closed forms are used (no ``torch.func``),
+training-mode ``F.batch_norm`` is refused, and an in-place activation after
+``F.batch_norm`` is no false "mixes samples".
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curvhook.errors import UnsupportedModelError
+from curvhook.rules import tensor_ops
+from curvhook.rules.functional import FUNCTIONAL_RULES
+from helpers import check_graph_against_reference, run_curvhook
+
+DT = torch.float64
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d``: ``F.batch_norm`` with the module's statistics, then children."""
+
+    def __init__(self, channels: int, inplace: bool = False) -> None:
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), nn.SiLU(inplace=inplace)
+        with torch.no_grad():
+            self.running_mean.normal_()
+            self.running_var.uniform_(0.5, 2.0)
+            self.weight.uniform_(0.5, 2.0)
+            self.bias.normal_()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, 0.0, self.eps)
+        return self.act(self.drop(x))
+
+
+class ConvThen(nn.Module):
+    """A convolution, a functional layer with the container's parameters, a Linear head."""
+
+    def __init__(self, fn, channels=4, size=3, params=("weight", "bias"), **shapes) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, channels, 1)
+        self.fn = fn
+        for name in params:
+            setattr(self, name, nn.Parameter(torch.randn(*shapes.get(name, (channels,))) * 0.5 + 1.0))
+        self.head = nn.Linear(channels * size * size, 3)
+
+    def forward(self, x):
+        return self.head(self.fn(self, self.conv(x)).flatten(1))
+
+
+class LinearThen(nn.Module):
+    """A Linear layer on ``[N, T, 4]``, a functional layer, a Linear head."""
+
+    def __init__(self, fn, d=5, t=3, params=("weight", "bias"), **shapes) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, d)
+        self.fn = fn
+        for name in params:
+            setattr(self, name, nn.Parameter(torch.randn(*shapes.get(name, (d,))) * 0.5 + 1.0))
+        out = shapes.get("out", d)
+        self.head = nn.Linear(out * t, 3)
+
+    def forward(self, x):
+        return self.head(self.fn(self, self.a(x)).flatten(1))
+
+
+class EmbeddingThen(nn.Module):
+    def __init__(self, padding_idx=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 4))
+        self.padding_idx = padding_idx
+        self.head = nn.Linear(3 * 4, 3)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(F.embedding(idx, self.weight, self.padding_idx)).flatten(1))
+
+
+class Attention(nn.Module):
+    """``F.scaled_dot_product_attention`` on projections of ``[N, T, 4]``, two heads."""
+
+    def __init__(self, mask=None, causal=False) -> None:
+        super().__init__()
+        self.qkv, self.head = nn.Linear(4, 12), nn.Linear(3 * 4, 3)
+        self.mask, self.causal = mask, causal
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 2)).permute(0, 2, 3, 1, 4).unbind(1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal)
+        return self.head(o.transpose(1, 2).flatten(1))
+
+
+def _bn(m, x):
+    return F.relu(F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, 1e-5))
+
+
+def _with_stats(model):
+    model.register_buffer("running_mean", torch.randn(4))
+    model.register_buffer("running_var", torch.rand(4) + 0.5)
+    return model
+
+
+def _layer_norm_2d(m, x):  # timm's LayerNorm2d
+    return F.layer_norm(x.permute(0, 2, 3, 1), (4,), m.weight, m.bias, 1e-6).permute(0, 3, 1, 2)
+
+
+def _rms(m, x):  # HF's LlamaRMSNorm
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * m.weight
+
+
+def _addmm(m, x):  # HF GPT-2's Conv1D on one position per sample (N·T rows would merge samples)
+    return torch.addmm(m.bias, x.flatten(1), m.weight)
+
+
+def _chunks(m, x):
+    a, b = x.chunk(2, dim=1)
+    c, d = x[:, :2].unbind(1)
+    return torch.cat([a * b, torch.tanh(b)], 1) + (c * d)[:, None]
+
+
+# name -> (model builder, input builder); float64
+CASES = {
+    "batch_norm_eval": (lambda: _with_stats(ConvThen(_bn)), (2, 3, 3)),
+    "batch_norm_act_module": (lambda: nn.Sequential(nn.Conv2d(2, 4, 1), BatchNormAct(4), nn.Flatten(), nn.Linear(36, 3)), (2, 3, 3)),
+    "batch_norm_no_affine": (lambda: _with_stats(ConvThen(
+        lambda m, x: F.batch_norm(x, m.running_mean, m.running_var), params=())), (2, 3, 3)),
+    "layer_norm_last": (lambda: LinearThen(lambda m, x: F.layer_norm(x, (5,), m.weight, m.bias)), (3, 4)),
+    "layer_norm_two_axes": (lambda: LinearThen(
+        lambda m, x: F.layer_norm(x, (3, 5), m.weight, m.bias), weight=(3, 5), bias=(3, 5)), (3, 4)),
+    "layer_norm_no_affine": (lambda: LinearThen(lambda m, x: F.layer_norm(x, (5,)), params=()), (3, 4)),
+    "layer_norm_2d_permuted": (lambda: ConvThen(_layer_norm_2d), (2, 3, 3)),
+    "group_norm": (lambda: ConvThen(lambda m, x: F.group_norm(x, 2, m.weight, m.bias)), (2, 3, 3)),
+    "group_norm_weight_only": (lambda: ConvThen(
+        lambda m, x: F.group_norm(x, 1, m.weight), params=("weight",)), (2, 3, 3)),
+    "rms_norm": (lambda: LinearThen(lambda m, x: F.rms_norm(x, (5,), m.weight, 1e-6), params=("weight",)), (3, 4)),
+    "rms_norm_no_weight": (lambda: LinearThen(lambda m, x: F.rms_norm(x, (3, 5)), params=()), (3, 4)),
+    "rms_norm_by_hand": (lambda: LinearThen(_rms, params=("weight",)), (3, 4)),
+    "linear": (lambda: LinearThen(lambda m, x: F.linear(x, m.weight, m.bias), weight=(6, 5), bias=(6,), out=6), (3, 4)),
+    "linear_no_bias": (lambda: LinearThen(lambda m, x: F.linear(x, m.weight), params=("weight",),
+                                          weight=(2, 5), out=2), (3, 4)),
+    "addmm": (lambda: LinearThen(_addmm, t=1, weight=(15, 6), bias=(6,), out=6), (3, 4)),
+    "chunk_unbind": (lambda: ConvThen(_chunks, params=()), (2, 3, 3)),
+    "sdpa": (lambda: Attention(), (3, 4)),
+    "sdpa_causal": (lambda: Attention(causal=True), (3, 4)),
+    "sdpa_mask": (lambda: Attention(mask=torch.randn(3, 3, dtype=DT)), (3, 4)),
+    "sdpa_bool_mask": (lambda: Attention(mask=torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)), (3, 4)),
+    "embedding": (lambda: EmbeddingThen(), None),
+    "embedding_padding_idx": (lambda: EmbeddingThen(padding_idx=2), None),
+}
+
+
+def _input(shape, n):
+    return torch.randint(0, 6, (n, 3)) if shape is None else torch.randn(n, *shape, dtype=DT)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("case", CASES)
+def test_functional_against_reference(case, n):
+    torch.manual_seed(0)
+    build, shape = CASES[case]
+    model = build().to(DT).eval()
+    X = _input(shape, n)
+    check_graph_against_reference(model, X, torch.randint(0, 3, (n,)))
+
+
+FAST = [c for c in CASES if not c.startswith(("sdpa", "chunk", "rms_norm_by_hand"))]
+
+
+@pytest.mark.parametrize("case", FAST)
+def test_closed_forms_are_used(case, monkeypatch):
+    """The functional layers never take the generic torch.func paths: the module rules' closed forms serve them."""
+    for method in ("input_jac_t_mat_prod", "shared_jac_t_mat_prod", "_exact_diag", "check"):
+        generic = getattr(tensor_ops.TensorOpRule, method)
+
+        def guarded(self, call, *args, generic=generic, method=method):
+            assert call.func not in FUNCTIONAL_RULES, f"{call.name}: generic {method}"
+            return generic(self, call, *args)
+
+        monkeypatch.setattr(tensor_ops.TensorOpRule, method, guarded)
+    torch.manual_seed(0)
+    build, shape = CASES[case]
+    model = build().to(DT).eval()
+    X = _input(shape, 3)
+    run_curvhook(model, X, lambda out: nn.CrossEntropyLoss()(out, torch.randint(0, 3, (3,))))
+
+
+TRAINING_BATCH_NORMS = {
+    "running_statistics": CASES["batch_norm_act_module"][0],
+    "no_running_statistics": lambda: ConvThen(lambda m, x: F.batch_norm(x, None, None, m.weight, m.bias, True)),
+}
+
+
+@pytest.mark.parametrize("case", TRAINING_BATCH_NORMS)
+def test_batch_norm_with_batch_statistics_is_refused(case):
+    model = TRAINING_BATCH_NORMS[case]().to(DT).train()
+    with pytest.raises(UnsupportedModelError, match=r"statistics of the whole batch.*model\.eval\(\)"):
+        run_curvhook(model, torch.randn(3, 2, 3, 3, dtype=DT), lambda out: nn.CrossEntropyLoss()(out, torch.randint(0, 3, (3,))))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_in_place_activation_after_batch_norm(n):
+    """timm's BatchNormAct2d: SiLU(inplace=True) overwrites F.batch_norm's output (no false refusal).
+
+    The exact extensions against the reference; DiagGGNApprox against the same model with
+    ``inplace=False`` (``graph_reference`` replays modules on their overwritten inputs).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), BatchNormAct(3, inplace=True), nn.Flatten(), nn.Linear(27, 3))
+    model = model.to(DT).eval()
+    X, y = torch.randn(n, 2, 3, 3, dtype=DT), torch.randint(0, 3, (n,))
+    loss = lambda out: nn.CrossEntropyLoss()(out, y)  # noqa: E731
+    from helpers import check_against_reference
+
+    got, _ = check_against_reference(model, X, loss, which=("BatchJacobian", "DiagGGN", "FullGGN"))
+    plain = copy.deepcopy(model)
+    plain[1].act.inplace = False
+    approx = run_curvhook(model, X, loss, which=("DiagGGNApprox",))[0]["DiagGGNApprox"]
+    torch.testing.assert_close(approx, run_curvhook(plain, X, loss, which=("DiagGGNApprox",))[0]["DiagGGNApprox"])
+
+
+def test_in_place_output_check_still_catches_mixing():
+    """A replayed operation whose output was overwritten is compared with a batched replay."""
+
+    class Mixing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.act, self.b = nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(self.act(torch.cumsum(self.a(x), 0)))
+
+    model = Mixing().to(DT)
+    with pytest.raises(UnsupportedModelError, match="mixes samples"):
+        run_curvhook(model, torch.randn(3, 4, dtype=DT), lambda out: nn.CrossEntropyLoss()(out, torch.randint(0, 3, (3,))))
