@@ -175,6 +175,10 @@ class ModuleRecorder:
         if frame.child_called:  # a container: its children and operations are recorded
             return
         trace, op = state.stack[-1], frame.op
+        if trace.moved_axes:  # operations inside a leaf are part of it, also where they moved the batch axis
+            for inner in trace.operations[frame.start :]:
+                for key in inner.output_keys:
+                    trace.moved_axes.pop(key, None)
         del trace.operations[frame.start :]
         if len(trace.shared_log) > frame.shared_start:
             # Operations inside a leaf are part of it. Computed from its parameters

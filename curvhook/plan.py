@@ -144,6 +144,11 @@ def build_plan(trace: Trace, shape: GraphShape) -> Plan:
             "output. Return a tensor computed inside the model's forward."
         )
     n = trace.batch_size
+    if trace.root_key in trace.moved_axes:
+        raise UnsupportedModelError(
+            f"The model output's batch axis is axis {trace.moved_axes[trace.root_key]}; curvhook "
+            "needs it first. Return the output with the batch axis first."
+        )
     known = [check_operation(op, trace, shape, n) for op in ops]
     uses = Counter(id(p) for op in ops for _, p in op.params)
     shared = frozenset(pid for pid, count in uses.items() if count > 1)
@@ -175,7 +180,9 @@ def resolve_rule(op: Operation) -> LayerRule:
     :mod:`curvhook.rules.parameters_only` (around the module's own rule).
     """
     if op.module is None:
-        return TO_BATCH if op.to_batch else FUNCTIONAL_RULES.get(op.func, TENSOR_OPS)
+        if op.to_batch:
+            return TO_BATCH
+        return TENSOR_OPS if op.batch_axes is not None else FUNCTIONAL_RULES.get(op.func, TENSOR_OPS)
     rule = rule_or_fallback(op.module)
     return parameters_only(rule) if op.from_parameters else rule
 
@@ -189,6 +196,8 @@ def check_operation(op: Operation, trace: Trace, shape: GraphShape, n: Optional[
     if op.module is None:
         if all(k is None for k in op.output_keys):
             return False
+        if op.batch_axes is not None:
+            return _check_moved_axes(op, trace, shape)
         if op.to_batch and (n is None or op.output_shapes[0][0] != n):
             raise UnsupportedModelError(
                 f"The operation {op.name} copies a tensor computed from parameters only to "
@@ -201,6 +210,22 @@ def check_operation(op: Operation, trace: Trace, shape: GraphShape, n: Optional[
         return n is not None and BATCHED in op.input_kinds and resolve_rule(op).keeps_samples_apart(op, n)
     if op.output_key is not None:
         _check_module(op, trace, shape, n)
+    return False
+
+
+def _check_moved_axes(op: Operation, trace: Trace, shape: GraphShape) -> bool:
+    """A tensor operation on a tensor whose batch axis is not first: curvhook must know where it goes."""
+    in_axes, out_axes = op.batch_axes
+    if out_axes is None:
+        where = ", ".join(f"axis {a}" for a in in_axes if a is not None)
+        raise UnsupportedModelError(
+            f"The operation {op.name} gets a tensor whose batch axis is not first ({where}), and "
+            "curvhook cannot tell where the batch axis goes through it. Move the batch axis "
+            "back to the front (permute / transpose) before this operation."
+        )
+    for kind, key, node in zip(op.input_kinds, op.input_keys, op.input_nodes):
+        if kind != CONST:
+            _check_source(op.name, key, node, trace, shape)
     return False
 
 
@@ -229,6 +254,12 @@ def _check_module(op: Operation, trace: Trace, shape: GraphShape, n: Optional[in
     for x, kind, key, node in zip(op.inputs, op.input_kinds, op.input_keys, op.input_nodes):
         if kind == CONST:
             continue
+        if key in trace.moved_axes:
+            raise UnsupportedModelError(
+                f"Module {op.name!r} gets an input whose batch axis is axis {trace.moved_axes[key]}; "
+                "curvhook needs the batch axis first where a module is called. Move it back "
+                "(permute / transpose) before the module, or use batch_first=True."
+            )
         if kind == SHARED:
             raise UnsupportedModelError(
                 f"Module {op.name!r} gets an input computed from parameters only (no batch "

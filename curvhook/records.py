@@ -105,6 +105,10 @@ class Operation:
         to_batch: A tensor operation that broadcasts a tensor computed from
             parameters only along a new batch axis (``cls_token.expand(N, -1, -1)``):
             every row of its output is the same function of the parameters.
+        batch_axes: ``(input axes by slot, output axes)`` for a tensor operation
+            on or to a batched tensor whose batch axis is not first
+            (:mod:`curvhook.batch_axis`); ``None`` (every batch axis first) for
+            all others. An output axis of ``None``: curvhook cannot tell.
         rows_per_sample: For an operation after the model that merges the batch
             axis with the axes after it (``logits.reshape(-1, V)``): each sample is
             a block of this many rows of its output. ``0`` otherwise.
@@ -134,6 +138,7 @@ class Operation:
     known_per_sample: bool = False
     from_parameters: bool = False
     to_batch: bool = False
+    batch_axes: Optional[tuple] = None
     rows_per_sample: int = 0
     scratch: Scratch = field(default_factory=Scratch)
 

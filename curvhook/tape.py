@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from curvhook._torch_internals import current_graph_task_id, disable_torch_function
+from curvhook.batch_axis import MOVERS, output_batch_axes
 from curvhook.block_state import BlockState
 from curvhook.loss_linearity import LossLinearity
 from curvhook.operations import MERGING_RESHAPES, is_inplace, name_of, skipped
@@ -140,6 +141,8 @@ class OperationTape(TorchFunctionMode):
             f"{name} (in {frame.op.name!r})", func, t_args, t_kwargs, tuple(tensors), kinds, keys,
             nodes, outputs, outputs[0].grad_fn, inplace, params,
         )
+        if BATCHED in kinds and (trace.moved_axes or name in MOVERS):
+            _follow_batch_axis(op, trace.moved_axes)
         if BATCHED not in kinds and _copies_to_batch(op, tensors, outputs, trace.batch_hint):
             op.to_batch = True  # its output has the batch axis: one copy per sample
         elif BATCHED not in kinds:  # computed from parameters only
@@ -187,6 +190,30 @@ class OperationTape(TorchFunctionMode):
             if key is not None:
                 self.state.watch_output(o, key, trace)
                 trace.handles.append(o.register_hook(partial(_record_after_task, trace)))
+
+
+def _follow_batch_axis(op: Operation, moved: dict) -> None:
+    """Record where the batch axis of each input and output of ``op`` is, where one is not first.
+
+    Adds the outputs whose batch axis is not first to ``moved``
+    (``trace.moved_axes``); see :mod:`curvhook.batch_axis`.
+    """
+    in_axes = tuple(moved.get(k, 0) if kind == BATCHED else None for k, kind in zip(op.input_keys, op.input_kinds))
+    batched = [i for i, a in enumerate(in_axes) if a is not None]
+    shapes = [s for s in op.output_shapes]
+    candidates = {
+        output_batch_axes(
+            op.func_name, op.args, op.kwargs, in_axes[i], op.inputs[i].dim(), shapes, op.inputs[i].shape
+        )
+        for i in batched
+    }
+    out_axes = candidates.pop() if len(candidates) == 1 else None
+    if all(a == 0 for a in in_axes if a is not None) and (out_axes is None or not any(out_axes)):
+        return  # every batch axis first, or the operation splits samples: as before
+    op.batch_axes = (in_axes, out_axes)
+    for key, axis in zip(op.output_keys, out_axes or ()):
+        if key is not None and axis:
+            moved[key] = axis
 
 
 def _mark_batched_constants(kinds: list, tensors: list, outputs: list, batch_hint) -> None:

@@ -34,6 +34,7 @@ class Trace:
             batch axis).
         shared_keys: Outputs of operations computed from parameters only (no batch axis).
         shared_log: ``shared_keys`` in the order they were added.
+        moved_axes: The batch axis of the batched tensors where it is not first.
         losses: Loss modules called on the model output (or on a function of it).
         after_tasks: Graph tasks of the backward passes that went through the
             operations after the model.
@@ -51,6 +52,7 @@ class Trace:
         self.batch_hint: Optional[int] = None
         self.shared_keys: set[TensorKey] = set()
         self.shared_log: list[TensorKey] = []
+        self.moved_axes: dict[TensorKey, int] = {}
         self.losses: list[LossCall] = []
         self.after_tasks: set[int] = set()
         self.handles: list[torch.utils.hooks.RemovableHandle] = []

@@ -167,7 +167,7 @@ def _as_list(call: Operation, value, lead: tuple[int, ...]) -> list[Tensor]:
     """The values at every output, zeros where none arrived: ``[*lead, *out]`` each."""
     values = value if isinstance(value, list) else [value]
     return [
-        v if v is not None else call.output_values[i].new_zeros(*lead, *call.output_values[i].shape[1:])
+        v if v is not None else call.output_values[i].new_zeros(*lead, *sample_shape(call, i))
         for i, v in enumerate(values)
     ]
 
@@ -205,19 +205,24 @@ class TensorOpRule(LayerRule):
         return run
 
     def _per_sample(self, call: Operation, slots: tuple[int, ...]) -> Callable:
-        """``(batched samples…, *tensors at slots) ↦ outputs[n]`` for one sample."""
+        """``(batched samples…, *tensors at slots) ↦ outputs[n]`` for one sample.
+
+        Each sample gets its batch axis back (of size one) where the batched
+        input has it, and loses it at each output's batch axis.
+        """
         batched = [i for i, k in enumerate(call.input_kinds) if k == BATCHED]
+        in_axes = [input_axis(call, i) for i in batched]
+        out_axes = [output_axis(call, j) for j in range(len(call.output_values))]
         fixed = self._fixed(call)
-        outs_batched = [True] * len(call.output_values)
 
         def run(samples: tuple[Tensor, ...], *xs: Tensor):
             tensors = list(fixed)
-            for i, x_n in zip(batched, samples):
-                tensors[i] = x_n.unsqueeze(0)
+            for i, axis, x_n in zip(batched, in_axes, samples):
+                tensors[i] = x_n.unsqueeze(axis)
             for s, x in zip(slots, xs):
                 tensors[s] = x
             outs = _outputs(call.invoke(tensors))
-            return tuple(o.squeeze(0) if b else o for o, b in zip(outs, outs_batched))
+            return tuple(o.squeeze(axis) for o, axis in zip(outs, out_axes))
 
         return run
 
@@ -226,7 +231,11 @@ class TensorOpRule(LayerRule):
         return batch_safe(call, n)
 
     def _samples(self, call: Operation) -> tuple[Tensor, ...]:
-        return tuple(t.detach() for t, k in zip(call.inputs, call.input_kinds) if k == BATCHED)
+        """The batched inputs, batch axis first."""
+        return tuple(
+            t.detach().movedim(input_axis(call, i), 0)
+            for i, (t, k) in enumerate(zip(call.inputs, call.input_kinds)) if k == BATCHED
+        )
 
     def check(self, call: Operation) -> None:
         """Check, once per backward, that the operation treats samples independently."""
@@ -239,7 +248,7 @@ class TensorOpRule(LayerRule):
 
         try:
             outs = compute()
-            recorded = _recorded_outputs(call)
+            recorded = [r.movedim(output_axis(call, j), 0) for j, r in enumerate(_recorded_outputs(call))]
             same = len(outs) == len(recorded) and all(
                 o.shape == r.shape and torch.allclose(o, r, rtol=1e-5, atol=1e-6 * (1 + r.abs().max().item()))
                 for o, r in zip(outs, recorded)
@@ -281,12 +290,20 @@ class TensorOpRule(LayerRule):
             if not self._safe(call):
                 self.check(call)
 
-            def compute():
-                _, pull = vjp(self._function(call, (slot,)), call.inputs[slot].detach())
-                return vmap(lambda *m: pull(tuple(m))[0])(*mats)
-
-            return _guard(call, compute)
+            return _guard(call, lambda: self._pull_whole(call, mats, slot))
         return self.shared_jac_t_mat_prod(call, value, slot)
+
+    def _pull_whole(self, call: Operation, mats: list[Tensor], slot: int) -> Tensor:
+        """``J_xᵀ m`` by the ``vjp`` of the whole batched operation, ``vmap``-ed over the columns.
+
+        ``mats`` and the result keep the batch axis second (``[V, N, *rest]``);
+        the operation sees it where its tensors have it.
+        """
+        if call.batch_axes is not None:
+            mats = [m.movedim(1, 1 + output_axis(call, j)) for j, m in enumerate(mats)]
+        _, pull = vjp(self._function(call, (slot,)), call.inputs[slot].detach())
+        pulled = vmap(lambda *m: pull(tuple(m))[0])(*mats)
+        return pulled if call.batch_axes is None else pulled.movedim(1 + input_axis(call, slot), 1)
 
     def shared_jac_t_mat_prod(self, call: Operation, value, slot: int) -> Tensor:
         """Per-sample ``J_wᵀ m_vn`` for a shared tensor ``w``: ``[V, N, *w]``."""
@@ -318,6 +335,10 @@ class TensorOpRule(LayerRule):
     # ------------------------------------------------------------ diagonals
     def input_diag(self, call: Operation, value, slot: int) -> Tensor:
         """``diag(J_xᵀ diag(d) J_x)`` per sample: ``[N, *x[1:]]`` or ``[N, *w]`` (shared)."""
+        if call.batch_axes is not None and call.func_name in STRUCTURAL and _uses(call, slot) == 1:
+            # entries 0 or ±1, one sign per input: Σ_o d_o J_oi² = |Jᵀ d|, the batch axis moved
+            mats = [d.unsqueeze(0) for d in _diag_list(call, value)]
+            return _guard(call, lambda: self._pull_whole(call, mats, slot)[0].abs())
         if self._safe(call):
             fast = self._fast_diag(call, value, slot)
             if fast is not None:
@@ -464,7 +485,7 @@ class TensorOpRule(LayerRule):
             for d, jac in zip(diags, jacs):
                 jac = jac.reshape(d.shape[0], d[0].numel(), size)
                 total = total + torch.einsum("no,noi->ni", d.flatten(1), jac.square())
-            shape = call.inputs[slot].shape if shared else call.inputs[slot].shape[1:]
+            shape = call.inputs[slot].shape if shared else samples[pos].shape[1:]
             return total.reshape(-1, *shape)
 
         return _guard(call, compute)
@@ -549,7 +570,28 @@ def _uses(call: Operation, slot: int) -> int:
 def _diag_list(call: Operation, value) -> list[Tensor]:
     """Diagonals at every output of an operation on batched tensors, zeros where none arrived."""
     values = value if isinstance(value, list) else [value]
-    return [v if v is not None else torch.zeros_like(call.output_values[i]) for i, v in enumerate(values)]
+    n = call.output_values[0].shape[output_axis(call, 0)]
+    return [
+        v if v is not None else call.output_values[i].new_zeros(n, *sample_shape(call, i))
+        for i, v in enumerate(values)
+    ]
+
+
+def input_axis(call: Operation, slot: int) -> int:
+    """The batch axis of the batched input at ``slot`` (see :mod:`curvhook.batch_axis`)."""
+    return 0 if call.batch_axes is None else call.batch_axes[0][slot]
+
+
+def output_axis(call: Operation, index: int) -> int:
+    """The batch axis of output ``index``."""
+    return 0 if call.batch_axes is None else call.batch_axes[1][index]
+
+
+def sample_shape(call: Operation, index: int) -> tuple[int, ...]:
+    """The shape of one sample of output ``index``: its shape without the batch axis."""
+    shape = list(call.output_values[index].shape)
+    del shape[output_axis(call, index)]
+    return tuple(shape)
 
 
 def _lead(value) -> tuple[int, int]:
