@@ -22,8 +22,11 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from curvhook._torch_internals import current_graph_task_id, disable_torch_function
+from curvhook._torch_internals import (
+    current_graph_task_id, disable_torch_function, in_reentrant_checkpoint, saved_tensor_hooks_active,
+)
 from curvhook.block_state import BlockState
+from curvhook.errors import reentrant_checkpoint_error
 from curvhook.loss_linearity import LossLinearity
 from curvhook.operations import is_inplace, name_of, skipped
 from curvhook.records import (
@@ -66,6 +69,10 @@ class OperationTape(TorchFunctionMode):
     def _before(self, func: Any, name: str, args: tuple, kwargs: dict) -> Optional[tuple]:
         """What to record of an operation about to run, or ``None`` to record nothing."""
         if not torch.is_grad_enabled():
+            stack = self.state.stack
+            if stack and stack[-1].grad_enabled and in_reentrant_checkpoint():
+                frames = self.state.frames
+                raise reentrant_checkpoint_error(f"called in {frames[-1].op.name!r}" if frames else "")
             return None
         state, after = self.state, None
         if not state.stack:  # outside the model: only what is applied to its output
@@ -137,6 +144,8 @@ class OperationTape(TorchFunctionMode):
             f"{name} (in {frame.op.name!r})", func, t_args, t_kwargs, tuple(tensors), kinds, keys,
             nodes, outputs, outputs[0].grad_fn, inplace, params,
         )
+        if op.node is not None and saved_tensor_hooks_active():  # activation checkpointing
+            op.node, op.node_saves_hooked = None, True
         if BATCHED not in kinds:  # computed from parameters only
             shared = [k for k in op.output_keys if k is not None]
             trace.shared_keys.update(shared)
