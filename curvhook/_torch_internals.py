@@ -24,6 +24,7 @@ the two releases CI tests. Older releases lack public features curvhook needs
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
@@ -41,12 +42,14 @@ __all__ = [
     "current_graph_task_id",
     "disable_torch_function",
     "forward_pre_hooks",
+    "in_reentrant_checkpoint",
     "own_parameters",
     "pop_torch_function_mode",
     "push_torch_function_mode",
     "queue_backward_callback",
     "remove_global_forward_hook",
     "saved_pooling_indices",
+    "saved_tensor_hooks_active",
     "storage_use_count",
     "tensor_version",
     "torch_function_mode_on_top",
@@ -201,6 +204,65 @@ def saved_pooling_indices(node: Any) -> Optional[Tensor]:
     except RuntimeError:  # freed by an earlier backward pass
         return None
     return saved if isinstance(saved, Tensor) else None
+
+
+# ------------------------------------------------------ activation checkpointing
+
+_top_saved_hooks = getattr(getattr(_C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether ``torch.autograd.graph.saved_tensors_hooks`` are active (the nodes made now pack their saves).
+
+    Non-reentrant activation checkpointing (``checkpoint(..., use_reentrant=False)``)
+    packs what the nodes of the block save and recomputes it on unpack, once per
+    backward pass: the rules must not read such a node, or autograd's own read
+    fails. Called for every recorded operation: a C function.
+
+    Checked on torch 2.6–2.13 (``torch._C._autograd._top_saved_tensors_default_hooks``).
+    Missing: ``True`` (no rule reads an autograd node; results are the same, recomputed
+    from the stored inputs).
+    """
+    if _top_saved_hooks is None:  # pragma: no cover - every torch 2.x has it
+        return True
+    return _top_saved_hooks(False) is not None
+
+
+def _checkpoint_forward_code() -> Any:
+    try:
+        from torch.utils.checkpoint import CheckpointFunction
+
+        return CheckpointFunction.forward.__code__
+    except (ImportError, AttributeError):  # pragma: no cover - renamed
+        return None
+
+
+_CHECKPOINT_FORWARD = _checkpoint_forward_code()
+
+
+def in_reentrant_checkpoint() -> bool:
+    """Whether the caller runs inside the forward of reentrant activation checkpointing.
+
+    ``checkpoint(block, x, use_reentrant=True)`` runs ``block`` under ``no_grad``
+    inside ``CheckpointFunction.forward`` (and again in the backward pass): no
+    operation of the block is differentiable in the forward pass that curvhook
+    records. Walks the Python stack; called only for modules that run with grad
+    disabled inside a forward pass started with grad enabled.
+
+    Checked on torch 2.6–2.13 (``torch.utils.checkpoint.CheckpointFunction.forward``).
+    Missing (renamed): ``False``; a block in the middle or at the end of the model
+    still raises (its output comes from a node curvhook did not see), one at its start
+    whose input needs no grad gets no curvature, as it gets no gradient.
+    """
+    code = _CHECKPOINT_FORWARD
+    if code is None:  # pragma: no cover - renamed
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 # ------------------------------------------------------------ tensors, memory

@@ -129,7 +129,9 @@ class BackwardDriver:
         node = current_autograd_node()
         root_ops = [op for op in trace.operations if op.output_key == trace.root_key]
         for op in root_ops:  # hand the rules what the trace must not hold
-            op.output, op.node = trace.root_value, node
+            op.output = trace.root_value
+            if not op.node_saves_hooked:
+                op.node = node
         try:
             # Results are not differentiable, even under backward(create_graph=True).
             with disable_torch_function(), torch.no_grad():

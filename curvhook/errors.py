@@ -16,3 +16,18 @@ class UnsupportedModelError(CurvhookError):
 
 class UnsupportedLossError(CurvhookError):
     """The loss is missing, unsupported, or used in a way whose Hessian curvhook cannot form."""
+
+
+def reentrant_checkpoint_error(where: str = "") -> UnsupportedModelError:
+    """The error for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`` in the model.
+
+    Args:
+        where: What curvhook saw of it, appended in parentheses (``"module 'b.0'"``).
+    """
+    return UnsupportedModelError(
+        "curvhook does not support torch.utils.checkpoint.checkpoint(..., use_reentrant=True) "
+        f"inside the model{f' ({where})' if where else ''}: reentrant checkpointing runs the "
+        "block without autograd in the forward pass and differentiates a second run inside "
+        "backward, so curvhook cannot follow it. Use checkpoint(..., use_reentrant=False) "
+        "(supported, exact), or call the block without checkpointing inside extend."
+    )

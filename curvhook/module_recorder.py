@@ -15,14 +15,15 @@ from collections.abc import Mapping
 from functools import wraps
 from typing import Any, Callable, Union
 
+import torch
 from torch import Tensor, nn
 
 from curvhook._torch_internals import (
-    disable_torch_function, own_parameters, pop_torch_function_mode, push_torch_function_mode,
-    torch_function_mode_on_top,
+    disable_torch_function, in_reentrant_checkpoint, own_parameters, pop_torch_function_mode,
+    push_torch_function_mode, saved_tensor_hooks_active, torch_function_mode_on_top,
 )
 from curvhook.block_state import BlockState, Frame
-from curvhook.errors import UnsupportedModelError
+from curvhook.errors import UnsupportedModelError, reentrant_checkpoint_error
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, flat_tensors, key_of, make_template
 from curvhook.tape import OperationTape
 from curvhook.trace import Trace
@@ -108,6 +109,7 @@ class ModuleRecorder:
         state = self.state
         state.forwards += 1
         trace = Trace(state.forwards)
+        trace.grad_enabled = torch.is_grad_enabled()
         if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common call: model(X)
             trace.input_keys = {key_of(args[0])}
             first = args[0]
@@ -148,12 +150,18 @@ class ModuleRecorder:
         state = self.state
         if not state.stack:
             return
+        info = state.modules[module]  # hooks are only on modules listed at entry
+        trace = state.stack[-1]
+        if not torch.is_grad_enabled() and trace.grad_enabled and in_reentrant_checkpoint():
+            raise reentrant_checkpoint_error(f"module {info.name!r}")
         frames = state.frames
         if frames:
             frames[-1].child_called = True
-        info = state.modules[module]  # hooks are only on modules listed at entry
-        trace = state.stack[-1]
         op = _module_operation(module, info.name, args, kwargs, state.param_ids, trace.shared_keys)
+        if op.inputs and getattr(module, "inplace", False) and saved_tensor_hooks_active():
+            # Checkpointed: its node may not be read, and it overwrites its input. Keep a copy.
+            op.inputs = (op.inputs[0].detach().clone(), *op.inputs[1:])
+            op.input_versions = (0, *op.input_versions[1:])
         frames.append(Frame(op, len(trace.operations), info.has_children, len(trace.shared_log)))
         if info.torch_leaf and self.tape_on_top() and not self.tape.linearity.marked(op.inputs):
             # The tape records nothing inside a leaf: a torch layer's forward calls no
@@ -316,6 +324,8 @@ def _finish_leaf(op: Operation, module: nn.Module, has_children: bool, output: A
         first, *others = list(flat_tensors(output)) or [None]
     if first is not None:
         op.output, op.node = first, first.grad_fn
+        if op.node is not None and saved_tensor_hooks_active():  # activation checkpointing
+            op.node, op.node_saves_hooked = None, True
         op.output_keys = (key_of(first) if first.requires_grad else None,)
         op.output_shapes = (first.shape,)
         if others:

@@ -24,7 +24,7 @@ from typing import Hashable, Optional
 
 from torch import nn
 
-from curvhook.errors import UnsupportedModelError
+from curvhook.errors import UnsupportedModelError, reentrant_checkpoint_error
 from curvhook.plan_key import GraphShape, graph_shape
 from curvhook.records import BATCHED, CONST, SHARED, Operation
 from curvhook.rules.base import LayerRule
@@ -278,6 +278,8 @@ def _check_source(name: str, key, node, trace: Trace, shape: GraphShape) -> None
     """An input with an autograd history must come from a recorded operation or the model input."""
     if node is None or key in shape.produced or key in trace.input_keys:
         return
+    if type(node).__name__ == "CheckpointFunctionBackward":  # a block without modules inside
+        raise reentrant_checkpoint_error(f"an input of {name!r}")
     raise UnsupportedModelError(
         f"An input of {name!r} was computed by an operation curvhook did not see "
         f"({type(node).__name__}): outside the model's forward, or by code that bypasses "

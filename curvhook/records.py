@@ -88,7 +88,11 @@ class Operation:
         output: A module's first output (``None`` for the output of the model:
             holding it would tie the record to the graph it is hooked on).
         output_values: A tensor operation's outputs, detached.
-        node: ``grad_fn`` of the first output right after the call.
+        node: ``grad_fn`` of the first output right after the call; ``None`` where
+            ``node_saves_hooked``.
+        node_saves_hooked: The call ran under saved-tensor hooks (activation
+            checkpointing): its node's saved tensors are unpacked once, by autograd,
+            so no rule may read the node; they recompute from the stored tensors.
         params: ``(name, parameter)`` of the trainable parameters it uses: a
             module's own (all below it when ``recurse``), or ``("t<slot>", p)``
             for parameters passed to a tensor operation.
@@ -131,6 +135,7 @@ class Operation:
     output: Optional[Tensor] = None
     output_values: tuple[Optional[Tensor], ...] = ()
     node: Any = None
+    node_saves_hooked: bool = False
     params: tuple[tuple[str, nn.Parameter], ...] = ()
     training: bool = False
     recurse: bool = False

@@ -22,9 +22,12 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from curvhook._torch_internals import current_graph_task_id, disable_torch_function
+from curvhook._torch_internals import (
+    current_graph_task_id, disable_torch_function, in_reentrant_checkpoint, saved_tensor_hooks_active,
+)
 from curvhook.batch_axis import MOVERS, output_batch_axes
 from curvhook.block_state import BlockState
+from curvhook.errors import reentrant_checkpoint_error
 from curvhook.loss_linearity import LossLinearity
 from curvhook.operations import MERGING_RESHAPES, is_inplace, name_of, skipped
 from curvhook.records import (
@@ -68,6 +71,10 @@ class OperationTape(TorchFunctionMode):
     def _before(self, func: Any, name: str, args: tuple, kwargs: dict) -> Optional[tuple]:
         """What to record of an operation about to run, or ``None`` to record nothing."""
         if not torch.is_grad_enabled():
+            stack = self.state.stack
+            if stack and stack[-1].grad_enabled and in_reentrant_checkpoint():
+                frames = self.state.frames
+                raise reentrant_checkpoint_error(f"called in {frames[-1].op.name!r}" if frames else "")
             return None
         state, after = self.state, None
         if not state.stack:  # outside the model: only what is applied to its output
@@ -141,6 +148,8 @@ class OperationTape(TorchFunctionMode):
             f"{name} (in {frame.op.name!r})", func, t_args, t_kwargs, tuple(tensors), kinds, keys,
             nodes, outputs, outputs[0].grad_fn, inplace, params,
         )
+        if op.node is not None and saved_tensor_hooks_active():  # activation checkpointing
+            op.node, op.node_saves_hooked = None, True
         if BATCHED in kinds and (trace.moved_axes or name in MOVERS):
             _follow_batch_axis(op, trace.moved_axes)
         if BATCHED not in kinds and _copies_to_batch(op, tensors, outputs, trace.batch_hint):

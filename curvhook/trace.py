@@ -38,6 +38,7 @@ class Trace:
         losses: Loss modules called on the model output (or on a function of it).
         after_tasks: Graph tasks of the backward passes that went through the
             operations after the model.
+        grad_enabled: Whether grad mode was on when the forward pass started.
         used: Whether a backward has consumed this trace at least once.
         released: Whether the stored tensors were dropped.
     """
@@ -57,6 +58,7 @@ class Trace:
         self.after_tasks: set[int] = set()
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.root_handle: Optional[torch.utils.hooks.RemovableHandle] = None
+        self.grad_enabled = True
         self.used = False
         self.released = False
 

@@ -426,3 +426,38 @@ def test_a_missing_internal_raises_a_clear_error():
     stand_in = ti._missing("torch._C._made_up", "it needs it.")
     with pytest.raises(CurvhookError, match=r"lacks torch\._C\._made_up.*Supported torch versions"):
         stand_in()
+
+
+# ------------------------------------------------------ activation checkpointing
+
+
+def test_saved_tensor_hooks_active():
+    from torch.utils.checkpoint import checkpoint
+
+    assert not ti.saved_tensor_hooks_active()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert ti.saved_tensor_hooks_active()
+    seen = []
+
+    def block(x):
+        seen.append(ti.saved_tensor_hooks_active())
+        return x.exp()
+
+    checkpoint(block, torch.ones(2, requires_grad=True), use_reentrant=False).sum().backward()
+    assert seen == [True, True]  # the forward pass, and the recomputation in backward
+
+
+def test_in_reentrant_checkpoint():
+    from torch.utils.checkpoint import checkpoint
+
+    seen = []
+
+    def block(x):
+        seen.append(ti.in_reentrant_checkpoint())
+        return x.exp()
+
+    x = torch.ones(2, requires_grad=True)
+    checkpoint(block, x, use_reentrant=True).sum().backward()  # forward, then the recomputation
+    checkpoint(block, x, use_reentrant=False)
+    assert seen == [True, False, False]
+    assert not ti.in_reentrant_checkpoint()

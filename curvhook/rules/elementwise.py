@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from curvhook import _memory
+from curvhook._torch_internals import tensor_version
 from curvhook.records import Operation
 from curvhook.errors import UnsupportedModelError
 from curvhook.rules.base import LayerRule, apply_node, is_single_node
@@ -49,7 +50,11 @@ def jacobian_diagonal(call: Operation) -> Tensor:
     ones = torch.ones_like(out)
     if is_single_node(call):
         diag = apply_node(node, ones)
-    elif call.inputs[0] is not out:
+    elif call.node_saves_hooked and not isinstance(call.module, nn.Dropout):
+        diag = _replayed_slope(call)
+    elif call.inputs[0] is not out and call.inputs[0].requires_grad:
+        # A checkpointed dropout: a nested backward, for which the checkpoint
+        # recomputes its block with the same random numbers.
         with torch.enable_grad():
             (diag,) = torch.autograd.grad(out, call.inputs[0], ones, retain_graph=True)
     else:
@@ -59,6 +64,26 @@ def jacobian_diagonal(call: Operation) -> Tensor:
             "Construct it with inplace=False."
         )
     call.scratch.jac_diag = diag
+    return diag
+
+
+def _replayed_slope(call: Operation) -> Tensor:
+    """``σ'(x)`` from a second run of the module on its stored input.
+
+    For a checkpointed call: reading its autograd node would consume the tensors
+    that autograd recomputes for its own backward (see ``Operation.node_saves_hooked``).
+    """
+    x = call.inputs[0]
+    if x is call.output or tensor_version(x) != call.input_versions[0]:
+        raise UnsupportedModelError(
+            f"The input of {call.name!r} ({type(call.module).__name__}) inside an activation "
+            "checkpoint was overwritten in place after the call. Call the block without "
+            "checkpointing inside extend, or avoid the in-place operation."
+        )
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_()
+        out = call.module.forward(leaf.clone())  # clone: an in-place module must not write into the leaf
+        (diag,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
     return diag
 
 
