@@ -485,6 +485,10 @@ class TensorOpRule(LayerRule):
                 return fast
         if BATCHED not in call.input_kinds:  # parameters only: one Jacobian for every sample
             w = call.inputs[slot].detach()
+            if call.func_name in STRUCTURAL and not isinstance(value, list) and _uses(call, slot) == 1:
+                # entries 0 or ±1, one sign per input (``γ.reshape(1, -1, 1, 1)``): |Jᵀ d| per sample
+                _, pull = vjp(self._function(call, (slot,)), w)
+                return _guard(call, lambda: vmap(lambda d: pull((d,))[0])(value).abs())
             jacs = jacrev(self._function(call, (slot,)))(w)
             diags = _as_list_shared(call, value, (value[0].shape[0] if isinstance(value, list) else value.shape[0],))
             total = 0
