@@ -30,6 +30,9 @@ class Frame:
     has_children: bool
     shared_start: int = 0  # len(trace.shared_log) when it started
     child_called: bool = False
+    # the tape records inside it: it has children, or it is a leaf without a rule
+    # that may count as its operations (curvhook/leaf_operations.py)
+    records_inside: bool = False
 
 
 @dataclass(eq=False)

@@ -5,7 +5,9 @@ leaf (recorded as one operation) or a container (its children and the tensor
 operations between them are recorded instead) is known only when it ends:
 a module whose ``forward`` called no child is a leaf, also when it has children
 it only reads parameters from (``nn.MultiheadAttention`` uses its ``out_proj``
-without calling it). The model's own hooks open a trace for each forward pass
+without calling it). A leaf without a rule whose tensor operations form a chain
+with the same DiagGGNApprox diagonal is recorded as those operations instead
+(:mod:`curvhook.leaf_operations`). The model's own hooks open a trace for each forward pass
 and, when it returns, hook the backward driver onto its output.
 """
 
@@ -24,7 +26,9 @@ from curvhook._torch_internals import (
 )
 from curvhook.block_state import BlockState, Frame
 from curvhook.errors import UnsupportedModelError, reentrant_checkpoint_error
+from curvhook.leaf_operations import as_operations
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, flat_tensors, key_of, make_template
+from curvhook.rules.registry import rule_for
 from curvhook.tape import OperationTape
 from curvhook.trace import Trace
 
@@ -162,7 +166,8 @@ class ModuleRecorder:
             # Checkpointed: its node may not be read, and it overwrites its input. Keep a copy.
             op.inputs = (op.inputs[0].detach().clone(), *op.inputs[1:])
             op.input_versions = (0, *op.input_versions[1:])
-        frames.append(Frame(op, len(trace.operations), info.has_children, len(trace.shared_log)))
+        records_inside = info.has_children or (not info.torch_leaf and rule_for(module) is None)
+        frames.append(Frame(op, len(trace.operations), info.has_children, len(trace.shared_log), records_inside=records_inside))
         if info.torch_leaf and self.tape_on_top() and not self.tape.linearity.marked(op.inputs):
             # The tape records nothing inside a leaf: a torch layer's forward calls no
             # module, and its inputs carry no loss value. Off the stack, its functions
@@ -183,6 +188,10 @@ class ModuleRecorder:
         if frame.child_called:  # a container: its children and operations are recorded
             return
         trace, op = state.stack[-1], frame.op
+        if not frame.has_children and frame.records_inside:
+            kept = as_operations(op, module, trace.operations[frame.start :], output)
+            if kept is not None:  # the module counts as the operations it ran (curvhook/leaf_operations.py)
+                return
         if trace.moved_axes:  # operations inside a leaf are part of it, also where they moved the batch axis
             for inner in trace.operations[frame.start :]:
                 for key in inner.output_keys:

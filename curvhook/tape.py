@@ -86,8 +86,8 @@ class OperationTape(TorchFunctionMode):
             # Outputs of two forward passes combined are not followed; a backward
             # through the result is still marked, so that a named loss refuses it.
             after = traces[0] if len(traces) == 1 else tuple(traces)
-        elif not state.frames or not state.frames[-1].has_children:
-            return None  # inside a leaf module
+        elif not state.frames or not state.frames[-1].records_inside:
+            return None  # inside a leaf module with a rule
         t_args, t_kwargs, tensors = make_template(args, kwargs)
         if not any(t.requires_grad for t in tensors):
             return None

@@ -448,11 +448,73 @@ class TensorOpRule(LayerRule):
 
         return _guard(call, compute)
 
+    def _shared_diag(self, call: Operation, value, slot: int) -> Optional[Tensor]:
+        """Per-sample ``diag(J_wᵀ diag(d_n) J_w)`` for a shared operand ``w`` of ``x ⊙ w``, ``w / x``, ``x @ w``.
+
+        The operation is linear in ``w`` with coefficients from the batched operand
+        ``x``, so the squared Jacobian is the same operation with ``x`` squared:
+        ``Σ_o d_o J_oj² = J_wᵀ d`` evaluated at ``x∘x`` (``1/x²`` for a quotient).
+        A product is summed to ``w``'s shape directly, a matrix product pulled back
+        by one ``vjp`` per sample under ``vmap``.
+
+        Args:
+            call: A recorded operation known to keep samples apart.
+            value: ``[N, *out]``, the diagonal at the output.
+            slot: The shared operand ``w``.
+
+        Returns:
+            ``[N, *w]``, or ``None`` for every other operation or form of call
+            (``w`` used twice, more than one batched operand, keyword arguments).
+        """
+        name = call.func_name
+        if isinstance(value, list) or call.kwargs or len(call.args) != 2 or _uses(call, slot) != 1:
+            return None
+        if not (name in PRODUCTS or name in MATMULS or name in QUOTIENTS):
+            return None
+        first, second = call.args
+        if not (isinstance(first, Slot) and isinstance(second, Slot)):
+            return None
+        other = second if first == slot else first
+        if call.input_kinds[other] != BATCHED or call.input_kinds.count(BATCHED) != 1 or _uses(call, other) != 1:
+            return None
+        if name in QUOTIENTS and first != slot:
+            return None  # ∂(x/w)/∂w = -x/w²: the generic path
+        w, x = call.inputs[slot].detach(), call.inputs[other].detach()
+        x_sq = x.reciprocal().square() if name in QUOTIENTS else x.square()
+        out_dim = value.dim()
+        if name in PRODUCTS:
+            if w.dim() > out_dim or (w.dim() == out_dim and w.shape[0] != 1) or x.shape != value.shape:
+                return None
+            pulled = value * x_sq
+            target = (1,) * (out_dim - w.dim()) + tuple(w.shape)
+            return pulled.sum_to_size(value.shape[0], *target[1:]).reshape(-1, *w.shape)
+        if name in QUOTIENTS:  # w / x with w shared: J_w = 1/x
+            if w.dim() > out_dim or (w.dim() == out_dim and w.shape[0] != 1) or x.shape != value.shape:
+                return None
+            target = (1,) * (out_dim - w.dim()) + tuple(w.shape)
+            return (value * x_sq).sum_to_size(value.shape[0], *target[1:]).reshape(-1, *w.shape)
+        is_first = first == slot
+
+        def one(x_n: Tensor, d_n: Tensor) -> Tensor:
+            f = (lambda v: v @ x_n) if is_first else (lambda v: x_n @ v)
+            _, pull = vjp(f, w)
+            return pull(d_n)[0]
+
+        return _guard(call, lambda: vmap(one)(x_sq, value))
+
     def _exact_diag(self, call: Operation, value, slot: int) -> Tensor:
         """Per-sample dense Jacobians: ``Σ_o d_o J_oi²``."""
         shared = call.input_kinds[slot] != BATCHED
+        if shared and self._safe(call) and BATCHED in call.input_kinds:
+            fast = self._shared_diag(call, value, slot)
+            if fast is not None:
+                return fast
         if BATCHED not in call.input_kinds:  # parameters only: one Jacobian for every sample
             w = call.inputs[slot].detach()
+            if call.func_name in STRUCTURAL and not isinstance(value, list) and _uses(call, slot) == 1:
+                # entries 0 or ±1, one sign per input (``γ.reshape(1, -1, 1, 1)``): |Jᵀ d| per sample
+                _, pull = vjp(self._function(call, (slot,)), w)
+                return _guard(call, lambda: vmap(lambda d: pull((d,))[0])(value).abs())
             jacs = jacrev(self._function(call, (slot,)))(w)
             diags = _as_list_shared(call, value, (value[0].shape[0] if isinstance(value, list) else value.shape[0],))
             total = 0
@@ -460,7 +522,8 @@ class TensorOpRule(LayerRule):
                 jac = jac.reshape(d[0].numel(), w.numel())
                 total = total + torch.einsum("no,op->np", d.flatten(1), jac.square())
             return total.reshape(-1, *w.shape)
-        self.check(call)
+        if not self._safe(call):
+            self.check(call)
         diags = _diag_list(call, value)
         per_sample = self._per_sample(call, (slot,))
         samples = self._samples(call)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from curvhook import extend
@@ -133,8 +134,8 @@ def test_fallback_warns_once_per_type():
     from curvhook.rules import fallback
 
     class Cube(nn.Module):
-        def forward(self, x):
-            return x ** 3
+        def forward(self, x):  # x used twice: no chain of operations, so the fallback serves it
+            return x * x * x
 
     fallback._WARNED.discard(Cube)
     model = nn.Sequential(nn.Linear(3, 3), Cube(), Cube(), nn.Linear(3, 2))
@@ -195,7 +196,7 @@ def test_fallback_refuses_a_module_that_draws_random_numbers(random_layer, ext):
 def test_fallback_leaves_the_random_number_stream_alone():
     class Cube(nn.Module):
         def forward(self, x):
-            return x**3
+            return x * x * x
 
     model = nn.Sequential(nn.Linear(3, 3), Cube(), nn.Linear(3, 2))
     X, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
@@ -261,3 +262,111 @@ def test_fallback_diagonals_in_chunks_of_rows(monkeypatch, chunk):
             nn.CrossEntropyLoss()(model(X), y).backward()
     ref = reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y))
     compare(collect(model, 5, ("DiagGGNApprox",)), ref)
+
+
+# ------------------------------------------- leaves recorded as their operations
+class FunctionalGELU(nn.Module):
+    """Like timm's ``GELU``: a leaf without a rule that calls one torch function."""
+
+    def forward(self, x):
+        return F.gelu(x)
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """Like timm's and torchvision's ``LayerNorm2d``: ``nn.LayerNorm`` over the channels of ``[N, C, H, W]``."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Permute(nn.Module):
+    """Like ``torchvision.ops.Permute``."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return torch.permute(x, self.dims)
+
+
+class LayerScale(nn.Module):
+    """Like timm's ``LayerScale2d``: ``x ⊙ γ`` through a reshape of the parameter."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x.mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+class EvalIdentity(nn.Module):
+    """Like ``StochasticDepth`` in eval mode: returns its input."""
+
+    def forward(self, x):
+        return x
+
+
+class SoftmaxOfScaled(nn.Module):
+    """A parameter before the general operation: the chain would change the diagonal, so a leaf."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return torch.softmax(x * self.w, -1)
+
+
+class Swish(nn.Module):
+    """``x`` used twice (``x ⊙ σ(x)``): no chain, a leaf."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class Block(nn.Module):
+    """A ConvNeXt-like block built from leaves without rules."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = ChannelsFirstLayerNorm(c)
+        self.to_last = Permute([0, 2, 3, 1])
+        self.fc1, self.act, self.fc2 = nn.Linear(c, 4), FunctionalGELU(), nn.Linear(4, c)
+        self.to_first = Permute([0, 3, 1, 2])
+        self.scale, self.drop = LayerScale(c), EvalIdentity()
+        self.soft, self.swish = SoftmaxOfScaled(2), Swish()
+        self.head = nn.Linear(3 * 2 * 2, 3)
+
+    def forward(self, x):  # x: [N, 3, 2, 2]
+        h = self.to_last(self.norm(self.dw(x)))
+        h = self.to_first(self.fc2(self.act(self.fc1(h))))
+        h = self.drop(self.scale(h)) + x
+        return self.head(self.swish(self.soft(h)).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_leaves_without_rules_recorded_as_their_operations(monkeypatch, n):
+    """The chains of operations give DiagGGNApprox of the leaves (graph_reference counts each leaf as one
+    operation); only the leaves whose chain would change it reach the fallback."""
+    from helpers import check_graph_against_reference
+
+    reached = set()
+    original = fallback_module.FallbackRule.input_diag
+
+    def spy(self, call, diag, slot):
+        reached.add(type(call.module).__name__)
+        return original(self, call, diag, slot)
+
+    monkeypatch.setattr(fallback_module.FallbackRule, "input_diag", spy)
+    torch.manual_seed(0)
+    model = Block().to(DT)
+    X, y = torch.randn(n, 3, 2, 2, dtype=DT), torch.randint(0, 3, (n,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_graph_against_reference(model, X, y)
+    assert reached == {"SoftmaxOfScaled", "Swish"}

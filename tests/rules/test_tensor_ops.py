@@ -310,3 +310,72 @@ def test_sums_and_means_are_pulled_back_without_torch_func(monkeypatch, n):
         nn.CrossEntropyLoss()(model(X), y).backward()
     monkeypatch.undo()
     check_graph_against_reference(model, X, y)
+
+
+class LayerScale2d(nn.Module):
+    """timm's ``x.mul(γ.reshape(1, -1, 1, 1))``: a leaf without a rule, recorded as its two operations."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x.mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+class LayerScaleBlock(nn.Module):
+    """torchvision's ``CNBlock`` layer scale ``γ ⊙ block(x)`` (``γ`` ``[C, 1, 1]``) before ``result += x``,
+    timm's ``x.mul(γ.reshape(1, -1, 1, 1))``, and a matrix product with a parameter."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(c, c, 1), nn.Linear(c * 4, 3)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.scale = LayerScale2d(c)
+        self.w = nn.Parameter(torch.randn(2, 2))
+        self.v = nn.Parameter(torch.rand(2) + 0.5)
+
+    def forward(self, x):  # x: [N, C, 2, 2]
+        result = self.layer_scale * torch.tanh(self.conv(x))
+        result += x  # changes the recorded output of the product in place
+        h = self.scale(torch.tanh(result))
+        h = torch.tanh(h @ self.w) * self.v
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_products_with_parameters_take_no_jacobian(monkeypatch, n):
+    """``γ ⊙ x`` and ``x @ W`` with a parameter: DiagGGNApprox without ``jacrev``, also when a later
+    in-place ``+=`` changed the product's output (the per-sample check used to compare with it)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("jacrev used for a product with a parameter")
+
+    torch.manual_seed(0)
+    model = LayerScaleBlock().to(DT)
+    X, y = torch.randn(n, 3, 2, 2, dtype=DT), torch.randint(0, 3, (n,))
+    monkeypatch.setattr(tensor_ops, "jacrev", refuse)
+    with extend(model, DiagGGNApprox()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    monkeypatch.undo()
+    check_graph_against_reference(model, X, y)
+
+
+def test_check_compares_with_the_output_before_an_in_place_change():
+    """The per-sample check of an operation not known to keep samples apart, after ``y += x``."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            z = torch.atan(h)  # not in the vocabulary: checked numerically
+            z += h
+            return self.b(z)
+
+    model = Model().to(DT)
+    X, y = torch.randn(3, 4, dtype=DT), torch.randint(0, 3, (3,))
+    check_graph_against_reference(model, X, y)

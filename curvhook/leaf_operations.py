@@ -1,0 +1,144 @@
+"""Leaf modules without a rule that are recorded as the tensor operations they run.
+
+A leaf module that no rule serves goes to the ``torch.func`` fallback, whose
+diagonal (DiagGGNApprox) needs the module's whole per-sample Jacobian. Many
+such modules only call a few torch functions: timm's ``GELU`` (``F.gelu``),
+``LayerNorm2d`` (``permute``, ``F.layer_norm``, ``permute``), torchvision's
+``Permute``, a layer scale ``x * gamma``. The tape records those calls inside
+the leaf anyway; when they form a chain whose operation-by-operation diagonal
+equals the module's own, the recorder keeps them instead of the leaf, and
+each is served by the tensor-operation rules (closed forms for the common ones).
+
+The chain keeps the definition of DiagGGNApprox (the module is one operation)
+when at most one of its operations is *general* and every other one is
+*monomial*: its Jacobian in the chain's tensor has at most one nonzero per row
+and per column (permutations and other views, elementwise functions, ``x ⊙ w``,
+``x / w``, ``x ± w`` without broadcasting ``x``). For a monomial ``M``,
+``diag(Mᵀ A M) = (M∘M)ᵀ diag(A)`` depends on the diagonal of ``A`` alone, and
+``Mᵀ D M`` is diagonal for a diagonal ``D``, so truncating to the diagonal
+between the operations loses nothing. A parameter (or a tensor computed from
+parameters inside the module) must enter once, in the general operation or
+after it (the operations after it are monomial); computations on parameters
+alone must be monomial too. A leaf that returns its input unchanged
+(``StochasticDepth`` in eval mode) is dropped: its Jacobian is the identity.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Optional
+
+from torch import Tensor, nn
+
+from curvhook.operations import ADDITIONS, ELEMENTWISE, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SUBTRACTIONS
+from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, key_of
+
+# Structural maps whose Jacobian is a permutation of the entries (no entry repeated or dropped).
+_PERMUTING = frozenset({
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone",
+    "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "view_as", "reshape_as",
+    "to", "float", "double", "type_as", "flip", "roll", "neg", "__neg__", "negative", "positive", "__pos__",
+})
+_SCALINGS = PRODUCTS | ADDITIONS | SUBTRACTIONS | REVERSED_SUBTRACTIONS
+
+
+def as_operations(leaf: Operation, module: nn.Module, ops: list[Operation], output: Any) -> Optional[list[Operation]]:
+    """The operations that stand for a leaf call without a rule, or ``None`` to keep the leaf.
+
+    Args:
+        leaf: The leaf's record (inputs filled in; its outputs not yet).
+        module: The module called.
+        ops: The tensor operations recorded while its ``forward`` ran, in order.
+        output: What its ``forward`` returned.
+
+    Returns:
+        ``ops`` when they form a chain that keeps the module's diagonal (see the
+        module docstring); ``[]`` when the module returned its input unchanged;
+        ``None`` otherwise.
+    """
+    if not isinstance(output, Tensor) or not output.requires_grad:
+        return None
+    batched = [k for k, kind in zip(leaf.input_keys, leaf.input_kinds) if kind == BATCHED]
+    if len(batched) != 1:
+        return None
+    current, end = batched[0], key_of(output)
+    params = {id(p) for p in module.parameters() if p.requires_grad}
+    if not ops:
+        return [] if current == end and not params else None
+    produced_shared: set = set()
+    used: Counter = Counter()
+    seen_params: set[int] = set()
+    general = False
+    shared_before_general = False
+    for op in ops:
+        if len(op.output_keys) != 1 or op.output_keys[0] is None:
+            return None
+        slots = [i for i, k in enumerate(op.input_kinds) if k == BATCHED]
+        for i, kind in enumerate(op.input_kinds):
+            if kind != SHARED:
+                continue
+            t = op.inputs[i]
+            if id(t) in params:
+                seen_params.add(id(t))
+            elif op.input_keys[i] not in produced_shared:
+                return None  # a shared tensor from outside the module: the leaf holds it fixed
+            used[("shared", id(t) if id(t) in params else op.input_keys[i])] += _uses(op, i)
+        if not slots:  # computed from parameters (and constants) only
+            if not _monomial(op, None):
+                return None
+            produced_shared.add(op.output_keys[0])
+            continue
+        if len(slots) != 1 or op.input_keys[slots[0]] != current or _uses(op, slots[0]) != 1:
+            return None
+        has_shared = SHARED in op.input_kinds
+        if not _monomial(op, slots[0]):
+            if general or shared_before_general:
+                return None
+            general = True
+        elif has_shared and not general:
+            shared_before_general = True
+        current = op.output_keys[0]
+    if current != end or seen_params != params or any(n != 1 for n in used.values()):
+        return None
+    if len([k for k in used if k[0] == "shared"]) != len(seen_params) + len(produced_shared):
+        return None  # a computation on parameters whose result the chain does not use
+    return ops
+
+
+def _uses(op: Operation, slot: int) -> int:
+    count = 0
+    stack: list = [op.args, tuple(op.kwargs.values())]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        else:
+            count += isinstance(obj, Slot) and obj == slot
+    return count
+
+
+def _monomial(op: Operation, slot: Optional[int]) -> bool:
+    """Whether ``op`` is monomial in its input at ``slot`` (its only tensor input when ``None``)."""
+    name = op.func_name
+    tensors = [i for i, k in enumerate(op.input_kinds) if k != CONST]
+    if slot is None:
+        if len(tensors) != 1:
+            return False
+        slot = tensors[0]
+    x, out_shape = op.inputs[slot], op.output_shapes[0]
+    if name in _PERMUTING:
+        return len(tensors) == 1 and x.numel() == _numel(out_shape)
+    if x.shape != out_shape:
+        return False
+    if name in ELEMENTWISE:
+        return len(tensors) == 1 or name in ("__pow__", "pow")
+    if name in _SCALINGS or (name in QUOTIENTS and op.args and isinstance(op.args[0], Slot) and op.args[0] == slot):
+        return len(op.args) == 2 and not op.kwargs
+    return False
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
