@@ -34,7 +34,7 @@ _SPLITS = frozenset({"split", "chunk", "tensor_split", "unbind"})
 # The operations whose output axes this module knows (beyond those above).
 MOVERS = frozenset({
     "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "unsqueeze",
-    "squeeze", "select", "reshape", "view", "flatten", "unflatten",
+    "squeeze", "select", "reshape", "view", "flatten", "unflatten", "sum", "mean",
 }) | _SPLITS
 
 
@@ -81,6 +81,15 @@ def output_batch_axes(
         return (axis + (d <= axis),)
     if name in ("squeeze", "select") or name in _SPLITS:
         return _along_one_axis(name, args, kwargs, axis, ndim, n_out, in_shape)
+    if name in ("sum", "mean"):
+        d = _dim(args, kwargs, 1)
+        keep = _dim(args, kwargs, 2, "keepdim", False)
+        if d is None or not isinstance(keep, bool):
+            return None
+        dims = [x % ndim for x in (d if isinstance(d, (tuple, list)) else (d,))]
+        if axis in dims:
+            return None  # a sum over samples
+        return (axis if keep else axis - sum(1 for x in dims if x < axis),)
     if name in ("reshape", "view", "flatten", "unflatten"):
         return (_reshaped_axis(axis, in_shape, out_shapes[0]),)
     return None

@@ -62,6 +62,7 @@ def as_operations(leaf: Operation, module: nn.Module, ops: list[Operation], outp
     if len(batched) != 1:
         return None
     current, end = batched[0], key_of(output)
+    n = leaf.inputs[leaf.input_kinds.index(BATCHED)].shape[0]
     params = {id(p) for p in module.parameters() if p.requires_grad}
     if not ops:
         return [] if current == end and not params else None
@@ -90,6 +91,8 @@ def as_operations(leaf: Operation, module: nn.Module, ops: list[Operation], outp
             continue
         if len(slots) != 1 or op.input_keys[slots[0]] != current or _uses(op, slots[0]) != 1:
             return None
+        if not op.output_shapes[0] or op.output_shapes[0][0] != n or op.inputs[slots[0]].shape[0] != n:
+            return None  # the batch axis must stay first and whole (``x.view(-1, d)`` merges it)
         has_shared = SHARED in op.input_kinds
         if not _monomial(op, slots[0]):
             if general or shared_before_general:

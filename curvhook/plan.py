@@ -220,8 +220,9 @@ def _check_moved_axes(op: Operation, trace: Trace, shape: GraphShape) -> bool:
         where = ", ".join(f"axis {a}" for a in in_axes if a is not None)
         raise UnsupportedModelError(
             f"The operation {op.name} gets a tensor whose batch axis is not first ({where}), and "
-            "curvhook cannot tell where the batch axis goes through it. Move the batch axis "
-            "back to the front (permute / transpose) before this operation."
+            "curvhook cannot follow the batch axis through it: it mixes samples (it acts along "
+            "the batch axis), or curvhook does not know where it puts the axis. Move the batch "
+            "axis back to the front (permute / transpose) before this operation."
         )
     for kind, key, node in zip(op.input_kinds, op.input_keys, op.input_nodes):
         if kind != CONST:
@@ -260,7 +261,7 @@ def _check_module(op: Operation, trace: Trace, shape: GraphShape, n: Optional[in
                 "curvhook needs the batch axis first where a module is called. Move it back "
                 "(permute / transpose) before the module, or use batch_first=True."
             )
-        if kind == SHARED:
+        if kind == SHARED or key in trace.shared_keys:
             raise UnsupportedModelError(
                 f"Module {op.name!r} gets an input computed from parameters only (no batch "
                 "axis). curvhook supports that for tensor operations, not for module inputs; "
