@@ -206,6 +206,11 @@ class ModuleRecorder:
         _finish_leaf(op, module, frame.has_children, output)
         if _from_parameters(op, trace.batch_hint):
             op.from_parameters = True
+            # parameters of the model passed as inputs (``mlp(self.table)``) get their terms by slot
+            op.params += tuple(
+                (f"t{i}", x) for i, (x, k) in enumerate(zip(op.inputs, op.input_kinds))
+                if k == SHARED and id(x) in state.param_ids and all(x is not p for _, p in op.params)
+            )
             trace.shared_keys.add(op.output_key)
             trace.shared_log.append(op.output_key)
         if op.inputs or op.output_keys:

@@ -55,8 +55,13 @@ class ParametersOnlyModuleRule(LayerRule):
     def operations_rule(self) -> LayerRule:
         return parameters_only(self.inner.operations_rule())
 
+    # A parameter of the model passed as an input (``mlp(self.table)``) is named ``"t<slot>"``
+    # (:meth:`Operation.slot_of`): its terms are those of that input.
+
     # ---------------------------------------------------------- columns
     def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        if _is_input(call, name):
+            return self.input_jac_t_mat_prod(call, mat, call.slot_of(name))
         view = _batched_view(call, mat.shape[1])
         if view is not None:
             return self.inner.param_jac_t_mat_prod(view, name, mat.squeeze(2))
@@ -64,13 +69,15 @@ class ParametersOnlyModuleRule(LayerRule):
 
     def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         view = _batched_view(call, mat.shape[1])
-        if view is not None:
+        if view is not None and not _is_input(call, name):
             return self.inner.param_sq_sum(view, name, mat.squeeze(2))
         return self.param_jac_t_mat_prod(call, name, mat).square().sum((0, 1))
 
     def param_factors(self, call: Operation, name: str, mat: Tensor):
         view = _batched_view(call, mat.shape[1])
-        return None if view is None else self.inner.param_factors(view, name, mat.squeeze(2))
+        if view is None or _is_input(call, name):
+            return None
+        return self.inner.param_factors(view, name, mat.squeeze(2))
 
     def input_jac_t_mat_prod(self, call: Operation, mat: Tensor, slot: int) -> Tensor:
         """``[V, N, *x]`` for a shared input ``x`` at ``slot``."""
@@ -81,6 +88,8 @@ class ParametersOnlyModuleRule(LayerRule):
 
     # -------------------------------------------------------- diagonals
     def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
+        if _is_input(call, name):
+            return self.input_diag(call, diag, call.slot_of(name)).sum(0)
         view = _batched_view(call, diag.shape[0])
         if view is not None:
             return self.inner.param_diag(view, name, diag.squeeze(1))
@@ -92,6 +101,11 @@ class ParametersOnlyModuleRule(LayerRule):
         if view is not None:
             return self.inner.input_diag(view, diag.squeeze(1), slot).unsqueeze(1)
         return _diagonal(_input_function(call, slot), call.inputs[slot].detach(), diag)
+
+
+def _is_input(call: Operation, name: str) -> bool:
+    """Whether ``name`` is a parameter passed as an input (``"t<slot>"``), not one the module owns."""
+    return name[0] == "t" and name[1:].isdigit() and not hasattr(call.module, name)
 
 
 _WRAPPED: dict[int, ParametersOnlyModuleRule] = {}

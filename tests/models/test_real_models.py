@@ -15,8 +15,9 @@ import torch
 
 from curvhook import extend
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from graph_reference import diag_ggn_approx_graph
 from reference import check
-from zoo import MODELS, available, exact_reference
+from zoo import MODELS, available, exact_reference, loss_hessian_diag
 
 
 def _case(name: str, n: int = 2):
@@ -57,6 +58,21 @@ def test_batch_of_one(name):
     ref = exact_reference(case)
     _run(case, DiagGGN())
     check(torch.cat([p.diag_ggn.flatten() for p in ref.params]), ref.G.diagonal(), f"real/{name}/N=1", rtol=case.rtol, atol_factor=case.rtol)
+
+
+# Models whose every tensor between modules is batched or a parameter: the graph reference
+# (tests/graph_reference.py) slices every other tensor by sample.
+DEFINITION_CHECKED = ["torchvision.resnet18", "torchvision.mobilenet_v3_small", "timm.resnet10t"]
+
+
+@pytest.mark.parametrize("name", DEFINITION_CHECKED)
+def test_diag_ggn_approx_follows_its_definition(name):
+    """DiagGGNApprox against its definition applied operation by operation (dense per-sample Jacobians)."""
+    case = _case(name)
+    _run(case, DiagGGNApprox())
+    got = torch.cat([p.diag_ggn_approx.flatten() for p in case.model.parameters() if p.requires_grad])
+    expected = diag_ggn_approx_graph(case.model, case.inputs["x"], loss_hessian_diag(case))
+    check(got, expected, f"real/{name}/DiagGGNApprox", rtol=1e-10)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

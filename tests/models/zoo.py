@@ -245,3 +245,13 @@ def exact_reference(case: ZooCase) -> ExactReference:
     blocks = torch.stack([H[i, :, i] for i in range(n)])  # per-sample blocks H_n: [N, O, O]
     G = torch.einsum("nap,naq->pq", J, torch.bmm(blocks, J))
     return ExactReference(J, G, params, torch.diagonal(blocks, dim1=1, dim2=2).reshape(out.shape))
+
+
+def loss_hessian_diag(case: ZooCase) -> Tensor:
+    """The diagonal of the per-sample loss Hessians at the model output, ``[N, *out]``."""
+    with torch.no_grad():
+        out = case.logits(case.forward())
+    n, o = out.shape[0], out[0].numel()
+    H = hessian(lambda f: case.loss(f, case.criterion))(out).reshape(n, o, n, o)
+    return torch.stack([H[i, :, i].diagonal() for i in range(n)]).reshape(out.shape)
+

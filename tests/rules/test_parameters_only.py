@@ -1,0 +1,128 @@
+"""Tensors computed from parameters only that enter the batch (curvhook/rules/parameters_only.py).
+
+Position embeddings looked up from ``[1, L]`` or ``[L]`` positions, class
+tokens expanded to the batch and concatenated, a module applied to a
+parameter table, trainable position embeddings added to frozen token
+embeddings: the exact extensions against the torch.func reference in
+float64 at N = 1 and N = 3, and DiagGGNApprox against its definition worked
+out by hand for a position embedding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from curvhook import extend
+from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from reference import collect, compare, reference
+
+DT = torch.float64
+L, D, C, VOCAB = 4, 3, 2, 7
+
+
+class PositionEmbedding(nn.Module):
+    """Token embeddings plus position embeddings of ``arange(L)``, shaped ``[1, L]`` or ``[L]``."""
+
+    def __init__(self, leading_one: bool = True, freeze_tokens: bool = False) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(VOCAB, D)
+        self.positions = nn.Embedding(L + 2, D)
+        self.head = nn.Linear(D, C)
+        self.leading_one = leading_one
+        self.tokens.weight.requires_grad_(not freeze_tokens)
+
+    def forward(self, ids):
+        where = torch.arange(ids.shape[1])
+        where = where[None] if self.leading_one else where
+        return self.head(self.tokens(ids) + self.positions(where)).flatten(1)
+
+
+class ClassToken(nn.Module):
+    """torchvision's ViT pattern: ``cat([cls.expand(N, -1, -1), x], 1) + pos``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(D, D)
+        self.cls = nn.Parameter(torch.randn(1, 1, D))
+        self.pos = nn.Parameter(torch.randn(1, L + 1, D))
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+        return self.head(torch.tanh(h)[:, 0])
+
+
+class TableThroughModule(nn.Module):
+    """A module applied to a parameter table (a relative-position MLP): its input is shared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(L, D))
+        self.mlp = nn.Linear(D, D)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x):
+        return self.head(torch.sigmoid(x + self.mlp(self.table))).flatten(1)
+
+
+MODELS = {
+    "position_embedding_1L": (lambda: PositionEmbedding(True), "ids"),
+    "position_embedding_L": (lambda: PositionEmbedding(False), "ids"),
+    "frozen_tokens_trainable_positions": (lambda: PositionEmbedding(True, freeze_tokens=True), "ids"),
+    "class_token": (ClassToken, "float"),
+    "table_through_module": (TableThroughModule, "float"),
+}
+
+
+def _data(kind: str, n: int):
+    if kind == "ids":
+        return torch.randint(0, VOCAB, (n, L))
+    return torch.randn(n, L, D, dtype=DT)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exact_extensions(name, n):
+    build, kind = MODELS[name]
+    model = build().to(DT)
+    X = _data(kind, n)
+    with torch.no_grad():
+        classes = model(X).shape[1]
+    y = torch.randint(0, classes, (n,))
+    crit = nn.CrossEntropyLoss()
+    ggn = FullGGN()
+    with extend(model, DiagGGN(), BatchJacobian(), ggn):
+        crit(model(X), y).backward()
+    got = collect(model, n, ("BatchJacobian", "DiagGGN", "FullGGN"))
+    ref = reference(model, X, lambda out: crit(out, y), approx=False)
+    compare(got, ref, ggn.matrix)
+
+
+@pytest.mark.parametrize("leading_one", [True, False])
+def test_diag_ggn_approx_of_a_position_embedding_by_hand(leading_one):
+    """``h = tokens(ids) + positions(where)``, ``f = W h`` per position, ``ℓ = Σ (f − y)²``.
+
+    With ``H = 2 I``: ``d_h[n, l] = 2 Σ_c W_c·²`` at every position, so the
+    position table's row ``l`` gets ``N · 2 Σ_c W_c·²``, each token row
+    ``2 Σ_c W_c·²`` times its count, and the head weight ``2 Σ_{n,l} h_{nl}²``.
+    """
+    torch.manual_seed(1)
+    model = PositionEmbedding(leading_one).to(DT)
+    n = 3
+    X = _data("ids", n)
+    with extend(model, DiagGGNApprox()):
+        out = model(X)
+        nn.MSELoss(reduction="sum")(out, torch.ones_like(out)).backward()
+    w_sq = 2 * model.head.weight.detach().square().sum(0)  # [D]
+    positions = torch.zeros_like(model.positions.weight)
+    positions[:L] = n * w_sq
+    torch.testing.assert_close(model.positions.weight.diag_ggn_approx, positions, rtol=1e-12, atol=0)
+    counts = torch.bincount(X.flatten(), minlength=VOCAB).to(DT)
+    torch.testing.assert_close(model.tokens.weight.diag_ggn_approx, counts[:, None] * w_sq, rtol=1e-12, atol=0)
+    with torch.no_grad():
+        h = model.tokens(X) + model.positions(torch.arange(L))
+    head = 2 * h.square().sum((0, 1)).expand(C, D)
+    torch.testing.assert_close(model.head.weight.diag_ggn_approx, head, rtol=1e-12, atol=0)
