@@ -146,7 +146,7 @@ def timm_resnet10t(n: int = N) -> ZooCase:
     import timm
 
     model = timm.create_model("resnet10t", num_classes=CLASSES).eval()
-    return _classifier(model, "x", _images(32, n), CLASSES, ("conv1.0.", "bn1.", "layer4.0.bn2.", "fc."))
+    return _classifier(model, "x", _images(16, n), CLASSES, ("conv1.0.", "bn1.", "layer4.0.bn2.", "fc."))
 
 
 # ----------------------------------------------------------- transformers
