@@ -191,3 +191,70 @@ def test_model_parameter_used_again_after_the_model_keeps_its_cross_terms():
     torch.testing.assert_close(ggn.matrix, G, rtol=1e-10, atol=1e-12)
     got = torch.cat([p.diag_ggn.flatten() for p in model.parameters()])
     torch.testing.assert_close(got, G.diagonal(), rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------- a loss over merged axes
+class Tagger(nn.Module):
+    """A per-position classifier: ``[N, L, 4]`` → ``[N, L, 5]`` logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+MERGES = {
+    "reshape(-1, V)": lambda f: f.reshape(-1, f.shape[-1]),
+    "view(-1, V)": lambda f: f.view(-1, f.shape[-1]),
+    "flatten(0, 1)": lambda f: f.flatten(0, 1),
+    "slice then reshape": lambda f: f[:, 1:].reshape(-1, f.shape[-1]),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("merge", list(MERGES))
+@pytest.mark.parametrize("n", [1, 3])
+def test_loss_over_the_batch_axis_merged_with_positions(merge, reduction, n):
+    """``crit(logits.reshape(-1, V), y.reshape(-1))``: each sample is its block of rows.
+
+    The exact extensions against the reference of ``g ∘ f`` (its Hessian is
+    block-diagonal over the samples); DiagGGNApprox equals that of the same
+    loss written per position, ``crit(logits.transpose(1, 2), y)``.
+    """
+    torch.manual_seed(0)
+    model = Tagger().to(DT)
+    X = torch.randn(n, 4, 4, dtype=DT)
+    g = MERGES[merge]
+    rows = g(torch.zeros(n, 4, 5)).shape[0]
+    y = torch.randint(0, 5, (rows,))
+    crit = nn.CrossEntropyLoss(reduction=reduction)
+    ggn = FullGGN()
+    with extend(model, DiagGGN(), DiagGGNApprox(), ggn):
+        crit(g(model(X)), y).backward()
+    got = collect(model, n, ("DiagGGN", "DiagGGNApprox", "FullGGN"))
+    ref = reference(model, X, lambda out: crit(g(out), y), approx=False)
+    compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, ggn.matrix)
+    if merge == "slice then reshape":
+        return
+    per_position = y.reshape(n, 4)
+    with extend(model, DiagGGNApprox()):
+        crit(model(X).transpose(1, 2), per_position).backward()
+    expected = torch.cat([p.diag_ggn_approx.flatten() for p in model.parameters()])
+    check(got["DiagGGNApprox"], expected, "DiagGGNApprox (merged rows)", rtol=1e-12)
+
+
+def test_merged_rows_with_mse_and_several_losses():
+    """Two losses on the same merged tensor, MSE over rows ``[N·L, V]``."""
+    torch.manual_seed(0)
+    model = Tagger().to(DT)
+    X, t = torch.randn(2, 4, 4, dtype=DT), torch.randn(8, 5, dtype=DT)
+    mse, mse_sum = nn.MSELoss(), nn.MSELoss(reduction="sum")
+    loss_fn = lambda out: mse(out.reshape(-1, 5), t) + 0.5 * mse_sum(out.reshape(-1, 5), t)  # noqa: E731
+    ggn = FullGGN()
+    with extend(model, DiagGGN(), ggn):
+        out = model(X).reshape(-1, 5)
+        (mse(out, t) + 0.5 * mse_sum(out, t)).backward()
+    got = collect(model, 2, ("DiagGGN", "FullGGN"))
+    compare(got, reference(model, X, loss_fn, approx=False), ggn.matrix)

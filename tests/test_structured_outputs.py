@@ -1,0 +1,94 @@
+"""Models that return a dict, a Hugging Face style ``ModelOutput``, or a tuple (``extend(..., output=)``).
+
+The curvature is of one tensor of the output: its ``"logits"``, its only
+tensor that requires grad, or the one the user names. Results must equal
+those of the same model returning that tensor alone.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, namedtuple
+
+import pytest
+import torch
+from torch import nn
+
+from curvhook import extend
+from curvhook.errors import UnsupportedModelError
+from curvhook.extensions import DiagGGN, DiagGGNApprox
+
+DT = torch.float64
+
+
+class ModelOutput(OrderedDict):
+    """What Hugging Face models return: a mapping that also has attributes."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as err:
+            raise AttributeError(name) from err
+
+
+Pair = namedtuple("Pair", ["scores", "features"])
+
+
+class Net(nn.Module):
+    """Returns ``wrap(logits, hidden)``."""
+
+    def __init__(self, wrap) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+        self.wrap = wrap
+
+    def forward(self, x):
+        hidden = torch.tanh(self.body(x))
+        return self.wrap(self.head(hidden), hidden)
+
+
+WRAPS = {
+    "dict with logits": (lambda f, h: {"logits": f, "hidden": h}, None, lambda o: o["logits"]),
+    "ModelOutput": (lambda f, h: ModelOutput(logits=f, hidden_states=(h,)), None, lambda o: o.logits),
+    "dict, one tensor with grad": (lambda f, h: {"scores": f, "mask": h.detach() > 0}, None, lambda o: o["scores"]),
+    "tuple, named by index": (lambda f, h: (f, h), 0, lambda o: o[0]),
+    "dict, named by key": (lambda f, h: {"scores": f, "features": h}, "scores", lambda o: o["scores"]),
+    "namedtuple, named by attribute": (lambda f, h: Pair(f, h), "scores", lambda o: o.scores),
+    "tuple, named by a function": (lambda f, h: (h, f), lambda o: o[1], lambda o: o[1]),
+}
+
+
+def _diag(model, X, y, pick, output):
+    crit = nn.CrossEntropyLoss()
+    with extend(model, DiagGGN(), DiagGGNApprox(), output=output):
+        crit(pick(model(X)), y).backward()
+    return [(p.diag_ggn.clone(), p.diag_ggn_approx.clone()) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", list(WRAPS))
+def test_structured_output_equals_the_plain_tensor(name):
+    wrap, output, pick = WRAPS[name]
+    torch.manual_seed(0)
+    model = Net(wrap).to(DT)
+    X, y = torch.randn(3, 4, dtype=DT), torch.tensor([0, 2, 1])
+    got = _diag(model, X, y, pick, output)
+    model.wrap = lambda f, h: f
+    expected = _diag(model, X, y, lambda o: o, None)
+    for (g, ga), (e, ea) in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-13, atol=0)
+        torch.testing.assert_close(ga, ea, rtol=1e-13, atol=0)
+
+
+def test_ambiguous_output_lists_the_candidates():
+    model = Net(lambda f, h: {"scores": f, "features": h}).to(DT)
+    with pytest.raises(UnsupportedModelError, match="'scores', 'features'.*output="):
+        with extend(model, DiagGGN()):
+            model(torch.randn(2, 4, dtype=DT))
+
+
+@pytest.mark.parametrize("output", ["missing", 5, lambda o: 3])
+def test_a_wrong_output_choice_is_refused(output):
+    model = Net(lambda f, h: (f, h)).to(DT)
+    with pytest.raises(UnsupportedModelError, match="output="):
+        with extend(model, DiagGGN(), output=output):
+            model(torch.randn(2, 4, dtype=DT))
