@@ -100,7 +100,7 @@ def tv_mobilenet_v3_small(n: int = N) -> ZooCase:
     import torchvision
 
     model = torchvision.models.mobilenet_v3_small(num_classes=CLASSES).eval()
-    return _classifier(model, "x", _images(32, n), CLASSES, ("features.0.", "features.1.block.1.", "classifier.3."))
+    return _classifier(model, "x", _images(16, n), CLASSES, ("features.0.", "features.1.block.1.", "classifier.3."))
 
 
 def tv_convnext_tiny(n: int = N) -> ZooCase:
