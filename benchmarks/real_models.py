@@ -8,9 +8,17 @@ around forward, loss and backward. The methods take turns, one step each per
 round, so that a noisy machine slows them alike; the median per method is
 reported with its ratio to the plain step.
 
+``--size medium`` builds the same families at a realistic small size
+(transformers: hidden 128, 2 layers, 4 heads, 64 tokens, vocabulary 1000;
+ViTs: 32×32 images, patches of 4, 2 layers; CNNs as they are, on 32×32 or
+64×64 images) instead of the tiny test configs, whose time is mostly fixed
+per-operation overhead. ``--methods`` leaves methods out (DiagGGN, with one
+backpropagated column per class and position, is slow on language models).
+
 Usage::
 
     python -m benchmarks.real_models --batch 8 --rounds 15 --markdown real.md
+    python -m benchmarks.real_models --size medium --methods plain DiagGGNApprox
 """
 
 from __future__ import annotations
@@ -26,10 +34,81 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "models"))
-from zoo import MODELS, available  # noqa: E402
+import zoo  # noqa: E402
+from zoo import MODELS, ZooCase, available  # noqa: E402
 
 from curvhook import extend  # noqa: E402
 from curvhook.extensions import DiagGGN, DiagGGNApprox  # noqa: E402
+
+
+# ------------------------------------------------------------ medium size
+M_VOCAB, M_LENGTH, M_CLASSES = 1000, 64, 10
+
+
+def _medium_ids(n: int) -> torch.Tensor:
+    return torch.randint(0, M_VOCAB, (n, M_LENGTH))
+
+
+def _medium_text(n: int, model: torch.nn.Module, language_model: bool) -> ZooCase:
+    if language_model:
+        return zoo._language_model(model, _medium_ids(n), M_VOCAB, ("",))
+    return zoo._classifier(model, "input_ids", _medium_ids(n), M_CLASSES, ("",), logits=lambda out: out.logits)
+
+
+def _medium_hf(name: str, n: int) -> ZooCase:
+    """BERT, DistilBERT, GPT-2, Llama: hidden 128, 2 layers, 4 heads, 64 tokens, vocabulary 1000."""
+    import transformers as tf
+
+    common = dict(vocab_size=M_VOCAB, bos_token_id=0, eos_token_id=0)
+    if name == "transformers.Bert":
+        config = tf.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+                               max_position_embeddings=128, num_labels=M_CLASSES, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0, vocab_size=M_VOCAB)
+        return _medium_text(n, tf.BertForSequenceClassification(config), False)
+    if name == "transformers.DistilBert":
+        config = tf.DistilBertConfig(dim=128, n_layers=2, n_heads=4, hidden_dim=512, max_position_embeddings=128,
+                                     num_labels=M_CLASSES, dropout=0.0, attention_dropout=0.0,
+                                     seq_classif_dropout=0.0, vocab_size=M_VOCAB)
+        return _medium_text(n, tf.DistilBertForSequenceClassification(config), False)
+    if name == "transformers.GPT2":
+        config = tf.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
+                               attn_pdrop=0.0, **common)
+        return _medium_text(n, tf.GPT2LMHeadModel(config), True)
+    config = tf.LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=344, max_position_embeddings=128, pad_token_id=0, **common)
+    return _medium_text(n, tf.LlamaForCausalLM(config), True)
+
+
+def _medium_vision(name: str, n: int) -> ZooCase:
+    """ViTs on 32×32 images (patches of 4, 2 layers); CNNs as they are on 32×32 (MobileViT 64×64)."""
+    size = 64 if name == "timm.mobilevitv2_050" else 32
+    if name == "torchvision.VisionTransformer":
+        import torchvision
+
+        model = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=2, num_heads=4,
+                                                     hidden_dim=128, mlp_dim=512, num_classes=M_CLASSES)
+    elif name == "timm.vit_tiny":
+        import timm
+
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2,
+                                  num_classes=M_CLASSES)  # embed 192, 3 heads
+    elif name.startswith("timm."):
+        import timm
+
+        model = timm.create_model(name.split(".", 1)[1], num_classes=M_CLASSES).eval()
+    else:
+        import torchvision
+
+        model = getattr(torchvision.models, name.split(".", 1)[1])(num_classes=M_CLASSES).eval()
+    return zoo._classifier(model, "x", zoo._images(size, n), M_CLASSES, ("",))
+
+
+def medium(name: str, n: int) -> ZooCase:
+    """The model family ``name`` of the zoo at a realistic small size (see the module docstring)."""
+    return _medium_hf(name, n) if name.startswith("transformers.") else _medium_vision(name, n)
+
+
+METHODS = ("plain", "DiagGGN", "DiagGGNApprox")
 
 
 def _step(case, extension) -> Callable[[], None]:
@@ -45,16 +124,19 @@ def _step(case, extension) -> Callable[[], None]:
     return plain if extension is None else extended
 
 
-def time_model(name: str, batch: int, rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per step of plain, DiagGGN and DiagGGNApprox on one model."""
+def time_model(
+    name: str, batch: int, rounds: int, warmup: int = 2, size: str = "tiny", methods: tuple = METHODS
+) -> dict[str, float]:
+    """Median seconds per step of each of ``methods`` on one model (tiny zoo config or ``size="medium"``)."""
     _, build = MODELS[name]
     torch.manual_seed(0)
-    case = build(batch)
+    case = build(batch) if size == "tiny" else medium(name, batch)
     case.model.float()
     for p in case.model.parameters():
         p.requires_grad_(True)
     case.inputs = {k: v.float() if v.is_floating_point() else v for k, v in case.inputs.items()}
-    steps = {"plain": _step(case, None), "DiagGGN": _step(case, DiagGGN), "DiagGGNApprox": _step(case, DiagGGNApprox)}
+    extensions = {"plain": None, "DiagGGN": DiagGGN, "DiagGGNApprox": DiagGGNApprox}
+    steps = {m: _step(case, extensions[m]) for m in methods}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(warmup + rounds):
         for label, step in steps.items():
@@ -65,12 +147,21 @@ def time_model(name: str, batch: int, rounds: int, warmup: int = 2) -> dict[str,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _row(name: str, t: dict[str, float]) -> str:
+    """One table row; ``—`` for a method left out."""
+    ms = lambda k: f"{1e3 * t[k]:.1f}" if k in t else "—"  # noqa: E731
+    ratio = lambda k: f"{t[k] / t['plain']:.2f}" if k in t else "—"  # noqa: E731
+    return f"| {name} | {ms('plain')} | {ms('DiagGGN')} | {ms('DiagGGNApprox')} | {ratio('DiagGGN')} | {ratio('DiagGGNApprox')} |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--markdown", default=None)
+    parser.add_argument("--size", choices=("tiny", "medium"), default="tiny")
+    parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     rows = [
@@ -82,15 +173,12 @@ def main() -> None:
         if not available(package):
             print(f"{name}: {package} not installed, skipped", flush=True)
             continue
-        t = time_model(name, args.batch, args.rounds)
-        row = (
-            f"| {name} | {1e3 * t['plain']:.1f} | {1e3 * t['DiagGGN']:.1f} | {1e3 * t['DiagGGNApprox']:.1f} "
-            f"| {t['DiagGGN'] / t['plain']:.2f} | {t['DiagGGNApprox'] / t['plain']:.2f} |"
-        )
+        t = time_model(name, args.batch, args.rounds, size=args.size, methods=tuple(dict.fromkeys(["plain", *args.methods])))
+        row = _row(name, t)
         print(row, flush=True)
         rows.append(row)
     header = (
-        f"torch {torch.__version__}, float32, batch {args.batch}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, float32, size {args.size}, batch {args.batch}, {torch.get_num_threads()} threads, "
         f"median of {args.rounds} interleaved rounds, a new extend block per step\n\n"
     )
     if args.markdown:

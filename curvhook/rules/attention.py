@@ -395,6 +395,64 @@ def _split_diagonals(call: Operation, arguments: dict, diag: Tensor, need_input:
     return results
 
 
+def sdpa_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], causal: bool, scale: Optional[float]) -> Tensor:
+    """``A = softmax(s q kᵀ + mask)`` as ``F.scaled_dot_product_attention`` forms it.
+
+    Args:
+        q: ``[*, L, E]``; k: ``[*, S, E]`` (as many heads as ``q``).
+        mask: Boolean (``True`` takes part) or added, broadcast to ``[*, L, S]``; or ``None``.
+        causal: Keep only keys ``j ≤ i`` (top-left aligned, as torch does).
+        scale: ``s``; ``None`` for ``E^-½``.
+
+    Returns:
+        ``[*, L, S]``.
+    """
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)).mul_(s)
+    if causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores.masked_fill_(~keep, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(-1)
+
+
+def attention_diagonals(
+    q: Tensor, k: Tensor, v: Tensor, d_o: Tensor, mask: Optional[Tensor], causal: bool, scale: Optional[float]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DiagGGNApprox through ``O = softmax(s q kᵀ + mask) v`` counted as its operations.
+
+    Going backwards (``A``, ``q``, ``k``, ``v``, ``O`` of one head): ``d_A = d_O (v∘v)ᵀ``,
+    ``d_v = (A∘A)ᵀ d_O``; the softmax over keys
+    ``d_S[i] = A_i² (d_A[i] (1 − 2 A_i) + Σ_j d_A[j] A_j²)``; a mask adds a constant
+    (identity); ``d_q = s² d_S (k∘k)``, ``d_k = s² d_Sᵀ (q∘q)``. Key and value
+    heads shared by several query heads (grouped-query attention) sum their diagonals.
+
+    Args:
+        q: ``[*, H, L, E]`` (or ``[*, L, E]``); k: ``[*, H_kv, S, E]``; v: ``[*, H_kv, S, E_v]``.
+        d_o: The diagonal at the output, ``[*, H, L, E_v]``.
+        mask, causal, scale: As for :func:`sdpa_weights`.
+
+    Returns:
+        ``d_q``, ``d_k``, ``d_v``, shaped like ``q``, ``k``, ``v``.
+    """
+    groups = q.shape[-3] // k.shape[-3] if q.dim() >= 3 and k.dim() >= 3 else 1
+    k_all, v_all = (t.repeat_interleave(groups, -3) if groups > 1 else t for t in (k, v))
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    with torch.no_grad():
+        A = sdpa_weights(q, k_all, mask, causal, scale)
+        a_sq = A.square()
+        d_a = d_o @ v_all.square().transpose(-1, -2)
+        d_v = a_sq.transpose(-1, -2) @ d_o
+        d_s = A.mul_(-2).add_(1).mul_(d_a)  # d_A (1 − 2A), in the place of A
+        d_s.add_(d_a.mul_(a_sq).sum(-1, keepdim=True)).mul_(a_sq)
+        d_q = (d_s @ k_all.square()).mul_(s * s)
+        d_k = (d_s.transpose(-1, -2) @ q.square()).mul_(s * s)
+    if groups > 1:
+        d_k, d_v = (t.unflatten(-3, (-1, groups)).sum(-3) for t in (d_k, d_v))
+    return d_q, d_k, d_v
+
+
 @register_rule(nn.MultiheadAttention)
 class SelfAttentionRule(FallbackRule):
     """Closed-form DiagGGNApprox diagonals for self-attention; the exact generic rule otherwise."""

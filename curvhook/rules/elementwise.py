@@ -20,7 +20,7 @@ from curvhook._torch_internals import tensor_version
 from curvhook.records import Operation
 from curvhook.errors import UnsupportedModelError
 from curvhook.rules.base import LayerRule, apply_node, is_single_node
-from curvhook.rules.registry import register_rule
+from curvhook.rules.registry import register_rule, register_rule_by_name
 
 ACTIVATIONS = (
     nn.ReLU,
@@ -120,3 +120,36 @@ class DropoutRule(ElementwiseRule):
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return diag if self._is_identity(call) else super().diag_jac_t_diag_jac(call, diag)
+
+
+# Hugging Face's activation modules (``transformers.activations``): elementwise, without parameters.
+HF_ACTIVATIONS = (
+    "NewGELUActivation", "GELUActivation", "FastGELUActivation", "QuickGELUActivation",
+    "ClippedGELUActivation", "AccurateGELUActivation", "GELUTanh", "PytorchGELUTanh",
+    "MishActivation", "LinearActivation", "LaplaceActivation", "ReLUSquaredActivation", "SiLUActivation",
+)
+
+
+@register_rule_by_name("transformers", *HF_ACTIVATIONS)
+class ReplayedElementwiseRule(ElementwiseRule):
+    """An elementwise activation written as several operations (``0.5 x (1 + tanh(…))``).
+
+    Its slope ``σ'(x)`` comes from one backward of the module replayed on its
+    input (``torch.autograd.grad`` with a vector of ones: the Jacobian is diagonal).
+    """
+
+    def accepts(self, module: nn.Module) -> bool:
+        return next(module.parameters(), None) is None and next(module.children(), None) is None
+
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        return _memory.mul(mat, _slope(call))
+
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
+        return diag * _slope(call).square()
+
+
+def _slope(call: Operation) -> Tensor:
+    """``σ'(x)``, ``[N, *x.shape[1:]]``, from a replay (cached per backward)."""
+    if call.scratch.jac_diag is None:
+        call.scratch.jac_diag = jacobian_diagonal(call) if is_single_node(call) else _replayed_slope(call)
+    return call.scratch.jac_diag

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from curvhook.errors import UnsupportedModelError
-from curvhook.records import BATCHED, Operation, Slot
+from curvhook.records import BATCHED, CONST, Operation, Slot
+from curvhook.rules.attention import attention_diagonals
 from curvhook.rules.base import LayerRule
 from curvhook.rules.embedding import EmbeddingRule
 from curvhook.rules.linear import LinearRule
@@ -296,8 +297,12 @@ SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "sc
 class AttentionFunction(TensorOpRule):
     """``F.scaled_dot_product_attention``: known to keep samples apart without dropout and per-sample masks.
 
-    Its products are the generic exact ones (``torch.func`` on the whole call).
+    Its products are the generic exact ones (``torch.func`` on the whole call);
+    DiagGGNApprox counts it as its operations by default (:class:`SplitAttentionFunction`).
     """
+
+    def operations_rule(self) -> TensorOpRule:
+        return SPLIT_SDPA
 
     def keeps_samples_apart(self, call: Operation, n: int) -> bool:
         args = _bind(call, SDPA_ARGS, {"attn_mask": None, "dropout_p": 0.0})
@@ -311,6 +316,56 @@ class AttentionFunction(TensorOpRule):
             and (mask is None or mask.dim() < out_rank or mask.shape[0] == 1)  # no per-sample mask
             and (not isinstance(args["attn_mask"], Slot) or call.input_kinds[args["attn_mask"]] != BATCHED)
         )
+
+
+class SplitAttentionFunction(AttentionFunction):
+    """DiagGGNApprox through ``F.scaled_dot_product_attention`` counted as its operations.
+
+    As :class:`~curvhook.rules.attention.SplitAttentionRule` does for
+    ``nn.MultiheadAttention`` (``split_attention=True``, the default), the call
+    counts as ``S = s q kᵀ + mask``, ``A = softmax(S)``, ``O = A v``, attention
+    written out by hand, with only the diagonal kept between them (see
+    :func:`~curvhook.rules.attention.attention_diagonals`). Forms it does not
+    cover (dropout, a mask with grad, inputs without their batch axis first, a
+    per-sample mask) take the whole-operation rule.
+    """
+
+    def operations_rule(self) -> TensorOpRule:
+        return self
+
+    def _split(self, call: Operation, value: Any) -> Optional[dict[int, Tensor]]:
+        """``{slot: [N, *x[1:]]}``: the diagonals at ``q``, ``k``, ``v`` (summed where one tensor is several)."""
+        cached = call.scratch.attention
+        if cached is not None and cached[0] == "sdpa_split" and cached[1] is value:
+            return cached[2]
+        args = _bind(call, SDPA_ARGS, {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None})
+        slots = [args.get(a) for a in SDPA_ARGS[:3]]
+        mask = args["attn_mask"]
+        if (
+            isinstance(value, list) or not call.known_per_sample or call.batch_axes is not None
+            or not all(isinstance(t, Slot) and call.input_kinds[t] == BATCHED for t in slots)
+            or (isinstance(mask, Slot) and call.input_kinds[mask] != CONST)
+            or set(call.kwargs) - set(SDPA_ARGS) - {"enable_gqa"}
+        ):
+            return None
+        q, k, v = (call.inputs[t].detach() for t in slots)
+        diags = attention_diagonals(
+            q, k, v, value, _value(call, mask), bool(args["is_causal"]), args["scale"]
+        )
+        results: dict[int, Tensor] = {}
+        for t, d in zip(slots, diags):
+            results[t] = d if t not in results else results[t] + d
+        call.scratch.attention = ("sdpa_split", value, results)
+        return results
+
+    def input_diag(self, call: Operation, value: Any, slot: int) -> Tensor:
+        results = self._split(call, value)
+        if results is None or slot not in results:
+            return super().input_diag(call, value, slot)
+        return results[slot]
+
+
+SPLIT_SDPA = SplitAttentionFunction()
 
 
 FUNCTIONAL_RULES: dict[Callable, TensorOpRule] = {

@@ -6,7 +6,8 @@ Per sample, the ``T = prod(*)`` positions share ``W``, so
 
 from __future__ import annotations
 
-from typing import Optional
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import torch
 from einops import rearrange
@@ -16,7 +17,7 @@ from curvhook import _memory
 from curvhook._memory import empty
 from curvhook.records import Operation
 from curvhook.rules.base import LayerRule, sum_of_squared_products
-from curvhook.rules.registry import register_rule
+from curvhook.rules.registry import register_rule, register_rule_by_name
 
 
 def _positions(call: Operation, mat: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,6 +84,56 @@ class LinearRule(LayerRule):
             return d.sum(0)
         x_sq = _memory.square(_rows(call.input), "linear_x_sq")  # [(N ...), I]
         return torch.mm(d.t(), x_sq, out=_memory.recyclable(call.module.weight.shape, d))
+
+
+class _TransposedCall:
+    """A call of GPT-2's ``Conv1D`` as :class:`LinearRule` reads an ``nn.Linear`` call: weight ``[nf, nx]``."""
+
+    def __init__(self, call: Operation) -> None:
+        self._call = call
+        m = call.module
+        self.module = SimpleNamespace(weight=m.weight.t(), bias=m.bias)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+@register_rule_by_name("transformers", "Conv1D")
+class Conv1DRule(LinearRule):
+    """Hugging Face's ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` ``[nx, nf]``, ``x`` ``[N, *, nx]``.
+
+    ``nn.Linear`` with the weight transposed (its forward flattens the batch
+    axis into the positions for ``torch.addmm``; per sample it is the same map):
+    :class:`LinearRule`'s results, the weight's transposed back.
+    """
+
+    def accepts(self, module: nn.Module) -> bool:
+        w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+        return (
+            isinstance(w, Tensor) and w.dim() == 2 and getattr(module, "nf", None) == w.shape[1]
+            and (b is None or (isinstance(b, Tensor) and b.shape == (w.shape[1],)))
+        )
+
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        return super().jac_t_mat_prod(_TransposedCall(call), mat)
+
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        out = super().param_jac_t_mat_prod(_TransposedCall(call), name, mat)
+        return out.transpose(-1, -2) if name == "weight" else out
+
+    def param_factors(self, call: Operation, name: str, mat: Tensor) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+        return None  # the factors of Wᵀ, not W
+
+    def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        out = super().param_sq_sum(_TransposedCall(call), name, mat)
+        return out.t() if name == "weight" else out
+
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
+        return diag @ call.module.weight.detach().square().t()
+
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
+        out = super().param_diag(_TransposedCall(call), name, diag)
+        return out.t() if name == "weight" else out
 
 
 def _rows(t: Tensor) -> Tensor:

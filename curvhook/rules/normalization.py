@@ -31,6 +31,8 @@ For all of them the affine parameters are elementwise: ``J_γᵀ m = Σ m ∘ x�
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from curvhook import _memory
 from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
-from curvhook.rules.registry import register_rule
+from curvhook.rules.registry import register_rule, register_rule_by_name
 
 
 def _channel_shape(x: Tensor) -> tuple[int, ...]:
@@ -305,3 +307,42 @@ class RMSNormRule(LayerNormRule):
             dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
             eps = torch.finfo(dtype).eps
         return eps
+
+
+class _RMSNormCall:
+    """A call of Hugging Face's ``LlamaRMSNorm`` as :class:`RMSNormRule` reads an ``nn.RMSNorm`` call."""
+
+    def __init__(self, call: Operation) -> None:
+        self._call = call
+        m = call.module
+        self.module = SimpleNamespace(
+            weight=m.weight, normalized_shape=tuple(m.weight.shape), eps=m.variance_epsilon, bias=None
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+@register_rule_by_name("transformers", "LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "T5LayerNorm")
+class HFRMSNormRule(RMSNormRule):
+    """``w ∘ x / √(mean(x²) + ε)`` over the last axis (``LlamaRMSNorm``, weight ``[E]``, ``variance_epsilon``).
+
+    The module computes in float32 and casts back; its derivative is that of
+    ``nn.RMSNorm`` (exact up to that rounding in a float64 model).
+    """
+
+    def accepts(self, module: nn.Module) -> bool:
+        w = getattr(module, "weight", None)
+        return isinstance(w, Tensor) and w.dim() == 1 and isinstance(getattr(module, "variance_epsilon", None), float)
+
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        return super().jac_t_mat_prod(_RMSNormCall(call), mat)
+
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        return super().param_jac_t_mat_prod(_RMSNormCall(call), name, mat)
+
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
+        return super().diag_jac_t_diag_jac(_RMSNormCall(call), diag)
+
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
+        return super().param_diag(_RMSNormCall(call), name, diag)

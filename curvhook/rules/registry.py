@@ -15,6 +15,7 @@ from torch import nn
 from curvhook.rules.base import LayerRule
 
 _RULES: dict[type, LayerRule] = {}
+_NAMED_RULES: dict[tuple[str, str], LayerRule] = {}  # (top-level package, class name) -> rule
 _VERSION = [0]  # grows with every registration: cached plans made before it are not reused
 
 R = TypeVar("R", bound=type)
@@ -48,6 +49,33 @@ def register_rule(*module_types: type) -> Callable[[R], R]:
     return decorate
 
 
+def register_rule_by_name(package: str, *class_names: str) -> Callable[[R], R]:
+    """Class decorator: register a rule for classes of a third-party package, matched by name.
+
+    For layers of packages curvhook does not import (Hugging Face's ``Conv1D``,
+    its activation modules, ``LlamaRMSNorm``): a class matches when its name is
+    one of ``class_names`` and it was defined in ``package`` or one of its
+    submodules. The rule's :meth:`~LayerRule.accepts` checks the attributes it reads.
+    A rule registered for the type itself takes precedence.
+
+    Args:
+        package: The top-level package, e.g. ``"transformers"``.
+        *class_names: The class names.
+
+    Returns:
+        The decorator; it instantiates the rule class once and returns the class.
+    """
+
+    def decorate(rule_cls: R) -> R:
+        rule = rule_cls()
+        for name in class_names:
+            _NAMED_RULES[(package, name)] = rule
+        _VERSION[0] += 1
+        return rule_cls
+
+    return decorate
+
+
 def rule_for(module: nn.Module) -> Optional[LayerRule]:
     """Return the rule for ``module``, or ``None`` if its type has none.
 
@@ -61,6 +89,8 @@ def rule_for(module: nn.Module) -> Optional[LayerRule]:
             if base in _RULES and cls.forward is base.forward:
                 rule = _RULES[base]
                 break
+    if rule is None and _NAMED_RULES:
+        rule = _NAMED_RULES.get((cls.__module__.partition(".")[0], cls.__name__))
     if rule is None or not rule.accepts(module):
         return None
     return rule

@@ -469,6 +469,8 @@ class TensorOpRule(LayerRule):
         name = call.func_name
         if isinstance(value, list) or call.kwargs or len(call.args) != 2 or _uses(call, slot) != 1:
             return None
+        if name in ADDITIONS or name in SUBTRACTIONS or name in REVERSED_SUBTRACTIONS:
+            return _shared_sum_diag(call.inputs[slot], value)
         if not (name in PRODUCTS or name in MATMULS or name in QUOTIENTS):
             return None
         first, second = call.args
@@ -604,6 +606,35 @@ def _linear_pullback(call: Operation, value: Tensor, slot: int, squared: bool) -
         count = x.numel() // max(call.output_values[0].numel(), 1)
         return value.expand(*lead, *x.shape) / (count * count if squared else count)
     return None
+
+
+def _shared_sum_diag(w: Tensor, value: Tensor) -> Optional[Tensor]:
+    """Per-sample ``Σ_o d_o J_oj²`` for the shared operand ``w`` of ``x ± w``: ``d`` summed to ``w``'s shape.
+
+    Every entry of ``J_w`` is ``0`` or ``±1``, one per output entry. A ``w`` with
+    the batch size as its first axis (an embedding of constant indices, expanded
+    to the batch) gives sample ``n`` only its own row ``w[n]``.
+
+    Args:
+        w: The shared operand, broadcast to the output ``[N, *out]``.
+        value: ``[N, *out]``, the diagonal at the output.
+
+    Returns:
+        ``[N, *w.shape]``, or ``None`` if ``w`` has more axes than the output.
+    """
+    n, out_dim = value.shape[0], value.dim()
+    if w.dim() > out_dim:
+        return None
+    if w.dim() < out_dim or w.shape[0] == 1:
+        target = (1,) * (out_dim - w.dim()) + tuple(w.shape)
+        return value.sum_to_size(n, *target[1:]).reshape(n, *w.shape)
+    if w.shape[0] != n:
+        return None
+    rows = value.sum_to_size(n, *w.shape[1:])
+    result = value.new_zeros(n, *w.shape)
+    index = torch.arange(n, device=value.device)
+    result[index, index] = rows
+    return result
 
 
 def _recorded_outputs(call: Operation) -> tuple[Tensor, ...]:

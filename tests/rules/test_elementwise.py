@@ -9,6 +9,8 @@ non-contiguous input, the registered rule (never the torch.func fallback) must
 serve every module, and a float32 run is compared with the same reference.
 """
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -146,8 +148,28 @@ def test_dropout_train_mode_as_last_module():
 
 
 # ------------------------------------- activations on more than one axis per sample
+class NewGELUActivation(nn.Module):
+    """Hugging Face's GPT-2 activation (``transformers.activations``): several operations, elementwise."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class GELUActivation(nn.Module):
+    """Hugging Face's ``GELUActivation``: ``F.gelu``, one autograd operation."""
+
+    def forward(self, x):
+        return nn.functional.gelu(x)
+
+
+for _cls in (NewGELUActivation, GELUActivation):
+    _cls.__module__ = "transformers.activations"  # matched by name, as the real ones
+
+
 # name -> (model builder, input builder)
 CASES = {
+    "hf_new_gelu_positions": (seq(nn.Linear(3, 4), NewGELUActivation(), *head()), float_input((2, 3))),
+    "hf_gelu_conv1d_maps": (seq(prefix_conv(1, 3), GELUActivation(), *head()), float_input((3, 4))),
     "relu_conv2d_maps": (seq(prefix_conv(2, 2), nn.ReLU(), *head()), float_input((2, 3, 3))),
     "sigmoid_conv1d_maps": (seq(prefix_conv(1, 3), nn.Sigmoid(), *head()), float_input((3, 4))),
     "silu_inplace_conv3d_maps": (seq(prefix_conv(3, 1), nn.SiLU(inplace=True), *head()), float_input((1, 2, 2, 3))),

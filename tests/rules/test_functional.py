@@ -89,15 +89,32 @@ class EmbeddingThen(nn.Module):
 class Attention(nn.Module):
     """``F.scaled_dot_product_attention`` on projections of ``[N, T, 4]``, two heads."""
 
-    def __init__(self, mask=None, causal=False) -> None:
+    def __init__(self, mask=None, causal=False, scale=None, gqa=False, by_hand=False) -> None:
         super().__init__()
         self.qkv, self.head = nn.Linear(4, 12), nn.Linear(3 * 4, 3)
-        self.mask, self.causal = mask, causal
+        self.mask, self.causal, self.scale, self.gqa, self.by_hand = mask, causal, scale, gqa, by_hand
 
     def forward(self, x):
         q, k, v = self.qkv(x).unflatten(-1, (3, 2, 2)).permute(0, 2, 3, 1, 4).unbind(1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal)
+        if self.gqa:  # one key and value head for both query heads (Llama's grouped-query attention)
+            k, v = k[:, :1], v[:, :1]
+        if self.by_hand:
+            o = self._by_hand(q, k, v)
+        else:
+            extra = {"enable_gqa": True} if self.gqa else {}
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal, scale=self.scale, **extra)
         return self.head(o.transpose(1, 2).flatten(1))
+
+    def _by_hand(self, q, k, v):
+        """The same attention written out as its operations (the split form's definition)."""
+        if self.gqa:
+            k, v = k.repeat_interleave(2, -3), v.repeat_interleave(2, -3)
+        s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if self.scale is None else self.scale)
+        if self.causal:
+            s = s.masked_fill(~torch.ones(3, 3, dtype=torch.bool).tril(), float("-inf"))
+        if self.mask is not None:
+            s = s.masked_fill(~self.mask, float("-inf")) if self.mask.dtype == torch.bool else s + self.mask
+        return s.softmax(-1) @ v
 
 
 def _bn(m, x):
@@ -242,3 +259,42 @@ def test_in_place_output_check_still_catches_mixing():
     model = Mixing().to(DT)
     with pytest.raises(UnsupportedModelError, match="mixes samples"):
         run_curvhook(model, torch.randn(3, 4, dtype=DT), lambda out: nn.CrossEntropyLoss()(out, torch.randint(0, 3, (3,))))
+
+
+BOOL_MASK = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
+SPLIT_SDPA_CASES = {
+    "plain": {}, "causal": dict(causal=True), "float_mask": dict(mask=torch.randn(3, 3, dtype=DT)),
+    "bool_mask": dict(mask=BOOL_MASK), "scale": dict(scale=0.3), "gqa": dict(gqa=True),
+    "gqa_causal": dict(gqa=True, causal=True),
+}
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("case", SPLIT_SDPA_CASES)
+def test_sdpa_split_matches_attention_written_out(case, n, monkeypatch):
+    """DiagGGNApprox (split_attention=True) on F.scaled_dot_product_attention = the graph reference on the same
+    attention written out by hand, without dense Jacobians for the attention."""
+    from graph_reference import diag_ggn_approx_graph
+    from reference import check
+
+    if SPLIT_SDPA_CASES[case].get("gqa") and "enable_gqa" not in str(F.scaled_dot_product_attention.__doc__):
+        pytest.skip("torch without enable_gqa")
+    generic = tensor_ops.TensorOpRule._exact_diag
+
+    def guarded(self, call, *args):
+        assert call.func is not F.scaled_dot_product_attention, "dense diagonal for attention"
+        return generic(self, call, *args)
+
+    monkeypatch.setattr(tensor_ops.TensorOpRule, "_exact_diag", guarded)
+    torch.manual_seed(1)
+    model = Attention(**SPLIT_SDPA_CASES[case]).to(DT).eval()
+    twin = copy.deepcopy(model)
+    twin.by_hand = True
+    X, y = torch.randn(n, 3, 4, dtype=DT), torch.randint(0, 3, (n,))
+    crit = nn.CrossEntropyLoss()
+    got = run_curvhook(model, X, lambda out: crit(out, y), which=("DiagGGNApprox",))[0]["DiagGGNApprox"]
+    with torch.no_grad():
+        out = twin(X)
+    torch.testing.assert_close(out, model(X).detach())
+    d = torch.func.hessian(lambda o: crit(o, y))(out).reshape(out.numel(), -1).diagonal()
+    check(got, diag_ggn_approx_graph(twin, X, d), "DiagGGNApprox")

@@ -30,8 +30,27 @@ from helpers import (
 )
 from reference import check, collect, compare, reference
 
+class Conv1D(nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2) as ``transformers.pytorch_utils`` writes it: weight ``[nx, nf]``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.5)
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"  # matched by name, as the real one (no import of transformers)
+
+
 # name -> (model builder, input builder)
 CASES = {
+    "hf_conv1d_positions": (seq(nn.Linear(3, 4), Conv1D(5, 4), nn.Tanh(), *head()), float_input((2, 3))),
+    "hf_conv1d_features": (seq(nn.Linear(4, 4), Conv1D(CLASSES, 4)), float_input((4,))),
     "first_layer": (seq(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, CLASSES)), float_input((4,))),
     "no_bias_after_linear": (
         seq(nn.Linear(4, 4), nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, CLASSES)),
@@ -92,3 +111,13 @@ def test_linear_over_positions_diag_ggn_in_chunks(monkeypatch, chunk):
         nn.CrossEntropyLoss()(model(X), y).backward()
     ref = reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y), approx=False)
     compare(collect(model, 4, ("DiagGGN", "BatchJacobian")), ref)
+
+
+def test_conv1d_named_class_of_another_package_gets_no_rule():
+    """The rule matches the class name only in the package that defines it."""
+    from curvhook.rules.linear import Conv1DRule
+    from curvhook.rules.registry import rule_for
+
+    assert isinstance(rule_for(Conv1D(3, 4)), Conv1DRule)
+    other = type("Conv1D", (Conv1D,), {"__module__": "mypackage.layers"})
+    assert rule_for(other(3, 4)) is None

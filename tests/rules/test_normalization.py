@@ -33,8 +33,28 @@ from helpers import (
     seq,
 )
 
+class LlamaRMSNorm(nn.Module):
+    """Hugging Face's ``LlamaRMSNorm``: computed in float32, cast back, scaled by ``weight``."""
+
+    def __init__(self, hidden: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(hidden) + 0.5)
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float64)  # float32 in transformers: float64 keeps the test exact
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+LlamaRMSNorm.__module__ = "transformers.models.llama.modeling_llama"  # matched by name, as the real one
+
+
 # name -> (model builder, input builder)
 CASES = {
+    "hf_llama_rms_norm_positions": (seq(nn.Linear(3, 4), LlamaRMSNorm(4), nn.Tanh(), *head()), float_input((2, 3))),
     "batchnorm1d_features": (
         seq(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, CLASSES)),
         float_input((5,)),

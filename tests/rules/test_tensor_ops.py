@@ -192,6 +192,21 @@ class SumsAndMeans(nn.Module):
         return self.out((z - m).flatten(1)) + z.mean((-1, -2)).unsqueeze(1)
 
 
+class Embeddings(nn.Module):
+    """ViT's ``x + pos_embed`` (a ``[1, L, E]`` parameter), BERT's ``+ token_type_embeddings(ids)``
+    with constant indices expanded to the batch (shared, batch axis of size N), and ``b - x``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.types, self.b = nn.Linear(4, 4), nn.Embedding(2, 4), nn.Linear(12, 3)
+        self.pos, self.shift = nn.Parameter(torch.randn(1, 3, 4)), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        ids = torch.zeros(3, dtype=torch.long).expand(x.shape[0], 3)
+        h = self.shift - (self.a(x) + self.pos + self.types(ids))
+        return self.b(torch.tanh(h).flatten(1))
+
+
 def _bn_eval(model):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -217,6 +232,7 @@ MODELS = {
     "reductions": (Reductions, (2, 3, 3)),
     "two_inputs": (TwoInputs, (3, 3)),
     "sums_and_means": (SumsAndMeans, (4,)),
+    "embeddings": (Embeddings, (3, 4)),
 }
 
 
@@ -379,3 +395,17 @@ def test_check_compares_with_the_output_before_an_in_place_change():
     model = Model().to(DT)
     X, y = torch.randn(3, 4, dtype=DT), torch.randint(0, 3, (3,))
     check_graph_against_reference(model, X, y)
+
+
+def test_shared_operand_of_a_sum_without_torch_func(monkeypatch):
+    """``x + pos_embed``, ``x + embedding(constant ids)``, ``b - x``: the shared diagonal is ``d`` summed, no jacrev."""
+    from curvhook.rules import tensor_ops
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("jacrev on a sum")
+
+    monkeypatch.setattr(tensor_ops, "jacrev", refuse)
+    torch.manual_seed(0)
+    model = Embeddings().to(DT)
+    X = torch.randn(3, 3, 4, dtype=DT)
+    check_graph_against_reference(model, X, torch.randint(0, 3, (3,)))
