@@ -33,6 +33,7 @@ An input passed more than once (``x + x``) takes the generic path.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -505,7 +506,8 @@ class TensorOpRule(LayerRule):
         return _guard(call, lambda: vmap(one)(x_sq, value))
 
     def _exact_diag(self, call: Operation, value, slot: int) -> Tensor:
-        """Per-sample dense Jacobians: ``Σ_o d_o J_oi²``."""
+        """Per-sample dense Jacobians: ``Σ_o d_o J_oi²`` (warns once per function)."""
+        _warn_dense_once(call)
         shared = call.input_kinds[slot] != BATCHED
         if shared and self._safe(call) and BATCHED in call.input_kinds:
             fast = self._shared_diag(call, value, slot)
@@ -564,6 +566,24 @@ class TensorOpRule(LayerRule):
 
     def param_diag(self, call: Operation, name: str, diag) -> Tensor:
         return self._exact_diag(call, diag, call.slot_of(name)).sum(0)
+
+
+_DENSE_WARNED: set[str] = set()
+
+
+def _warn_dense_once(call: Operation) -> None:
+    """Warn the first time an operation's DiagGGNApprox diagonal takes dense per-sample Jacobians."""
+    name = call.func_name
+    if name in _DENSE_WARNED:
+        return
+    _DENSE_WARNED.add(name)
+    warnings.warn(
+        f"curvhook has no closed-form diagonal for the operation {call.name}: DiagGGNApprox "
+        "differentiates it with dense per-sample Jacobians (exact, but their cost grows with "
+        "the square of its size). Wrap it in a module and register a rule with "
+        "curvhook.register_rule (docs/custom_layers.md) if it is slow.",
+        stacklevel=3,
+    )
 
 
 def _linear_pullback(call: Operation, value: Tensor, slot: int, squared: bool) -> Optional[Tensor]:

@@ -409,3 +409,28 @@ def test_shared_operand_of_a_sum_without_torch_func(monkeypatch):
     model = Embeddings().to(DT)
     X = torch.randn(3, 3, 4, dtype=DT)
     check_graph_against_reference(model, X, torch.randint(0, 3, (3,)))
+
+
+def test_dense_diagonal_warns_once_naming_the_operation(monkeypatch):
+    """An operation without a closed-form diagonal: DiagGGNApprox says so once, by name."""
+    monkeypatch.setattr(tensor_ops, "_DENSE_WARNED", set())
+
+    class Cumulative(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(x).cumsum(1)
+
+    model = Cumulative().double()
+    X, y = torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 2])
+    for repeat in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with extend(model, DiagGGNApprox()):
+                nn.CrossEntropyLoss()(model(X), y).backward()
+        dense = [w for w in caught if "no closed-form diagonal" in str(w.message)]
+        assert len(dense) == (1 if repeat == 0 else 0)
+        if dense:
+            assert "cumsum" in str(dense[0].message)
