@@ -162,6 +162,8 @@ class ModuleRecorder:
         if frames:
             frames[-1].child_called = True
         op = _module_operation(module, info.name, args, kwargs, state.param_ids, trace.shared_keys)
+        if trace.moved_axes:
+            _note_batch_axes(op, trace.moved_axes)
         if op.inputs and getattr(module, "inplace", False) and saved_tensor_hooks_active():
             # Checkpointed: its node may not be read, and it overwrites its input. Keep a copy.
             op.inputs = (op.inputs[0].detach().clone(), *op.inputs[1:])
@@ -204,6 +206,8 @@ class ModuleRecorder:
             trace.shared_keys.difference_update(trace.shared_log[frame.shared_start :])
             del trace.shared_log[frame.shared_start :]
         _finish_leaf(op, module, frame.has_children, output)
+        if op.batch_axes is not None and op.output_key is not None:  # its output keeps the input's batch axis
+            trace.moved_axes[op.output_key] = op.batch_axes[1][0]
         if _from_parameters(op, trace.batch_hint):
             op.from_parameters = True
             trace.shared_keys.add(op.output_key)
@@ -301,6 +305,19 @@ def _module_operation(
         input_versions=tuple(k[1] for k in keys),
         input_nodes=nodes,
     )
+
+
+def _note_batch_axes(op: Operation, moved: dict) -> None:
+    """Record where the batch axes of a module call's inputs are, where one is not first.
+
+    Sets ``op.batch_axes`` to ``(axis of each batched input or None, (output axis,))``;
+    the output gets the axis of the first batched input whose axis is not first
+    (the plan checks that the module takes it there:
+    :func:`curvhook.rules.batch_axis_view.batch_axis_refusal`).
+    """
+    in_axes = tuple(moved.get(k, 0) if kind == BATCHED else None for k, kind in zip(op.input_keys, op.input_kinds))
+    if any(in_axes):
+        op.batch_axes = (in_axes, (next(a for a in in_axes if a),))
 
 
 def _kind(x: Tensor, key, param_ids: set[int], shared: set) -> str:
