@@ -33,9 +33,11 @@ _BROADCASTING = PRODUCTS | QUOTIENTS | ADDITIONS | SUBTRACTIONS | REVERSED_SUBTR
 _SPLITS = frozenset({"split", "chunk", "tensor_split", "unbind"})
 # The operations whose output axes this module knows (beyond those above).
 MOVERS = frozenset({
-    "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "unsqueeze",
+    "permute", "transpose", "t", "swapaxes", "swapdims", "movedim", "moveaxis", "unsqueeze",
     "squeeze", "select", "reshape", "view", "flatten", "unflatten", "sum", "mean", "__getitem__",
 }) | _SPLITS
+# Every operation whose output axes this module knows.
+FOLLOWED = MOVERS | _SAME_AXES | _BROADCASTING
 
 
 def _dim(args: Sequence, kwargs: dict, position: int, name: str = "dim", default: Any = None) -> Any:
@@ -74,6 +76,8 @@ def output_batch_axes(
     if name in ("transpose", "swapaxes", "swapdims"):
         a, b = (_dim(args, kwargs, 1, "dim0") % ndim, _dim(args, kwargs, 2, "dim1") % ndim)
         return (b if axis == a else a if axis == b else axis,)
+    if name == "t":
+        return (1 - axis if ndim == 2 else axis,)
     if name in ("movedim", "moveaxis"):
         return (_moved(axis, ndim, _dim(args, kwargs, 1, "source"), _dim(args, kwargs, 2, "destination")),)
     if name == "unsqueeze":
@@ -119,7 +123,7 @@ def _along_one_axis(
 ) -> Optional[tuple[int, ...]]:
     """``squeeze``, ``select`` and the splits: they must not act on the batch axis."""
     default = 0 if name in _SPLITS and name != "unbind" else None
-    position = 2 if name in ("split", "chunk", "tensor_split", "select") else 1
+    position = 2 if name in ("split", "chunk", "tensor_split") else 1  # select(dim, index)
     d = _dim(args, kwargs, position, default=0 if name == "unbind" else default)
     if name == "squeeze":
         if d is None:  # every axis of size one

@@ -310,12 +310,16 @@ def _module_operation(
 def _note_batch_axes(op: Operation, moved: dict) -> None:
     """Record where the batch axes of a module call's inputs are, where one is not first.
 
-    Sets ``op.batch_axes`` to ``(axis of each batched input or None, (output axis,))``;
+    Sets ``op.batch_axes`` to ``(axis of each batched input or None, (output axis,))``
+    (a constant taken from the model input by moving axes counts as batched here);
     the output gets the axis of the first batched input whose axis is not first
     (the plan checks that the module takes it there:
     :func:`curvhook.rules.batch_axis_view.batch_axis_refusal`).
     """
-    in_axes = tuple(moved.get(k, 0) if kind == BATCHED else None for k, kind in zip(op.input_keys, op.input_kinds))
+    in_axes = tuple(
+        moved.get(k, 0) if kind == BATCHED else moved.get(k) if kind == CONST else None
+        for k, kind in zip(op.input_keys, op.input_kinds)
+    )
     if any(in_axes):
         op.batch_axes = (in_axes, (next(a for a in in_axes if a),))
 
@@ -333,7 +337,7 @@ def _from_parameters(op: Operation, batch_hint) -> bool:
     An output whose leading size is that of the model input keeps the batch
     axis (``word_embeddings(input_ids)``): it is one row per sample.
     """
-    if op.output_key is None or BATCHED in op.input_kinds:
+    if op.output_key is None or BATCHED in op.input_kinds or op.batch_axes is not None:
         return False
     if not op.params and SHARED not in op.input_kinds:
         return False

@@ -280,21 +280,23 @@ def _check_module(op: Operation, trace: Trace, shape: GraphShape, n: Optional[in
 def _module_batch_axes(op: Operation) -> tuple[tuple[int, ...], int]:
     """The batch axis of each input of a module call (``0`` for constants), and of its output.
 
-    Raises where a batch axis is not first and the module does not take it there
-    (:func:`~curvhook.rules.batch_axis_view.batch_axis_refusal`).
+    Raises where the module does not take its batched inputs with the batch axis
+    where they have it (:func:`~curvhook.rules.batch_axis_view.batch_axis_refusal`).
     """
     if op.batch_axes is None:
-        return (0,) * len(op.inputs), 0
-    in_axes, (out_axis,) = op.batch_axes
+        in_axes, out_axis = tuple(0 if k == BATCHED else None for k in op.input_kinds), 0
+    else:
+        in_axes, (out_axis,) = op.batch_axes
     why = batch_axis_refusal(op.module, in_axes, op.inputs)
     if why is not None:
-        where = ", ".join(f"axis {a}" for a in in_axes if a is not None)
+        where = ", ".join(sorted({f"axis {a}" for a in in_axes if a is not None}))
         raise UnsupportedModelError(
             f"Module {op.name!r} ({type(op.module).__name__}) gets an input whose batch axis is "
-            f"{where}, and curvhook cannot present the call batch-first: {why}. Move the batch "
-            "axis back (permute / transpose) before the module. (curvhook follows the batch "
-            "axis into nn.MultiheadAttention, nn.LSTM, nn.GRU and nn.RNN with batch_first=False, "
-            "and into position-wise modules: Linear, LayerNorm, RMSNorm, Dropout, activations.)"
+            f"{where}, which curvhook cannot follow into it: {why}. Move the batch axis "
+            "(permute / transpose) to where the module takes it. (curvhook follows a batch axis "
+            "that is not first into nn.MultiheadAttention, nn.LSTM, nn.GRU and nn.RNN with "
+            "batch_first=False, and into position-wise modules: Linear, LayerNorm, RMSNorm, "
+            "Dropout, Identity, Embedding, activations.)"
         )
     return tuple(0 if a is None else a for a in in_axes), out_axis
 

@@ -17,9 +17,12 @@ same way, when the module treats its axes accordingly:
   ``[N, S]`` in both layouts) and initial states (``[layers, N, H]``) are
   constants and stay as they are.
 - Position-wise modules (``nn.Linear``, ``nn.LayerNorm``, ``nn.RMSNorm``,
-  ``nn.Dropout``, ``nn.Identity`` and the elementwise activations) where the
-  batch axis is not among the trailing axes they act on: they treat all
-  leading axes alike.
+  ``nn.Dropout``, ``nn.Identity``, the elementwise activations, and
+  ``nn.Embedding`` as a lookup of each index) where the batch axis is not among
+  the trailing axes they act on: they treat all leading axes alike.
+
+A constant input counts where the tape followed its batch axis from the model
+input (``lstm(x.transpose(0, 1))``, ``embedding(ids.t())``).
 
 :class:`BatchAxisViewRule` presents the recorded call as that batch-first call
 to the module's own rule. Values that travel backward already have the layout
@@ -43,8 +46,8 @@ from curvhook.rules.registry import rule_or_fallback
 
 # Modules with a batch_first flag whose batch_first=False layout is [L, N, ·].
 _SEQUENCE_FIRST = (nn.MultiheadAttention, nn.RNNBase)
-# Position-wise modules that act on no axis of their own.
-_ELEMENTWISE = (nn.Dropout, nn.Identity, *ACTIVATIONS)
+# Position-wise modules that act on no axis of their own (an embedding looks up each index).
+_ELEMENTWISE = (nn.Dropout, nn.Identity, nn.Embedding, *ACTIVATIONS)
 
 
 def batch_axis_refusal(module: nn.Module, in_axes: Sequence[Optional[int]], inputs: Sequence[Tensor]) -> Optional[str]:
@@ -57,21 +60,28 @@ def batch_axis_refusal(module: nn.Module, in_axes: Sequence[Optional[int]], inpu
         inputs: The inputs by slot.
 
     Returns:
-        ``None`` where the call is its batch-first view (see the module
-        docstring), else the reason, for an error message.
+        ``None`` where the call keeps samples apart as curvhook assumes: the batch
+        axes are first, or the call is its batch-first view (see the module
+        docstring). Else the reason, for an error message.
     """
     axes = {a for a in in_axes if a is not None}
+    if not axes:
+        return None
     if len(axes) > 1:
         return f"its inputs have their batch axes at different places (axes {sorted(axes)})"
     (axis,) = axes
     ndim = next(x.dim() for x, a in zip(inputs, in_axes) if a is not None)
     if isinstance(module, _SEQUENCE_FIRST):
-        if module.batch_first or axis != 1 or ndim != 3:
-            return "it takes the batch axis first (batch_first=True)" if module.batch_first else (
-                "with batch_first=False it takes 3-D inputs [L, N, ·] with the batch axis second"
+        want = 0 if module.batch_first else 1
+        if axis != want or ndim != 3:
+            return (
+                f"with batch_first={module.batch_first} it takes 3-D inputs with the batch axis at "
+                f"axis {want}, and treats the other axes as positions it mixes"
             )
-        if isinstance(module, nn.RNNBase) and any(a is not None for a in in_axes[1:]):
+        if axis and isinstance(module, nn.RNNBase) and any(a is not None for a in in_axes[1:]):
             return "its initial state is computed from the model input (only the first input is followed)"
+        return None
+    if axis == 0:
         return None
     trailing = _trailing_axes(module)
     if trailing is None:
