@@ -34,7 +34,8 @@ class Sequence(nn.Module):
     Args:
         body: ``"mha"``, ``"mha_mask"``, ``"encoder1"``, ``"encoder2"``, ``"lstm"``,
             ``"gru"``, ``"rnn"``, ``"positionwise"``, ``"embedding_lstm"`` (ids transposed
-            before the lookup), ``"lstm_on_input"`` (the model input transposed).
+            before the lookup), ``"lstm_on_input"`` (the model input transposed),
+            ``"decoder"`` (``nn.TransformerDecoder``, memory from the first three positions).
         head: ``"last"`` (``h[-1]``), ``"mean"`` (``h.mean(0)``) or ``"back"``
             (``h.transpose(0, 1)`` flattened).
     """
@@ -50,6 +51,9 @@ class Sequence(nn.Module):
             self.seq = nn.TransformerEncoder(layer, int(body[-1]), enable_nested_tensor=False)
         elif body in ("lstm", "embedding_lstm"):
             self.seq = nn.LSTM(E, 4)
+        elif body == "decoder":
+            layer = nn.TransformerDecoderLayer(E, 2, dim_feedforward=6, dropout=0.0)
+            self.seq = nn.TransformerDecoder(layer, 1)
         elif body == "lstm_on_input":
             self.seq = nn.LSTM(3, 4, num_layers=2)
         elif body == "gru":
@@ -74,6 +78,8 @@ class Sequence(nn.Module):
         elif self.body == "mha_mask":
             causal = torch.triu(torch.full((L, L), float("-inf"), dtype=h.dtype), 1)
             h = self.seq(h, h, h, attn_mask=causal, need_weights=False)[0]
+        elif self.body == "decoder":  # cross-attention: query [L, N, E], memory [3, N, E]
+            h = self.seq(h, self.inp(x[:, :3]).transpose(0, 1))
         elif self.body in ("lstm", "gru", "rnn"):
             h = self.seq(h)[0]
         else:
@@ -96,6 +102,7 @@ CASES = {
     "positionwise_modules_last": ("positionwise", "last"),
     "embedding_lstm_last": ("embedding_lstm", "last"),
     "lstm_two_layers_on_the_transposed_input_mean": ("lstm_on_input", "mean"),
+    "decoder_back": ("decoder", "back"),
 }
 
 
