@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from curvhook import UnsupportedModelError, extend
-from curvhook.extensions import DiagGGN
+from curvhook.extensions import BatchJacobian, DiagGGN
 from curvhook.batch_axis import output_batch_axes
 from curvhook.rules import fallback
 from helpers import DT, check_graph_against_reference, close, run_curvhook
@@ -61,7 +61,7 @@ class Sequence(nn.Module):
         elif body == "rnn":
             self.seq = nn.RNN(E, 4)
         else:  # positionwise
-            self.seq = nn.Sequential(nn.LayerNorm(E), nn.Linear(E, 4), nn.GELU(), nn.Dropout(0.0), nn.RMSNorm(4))
+            self.seq = nn.Sequential(nn.LayerNorm(E), nn.Linear(E, 4), nn.GELU(), nn.Dropout(0.0), nn.ReLU(), nn.RMSNorm(4))
         self.head = nn.LazyLinear(C)
 
     def forward(self, x):
@@ -200,6 +200,31 @@ def test_their_own_rules_serve_the_batch_first_views(monkeypatch, body):
         warnings.filterwarnings("error", message=".*no rule")
         X, y = _data(body, 2)
         run_curvhook(model, X, lambda out: nn.CrossEntropyLoss()(out, y))
+
+
+def test_train_mode_dropout_with_the_batch_axis_second():
+    """``nn.Dropout`` on ``[L, N, E]`` in train mode: the mask of this forward pass, moved.
+
+    The reference is autograd on the same forward pass (``torch.func`` would draw
+    another mask for a transposed input).
+    """
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.drop, self.head = nn.Linear(3, E), nn.Dropout(0.5), nn.Linear(E, C)
+
+        def forward(self, x):
+            return self.head(self.drop(self.inp(x).transpose(0, 1)).mean(0))
+
+    model = Net().to(DT).train()
+    X, y = torch.randn(3, L, 3, dtype=DT), torch.randint(0, C, (3,))
+    with extend(model, BatchJacobian()):
+        out = model(X)
+        nn.CrossEntropyLoss(reduction="sum")(out, y).backward()
+    for p in model.parameters():
+        rows = [torch.autograd.grad(out[n, c], p, retain_graph=True)[0] for n in range(3) for c in range(C)]
+        close(p.batch_jacobian, torch.stack(rows).view(3, C, *p.shape))
 
 
 # ------------------------------------------------------ output_batch_axes
