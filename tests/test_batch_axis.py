@@ -221,7 +221,7 @@ def test_train_mode_dropout_with_the_batch_axis_second():
     X, y = torch.randn(3, L, 3, dtype=DT), torch.randint(0, C, (3,))
     with extend(model, BatchJacobian()):
         out = model(X)
-        nn.CrossEntropyLoss(reduction="sum")(out, y).backward()
+        nn.CrossEntropyLoss(reduction="sum")(out, y).backward(retain_graph=True)
     for p in model.parameters():
         rows = [torch.autograd.grad(out[n, c], p, retain_graph=True)[0] for n in range(3) for c in range(C)]
         close(p.batch_jacobian, torch.stack(rows).view(3, C, *p.shape))
