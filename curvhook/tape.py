@@ -263,6 +263,7 @@ def _follow_constant_axes(pending: tuple, out: Any) -> None:
     for o, a in zip(outputs, out_axes or ()):
         if a:
             trace.moved_axes[key_of(o)] = a
+            trace.moved_constants.append(o)  # its id is not reused while the trace lives
 
 
 def _mark_batched_constants(kinds: list, tensors: list, outputs: list, batch_hint) -> None:
