@@ -33,9 +33,11 @@ _BROADCASTING = PRODUCTS | QUOTIENTS | ADDITIONS | SUBTRACTIONS | REVERSED_SUBTR
 _SPLITS = frozenset({"split", "chunk", "tensor_split", "unbind"})
 # The operations whose output axes this module knows (beyond those above).
 MOVERS = frozenset({
-    "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "unsqueeze",
-    "squeeze", "select", "reshape", "view", "flatten", "unflatten", "sum", "mean",
+    "permute", "transpose", "t", "swapaxes", "swapdims", "movedim", "moveaxis", "unsqueeze",
+    "squeeze", "select", "reshape", "view", "flatten", "unflatten", "sum", "mean", "__getitem__",
 }) | _SPLITS
+# Every operation whose output axes this module knows.
+FOLLOWED = MOVERS | _SAME_AXES | _BROADCASTING
 
 
 def _dim(args: Sequence, kwargs: dict, position: int, name: str = "dim", default: Any = None) -> Any:
@@ -74,6 +76,8 @@ def output_batch_axes(
     if name in ("transpose", "swapaxes", "swapdims"):
         a, b = (_dim(args, kwargs, 1, "dim0") % ndim, _dim(args, kwargs, 2, "dim1") % ndim)
         return (b if axis == a else a if axis == b else axis,)
+    if name == "t":
+        return (1 - axis if ndim == 2 else axis,)
     if name in ("movedim", "moveaxis"):
         return (_moved(axis, ndim, _dim(args, kwargs, 1, "source"), _dim(args, kwargs, 2, "destination")),)
     if name == "unsqueeze":
@@ -92,6 +96,8 @@ def output_batch_axes(
         return (axis if keep else axis - sum(1 for x in dims if x < axis),)
     if name in ("reshape", "view", "flatten", "unflatten"):
         return (_reshaped_axis(axis, in_shape, out_shapes[0]),)
+    if name == "__getitem__" and len(args) > 1:
+        return _indexed_axis(args[1], axis, ndim)
     return None
 
 
@@ -117,7 +123,7 @@ def _along_one_axis(
 ) -> Optional[tuple[int, ...]]:
     """``squeeze``, ``select`` and the splits: they must not act on the batch axis."""
     default = 0 if name in _SPLITS and name != "unbind" else None
-    position = 2 if name in ("split", "chunk", "tensor_split", "select") else 1
+    position = 2 if name in ("split", "chunk", "tensor_split") else 1  # select(dim, index)
     d = _dim(args, kwargs, position, default=0 if name == "unbind" else default)
     if name == "squeeze":
         if d is None:  # every axis of size one
@@ -143,4 +149,33 @@ def _reshaped_axis(axis: int, in_shape: Sequence[int], out_shape: Sequence[int])
         if running == before and s == size:
             return j
         running *= s
+    return None
+
+
+def _indexed_axis(index: Any, axis: int, ndim: int) -> Optional[tuple[int]]:
+    """The batch axis after basic indexing (``h[-1]``, ``h[:, :, 0]``, ``h[..., None]``).
+
+    Integers remove an axis, slices keep it, ``None`` adds one, ``...`` stands for
+    the axes the other items do not name. The batch axis must be taken whole
+    (``:`` or under ``...``); tensor indices are not followed (``None``).
+    """
+    items = list(index) if isinstance(index, tuple) else [index]
+    if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) and not isinstance(i, bool) for i in items):
+        return None
+    named = sum(1 for i in items if i is not None and i is not Ellipsis)
+    if items.count(Ellipsis) > 1 or named > ndim:
+        return None
+    if Ellipsis not in items:
+        items.append(Ellipsis)
+    at = items.index(Ellipsis)
+    items[at : at + 1] = [slice(None)] * (ndim - named)
+    in_axis, out_axis = 0, 0
+    for item in items:
+        if item is None:
+            out_axis += 1
+            continue
+        if in_axis == axis:
+            return (out_axis,) if item == slice(None) else None
+        in_axis += 1
+        out_axis += not isinstance(item, int)
     return None

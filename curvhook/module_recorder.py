@@ -162,6 +162,8 @@ class ModuleRecorder:
         if frames:
             frames[-1].child_called = True
         op = _module_operation(module, info.name, args, kwargs, state.param_ids, trace.shared_keys)
+        if trace.moved_axes:
+            _note_batch_axes(op, trace.moved_axes)
         if op.inputs and getattr(module, "inplace", False) and saved_tensor_hooks_active():
             # Checkpointed: its node may not be read, and it overwrites its input. Keep a copy.
             op.inputs = (op.inputs[0].detach().clone(), *op.inputs[1:])
@@ -204,6 +206,8 @@ class ModuleRecorder:
             trace.shared_keys.difference_update(trace.shared_log[frame.shared_start :])
             del trace.shared_log[frame.shared_start :]
         _finish_leaf(op, module, frame.has_children, output)
+        if op.batch_axes is not None and op.output_key is not None:  # its output keeps the input's batch axis
+            trace.moved_axes[op.output_key] = op.batch_axes[1][0]
         if _from_parameters(op, trace.batch_hint):
             op.from_parameters = True
             # parameters of the model passed as inputs (``mlp(self.table)``) get their terms by slot
@@ -308,6 +312,23 @@ def _module_operation(
     )
 
 
+def _note_batch_axes(op: Operation, moved: dict) -> None:
+    """Record where the batch axes of a module call's inputs are, where one is not first.
+
+    Sets ``op.batch_axes`` to ``(axis of each batched input or None, (output axis,))``
+    (a constant taken from the model input by moving axes counts as batched here);
+    the output gets the axis of the first batched input whose axis is not first
+    (the plan checks that the module takes it there:
+    :func:`curvhook.rules.batch_axis_view.batch_axis_refusal`).
+    """
+    in_axes = tuple(
+        moved.get(k, 0) if kind == BATCHED else moved.get(k) if kind == CONST else None
+        for k, kind in zip(op.input_keys, op.input_kinds)
+    )
+    if any(in_axes):
+        op.batch_axes = (in_axes, (next(a for a in in_axes if a),))
+
+
 def _kind(x: Tensor, key, param_ids: set[int], shared: set) -> str:
     if not x.requires_grad:
         return CONST
@@ -321,7 +342,7 @@ def _from_parameters(op: Operation, batch_hint) -> bool:
     An output whose leading size is that of the model input keeps the batch
     axis (``word_embeddings(input_ids)``): it is one row per sample.
     """
-    if op.output_key is None or BATCHED in op.input_kinds:
+    if op.output_key is None or BATCHED in op.input_kinds or op.batch_axes is not None:
         return False
     if not op.params and SHARED not in op.input_kinds:
         return False

@@ -28,6 +28,7 @@ from curvhook.errors import UnsupportedModelError, reentrant_checkpoint_error
 from curvhook.plan_key import GraphShape, graph_shape
 from curvhook.records import BATCHED, CONST, SHARED, Operation
 from curvhook.rules.base import LayerRule
+from curvhook.rules.batch_axis_view import BATCH_AXIS_VIEW, batch_axis_refusal, batch_first_module
 from curvhook.rules.fallback import FALLBACK, mixes_samples
 from curvhook.rules.parameters_only import TO_BATCH, parameters_only
 from curvhook.rules.registry import rule_for, rule_or_fallback
@@ -176,6 +177,9 @@ def resolve_rule(op: Operation) -> LayerRule:
     """The rule of an operation: a functional layer's, the tensor-operation rule, a module's
     registered rule, or the fallback.
 
+    A module called with the batch axis elsewhere than first gets its rule on the
+    batch-first view of the call (:mod:`curvhook.rules.batch_axis_view`).
+
     Operations on tensors computed from parameters only get the rules of
     :mod:`curvhook.rules.parameters_only` (around the module's own rule).
     """
@@ -183,6 +187,8 @@ def resolve_rule(op: Operation) -> LayerRule:
         if op.to_batch:
             return TO_BATCH
         return TENSOR_OPS if op.batch_axes is not None else FUNCTIONAL_RULES.get(op.func, TENSOR_OPS)
+    if op.batch_axes is not None:
+        return BATCH_AXIS_VIEW
     rule = rule_or_fallback(op.module)
     return parameters_only(rule) if op.from_parameters else rule
 
@@ -238,29 +244,25 @@ def _check_module(op: Operation, trace: Trace, shape: GraphShape, n: Optional[in
             "of the whole batch, so samples are mixed and per-sample Jacobians do not exist. "
             "Call model.eval() (BatchNorm then uses its running statistics)."
         )
-    if rule_for(module) is None:
+    if rule_for(module if op.batch_axes is None else batch_first_module(module)) is None:
         FALLBACK.warn_once(op)
     if op.from_parameters:  # no batch axis: every sample reads the whole output
         for kind, key, node in zip(op.input_kinds, op.input_keys, op.input_nodes):
             if kind != CONST:
                 _check_source(op.name, key, node, trace, shape)
         return
+    in_axes, out_axis = _module_batch_axes(op)
     out = op.output_shape
-    if n is not None and (len(out) == 0 or out[0] != n):
+    if n is not None and (len(out) <= out_axis or out[out_axis] != n):
+        where = "first" if out_axis == 0 else f"where its input has it (axis {out_axis})"
         raise UnsupportedModelError(
-            f"Module {op.name!r} returned shape {tuple(out)}; curvhook needs "
-            f"every module to keep the batch axis first (N = {n}). Operations that move or "
-            "mix samples have no per-sample Jacobian."
+            f"Module {op.name!r} returned shape {tuple(out)}; curvhook needs every module to "
+            f"keep the batch axis {where} (N = {n}). Operations that move or mix samples "
+            "have no per-sample Jacobian."
         )
-    for x, kind, key, node in zip(op.inputs, op.input_kinds, op.input_keys, op.input_nodes):
+    for x, kind, key, node, axis in zip(op.inputs, op.input_kinds, op.input_keys, op.input_nodes, in_axes):
         if kind == CONST:
             continue
-        if key in trace.moved_axes:
-            raise UnsupportedModelError(
-                f"Module {op.name!r} gets an input whose batch axis is axis {trace.moved_axes[key]}; "
-                "curvhook needs the batch axis first where a module is called. Move it back "
-                "(permute / transpose) before the module, or use batch_first=True."
-            )
         if kind == SHARED or key in trace.shared_keys:
             raise UnsupportedModelError(
                 f"Module {op.name!r} gets an input computed from parameters only (no batch "
@@ -268,11 +270,35 @@ def _check_module(op: Operation, trace: Trace, shape: GraphShape, n: Optional[in
                 "make the module own the parameter."
             )
         _check_source(op.name, key, node, trace, shape)
-        if x.shape[0] != n:
+        if x.dim() <= axis or x.shape[axis] != n:
             raise UnsupportedModelError(
                 f"Module {op.name!r} got an input of shape {tuple(x.shape)}; "
-                f"curvhook needs the batch axis first (N = {n})."
+                f"curvhook needs its batch axis (axis {axis}) to have the batch size N = {n}."
             )
+
+
+def _module_batch_axes(op: Operation) -> tuple[tuple[int, ...], int]:
+    """The batch axis of each input of a module call (``0`` for constants), and of its output.
+
+    Raises where the module does not take its batched inputs with the batch axis
+    where they have it (:func:`~curvhook.rules.batch_axis_view.batch_axis_refusal`).
+    """
+    if op.batch_axes is None:
+        in_axes, out_axis = tuple(0 if k == BATCHED else None for k in op.input_kinds), 0
+    else:
+        in_axes, (out_axis,) = op.batch_axes
+    why = batch_axis_refusal(op.module, in_axes, op.inputs)
+    if why is not None:
+        where = ", ".join(sorted({f"axis {a}" for a in in_axes if a is not None}))
+        raise UnsupportedModelError(
+            f"Module {op.name!r} ({type(op.module).__name__}) gets an input whose batch axis is "
+            f"{where}, which curvhook cannot follow into it: {why}. Move the batch axis "
+            "(permute / transpose) to where the module takes it. (curvhook follows a batch axis "
+            "that is not first into nn.MultiheadAttention, nn.LSTM, nn.GRU and nn.RNN with "
+            "batch_first=False, and into position-wise modules: Linear, LayerNorm, RMSNorm, "
+            "Dropout, Identity, Embedding, activations.)"
+        )
+    return tuple(0 if a is None else a for a in in_axes), out_axis
 
 
 def _check_source(name: str, key, node, trace: Trace, shape: GraphShape) -> None:

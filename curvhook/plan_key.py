@@ -73,7 +73,7 @@ def _operation_token(op: Operation) -> Hashable:
     module = op.module
     return (
         type(module), id(module), module_configuration(module), op.training, op.recurse, params,
-        freeze(op.args), freeze(op.kwargs), op.from_parameters,
+        freeze(op.args), freeze(op.kwargs), op.from_parameters, op.batch_axes,
     )
 
 

@@ -61,6 +61,7 @@ class Scratch:
     x_hat_sq: Optional[Tensor] = None  # normalization: x̂²
     softmax: Optional[tuple] = None  # softmax: (softmax(x), dim)
     batched_view: Optional[Any] = None  # parameters_only: the call as a batched operation
+    batch_first_view: Optional[Any] = None  # batch_axis_view: the call with its batch axis first
     recurrent: Optional[Any] = None  # recurrent: the re-run recurrence (pullback, forward values, caches)
 
 
@@ -110,9 +111,11 @@ class Operation:
             parameters only along a new batch axis (``cls_token.expand(N, -1, -1)``):
             every row of its output is the same function of the parameters.
         batch_axes: ``(input axes by slot, output axes)`` for a tensor operation
-            on or to a batched tensor whose batch axis is not first
-            (:mod:`curvhook.batch_axis`); ``None`` (every batch axis first) for
-            all others. An output axis of ``None``: curvhook cannot tell.
+            or module call on or to a batched tensor whose batch axis is not first
+            (:mod:`curvhook.batch_axis`, :mod:`curvhook.rules.batch_axis_view`);
+            ``None`` (every batch axis first) for all others. An input axis of
+            ``None``: a constant or shared input; an output axis of ``None``:
+            curvhook cannot tell.
         rows_per_sample: For an operation after the model that merges the batch
             axis with the axes after it (``logits.reshape(-1, V)``): each sample is
             a block of this many rows of its output. ``0`` otherwise.

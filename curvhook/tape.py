@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from curvhook._torch_internals import (
     current_graph_task_id, disable_torch_function, in_reentrant_checkpoint, saved_tensor_hooks_active,
 )
-from curvhook.batch_axis import MOVERS, output_batch_axes
+from curvhook.batch_axis import FOLLOWED, MOVERS, output_batch_axes
 from curvhook.block_state import BlockState
 from curvhook.errors import reentrant_checkpoint_error
 from curvhook.loss_linearity import LossLinearity
@@ -90,6 +90,8 @@ class OperationTape(TorchFunctionMode):
             return None  # inside a leaf module with a rule
         t_args, t_kwargs, tensors = make_template(args, kwargs)
         if not any(t.requires_grad for t in tensors):
+            if after is None and name in FOLLOWED:  # the model input transposed: follow its batch axis
+                return _constant_axes_pending(state.stack[-1], name, t_args, t_kwargs, tensors)
             return None
         # Identities and nodes before the call: an in-place operation changes them.
         keys = tuple(key_of(t) for t in tensors)
@@ -107,6 +109,9 @@ class OperationTape(TorchFunctionMode):
         return found
 
     def _after(self, pending: tuple, out: Any) -> None:
+        if pending[0] is _CONSTANT_AXES:
+            _follow_constant_axes(pending, out)
+            return
         after, func, name, t_args, t_kwargs, tensors, keys, nodes = pending
         if isinstance(after, tuple):  # outputs of several forward passes combined
             for o in flat_tensors(out):
@@ -223,6 +228,42 @@ def _follow_batch_axis(op: Operation, moved: dict) -> None:
     for key, axis in zip(op.output_keys, out_axes or ()):
         if key is not None and axis:
             moved[key] = axis
+
+
+# Marks the pending record of an operation on constants whose batch axis is followed.
+_CONSTANT_AXES = object()
+
+
+def _constant_axes_pending(trace: Trace, name: str, t_args: tuple, t_kwargs: dict, tensors: list) -> Optional[tuple]:
+    """What :func:`_follow_constant_axes` needs, for an operation on one model input or on a
+    constant computed from one by moving axes (``x.transpose(0, 1)``); else ``None``.
+
+    Such constants are not recorded (they need no gradient), but a module may
+    take one as its input (``lstm(x.transpose(0, 1))``): where their batch axis
+    is must be known.
+    """
+    axes = [
+        0 if k in trace.input_keys else trace.moved_axes.get(k)
+        for k in (key_of(t) for t in tensors)
+    ]
+    found = [(t, a) for t, a in zip(tensors, axes) if a is not None]
+    if len(found) != 1:
+        return None
+    (x, axis), = found
+    return _CONSTANT_AXES, trace, name, t_args, t_kwargs, x, axis
+
+
+def _follow_constant_axes(pending: tuple, out: Any) -> None:
+    """Record the batch axis of the outputs of an operation on a constant with a batch axis."""
+    _, trace, name, t_args, t_kwargs, x, axis = pending
+    outputs = list(flat_tensors(out))
+    if not outputs:
+        return
+    out_axes = output_batch_axes(name, t_args, t_kwargs, axis, x.dim(), [o.shape for o in outputs], x.shape)
+    for o, a in zip(outputs, out_axes or ()):
+        if a:
+            trace.moved_axes[key_of(o)] = a
+            trace.moved_constants.append(o)  # its id is not reused while the trace lives
 
 
 def _mark_batched_constants(kinds: list, tensors: list, outputs: list, batch_hint) -> None:

@@ -34,7 +34,9 @@ class Trace:
             batch axis).
         shared_keys: Outputs of operations computed from parameters only (no batch axis).
         shared_log: ``shared_keys`` in the order they were added.
-        moved_axes: The batch axis of the batched tensors where it is not first.
+        moved_axes: The batch axis of the batched tensors where it is not first
+            (also of constants moved from the model input, ``x.transpose(0, 1)``).
+        moved_constants: Those constants, held so that their identities stay unique.
         losses: Loss modules called on the model output (or on a function of it).
         after_tasks: Graph tasks of the backward passes that went through the
             operations after the model.
@@ -54,6 +56,7 @@ class Trace:
         self.shared_keys: set[TensorKey] = set()
         self.shared_log: list[TensorKey] = []
         self.moved_axes: dict[TensorKey, int] = {}
+        self.moved_constants: list[Tensor] = []
         self.losses: list[LossCall] = []
         self.after_tasks: set[int] = set()
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -96,6 +99,7 @@ class Trace:
         self.operations.clear()
         self.losses.clear()
         self.after_operations.clear()
+        self.moved_constants.clear()
         self.root_value = None
         self.released = True
 

@@ -102,56 +102,82 @@ def record(model: nn.Module, X: Tensor) -> list[_Op]:
     return rec.ops, out
 
 
-def diag_ggn_approx_graph(model: nn.Module, X: Tensor, hessian_diag: Tensor) -> Tensor:
-    """``[P]``: the DiagGGNApprox reference of ``model`` at ``X`` (float64 model)."""
+def _batch_axes(model: nn.Module, X: Tensor, ops: list[_Op]) -> list[tuple[list[int], int]]:
+    """Per operation, the batch axis of each tensor input and of the output.
+
+    Found without curvhook: the model runs again on one sample more, and the
+    batch axis of a tensor is the axis whose size grew (axis ``0`` where none did).
+    """
+    more, _ = record(model, torch.cat([X, X[:1]]))
+    assert len(more) == len(ops), "the graph changed with the batch size"
+
+    def axis(a: Tensor, b: Tensor) -> int:
+        grown = [j for j, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q]
+        return grown[0] if len(grown) == 1 and a.dim() == b.dim() else 0
+
+    return [
+        ([axis(t, u) for t, u in zip(op.tensors, other.tensors)], axis(op.output, other.output))
+        for op, other in zip(ops, more)
+    ]
+
+
+def diag_ggn_approx_graph(model: nn.Module, X: Tensor, hessian_diag: Tensor, moved_axes: bool = False) -> Tensor:
+    """``[P]``: the DiagGGNApprox reference of ``model`` at ``X`` (float64 model).
+
+    With ``moved_axes``, tensors may have their batch axis elsewhere than first
+    (``[L, N, E]`` between transposes); it is found by :func:`_batch_axes`.
+    """
     ops, out = record(model, X)
+    axes = _batch_axes(model, X, ops) if moved_axes else [([0] * len(op.tensors), 0) for op in ops]
     params = [p for p in model.parameters() if p.requires_grad]
     pid = {id(p): i for i, p in enumerate(params)}
     result = [torch.zeros_like(p) for p in params]
     n = X.shape[0]
     diag = {id(out): hessian_diag.reshape(out.shape).detach()}
-    for op in reversed(ops):
+    for op, (in_axes, out_axis) in zip(reversed(ops), reversed(axes)):
         d = diag.pop(id(op.output), None)
         if d is None:
             continue
         mod = getattr(op, "module", None)
         named = dict(mod.named_parameters()) if mod is not None else {}
         pvals = {k: v.detach() for k, v in named.items()}
-        batched = [t for t in op.tensors if id(t) not in pid]
-        shared = [t for t in op.tensors if id(t) in pid]
+        full = [t.detach() for t in op.tensors]
         for i in range(n):
-            xs = [t.detach()[i : i + 1] if id(t) not in pid else t.detach() for t in op.tensors]
-            d_i = d[i].reshape(-1)
-
-            full = [t.detach() for t in op.tensors]
-
-            def embed(zs, full=full, i=i):  # sample i replaced by the variables, the others fixed
-                return [
-                    z if id(t) in pid else torch.cat([f[:i], z, f[i + 1 :]])
-                    for t, f, z in zip(op.tensors, full, zs)
-                ]
-
-            def f(*zs, pv=pvals, i=i):
-                return op.fn(pv, *embed(zs))[i].reshape(-1)
-
-            jacs = jacrev(f, argnums=tuple(range(len(xs))))(*xs) if xs else ()
-            for t, jac in zip(op.tensors, jacs):
-                contrib = (jac.reshape(d_i.numel(), -1).square() * d_i[:, None]).sum(0)
-                if id(t) in pid:
-                    result[pid[id(t)]] += contrib.reshape(t.shape)
-                else:
-                    prev = diag.get(id(t))
-                    if prev is None:
-                        prev = diag[id(t)] = torch.zeros_like(t.detach())
-                    prev[i] += contrib.reshape(t.shape[1:])
+            _sample_terms(op, i, d.select(out_axis, i).reshape(-1), full, in_axes, out_axis, pvals, pid, diag, result)
             for name, p in named.items():
                 if id(p) not in pid:
                     continue
 
                 def g(q, name=name, i=i):
-                    return op.fn({**pvals, name: q}, *full)[i].reshape(-1)
+                    return op.fn({**pvals, name: q}, *full).select(out_axis, i).reshape(-1)
 
                 jac = jacrev(g)(p.detach())
+                d_i = d.select(out_axis, i).reshape(-1)
                 result[pid[id(p)]] += (jac.reshape(d_i.numel(), -1).square() * d_i[:, None]).sum(0).reshape(p.shape)
-        del batched, shared
     return torch.cat([r.flatten() for r in result])
+
+
+def _sample_terms(op, i, d_i, full, in_axes, out_axis, pvals, pid, diag, result) -> None:
+    """Sample ``i``'s terms of one operation: its inputs' diagonals and the parameters passed to it."""
+    xs = [f if id(t) in pid else f.narrow(a, i, 1) for t, f, a in zip(op.tensors, full, in_axes)]
+
+    def embed(zs):  # sample i replaced by the variables, the others fixed
+        return [
+            z if id(t) in pid else torch.cat([f.narrow(a, 0, i), z, f.narrow(a, i + 1, f.shape[a] - i - 1)], a)
+            for t, f, z, a in zip(op.tensors, full, zs, in_axes)
+        ]
+
+    def f(*zs):
+        return op.fn(pvals, *embed(zs)).select(out_axis, i).reshape(-1)
+
+    jacs = jacrev(f, argnums=tuple(range(len(xs))))(*xs) if xs else ()
+    for t, jac, a in zip(op.tensors, jacs, in_axes):
+        contrib = (jac.reshape(d_i.numel(), -1).square() * d_i[:, None]).sum(0)
+        if id(t) in pid:
+            result[pid[id(t)]] += contrib.reshape(t.shape)
+        else:
+            prev = diag.get(id(t))
+            if prev is None:
+                prev = diag[id(t)] = torch.zeros_like(t.detach())
+            row = prev.select(a, i)
+            row += contrib.reshape(row.shape)

@@ -86,20 +86,21 @@ def check_against_reference(
     return got, ref
 
 
-def check_graph_against_reference(model: nn.Module, X: Tensor, y: Tensor) -> None:
+def check_graph_against_reference(model: nn.Module, X: Tensor, y: Tensor, moved_axes: bool = False) -> None:
     """All four extensions on a model with tensor operations between modules, cross-entropy loss.
 
     The exact quantities against the torch.func reference; DiagGGNApprox against its
     definition on the graph (``graph_reference``), from ``diag(H)`` at the output.
     ``graph_reference`` counts every leaf module as one operation, so DiagGGNApprox
     runs with ``split_attention=False`` (the split form: tests/test_attention.py).
+    ``moved_axes``: the graph reference finds each tensor's batch axis (``[L, N, E]`` inside).
     """
     crit = nn.CrossEntropyLoss()
     got, matrix, _ = run_curvhook(model, X, lambda out: crit(out, y), split_attention=False)
     ref = reference(model, X, lambda out: crit(out, y), approx=False)
     compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, matrix)
     d = torch.func.hessian(lambda o: crit(o, y))(ref.out).reshape(ref.out.numel(), -1).diagonal()
-    check(got["DiagGGNApprox"], diag_ggn_approx_graph(model, X, d), "DiagGGNApprox")
+    check(got["DiagGGNApprox"], diag_ggn_approx_graph(model, X, d, moved_axes), "DiagGGNApprox")
 
 
 # ------------------------------------------------------ small models and data

@@ -29,8 +29,10 @@ multiply-adds per sample (the forward pass is ``L·E²``): more than a backward
 pass, and far less than the ``L·E`` products of the generic rule.
 
 Other configurations (cross-attention, ``kdim``/``vdim``, ``add_bias_kv``,
-``add_zero_attn``, dropout in train mode, ``batch_first=False``) and the
-matrix products of the other extensions use the exact generic rule.
+``add_zero_attn``, dropout in train mode) and the matrix products of the other
+extensions use the exact generic rule. A ``batch_first=False`` module called on
+``[L, N, E]`` reaches this rule as its batch-first view
+(:mod:`curvhook.rules.batch_axis_view`).
 
 ``DiagGGNApprox(split_attention=True)`` asks for another approximation: the
 module counts as the operations it is built from (the in-projection, the

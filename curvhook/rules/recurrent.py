@@ -27,7 +27,9 @@ rows ``J_o = J_nᵀ e_o`` of each sample's Jacobian, from pullbacks of one-hot
 columns, a bounded chunk of output entries at a time.
 
 Declined (the exact generic rule serves them): ``batch_first=False`` and
-dropout between layers in train mode. An initial state passed by the user is
+dropout between layers in train mode. A ``batch_first=False`` module called on
+``[L, N, features]`` reaches this rule as its batch-first view
+(:mod:`curvhook.rules.batch_axis_view`). An initial state passed by the user is
 held fixed (its own gradient slot is refused by :class:`LayerRule`).
 """
 

@@ -147,7 +147,7 @@ def test_mse_on_the_whole_sequence_with_an_initial_state():
 
 
 def test_rule_declines_batch_first_false_and_train_mode_dropout():
-    assert registry.rule_for(nn.LSTM(3, 4)) is None  # batch_first=False: the engine's batch-axis error
+    assert registry.rule_for(nn.LSTM(3, 4)) is None  # batch_first=False: served on its batch-first view
     dropped = nn.GRU(3, 4, num_layers=2, dropout=0.3, batch_first=True)
     assert registry.rule_for(dropped) is None
     assert isinstance(registry.rule_for(dropped.eval()), RecurrentRule)
@@ -188,28 +188,23 @@ def test_float32_where_the_fused_kernel_fails_in_the_fallback():
             assert getattr(p, attr).dtype == torch.float32 and torch.isfinite(getattr(p, attr)).all()
 
 
-@pytest.mark.parametrize("config", ["batch_first_false", "dropout_train"])
-def test_declined_configurations_raise_clear_errors(config):
-    """Declined modules reach the engine's batch-axis check or the fallback's random-numbers check."""
+def test_dropout_between_layers_in_train_mode_raises_a_clear_error():
+    """Declined: the fallback's random-numbers check (``batch_first=False``: tests/test_batch_axis.py)."""
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            first = config != "batch_first_false"
-            dropout = 0.5 if config == "dropout_train" else 0.0
-            self.rnn = nn.GRU(FEATURES, 4, num_layers=2, dropout=dropout, batch_first=first)
+            self.rnn = nn.GRU(FEATURES, 4, num_layers=2, dropout=0.5, batch_first=True)
             self.head = nn.Linear(4, CLASSES)
 
         def forward(self, x):
-            if not self.rnn.batch_first:
-                return self.head(self.rnn(x.transpose(0, 1))[0][-1])
             return self.head(self.rnn(x)[0][:, -1])
 
     model = Net().to(DT).train()
     X, y = _data(3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(UnsupportedModelError, match="batch axis|random numbers"):
+        with pytest.raises(UnsupportedModelError, match="random numbers"):
             with extend(model, DiagGGN()):
                 nn.CrossEntropyLoss()(model(X), y).backward()
 
