@@ -56,10 +56,8 @@ def as_operations(leaf: Operation, module: nn.Module, ops: list[Operation], outp
         module docstring); ``[]`` when the module returned its input unchanged;
         ``None`` otherwise.
     """
-    if not isinstance(output, Tensor) or not output.requires_grad:
-        return None
     batched = [k for k, kind in zip(leaf.input_keys, leaf.input_kinds) if kind == BATCHED]
-    if len(batched) != 1:
+    if not isinstance(output, Tensor) or not output.requires_grad or len(batched) != 1:
         return None
     current, end = batched[0], key_of(output)
     n = leaf.inputs[leaf.input_kinds.index(BATCHED)].shape[0]
@@ -101,11 +99,17 @@ def as_operations(leaf: Operation, module: nn.Module, ops: list[Operation], outp
         elif has_shared and not general:
             shared_before_general = True
         current = op.output_keys[0]
-    if current != end or seen_params != params or any(n != 1 for n in used.values()):
-        return None
-    if len([k for k in used if k[0] == "shared"]) != len(seen_params) + len(produced_shared):
-        return None  # a computation on parameters whose result the chain does not use
-    return ops
+    ends = current == end and seen_params == params
+    return ops if ends and _each_used_once(used, len(seen_params) + len(produced_shared)) else None
+
+
+def _each_used_once(used: Counter, expected: int) -> bool:
+    """Every parameter and shared tensor enters the chain once, and each is used.
+
+    ``expected`` counts the parameters seen and the shared tensors computed in the
+    module: one of them without a use is a computation the chain does not need.
+    """
+    return all(n == 1 for n in used.values()) and len([k for k in used if k[0] == "shared"]) == expected
 
 
 def _uses(op: Operation, slot: int) -> int:
