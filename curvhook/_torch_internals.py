@@ -24,6 +24,7 @@ the two releases CI tests. Older releases lack public features curvhook needs
 from __future__ import annotations
 
 import operator
+import os
 import sys
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -219,13 +220,28 @@ def saved_tensor_hooks_active() -> bool:
     backward pass: the rules must not read such a node, or autograd's own read
     fails. Called for every recorded operation: a C function.
 
-    Checked on torch 2.6–2.13 (``torch._C._autograd._top_saved_tensors_default_hooks``).
-    Missing: ``True`` (no rule reads an autograd node; results are the same, recomputed
-    from the stored inputs).
+    Checked on torch 2.8–2.13 (``torch._C._autograd._top_saved_tensors_default_hooks``).
+    Missing (torch 2.6, 2.7): whether ``torch.utils.checkpoint.checkpoint`` is
+    on the call stack, found by walking it (the only hooks whose unpacking may
+    not be repeated).
     """
-    if _top_saved_hooks is None:  # pragma: no cover - every torch 2.x has it
-        return True
+    if _top_saved_hooks is None:
+        return _checkpoint_on_stack()
     return _top_saved_hooks(False) is not None
+
+
+def _checkpoint_on_stack() -> bool:
+    """Whether a frame of ``torch.utils.checkpoint.checkpoint`` is on the call stack."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "checkpoint" and code.co_filename.endswith(_CHECKPOINT_FILE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
 
 def _checkpoint_forward_code() -> Any:

@@ -435,8 +435,9 @@ def test_saved_tensor_hooks_active():
     from torch.utils.checkpoint import checkpoint
 
     assert not ti.saved_tensor_hooks_active()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        assert ti.saved_tensor_hooks_active()
+    if ti._top_saved_hooks is not None:  # torch ≥ 2.8: any hooks; before, checkpoint's only
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            assert ti.saved_tensor_hooks_active()
     seen = []
 
     def block(x):
@@ -444,7 +445,9 @@ def test_saved_tensor_hooks_active():
         return x.exp()
 
     checkpoint(block, torch.ones(2, requires_grad=True), use_reentrant=False).sum().backward()
-    assert seen == [True, True]  # the forward pass, and the recomputation in backward
+    # the forward pass (and, where torch tells, the recomputation in backward: nothing is recorded there)
+    assert seen[0] and len(seen) == 2
+    assert not ti.saved_tensor_hooks_active()
 
 
 def test_in_reentrant_checkpoint():
