@@ -200,6 +200,29 @@ def hf_llama(n: int = N) -> ZooCase:
     return case
 
 
+def hf_t5(n: int = N) -> ZooCase:
+    """An encoder-decoder: cross-attention from the decoder to the encoder's output."""
+    import transformers
+
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=1, num_heads=2,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    model = keep_trainable(transformers.T5ForConditionalGeneration(config).double(), (
+        "shared.", "encoder.block.0.layer.0.SelfAttention.", "encoder.block.0.layer.0.layer_norm.",
+        "decoder.block.0.layer.1.EncDecAttention.", "decoder.final_layer_norm.", "lm_head.",
+    ))
+    decoder_ids = torch.randint(2, VOCAB, (n, 3))
+    labels = torch.randint(0, VOCAB, (n, 3))
+
+    def loss(logits: Tensor, crit: nn.Module) -> Tensor:
+        return crit(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    inputs = {"input_ids": torch.randint(2, VOCAB, (n, LENGTH)), "decoder_input_ids": decoder_ids}
+    # T5LayerNorm computes its variance in float32 by design, also in a float64 model.
+    return ZooCase(model, inputs, loss, logits=lambda out: out.logits, rtol=1e-6)
+
+
 MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "torchvision.resnet18": ("torchvision", tv_resnet18),
     "torchvision.mobilenet_v3_small": ("torchvision", tv_mobilenet_v3_small),
@@ -213,6 +236,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.DistilBert": ("transformers", hf_distilbert),
     "transformers.GPT2": ("transformers", hf_gpt2),
     "transformers.Llama": ("transformers", hf_llama),
+    "transformers.T5": ("transformers", hf_t5),
 }
 
 
