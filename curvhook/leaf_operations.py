@@ -25,6 +25,7 @@ alone must be monomial too. A leaf that returns its input unchanged
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any, Optional
 
@@ -81,13 +82,13 @@ def as_operations(leaf: Operation, module: nn.Module, ops: list[Operation], outp
                 seen_params.add(id(t))
             elif op.input_keys[i] not in produced_shared:
                 return None  # a shared tensor from outside the module: the leaf holds it fixed
-            used[("shared", id(t) if id(t) in params else op.input_keys[i])] += _uses(op, i)
+            used[("shared", id(t) if id(t) in params else op.input_keys[i])] += op.uses(i)
         if not slots:  # computed from parameters (and constants) only
             if not _monomial(op, None):
                 return None
             produced_shared.add(op.output_keys[0])
             continue
-        if len(slots) != 1 or op.input_keys[slots[0]] != current or _uses(op, slots[0]) != 1:
+        if len(slots) != 1 or op.input_keys[slots[0]] != current or op.uses(slots[0]) != 1:
             return None
         if not op.output_shapes[0] or op.output_shapes[0][0] != n or op.inputs[slots[0]].shape[0] != n:
             return None  # the batch axis must stay first and whole (``x.view(-1, d)`` merges it)
@@ -112,18 +113,6 @@ def _each_used_once(used: Counter, expected: int) -> bool:
     return all(n == 1 for n in used.values()) and len([k for k in used if k[0] == "shared"]) == expected
 
 
-def _uses(op: Operation, slot: int) -> int:
-    count = 0
-    stack: list = [op.args, tuple(op.kwargs.values())]
-    while stack:
-        obj = stack.pop()
-        if isinstance(obj, (list, tuple)):
-            stack.extend(obj)
-        else:
-            count += isinstance(obj, Slot) and obj == slot
-    return count
-
-
 def _monomial(op: Operation, slot: Optional[int]) -> bool:
     """Whether ``op`` is monomial in its input at ``slot`` (its only tensor input when ``None``)."""
     name = op.func_name
@@ -134,7 +123,7 @@ def _monomial(op: Operation, slot: Optional[int]) -> bool:
         slot = tensors[0]
     x, out_shape = op.inputs[slot], op.output_shapes[0]
     if name in _PERMUTING:
-        return len(tensors) == 1 and x.numel() == _numel(out_shape)
+        return len(tensors) == 1 and x.numel() == math.prod(out_shape)
     if x.shape != out_shape:
         return False
     if name in ELEMENTWISE:
@@ -142,10 +131,3 @@ def _monomial(op: Operation, slot: Optional[int]) -> bool:
     if name in _SCALINGS or (name in QUOTIENTS and op.args and isinstance(op.args[0], Slot) and op.args[0] == slot):
         return len(op.args) == 2 and not op.kwargs
     return False
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

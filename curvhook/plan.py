@@ -203,23 +203,23 @@ def check_operation(op: Operation, trace: Trace, shape: GraphShape, n: Optional[
         if all(k is None for k in op.output_keys):
             return False
         if op.batch_axes is not None:
-            return _check_moved_axes(op, trace, shape)
-        if op.to_batch and (n is None or op.output_shapes[0][0] != n):
+            _check_moved_axes(op)
+        elif op.to_batch and (n is None or op.output_shapes[0][0] != n):
             raise UnsupportedModelError(
                 f"The operation {op.name} copies a tensor computed from parameters only to "
                 f"leading size {op.output_shapes[0][0]}, the leading size of the model input, but "
                 f"the model output has batch size {n}. Keep the batch axis first."
             )
-        for kind, key, node in zip(op.input_kinds, op.input_keys, op.input_nodes):
-            if kind != CONST:
-                _check_source(op.name, key, node, trace, shape)
-        return n is not None and BATCHED in op.input_kinds and resolve_rule(op).keeps_samples_apart(op, n)
+        _check_sources(op, trace, shape)
+        if op.batch_axes is not None or n is None or BATCHED not in op.input_kinds:
+            return False
+        return resolve_rule(op).keeps_samples_apart(op, n)
     if op.output_key is not None:
         _check_module(op, trace, shape, n)
     return False
 
 
-def _check_moved_axes(op: Operation, trace: Trace, shape: GraphShape) -> bool:
+def _check_moved_axes(op: Operation) -> None:
     """A tensor operation on a tensor whose batch axis is not first: curvhook must know where it goes."""
     in_axes, out_axes = op.batch_axes
     if out_axes is None:
@@ -230,10 +230,6 @@ def _check_moved_axes(op: Operation, trace: Trace, shape: GraphShape) -> bool:
             "the batch axis), or curvhook does not know where it puts the axis. Move the batch "
             "axis back to the front (permute / transpose) before this operation."
         )
-    for kind, key, node in zip(op.input_kinds, op.input_keys, op.input_nodes):
-        if kind != CONST:
-            _check_source(op.name, key, node, trace, shape)
-    return False
 
 
 def _check_module(op: Operation, trace: Trace, shape: GraphShape, n: Optional[int]) -> None:
@@ -247,9 +243,7 @@ def _check_module(op: Operation, trace: Trace, shape: GraphShape, n: Optional[in
     if rule_for(module if op.batch_axes is None else batch_first_module(module)) is None:
         FALLBACK.warn_once(op)
     if op.from_parameters:  # no batch axis: every sample reads the whole output
-        for kind, key, node in zip(op.input_kinds, op.input_keys, op.input_nodes):
-            if kind != CONST:
-                _check_source(op.name, key, node, trace, shape)
+        _check_sources(op, trace, shape)
         return
     in_axes, out_axis = _module_batch_axes(op)
     out = op.output_shape
@@ -299,6 +293,13 @@ def _module_batch_axes(op: Operation) -> tuple[tuple[int, ...], int]:
             "Dropout, Identity, Embedding, activations.)"
         )
     return tuple(0 if a is None else a for a in in_axes), out_axis
+
+
+def _check_sources(op: Operation, trace: Trace, shape: GraphShape) -> None:
+    """:func:`_check_source` for every input of ``op`` that needs a gradient."""
+    for kind, key, node in zip(op.input_kinds, op.input_keys, op.input_nodes):
+        if kind != CONST:
+            _check_source(op.name, key, node, trace, shape)
 
 
 def _check_source(name: str, key, node, trace: Trace, shape: GraphShape) -> None:

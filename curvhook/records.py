@@ -174,6 +174,17 @@ class Operation:
         """Slot of a parameter passed to a tensor operation, from its name ``"t<slot>"``."""
         return int(name[1:])
 
+    def uses(self, slot: int) -> int:
+        """How many times the tensor at ``slot`` is passed (``x + x``: twice)."""
+        count, stack = 0, [self.args, tuple(self.kwargs.values())]
+        while stack:
+            obj = stack.pop()
+            if isinstance(obj, (list, tuple)):
+                stack.extend(obj)
+            else:
+                count += isinstance(obj, Slot) and obj == slot
+        return count
+
     def invoke(self, tensors: list[Tensor]) -> Any:
         """Call the tensor operation again with ``tensors`` in the slots (out of place)."""
         args, kwargs = fill_template(self.args, self.kwargs, tensors)

@@ -28,6 +28,7 @@ Two kinds of recorded operation produce or consume such tensors:
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Callable
 
 import torch
@@ -36,7 +37,7 @@ from torch.func import jacrev, vjp, vmap
 
 from curvhook.records import BATCHED, CONST, Operation, Scratch
 from curvhook.rules.base import LayerRule
-from curvhook.rules.fallback import _params, _replay
+from curvhook.rules.fallback import _forward, _params, _replay
 
 # Tensor operations that copy their first argument along new leading axes.
 COPIES_TO_BATCH = frozenset({"expand", "expand_as", "broadcast_to", "repeat"})
@@ -153,9 +154,7 @@ def _param_function(call: Operation, name: str) -> Callable[[Tensor], Tensor]:
 
 
 def _input_function(call: Operation, slot: int) -> Callable[[Tensor], Tensor]:
-    params = _params(call)
-    inputs = [x.detach() for x in call.inputs]
-    return lambda x: _replay(call, params, [*inputs[:slot], x, *inputs[slot + 1 :]])
+    return partial(_forward(call, slot), _params(call))
 
 
 def _columns(fn: Callable[[Tensor], Tensor], at: Tensor, mat: Tensor, out_shape) -> Tensor:

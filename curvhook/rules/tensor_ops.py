@@ -336,7 +336,7 @@ class TensorOpRule(LayerRule):
     # ------------------------------------------------------------ diagonals
     def input_diag(self, call: Operation, value, slot: int) -> Tensor:
         """``diag(J_xᵀ diag(d) J_x)`` per sample: ``[N, *x[1:]]`` or ``[N, *w]`` (shared)."""
-        if call.batch_axes is not None and call.func_name in STRUCTURAL and _uses(call, slot) == 1:
+        if call.batch_axes is not None and call.func_name in STRUCTURAL and call.uses(slot) == 1:
             # entries 0 or ±1, one sign per input: Σ_o d_o J_oi² = |Jᵀ d|, the batch axis moved
             mats = [d.unsqueeze(0) for d in _diag_list(call, value)]
             return _guard(call, lambda: self._pull_whole(call, mats, slot)[0].abs())
@@ -351,7 +351,7 @@ class TensorOpRule(LayerRule):
 
     def _fast_diag(self, call: Operation, value, slot: int) -> Optional[Tensor]:
         name = call.func_name
-        if call.input_kinds[slot] != BATCHED or _uses(call, slot) > 1:
+        if call.input_kinds[slot] != BATCHED or call.uses(slot) > 1:
             return None
         if not isinstance(value, list):
             direct = _linear_pullback(call, value, slot, squared=True)
@@ -379,7 +379,7 @@ class TensorOpRule(LayerRule):
         direct = _linear_pullback(call, value, slot, squared=False)
         if direct is not None or call.func_name not in ELEMENTWISE:
             return direct
-        if len(call.output_values) != 1 or _uses(call, slot) > 1:
+        if len(call.output_values) != 1 or call.uses(slot) > 1:
             return None
         slope = self._elementwise_slope(call, slot)
         return value * slope if slope is not None else None
@@ -468,7 +468,7 @@ class TensorOpRule(LayerRule):
             (``w`` used twice, more than one batched operand, keyword arguments).
         """
         name = call.func_name
-        if isinstance(value, list) or call.kwargs or len(call.args) != 2 or _uses(call, slot) != 1:
+        if isinstance(value, list) or call.kwargs or len(call.args) != 2 or call.uses(slot) != 1:
             return None
         if name in ADDITIONS or name in SUBTRACTIONS or name in REVERSED_SUBTRACTIONS:
             return _shared_sum_diag(call.inputs[slot], value)
@@ -478,7 +478,7 @@ class TensorOpRule(LayerRule):
         if not (isinstance(first, Slot) and isinstance(second, Slot)):
             return None
         other = second if first == slot else first
-        if call.input_kinds[other] != BATCHED or call.input_kinds.count(BATCHED) != 1 or _uses(call, other) != 1:
+        if call.input_kinds[other] != BATCHED or call.input_kinds.count(BATCHED) != 1 or call.uses(other) != 1:
             return None
         if name in QUOTIENTS and first != slot:
             return None  # ∂(x/w)/∂w = -x/w²: the generic path
@@ -515,7 +515,7 @@ class TensorOpRule(LayerRule):
                 return fast
         if BATCHED not in call.input_kinds:  # parameters only: one Jacobian for every sample
             w = call.inputs[slot].detach()
-            if call.func_name in STRUCTURAL and not isinstance(value, list) and _uses(call, slot) == 1:
+            if call.func_name in STRUCTURAL and not isinstance(value, list) and call.uses(slot) == 1:
                 # entries 0 or ±1, one sign per input (``γ.reshape(1, -1, 1, 1)``): |Jᵀ d| per sample
                 _, pull = vjp(self._function(call, (slot,)), w)
                 return _guard(call, lambda: vmap(lambda d: pull((d,))[0])(value).abs())
@@ -606,13 +606,13 @@ def _linear_pullback(call: Operation, value: Tensor, slot: int, squared: bool) -
     x = call.inputs[slot]
     lead = value.shape[: value.dim() - len(call.output_shapes[0])]
     if name in ADDITIONS or name in SUBTRACTIONS or name in REVERSED_SUBTRACTIONS:
-        if call.kwargs or len(call.args) != 2 or _uses(call, slot) != 1:
+        if call.kwargs or len(call.args) != 2 or call.uses(slot) != 1:
             return None  # alpha=..., out=..., or x ± x
         position = 0 if isinstance(call.args[0], Slot) and call.args[0] == slot else 1
         negated = (name in SUBTRACTIONS and position == 1) or (name in REVERSED_SUBTRACTIONS and position == 0)
         pulled = value if value.shape[len(lead):] == x.shape else value.sum_to_size(*lead, *x.shape)
         return -pulled if negated and not squared else pulled
-    if name in MEANS and slot == 0 and _uses(call, slot) == 1 and set(call.kwargs) <= {"dim", "keepdim"}:
+    if name in MEANS and slot == 0 and call.uses(slot) == 1 and set(call.kwargs) <= {"dim", "keepdim"}:
         dim = _dim_arg(call, default=None)
         if dim is None or isinstance(dim, Slot):
             return None
@@ -672,13 +672,6 @@ def _recorded_outputs(call: Operation) -> tuple[Tensor, ...]:
         return call.output_values
     with torch.no_grad():
         return _outputs(call.invoke([t.detach() for t in call.inputs]))
-
-
-def _uses(call: Operation, slot: int) -> int:
-    count = 0
-    for obj in _flatten((call.args, tuple(call.kwargs.values()))):
-        count += isinstance(obj, Slot) and obj == slot
-    return count
 
 
 def _diag_list(call: Operation, value) -> list[Tensor]:
