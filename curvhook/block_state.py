@@ -50,6 +50,9 @@ class BlockState:
             never matches.
         traces: Every trace whose output has a hook (weakly held).
         losses_running: Loss modules in their forward (their operations are not recorded).
+        batch_parts: Tensors computed after the model from part of its batch
+            (``out[:4]``, ``out[idx]``, ``out[mask]``), with their trace and the
+            operation that took the part: a loss on one is refused with a clear error.
         forwards: Forward passes started in the block.
     """
 
@@ -62,6 +65,7 @@ class BlockState:
     traces: "weakref.WeakSet[Trace]" = field(default_factory=weakref.WeakSet)
     losses_running: int = 0
     forwards: int = 0
+    batch_parts: dict[TensorKey, tuple[weakref.ref, weakref.ref, str]] = field(default_factory=dict)
 
     def watched(self, tensor: Tensor) -> Optional[Trace]:
         """The live trace whose output ``tensor`` is, or was computed from after the model."""
@@ -78,3 +82,16 @@ class BlockState:
     def prune_watch(self) -> None:
         """Forget watched tensors that died."""
         self.watch = {k: v for k, v in self.watch.items() if v[0]() is not None and v[1]() is not None}
+        self.batch_parts = {k: v for k, v in self.batch_parts.items() if v[0]() is not None and v[1]() is not None}
+
+    def batch_part_of(self, tensor: Tensor) -> Optional[tuple[Trace, str]]:
+        """The live trace and the operation, where ``tensor`` holds part of a model output's batch."""
+        entry = self.batch_parts.get(key_of(tensor))
+        if entry is None or entry[0]() is not tensor:
+            return None
+        trace = entry[1]()
+        return None if trace is None or trace.released else (trace, entry[2])
+
+    def watch_batch_part(self, tensor: Tensor, trace: Trace, operation: str) -> None:
+        """Remember that ``tensor`` was computed from part of the batch of ``trace``'s output."""
+        self.batch_parts[key_of(tensor)] = (weakref.ref(tensor), weakref.ref(trace), operation)

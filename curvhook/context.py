@@ -127,6 +127,7 @@ class Extend:
         state.stack.clear()
         state.frames.clear()
         state.watch.clear()
+        state.batch_parts.clear()
         state.losses_running = 0
         state.modules = {}
         self._driver.used.clear()

@@ -49,13 +49,17 @@ class LossFinder:
         target = args[1] if len(args) > 1 else kwargs.get("target")
         if not isinstance(input_, Tensor):
             return
-        trace = self.state.watched(input_)
+        trace, batch_part = self.state.watched(input_), None
         if trace is None:
-            return
-        call = LossCall(module=module, input=input_.detach(), target=target, key=key_of(input_))
+            found = self.state.batch_part_of(input_)
+            if found is None:
+                return
+            trace, batch_part = found  # out[:4]: recorded so that a backward through it is refused
+        call = LossCall(module=module, input=input_.detach(), target=target, key=key_of(input_), batch_part=batch_part)
         if output.requires_grad:
             trace.handles.append(output.register_hook(partial(_record_scale, call)))
-            self.linearity.watch(output)
+            if batch_part is None:
+                self.linearity.watch(output)
         trace.losses.append(call)
 
 

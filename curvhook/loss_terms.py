@@ -106,6 +106,7 @@ def find_loss_terms(trace: Trace, loss: Optional[nn.Module], who: str) -> LossTe
 
 
 def _loss_calls(trace: Trace, loss: Optional[nn.Module], who: str) -> list[LossCall]:
+    _refuse_batch_part(trace, who)
     if loss is not None:
         if current_graph_task_id() in trace.after_tasks:
             raise UnsupportedLossError(
@@ -115,14 +116,15 @@ def _loss_calls(trace: Trace, loss: Optional[nn.Module], who: str) -> list[LossC
                 "(nn.CrossEntropyLoss()(g(model(X)), y)), or move them into the model."
             )
         return [LossCall(module=loss, input=trace.root_value, target=None, key=trace.root_key)]
-    if not trace.losses:
+    whole = [call for call in trace.losses if call.batch_part is None]
+    if not whole:
         raise UnsupportedLossError(
             f"{who} needs the loss, and no loss module was called on the model "
             "output inside the block. Call a loss module (nn.CrossEntropyLoss, nn.MSELoss, "
             "nn.BCEWithLogitsLoss) on the model output inside the `with extend(...)` block, "
             f"or name it: {who}(loss=nn.CrossEntropyLoss())."
         )
-    reached = [call for call in trace.losses if call.scale is not None]
+    reached = [call for call in whole if call.scale is not None]
     if not reached:
         raise UnsupportedLossError(
             f"{who} needs the loss, but the scalar being backpropagated does not "
@@ -130,6 +132,23 @@ def _loss_calls(trace: Trace, loss: Optional[nn.Module], who: str) -> list[LossC
             f"(or a multiple of it), or name the loss: {who}(loss=...)."
         )
     return reached
+
+
+def _refuse_batch_part(trace: Trace, who: str) -> None:
+    """Refuse a backward pass through a loss called on part of the batch of the model output."""
+    part = next((call for call in trace.losses if call.batch_part is not None and call.scale is not None), None)
+    if part is None:
+        return
+    n = trace.batch_size
+    raise UnsupportedLossError(
+        f"{who}: the loss {type(part.module).__name__} was called on part of the batch of the "
+        f"model output (shape {tuple(part.input.shape)}, taken by {part.batch_part} from an output "
+        f"with {n} samples: a slice, index or mask over the samples such as out[:4], out[idx] or "
+        "out[mask]). curvhook needs the loss on the whole batch of the model output. To use "
+        "part of the batch, slice the input instead: crit(model(X[:4]), y[:4]); to leave "
+        "samples out of a cross-entropy loss, call it on the whole output with their targets "
+        "set to its ignore_index."
+    )
 
 
 def check_gradient(trace: Trace, terms: LossTerms, grad_root: Tensor) -> None:
@@ -149,7 +168,7 @@ def check_gradient(trace: Trace, terms: LossTerms, grad_root: Tensor) -> None:
         if terms.start != trace.root_key:
             expected = pull_to_root(trace, terms.start, expected)
         residual = actual - expected
-    tol = 1e-4 if actual.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    tol = gradient_tolerance(actual.dtype)
     # max|actual − expected| against tol · (max|actual| + max|expected|), in few operations
     # and one synchronisation: max|expected| ≤ max|actual| + max|actual − expected|.
     both = torch.stack([residual, actual])
@@ -161,6 +180,20 @@ def check_gradient(trace: Trace, terms: LossTerms, grad_root: Tensor) -> None:
             "(an extra term, or a nonlinear function of the loss). Its Hessian is then not the "
             "loss Hessian curvhook knows. Backpropagate a sum of multiples of supported losses."
         )
+
+
+def gradient_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of :func:`check_gradient` in ``dtype``.
+
+    ``1e-9`` in float64 and ``1e-4`` in float32 (hundreds of rounding errors), and
+    at least ``8 ε`` for the half-precision types, whose machine epsilon (``ε ≈ 1e-3``
+    in float16, ``7.8e-3`` in bfloat16) is above ``1e-4``: torch rounds the
+    gradient it backpropagates and curvhook the one it recomputes, a few ``ε``
+    of the largest entry each. An extra term in the scalar changes the gradient
+    by far more than that, so it is still refused.
+    """
+    base = 1e-9 if dtype == torch.float64 else 1e-4
+    return max(base, 8 * torch.finfo(dtype).eps)
 
 
 def pull_to_root(trace: Trace, start: TensorKey, vector: Tensor) -> Tensor:

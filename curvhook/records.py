@@ -221,6 +221,10 @@ class LossCall:
             respect to this loss value L, captured by a hook during backward.
             ``None`` until backward passes through the loss.
         scratch: Per-backward values of the loss rule.
+        batch_part: The operation that took part of the batch of the model output
+            (``"__getitem__"`` for ``out[:4]``) when the loss was called on such a
+            part: then it has no curvature curvhook can give, and a backward
+            through it is refused. ``None`` for a loss on the whole batch.
     """
 
     module: nn.Module
@@ -229,6 +233,7 @@ class LossCall:
     key: Optional[TensorKey] = None
     scale: Optional[Tensor] = None
     scratch: LossScratch = field(default_factory=LossScratch)
+    batch_part: Optional[str] = None
 
 
 class Slot(int):

@@ -39,6 +39,17 @@ from curvhook.trace import Trace
 # Marks an input with an autograd history in an operation recorded after the model.
 _HISTORY = object()
 
+# Marks the pending record of an operation on part of the batch of a model output.
+_BATCH_PART = object()
+
+# Operations that can select samples of the model output (``out[:4]``, ``out[idx]``,
+# ``out[mask]``, ``out.narrow(0, 0, 4)``): where their result has lost the batch
+# size, it holds part of the batch.
+BATCH_SELECTIONS = frozenset({
+    "__getitem__", "index_select", "narrow", "masked_select", "take", "take_along_dim", "gather",
+    "select", "split", "split_with_sizes", "tensor_split", "chunk", "unbind",
+})
+
 
 class OperationTape(TorchFunctionMode):
     """Records the tensor operations of the network (see the module docstring)."""
@@ -82,7 +93,7 @@ class OperationTape(TorchFunctionMode):
                 return None
             traces = self._watched_traces(args, kwargs)
             if not traces:
-                return None
+                return self._batch_part_pending(args, kwargs)
             # Outputs of two forward passes combined are not followed; a backward
             # through the result is still marked, so that a named loss refuses it.
             after = traces[0] if len(traces) == 1 else tuple(traces)
@@ -108,9 +119,28 @@ class OperationTape(TorchFunctionMode):
                 found.append(trace)
         return found
 
+    def _batch_part_pending(self, args: tuple, kwargs: dict) -> Optional[tuple]:
+        """``(_BATCH_PART, trace, operation)`` for an operation on part of a model output's batch."""
+        if not self.state.batch_parts:
+            return None
+        for t in tensor_arguments(args, kwargs):
+            found = self.state.batch_part_of(t)
+            if found is not None:
+                return (_BATCH_PART, *found)
+        return None
+
+    def _mark_batch_part(self, trace: Trace, operation: str, outputs: Any) -> None:
+        """Remember the outputs that require grad as parts of the batch of ``trace``'s output."""
+        for o in flat_tensors(outputs):
+            if o.requires_grad:
+                self.state.watch_batch_part(o, trace, operation)
+
     def _after(self, pending: tuple, out: Any) -> None:
         if pending[0] is _CONSTANT_AXES:
             _follow_constant_axes(pending, out)
+            return
+        if pending[0] is _BATCH_PART:  # computed from part of the batch: still part of it
+            self._mark_batch_part(pending[1], pending[2], out)
             return
         after, func, name, t_args, t_kwargs, tensors, keys, nodes = pending
         if isinstance(after, tuple):  # outputs of several forward passes combined
@@ -183,6 +213,8 @@ class OperationTape(TorchFunctionMode):
         if not any(o.requires_grad and o.dim() and o.shape[0] == n for o in outputs):
             rows = _merged_rows(name, tensors, outputs, n)
             if not rows:
+                if name in BATCH_SELECTIONS:  # out[:4]: a loss on it gets a clear error
+                    self._mark_batch_part(trace, name, outputs)
                 return  # no batch axis left: the loss itself, or a reduction, not part of the network
         kinds, params = [], []
         for i, t in enumerate(tensors):
