@@ -108,6 +108,7 @@ class ModuleRecorder:
     @_without_torch_function
     def on_model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """A forward pass of the model starts: open its trace."""
+        _refuse_empty_batch(args[0] if args else next(iter(flat_tensors(tuple(kwargs.values()))), None), "input")
         self.on_forward_start()
         self.restore_tape()
         state = self.state
@@ -145,6 +146,11 @@ class ModuleRecorder:
         if not output.requires_grad:
             trace.release()  # no backward can follow
             return
+        try:
+            _refuse_empty_batch(output, "output")
+        except UnsupportedModelError:
+            trace.release()
+            raise
         self.on_output(trace, output)
 
     # ----------------------------------------------------------- any module
@@ -222,6 +228,22 @@ class ModuleRecorder:
 
 
 OutputChoice = Union[str, int, Callable[[Any], Tensor], None]
+
+
+def _refuse_empty_batch(x: Any, what: str) -> None:
+    """Refuse a model input or output with batch size 0 while grad mode is on.
+
+    The loss of an empty batch is ``0`` (``sum``) or ``nan`` (``mean``) and has no
+    curvature; PyTorch runs it, but the per-sample terms curvhook would write have
+    no samples to come from. Raised in the forward pass, before anything is recorded.
+    """
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != 0 or not torch.is_grad_enabled():
+        return
+    raise UnsupportedModelError(
+        f"The model {what} has batch size 0 (shape {tuple(x.shape)}): an empty batch has no "
+        "curvature for curvhook to compute. Skip empty batches (if X.shape[0] == 0: continue), "
+        "or run this forward pass outside the extend block or under torch.no_grad()."
+    )
 
 
 def select_output(output: Any, choice: OutputChoice) -> Tensor:
