@@ -77,10 +77,14 @@ def _softmax_factor(p: Tensor) -> Tensor:
     ``diag(p) - p pᵀ = D (I - q qᵀ) D`` with ``q = √p`` (a unit vector) and
     ``D = diag(√p)``, so ``D Q`` is a square-root factor with ``C - 1`` columns
     instead of ``C``: the Hessian has rank ``C - 1`` (``H 1 = 0``). The Householder
-    reflection ``R = I - 2 w wᵀ / wᵀw`` with ``w = q + e_C`` maps ``q`` to ``-e_C``;
-    its first ``C - 1`` columns span ``q⊥``. As ``q ≥ 0``, ``wᵀw = 2 (1 + q_C) ≥ 2``:
-    no cancellation, whatever the probabilities. Those columns are
-    ``Q[c, k] = δ_ck - w_c q_k / (1 + q_C)`` (``w_k = q_k`` for ``k < C``).
+    reflection ``R = I - 2 w wᵀ / wᵀw`` with ``w = q + e_m`` maps ``q`` to ``-e_m``;
+    its columns ``k ≠ m`` span ``q⊥``. They are ``Q[c, k] = δ_ck - w_c q_k / (1 + q_m)``.
+
+    The pivot ``m`` is the most probable class, so no entry cancels, even when one
+    class has ``p ≈ 1``: ``wᵀw = 2 (1 + q_m) ≥ 2``; on the diagonal, ``q_k² = p_k ≤ 1/2``
+    for ``k ≠ m``, so ``1 - q_k² / (1 + q_m) ≥ 1/2``; row ``m`` is ``-q_k``; the other
+    entries are products. (A fixed pivot on the last class gives ``1 - q_k² / (1 + q_C)``
+    with ``q_k ≈ 1``: ``0`` instead of ``p_C``.)
 
     Args:
         p: Probabilities ``[..., C]`` summing to one over the last axis.
@@ -90,13 +94,33 @@ def _softmax_factor(p: Tensor) -> Tensor:
     """
     c = p.shape[-1]
     q = p.sqrt()
-    last = torch.zeros(c, dtype=q.dtype, device=q.device)
-    last[-1] = 1
-    w = q + last
-    coef = (q[..., -1:] + 1).reciprocal_()  # [..., 1]
-    outer = (w * coef).unsqueeze(-1) * q[..., None, : c - 1]  # [..., C, C-1]
-    eye = torch.eye(c, c - 1, dtype=q.dtype, device=q.device)
+    m = p.argmax(-1, keepdim=True)  # [..., 1]
+    k = torch.arange(c - 1, device=p.device)
+    cols = k + (k >= m).to(k.dtype)  # [..., C-1]: every class but m
+    q_m = q.gather(-1, m)  # [..., 1]
+    w = q.scatter_add(-1, m, torch.ones_like(q_m))  # q + e_m
+    outer = (w / (1 + q_m)).unsqueeze(-1) * q.gather(-1, cols).unsqueeze(-2)  # [..., C, C-1]
+    eye = (torch.arange(c, device=p.device).unsqueeze(-1) == cols.unsqueeze(-2)).to(q.dtype)
     return eye - outer
+
+
+def _one_minus(p: Tensor, dim: int) -> Tensor:
+    """``1 - p`` for probabilities ``p`` summing to one along ``dim``, without cancellation.
+
+    For the most probable class, ``1 - p_m`` is the sum of the other probabilities
+    (a sum of non-negative terms; ``1 - p_m`` cancels when ``p_m ≈ 1``: ``0`` instead
+    of ``1.8e-35`` at logits ``±40``). For the others, ``p_c ≤ 1/2`` and ``1 - p_c ≥ 1/2``.
+
+    Args:
+        p: Probabilities, any shape, summing to one along ``dim``.
+        dim: The class axis.
+
+    Returns:
+        ``1 - p``, the shape of ``p``.
+    """
+    m = p.argmax(dim, keepdim=True)
+    others = p.scatter(dim, m, 0).sum(dim, keepdim=True)  # Σ_{c ≠ m} p_c
+    return torch.rsub(p, 1).scatter_(dim, m, others)
 
 
 def _with_alpha(p: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -227,7 +251,7 @@ class CrossEntropyRule(LossRule):
 
     def hessian_diag(self, call: LossCall) -> Tensor:
         p, _, alpha = self._coefficients(call)
-        return torch.addcmul(p, p, p, value=-1).mul_(alpha)  # α p (1 - p)
+        return _one_minus(p, 1).mul_(p).mul_(alpha)  # α p (1 - p)
 
     def gradient(self, call: LossCall) -> Tensor:
         p, a, alpha = self._coefficients(call)
@@ -268,7 +292,9 @@ class BCEWithLogitsRule(LossRule):
 
     Per entry ``l = -w [r y log σ(f) + (1 - y) log(1 - σ(f))]`` with ``r`` the
     ``pos_weight``; ``∂l/∂f = w ((r y + 1 - y) σ - r y)`` and
-    ``∂²l/∂f² = w (r y + 1 - y) σ (1 - σ)``. The Hessian is diagonal.
+    ``∂²l/∂f² = w (r y + 1 - y) σ (1 - σ)``. The Hessian is diagonal; it is computed
+    as ``σ(f) σ(-f)``, which keeps its relative precision where ``σ(f) ≈ 1``
+    (``1 - σ(f)`` gives ``0`` instead of ``4e-18`` at ``f = 40``).
     """
 
     def _parts(self, call: LossCall) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -305,7 +331,7 @@ class BCEWithLogitsRule(LossRule):
 
     def hessian_diag(self, call: LossCall) -> Tensor:
         sig, coef, _ = self._parts(call)
-        return coef * sig * (1 - sig)
+        return coef * sig * torch.sigmoid(-call.input)  # σ(f) (1 - σ(f)) = σ(f) σ(-f)
 
     def gradient(self, call: LossCall) -> Tensor:
         sig, coef, pos = self._parts(call)
