@@ -23,6 +23,13 @@ Then, with ``u = γ ∘ m``, ``J_xᵀ m = (u - mean(u) - x̂ mean(u ∘ x̂)) / 
 mean terms, ``J_xᵀ m = (u - x̂ mean(u ∘ x̂)) / r`` and
 ``Σ_o d_o J[o, i]² = (e_i (1 - 2 x̂_i² / G) + x̂_i² S_2 / G²) / r²``.
 
+These closed forms cancel where the sum is small against its terms (a group of one
+or two entries, where ``J ≈ 0``): they could give ``-1e-14`` for a sum of squares.
+Where the closed form is below ``1/16`` of the magnitude of its terms, the entry is
+recomputed as the sum of non-negative terms ``Σ_o e_o (δ_oi - c_o)²`` itself
+(``O(G)`` per such entry); elsewhere the closed form keeps at least the relative
+precision ``16 G ε``, and so its sign.
+
 For all of them the affine parameters are elementwise: ``J_γᵀ m = Σ m ∘ x̂`` and
 ``J_βᵀ m = Σ m`` over the positions that share the parameter entry, and
 ``Σ_n diag(J_γᵀ diag(d) J_γ) = Σ d ∘ x̂²``, ``Σ_n diag(J_βᵀ diag(d) J_β) = Σ d``.
@@ -177,7 +184,52 @@ class _GroupNormalizationRule(LayerRule):
             # Σ_o e_o (δ_oi - x̂_o x̂_i / G)² = e_i (1 - 2 x̂_i² / G) + x̂_i² Σ e x̂² / G²
             back = torch.mul(x_sq, -2 / size).add_(1).mul_(e)
         back.addcmul_(x_sq, s2, value=1 / size**2)
+        self._recompute_cancelled(back, e, x_hat, x_sq, s2)
         return self._ungroup(call, back.mul_(inv_std.square()), 1)
+
+    def _recompute_cancelled(self, back: Tensor, e: Tensor, x_hat: Tensor, x_sq: Tensor, s2: Tensor) -> None:
+        """Recompute, in place, the entries of ``back`` where the closed form may have cancelled.
+
+        The closed form is ``Σ_o e_o (δ_oi - c_o)²`` expanded, with ``c_o = (1 + x̂_o x̂_i) / G``
+        (``x̂_o x̂_i / G`` without centering). Its terms are at most ``mag``:
+        ``e_i (1 + 2 (1 + x̂_i²) / G) + 2 (S_0 + x̂_i² S_2) / G²`` (as ``2 |x̂_i x̂_o| ≤ 1 + x̂_i² x̂_o²``),
+        resp. ``e_i (1 + 2 x̂_i² / G) + x̂_i² S_2 / G²``. Where ``back ≤ mag / 16`` (a negative
+        ``back`` included), the entry is summed term by term: a sum of non-negative terms.
+
+        Args:
+            back: The closed form, ``[N, T, G]`` (before the ``1/σ²`` factor); changed in place.
+            e: ``γ² ∘ d`` ``[N, T, G]``.
+            x_hat: ``x̂`` ``[N, T, G]``.
+            x_sq: ``x̂²`` ``[N, T, G]``.
+            s2: ``S_2 = Σ_o e_o x̂_o²`` ``[N, T, 1]``.
+        """
+        size = e.shape[-1]
+        if self.centered:
+            s0 = e.sum(-1, keepdim=True)
+            mag = torch.add(x_sq, 1).mul_(2 / size).add_(1).mul_(e)
+            mag.add_(torch.addcmul(s0, x_sq, s2), alpha=2 / size**2)
+        else:
+            mag = torch.mul(x_sq, 2 / size).add_(1).mul_(e).addcmul_(x_sq, s2, value=1 / size**2)
+        suspect = back <= mag.mul_(1 / 16)
+        if not bool(suspect.any()):
+            return
+        n, t, i = suspect.nonzero(as_tuple=True)
+        chunk = max(1, 2**22 // size)  # bounded memory: [chunk, G] temporaries
+        for start in range(0, n.numel(), chunk):
+            sl = slice(start, start + chunk)
+            back[n[sl], t[sl], i[sl]] = self._exact_entries(e[n[sl], t[sl]], x_hat[n[sl], t[sl]], i[sl])
+
+    def _exact_entries(self, e: Tensor, x_hat: Tensor, i: Tensor) -> Tensor:
+        """``Σ_o e_o (δ_oi - c_o)²`` for ``F`` entries, each with its group's ``e``, ``x̂`` ``[F, G]``
+        and its position ``i`` ``[F]`` in the group; returns ``[F]``."""
+        size = e.shape[-1]
+        rows = torch.arange(i.numel(), device=i.device)
+        c = x_hat * x_hat[rows, i].unsqueeze(-1)  # x̂_o x̂_i
+        if self.centered:
+            c.add_(1)
+        jac = c.mul_(-1 / size)
+        jac[rows, i] += 1  # δ_oi - c_o: J[o, i] σ
+        return jac.square_().mul_(e).sum(-1)
 
     # The affine parameters: the subclasses reduce ``m ∘ x̂`` / ``m`` over the shared positions.
     def _param_reduce(self, call: Operation, t: Tensor, lead: int) -> Tensor:

@@ -4,12 +4,15 @@ Along the softmax dimension, with ``s = softmax(x)``:
 
 - Softmax: ``J[o, i] = s_o (δ_oi - s_i)``, so ``J_xᵀ m = s ∘ (m - ⟨m, s⟩)`` and
 
-      Σ_o d_o J[o, i]² = s_i² (d_i (1 - 2 s_i) + Σ_o d_o s_o²);
+      Σ_o d_o J[o, i]² = s_i² (d_i (1 - s_i)² + Σ_{o≠i} d_o s_o²);
 
 - LogSoftmax: ``J[o, i] = δ_oi - s_i``, so ``J_xᵀ m = m - s Σ_o m_o`` and
 
-      Σ_o d_o J[o, i]² = d_i (1 - 2 s_i) + s_i² Σ_o d_o.
+      Σ_o d_o J[o, i]² = d_i (1 - s_i)² + s_i² Σ_{o≠i} d_o.
 
+Both are sums of non-negative terms: ``1 - s_i`` and the sums over ``o ≠ i`` are
+formed without cancellation (:func:`_sum_of_others`). The expanded
+``d_i (1 - 2 s_i) + Σ_o d_o s_o²`` cancels where ``s_i ≈ 1`` and can turn negative.
 ``s`` is recomputed from the stored input.
 """
 
@@ -22,6 +25,19 @@ from curvhook.records import Operation
 from curvhook.errors import UnsupportedModelError
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule
+
+
+def _sum_of_others(t: Tensor, dim: int) -> Tensor:
+    """``Σ_{o ≠ i} t_o`` for every ``i`` along ``dim``, for ``t ≥ 0``, without cancellation.
+
+    ``total - t_i`` keeps its relative precision where ``t_i`` is not the largest
+    term (then ``total - t_i ≥ max t``), and is never negative (a rounded sum of
+    non-negative terms is at least each of them). For the largest term, the
+    others are summed directly.
+    """
+    m = t.argmax(dim, keepdim=True)
+    others = t.sum(dim, keepdim=True) - t
+    return others.scatter_(dim, m, t.scatter(dim, m, 0).sum(dim, keepdim=True))
 
 
 def _softmax_dim(call: Operation) -> int:
@@ -63,10 +79,11 @@ class SoftmaxRule(LayerRule):
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         s, dim = self._probabilities(call)
-        if self.log:
-            return diag * (1 - 2 * s) + s.square() * diag.sum(dim, keepdim=True)
+        own = _sum_of_others(s, dim).square_().mul_(diag)  # d_i (1 - s_i)², 1 - s_i = Σ_{o≠i} s_o
         s_sq = s.square()
-        return s_sq * (diag * (1 - 2 * s) + (diag * s_sq).sum(dim, keepdim=True))
+        if self.log:
+            return own.addcmul_(s_sq, _sum_of_others(diag, dim))
+        return own.add_(_sum_of_others(diag * s_sq, dim)).mul_(s_sq)
 
 
 @register_rule(nn.LogSoftmax)
