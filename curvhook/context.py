@@ -127,7 +127,7 @@ class Extend:
         state.stack.clear()
         state.frames.clear()
         state.watch.clear()
-        state.losses_running = 0
+        state.losses_running.clear()
         state.modules = {}
         self._driver.used.clear()
         self._driver.active = False

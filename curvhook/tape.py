@@ -78,7 +78,7 @@ class OperationTape(TorchFunctionMode):
             return None
         state, after = self.state, None
         if not state.stack:  # outside the model: only what is applied to its output
-            if state.losses_running:
+            if state.in_loss():
                 return None
             traces = self._watched_traces(args, kwargs)
             if not traces:
@@ -199,11 +199,24 @@ class OperationTape(TorchFunctionMode):
             keys, tuple(None if node is None else _HISTORY for node in nodes), outputs, None, inplace, params,
         )
         op.rows_per_sample = rows
+        _retire_reused_keys(trace, op, outputs, tensors)
         trace.after_operations.append(op)
         for o, key in zip(outputs, op.output_keys):
             if key is not None:
                 self.state.watch_output(o, key, trace)
                 trace.handles.append(o.register_hook(partial(_record_after_task, trace)))
+
+
+def _retire_reused_keys(trace: Trace, op: Operation, outputs: list, inputs: list) -> None:
+    """Retire the records of dead tensors whose ids the outputs of ``op`` reuse.
+
+    An output that is none of the operation's inputs (``x.contiguous()`` may
+    return ``x``) is a new tensor: a recorded key equal to its key belonged to a
+    tensor that died (``Trace.retire_key``).
+    """
+    for o, key in zip(outputs, op.output_keys):
+        if key is not None and not any(o is x for x in inputs) and trace.produced(key):
+            trace.retire_key(key)
 
 
 def _follow_batch_axis(op: Operation, moved: dict) -> None:
