@@ -109,11 +109,12 @@ class ModuleRecorder:
         return handles
 
     def keep_hook_order(self) -> None:
-        """Put curvhook's hooks back where :meth:`register` placed them, in case the user's moved them.
+        """Put curvhook's hooks back where :meth:`register` placed them.
 
-        A pre-hook the user registers inside the block runs after curvhook's
-        pre-hook of the module; one registered with ``prepend=True``, before its
-        forward hook. Called when a forward pass of the model starts.
+        A pre-hook the user registers inside the block would run after curvhook's
+        pre-hook of the module, and a forward hook registered with
+        ``prepend=True`` before curvhook's: moving curvhook's back keeps them
+        outside the module. Called when a forward pass of the model starts.
         """
         for module, handle_id, pre, last in self.places:
             keep_forward_hook_at(module, handle_id, pre, last)
