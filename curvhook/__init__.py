@@ -2,6 +2,7 @@
 
 from curvhook import rules  # noqa: F401  (registers the built-in layer rules)
 from curvhook._memory import release_memory
+from curvhook.clearing import clear
 from curvhook.context import Extend, extend
 from curvhook.errors import CurvhookError, UnsupportedLossError, UnsupportedModelError
 from curvhook.losses import LossRule, register_loss, supported_losses
@@ -16,6 +17,7 @@ __all__ = [
     "LossRule",
     "UnsupportedLossError",
     "UnsupportedModelError",
+    "clear",
     "extend",
     "register_loss",
     "release_memory",

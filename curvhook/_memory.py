@@ -40,7 +40,6 @@ nothing; the block's exit drops everything.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import math
 import os
 import sys
@@ -58,16 +57,35 @@ _PAGE = 4096
 _MIN_BYTES = 8 << 20  # huge pages from here on: below, their fault saving is negligible
 _RECYCLE_MIN_BYTES = 256 << 10  # recycled from here on: smaller ones stay in malloc's heap
 
-_madvise: Optional[ctypes._CFuncPtr] = None
 _enabled = sys.platform.startswith("linux") and os.environ.get("CURVHOOK_HUGEPAGES", "1") != "0"
-if _enabled:
-    try:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _madvise = _libc.madvise
-        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _madvise.restype = ctypes.c_int
-    except (OSError, AttributeError):  # pragma: no cover - exotic libc
-        _madvise = None
+_madvise_loaded = False
+_madvise: Optional[ctypes._CFuncPtr] = None
+
+
+def _madvise_function() -> Optional[ctypes._CFuncPtr]:
+    """libc's ``madvise``, loaded on the first large buffer; ``None`` where it is unavailable.
+
+    Loaded lazily and without ``ctypes.util.find_library``, which runs
+    ``ldconfig -p`` in a subprocess: importing curvhook starts no process. The
+    symbols already loaded into the process (``CDLL(None)``) include libc's on
+    Linux; ``libc.so.6`` is the fallback.
+    """
+    global _madvise, _madvise_loaded
+    if _madvise_loaded:
+        return _madvise
+    _madvise_loaded = True
+    if not _enabled:
+        return None
+    for name in (None, "libc.so.6"):
+        try:
+            function = ctypes.CDLL(name, use_errno=True).madvise
+        except (OSError, AttributeError):  # pragma: no cover - exotic libc
+            continue
+        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        function.restype = ctypes.c_int
+        _madvise = function
+        break
+    return _madvise
 
 
 def empty(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -119,12 +137,13 @@ def _recycles(nbytes: int, like: Tensor) -> bool:
 def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A new buffer, advised to use huge pages when it is large and on the CPU."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if _madvise is not None and out.device.type == "cpu":
-        nbytes = out.nbytes
-        if nbytes >= _MIN_BYTES:
+    nbytes = out.nbytes
+    if nbytes >= _MIN_BYTES and out.device.type == "cpu":
+        madvise = _madvise_function()
+        if madvise is not None:
             start = -(-out.data_ptr() // _PAGE) * _PAGE
             end = (out.data_ptr() + nbytes) // _PAGE * _PAGE
-            _madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: failure is harmless
+            madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: failure is harmless
     return out
 
 

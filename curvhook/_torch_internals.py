@@ -43,6 +43,9 @@ __all__ = [
     "current_graph_task_id",
     "disable_torch_function",
     "forward_pre_hooks",
+    "in_backward_hook_setup",
+    "keep_forward_hook_at",
+    "module_state_without_hooks",
     "in_reentrant_checkpoint",
     "own_parameters",
     "pop_torch_function_mode",
@@ -344,6 +347,100 @@ def forward_pre_hooks(module: nn.Module) -> Iterable[Callable[..., Any]]:
     """
     hooks = getattr(module, "_forward_pre_hooks", None)
     return () if hooks is None else hooks.values()
+
+
+# The tables of a module's forward hooks, by handle id: the hooks themselves, and
+# the ids of those called with keyword arguments or also when forward raised.
+# Checked on torch 2.6–2.13 (``Module._forward_pre_hooks``, ``_forward_hooks``,
+# ``_forward_pre_hooks_with_kwargs``, ``_forward_hooks_with_kwargs``,
+# ``_forward_hooks_always_called``).
+_FORWARD_HOOK_TABLES = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def keep_forward_hook_at(module: nn.Module, handle_id: int, pre: bool, last: bool) -> None:
+    """Move a forward (pre-)hook of ``module`` to the end (``last``) or the start of its hooks.
+
+    The hooks of a module run in the order of their table. ``extend`` keeps its
+    pre-hook last and its forward hook first, so that they see the input the
+    module's ``forward`` receives and the output it returns, also where the user
+    registers hooks that change them inside the block.
+
+    Checked on torch 2.6–2.13 (``Module._forward_pre_hooks`` and
+    ``Module._forward_hooks``, ordered dicts by handle id). Missing: nothing
+    moves (hooks registered inside the block run where they were registered).
+    """
+    table = getattr(module, "_forward_pre_hooks" if pre else "_forward_hooks", None)
+    if table is None or handle_id not in table:
+        return
+    ends = reversed(table) if last else iter(table)
+    if next(ends) != handle_id:
+        table.move_to_end(handle_id, last=last)
+
+
+def module_state_without_hooks(state: Any, handle_ids: set[int], drop: Iterable[str] = ()) -> Any:
+    """A module's pickled state (``Module.__getstate__``) without the given forward hooks.
+
+    ``copy.deepcopy(model)``, ``pickle`` and ``torch.save(model)`` inside an
+    ``extend`` block copy the module's ``__dict__``, hooks included; the copy
+    gets the state without curvhook's hooks (new tables: the module's own are
+    not changed) and without the ``__dict__`` entries named in ``drop``.
+
+    Checked on torch 2.6–2.13 (the tables of ``_FORWARD_HOOK_TABLES``).
+    Missing (renamed tables): the state as it is, less ``drop``.
+    """
+    if not isinstance(state, dict):
+        return state
+    state = {k: v for k, v in state.items() if k not in drop}
+    for name in _FORWARD_HOOK_TABLES:
+        table = state.get(name)
+        if isinstance(table, dict) and any(i in table for i in handle_ids):
+            state[name] = type(table)((k, v) for k, v in table.items() if k not in handle_ids)
+    return state
+
+
+def _backward_hook_setup_code() -> Any:
+    try:
+        from torch.utils.hooks import BackwardHook
+
+        return BackwardHook._apply_on_tensors.__code__
+    except (ImportError, AttributeError):  # pragma: no cover - renamed
+        return None
+
+
+_BACKWARD_HOOK_SETUP = _backward_hook_setup_code()
+
+
+def in_backward_hook_setup() -> bool:
+    """Whether the caller runs inside the wrapping of a module's tensors for its full backward hooks.
+
+    A module with ``register_full_backward_hook`` or
+    ``register_full_backward_pre_hook`` (or global ones) passes its input
+    tensors, and then its output tensors, through an autograd function that is
+    the identity in the forward pass (``BackwardHookFunction``); autograd makes
+    its outputs with ``x.view_as(x)`` under ``no_grad``. Walks at most eight frames
+    up the Python stack; called only for that ``view_as`` inside a block.
+
+    Checked on torch 2.6–2.13 (``torch.utils.hooks.BackwardHook._apply_on_tensors``).
+    Missing (renamed): ``False``; a module with full backward hooks then raises
+    an error that names an operation curvhook did not see.
+    """
+    code = _BACKWARD_HOOK_SETUP
+    if code is None:  # pragma: no cover - renamed
+        return False
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def remove_global_forward_hook(handle: Any) -> None:

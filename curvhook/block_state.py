@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -49,10 +50,12 @@ class BlockState:
             where a loss may be called. Weak references, so an id reused later
             never matches.
         traces: Every trace whose output has a hook (weakly held).
-        losses_running: Loss modules in their forward (their operations are not recorded).
         batch_parts: Tensors computed after the model from part of its batch
             (``out[:4]``, ``out[idx]``, ``out[mask]``), with their trace and the
             operation that took the part: a loss on one is refused with a clear error.
+        losses_running: Loss modules in their forward (their operations are not recorded),
+            by thread: the global module hooks also see the loss calls of other
+            threads, which must not stop this block's tape.
         forwards: Forward passes started in the block.
     """
 
@@ -63,9 +66,25 @@ class BlockState:
     frames: list[Frame] = field(default_factory=list)
     watch: dict[TensorKey, tuple[weakref.ref, weakref.ref]] = field(default_factory=dict)
     traces: "weakref.WeakSet[Trace]" = field(default_factory=weakref.WeakSet)
-    losses_running: int = 0
+    losses_running: dict[int, int] = field(default_factory=dict)
     forwards: int = 0
     batch_parts: dict[TensorKey, tuple[weakref.ref, weakref.ref, str]] = field(default_factory=dict)
+
+    def loss_started(self) -> None:
+        """A loss module starts its forward in the calling thread."""
+        thread = threading.get_ident()
+        self.losses_running[thread] = self.losses_running.get(thread, 0) + 1
+
+    def loss_ended(self) -> None:
+        """A loss module of the calling thread returned or raised."""
+        thread = threading.get_ident()
+        left = self.losses_running.pop(thread, 0) - 1
+        if left > 0:
+            self.losses_running[thread] = left
+
+    def in_loss(self) -> bool:
+        """Whether a loss module runs its forward in the calling thread."""
+        return bool(self.losses_running) and threading.get_ident() in self.losses_running
 
     def watched(self, tensor: Tensor) -> Optional[Trace]:
         """The live trace whose output ``tensor`` is, or was computed from after the model."""

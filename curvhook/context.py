@@ -128,7 +128,7 @@ class Extend:
         state.frames.clear()
         state.watch.clear()
         state.batch_parts.clear()
-        state.losses_running = 0
+        state.losses_running.clear()
         state.modules = {}
         self._driver.used.clear()
         self._driver.active = False

@@ -29,7 +29,7 @@ class LossFinder:
     def before_any_module(self, module: nn.Module, args: tuple) -> None:
         """Global pre-hook: a loss module starts (its inner operations are not recorded)."""
         if isinstance(module, LOSS_MODULE_TYPES):
-            self.state.losses_running += 1
+            self.state.loss_started()
 
     def after_any_module(self, module: nn.Module, args: tuple, kwargs: Any, output: Any = None) -> None:
         """Global post-hook, also called when a module raised.
@@ -39,7 +39,7 @@ class LossFinder:
         """
         if not isinstance(module, LOSS_MODULE_TYPES):  # every module of the process comes here: return at once
             return
-        self.state.losses_running = max(0, self.state.losses_running - 1)
+        self.state.loss_ended()
         if isinstance(kwargs, dict) and isinstance(output, Tensor):
             with disable_torch_function():
                 self._found(module, args, kwargs, output)

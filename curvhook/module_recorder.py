@@ -21,10 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from curvhook._torch_internals import (
-    disable_torch_function, in_reentrant_checkpoint, own_parameters, pop_torch_function_mode,
+    disable_torch_function, in_reentrant_checkpoint, keep_forward_hook_at, own_parameters, pop_torch_function_mode,
     push_torch_function_mode, saved_tensor_hooks_active, torch_function_mode_on_top,
 )
 from curvhook.block_state import BlockState, Frame
+from curvhook.copies import HookFreeCopies
 from curvhook.errors import UnsupportedModelError, reentrant_checkpoint_error
 from curvhook.leaf_operations import as_operations
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, flat_tensors, key_of, make_template
@@ -75,16 +76,48 @@ class ModuleRecorder:
         self.on_forward_start = on_forward_start
         self.on_output = on_output
         self.popped: list[nn.Module] = []  # torch layers running with the tape off the stack
+        # (module, hook id, a pre-hook, kept last): where keep_hook_order keeps curvhook's hooks
+        self.places: list[tuple[nn.Module, int, bool, bool]] = []
 
     def register(self, model: nn.Module) -> list[Any]:
-        """Register the hooks on ``model`` and its modules; return their handles."""
-        handles = [model.register_forward_pre_hook(self.on_model_pre, prepend=True, with_kwargs=True)]
+        """Register the hooks on ``model`` and its modules; return their handles.
+
+        The user's own forward hooks may change what a module receives or returns
+        (``lambda m, args, out: 2 * out``). Each module's pre-hook runs after the
+        user's pre-hooks and its forward hook before the user's forward hooks, so
+        that the module is recorded with the input its ``forward`` receives and
+        the output it returns; what the user's hooks compute runs outside the
+        module, and the tape records it like any operation between modules. The
+        model's pre-hook runs first and its forward hook last: the user's hooks
+        on the model are part of the model.
+        """
+        model_pre = model.register_forward_pre_hook(self.on_model_pre, prepend=True, with_kwargs=True)
+        handles = [model_pre]
+        self.places = []
         for module in model.modules():
             if not _is_empty_container(module):
-                handles.append(module.register_forward_pre_hook(self.on_module_pre, with_kwargs=True))
-                handles.append(module.register_forward_hook(self.on_module_post, with_kwargs=True, always_call=True))
-        handles.append(model.register_forward_hook(self.on_model_post, with_kwargs=True, always_call=True))
+                pre = module.register_forward_pre_hook(self.on_module_pre, with_kwargs=True)
+                post = module.register_forward_hook(
+                    self.on_module_post, prepend=True, with_kwargs=True, always_call=True
+                )
+                handles += [pre, post]
+                self.places += [(module, pre.id, True, True), (module, post.id, False, False)]
+        model_post = model.register_forward_hook(self.on_model_post, with_kwargs=True, always_call=True)
+        handles.append(model_post)
+        self.places += [(model, model_pre.id, True, False), (model, model_post.id, False, True)]
+        handles.append(HookFreeCopies([m for m, *_ in self.places], [h.id for h in handles]))
         return handles
+
+    def keep_hook_order(self) -> None:
+        """Put curvhook's hooks back where :meth:`register` placed them.
+
+        A pre-hook the user registers inside the block would run after curvhook's
+        pre-hook of the module, and a forward hook registered with
+        ``prepend=True`` before curvhook's: moving curvhook's back keeps them
+        outside the module. Called when a forward pass of the model starts.
+        """
+        for module, handle_id, pre, last in self.places:
+            keep_forward_hook_at(module, handle_id, pre, last)
 
     def tape_on_top(self) -> bool:
         """Whether the tape is the innermost torch-function mode."""
@@ -109,6 +142,7 @@ class ModuleRecorder:
     def on_model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """A forward pass of the model starts: open its trace."""
         _refuse_empty_batch(args[0] if args else next(iter(flat_tensors(tuple(kwargs.values()))), None), "input")
+        self.keep_hook_order()  # for the next forward passes: this one's hooks are already under way
         self.on_forward_start()
         self.restore_tape()
         state = self.state

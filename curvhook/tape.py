@@ -23,7 +23,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from curvhook._torch_internals import (
-    current_graph_task_id, disable_torch_function, in_reentrant_checkpoint, saved_tensor_hooks_active,
+    current_graph_task_id, disable_torch_function, in_backward_hook_setup, in_reentrant_checkpoint,
+    saved_tensor_hooks_active,
 )
 from curvhook.batch_axis import FOLLOWED, MOVERS, output_batch_axes
 from curvhook.block_state import BlockState
@@ -86,10 +87,11 @@ class OperationTape(TorchFunctionMode):
             if stack and stack[-1].grad_enabled and in_reentrant_checkpoint():
                 frames = self.state.frames
                 raise reentrant_checkpoint_error(f"called in {frames[-1].op.name!r}" if frames else "")
-            return None
+            if not _wraps_for_backward_hooks(name, args):
+                return None
         state, after = self.state, None
         if not state.stack:  # outside the model: only what is applied to its output
-            if state.losses_running:
+            if state.in_loss():
                 return None
             traces = self._watched_traces(args, kwargs)
             if not traces:
@@ -97,8 +99,10 @@ class OperationTape(TorchFunctionMode):
             # Outputs of two forward passes combined are not followed; a backward
             # through the result is still marked, so that a named loss refuses it.
             after = traces[0] if len(traces) == 1 else tuple(traces)
-        elif not state.frames or not state.frames[-1].records_inside:
+        elif state.frames and not state.frames[-1].records_inside:
             return None  # inside a leaf module with a rule
+        # With no frame open, the model's forward runs its own hooks (it is a
+        # plain container, or its frame closed): what they compute is recorded.
         t_args, t_kwargs, tensors = make_template(args, kwargs)
         if not any(t.requires_grad for t in tensors):
             if after is None and name in FOLLOWED:  # the model input transposed: follow its batch axis
@@ -153,7 +157,7 @@ class OperationTape(TorchFunctionMode):
         outputs = [tensors[0]] if inplace and tensors else list(flat_tensors(out))
         if after is not None:
             self._record_after(after, (func, name, t_args, t_kwargs), tensors, keys, nodes, outputs, inplace)
-        elif self.state.stack and self.state.frames:
+        elif self.state.stack:
             self._record_between((func, name, t_args, t_kwargs), tensors, keys, nodes, outputs, inplace)
 
     def _record_between(
@@ -166,7 +170,8 @@ class OperationTape(TorchFunctionMode):
         if not any(o.requires_grad for o in outputs):
             return
         state = self.state
-        trace, frame = state.stack[-1], state.frames[-1]
+        trace = state.stack[-1]
+        where = repr(state.frames[-1].op.name) if state.frames else "the model"
         func, name, t_args, t_kwargs = call
         kinds, params = [], []
         for i, t in enumerate(tensors):
@@ -180,7 +185,7 @@ class OperationTape(TorchFunctionMode):
         if BATCHED not in kinds and SHARED in kinds:
             _mark_batched_constants(kinds, tensors, outputs, trace.batch_hint)
         op = _operation(
-            f"{name} (in {frame.op.name!r})", func, t_args, t_kwargs, tuple(tensors), kinds, keys,
+            f"{name} (in {where})", func, t_args, t_kwargs, tuple(tensors), kinds, keys,
             nodes, outputs, outputs[0].grad_fn, inplace, params,
         )
         if op.node is not None and saved_tensor_hooks_active():  # activation checkpointing
@@ -231,11 +236,42 @@ class OperationTape(TorchFunctionMode):
             keys, tuple(None if node is None else _HISTORY for node in nodes), outputs, None, inplace, params,
         )
         op.rows_per_sample = rows
+        _retire_reused_keys(trace, op, outputs, tensors)
         trace.after_operations.append(op)
+        # The identity of full backward hooks (``view_as`` under no_grad) changes no
+        # loss: a named loss still describes it, and its output has no node yet to hook.
+        identity = not torch.is_grad_enabled()
         for o, key in zip(outputs, op.output_keys):
             if key is not None:
                 self.state.watch_output(o, key, trace)
-                trace.handles.append(o.register_hook(partial(_record_after_task, trace)))
+                if not identity:
+                    trace.handles.append(o.register_hook(partial(_record_after_task, trace)))
+
+
+def _wraps_for_backward_hooks(name: str, args: tuple) -> bool:
+    """Whether a call under ``no_grad`` is the identity that full backward hooks put around a
+    module's inputs or outputs (``BackwardHookFunction``: ``x.view_as(x)``).
+
+    It is recorded like any ``view_as``: the identity in the forward pass. The
+    hooks see (and may change) the gradient; the curvature is that of the
+    model's forward function, as without them.
+    """
+    return (
+        name == "view_as" and len(args) == 2 and args[0] is args[1] and isinstance(args[0], Tensor)
+        and args[0].requires_grad and in_backward_hook_setup()
+    )
+
+
+def _retire_reused_keys(trace: Trace, op: Operation, outputs: list, inputs: list) -> None:
+    """Retire the records of dead tensors whose ids the outputs of ``op`` reuse.
+
+    An output that is none of the operation's inputs (``x.contiguous()`` may
+    return ``x``) is a new tensor: a recorded key equal to its key belonged to a
+    tensor that died (``Trace.retire_key``).
+    """
+    for o, key in zip(outputs, op.output_keys):
+        if key is not None and not any(o is x for x in inputs) and trace.produced(key):
+            trace.retire_key(key)
 
 
 def _follow_batch_axis(op: Operation, moved: dict) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from curvhook.records import LossCall, Operation, TensorKey
+
+# Fresh identities for retired keys: ``(-n, -1)`` is never ``(id(t), version)``.
+_RETIRED = itertools.count(1)
 
 
 class Trace:
@@ -64,6 +68,7 @@ class Trace:
         self.grad_enabled = True
         self.used = False
         self.released = False
+        self._model_keys: Optional[set] = None  # the keys of ``operations`` (see ``produced``)
 
     @property
     def all_operations(self) -> list[Operation]:
@@ -87,6 +92,46 @@ class Trace:
             if any(x is root for x in op.inputs):  # an in-place operation changed its input
                 op.inputs = tuple(x.detach() if x is root else x for x in op.inputs)
 
+    def produced(self, key: TensorKey) -> bool:
+        """Whether an operation of the model or after it produced a tensor with identity ``key``."""
+        if key == self.root_key or any(key in op.output_keys for op in self.after_operations):
+            return True
+        if self._model_keys is None:  # the model's operations are final once its forward returned
+            self._model_keys = {k for op in self.operations for k in (*op.output_keys, *op.unfollowed_output_keys)}
+        return key in self._model_keys
+
+    def retire_key(self, key: TensorKey) -> None:
+        """Give a recorded tensor that died a fresh identity, everywhere in the record.
+
+        A key is ``(id(t), version)``, and Python reuses the id of a dead tensor:
+        in ``crit(2 * model(X).tanh(), y)`` the model output dies after ``tanh``
+        and the product may get its id. The record must then not read the
+        product as the model output (a cycle in the graph, a loss on the wrong
+        tensor), so the dead tensor's records are renamed first.
+        """
+        new: TensorKey = (-next(_RETIRED), -1)
+        self._model_keys = None
+
+        def renamed(keys: tuple) -> tuple:
+            return tuple(new if k == key else k for k in keys)
+
+        if self.root_key == key:
+            self.root_key = new
+        for op in self.all_operations:
+            op.input_keys = renamed(op.input_keys)
+            op.output_keys = renamed(op.output_keys)
+            op.unfollowed_output_keys = renamed(op.unfollowed_output_keys)
+        for call in self.losses:
+            if call.key == key:
+                call.key = new
+        for keys in (self.input_keys, self.shared_keys):
+            if key in keys:
+                keys.discard(key)
+                keys.add(new)
+        self.shared_log = list(renamed(tuple(self.shared_log)))
+        if key in self.moved_axes:
+            self.moved_axes[new] = self.moved_axes.pop(key)
+
     def release(self) -> None:
         """Drop every stored tensor and remove the hooks on loss values.
 
@@ -100,6 +145,7 @@ class Trace:
         self.losses.clear()
         self.after_operations.clear()
         self.moved_constants.clear()
+        self._model_keys = None
         self.root_value = None
         self.released = True
 

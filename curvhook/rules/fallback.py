@@ -52,8 +52,23 @@ def _replay(call: Operation, params: dict, inputs: list[Tensor]) -> Tensor:
         args, kwargs = fill_template(call.args, call.kwargs, inputs)
     else:  # a call recorded by hand, without its arguments' layout
         args, kwargs = tuple(inputs), {}
-    out = functional_call(call.module, params, args, kwargs)
+    # The module's own forward, without its hooks: the user's forward hooks ran in the
+    # forward pass, and what they computed there was recorded as operations of its own.
+    wrapper = _Forward(call.module)
+    out = functional_call(wrapper, {f"module.{k}": v for k, v in params.items()}, args, kwargs)
     return out if isinstance(out, Tensor) else next(o for o in out if isinstance(o, Tensor))
+
+
+class _Forward(nn.Module):
+    """Calls ``module.forward`` directly, bypassing the hooks of ``module`` (``module.<name>``
+    names its parameters for ``functional_call``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module.forward(*args, **kwargs)
 
 
 def _forward(call: Operation, slot: int = 0) -> Callable[[dict, Tensor], Tensor]:
