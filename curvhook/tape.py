@@ -23,11 +23,13 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from curvhook._torch_internals import (
-    current_graph_task_id, disable_torch_function, in_reentrant_checkpoint, saved_tensor_hooks_active,
+    current_graph_task_id, disable_torch_function, functorch_level, in_reentrant_checkpoint,
+    saved_tensor_hooks_active,
 )
 from curvhook.batch_axis import FOLLOWED, MOVERS, output_batch_axes
 from curvhook.block_state import BlockState
 from curvhook.errors import reentrant_checkpoint_error
+from curvhook.guards import refuse_transform
 from curvhook.loss_linearity import LossLinearity
 from curvhook.operations import MERGING_RESHAPES, is_inplace, name_of, skipped
 from curvhook.records import (
@@ -88,6 +90,8 @@ class OperationTape(TorchFunctionMode):
             after = traces[0] if len(traces) == 1 else tuple(traces)
         elif not state.frames or not state.frames[-1].records_inside:
             return None  # inside a leaf module with a rule
+        elif functorch_level() != state.stack[-1].functorch_level:  # inside a torch.func transform
+            refuse_transform(state.stack[-1].functorch_level, f"operation {name!r} (in {state.frames[-1].op.name!r})")
         t_args, t_kwargs, tensors = make_template(args, kwargs)
         if not any(t.requires_grad for t in tensors):
             if after is None and name in FOLLOWED:  # the model input transposed: follow its batch axis
