@@ -49,6 +49,7 @@ __all__ = [
     "disable_torch_function",
     "forward_pre_hooks",
     "functorch_level",
+    "in_compiled_region",
     "in_reentrant_checkpoint",
     "is_compiled_node",
     "own_parameters",
@@ -245,6 +246,31 @@ def set_compiled_forward(module: nn.Module, attribute: str, value: Any) -> None:
         object.__setattr__(module, "forward", value if value is not None else original.__call__)
     elif attribute:
         object.__setattr__(module, attribute, value)
+
+
+# in_compiled_region() -> bool: whether the code calling it runs under
+# ``torch.compile``: traced by dynamo (``torch.compiler.is_compiling()``), or run
+# from a compiled frame (dynamo's frame-evaluation callback is set while
+# compiled code runs, also in the parts it leaves to eager Python around a
+# graph break, such as module hooks). Code that dynamo traces may be rerun
+# eagerly when it raises; the callback still tells.
+# Checked on torch 2.6–2.13 (``torch._C._dynamo.eval_frame.get_eval_frame_callback``:
+# ``None`` outside compiled code, ``False`` in dynamo's run-only mode).
+# Missing: ``torch.compiler.is_compiling()`` alone (compiled backward nodes
+# are still refused, :func:`is_compiled_node`).
+_eval_frame_callback = getattr(
+    getattr(getattr(_C, "_dynamo", None), "eval_frame", None), "get_eval_frame_callback", None
+)
+
+
+def in_compiled_region() -> bool:
+    """Whether the caller runs under ``torch.compile`` (see the comment above)."""
+    if torch.compiler.is_compiling():
+        return True
+    if _eval_frame_callback is None:  # pragma: no cover - every torch 2.x from 2.6 has it
+        return False
+    callback = _eval_frame_callback()
+    return callback is not None and callback is not False
 
 
 # is_compiled_node(node): whether an autograd node runs code ``torch.compile``

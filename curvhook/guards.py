@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from curvhook._torch_internals import (
     any_autocast_enabled, autocast_device_types, compiled_forward, compiled_original,
-    current_autograd_node, functorch_level, is_compiled_node, own_parameters, set_compiled_forward,
+    current_autograd_node, functorch_level, in_compiled_region, is_compiled_node, own_parameters,
+    set_compiled_forward,
 )
 from curvhook.errors import UnsupportedModelError
 
@@ -121,7 +122,7 @@ def check_forward_start(first_input: Optional[Tensor]) -> Optional[int]:
             transform, or for an input on the meta device.
     """
     _refuse_autocast("the model")
-    _refuse_compiling("the model")
+    _refuse_compiling("the model's forward")
     level = functorch_level()
     if level is not None and current_autograd_node() is None:  # not a replay by a rule in backward
         raise UnsupportedModelError(
@@ -155,7 +156,7 @@ def check_module_call(module: nn.Module, name: str, level: Optional[int], param_
         return
     if any_autocast_enabled() and torch.is_grad_enabled():  # also where the forward turned it on itself
         _refuse_autocast(_module_words(module, name))
-    if torch.compiler.is_compiling():
+    if in_compiled_region():
         raise _compiled_error(_module_words(module, name))
     if functorch_level() != level:
         refuse_transform(level, _module_words(module, name))
@@ -214,7 +215,7 @@ def _refuse_autocast(where: str) -> None:
 
 
 def _refuse_compiling(where: str) -> None:
-    if torch.compiler.is_compiling():
+    if in_compiled_region():
         raise _compiled_error(where)
 
 

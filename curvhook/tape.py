@@ -91,7 +91,11 @@ class OperationTape(TorchFunctionMode):
         elif not state.frames or not state.frames[-1].records_inside:
             return None  # inside a leaf module with a rule
         elif functorch_level() != state.stack[-1].functorch_level:  # inside a torch.func transform
-            refuse_transform(state.stack[-1].functorch_level, f"operation {name!r} (in {state.frames[-1].op.name!r})")
+            frame = state.frames[-1]
+            if not frame.has_children:  # a leaf without a rule: the fallback replays it, transform and all
+                frame.records_inside = False
+                return None
+            refuse_transform(state.stack[-1].functorch_level, f"operation {name!r} (in {frame.op.name!r})")
         t_args, t_kwargs, tensors = make_template(args, kwargs)
         if not any(t.requires_grad for t in tensors):
             if after is None and name in FOLLOWED:  # the model input transposed: follow its batch axis
