@@ -329,3 +329,37 @@ def test_exact(case: Exact) -> None:
     close(got["diag"], G.diagonal(), rtol=1e-10)
     close(got["jac"].reshape(-1, J.shape[1]), J, rtol=1e-10)
     assert restored(), "the compiled code was not put back after the block"
+
+
+# ------------------------------------------------------- the shim entries
+
+
+def test_the_shim_entries_of_the_guards_on_this_torch() -> None:
+    """``curvhook/_torch_internals.py``'s entries for the guards do what ``guards.py`` relies on."""
+    from curvhook import _torch_internals as ti
+
+    assert not ti.any_autocast_enabled() and ti.autocast_device_types() == []
+    with torch.autocast("cpu", torch.bfloat16):
+        assert ti.any_autocast_enabled() and ti.autocast_device_types() == ["cpu"]
+    assert ti.functorch_level() is None
+    levels = []
+    torch.func.vmap(lambda x: levels.append(ti.functorch_level()) or x)(torch.ones(2))
+    assert levels[0] is not None
+    assert not ti.in_compiled_region()
+    m = nn.Linear(2, 2)
+    assert ti.compiled_original(m) is None and ti.compiled_forward(m) == ("", None)
+    torch._dynamo.reset()
+    cm = torch.compile(m, backend="eager")
+    assert ti.compiled_original(cm) is m
+    attribute, code = ti.compiled_forward(cm)
+    assert attribute == "forward"
+    ti.set_compiled_forward(cm, attribute, None)  # runs eagerly: no compiled region around the module
+    handle = m.register_forward_pre_hook(lambda mod, args: levels.append(ti.in_compiled_region()))
+    cm(torch.ones(1, 2))
+    ti.set_compiled_forward(cm, attribute, code)
+    assert cm.__dict__["forward"] is code and levels[-1] is False
+    cm(torch.ones(1, 2))
+    handle.remove()
+    assert levels[-1] is True  # the hook ran from compiled code
+    out = compiled(nn.Linear(2, 2))(torch.ones(1, 2))
+    assert ti.is_compiled_node(out.grad_fn) and not ti.is_compiled_node(m(torch.ones(1, 2)).grad_fn)
