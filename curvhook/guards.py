@@ -25,7 +25,7 @@ are run eagerly inside the block instead (:class:`EagerWhileExtended`).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -84,7 +84,7 @@ class EagerWhileExtended:
 
     def run_eagerly(self) -> None:
         """Replace the compiled code of the model and its modules by their own ``forward``."""
-        for module in self._with_wrappers():
+        for module in self.model.modules():  # a wrapper's modules include the module it wraps
             attribute, value = compiled_forward(module)
             if attribute:
                 self._saved.append((module, attribute, value))
@@ -95,13 +95,6 @@ class EagerWhileExtended:
         while self._saved:
             module, attribute, value = self._saved.pop()
             set_compiled_forward(module, attribute, value)
-
-    def _with_wrappers(self) -> Iterable[nn.Module]:
-        seen = set()
-        for module in self.model.modules():  # a wrapper's modules include the module it wraps
-            if id(module) not in seen:
-                seen.add(id(module))
-                yield module
 
 
 # -------------------------------------------------------------- forward passes
@@ -162,13 +155,14 @@ def check_module_call(module: nn.Module, name: str, level: Optional[int], param_
         refuse_transform(level, _module_words(module, name))
     for pname, p in own_parameters(module).items():
         if p is not None and p.requires_grad and id(p) not in param_ids:
+            where = _module_words(module, name)
             raise UnsupportedModelError(
-                f"Parameter {pname!r} of {_module_words(module, name)} is not the parameter the model held when the "
-                "extend() block was entered (torch.func.functional_call(model, params, ...) or "
-                "a parameter replaced inside the block): curvhook writes its results on the "
-                "model's parameters, which this forward pass does not use. Call the model "
-                "itself inside the block (load other values with model.load_state_dict(...)), "
-                "or enter extend() after replacing the parameter."
+                f"Parameter {pname!r} of {where} is not the parameter the model held when the "
+                "extend() block was entered (torch.func.functional_call(model, params, ...), "
+                "a parameter replaced inside the block, or one made trainable there): curvhook "
+                "writes its results on the trainable parameters the model held at entry. Call "
+                "the model itself inside the block (load other values with "
+                "model.load_state_dict(...)), or enter extend() after changing the parameters."
             )
 
 

@@ -161,6 +161,12 @@ def model_under_grad_transform(m: nn.Module) -> None:
         torch.func.grad(lambda p: nn.CrossEntropyLoss()(torch.func.functional_call(m, p, (X,)), y))(params)
 
 
+def enter(m: nn.Module) -> None:
+    """Enter a block (and leave it again if that did not raise)."""
+    with extend(m, DiagGGN()):
+        pass
+
+
 def meta_part(m: nn.Module) -> nn.Module:
     m[2].to("meta")
     return m
@@ -197,19 +203,25 @@ REFUSALS = {
     "e12-conv2d": Refusal(conv, autocast_forward, AUTOCAST),
     "e12-layernorm": Refusal(layer_norm, autocast_forward, AUTOCAST),
     "e12-attention": Refusal(SelfAttention, autocast_forward, AUTOCAST),
-    "e12-inside-forward": Refusal(AutocastInside, lambda m: block(m, m), "torch.autocast is on \\(cpu\\) while module 'b'"),
-    "e13-meta-model": Refusal(lambda: mlp().to("meta"), lambda m: extend(m, DiagGGN()).__enter__(), "Parameter '0.weight'.*" + META),
-    "e13-some-params-meta": Refusal(lambda: meta_part(mlp()), lambda m: extend(m, DiagGGN()).__enter__(), "Parameter '2.weight'.*" + META),
+    "e12-inside-forward": Refusal(
+        AutocastInside, lambda m: block(m, m), "torch.autocast is on \\(cpu\\) while module 'b'"
+    ),
+    "e13-meta-model": Refusal(lambda: mlp().to("meta"), enter, "Parameter '0.weight'.*" + META),
+    "e13-some-params-meta": Refusal(lambda: meta_part(mlp()), enter, "Parameter '2.weight'.*" + META),
     "e13-meta-buffer": Refusal(
         lambda: meta_buffer(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).eval()),
-        lambda m: extend(m, DiagGGN()).__enter__(), "Buffer '1.running_mean'.*" + META,
+        enter, "Buffer '1.running_mean'.*" + META,
     ),
     "e13-meta-input": Refusal(mlp, lambda m: block(m, lambda X: m(X.to("meta"))), "model input is on the meta device"),
     "e15-inside-aot_eager": Refusal(mlp, lambda m: block(m, compiled(m)), COMPILED),
     "e15-inside-eager": Refusal(mlp, lambda m: block(m, compiled(m, "eager")), COMPILED),
-    "e15-inside-inductor": Refusal(mlp, lambda m: block(m, compiled(m, "inductor")), COMPILED, needs_compiler=True),
+    "e15-inside-inductor": Refusal(
+        mlp, lambda m: block(m, compiled(m, "inductor")), COMPILED, needs_compiler=True
+    ),
     "e16-vmap-module": Refusal(VmapModule, lambda m: block(m, m), "Module 'lin' \\(Linear\\) " + TRANSFORM),
-    "e16-vmap-operation": Refusal(VmapOperation, lambda m: block(m, m), "Operation 'tanh' \\(in 'VmapOperation'\\) " + TRANSFORM),
+    "e16-vmap-operation": Refusal(
+        VmapOperation, lambda m: block(m, m), "Operation 'tanh' \\(in 'VmapOperation'\\) " + TRANSFORM
+    ),
     "e16-model-in-vmap": Refusal(mlp, lambda m: block(m, torch.func.vmap(m)), CALLED_IN_TRANSFORM),
     "e16-model-in-grad": Refusal(mlp, model_under_grad_transform, CALLED_IN_TRANSFORM),
     "e16-functional-call-other-params": Refusal(
