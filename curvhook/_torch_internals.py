@@ -34,19 +34,27 @@ from torch import Tensor, nn
 from curvhook.errors import CurvhookError
 
 __all__ = [
+    "AUTOCAST_DEVICE_TYPES",
     "BATCH_NORM_TYPES",
     "LOSS_MODULE_TYPES",
     "TORCH_FUNC_IMPORTS_DYNAMO",
+    "any_autocast_enabled",
     "attention_packs_projections",
+    "autocast_device_types",
     "canonical_attention_masks",
+    "compiled_forward",
+    "compiled_original",
     "current_autograd_node",
     "current_graph_task_id",
     "disable_torch_function",
     "forward_pre_hooks",
+    "functorch_level",
     "in_backward_hook_setup",
+    "in_compiled_region",
+    "in_reentrant_checkpoint",
+    "is_compiled_node",
     "keep_forward_hook_at",
     "module_state_without_hooks",
-    "in_reentrant_checkpoint",
     "own_parameters",
     "pop_torch_function_mode",
     "push_torch_function_mode",
@@ -54,6 +62,7 @@ __all__ = [
     "remove_global_forward_hook",
     "saved_pooling_indices",
     "saved_tensor_hooks_active",
+    "set_compiled_forward",
     "storage_use_count",
     "tensor_version",
     "torch_function_mode_on_top",
@@ -150,6 +159,131 @@ if TORCH_FUNC_IMPORTS_DYNAMO:
         import torch._dynamo  # noqa: F401
     except ImportError:  # pragma: no cover - a build without dynamo
         pass
+
+
+# ---------------------------------- torch.compile, transforms in a forward, autocast
+
+# any_autocast_enabled() -> bool: whether ``torch.autocast`` is on for any device
+# type in this thread. Inside it, modules compute in dtypes autocast picks per
+# operation (a Linear in bfloat16, a LayerNorm in float32), which the rules,
+# computing with the module's parameters, do not reproduce.
+# Checked on torch 2.6–2.13 (``torch._C._is_any_autocast_enabled``).
+# Missing: the public ``torch.is_autocast_enabled(device_type)`` over
+# :data:`AUTOCAST_DEVICE_TYPES` (the same answer, a few calls more).
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu")
+_any_autocast = getattr(_C, "_is_any_autocast_enabled", None)
+
+
+def autocast_device_types() -> list[str]:
+    """The device types for which ``torch.autocast`` is on (public API; slower than the check)."""
+    found = []
+    for device in AUTOCAST_DEVICE_TYPES:
+        try:
+            if torch.is_autocast_enabled(device):
+                found.append(device)
+        except RuntimeError:  # a device type this build does not know
+            pass
+    return found
+
+
+def any_autocast_enabled() -> bool:
+    """Whether ``torch.autocast`` is on for any device type (see the comment above)."""
+    if _any_autocast is None:  # pragma: no cover - every torch 2.x from 2.4 has it
+        return bool(autocast_device_types())
+    return bool(_any_autocast())
+
+
+# functorch_level() -> Optional[int]: the level of the innermost ``torch.func``
+# transform (``vmap``, ``grad``, ``jacrev``, ``vjp``) under way; ``None`` outside
+# any. A module or operation that runs at another level than the model's
+# forward started at runs inside a transform the forward called: its tensors
+# are wrapped (batched, or carrying a transform's gradient), and what curvhook
+# would record of them is no tensor of the model's own graph.
+# Checked on torch 2.6–2.13 (``torch._C._functorch.maybe_current_level``).
+# Missing: ``None``; transforms inside a forward are then not named (the
+# forward is still refused where its output was not recorded).
+functorch_level: Callable[[], Optional[int]] = getattr(
+    getattr(_C, "_functorch", None), "maybe_current_level", None
+) or (lambda: None)
+
+
+def compiled_original(module: nn.Module) -> Optional[nn.Module]:
+    """The module that a ``torch.compile(module)`` wrapper wraps; ``None`` for any other module.
+
+    Recognised by its class (``torch._dynamo.eval_frame.OptimizedModule``)
+    without importing ``torch._dynamo`` (a second on torch ≥ 2.8).
+
+    Checked on torch 2.6–2.13 (``OptimizedModule._orig_mod``).
+    Missing: ``None`` (the wrapper is then extended as it is, and its compiled
+    code refused when it runs inside the block).
+    """
+    cls = type(module)
+    if cls.__name__ != "OptimizedModule" or not cls.__module__.startswith("torch._dynamo"):
+        return None
+    return module.__dict__.get("_modules", {}).get("_orig_mod")
+
+
+def compiled_forward(module: nn.Module) -> tuple[str, Any]:
+    """Where a module keeps the compiled code it runs instead of its own: ``(attribute, value)``.
+
+    ``torch.compile(module)`` returns a wrapper whose ``forward`` runs the
+    compiled code (``"forward"``); ``module.compile()`` sets the module's
+    compiled call (``"_compiled_call_impl"``). ``("", None)`` for a module
+    without either. :func:`set_compiled_forward` puts such a value in place.
+
+    Checked on torch 2.6–2.13 (``OptimizedModule.forward`` in the wrapper's
+    ``__dict__``, ``Module._compiled_call_impl``). Missing: ``("", None)``.
+    """
+    if compiled_original(module) is not None and "forward" in module.__dict__:
+        return "forward", module.__dict__["forward"]
+    impl = module.__dict__.get("_compiled_call_impl")
+    return ("_compiled_call_impl", impl) if impl is not None else ("", None)
+
+
+def set_compiled_forward(module: nn.Module, attribute: str, value: Any) -> None:
+    """Replace what :func:`compiled_forward` found: ``None`` runs the module eagerly,
+    the value it returned restores the compiled code."""
+    if attribute == "forward":
+        original = compiled_original(module)
+        # the wrapper's forward runs the wrapped module with its hooks, as torch.compile's does
+        object.__setattr__(module, "forward", value if value is not None else original.__call__)
+    elif attribute:
+        object.__setattr__(module, attribute, value)
+
+
+# in_compiled_region() -> bool: whether the code calling it runs under
+# ``torch.compile``: traced by dynamo (``torch.compiler.is_compiling()``), or run
+# from a compiled frame (dynamo's frame-evaluation callback is set while
+# compiled code runs, also in the parts it leaves to eager Python around a
+# graph break, such as module hooks). Code that dynamo traces may be rerun
+# eagerly when it raises; the callback still tells.
+# Checked on torch 2.6–2.13 (``torch._C._dynamo.eval_frame.get_eval_frame_callback``:
+# ``None`` outside compiled code, ``False`` in dynamo's run-only mode).
+# Missing: ``torch.compiler.is_compiling()`` alone (compiled backward nodes
+# are still refused, :func:`is_compiled_node`).
+_eval_frame_callback = getattr(
+    getattr(getattr(_C, "_dynamo", None), "eval_frame", None), "get_eval_frame_callback", None
+)
+
+
+def in_compiled_region() -> bool:
+    """Whether the caller runs under ``torch.compile`` (see the comment above)."""
+    if torch.compiler.is_compiling():
+        return True
+    if _eval_frame_callback is None:  # pragma: no cover - every torch 2.x from 2.6 has it
+        return False
+    callback = _eval_frame_callback()
+    return callback is not None and callback is not False
+
+
+# is_compiled_node(node): whether an autograd node runs code ``torch.compile``
+# compiled (AOTAutograd's ``CompiledFunctionBackward``): one node for a whole
+# graph of operations, which curvhook cannot apply as one operation's Jacobian.
+# Checked on torch 2.6–2.13 (the class name of the node of a compiled graph).
+# Missing: no such name; nothing to check.
+def is_compiled_node(node: Any) -> bool:
+    """Whether ``node`` is the backward of a ``torch.compile``'d graph (see the comment above)."""
+    return node is not None and type(node).__name__ == "CompiledFunctionBackward"
 
 
 # ------------------------------------------------------------ autograd engine

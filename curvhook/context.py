@@ -31,6 +31,7 @@ from curvhook.backward_driver import BackwardDriver
 from curvhook.block_state import BlockState, ModuleInfo
 from curvhook.errors import CurvhookError
 from curvhook.extensions.base import Extension
+from curvhook.guards import EagerWhileExtended, refuse_meta
 from curvhook.loss_finder import LossFinder
 from curvhook.loss_linearity import LossLinearity
 from curvhook.module_recorder import ModuleRecorder, OutputChoice
@@ -53,7 +54,9 @@ class Extend:
         attributes = [ext.attribute for ext in extensions]
         if len(set(attributes)) != len(attributes):
             raise ValueError("Each extension type may appear once per extend() block.")
-        self.model = model
+        # torch.compile(model): the block extends the module it wraps, run eagerly (curvhook/guards.py)
+        self._eager = EagerWhileExtended(model)
+        self.model = EagerWhileExtended.unwrap(model)
         self.extensions = list(extensions)
         self.accumulate = accumulate
         self.output = output
@@ -79,6 +82,7 @@ class Extend:
         if self._active:
             raise RuntimeError("This extend() block is already active.")
         modules = _module_infos(self.model)  # refuses a module already in an active block
+        refuse_meta(self.model)
         if self._parts_used:  # the same Extend entered again
             self._make_parts()
         self._parts_used = True
@@ -92,6 +96,7 @@ class Extend:
             _memory.adopt(ext.results_on(all_params))  # their memory, if nobody else holds it
             ext.reset(all_params)
         try:
+            self._eager.run_eagerly()
             self._handles.extend(self._recorder.register(self.model))
             self._global_handle = register_module_forward_hook(
                 self._finder.after_any_module, with_kwargs=True, always_call=True
@@ -108,6 +113,7 @@ class Extend:
         self._cleanup()
 
     def _cleanup(self) -> None:
+        self._eager.restore()
         self._linearity.clear()
         self._tape.enabled = False
         try:
@@ -172,6 +178,9 @@ def extend(
     Args:
         model: Any ``nn.Module``. Its output is a tensor ``[N, *out]``, or a
             dict, Hugging Face ``ModelOutput`` or tuple holding it (see ``output``).
+            A ``torch.compile(module)`` wrapper extends the module it wraps;
+            inside the block, compiled modules (also ``module.compile()``'d
+            parts) run their original ``forward``, which curvhook records.
         *extensions: Extension instances, e.g. ``DiagGGN()``, ``FullGGN()``.
         accumulate: If ``False`` (default) each backward replaces the results
             of the previous one, removing them from the parameters when it

@@ -27,6 +27,7 @@ from curvhook._torch_internals import (
 from curvhook.block_state import BlockState, Frame
 from curvhook.copies import HookFreeCopies
 from curvhook.errors import UnsupportedModelError, reentrant_checkpoint_error
+from curvhook.guards import check_forward_start, check_module_call, check_module_output
 from curvhook.leaf_operations import as_operations
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, flat_tensors, key_of, make_template
 from curvhook.rules.registry import rule_for
@@ -156,6 +157,7 @@ class ModuleRecorder:
             given = list(flat_tensors((args, tuple(kwargs.values()))))
             trace.input_keys = {key_of(t) for t in given}
             first = given[0] if given else None
+        trace.functorch_level = check_forward_start(first)  # autocast, torch.compile, transforms, meta
         if first is not None and first.dim():
             trace.batch_hint = first.shape[0]
         state.stack.append(trace)
@@ -196,6 +198,7 @@ class ModuleRecorder:
             return
         info = state.modules[module]  # hooks are only on modules listed at entry
         trace = state.stack[-1]
+        check_module_call(module, info.name, trace.functorch_level, state.param_ids)
         if not torch.is_grad_enabled() and trace.grad_enabled and in_reentrant_checkpoint():
             raise reentrant_checkpoint_error(f"module {info.name!r}")
         frames = state.frames
@@ -227,6 +230,7 @@ class ModuleRecorder:
         if not state.stack or not state.frames or state.frames[-1].op.module is not module:
             return
         frame = state.frames.pop()
+        check_module_output(frame.op.name, output)
         if frame.child_called:  # a container: its children and operations are recorded
             return
         trace, op = state.stack[-1], frame.op

@@ -23,12 +23,14 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from curvhook._torch_internals import (
-    current_graph_task_id, disable_torch_function, in_backward_hook_setup, in_reentrant_checkpoint,
+    current_graph_task_id, disable_torch_function, functorch_level, in_backward_hook_setup,
+    in_reentrant_checkpoint,
     saved_tensor_hooks_active,
 )
 from curvhook.batch_axis import FOLLOWED, MOVERS, output_batch_axes
 from curvhook.block_state import BlockState
 from curvhook.errors import reentrant_checkpoint_error
+from curvhook.guards import refuse_transform
 from curvhook.loss_linearity import LossLinearity
 from curvhook.operations import MERGING_RESHAPES, is_inplace, name_of, skipped
 from curvhook.records import (
@@ -101,6 +103,13 @@ class OperationTape(TorchFunctionMode):
             after = traces[0] if len(traces) == 1 else tuple(traces)
         elif state.frames and not state.frames[-1].records_inside:
             return None  # inside a leaf module with a rule
+        elif functorch_level() != state.stack[-1].functorch_level:  # inside a torch.func transform
+            frame = state.frames[-1] if state.frames else None
+            if frame is not None and not frame.has_children:  # a leaf without a rule: the fallback replays it, transform and all
+                frame.records_inside = False
+                return None
+            where = f" (in {frame.op.name!r})" if frame is not None else ""
+            refuse_transform(state.stack[-1].functorch_level, f"operation {name!r}{where}")
         # With no frame open, the model's forward runs its own hooks (it is a
         # plain container, or its frame closed): what they compute is recorded.
         t_args, t_kwargs, tensors = make_template(args, kwargs)

@@ -45,6 +45,8 @@ class Trace:
         after_tasks: Graph tasks of the backward passes that went through the
             operations after the model.
         grad_enabled: Whether grad mode was on when the forward pass started.
+        functorch_level: The ``torch.func`` transform level it started at
+            (``None`` outside any; see :mod:`curvhook.guards`).
         used: Whether a backward has consumed this trace at least once.
         released: Whether the stored tensors were dropped.
     """
@@ -66,6 +68,7 @@ class Trace:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.root_handle: Optional[torch.utils.hooks.RemovableHandle] = None
         self.grad_enabled = True
+        self.functorch_level: Optional[int] = None
         self.used = False
         self.released = False
         self._model_keys: Optional[set] = None  # the keys of ``operations`` (see ``produced``)
