@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -237,19 +237,17 @@ class Net(nn.Module):
     """A custom container with its own ``forward``: modules and tensor operations in turn.
 
     ``Lambda`` steps run as tensor operations in this ``forward`` (not as modules).
-    ``pre``: first a parameter of this container meets the raw input, ``x * self.scale``
-    (``scale`` broadcast along the features or channels of ``in_shape``) or ``x @ self.w``
-    (``w`` ``[F, F]``).
+    ``pre``: first a parameter of this container of shape ``pre_shape`` meets the raw input,
+    ``x * self.scale`` (``[F]``, or ``[C, 1, ...]`` for images) or ``x @ self.w`` (``[F, F]``).
     """
 
-    def __init__(self, steps: list[nn.Module], pre: str = "none", in_shape: tuple[int, ...] = ()) -> None:
+    def __init__(self, steps: list[nn.Module], pre: str = "none", pre_shape: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.pre = pre
         if pre == "scale":
-            shape = in_shape[-1:] if len(in_shape) <= 2 else (in_shape[0], *[1] * (len(in_shape) - 1))
-            self.scale = nn.Parameter(1.0 + 0.5 * torch.randn(shape, dtype=DT))
+            self.scale = nn.Parameter(1.0 + 0.5 * torch.randn(pre_shape, dtype=DT))
         elif pre == "matmul":
-            self.w = nn.Parameter(torch.randn(in_shape[-1], in_shape[-1], dtype=DT) / in_shape[-1] ** 0.5)
+            self.w = nn.Parameter(torch.randn(pre_shape, dtype=DT) / pre_shape[0] ** 0.5)
         self.layers = nn.ModuleList([s for s in steps if not isinstance(s, Lambda)])
         self.plan: list[tuple[str, Any]] = []
         j = 0
@@ -543,7 +541,11 @@ def cases(draw, family: Optional[str] = None, max_steps: int = 4) -> Case:
     states = []  # (in, out) of each step, for reusing a module ("again")
     for _ in range(draw(st.integers(0, max_steps))):
         names = [k for k, b in BLOCKS.items() if b.ok(state, fresh)]
-        reusable = [i for i, (a, b) in enumerate(states) if a == state and b == state and steps[i][0] not in ("act", "dropout", "op_affine")]
+        offset = len(steps) - len(states)  # the embedding of "ids" has no entry in states
+        reusable = [
+            i for i, (a, b) in enumerate(states)
+            if a == b == state and steps[i + offset][0] not in ("act", "dropout", "op_affine", "again")
+        ]
         if reusable:
             names.append("again")
         name = draw(st.sampled_from(names))
@@ -600,6 +602,15 @@ def _head(case: Case, state: State) -> list[nn.Module]:
     return ([] if state.kind == "vec" else [nn.Flatten()]) + [layer]
 
 
+def _pre_shape(case: Case) -> tuple[int, ...]:
+    """The shape of the root container's parameter on the raw input (``Case.pre``)."""
+    if case.pre == "matmul":
+        return (case.in_shape[-1], case.in_shape[-1])
+    if case.family in SEQLIKE:
+        return (case.in_shape[-1],)
+    return (case.in_shape[0], *[1] * (len(case.in_shape) - 1))
+
+
 def build_model(case: Case) -> nn.Module:
     """The float64 eval-mode model of ``case`` (weights from ``torch.manual_seed(case.seed)``)."""
     torch.manual_seed(case.seed)
@@ -618,7 +629,7 @@ def build_model(case: Case) -> nn.Module:
     if case.wrapper == "bare":
         (model,) = modules
     elif case.wrapper == "custom":
-        model = Net(modules, case.pre, case.in_shape)
+        model = Net(modules, case.pre, _pre_shape(case))
     else:
         model = nn.Sequential(*modules)
     return randomize_layers(model)  # float64, eval mode, norms away from their trivial init
