@@ -513,6 +513,9 @@ BLOCKS: dict[str, Block] = {
 }
 
 
+COMMON = ("linear", "conv", "act")
+
+
 def _in_shape(draw, family: str) -> tuple[int, ...]:
     if family == "vec":
         return (draw(st.integers(2, 4)),)
@@ -541,6 +544,7 @@ def cases(draw, family: Optional[str] = None, max_steps: int = 4) -> Case:
     states = []  # (in, out) of each step, for reusing a module ("again")
     for _ in range(draw(st.integers(0, max_steps))):
         names = [k for k, b in BLOCKS.items() if b.ok(state, fresh)]
+        names += [k for k in COMMON if k in names] * 2  # the layers of most real models, three times as likely
         offset = len(steps) - len(states)  # the embedding of "ids" has no entry in states
         reusable = [
             i for i, (a, b) in enumerate(states)
