@@ -486,7 +486,10 @@ BLOCKS: dict[str, Block] = {
     ),
     "sdpa": Block(
         lambda s, fresh: s.kind == "seq",
-        lambda draw, s: {"heads": draw(st.sampled_from([h for h in (1, 2) if s.shape[-1] % h == 0])), "causal": draw(st.booleans())},
+        lambda draw, s: {
+            "heads": draw(st.sampled_from([h for h in (1, 2) if s.shape[-1] % h == 0])),
+            "causal": draw(st.booleans()),
+        },
         _same,
         lambda s, kw: SDPA(s.shape[-1], kw["heads"], kw["causal"]),
     ),
@@ -747,7 +750,8 @@ def _same_grads(model: nn.Module, plain: list[Optional[Tensor]]) -> None:
             assert p.grad is None, f"{name}: a gradient where the plain backward gives none"
             continue
         assert p.grad is not None, f"{name}: no gradient"
-        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-12 * max(g.abs().max().item(), 1e-30), msg=lambda m: f"{name}.grad: {m}")
+        atol = 1e-12 * max(g.abs().max().item(), 1e-30)
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=atol, msg=lambda m, name=name: f"{name}.grad: {m}")
 
 
 def _approx_sane(approx: Tensor) -> None:
