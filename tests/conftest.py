@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from hypothesis import Phase, settings
 
 import reference
 
@@ -31,3 +32,25 @@ def pytest_terminal_summary(terminalreporter):
         )
         if s.get("normwise_at"):
             terminalreporter.write_line(f"      worst normwise in {s['normwise_at']}; worst entrywise in {s.get('entrywise_at')}")
+
+
+# Hypothesis profiles of the random-architecture test (test_fuzz.py). "ci", the default:
+# a fixed seed and a few examples per input family (5 families: 40 examples), no shrinking
+# (a failure prints its case, which replays as is); "thorough": thousands, shrunk to a
+# minimal case (tests/README.md).
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=8,
+    deadline=None,
+    print_blob=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+)
+settings.register_profile("thorough", max_examples=1000, deadline=None, print_blob=True)
+
+
+def pytest_configure(config):
+    """Load the "ci" profile unless ``--hypothesis-profile`` names one."""
+    if not config.getoption("hypothesis_profile", default=None):
+        settings.load_profile("ci")
