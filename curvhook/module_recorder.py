@@ -164,8 +164,10 @@ class ModuleRecorder:
         op = _module_operation(module, info.name, args, kwargs, state.param_ids, trace.shared_keys)
         if trace.moved_axes:
             _note_batch_axes(op, trace.moved_axes)
-        if op.inputs and getattr(module, "inplace", False) and saved_tensor_hooks_active():
-            # Checkpointed: its node may not be read, and it overwrites its input. Keep a copy.
+        if op.inputs and getattr(module, "inplace", False) and (saved_tensor_hooks_active() or op.inputs[0]._base is not None):
+            # It overwrites its input, and its node may not be read (checkpointed), or is not
+            # its own (in place on a view, ``Linear`` on ``[N, T, F]``: autograd wraps it in
+            # ``CopySlices``). Keep a copy: the rule replays the module on it.
             op.inputs = (op.inputs[0].detach().clone(), *op.inputs[1:])
             op.input_versions = (0, *op.input_versions[1:])
         records_inside = info.has_children or (not info.torch_leaf and rule_for(module) is None)

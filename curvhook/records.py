@@ -101,6 +101,10 @@ class Operation:
         recurse: A module with children it did not call: one operation over all
             parameters below it (``nn.MultiheadAttention``).
         inplace: The operation modified its first argument in place.
+        overwritten: For an in-place tensor operation whose derivatives depend on the
+            value it overwrote (``h.tanh_()``, ``h.mul_(w)``): the overwritten tensor,
+            held so that its ``id`` is not reused; ``inputs[0]`` is then a copy of
+            its value before the call.
         known_per_sample: Set from the plan before a backward pass: the
             structure of this tensor operation shows that it keeps samples
             apart, so its rule may skip the per-sample replay.
@@ -143,6 +147,7 @@ class Operation:
     training: bool = False
     recurse: bool = False
     inplace: bool = False
+    overwritten: tuple[Tensor, ...] = ()
     known_per_sample: bool = False
     from_parameters: bool = False
     to_batch: bool = False
