@@ -28,6 +28,7 @@ from curvhook.block_state import BlockState, Frame
 from curvhook.errors import UnsupportedModelError, reentrant_checkpoint_error
 from curvhook.leaf_operations import as_operations
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, flat_tensors, key_of, make_template
+from curvhook.rules.fallback import replaying
 from curvhook.rules.registry import rule_for
 from curvhook.tape import OperationTape
 from curvhook.trace import Trace
@@ -107,7 +108,13 @@ class ModuleRecorder:
     # ------------------------------------------------------------- the model
     @_without_torch_function
     def on_model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """A forward pass of the model starts: open its trace."""
+        """A forward pass of the model starts: open its trace.
+
+        A rule's replay of the model (a model without children and without a
+        rule goes to the fallback) is no forward pass of the model.
+        """
+        if replaying():
+            return
         self.on_forward_start()
         self.restore_tape()
         state = self.state
@@ -128,6 +135,8 @@ class ModuleRecorder:
     @_without_torch_function
     def on_model_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """A forward pass of the model returned: hand its output to the backward driver."""
+        if replaying():
+            return
         state = self.state
         if not state.stack:
             return

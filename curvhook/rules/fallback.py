@@ -23,8 +23,10 @@ recognised by the generator state its replay advances.
 
 from __future__ import annotations
 
+import threading
 import warnings
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +44,28 @@ def _params(call: Operation) -> dict[str, Tensor]:
     return {n: p.detach() for n, p in call.module.named_parameters(recurse=call.recurse)}
 
 
+_REPLAYS = threading.local()
+
+
+def replaying() -> bool:
+    """Whether a rule is replaying a module's ``forward`` in this thread.
+
+    The recorder's hooks on the extended model ignore such calls: a replay of
+    the model itself (a model without children and without a rule) is no new
+    forward pass of the model.
+    """
+    return getattr(_REPLAYS, "depth", 0) > 0
+
+
+@contextmanager
+def _replay_scope() -> Iterator[None]:
+    _REPLAYS.depth = getattr(_REPLAYS, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _REPLAYS.depth -= 1
+
+
 def _replay(call: Operation, params: dict, inputs: list[Tensor]) -> Tensor:
     """Call the module again with ``inputs`` in the places of its recorded tensor inputs.
 
@@ -52,7 +76,8 @@ def _replay(call: Operation, params: dict, inputs: list[Tensor]) -> Tensor:
         args, kwargs = fill_template(call.args, call.kwargs, inputs)
     else:  # a call recorded by hand, without its arguments' layout
         args, kwargs = tuple(inputs), {}
-    out = functional_call(call.module, params, args, kwargs)
+    with _replay_scope():
+        out = functional_call(call.module, params, args, kwargs)
     return out if isinstance(out, Tensor) else next(o for o in out if isinstance(o, Tensor))
 
 
