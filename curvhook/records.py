@@ -43,7 +43,7 @@ class Scratch:
     the reverse walk. Each names the rule that fills it.
     """
 
-    keeps_samples_apart_checked: Optional[bool] = None  # tensor_ops: the per-sample replay agreed
+    keeps_samples_apart_checked: Optional[bool] = None  # tensor_ops, fallback: the per-sample replay agreed
     slopes: Optional[dict] = None  # tensor_ops: σ'(x) of an elementwise operation, by slot
     loop_over_samples: Optional[bool] = None  # fallback: vmap could not run the module
     deterministic: Optional[bool] = None  # fallback: the replay draws no random numbers
