@@ -39,7 +39,8 @@ class EmbeddingRule(LayerRule):
     @staticmethod
     def _indices(call: Operation) -> Tensor:
         """The indices, ``[N, T]``, as the forward pass used them (torch checked their range there)."""
-        if tensor_version(call.input) != call.input_versions[0]:
+        versions = getattr(call, "input_versions", None)  # None: F.embedding, seen as a module call
+        if versions is not None and tensor_version(call.input) != versions[0]:
             raise UnsupportedModelError(
                 f"The indices given to {call.name!r} (Embedding) were changed in place after the "
                 "call, so curvhook no longer knows which rows the forward pass read. Change a "
