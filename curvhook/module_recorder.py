@@ -30,6 +30,7 @@ from curvhook.errors import UnsupportedModelError, reentrant_checkpoint_error
 from curvhook.guards import check_forward_start, check_module_call, check_module_output
 from curvhook.leaf_operations import as_operations
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, flat_tensors, key_of, make_template
+from curvhook.rules.fallback import replaying
 from curvhook.rules.registry import rule_for
 from curvhook.tape import OperationTape
 from curvhook.trace import Trace
@@ -141,7 +142,13 @@ class ModuleRecorder:
     # ------------------------------------------------------------- the model
     @_without_torch_function
     def on_model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """A forward pass of the model starts: open its trace."""
+        """A forward pass of the model starts: open its trace.
+
+        A rule's replay of the model (a model without children and without a
+        rule goes to the fallback) is no forward pass of the model.
+        """
+        if replaying():
+            return
         _refuse_empty_batch(args[0] if args else next(iter(flat_tensors(tuple(kwargs.values()))), None), "input")
         self.keep_hook_order()  # for the next forward passes: this one's hooks are already under way
         self.on_forward_start()
@@ -165,6 +172,8 @@ class ModuleRecorder:
     @_without_torch_function
     def on_model_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """A forward pass of the model returned: hand its output to the backward driver."""
+        if replaying():
+            return
         state = self.state
         if not state.stack:
             return
@@ -207,8 +216,10 @@ class ModuleRecorder:
         op = _module_operation(module, info.name, args, kwargs, state.param_ids, trace.shared_keys)
         if trace.moved_axes:
             _note_batch_axes(op, trace.moved_axes)
-        if op.inputs and getattr(module, "inplace", False) and saved_tensor_hooks_active():
-            # Checkpointed: its node may not be read, and it overwrites its input. Keep a copy.
+        if op.inputs and getattr(module, "inplace", False) and (saved_tensor_hooks_active() or op.inputs[0]._base is not None):
+            # It overwrites its input, and its node may not be read (checkpointed), or is not
+            # its own (in place on a view, ``Linear`` on ``[N, T, F]``: autograd wraps it in
+            # ``CopySlices``). Keep a copy: the rule replays the module on it.
             op.inputs = (op.inputs[0].detach().clone(), *op.inputs[1:])
             op.input_versions = (0, *op.input_versions[1:])
         records_inside = info.has_children or (not info.torch_leaf and rule_for(module) is None)

@@ -43,7 +43,7 @@ class Scratch:
     the reverse walk. Each names the rule that fills it.
     """
 
-    keeps_samples_apart_checked: Optional[bool] = None  # tensor_ops: the per-sample replay agreed
+    keeps_samples_apart_checked: Optional[bool] = None  # tensor_ops, fallback: the per-sample replay agreed
     slopes: Optional[dict] = None  # tensor_ops: σ'(x) of an elementwise operation, by slot
     loop_over_samples: Optional[bool] = None  # fallback: vmap could not run the module
     deterministic: Optional[bool] = None  # fallback: the replay draws no random numbers
@@ -101,6 +101,10 @@ class Operation:
         recurse: A module with children it did not call: one operation over all
             parameters below it (``nn.MultiheadAttention``).
         inplace: The operation modified its first argument in place.
+        overwritten: For an in-place tensor operation whose derivatives depend on the
+            value it overwrote (``h.tanh_()``, ``h.mul_(w)``): the overwritten tensor,
+            held so that its ``id`` is not reused; ``inputs[0]`` is then a copy of
+            its value before the call.
         known_per_sample: Set from the plan before a backward pass: the
             structure of this tensor operation shows that it keeps samples
             apart, so its rule may skip the per-sample replay.
@@ -143,6 +147,7 @@ class Operation:
     training: bool = False
     recurse: bool = False
     inplace: bool = False
+    overwritten: tuple[Tensor, ...] = ()
     known_per_sample: bool = False
     from_parameters: bool = False
     to_batch: bool = False

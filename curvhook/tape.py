@@ -15,7 +15,8 @@ module and are not recorded.
 
 from __future__ import annotations
 
-from functools import partial
+import inspect
+from functools import lru_cache, partial
 from typing import Any, Optional
 
 import torch
@@ -24,15 +25,16 @@ from torch.overrides import TorchFunctionMode
 
 from curvhook._torch_internals import (
     current_graph_task_id, disable_torch_function, functorch_level, in_backward_hook_setup,
-    in_reentrant_checkpoint,
-    saved_tensor_hooks_active,
+    in_reentrant_checkpoint, saved_tensor_hooks_active, tensor_version,
 )
 from curvhook.batch_axis import FOLLOWED, MOVERS, output_batch_axes
 from curvhook.block_state import BlockState
 from curvhook.errors import reentrant_checkpoint_error
 from curvhook.guards import refuse_transform
 from curvhook.loss_linearity import LossLinearity
-from curvhook.operations import MERGING_RESHAPES, is_inplace, name_of, skipped
+from curvhook.operations import (
+    ADDITIONS, MERGING_RESHAPES, REVERSED_SUBTRACTIONS, SUBTRACTIONS, is_inplace, name_of, skipped,
+)
 from curvhook.records import (
     BATCHED, CONST, SHARED, Operation, flat_tensors, key_of, make_template, tensor_arguments,
 )
@@ -119,7 +121,9 @@ class OperationTape(TorchFunctionMode):
             return None
         # Identities and nodes before the call: an in-place operation changes them.
         keys = tuple(key_of(t) for t in tensors)
-        return after, func, name, t_args, t_kwargs, tensors, keys, tuple(t.grad_fn for t in tensors)
+        inplace = is_inplace(name) or _inplace_flag(func, args, kwargs)
+        before = _value_before(name, inplace, tensors, kwargs)
+        return after, func, name, t_args, t_kwargs, tensors, keys, tuple(t.grad_fn for t in tensors), inplace, before
 
     def _watched_traces(self, args: tuple, kwargs: dict) -> list[Trace]:
         """The distinct traces whose outputs (or functions of them) are among the arguments."""
@@ -155,29 +159,35 @@ class OperationTape(TorchFunctionMode):
         if pending[0] is _BATCH_PART:  # computed from part of the batch: still part of it
             self._mark_batch_part(pending[1], pending[2], out)
             return
-        after, func, name, t_args, t_kwargs, tensors, keys, nodes = pending
+        after, func, name, t_args, t_kwargs, tensors, keys, nodes, inplace, before = pending
         if isinstance(after, tuple):  # outputs of several forward passes combined
             for o in flat_tensors(out):
                 if o.requires_grad:
                     for trace in after:
                         trace.handles.append(o.register_hook(partial(_record_after_task, trace)))
             return
-        inplace = is_inplace(name)
         outputs = [tensors[0]] if inplace and tensors else list(flat_tensors(out))
         if after is not None:
-            self._record_after(after, (func, name, t_args, t_kwargs), tensors, keys, nodes, outputs, inplace)
+            op = self._record_after(after, (func, name, t_args, t_kwargs), tensors, keys, nodes, outputs, inplace)
         elif self.state.stack:
-            self._record_between((func, name, t_args, t_kwargs), tensors, keys, nodes, outputs, inplace)
+            op = self._record_between((func, name, t_args, t_kwargs), tensors, keys, nodes, outputs, inplace)
+        else:
+            op = None
+        if op is not None and before is not None:
+            _keep_value_before(op, before)
 
     def _record_between(
         self, call: tuple, tensors: list, keys: tuple, nodes: tuple, outputs: list, inplace: bool
-    ) -> None:
+    ) -> Optional[Operation]:
         """Record an operation a container's ``forward`` ran between its children.
 
         ``call`` is ``(func, name, args, kwargs)`` with slots in the arguments.
+
+        Returns:
+            The record, or ``None`` where nothing was recorded.
         """
         if not any(o.requires_grad for o in outputs):
-            return
+            return None
         state = self.state
         trace = state.stack[-1]
         where = repr(state.frames[-1].op.name) if state.frames else "the model"
@@ -208,19 +218,23 @@ class OperationTape(TorchFunctionMode):
             trace.shared_keys.update(shared)
             trace.shared_log.extend(shared)
         trace.operations.append(op)
+        return op
 
     def _record_after(
         self, trace: Trace, call: tuple, tensors: list, keys: tuple, nodes: tuple, outputs: list,
         inplace: bool,
-    ) -> None:
+    ) -> Optional[Operation]:
         """Record an operation applied to the model output after the model returned.
 
         The record holds detached tensors and no autograd node: the hook on the
         model output holds the trace, so a reference back into the graph would
         keep the graph alive forever (see :class:`~curvhook.trace.Trace`).
+
+        Returns:
+            The record, or ``None`` where nothing was recorded.
         """
         if trace.released:
-            return
+            return None
         func, name, t_args, t_kwargs = call
         n = trace.batch_size
         rows = 0
@@ -229,7 +243,7 @@ class OperationTape(TorchFunctionMode):
             if not rows:
                 if name in BATCH_SELECTIONS:  # out[:4]: a loss on it gets a clear error
                     self._mark_batch_part(trace, name, outputs)
-                return  # no batch axis left: the loss itself, or a reduction, not part of the network
+                return None  # no batch axis left: the loss itself, or a reduction, not part of the network
         kinds, params = [], []
         for i, t in enumerate(tensors):
             if id(t) in self.state.param_ids:
@@ -255,6 +269,7 @@ class OperationTape(TorchFunctionMode):
                 self.state.watch_output(o, key, trace)
                 if not identity:
                     trace.handles.append(o.register_hook(partial(_record_after_task, trace)))
+        return op
 
 
 def _wraps_for_backward_hooks(name: str, args: tuple) -> bool:
@@ -281,6 +296,57 @@ def _retire_reused_keys(trace: Trace, op: Operation, outputs: list, inputs: list
     for o, key in zip(outputs, op.output_keys):
         if key is not None and not any(o is x for x in inputs) and trace.produced(key):
             trace.retire_key(key)
+
+
+# In-place operations whose Jacobians do not depend on the values they overwrite
+# (``out += identity``): their records need no copy of the value before the call.
+_LINEAR_INPLACE = (ADDITIONS | SUBTRACTIONS | REVERSED_SUBTRACTIONS | {"__setitem__"})
+
+
+@lru_cache(maxsize=None)
+def _inplace_position(func: Any) -> Optional[int]:
+    """The position of a function's ``inplace`` parameter (``F.relu(x, inplace)``), or ``None``."""
+    try:
+        names = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
+
+def _inplace_flag(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a functional layer was asked to write into its input (``F.relu(h, inplace=True)``)."""
+    if "inplace" in kwargs:
+        return kwargs["inplace"] is True
+    try:
+        position = _inplace_position(func)
+    except TypeError:  # an unhashable callable
+        return False
+    return position is not None and len(args) > position and args[position] is True
+
+
+def _value_before(name: str, inplace: bool, tensors: list, kwargs: dict) -> Optional[Tensor]:
+    """A copy of the tensor an in-place operation is about to overwrite, where its rule needs it.
+
+    ``h.tanh_()``, ``F.relu(h, inplace=True)``, ``h.mul_(w)``: the derivatives
+    are functions of ``h`` as it was before the call, which the call destroys
+    (autograd keeps what it needs on its node, but a view's node is not the
+    operation's own). Additions, subtractions and ``__setitem__`` have
+    Jacobians that do not depend on it: no copy.
+    """
+    if not inplace or not tensors or (name in _LINEAR_INPLACE and not kwargs):
+        return None
+    return tensors[0].detach().clone()
+
+
+def _keep_value_before(op: Operation, before: Tensor) -> None:
+    """Make ``op.inputs[0]`` the value its in-place operation overwrote.
+
+    The overwritten tensor itself (now the output) stays referenced by
+    ``op.overwritten``, so its ``id`` (in ``op.input_keys``) is not reused.
+    """
+    op.overwritten = (op.inputs[0],)
+    op.inputs = (before, *op.inputs[1:])
+    op.input_versions = (tensor_version(before), *op.input_versions[1:])
 
 
 def _follow_batch_axis(op: Operation, moved: dict) -> None:

@@ -7,7 +7,10 @@ The derivative ``σ'(x)`` is read from the autograd node the module created:
 for a diagonal Jacobian, ``J_xᵀ 1 = diag(J_x)``. The node is the same one the
 ordinary backward uses, so the derivative agrees with autograd everywhere,
 kinks included (``ReLU'(0) = 0``), and in-place activations work because the
-node keeps what it needs even after the input was overwritten.
+node keeps what it needs even after the input was overwritten. An in-place
+activation on a view (after ``Linear`` on ``[N, T, F]``) gets autograd's
+``CopySlices`` as its node instead of its own: the recorder keeps a copy of its
+input, and ``σ'(x)`` comes from a replay of the module on that copy.
 """
 
 from __future__ import annotations
@@ -50,13 +53,15 @@ def jacobian_diagonal(call: Operation) -> Tensor:
     ones = torch.ones_like(out)
     if is_single_node(call):
         diag = apply_node(node, ones)
-    elif call.node_saves_hooked and not isinstance(call.module, nn.Dropout):
-        diag = _replayed_slope(call)
-    elif call.inputs[0] is not out and call.inputs[0].requires_grad:
+    elif isinstance(call.module, nn.Dropout) and call.inputs[0] is not out and call.inputs[0].requires_grad:
         # A checkpointed dropout: a nested backward, for which the checkpoint
         # recomputes its block with the same random numbers.
         with torch.enable_grad():
             (diag,) = torch.autograd.grad(out, call.inputs[0], ones, retain_graph=True)
+    elif not isinstance(call.module, nn.Dropout) and (call.node_saves_hooked or _input_kept(call)):
+        # Checkpointed, or in place on a view (the recorder kept a copy of the input):
+        # a replay on the input gives σ'(x); a replay of dropout would draw another mask.
+        diag = _replayed_slope(call)
     else:
         raise UnsupportedModelError(
             f"curvhook cannot read the derivative of the in-place module {call.name!r} "
@@ -67,11 +72,23 @@ def jacobian_diagonal(call: Operation) -> Tensor:
     return diag
 
 
+def _input_kept(call: Operation) -> bool:
+    """Whether the stored input still holds the value the module was called on.
+
+    True for an in-place module on a view, whose input the recorder copied
+    (:meth:`~curvhook.module_recorder.ModuleRecorder.on_module_pre`), and for an
+    out-of-place module whose input nothing overwrote since.
+    """
+    x = call.inputs[0]
+    return x is not call.output and tensor_version(x) == call.input_versions[0]
+
+
 def _replayed_slope(call: Operation) -> Tensor:
     """``σ'(x)`` from a second run of the module on its stored input.
 
     For a checkpointed call: reading its autograd node would consume the tensors
     that autograd recomputes for its own backward (see ``Operation.node_saves_hooked``).
+    For an in-place call on a view: its node is autograd's ``CopySlices`` around it.
     """
     x = call.inputs[0]
     if x is call.output or tensor_version(x) != call.input_versions[0]:

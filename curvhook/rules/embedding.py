@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from curvhook._torch_internals import tensor_version
+from curvhook.errors import UnsupportedModelError
 from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule
@@ -36,7 +38,14 @@ class EmbeddingRule(LayerRule):
 
     @staticmethod
     def _indices(call: Operation) -> Tensor:
-        """The indices, ``[N, T]``."""
+        """The indices, ``[N, T]``, as the forward pass used them (torch checked their range there)."""
+        versions = getattr(call, "input_versions", None)  # None: F.embedding, seen as a module call
+        if versions is not None and tensor_version(call.input) != versions[0]:
+            raise UnsupportedModelError(
+                f"The indices given to {call.name!r} (Embedding) were changed in place after the "
+                "call, so curvhook no longer knows which rows the forward pass read. Change a "
+                "copy of them instead (ids.clone())."
+            )
         return call.input.reshape(call.input.shape[0], -1)
 
     @staticmethod

@@ -13,8 +13,12 @@ gates in place into gates computed from its own zero initial state, a tensor
 without a sample axis, which ``vmap`` refuses. Such a module is mapped over its
 samples with a Python loop instead: the same numbers, from ``N`` smaller calls.
 
-The module must treat samples independently; modules that mix samples
-(BatchNorm using batch statistics) are rejected before this rule runs. It must
+The module must treat samples independently: BatchNorm using batch statistics
+is rejected before this rule runs, and the first product of every call in a
+backward pass compares the module's output on the whole batch with its
+outputs on one sample at a time (as the tape checks the tensor operations
+between modules), so a module that mixes samples (``x - x.mean(0)``) raises
+``UnsupportedModelError`` naming it. It must
 also be deterministic: every product replays its ``forward``, and a module that
 draws random numbers (``nn.RReLU`` or attention dropout in train mode) would
 draw other ones. Such a module raises ``UnsupportedModelError``; it is
@@ -23,8 +27,10 @@ recognised by the generator state its replay advances.
 
 from __future__ import annotations
 
+import threading
 import warnings
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +48,28 @@ def _params(call: Operation) -> dict[str, Tensor]:
     return {n: p.detach() for n, p in call.module.named_parameters(recurse=call.recurse)}
 
 
+_REPLAYS = threading.local()
+
+
+def replaying() -> bool:
+    """Whether a rule is replaying a module's ``forward`` in this thread.
+
+    The recorder's hooks on the extended model ignore such calls: a replay of
+    the model itself (a model without children and without a rule) is no new
+    forward pass of the model.
+    """
+    return getattr(_REPLAYS, "depth", 0) > 0
+
+
+@contextmanager
+def _replay_scope() -> Iterator[None]:
+    _REPLAYS.depth = getattr(_REPLAYS, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _REPLAYS.depth -= 1
+
+
 def _replay(call: Operation, params: dict, inputs: list[Tensor]) -> Tensor:
     """Call the module again with ``inputs`` in the places of its recorded tensor inputs.
 
@@ -55,7 +83,8 @@ def _replay(call: Operation, params: dict, inputs: list[Tensor]) -> Tensor:
     # The module's own forward, without its hooks: the user's forward hooks ran in the
     # forward pass, and what they computed there was recorded as operations of its own.
     wrapper = _Forward(call.module)
-    out = functional_call(wrapper, {f"module.{k}": v for k, v in params.items()}, args, kwargs)
+    with _replay_scope():
+        out = functional_call(wrapper, {f"module.{k}": v for k, v in params.items()}, args, kwargs)
     return out if isinstance(out, Tensor) else next(o for o in out if isinstance(o, Tensor))
 
 
@@ -138,18 +167,21 @@ def _set_rng_states(device: torch.device, states: list[Tensor]) -> None:
         torch.cuda.set_rng_state(states[1], device)
 
 
-def _check_deterministic(call: Operation) -> None:
+def _check_deterministic(call: Operation) -> Optional[Tensor]:
     """Raise if replaying the module draws random numbers (once per call and backward pass).
 
     The replay leaves the random number generators as it found them.
+
+    Returns:
+        The replayed output on the whole batch, ``[N, *out]`` (``None`` if already checked).
     """
     if call.scratch.deterministic:
-        return
+        return None
     device = call.input.device
     before = _rng_states(device)
     try:
         with torch.no_grad():
-            _forward(call)(_params(call), call.input.detach())
+            whole = _replay(call, _params(call), [t.detach() for t in call.inputs])
     finally:
         after = _rng_states(device)
         _set_rng_states(device, before)
@@ -161,11 +193,84 @@ def _check_deterministic(call: Operation) -> None:
             "model.eval(), use nn.Dropout (its mask is recorded), or register a rule for it."
         )
     call.scratch.deterministic = True
+    return whole
+
+
+def _check_keeps_samples_apart(call: Operation, whole: Optional[Tensor]) -> None:
+    """Raise if the module mixes samples (once per call and backward pass).
+
+    Per-sample Jacobians exist only if output ``n`` is a function of sample ``n``
+    alone. The module's output on the whole batch is compared with its outputs
+    on one sample at a time (``vmap``, or a loop where ``vmap`` cannot run it),
+    as the tape checks the tensor operations between modules: ``x - x.mean(0)``,
+    ``x.sum(0, keepdim=True)``, batch statistics and ``torch.roll(x, 1, 0)`` give
+    other values. One sample cannot be mixed with others: nothing to check.
+
+    Args:
+        call: The recorded call; ``call.scratch.keeps_samples_apart_checked`` remembers the check.
+        whole: Its replayed output on the whole batch, ``[N, *out]`` (``None``: replay it).
+    """
+    if call.scratch.keeps_samples_apart_checked:
+        return
+    x = call.input
+    if x.dim() > 0 and x.shape[0] > 1:
+        params, inputs = _params(call), [t.detach() for t in call.inputs]
+        in_dims = (None, *(0 if b else None for b in _batched(call)))
+        try:
+            with torch.no_grad():
+                if whole is None:
+                    whole = _replay(call, params, inputs)
+                each = _map_samples(call, _per_sample(call), in_dims, 0)(params, *inputs)
+        except Exception as err:  # noqa: BLE001 - any failure means: cannot be run per sample
+            raise UnsupportedModelError(
+                f"curvhook cannot run module {call.name!r} ({type(call.module).__name__}) on one "
+                f"sample at a time ({err}). Its generic rule needs modules that treat samples "
+                "independently; register a rule for it (docs/custom_layers.md)."
+            ) from err
+        if not _same_values(each, whole):
+            raise UnsupportedModelError(
+                f"Module {call.name!r} ({type(call.module).__name__}) mixes samples: its output "
+                "on the batch differs from its output on one sample at a time (statistics over "
+                "the batch axis such as x - x.mean(0) or x.sum(0), batch normalization, "
+                "torch.roll along it). Per-sample Jacobians do not exist for it. Compute batch "
+                "statistics outside the model (on the data), use running statistics, or keep "
+                "the batch axis out of the module's reductions."
+            )
+    call.scratch.keeps_samples_apart_checked = True
+
+
+def _same_values(each: Tensor, whole: Tensor) -> bool:
+    """Whether per-sample and whole-batch outputs agree up to rounding (NaN and ±inf included).
+
+    The two runs may round differently (other kernels for other shapes): the
+    tolerance follows the precision of the arithmetic, TF32 included where a
+    float32 module on a GPU may use it (cuDNN convolutions by default).
+    """
+    if each.shape != whole.shape:
+        return False
+    tol = 0.0
+    if whole.is_floating_point():
+        eps = torch.finfo(whole.dtype).eps
+        if whole.dtype == torch.float32 and whole.device.type == "cuda" and _tf32_allowed():
+            eps = 2.0**-10
+        tol = max(1e-5, 16 * eps)
+    finite = whole[whole.isfinite()]
+    scale = 1.0 + (finite.abs().max().item() if finite.numel() else 0.0)
+    return torch.allclose(each, whole, rtol=tol, atol=0.1 * tol * scale, equal_nan=True)
+
+
+def _tf32_allowed() -> bool:
+    """Whether float32 convolutions or matrix products on a GPU may round to TF32."""
+    return (
+        torch.backends.cudnn.allow_tf32
+        or torch.backends.cuda.matmul.allow_tf32
+        or torch.get_float32_matmul_precision() != "highest"
+    )
 
 
 def _guard(call: Operation, fn: Callable[[], Tensor]) -> Tensor:
     try:
-        _check_deterministic(call)
+        _check_keeps_samples_apart(call, _check_deterministic(call))
         return fn()
     except UnsupportedModelError:
         raise

@@ -7,6 +7,16 @@ diagonal rule is the same scatter. The indices are those the forward pass saved
 for autograd when the module is one autograd operation (2d and 3d), else they
 are recomputed from the stored input.
 
+With padding, dilation and ``ceil_mode`` a window can lie entirely in the
+padding (``MaxPool2d(2, 2, padding=1, dilation=2, ceil_mode=True)`` on a 1×1
+map). Its output is the constant ``−inf``, so its row of ``J`` is zero, but
+torch's index for it points outside the window, even outside the input. Such
+entries are found from the geometry of the windows and get no pullback (exact
+where what reaches them is zero, e.g. ``sigmoid(−inf)`` with slope 0); where a
+nonzero or NaN value reaches one (a ``Linear`` after the pool gives NaN logits)
+the rule raises ``UnsupportedModelError`` at the start of backward, before
+torch's own max-pool backward writes through the out-of-range index.
+
 Average pooling is linear: output ``o`` is ``c_o Σ_{i ∈ window(o)} x_i`` with one
 coefficient ``c_o = 1/divisor_o`` per window (the divisor depends on the window
 under ``count_include_pad=False``, ``ceil_mode`` and at adaptive boundaries).
@@ -20,6 +30,7 @@ the transpose applied to ``d`` scaled by the per-window coefficient.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -28,6 +39,7 @@ from torch import Tensor, nn
 
 from curvhook import _memory
 from curvhook._torch_internals import saved_pooling_indices
+from curvhook.errors import UnsupportedModelError
 from curvhook.records import Operation
 from curvhook.rules.linear_maps import columns_vjp, linear_vjp
 from curvhook.rules.base import LayerRule, apply_node, is_single_node
@@ -54,20 +66,62 @@ class MaxPoolRule(LayerRule):
         )
         return idx
 
+    def _empty_windows(self, call: Operation) -> Optional[Tensor]:
+        """Output positions whose window lies entirely in the padding, ``[*out]`` (bool), or ``None``."""
+        m, x = call.module, call.input
+        dims = x.dim() - 2
+        geometry = tuple(
+            _as_tuple(a, dims) for a in (m.kernel_size, m.stride, m.padding, m.dilation)
+        )
+        empty = _empty_window_mask(tuple(x.shape[2:]), tuple(call.output_shape[2:]), *geometry)
+        return None if empty is None else empty.to(x.device)
+
     def _indices(self, call: Operation) -> Tensor:
-        """Flat input index of each output entry, ``[N, C, L_out]`` (cached per backward)."""
+        """Flat input index of each output entry, ``[N, C, L_out]`` (cached per backward).
+
+        The index of an empty window (:meth:`_empty_windows`) is set to 0: a valid
+        position that only ever receives zeros (:meth:`_scatter` checks them).
+        """
         if call.scratch.pool_indices is None:
             # The forward pass's own indices, saved on its autograd node (no second
             # pooling pass); 1d pooling adds a squeeze node and recomputes them.
             saved = _saved_indices(call)
             if saved is None or saved.shape != call.output_shape:
                 saved = self._compute_indices(call)
+            empty = self._empty_windows(call)
+            if empty is not None:
+                saved = saved.masked_fill(empty, 0)
             call.scratch.pool_indices = saved.flatten(2)
         return call.scratch.pool_indices
+
+    def _refuse_values_at_empty_windows(self, call: Operation, values: Tensor) -> None:
+        """Raise if a nonzero (or NaN) value reaches an output whose window is empty.
+
+        Such an output is the constant ``−inf``: a model whose output depends on it
+        with a nonzero slope has infinite or NaN values downstream.
+
+        Args:
+            call: The recorded call.
+            values: ``[..., C, *out]``, columns or a diagonal at the output.
+        """
+        empty = self._empty_windows(call)
+        if empty is None or not bool((values[..., empty] != 0).any()):
+            return
+        m = call.module
+        raise UnsupportedModelError(
+            f"Max pooling module {call.name!r} ({type(m).__name__}: kernel_size={m.kernel_size}, "
+            f"stride={m.stride}, padding={m.padding}, dilation={m.dilation}, ceil_mode={m.ceil_mode}) "
+            f"on an input of spatial size {tuple(call.input.shape[2:])} has windows that lie "
+            "entirely in the padding: their output is -inf, and the model output depends on "
+            "them (NaN or infinite values downstream, e.g. a Linear layer right after the pool). "
+            "torch's own backward of such a pool writes outside its input. Choose padding, "
+            "dilation and ceil_mode so that every window overlaps the input."
+        )
 
     def _scatter(self, call: Operation, values: Tensor) -> Tensor:
         """Scatter-add ``[..., C, *out]`` onto ``[..., C, *in]``; leading dims broadcast the indices."""
         x = call.input
+        self._refuse_values_at_empty_windows(call, values)
         lead = values.shape[: values.dim() - x.dim() + 1]  # (V, N) or (N,)
         indices = self._indices(call)
         idx = indices.expand(*lead, *indices.shape[1:])
@@ -81,8 +135,9 @@ class MaxPoolRule(LayerRule):
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         # Every output entry copies one input entry: J has 0/1 entries, so
         # Σ_o d_o J_oi² = (Jᵀ d)_i, which the module's own backward node computes
-        # from its saved indices (no pooling pass to find them again).
-        if is_single_node(call):
+        # from its saved indices (no pooling pass to find them again), except
+        # where a window is empty: torch's index there is out of range.
+        if is_single_node(call) and self._empty_windows(call) is None:
             return apply_node(call.node, diag)
         return self._scatter(call, diag)
 
@@ -102,12 +157,37 @@ class AdaptiveMaxPoolRule(MaxPoolRule):
         _, idx = _ADAPTIVE_MAX[x.dim() - 2](x, size, return_indices=True)
         return idx
 
+    def _empty_windows(self, call: Operation) -> Optional[Tensor]:
+        return None  # adaptive windows always overlap the input
+
 
 def _saved_indices(call: Operation) -> Optional[Tensor]:
     """The indices the pooling's autograd node saved, or ``None`` where there is none to read."""
     if not is_single_node(call):
         return None
     return saved_pooling_indices(call.node)
+
+
+@lru_cache(maxsize=256)
+def _empty_window_mask(
+    size_in: tuple[int, ...], size_out: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
+    padding: tuple[int, ...], dilation: tuple[int, ...],
+) -> Optional[Tensor]:
+    """Which windows of a max pooling contain no input position, ``[*out]`` (bool), or ``None``.
+
+    Along axis ``j``, window ``o`` reads positions ``o·s − p + k·d`` for ``k < K``;
+    it is empty if none lies in ``[0, L)``. A window is empty if it is empty
+    along any axis (it is the product of its per-axis position sets).
+    """
+    empty = None
+    for j, (length, count, k, s, p, d) in enumerate(zip(size_in, size_out, kernel, stride, padding, dilation)):
+        taps = torch.arange(count)[:, None] * s - p + torch.arange(k)[None, :] * d  # [O_j, K_j]
+        axis = ~((taps >= 0) & (taps < length)).any(1)
+        axis = axis.reshape(*([1] * j), count, *([1] * (len(size_out) - j - 1)))
+        empty = axis if empty is None else empty | axis
+    if empty is None or not bool(empty.any()):
+        return None
+    return empty.expand(size_out).clone()
 
 
 def _as_tuple(value, dims: int) -> tuple:
