@@ -27,6 +27,7 @@ recognised by the generator state its replay advances.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import warnings
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 from curvhook._torch_internals import BATCH_NORM_TYPES
-from curvhook.records import Operation, fill_template
+from curvhook.records import Operation, Slot, fill_template
 from curvhook.errors import UnsupportedModelError
 from curvhook.rules.base import LayerRule
 
@@ -106,10 +107,47 @@ def _forward(call: Operation, slot: int = 0) -> Callable[[dict, Tensor], Tensor]
     return lambda params, x: _replay(call, params, [*fixed[:slot], x, *fixed[slot + 1 :]])
 
 
+# Arguments that a module shares across the samples at the given number of
+# dimensions, whatever their leading size: an attention mask ``[L, S]`` is the
+# same for every sample, also where ``L`` happens to equal the batch size.
+SHARED_ARGUMENTS: dict[type, dict[str, int]] = {
+    nn.MultiheadAttention: {"attn_mask": 2},
+    nn.TransformerEncoderLayer: {"src_mask": 2},
+    nn.TransformerDecoderLayer: {"tgt_mask": 2, "memory_mask": 2},
+    nn.TransformerEncoder: {"mask": 2},
+    nn.TransformerDecoder: {"tgt_mask": 2, "memory_mask": 2},
+    nn.Transformer: {"src_mask": 2, "tgt_mask": 2, "memory_mask": 2},
+}
+
+
+def _slot_names(call: Operation) -> dict[int, str]:
+    """The parameter name of ``forward`` that each input slot was passed as (where known)."""
+    names = {int(v): k for k, v in call.kwargs.items() if isinstance(v, Slot)}
+    positional = [a for a in call.args]
+    if any(isinstance(a, Slot) for a in positional):
+        try:
+            params = list(inspect.signature(call.module.forward).parameters)
+        except (TypeError, ValueError):
+            params = []
+        names.update({int(a): params[i] for i, a in enumerate(positional) if isinstance(a, Slot) and i < len(params)})
+    return names
+
+
 def _batched(call: Operation) -> list[bool]:
-    """Which inputs carry the sample axis (the first input's batch size first)."""
+    """Which inputs carry the sample axis (the first input's batch size first).
+
+    An input that needs no gradient and is declared shared by the module's type
+    (``SHARED_ARGUMENTS``: a 2-d attention mask) is passed whole to each sample.
+    """
     n = call.input.shape[0]
-    return [t.dim() > 0 and t.shape[0] == n for t in call.inputs]
+    batched = [t.dim() > 0 and t.shape[0] == n for t in call.inputs]
+    shared = next((v for k, v in SHARED_ARGUMENTS.items() if isinstance(call.module, k)), None)
+    if shared and call.args is not None:
+        for slot, name in _slot_names(call).items():
+            t = call.inputs[slot]
+            if slot > 0 and shared.get(name) == t.dim() and not t.requires_grad:
+                batched[slot] = False
+    return batched
 
 
 def _per_sample(call: Operation) -> Callable[..., Tensor]:

@@ -558,3 +558,31 @@ def test_catalogue_entry(name: str) -> None:
         _check_raises(case)
     else:
         _check_in_subprocess(name, case)
+
+
+# ------------------------------------- found by the random-architecture search
+class _MaskedEncoder(nn.Module):
+    """A Transformer encoder layer with a causal ``[T, T]`` mask, then a linear head."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4 * tokens, 2)
+        self.mask = nn.Transformer.generate_square_subsequent_mask(tokens)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x, src_mask=self.mask).flatten(1))
+
+
+@pytest.mark.parametrize("n", [3, 2], ids=["T-equals-N", "T-differs"])
+def test_shared_attention_mask_whose_length_equals_the_batch_size(n: int) -> None:
+    """A ``[T, T]`` attention mask with ``T == N`` is shared, not one row per sample
+    (the fallback sliced it as per-sample: "attn_mask is [1, 3], should be (3, 3)")."""
+    torch.manual_seed(0)
+    model = _MaskedEncoder(3).double().eval()
+    X, y = torch.randn(n, 3, 4, dtype=torch.float64), torch.randint(0, 2, (n,))
+    got = run_all(model, X, y, CE)
+    J, G = ggn_reference(model, X, y, CE)
+    close(got["full"], G)
+    close(got["diag"], G.diagonal())
+    close(got["jac"].reshape(-1, J.shape[1]), J)
