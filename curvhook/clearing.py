@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from curvhook._torch_internals import forward_pre_hooks
 from curvhook.errors import CurvhookError
 from curvhook.extensions.base import Extension
-from curvhook.module_recorder import ModuleRecorder
+from curvhook.module_recorder import in_active_block
 
 
 def result_attributes() -> set[str]:
@@ -56,7 +55,7 @@ def clear(model: nn.Module) -> None:
             after the block.
     """
     for name, module in model.named_modules():
-        if any(isinstance(getattr(h, "__self__", None), ModuleRecorder) for h in forward_pre_hooks(module)):
+        if in_active_block(module):
             raise CurvhookError(
                 f"curvhook.clear() was called on a model whose module {name or type(module).__name__!r} "
                 "is inside an active extend() block, which writes results on every backward pass. "

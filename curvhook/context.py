@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from curvhook import _memory
-from curvhook._torch_internals import forward_pre_hooks, remove_global_forward_hook
+from curvhook._torch_internals import remove_global_forward_hook
 from curvhook.backward_driver import BackwardDriver
 from curvhook.block_state import BlockState, ModuleInfo
 from curvhook.errors import CurvhookError
@@ -34,7 +34,7 @@ from curvhook.extensions.base import Extension
 from curvhook.guards import EagerWhileExtended, refuse_meta
 from curvhook.loss_finder import LossFinder
 from curvhook.loss_linearity import LossLinearity
-from curvhook.module_recorder import ModuleRecorder, OutputChoice
+from curvhook.module_recorder import ModuleRecorder, OutputChoice, in_active_block
 from curvhook.tape import OperationTape
 
 
@@ -146,7 +146,7 @@ def _module_infos(model: nn.Module) -> dict[nn.Module, ModuleInfo]:
     """What the module recorder needs of every module; refuses one already in an active block."""
     infos = {}
     for name, m in model.named_modules():
-        if any(isinstance(getattr(h, "__self__", None), ModuleRecorder) for h in forward_pre_hooks(m)):
+        if in_active_block(m):
             raise CurvhookError(
                 f"Module {name or type(m).__name__!r} is already inside an active extend() "
                 "block; a second block on it would record every call twice. Pass all "

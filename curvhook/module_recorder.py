@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from curvhook._torch_internals import (
-    disable_torch_function, in_reentrant_checkpoint, keep_forward_hook_at, own_parameters, pop_torch_function_mode,
+    disable_torch_function, forward_pre_hooks, in_reentrant_checkpoint, keep_forward_hook_at, own_parameters,
+    pop_torch_function_mode,
     push_torch_function_mode, saved_tensor_hooks_active, torch_function_mode_on_top,
 )
 from curvhook.block_state import BlockState, Frame
@@ -277,6 +278,11 @@ class ModuleRecorder:
 
 
 OutputChoice = Union[str, int, Callable[[Any], Tensor], None]
+
+
+def in_active_block(module: nn.Module) -> bool:
+    """Whether ``module`` carries the hooks of an active ``extend`` block."""
+    return any(isinstance(getattr(h, "__self__", None), ModuleRecorder) for h in forward_pre_hooks(module))
 
 
 def _refuse_empty_batch(x: Any, what: str) -> None:
