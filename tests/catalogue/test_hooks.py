@@ -356,15 +356,16 @@ BACKWARD_HOOKS = [
 
 # ------------------------------------------------------------------ entry 19
 def _import_runs_no_subprocess() -> None:
+    # torch is imported first: PyPI's CUDA build of torch itself runs ``ldconfig -p`` at import.
     code = (
-        "import subprocess\n"
+        "import subprocess, torch\n"
         "calls = []\n"
         "init = subprocess.Popen.__init__\n"
         "def spy(self, *a, **k):\n"
         "    calls.append(a)\n"
         "    return init(self, *a, **k)\n"
         "subprocess.Popen.__init__ = spy\n"
-        "import curvhook, torch\n"
+        "import curvhook\n"
         "from curvhook import _memory\n"
         "_memory._fresh((2 << 20,), torch.float64, torch.device('cpu'))  # loads madvise\n"
         "print(calls)\n"
