@@ -24,6 +24,7 @@ Quantities (what ``result()`` returns, all for the mean-reduced loss):
 - ``diag_ggn``: ``diag(G)``, ``[P]``
 - ``full_ggn``: ``G``, ``[P, P]``
 - ``batch_jacobian``: ``[N, C, P]``
+- ``batch_grad``: the per-sample gradients of the mean loss, ``[N, P]``
 - anything else is not cross-checked (stochastic or a different object).
 
 Peers that are not importable are reported as skipped; methods that would
@@ -124,7 +125,9 @@ class Plain(Runner):
 
 
 # ------------------------------------------------------------------- curvhook
-CURVHOOK_QUANTITY = {"DiagGGN": "diag_ggn", "FullGGN": "full_ggn", "BatchJacobian": "batch_jacobian"}
+CURVHOOK_QUANTITY = {
+    "DiagGGN": "diag_ggn", "FullGGN": "full_ggn", "BatchJacobian": "batch_jacobian", "BatchGrad": "batch_grad",
+}
 
 # Keyword arguments every extension is built with. ``split_attention`` is passed
 # explicitly, so the default measurement counts ``nn.MultiheadAttention`` as its
@@ -197,6 +200,8 @@ class Curvhook(Runner):
             return self.exts[0].matrix, None
         if name == "DiagGGNApprox":
             return _flat([p.diag_ggn_approx for p in params]), None
+        if name == "BatchGrad":
+            return _flat([p.grad_batch for p in params], lead=1), None
         return None, None
 
 
@@ -254,7 +259,10 @@ class Backpack(Runner):
         name: The extension's class name in ``backpack.extensions``.
     """
 
-    ATTR = {"DiagGGNExact": "diag_ggn_exact", "DiagGGNMC": "diag_ggn_mc", "BatchGrad": "grad_batch", "KFAC": "kfac"}
+    ATTR = {
+        "DiagGGNExact": "diag_ggn_exact", "DiagGGNMC": "diag_ggn_mc", "BatchGrad": "grad_batch", "KFAC": "kfac",
+        "BatchL2Grad": "batch_l2", "SumGradSquared": "sum_grad_squared",
+    }
 
     def __init__(self, pb: Problem, name: str) -> None:
         import backpack
@@ -287,10 +295,51 @@ class Backpack(Runner):
             self.note = f"no {attr} on {len(missing)} of {len(self.params)} parameters"
 
     def result(self):
-        """DiagGGNExact's diagonal, flattened."""
-        if self.name == "DiagGGNExact" and getattr(self, "status", "ok") == "ok":
+        """DiagGGNExact's diagonal or BatchGrad's per-sample gradients, flattened."""
+        if getattr(self, "status", "ok") != "ok":
+            return None, None
+        if self.name == "DiagGGNExact":
             return _flat([p.diag_ggn_exact for p in self.params]), None
+        if self.name == "BatchGrad":
+            return _flat([p.grad_batch for p in self.params], lead=1), None
         return None, None
+
+
+# --------------------------------------------------------------------- Opacus
+class Opacus(Runner):
+    """Opacus' ``GradSampleModule`` (its default ``hooks`` mode): per-sample gradients ``p.grad_sample``.
+
+    The model is wrapped once (a copy: the wrapper keeps hooks on it); a step
+    clears the per-sample gradients as ``optimizer.zero_grad()`` does, then runs
+    forward, loss and backward. ``loss_reduction="mean"`` makes Opacus scale
+    ``grad_sample`` by ``N`` (the gradient of each sample's own loss); ``result()``
+    divides by ``N`` outside the timed step, to compare with ``BatchGrad``.
+
+    Args:
+        pb: The problem.
+    """
+
+    def __init__(self, pb: Problem) -> None:
+        from opacus import GradSampleModule
+
+        # Opacus records activations only in training mode (the problems run in eval mode;
+        # mlp and 3c3d have no layer whose output depends on the mode).
+        self.model = GradSampleModule(copy.deepcopy(pb.model).train(), loss_reduction="mean")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.pb = pb
+
+    def step(self) -> None:
+        """Clear ``grad``/``grad_sample``, then forward, loss and backward."""
+        self.model.zero_grad(set_to_none=True)
+        self.pb.loss_fn(self.model(self.pb.X), self.pb.y).backward()
+
+    def result(self):
+        """The per-sample gradients of the mean loss, ``[N, P]``."""
+        return _flat([p.grad_sample / self.pb.batch_size for p in self.params], lead=1), None
+
+    def close(self) -> None:
+        """Remove Opacus' hooks."""
+        self.model._close()
 
 
 
@@ -429,8 +478,31 @@ def _loss_hessians(pb: Problem) -> Tensor:
     return vmap(hessian(per_sample))(out, pb.y)
 
 
+def _per_sample_gradients(pb: Problem) -> dict[str, Tensor]:
+    """Per-sample gradients of the mean loss by ``vmap(grad)``: ``{name: [N, *p.shape]}``.
+
+    Sample ``n``'s term of the mean cross-entropy is its own loss over ``N``.
+
+    Args:
+        pb: The problem.
+
+    Returns:
+        The per-sample gradient of every trainable parameter, keyed by its name.
+    """
+    params = {n: p.detach() for n, p in pb.model.named_parameters() if p.requires_grad}
+    rest = {n: b for n, b in pb.model.named_buffers()}
+    rest.update({n: p.detach() for n, p in pb.model.named_parameters() if not p.requires_grad})
+    n = pb.batch_size
+
+    def loss(params: dict, x: Tensor, t: Tensor) -> Tensor:
+        out = functional_call(pb.model, {**params, **rest}, (x.unsqueeze(0),))
+        return pb.loss_fn(out, t.unsqueeze(0)) / n
+
+    return vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, pb.X, pb.y)
+
+
 class TorchFunc(Runner):
-    """The torch.func formulations: batch Jacobian, GGN diagonal, full GGN.
+    """The torch.func formulations: batch Jacobian, GGN diagonal, full GGN, per-sample gradients.
 
     - ``batch_jacobian``: :func:`_per_sample_jacobian`, per parameter.
     - ``diag_ggn``: per parameter, ``Σ_{n,c} J ∘ (H J)`` with ``H`` the per-sample
@@ -449,6 +521,9 @@ class TorchFunc(Runner):
 
     def step(self) -> None:
         """Compute the quantity; it is kept in ``self.out``."""
+        if self.kind == "batch_grad":
+            self.out = _per_sample_gradients(self.pb)
+            return
         J = _per_sample_jacobian(self.pb)  # {name: [N, C, *p.shape]}
         if self.kind == "batch_jacobian":
             self.out = J
@@ -468,7 +543,8 @@ class TorchFunc(Runner):
         """The quantity flattened in parameter order (outside the timed step)."""
         if self.kind == "full_ggn":
             return self.out, None
-        return _flat([self.out[n] for n in self.names], lead=2 if self.kind == "batch_jacobian" else 0), None
+        lead = {"batch_jacobian": 2, "batch_grad": 1}.get(self.kind, 0)
+        return _flat([self.out[n] for n in self.names], lead=lead), None
 
 
 # ---------------------------------------------------------------------- floor
@@ -588,10 +664,19 @@ METHODS: list[Method] = [
     _ch("BatchJacobian", size="jacobian", one_block=True),
     _ch("FullGGN", size="dense"),
     _ch("FullGGN", size="dense", one_block=True),
+    # issue #21: per-sample gradients and their squares
+    _ch("BatchGrad"),
+    _ch("BatchGrad", one_block=True),
+    _ch("BatchL2Grad"),
+    _ch("BatchL2Grad", one_block=True),
+    _ch("SumGradSquared"),
     Method("backpack:DiagGGNExact", "backpack", "diag_ggn", lambda pb: Backpack(pb, "DiagGGNExact")),
     Method("backpack:DiagGGNMC", "backpack", None, lambda pb: Backpack(pb, "DiagGGNMC")),
-    Method("backpack:BatchGrad", "backpack", None, lambda pb: Backpack(pb, "BatchGrad")),
+    Method("backpack:BatchGrad", "backpack", "batch_grad", lambda pb: Backpack(pb, "BatchGrad")),
     Method("backpack:KFAC", "backpack", None, lambda pb: Backpack(pb, "KFAC")),
+    Method("backpack:BatchL2Grad", "backpack", None, lambda pb: Backpack(pb, "BatchL2Grad")),
+    Method("backpack:SumGradSquared", "backpack", None, lambda pb: Backpack(pb, "SumGradSquared")),
+    Method("opacus:GradSampleModule", "opacus", "batch_grad", Opacus),
     Method("nngeometry:FIM-diag", "nngeometry", "diag_ggn", lambda pb: NNGeometry(pb, "diag")),
     Method("nngeometry:FIM-dense", "nngeometry", "full_ggn", lambda pb: NNGeometry(pb, "dense"), "dense"),
     Method("curvlinops:GGN-diag", "curvlinops", "diag_ggn", lambda pb: Curvlinops(pb, "diag")),
@@ -599,6 +684,7 @@ METHODS: list[Method] = [
     Method("torchfunc:BatchJacobian", "torch", "batch_jacobian", lambda pb: TorchFunc(pb, "batch_jacobian"), "jacobian"),
     Method("torchfunc:DiagGGN", "torch", "diag_ggn", lambda pb: TorchFunc(pb, "diag_ggn"), "jacobian"),
     Method("torchfunc:FullGGN", "torch", "full_ggn", lambda pb: TorchFunc(pb, "full_ggn"), "dense"),
+    Method("torchfunc:BatchGrad", "torch", "batch_grad", lambda pb: TorchFunc(pb, "batch_grad")),
     Method("floor:BatchJacobian-write-fresh", "torch", None, lambda pb: WriteFloor(pb, fresh=True), "jacobian"),
     Method("floor:BatchJacobian-write-touched", "torch", None, lambda pb: WriteFloor(pb, fresh=False), "jacobian"),
 ]
@@ -606,7 +692,10 @@ METHODS: list[Method] = [
 BY_NAME = {m.name: m for m in METHODS}
 
 # The reference for the cross-check of each quantity (computed at a small batch).
-REFERENCE = {"diag_ggn": "torchfunc:DiagGGN", "full_ggn": "torchfunc:FullGGN", "batch_jacobian": "torchfunc:BatchJacobian"}
+REFERENCE = {
+    "diag_ggn": "torchfunc:DiagGGN", "full_ggn": "torchfunc:FullGGN", "batch_jacobian": "torchfunc:BatchJacobian",
+    "batch_grad": "torchfunc:BatchGrad",
+}
 
 
 def select(patterns: Optional[list[str]]) -> list[Method]:

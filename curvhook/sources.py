@@ -9,6 +9,9 @@ backpropagated quantity in the reverse walk.
   ``H_n = Σ_v s_vn s_vnᵀ``, ``[V, N, *out]``; pulled back as matrices.
 - :class:`LossHessianDiag`: the loss-Hessian diagonal ``[N, *out]``, pulled back
   keeping only the diagonal between operations (DiagGGNApprox).
+- :class:`LossGradient`: the gradient ``∂ℓ/∂f`` that autograd delivers at the
+  model output, one column per sample, ``[1, N, *out]``; pulled back as a matrix
+  (BatchGrad, BatchL2Grad, SumGradSquared).
 
 The loss-based sources start at the tensor the losses were called on: the model
 output, or a function of it computed after the model (those operations are then
@@ -125,3 +128,20 @@ class LossHessianDiag(Source):
     def initial(self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms]) -> tuple[TensorKey, Tensor]:
         diag = terms.weighted_sum([rule.hessian_diag(call) for rule, call in zip(terms.rules, terms.calls)])
         return terms.start, terms.per_sample_at_start(diag)
+
+
+class LossGradient(Source):
+    """The gradient ``∂ℓ/∂f_n`` at the model output as one column, ``[1, N, *out]``.
+
+    It is read from the gradient autograd delivers at the model output, which is
+    exactly the one whose sum over samples gives ``p.grad``: the reduction's
+    ``1/N``, scalings of the loss, sums of several losses and operations applied
+    to the output after the model are all already in it. So no loss is needed,
+    and ``J_nᵀ (∂ℓ/∂f_n)`` reaching a parameter is sample ``n``'s gradient ``g_n``.
+    """
+
+    needs_loss = False
+
+    def initial(self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms]) -> tuple[TensorKey, Tensor]:
+        # contiguous: a backward from model(X).sum() delivers an expanded (stride-0) gradient
+        return trace.root_key, grad_root.detach().contiguous().unsqueeze(0)

@@ -1,9 +1,15 @@
 """The curvature extensions: one file each."""
 
 from curvhook.extensions.base import Extension
+from curvhook.extensions.batch_grad import BatchGrad
 from curvhook.extensions.batch_jacobian import BatchJacobian
+from curvhook.extensions.batch_l2_grad import BatchL2Grad
 from curvhook.extensions.diag_ggn import DiagGGN
 from curvhook.extensions.diag_ggn_approx import DiagGGNApprox
 from curvhook.extensions.full_ggn import FullGGN
+from curvhook.extensions.sum_grad_squared import SumGradSquared
 
-__all__ = ["BatchJacobian", "DiagGGN", "DiagGGNApprox", "Extension", "FullGGN"]
+__all__ = [
+    "BatchGrad", "BatchJacobian", "BatchL2Grad", "DiagGGN", "DiagGGNApprox", "Extension", "FullGGN",
+    "SumGradSquared",
+]

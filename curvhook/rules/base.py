@@ -19,7 +19,10 @@ A layer with one input implements ``jac_t_mat_prod`` and ``diag_jac_t_diag_jac``
 the products for slot 0; the slot methods call them and refuse other slots.
 ``param_sq_sum`` (``Σ_{v,n} (J_θᵀ m_vn)²``, the DiagGGN contribution) has a
 default built from ``param_jac_t_mat_prod``; rules override it when the square
-can be summed over ``V`` and ``N`` before a GEMM.
+can be summed over ``V`` and ``N`` before a GEMM. ``param_sq_norms``
+(``‖J_θᵀ m_vn‖²`` per column and sample, the BatchL2Grad term) has a default
+built from ``param_jac_t_mat_prod`` too; rules override it where the norm has a
+Gram-matrix form that never forms the products.
 """
 
 from __future__ import annotations
@@ -191,6 +194,16 @@ class LayerRule:
     def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         """``Σ_{v,n} (J_θᵀ m_vn)²``, shape ``[*θ.shape]``."""
         return self.param_jac_t_mat_prod(call, name, mat).square().sum((0, 1))
+
+    def param_sq_norms(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        """``‖J_θᵀ m_vn‖²`` for every column and sample, shape ``[V, N]``.
+
+        The default forms the products (:meth:`param_jac_t_mat_prod`) and
+        square-sums them; rules override it where a Gram-matrix form is cheaper.
+        """
+        prod = self.param_jac_t_mat_prod(call, name, mat)  # [V, N, *θ]
+        # the norm reduces without an entrywise square of the whole product in memory
+        return torch.linalg.vector_norm(prod, dim=tuple(range(2, prod.dim()))).square()
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         """Pull a diagonal metric back to the input, keeping only the diagonal.

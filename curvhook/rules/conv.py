@@ -190,6 +190,21 @@ class ConvRule(LayerRule):
         total = sum_of_squared_products(mat.flatten(3), patches.transpose(1, 2))
         return total.reshape(call.module.weight.shape)
 
+    def param_sq_norms(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        if name == "bias":
+            return super().param_sq_norms(call, name, mat)
+        g = call.module.groups
+        patches = self._patches(call)  # [N, G, I, L]
+        i, length = patches.shape[2:]
+        v, o = mat.shape[0], mat.shape[2] // g
+        if length * (v * o + i) >= v * o * i:  # the Gram matrices cost more than the products
+            return super().param_sq_norms(call, name, mat)
+        # ‖m U_nᵀ‖² = Σ_{l,l'} (m_lᵀ m_l')(U_lᵀ U_l') per group: two [L, L] Gram matrices per sample
+        m = rearrange(mat.flatten(3), "v n (g o) l -> v n g o l", g=g)
+        gram_u = torch.matmul(patches.transpose(2, 3), patches)  # [N, G, L, L]
+        gram_m = torch.matmul(m.transpose(3, 4), m)  # [V, N, G, L, L]
+        return torch.einsum("vngst,ngst->vn", gram_m, gram_u)
+
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return self._input_transpose(call, call.module.weight.square(), diag)
 

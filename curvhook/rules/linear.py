@@ -75,6 +75,21 @@ class LinearRule(LayerRule):
         # Σ_{v,n} (Σ_t m_vnt x_ntᵀ)²: the positions are the inner dimension of a GEMM
         return sum_of_squared_products(m.transpose(2, 3), x)
 
+    def param_sq_norms(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        x, m = _positions(call, mat)
+        v, n, t, o = m.shape
+        if name == "bias":  # ‖Σ_t m_vnt‖²
+            return (m[:, :, 0] if t == 1 else m.sum(2)).square().sum(-1)
+        i = x.shape[-1]
+        if t == 1:  # ‖m_vn x_nᵀ‖² = ‖m_vn‖² ‖x_n‖²
+            return m[:, :, 0].square().sum(-1) * x[:, 0].square().sum(-1)
+        if t * (v * o + i) >= v * o * i:  # the Gram matrices cost more than the products
+            return super().param_sq_norms(call, name, mat)
+        # ‖Σ_t m_vnt x_ntᵀ‖² = Σ_{t,t'} (m_vnt·m_vnt')(x_nt·x_nt'): two [T, T] Gram matrices per sample
+        gram_x = torch.bmm(x, x.transpose(1, 2))  # [N, T, T]
+        gram_m = torch.matmul(m, m.transpose(2, 3))  # [V, N, T, T]
+        return torch.einsum("vnst,nst->vn", gram_m, gram_x)
+
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return diag @ _memory.square(call.module.weight, "linear_w_sq")
 
