@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +179,12 @@ class ConvRule(LayerRule):
         # Sample-major buffer returned as a [V, N, *θ] view: contiguous batch Jacobians.
         prod = self._weight_products(call, mat)
         return prod.transpose(0, 1).reshape(*mat.shape[:2], *call.module.weight.shape)
+
+    def position_factors(self, call: Operation, mat: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        if call.module.groups > 1:  # W is block-diagonal over the groups: no one Kronecker product
+            return None
+        patches = self._patches(call)[:, 0].transpose(1, 2)  # [N, L, C_in·K]: a patch per output position
+        return patches, mat.flatten(3).transpose(2, 3)  # [V, N, L, C_out]
 
     def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         if name == "bias":
