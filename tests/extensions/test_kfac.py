@@ -189,9 +189,21 @@ def test_sampled_factors_match_curvlinops_mc_with_the_same_draws(name, loss, red
     compare_with_curvlinops(model, op, params)
 
 
+def _race_is_multinomial():
+    """Whether ``M`` calls of ``multinomial(p, 1)`` draw what one exponential race over ``[M, *p]`` draws (torch 2.13)."""
+    p = torch.rand(5, 4, dtype=DT).softmax(1)
+    g = torch.Generator().manual_seed(0)
+    calls = torch.cat([p.multinomial(1, generator=g) for _ in range(3)], 1).T
+    g = torch.Generator().manual_seed(0)
+    race = (p / torch.empty(3, 5, 4, dtype=DT).exponential_(generator=g)).argmax(-1)
+    return torch.equal(calls, race)
+
+
 @pytest.mark.parametrize("loss", ["ce", "bce"])
 def test_several_samples_match_curvlinops_mc(loss):
     """``M = 3``: curvhook draws the three at once, curvlinops one after the other; the same numbers."""
+    if loss == "ce" and not _race_is_multinomial():
+        pytest.skip(f"torch {torch.__version__}'s multinomial(p, 1) draws other numbers than its exponential race")
     model, X, y, crit = problem("conv2d", loss, "mean", 4)
     curvhook_kfac(model, X, y, crit, KFAC(mc_samples=3, generator=torch.Generator().manual_seed(3)))
     op, params = curvlinops_kfac(model, X, y, crit, "mc", "expand", mc_samples=3, seed=3)
