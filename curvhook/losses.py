@@ -272,9 +272,11 @@ class CrossEntropyRule(LossRule):
         """``s = √α (p - e_ŷ)`` with ``ŷ ~ Categorical(p)`` at every position: ``E[s sᵀ] = α (diag(p) - p pᵀ)``.
 
         ``√α (p - e_ŷ)`` is ``√α`` times the gradient of ``-log p_ŷ``. The labels are
-        drawn as ``torch.multinomial(p, 1)`` draws them (``argmax p / q`` with
-        ``q ~ Exp(1)``), so ``M = 1`` draws what ``probs.multinomial(1, generator=g)``
-        on the rows ``[(N ...), C]`` draws, and ``M`` columns what ``M`` such calls draw.
+        drawn as ``torch.multinomial(p, 1)`` draws them: ``M = 1`` calls it on the rows
+        ``[(N ...), C]`` (curvlinops' draws); ``M > 1`` runs its exponential race
+        (``argmax p / q``, ``q ~ Exp(1)``) for all ``M`` at once, which on torch 2.13
+        draws what ``M`` such calls draw (torch 2.6 draws other numbers, from the same
+        distribution).
         """
         p, _, alpha = self._coefficients(call)
         rows = rearrange(p, "n c ... -> (n ...) c")
