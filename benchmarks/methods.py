@@ -136,7 +136,7 @@ EXTENSION_KWARGS = {"DiagGGNApprox": {"split_attention": True}}
 
 # Variants of an extension, named ``Extension-variant``: the keyword arguments they
 # change, and the module type without which a variant computes what the default does.
-VARIANTS = {"attention-as-one": {"split_attention": False}}
+VARIANTS = {"attention-as-one": {"split_attention": False}, "mc": {"mc_samples": 1}}
 VARIANT_NEEDS = {"attention-as-one": nn.MultiheadAttention}
 
 # Suffix of the methods timed in steady state inside one ``extend`` block.
@@ -261,7 +261,7 @@ class Backpack(Runner):
 
     ATTR = {
         "DiagGGNExact": "diag_ggn_exact", "DiagGGNMC": "diag_ggn_mc", "BatchGrad": "grad_batch", "KFAC": "kfac",
-        "BatchL2Grad": "batch_l2", "SumGradSquared": "sum_grad_squared",
+        "KFLR": "kflr", "BatchL2Grad": "batch_l2", "SumGradSquared": "sum_grad_squared",
     }
 
     def __init__(self, pb: Problem, name: str) -> None:
@@ -430,6 +430,35 @@ class Curvlinops(Runner):
         if self.kind == "diag":
             return torch.diagonal(self.GE[: self.cols]), torch.arange(self.cols)
         return self.GE, None
+
+
+class CurvlinopsKFAC(Runner):
+    """``KFACLinearOperator`` built and its factors computed, as once per training step.
+
+    Every problem's parameters belong to ``nn.Linear`` and ``nn.Conv2d`` layers,
+    the layers curvlinops factors. ``num_data`` and the loss terms per sample
+    are given, so that building the operator does not traverse the data.
+
+    Args:
+        pb: The problem.
+        fisher_type: ``"type-2"`` (exact square-root factor: curvhook's
+            ``KFAC()``) or ``"mc"`` (one sampled column: ``KFAC(mc_samples=1)``).
+    """
+
+    def __init__(self, pb: Problem, fisher_type: str) -> None:
+        from curvlinops import KFACLinearOperator
+
+        self.KFAC = KFACLinearOperator
+        self.pb, self.fisher_type = pb, fisher_type
+
+    def step(self) -> None:
+        """Build the operator and compute its Kronecker factors (forward, loss, backward(s))."""
+        pb = self.pb
+        self.op = self.KFAC(
+            pb.model, pb.loss_fn, pb.params, [(pb.X, pb.y)], check_deterministic=False,
+            fisher_type=self.fisher_type, num_data=pb.batch_size, num_per_example_loss_terms=1,
+        )
+        self.op.compute_kronecker_factors()
 
 
 # ------------------------------------------------------------------ torch.func
@@ -670,6 +699,9 @@ METHODS: list[Method] = [
     _ch("BatchL2Grad"),
     _ch("BatchL2Grad", one_block=True),
     _ch("SumGradSquared"),
+    _ch("DiagGGNMC"),  # #21: one sampled column (mc_samples=1)
+    _ch("KFAC"),  # #21: KFAC() is KFLR, the exact square-root factor (BackPACK's KFLR, curvlinops' type-2)
+    _ch("KFAC-mc"),  # #21: KFAC(mc_samples=1) (BackPACK's KFAC, curvlinops' mc)
     Method("backpack:DiagGGNExact", "backpack", "diag_ggn", lambda pb: Backpack(pb, "DiagGGNExact")),
     Method("backpack:DiagGGNMC", "backpack", None, lambda pb: Backpack(pb, "DiagGGNMC")),
     Method("backpack:BatchGrad", "backpack", "batch_grad", lambda pb: Backpack(pb, "BatchGrad")),
@@ -677,10 +709,13 @@ METHODS: list[Method] = [
     Method("backpack:BatchL2Grad", "backpack", None, lambda pb: Backpack(pb, "BatchL2Grad")),
     Method("backpack:SumGradSquared", "backpack", None, lambda pb: Backpack(pb, "SumGradSquared")),
     Method("opacus:GradSampleModule", "opacus", "batch_grad", Opacus),
+    Method("backpack:KFLR", "backpack", None, lambda pb: Backpack(pb, "KFLR")),
     Method("nngeometry:FIM-diag", "nngeometry", "diag_ggn", lambda pb: NNGeometry(pb, "diag")),
     Method("nngeometry:FIM-dense", "nngeometry", "full_ggn", lambda pb: NNGeometry(pb, "dense"), "dense"),
     Method("curvlinops:GGN-diag", "curvlinops", "diag_ggn", lambda pb: Curvlinops(pb, "diag")),
     Method("curvlinops:GGN-dense", "curvlinops", "full_ggn", lambda pb: Curvlinops(pb, "dense"), "dense"),
+    Method("curvlinops:KFAC-type2", "curvlinops", None, lambda pb: CurvlinopsKFAC(pb, "type-2")),
+    Method("curvlinops:KFAC-mc", "curvlinops", None, lambda pb: CurvlinopsKFAC(pb, "mc")),
     Method("torchfunc:BatchJacobian", "torch", "batch_jacobian", lambda pb: TorchFunc(pb, "batch_jacobian"), "jacobian"),
     Method("torchfunc:DiagGGN", "torch", "diag_ggn", lambda pb: TorchFunc(pb, "diag_ggn"), "jacobian"),
     Method("torchfunc:FullGGN", "torch", "full_ggn", lambda pb: TorchFunc(pb, "full_ggn"), "dense"),

@@ -143,6 +143,21 @@ class LossRule:
         """``∂L/∂f``, shape ``[N, *out]``."""
         raise NotImplementedError
 
+    def sample_sqrt_hessian(self, call: LossCall, mc_samples: int, generator: Optional[torch.Generator]) -> Tensor:
+        """``M`` sampled columns ``s_m``, ``[M, N, *out]``, each with ``E[s_mn s_mnᵀ] = H_n``.
+
+        Every column is the gradient of the loss at targets drawn from the
+        model's own predictive distribution (zero mean), scaled so that its
+        second moment is the Hessian, reduction included. The ``M`` columns are
+        independent; positions and samples are drawn independently too.
+
+        Args:
+            call: The loss call.
+            mc_samples: ``M``.
+            generator: The random number generator (``None``: torch's default one).
+        """
+        raise NotImplementedError
+
     def residual(self, call: LossCall, grad: Tensor, scale: float) -> Tensor:
         """``grad - scale · ∂L/∂f``, a new tensor of shape ``[N, *out]``: zero when ``grad``
         is the gradient of ``scale · L``."""
@@ -253,6 +268,28 @@ class CrossEntropyRule(LossRule):
         p, _, alpha = self._coefficients(call)
         return _one_minus(p, 1).mul_(p).mul_(alpha)  # α p (1 - p)
 
+    def sample_sqrt_hessian(self, call: LossCall, mc_samples: int, generator: Optional[torch.Generator]) -> Tensor:
+        """``s = √α (p - e_ŷ)`` with ``ŷ ~ Categorical(p)`` at every position: ``E[s sᵀ] = α (diag(p) - p pᵀ)``.
+
+        ``√α (p - e_ŷ)`` is ``√α`` times the gradient of ``-log p_ŷ``. The labels are
+        drawn as ``torch.multinomial(p, 1)`` draws them: ``M = 1`` calls it on the rows
+        ``[(N ...), C]`` (curvlinops' draws); ``M > 1`` runs its exponential race
+        (``argmax p / q``, ``q ~ Exp(1)``) for all ``M`` at once, which on torch 2.13
+        draws what ``M`` such calls draw (torch 2.6 draws other numbers, from the same
+        distribution).
+        """
+        p, _, alpha = self._coefficients(call)
+        rows = rearrange(p, "n c ... -> (n ...) c")
+        if mc_samples == 1:
+            labels = torch.multinomial(rows, 1, generator=generator).T  # [1, (N ...)]
+        else:  # the exponential race torch.multinomial runs for one sample, M times at once
+            q = torch.empty((mc_samples, *rows.shape), dtype=p.dtype, device=p.device)
+            labels = (rows / q.exponential_(generator=generator)).argmax(-1)  # [M, (N ...)]
+        onehot = F.one_hot(labels, p.shape[1]).to(p.dtype)  # [M, (N ...), C]
+        onehot = rearrange(onehot, "m (n d) c -> m n c d", n=p.shape[0]).reshape(mc_samples, *p.shape)
+        s = p.unsqueeze(0) - onehot
+        return s.mul_(alpha.sqrt() if isinstance(alpha, Tensor) else math.sqrt(alpha))
+
     def gradient(self, call: LossCall) -> Tensor:
         p, a, alpha = self._coefficients(call)
         if a is None:  # α p - α one_hot(y)
@@ -281,6 +318,16 @@ class MSERule(LossRule):
 
     def hessian_diag(self, call: LossCall) -> Tensor:
         return torch.full_like(call.input, self._scale(call))
+
+    def sample_sqrt_hessian(self, call: LossCall, mc_samples: int, generator: Optional[torch.Generator]) -> Tensor:
+        """``s = √(2s) ε`` with ``ε ~ N(0, I)``: the gradient at ``ŷ = f + ε/√2``, ``E[s sᵀ] = 2s I``.
+
+        ``ε`` is ``torch.randn`` of shape ``[M, N, *out]`` in one call (for ``M = 1``
+        the numbers ``torch.randn(f.shape, generator=g)`` gives).
+        """
+        f = call.input
+        eps = torch.randn((mc_samples, *f.shape), generator=generator, dtype=f.dtype, device=f.device)
+        return eps.mul_(math.sqrt(self._scale(call)))
 
     def gradient(self, call: LossCall) -> Tensor:
         return self._scale(call) * (call.input - call.target)
@@ -336,6 +383,17 @@ class BCEWithLogitsRule(LossRule):
     def gradient(self, call: LossCall) -> Tensor:
         sig, coef, pos = self._parts(call)
         return coef * sig - pos
+
+    def sample_sqrt_hessian(self, call: LossCall, mc_samples: int, generator: Optional[torch.Generator]) -> Tensor:
+        """``s = √coef (σ(f) - ŷ)`` with ``ŷ ~ Bernoulli(σ(f))`` per entry: ``E[s²] = coef σ(f) σ(-f)``.
+
+        ``coef = s w (r y + 1 - y)`` is the entry's Hessian factor (weights, ``pos_weight``
+        and reduction). The draws are ``σ(f).bernoulli(generator=g)`` on ``[M, N, *out]``
+        (for ``M = 1`` the numbers a single call on ``[N, *out]`` gives).
+        """
+        sig, coef, _ = self._parts(call)
+        sig_m = sig.expand(mc_samples, *sig.shape)
+        return (sig_m - sig_m.bernoulli(generator=generator)).mul_(coef.sqrt())
 
 
 def supported_losses() -> list[type]:

@@ -12,6 +12,9 @@ backpropagated quantity in the reverse walk.
 - :class:`LossGradient`: the gradient ``∂ℓ/∂f`` that autograd delivers at the
   model output, one column per sample, ``[1, N, *out]``; pulled back as a matrix
   (BatchGrad, BatchL2Grad, SumGradSquared).
+- :class:`SampledLossHessianSqrt`: ``M`` sampled square-root columns scaled by
+  ``1/√M``, ``[M, N, *out]``, with ``E[S Sᵀ] = H``; pulled back as matrices
+  (DiagGGNMC, KFAC with ``mc_samples``).
 
 The loss-based sources start at the tensor the losses were called on: the model
 output, or a function of it computed after the model (those operations are then
@@ -26,6 +29,7 @@ from typing import Hashable, Optional
 import torch
 from torch import Tensor, nn
 
+from curvhook.errors import CurvhookError
 from curvhook.loss_terms import LossTerms
 from curvhook.losses import identity_factor
 from curvhook.records import Operation, TensorKey
@@ -145,3 +149,43 @@ class LossGradient(Source):
     def initial(self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms]) -> tuple[TensorKey, Tensor]:
         # contiguous: a backward from model(X).sum() delivers an expanded (stride-0) gradient
         return trace.root_key, grad_root.detach().contiguous().unsqueeze(0)
+class SampledLossHessianSqrt(Source):
+    """``M`` sampled columns ``s_m / √M``, ``[M, N, *out]``: ``E[Σ_m s_m s_mᵀ / M] = Σ_i c_i H_i``.
+
+    Each loss draws its own columns (:meth:`~curvhook.losses.LossRule.sample_sqrt_hessian`,
+    zero mean and second moment ``H_i``); the columns of several losses are
+    summed, ``s = Σ_i √c_i s_i``, which keeps ``E[s sᵀ] = Σ_i c_i H_i`` with ``M``
+    columns (the draws are independent and have zero mean). The ``1/√M`` makes every
+    sum of squares over the columns an average over the samples.
+
+    Args:
+        loss: See :class:`Source`.
+        mc_samples: ``M ≥ 1``.
+        generator: The random number generator the draws use (``None``: torch's
+            default one). Sources with different generators or ``M`` draw apart.
+    """
+
+    def __init__(self, loss: Optional[nn.Module] = None, mc_samples: int = 1, generator: Optional[torch.Generator] = None) -> None:
+        super().__init__(loss)
+        self.mc_samples = mc_samples
+        self.generator = generator
+
+    @property
+    def key(self) -> Hashable:
+        return (*super().key, self.mc_samples, None if self.generator is None else id(self.generator))
+
+    def initial(self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms]) -> tuple[TensorKey, Tensor]:
+        m = self.mc_samples
+        device = terms.calls[0].input.device
+        if self.generator is not None and self.generator.device.type != device.type:
+            raise CurvhookError(
+                f"The generator passed to the extension is on {self.generator.device}, the loss input "
+                f"on {device}: pass torch.Generator(device={str(device)!r})."
+            )
+        columns = None
+        for scale, rule, call in zip(terms.scales, terms.rules, terms.calls):
+            s = rule.sample_sqrt_hessian(call, m, self.generator).mul_(math.sqrt(scale / m))
+            columns = s if columns is None else columns.add_(s)
+        if terms.merge is not None:  # rows [N·k, *t] of one sample: one joint draw per sample
+            columns = columns.reshape(m, *terms.merge.inputs[0].shape)
+        return terms.start, columns

@@ -6,10 +6,12 @@ from curvhook.extensions.batch_jacobian import BatchJacobian
 from curvhook.extensions.batch_l2_grad import BatchL2Grad
 from curvhook.extensions.diag_ggn import DiagGGN
 from curvhook.extensions.diag_ggn_approx import DiagGGNApprox
+from curvhook.extensions.diag_ggn_mc import DiagGGNMC
 from curvhook.extensions.full_ggn import FullGGN
+from curvhook.extensions.kfac import KFAC, kfac_dense
 from curvhook.extensions.sum_grad_squared import SumGradSquared
 
 __all__ = [
-    "BatchGrad", "BatchJacobian", "BatchL2Grad", "DiagGGN", "DiagGGNApprox", "Extension", "FullGGN",
-    "SumGradSquared",
+    "BatchGrad", "BatchJacobian", "BatchL2Grad", "DiagGGN", "DiagGGNApprox", "DiagGGNMC", "Extension", "FullGGN",
+    "KFAC", "SumGradSquared", "kfac_dense",
 ]

@@ -191,6 +191,25 @@ class LayerRule:
         """
         return None
 
+    def position_factors(self, call: Operation, mat: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """Optional: the layer as a weight matrix shared over positions, ``y_nt = W a_nt + b``.
+
+        ``nn.Linear`` (``a`` the input at each position) and the convolutions with
+        ``groups=1`` (``a`` the unfolded patch of each output position) have this
+        structure; KFAC forms its Kronecker factors from it. Per sample,
+        ``J_Wᵀ m_vn = Σ_t m_vnt a_ntᵀ`` (``W`` as ``[O, I]``, reshaped to its shape
+        row-major) and ``J_bᵀ m_vn = Σ_t m_vnt``.
+
+        Args:
+            call: The recorded module call.
+            mat: ``[V, N, *out]``.
+
+        Returns:
+            ``(a, m)``: ``a`` ``[N, T, I]`` and ``m`` ``[V, N, T, O]`` (views where
+            possible); or ``None`` where the layer has no such structure (the default).
+        """
+        return None
+
     def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         """``Σ_{v,n} (J_θᵀ m_vn)²``, shape ``[*θ.shape]``."""
         return self.param_jac_t_mat_prod(call, name, mat).square().sum((0, 1))

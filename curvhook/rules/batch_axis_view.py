@@ -207,6 +207,10 @@ class BatchAxisViewRule(LayerRule):
         rule, view = self._inner(call)
         return rule.param_factors(view, name, mat)
 
+    def position_factors(self, call: Operation, mat: Tensor):
+        rule, view = self._inner(call)
+        return rule.position_factors(view, mat)
+
     def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         rule, view = self._inner(call)
         return rule.param_sq_sum(view, name, mat)

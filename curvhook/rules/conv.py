@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,12 +88,16 @@ def _crop(grad: Tensor, pads: list[int]) -> Tensor:
 def unfold(x: Tensor, module: nn.Module, padding: tuple[int, ...]) -> Tensor:
     """Unfold the input into patches: ``[N, C_in, *in] → [N, C_in·K, L]``.
 
-    1d and 2d use PyTorch's ``im2col`` (1d as 2d with height 1); 3d convolves
-    every channel separately with a one-hot kernel of ``K`` output channels.
+    3d, and 2d in float32/float64, convolve every channel separately with a
+    one-hot kernel of ``K`` output channels (the same numbers: each output is one
+    input times 1 plus zeros); 1d and the other dtypes use PyTorch's ``im2col``
+    (1d as 2d with height 1). The convolution is several times faster than
+    ``im2col`` on CPU (3c3d's layers, N = 128, 2 threads on a loaded machine:
+    0.2–0.35 s against 0.5–2.5 s per layer).
     """
     dims = x.dim() - 2
     n, channels, kernel = x.shape[0], x.shape[1], tuple(module.kernel_size)
-    if dims <= 2:
+    if dims == 1 or (dims == 2 and x.dtype not in (torch.float32, torch.float64)):
         if dims == 1:  # as 2d with height 1
             return F.unfold(
                 x.unsqueeze(2), (1, *kernel), (1, *module.dilation), (0, *padding), (1, *module.stride)
@@ -179,6 +183,12 @@ class ConvRule(LayerRule):
         # Sample-major buffer returned as a [V, N, *θ] view: contiguous batch Jacobians.
         prod = self._weight_products(call, mat)
         return prod.transpose(0, 1).reshape(*mat.shape[:2], *call.module.weight.shape)
+
+    def position_factors(self, call: Operation, mat: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        if call.module.groups > 1:  # W is block-diagonal over the groups: no one Kronecker product
+            return None
+        patches = self._patches(call)[:, 0].transpose(1, 2)  # [N, L, C_in·K]: a patch per output position
+        return patches, mat.flatten(3).transpose(2, 3)  # [V, N, L, C_out]
 
     def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         if name == "bias":

@@ -56,6 +56,9 @@ class LinearRule(LayerRule):
             return None
         return m[:, :, 0], (x[:, 0] if name == "weight" else None)
 
+    def position_factors(self, call: Operation, mat: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        return _positions(call, mat)  # a = x at each of the T positions
+
     def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         x, m = _positions(call, mat)
         v, n, t, o = m.shape
@@ -138,6 +141,9 @@ class Conv1DRule(LinearRule):
 
     def param_factors(self, call: Operation, name: str, mat: Tensor) -> Optional[tuple[Tensor, Optional[Tensor]]]:
         return None  # the factors of Wᵀ, not W
+
+    def position_factors(self, call: Operation, mat: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        return None  # the structure of Wᵀ, not W
 
     def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         out = super().param_sq_sum(_TransposedCall(call), name, mat)
