@@ -75,6 +75,21 @@ def _gram(rows: Tensor) -> Tensor:
     return torch.mm(rows.T, rows)
 
 
+def _rows_gram(x: Tensor) -> Tensor:
+    """``Σ x_r x_rᵀ`` over every row of ``[..., T, D]``: ``[D, D]``.
+
+    A transposed view of contiguous ``[..., D, T]`` memory (a convolution's
+    output columns) is not copied into rows when ``D < T``: the ``[D, D]``
+    products of its ``[D, T]`` blocks are formed by one batched GEMM and summed,
+    a temporary of ``D/T`` the size of the copy.
+    """
+    d, t = x.shape[-1], x.shape[-2]
+    if not x.is_contiguous() and x.transpose(-1, -2).is_contiguous() and d < t:
+        blocks = x.transpose(-1, -2).reshape(-1, d, t)
+        return torch.bmm(blocks, blocks.transpose(1, 2)).sum(0)
+    return _gram(x.reshape(-1, d))
+
+
 def kfac_dense(p: nn.Parameter) -> Tensor:
     """The dense ``[p.numel(), p.numel()]`` matrix that ``p.kfac`` represents, in ``p.flatten()`` order.
 
@@ -146,8 +161,8 @@ class KFAC(Extension):
             return last[2]
         n, t = a.shape[:2]
         if self.approx == "expand":  # every position a sample of its own
-            A = _gram(a.reshape(n * t, -1)).div_(n * t)
-            B = _gram(m.reshape(-1, m.shape[-1]))
+            A = _rows_gram(a).div_(n * t)
+            B = _rows_gram(m)
         else:  # positions reduced: the mean input, the summed output column
             A = _gram(a.mean(1)).div_(n)
             B = _gram(m.sum(2).flatten(0, 1))

@@ -108,6 +108,13 @@ class ElementwiseRule(LayerRule):
     """Rules for any layer whose Jacobian is diagonal."""
 
     def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        if (
+            mat.shape[0] == 1 and call.scratch.jac_diag is None and call.output is not None
+            and mat.dtype == call.output.dtype and mat.shape[1:] == call.output.shape and is_single_node(call)
+        ):
+            # One column (per-sample gradients, sampled columns): the module's own backward
+            # node applied to it is J_xᵀ m, one pass instead of forming σ'(x) first.
+            return apply_node(call.node, mat[0]).unsqueeze(0)
         return _memory.mul(mat, jacobian_diagonal(call))
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:

@@ -130,6 +130,12 @@ class MaxPoolRule(LayerRule):
         return out.scatter_add_(-1, idx, flat).reshape(*lead, *x.shape[1:])
 
     def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        if (
+            mat.shape[0] == 1 and call.output is not None and mat.dtype == call.output.dtype
+            and mat.shape[1:] == call.output.shape and is_single_node(call) and self._empty_windows(call) is None
+        ):
+            # One column: the module's own backward node (torch's pooling backward) is J_xᵀ m.
+            return apply_node(call.node, mat[0]).unsqueeze(0)
         return self._scatter(call, mat)
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
