@@ -445,15 +445,22 @@ class CurvlinopsKFAC(Runner):
             ``KFAC()``) or ``"mc"`` (one sampled column: ``KFAC(mc_samples=1)``).
     """
 
-    def __init__(self, pb: Problem, fisher_type: str) -> None:
+    def __init__(self, pb: Problem, fisher_type: str, with_gradient: bool = False) -> None:
         from curvlinops import KFACLinearOperator
 
         self.KFAC = KFACLinearOperator
         self.pb, self.fisher_type = pb, fisher_type
+        # A training step needs p.grad too, which KFACLinearOperator does not compute
+        # (curvhook's and BackPACK's steps include it): the plain step before it.
+        self.plain = Plain(pb) if with_gradient else None
+        if with_gradient:
+            self.note = "the plain step (p.grad), then the operator's factors"
 
     def step(self) -> None:
         """Build the operator and compute its Kronecker factors (forward, loss, backward(s))."""
         pb = self.pb
+        if self.plain is not None:
+            self.plain.step()
         self.op = self.KFAC(
             pb.model, pb.loss_fn, pb.params, [(pb.X, pb.y)], check_deterministic=False,
             fisher_type=self.fisher_type, num_data=pb.batch_size, num_per_example_loss_terms=1,
@@ -578,10 +585,10 @@ class TorchFunc(Runner):
 
 # ---------------------------------------------------------------------- floor
 class WriteFloor(Runner):
-    """The floor of BatchJacobian: writing a result of its size once.
+    """The floor of BatchJacobian (or BatchGrad): writing a result of its size once.
 
-    One step writes ``[N, C, *p.shape]`` for every trainable parameter (the bytes
-    of BatchJacobian's results) with ``fill_``:
+    One step writes ``[N, C, *p.shape]`` (``columns=False``: ``[N, *p.shape]``,
+    BatchGrad's result) for every trainable parameter with ``fill_``:
 
     - ``fresh``: into tensors allocated in the step (``torch.empty``), whose
       pages the write touches first: allocation and page faults included. The
@@ -589,24 +596,32 @@ class WriteFloor(Runner):
       does, so the large ones are new pages from the kernel.
     - ``touched``: into the same tensors on every step, written once before.
 
+    - with ``plain=True``, after the plain step (forward, loss, backward): the
+      least a method that also computes ``p.grad`` does.
+
     Args:
         pb: The problem.
         fresh: Which of the two.
+        columns: Write ``[N, C, *p.shape]`` (BatchJacobian) or ``[N, *p.shape]`` (BatchGrad).
+        plain: Run the plain step first.
     """
 
-    def __init__(self, pb: Problem, fresh: bool) -> None:
-        C = pb.num_outputs
-        self.specs = [((pb.batch_size, C, *p.shape), p.dtype) for p in pb.params]
+    def __init__(self, pb: Problem, fresh: bool, columns: bool = True, plain: bool = False) -> None:
+        lead = (pb.batch_size, pb.num_outputs) if columns else (pb.batch_size,)
+        self.specs = [((*lead, *p.shape), p.dtype) for p in pb.params]
+        self.plain = Plain(pb) if plain else None
         self.fresh = fresh
         self.out: Optional[list[Tensor]] = None
         if not fresh:
             self.out = [torch.empty(shape, dtype=dtype).fill_(0.0) for shape, dtype in self.specs]
         nbytes = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in self.specs)
         where = "fresh memory (torch.empty + fill_)" if fresh else "memory written before (fill_)"
-        self.note = f"writes {nbytes / 2**20:,.0f} MiB into {where}"
+        self.note = ("the plain step, then " if plain else "") + f"writes {nbytes / 2**20:,.0f} MiB into {where}"
 
     def step(self) -> None:
-        """Write every parameter's ``[N, C, *p.shape]`` once."""
+        """Write every parameter's result once (after the plain step, with ``plain``)."""
+        if self.plain is not None:
+            self.plain.step()
         if self.fresh:
             self.out = None
             self.out = [torch.empty(shape, dtype=dtype).fill_(1.0) for shape, dtype in self.specs]
@@ -716,12 +731,16 @@ METHODS: list[Method] = [
     Method("curvlinops:GGN-dense", "curvlinops", "full_ggn", lambda pb: Curvlinops(pb, "dense"), "dense"),
     Method("curvlinops:KFAC-type2", "curvlinops", None, lambda pb: CurvlinopsKFAC(pb, "type-2")),
     Method("curvlinops:KFAC-mc", "curvlinops", None, lambda pb: CurvlinopsKFAC(pb, "mc")),
+    Method("curvlinops:KFAC-type2+grad", "curvlinops", None, lambda pb: CurvlinopsKFAC(pb, "type-2", True)),
+    Method("curvlinops:KFAC-mc+grad", "curvlinops", None, lambda pb: CurvlinopsKFAC(pb, "mc", True)),
     Method("torchfunc:BatchJacobian", "torch", "batch_jacobian", lambda pb: TorchFunc(pb, "batch_jacobian"), "jacobian"),
     Method("torchfunc:DiagGGN", "torch", "diag_ggn", lambda pb: TorchFunc(pb, "diag_ggn"), "jacobian"),
     Method("torchfunc:FullGGN", "torch", "full_ggn", lambda pb: TorchFunc(pb, "full_ggn"), "dense"),
     Method("torchfunc:BatchGrad", "torch", "batch_grad", lambda pb: TorchFunc(pb, "batch_grad")),
     Method("floor:BatchJacobian-write-fresh", "torch", None, lambda pb: WriteFloor(pb, fresh=True), "jacobian"),
     Method("floor:BatchJacobian-write-touched", "torch", None, lambda pb: WriteFloor(pb, fresh=False), "jacobian"),
+    Method("floor:BatchGrad-plain+write-fresh", "torch", None, lambda pb: WriteFloor(pb, True, columns=False, plain=True)),
+    Method("floor:BatchGrad-plain+write-touched", "torch", None, lambda pb: WriteFloor(pb, False, columns=False, plain=True)),
 ]
 
 BY_NAME = {m.name: m for m in METHODS}
