@@ -257,3 +257,46 @@ def test_conv_diag_ggn_in_chunks(monkeypatch, chunk, groups):
         nn.CrossEntropyLoss()(model(X), y).backward()
     ref = reference(model, X, lambda o: nn.CrossEntropyLoss()(o, y), approx=False)
     compare(collect(model, 5, ("DiagGGN", "BatchJacobian")), ref)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_unfold_gives_the_patches_of_the_convolution(dims, seed):
+    """``unfold`` (a strided view of the padded input, copied) against ``F.unfold``
+    (1d, 2d) and the convolution it stands for (all dims), in both layouts, for
+    drawn kernel, stride, dilation and padding, strided and channels-last inputs
+    and float64, float32, float16, bfloat16: every patch entry is an input entry
+    or a padding zero, so the copy is exact."""
+    import random
+
+    import torch.nn.functional as F
+
+    from curvhook.rules.conv import unfold
+
+    rng = random.Random(100 * dims + seed)
+    k = tuple(rng.randint(1, 3) for _ in range(dims))
+    stride = tuple(rng.randint(1, 3) for _ in range(dims))
+    dilation = tuple(rng.randint(1, 2) for _ in range(dims))
+    padding = tuple(rng.randint(0, 2) for _ in range(dims))
+    size = tuple(rng.randint(max(1, dilation[d] * (k[d] - 1) + 1 - 2 * padding[d]), 7) for d in range(dims))
+    module = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](2, 3, k, stride, padding, dilation)
+    dtype = (torch.float64, torch.float32, torch.float16, torch.bfloat16)[seed % 4]
+    x = torch.randn(3, 2, *size, dtype=torch.float64)
+    if seed % 2:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)  # not contiguous
+    if dims == 2 and seed % 3 == 0:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(dtype)
+    patches = unfold(x, module, padding)  # [N, C·K, L]
+    rows = unfold(x, module, padding, positions_first=True)  # [N, L, C·K]
+    assert torch.equal(rows, patches.transpose(1, 2))
+    w = torch.randn(3, 2, *k, dtype=torch.float64)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    expected = conv(x.double(), w, None, stride, padding, dilation).flatten(2)
+    got = torch.einsum("oi,nil->nol", w.reshape(3, -1), patches.double())
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    if dims < 3:
+        lift = (lambda t: t) if dims == 2 else (lambda t: (1, *t))
+        xx = x.double() if dims == 2 else x.double().unsqueeze(2)
+        pad = padding if dims == 2 else (0, *padding)
+        assert torch.equal(F.unfold(xx, lift(k), lift(dilation), pad, lift(stride)), patches.double())
