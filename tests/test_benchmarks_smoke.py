@@ -122,8 +122,11 @@ def test_method_names_select_exactly_and_prefixes_select_all():
     from benchmarks import methods
 
     assert [m.name for m in methods.select(["curvhook:DiagGGN"])] == ["plain", "curvhook:DiagGGN"]
-    names = [m.name for m in methods.select(["floor"])]
+    names = [m.name for m in methods.select(["floor:BatchJacobian"])]
     assert names == ["plain", "floor:BatchJacobian-write-fresh", "floor:BatchJacobian-write-touched"]
+    floors = [m.name for m in methods.select(["floor"])]
+    assert floors == ["plain", *(m.name for m in methods.METHODS if m.name.startswith("floor:"))]
+    assert "floor:BatchGrad-plain+write-touched" in floors
     with pytest.raises(SystemExit):
         methods.select(["curvhook:Nope"])
 

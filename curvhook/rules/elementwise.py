@@ -177,3 +177,55 @@ def _slope(call: Operation) -> Tensor:
     if call.scratch.jac_diag is None:
         call.scratch.jac_diag = jacobian_diagonal(call) if is_single_node(call) else _replayed_slope(call)
     return call.scratch.jac_diag
+
+
+@register_rule(nn.PReLU)
+class PReLURule(LayerRule):
+    """``nn.PReLU``: ``y = x`` where ``x > 0``, else ``a_c x``, with one slope per channel
+    (axis 1 of ``[N, C, *]``) or one for all.
+
+    ``J_x = diag(s)`` with ``s = 1`` where ``x > 0`` and ``a_c`` elsewhere (``x = 0``
+    included, as torch's own backward); ``J_a`` has one nonzero per entry,
+    ``min(x, 0)``, in the column of that entry's channel, so
+    ``J_aᵀ m = Σ_{entries of c} m ⊙ min(x, 0)`` and
+    ``diag(J_aᵀ diag(d) J_a)_c = Σ_{entries of c} d ⊙ min(x, 0)²``.
+    (The torch.func fallback cannot serve PReLU: torch's batching rule of its
+    parameter gradient mixes two vmap levels of equal size and gives wrong numbers.)
+    """
+
+    @staticmethod
+    def _channels(call: Operation) -> tuple[Tensor, tuple[int, ...]]:
+        """The slopes broadcast against the input ``[N, *]``, and the input axes summed per slope."""
+        x, a = call.input, call.module.weight.detach()
+        if a.numel() == 1:
+            return a.reshape((1,) * x.dim()), tuple(range(x.dim()))
+        shape = [1] * x.dim()
+        shape[1] = a.numel()
+        return a.reshape(shape), (0, *range(2, x.dim()))
+
+    def _slope(self, call: Operation) -> Tensor:
+        if call.scratch.jac_diag is None:
+            x = call.input.detach()
+            a, _ = self._channels(call)
+            call.scratch.jac_diag = torch.where(x > 0, torch.ones_like(x), a.to(x.dtype))
+        return call.scratch.jac_diag
+
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        return _memory.mul(mat, self._slope(call))
+
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
+        return diag * self._slope(call).square()
+
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        x = call.input.detach()
+        neg = x.clamp(max=0)  # ∂y/∂a at every entry
+        prod = mat * neg  # [V, N, *]
+        if call.module.weight.numel() == 1:
+            return prod.reshape(*prod.shape[:2], -1).sum(-1, keepdim=True)  # [V, N, 1]
+        return prod.flatten(3).sum(-1) if prod.dim() > 3 else prod  # [V, N, C]
+
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
+        x = call.input.detach()
+        total = diag * x.clamp(max=0).square()  # [N, *]
+        _, axes = self._channels(call)
+        return total.sum(axes).reshape(call.module.weight.shape)

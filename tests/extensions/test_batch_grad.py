@@ -204,7 +204,10 @@ for _name, (_build, _kind) in parameters_only_tables.MODELS.items():
 
 # Known wrong today, as for BatchJacobian (tests/rules/test_fallback.py, KNOWN_WRONG): strict,
 # so the test reports when they are right again.
-KNOWN_WRONG = {("fallback-prelu_per_channel_conv_maps", 3): fallback_tables.KNOWN_WRONG["prelu_per_channel_conv_maps"]}
+KNOWN_WRONG = {
+    ("fallback-functional_prelu_per_channel_conv_maps", 3):
+        fallback_tables.KNOWN_WRONG["functional_prelu_per_channel_conv_maps"],
+}
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from helpers import (
+    CLASSES,
     DT,
     ce,
     check_against_reference,
@@ -166,6 +167,14 @@ for _cls in (NewGELUActivation, GELUActivation):
     _cls.__module__ = "transformers.activations"  # matched by name, as the real ones
 
 
+def _prelu(channels):
+    """``nn.PReLU`` with distinct slopes, negative ones included."""
+    module = nn.PReLU(channels)
+    with torch.no_grad():
+        module.weight.copy_(torch.linspace(-0.6, 0.9, channels) if channels > 1 else torch.tensor([0.3]))
+    return module
+
+
 # name -> (model builder, input builder)
 CASES = {
     "hf_new_gelu_positions": (seq(nn.Linear(3, 4), NewGELUActivation(), *head()), float_input((2, 3))),
@@ -180,6 +189,13 @@ CASES = {
     "logsigmoid_first_layer": (seq(nn.LogSigmoid(), *head()), float_input((2, 3))),
     "tanh_first_layer_then_conv": (seq(nn.Tanh(), prefix_conv(2, 2), *head()), float_input((2, 2, 3))),
     "dropout_eval_conv2d_maps": (seq(prefix_conv(2, 2), nn.Dropout(0.5), *head()), float_input((2, 3, 3))),
+    # PReLU: slopes of their own per channel (3 channels: as many as the batch, where
+    # torch.func's batching of its parameter gradient goes wrong), one slope for all
+    "prelu_per_channel_conv2d_maps": (seq(prefix_conv(2, 3), _prelu(3), *head()), float_input((3, 3, 2))),
+    "prelu_per_channel_conv1d_maps": (seq(prefix_conv(1, 2), _prelu(2), *head()), float_input((2, 4))),
+    "prelu_per_feature": (seq(nn.Linear(3, 4), _prelu(4), nn.Linear(4, CLASSES)), float_input((3,))),
+    "prelu_one_slope_positions": (seq(nn.Linear(3, 3), _prelu(1), *head()), float_input((4, 3))),
+    "prelu_first_layer": (seq(_prelu(2), prefix_conv(1, 2), *head()), float_input((2, 3))),
 }
 
 
