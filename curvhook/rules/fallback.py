@@ -368,13 +368,22 @@ class FallbackRule(LayerRule):
             params, sample = _params(call), _per_sample(call)
             other = {k: v for k, v in params.items() if k != name}
 
-            def one_sample(m_n: Tensor, *inputs_n: Tensor) -> Tensor:  # m_n: [V, *out]
+            def one_pair(m_vn: Tensor, *inputs_n: Tensor) -> Tensor:  # one column of one sample
                 _, pullback = vjp(lambda p: sample({**other, name: p}, *inputs_n), params[name])
-                return vmap(lambda m: pullback(m)[0])(m_n)
+                return pullback(m_vn)[0]
 
-            in_dims = (1, *(0 if b else None for b in _batched(call)))
-            inputs = [t.detach() for t in call.inputs]
-            return _map_samples(call, one_sample, in_dims, 1)(mat, *inputs)
+            # One vmap over the V·N (column, sample) pairs, not a vmap over the columns
+            # inside one over the samples: torch.func's batching of some parameter vjps
+            # (prelu's) mixes two nested levels and gives wrong numbers without raising.
+            v, n = mat.shape[:2]
+            batched = _batched(call)
+            inputs = [
+                t.detach().unsqueeze(0).expand(v, *t.shape).flatten(0, 1) if b else t.detach()
+                for t, b in zip(call.inputs, batched)
+            ]
+            in_dims = (0, *(0 if b else None for b in batched))
+            pairs = _map_samples(call, one_pair, in_dims, 0)(mat.flatten(0, 1), *inputs)
+            return pairs.unflatten(0, (v, n))
 
         return _guard(call, compute)
 

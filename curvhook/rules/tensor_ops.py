@@ -325,11 +325,17 @@ class TensorOpRule(LayerRule):
         per_sample = self._per_sample(call, (slot,))
 
         def compute():
-            def one(samples, *m_n):  # m_n: [V, *out[1:]] each
+            def one_pair(samples, *m_vn):  # one column of one sample: [*out[1:]] each
                 _, pull = vjp(lambda x: per_sample(samples, x), w)
-                return vmap(lambda *m: pull(tuple(m))[0])(*m_n)
+                return pull(tuple(m_vn))[0]
 
-            return vmap(one, in_dims=(0,) + (1,) * len(mats), out_dims=1)(self._samples(call), *mats)
+            # One vmap over the V·N (column, sample) pairs, not a vmap over the columns
+            # inside one over the samples: torch.func's batching of some parameter vjps
+            # (prelu's) mixes two nested levels and gives wrong numbers without raising.
+            v, n = mats[0].shape[:2]
+            samples = tuple(s.unsqueeze(0).expand(v, *s.shape).flatten(0, 1) for s in self._samples(call))
+            pairs = vmap(one_pair)(samples, *(m.flatten(0, 1) for m in mats))
+            return pairs.unflatten(0, (v, n))
 
         return _guard(call, compute)
 

@@ -202,12 +202,10 @@ for _name, (_build, _shape) in functional_tables.CASES.items():
 for _name, (_build, _kind) in parameters_only_tables.MODELS.items():
     FAMILIES[f"parameters_only-{_name}"] = _parameters_only(_build, _kind)
 
-# Known wrong today, as for BatchJacobian (tests/rules/test_fallback.py, KNOWN_WRONG): strict,
-# so the test reports when they are right again.
-KNOWN_WRONG = {
-    ("fallback-functional_prelu_per_channel_conv_maps", 3):
-        fallback_tables.KNOWN_WRONG["functional_prelu_per_channel_conv_maps"],
-}
+# Known wrong today (strict: the test reports when they are right again). The
+# functional prelu of the fallback table was wrong here for N = 3 (nested vmaps);
+# it is exact since the rules vmap over (column, sample) pairs.
+KNOWN_WRONG: dict = {}
 
 
 @pytest.mark.parametrize(
