@@ -91,6 +91,25 @@ def apply_node(node: Any, value: Tensor) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def one_column_by_node(call: Operation, mat: Tensor) -> Optional[Tensor]:
+    """``J_xᵀ m`` for a single column ``m`` (``[1, *out]``) by the call's own autograd node.
+
+    The node computes exactly what autograd's backward computes for the call, in
+    one pass; rules with one tensor input use it for the one backpropagated column
+    of the per-sample gradients and of sampled columns.
+
+    Returns:
+        ``[1, *x.shape]``, or ``None`` where the node cannot be used (several
+        columns, another dtype or shape than the output, more than one operation).
+    """
+    out = call.output
+    if mat.shape[0] != 1 or out is None or mat.dtype != out.dtype or mat.shape[1:] != out.shape:
+        return None
+    if not is_single_node(call):
+        return None
+    return apply_node(call.node, mat[0]).unsqueeze(0)
+
+
 class LayerRule:
     """Stateless derivative rules for one family of layers.
 

@@ -22,7 +22,7 @@ from curvhook import _memory
 from curvhook._torch_internals import tensor_version
 from curvhook.records import Operation
 from curvhook.errors import UnsupportedModelError
-from curvhook.rules.base import LayerRule, apply_node, is_single_node
+from curvhook.rules.base import LayerRule, apply_node, is_single_node, one_column_by_node
 from curvhook.rules.registry import register_rule, register_rule_by_name
 
 ACTIVATIONS = (
@@ -108,13 +108,10 @@ class ElementwiseRule(LayerRule):
     """Rules for any layer whose Jacobian is diagonal."""
 
     def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
-        if (
-            mat.shape[0] == 1 and call.scratch.jac_diag is None and call.output is not None
-            and mat.dtype == call.output.dtype and mat.shape[1:] == call.output.shape and is_single_node(call)
-        ):
-            # One column (per-sample gradients, sampled columns): the module's own backward
-            # node applied to it is J_xᵀ m, one pass instead of forming σ'(x) first.
-            return apply_node(call.node, mat[0]).unsqueeze(0)
+        if call.scratch.jac_diag is None:  # one column: one pass instead of forming σ'(x) first
+            pulled = one_column_by_node(call, mat)
+            if pulled is not None:
+                return pulled
         return _memory.mul(mat, jacobian_diagonal(call))
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:

@@ -42,7 +42,7 @@ from curvhook._torch_internals import saved_pooling_indices
 from curvhook.errors import UnsupportedModelError
 from curvhook.records import Operation
 from curvhook.rules.linear_maps import columns_vjp, linear_vjp
-from curvhook.rules.base import LayerRule, apply_node, is_single_node
+from curvhook.rules.base import LayerRule, apply_node, is_single_node, one_column_by_node
 from curvhook.rules.registry import register_rule
 
 _POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -130,12 +130,10 @@ class MaxPoolRule(LayerRule):
         return out.scatter_add_(-1, idx, flat).reshape(*lead, *x.shape[1:])
 
     def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
-        if (
-            mat.shape[0] == 1 and call.output is not None and mat.dtype == call.output.dtype
-            and mat.shape[1:] == call.output.shape and is_single_node(call) and self._empty_windows(call) is None
-        ):
-            # One column: the module's own backward node (torch's pooling backward) is J_xᵀ m.
-            return apply_node(call.node, mat[0]).unsqueeze(0)
+        if self._empty_windows(call) is None:  # torch's pooling backward, where it indexes no empty window
+            pulled = one_column_by_node(call, mat)
+            if pulled is not None:
+                return pulled
         return self._scatter(call, mat)
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
