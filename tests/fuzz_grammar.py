@@ -711,7 +711,8 @@ def check_case(case: Case) -> None:
     attribute is left (``hooks left``); ``p.grad`` equals a plain backward's to 1e-12
     (``grad changed``); DiagGGN, FullGGN, BatchJacobian equal ``J``, ``G = Jᵀ H J`` of
     ``reference.py`` (``G`` of ``post ∘ model``, ``H`` the loss Hessian at ``post(model(X))``;
-    BatchJacobian: ``J`` ``[N*C, P]`` of ``model`` alone, docs/graphs.md);
+    BatchJacobian: ``J`` ``[N*C, P]`` of ``model`` alone, docs/graphs.md); BatchGrad equals
+    ``J_nᵀ ∂ℓ/∂f_n`` (``J`` of ``model`` alone, ``∂ℓ/∂f`` from autograd at its output);
     DiagGGNApprox is finite, ``≥ 0``, and equals ``graph_reference``'s on :func:`approx_twin`
     where there is one (``moved_axes``: timm-style ``qkv.permute(2, 0, ...)``), and DiagGGN for
     a single ``Linear`` layer (``wrong number``).
@@ -737,6 +738,13 @@ def check_case(case: Case) -> None:
     # BatchJacobian stays the Jacobian of the model output
     jac = ref if case.post == "none" else _stage("reference", lambda: reference(model, X, None, approx=False))
     _stage("wrong number", lambda: compare({"BatchJacobian": got["BatchJacobian"]}, jac, rtol=1e-7))
+    # BatchGrad (one column through the whole graph) against J_nᵀ ∂ℓ/∂f_n: the model's own
+    # Jacobian and the gradient autograd delivers at its output
+    grads = _stage("crash", lambda: _batch_grads(model, X, loss_fn))
+    _stage("hooks left", lambda: assert_clean(model, before))
+    g_out = _stage("reference", lambda: _output_gradient(model, X, loss_fn))
+    per_sample = torch.einsum("ncp,nc->np", jac.batch_jacobian, g_out.reshape(g_out.shape[0], -1).to(jac.J.dtype))
+    _stage("wrong number", lambda: check(grads, per_sample, "BatchGrad (fuzz)", rtol=1e-7))
     approx = got["DiagGGNApprox"]
     _stage("wrong number", lambda: _approx_sane(approx))
     if isinstance(model, nn.Linear):  # one layer: the approximation is exact
@@ -747,6 +755,28 @@ def check_case(case: Case) -> None:
     d = ref.H.diagonal()  # [N*C]: diag(H_n) at the output of post
     expected = _stage("reference", lambda: diag_ggn_approx_graph(Chain(twin, post), X, d, moved_axes=True))
     _stage("wrong number", lambda: check(approx, expected, "DiagGGNApprox", rtol=1e-7))
+
+
+def _batch_grads(model: nn.Module, X: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``p.grad_batch`` of every trainable parameter, ``[N, P]`` in ``model.parameters()`` order."""
+    from curvhook import clear, extend
+    from curvhook.extensions import BatchGrad
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with extend(model, BatchGrad()):
+            loss_fn(model(X)).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.cat([p.grad_batch.reshape(p.grad_batch.shape[0], -1) for p in params], 1)
+    clear(model)  # the results go; what else is left is checked next
+    return grads
+
+
+def _output_gradient(model: nn.Module, X: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``∂ℓ/∂f`` at the model output, by autograd alone: ``[N, *out]``."""
+    out = model(X).detach().requires_grad_(True)
+    loss_fn(out).backward()
+    return out.grad
 
 
 def _same_grads(model: nn.Module, plain: list[Optional[Tensor]]) -> None:
