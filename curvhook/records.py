@@ -53,6 +53,7 @@ class Scratch:
     conv_patches: Optional[Tensor] = None  # conv: the unfolded input
     upsampling_matrices: Optional[Any] = None  # upsampling: interpolation matrices per axis
     linear_m_sq: Optional[tuple] = None  # linear: squared columns summed over V
+    linear_m_norms: Optional[tuple] = None  # linear: ‖m_vn‖² of one backpropagated matrix
     attention: Optional[tuple] = None  # attention: the diagonals of one call
     jac_diag: Optional[Tensor] = None  # elementwise: the Jacobian diagonal σ'(x)
     bn_scale: Optional[Tensor] = None  # normalization: γ / √(v + ε) of BatchNorm

@@ -82,11 +82,18 @@ class LinearRule(LayerRule):
     def param_sq_norms(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         x, m = _positions(call, mat)
         v, n, t, o = m.shape
+        if t == 1:  # bias ‖m_vn‖², weight ‖m_vn x_nᵀ‖² = ‖m_vn‖² ‖x_n‖²: ‖m_vn‖² once for both
+            cached = call.scratch.linear_m_norms
+            if cached is None or cached[0] is not mat:
+                m0 = m[:, :, 0]
+                cached = call.scratch.linear_m_norms = (mat, torch.linalg.vecdot(m0, m0))  # [V, N]
+            if name == "bias":
+                return cached[1]
+            x0 = x[:, 0]
+            return cached[1] * torch.linalg.vecdot(x0, x0)
         if name == "bias":  # ‖Σ_t m_vnt‖²
-            return (m[:, :, 0] if t == 1 else m.sum(2)).square().sum(-1)
+            return m.sum(2).square().sum(-1)
         i = x.shape[-1]
-        if t == 1:  # ‖m_vn x_nᵀ‖² = ‖m_vn‖² ‖x_n‖²
-            return m[:, :, 0].square().sum(-1) * x[:, 0].square().sum(-1)
         if t * (v * o + i) >= v * o * i:  # the Gram matrices cost more than the products
             return super().param_sq_norms(call, name, mat)
         # ‖Σ_t m_vnt x_ntᵀ‖² = Σ_{t,t'} (m_vnt·m_vnt')(x_nt·x_nt'): two [T, T] Gram matrices per sample
