@@ -107,13 +107,13 @@ def unfold(x: Tensor, module: nn.Module, padding: tuple[int, ...], positions_fir
         x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
     kernel, stride, dilation = tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation)
     size = x.shape[2:]
-    out = [(size[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(dims)]
+    out_size = [(size[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(dims)]
     s = x.stride()
     patches = x.as_strided(
-        (*x.shape[:2], *kernel, *out),
+        (*x.shape[:2], *kernel, *out_size),
         (s[0], s[1], *(s[2 + d] * dilation[d] for d in range(dims)), *(s[2 + d] * stride[d] for d in range(dims))),
     )
-    n, c, k, length = x.shape[0], x.shape[1], math.prod(kernel), math.prod(out)
+    n, c, k, length = x.shape[0], x.shape[1], math.prod(kernel), math.prod(out_size)
     if positions_first:  # [N, *out, C_in, *kernel]
         order = (0, *range(2 + dims, 2 + 2 * dims), 1, *range(2, 2 + dims))
         patches = patches.permute(order)
