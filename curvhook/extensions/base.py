@@ -124,6 +124,37 @@ class Extension:
         return f"{type(self).__name__}({', '.join(self._options())})"
 
 
+class SquaredColumnSum(Extension):
+    """Writes ``Σ_{v,n} (J_nᵀ s_vn)²`` over the backpropagated columns ``s_vn``, shaped like ``p``.
+
+    The base of the diagonal extensions whose only difference is the source:
+    ``DiagGGN`` (``S`` the loss Hessian's square-root factor), ``DiagGGNMC``
+    (sampled columns), ``SumGradSquared`` (the loss gradient). A parameter used
+    by several operations sums its products over the uses before the square.
+    """
+
+    def param_term(
+        self, rule: LayerRule, op: Operation, name: str, value: Tensor, shared: bool
+    ) -> Tensor:
+        if shared:  # the sum over uses comes before the square
+            return rule.param_jac_t_mat_prod(op, name, value)  # [V, N, *θ]
+        return rule.param_sq_sum(op, name, value)  # [*θ]
+
+    def finalize(
+        self, totals: dict[int, Tensor], shared: frozenset[int], params: list[nn.Parameter], root: Tensor
+    ) -> dict[int, Tensor]:
+        out = {}
+        for p in params:
+            total = totals.get(id(p))
+            if total is None:
+                out[id(p)] = zeros_for(p)
+            elif id(p) in shared:
+                out[id(p)] = total.square().sum((0, 1))
+            else:
+                out[id(p)] = total
+        return out
+
+
 def zeros_for(p: nn.Parameter, *lead: int) -> Tensor:
     """Zeros of shape ``[*lead, *p.shape]`` in the parameter's dtype and device."""
     return torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device)

@@ -9,15 +9,11 @@ several operations sums its per-sample gradients over the uses before squaring.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
-
-from curvhook.extensions.base import Extension, zeros_for
-from curvhook.records import Operation
-from curvhook.rules.base import LayerRule
+from curvhook.extensions.base import SquaredColumnSum
 from curvhook.sources import LossGradient
 
 
-class SumGradSquared(Extension):
+class SumGradSquared(SquaredColumnSum):
     """Writes ``p.sum_grad_squared``, shaped like ``p``: ``Σ_n g_n ∘ g_n``.
 
     No loss is needed. With ``accumulate=True`` successive backward passes add up.
@@ -25,24 +21,3 @@ class SumGradSquared(Extension):
 
     attribute = "sum_grad_squared"
     source_type = LossGradient
-
-    def param_term(
-        self, rule: LayerRule, op: Operation, name: str, value: Tensor, shared: bool
-    ) -> Tensor:
-        if shared:  # the per-sample gradients of all uses are summed before the square
-            return rule.param_jac_t_mat_prod(op, name, value)  # [1, N, *θ]
-        return rule.param_sq_sum(op, name, value)  # [*θ]
-
-    def finalize(
-        self, totals: dict[int, Tensor], shared: frozenset[int], params: list[nn.Parameter], root: Tensor
-    ) -> dict[int, Tensor]:
-        out = {}
-        for p in params:
-            total = totals.get(id(p))
-            if total is None:
-                out[id(p)] = zeros_for(p)
-            elif id(p) in shared:
-                out[id(p)] = total.square().sum((0, 1))
-            else:
-                out[id(p)] = total
-        return out
