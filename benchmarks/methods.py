@@ -25,6 +25,9 @@ Quantities (what ``result()`` returns, all for the mean-reduced loss):
 - ``full_ggn``: ``G``, ``[P, P]``
 - ``batch_jacobian``: ``[N, C, P]``
 - ``batch_grad``: the per-sample gradients of the mean loss, ``[N, P]``
+- ``ntk``: the empirical NTK ``[N·C, N·C]``; ``output_covariance``: ``J_n Σ J_nᵀ``
+  ``[N, C, C]`` for a fixed diagonal ``Σ``; ``ggn_vector_product``: ``G v`` ``[P]``
+  for a fixed direction (:func:`product_arguments`)
 - anything else is not cross-checked (stochastic or a different object).
 
 Peers that are not importable are reported as skipped; methods that would
@@ -127,6 +130,7 @@ class Plain(Runner):
 # ------------------------------------------------------------------- curvhook
 CURVHOOK_QUANTITY = {
     "DiagGGN": "diag_ggn", "FullGGN": "full_ggn", "BatchJacobian": "batch_jacobian", "BatchGrad": "batch_grad",
+    "NTK": "ntk", "OutputCovariance-diag": "output_covariance", "GGNVectorProduct": "ggn_vector_product",
 }
 
 # Keyword arguments every extension is built with. ``split_attention`` is passed
@@ -143,16 +147,43 @@ VARIANT_NEEDS = {"attention-as-one": nn.MultiheadAttention}
 ONE_BLOCK = "@one-block"
 
 
-def _extension(module, name: str):
+def product_arguments(pb: Problem) -> dict:
+    """The fixed inputs of the #22 products on a problem: a diagonal weight covariance and a direction.
+
+    Both are drawn once per problem (seeded) and keyed by parameter, so that
+    every method multiplies with the same numbers.
+    """
+    cached = getattr(pb, "_product_arguments", None)
+    if cached is None:
+        g = torch.Generator().manual_seed(22)
+        cached = {
+            "variance": {p: torch.rand(p.shape, generator=g, dtype=p.dtype) for p in pb.params},
+            "direction": {p: torch.randn(p.shape, generator=g, dtype=p.dtype) for p in pb.params},
+        }
+        object.__setattr__(pb, "_product_arguments", cached)
+    return cached
+
+
+# Extensions whose constructor takes problem data (issue #22), by benchmark name.
+PROBLEM_EXTENSIONS = {
+    "OutputCovariance-diag": lambda ext, pb: ext.OutputCovariance(product_arguments(pb)["variance"]),
+    "GGNVectorProduct": lambda ext, pb: ext.GGNVectorProduct(product_arguments(pb)["direction"]),
+}
+
+
+def _extension(module, name: str, pb: Optional[Problem] = None):
     """Build one extension from its benchmark name.
 
     Args:
         module: ``curvhook.extensions``.
         name: ``DiagGGNApprox`` or a variant such as ``DiagGGNApprox-attention-as-one``.
+        pb: The problem, for the extensions of :data:`PROBLEM_EXTENSIONS`.
 
     Returns:
         The extension, built with :data:`EXTENSION_KWARGS` updated by the variant's.
     """
+    if name in PROBLEM_EXTENSIONS:
+        return PROBLEM_EXTENSIONS[name](module, pb)
     base, _, variant = name.partition("-")
     kwargs = {**EXTENSION_KWARGS.get(base, {}), **(VARIANTS[variant] if variant else {})}
     return getattr(module, base)(**kwargs)
@@ -177,13 +208,13 @@ class Curvhook(Runner):
 
         self.extend, self.module = extend, ext
         self.pb, self.names = pb, names
-        self.exts = [_extension(ext, n) for n in names]
+        self.exts = [_extension(ext, n, pb) for n in names]
 
     def step(self) -> None:
         """Forward, loss and backward inside a fresh ``extend`` block."""
         pb = self.pb
         _zero_grad(pb.params)
-        self.exts = [_extension(self.module, n) for n in self.names]
+        self.exts = [_extension(self.module, n, pb) for n in self.names]
         with self.extend(pb.model, *self.exts):
             loss = pb.loss_fn(pb.model(pb.X), pb.y)
             loss.backward()
@@ -202,6 +233,12 @@ class Curvhook(Runner):
             return _flat([p.diag_ggn_approx for p in params]), None
         if name == "BatchGrad":
             return _flat([p.grad_batch for p in params], lead=1), None
+        if name == "NTK":
+            return self.exts[0].matrix.flatten(0, 1).flatten(1), None
+        if name == "OutputCovariance":
+            return self.exts[0].covariance, None
+        if name == "GGNVectorProduct":
+            return _flat([p.ggn_v for p in params]), None
         return None, None
 
 
@@ -583,6 +620,103 @@ class TorchFunc(Runner):
         return _flat([self.out[n] for n in self.names], lead=lead), None
 
 
+class TorchFuncProducts(Runner):
+    """The torch.func formulations of the #22 products, from ``vmap(jacrev)``'s Jacobians.
+
+    - ``ntk``: ``Σ_p J_p J_pᵀ`` over the per-parameter Jacobians ``[N·C, P_p]``
+      (one GEMM each; no ``[N, C, P]`` concatenation).
+    - ``output_covariance``: ``Σ_p J_p,n diag(σ_p) J_p,nᵀ`` per sample, one batched
+      GEMM per parameter.
+    - ``ggn_vector_product``: the functorch tutorial's matrix-free form,
+      ``vjp(f)(H jvp(f)(v))``: ``jvp`` of the batched model, the per-sample loss
+      Hessians applied, and ``vjp``; plus the plain step for ``p.grad``.
+
+    Args:
+        pb: The problem.
+        kind: One of the three.
+    """
+
+    def __init__(self, pb: Problem, kind: str) -> None:
+        self.pb, self.kind = pb, kind
+        self.names = [n for n, p in pb.model.named_parameters() if p.requires_grad]
+        self.plain = Plain(pb) if kind == "ggn_vector_product" else None
+        if self.plain is not None:
+            self.note = "the plain step (p.grad), then jvp, loss Hessian, vjp"
+
+    def step(self) -> None:
+        """Compute the quantity; it is kept in ``self.out``."""
+        pb = self.pb
+        if self.kind == "ggn_vector_product":
+            self.plain.step()
+            self.out = self._ggn_vector_product()
+            return
+        J = _per_sample_jacobian(pb)
+        n, c = pb.batch_size, pb.num_outputs
+        if self.kind == "ntk":
+            out = None
+            for j in J.values():
+                flat = j.reshape(n * c, -1)
+                out = flat @ flat.T if out is None else out.addmm_(flat, flat.T)
+            self.out = out
+            return
+        variance = product_arguments(pb)["variance"]
+        out = None
+        for (name, j), p in zip(J.items(), pb.params):
+            flat = j.reshape(n, c, -1)
+            term = torch.bmm(flat * variance[p].reshape(1, 1, -1), flat.transpose(1, 2))
+            out = term if out is None else out.add_(term)
+        self.out = out
+
+    def _ggn_vector_product(self) -> dict[str, Tensor]:
+        from torch.func import jvp, vjp
+
+        pb = self.pb
+        params = {n: p.detach() for n, p in pb.model.named_parameters() if p.requires_grad}
+        direction = product_arguments(pb)["direction"]
+        tangents = {n: direction[p] for (n, _), p in zip(params.items(), pb.params)}
+        f = lambda theta: functional_call(pb.model, theta, (pb.X,))  # noqa: E731
+        out, jv = jvp(f, (params,), (tangents,))
+        out = out.detach()
+        hjv = torch.func.jvp(lambda o: torch.func.grad(lambda z: pb.loss_fn(z, pb.y))(o), (out,), (jv,))[1]
+        _, pull = vjp(f, params)
+        return pull(hjv)[0]
+
+    def result(self):
+        """The quantity flattened in parameter order (outside the timed step)."""
+        if self.kind == "ggn_vector_product":
+            return _flat([self.out[n] for n in self.names]), None
+        return self.out, None
+
+
+class CurvlinopsGGNVector(Runner):
+    """``GGNLinearOperator @ v`` for one vector: the operator built and applied once per step.
+
+    Args:
+        pb: The problem.
+    """
+
+    def __init__(self, pb: Problem) -> None:
+        from curvlinops import GGNLinearOperator
+
+        self.GGN = GGNLinearOperator
+        self.pb = pb
+        direction = product_arguments(pb)["direction"]
+        self.v = torch.cat([direction[p].flatten() for p in pb.params])
+
+    def step(self) -> None:
+        """Build the operator and multiply it with the direction."""
+        pb = self.pb
+        G = self.GGN(
+            pb.model, pb.loss_fn, pb.params, [(pb.X, pb.y)],
+            progressbar=False, check_deterministic=False, num_data=pb.batch_size,
+        )
+        self.out = G @ self.v
+
+    def result(self):
+        """``G v``."""
+        return self.out, None
+
+
 # ---------------------------------------------------------------------- floor
 class WriteFloor(Runner):
     """The floor of BatchJacobian (or BatchGrad): writing a result of its size once.
@@ -717,6 +851,9 @@ METHODS: list[Method] = [
     _ch("DiagGGNMC"),  # #21: one sampled column (mc_samples=1)
     _ch("KFAC"),  # #21: KFAC() is KFLR, the exact square-root factor (BackPACK's KFLR, curvlinops' type-2)
     _ch("KFAC-mc"),  # #21: KFAC(mc_samples=1) (BackPACK's KFAC, curvlinops' mc)
+    _ch("NTK"),  # #22: products without Jacobians
+    _ch("OutputCovariance-diag"),
+    _ch("GGNVectorProduct"),
     Method("backpack:DiagGGNExact", "backpack", "diag_ggn", lambda pb: Backpack(pb, "DiagGGNExact")),
     Method("backpack:DiagGGNMC", "backpack", None, lambda pb: Backpack(pb, "DiagGGNMC")),
     Method("backpack:BatchGrad", "backpack", "batch_grad", lambda pb: Backpack(pb, "BatchGrad")),
@@ -737,6 +874,12 @@ METHODS: list[Method] = [
     Method("torchfunc:DiagGGN", "torch", "diag_ggn", lambda pb: TorchFunc(pb, "diag_ggn"), "jacobian"),
     Method("torchfunc:FullGGN", "torch", "full_ggn", lambda pb: TorchFunc(pb, "full_ggn"), "dense"),
     Method("torchfunc:BatchGrad", "torch", "batch_grad", lambda pb: TorchFunc(pb, "batch_grad")),
+    Method("torchfunc:NTK", "torch", "ntk", lambda pb: TorchFuncProducts(pb, "ntk"), "jacobian"),
+    Method("torchfunc:OutputCovariance-diag", "torch", "output_covariance",
+           lambda pb: TorchFuncProducts(pb, "output_covariance"), "jacobian"),
+    Method("torchfunc:GGNVectorProduct", "torch", "ggn_vector_product",
+           lambda pb: TorchFuncProducts(pb, "ggn_vector_product")),
+    Method("curvlinops:GGN-matvec", "curvlinops", "ggn_vector_product", CurvlinopsGGNVector),
     Method("floor:BatchJacobian-write-fresh", "torch", None, lambda pb: WriteFloor(pb, fresh=True), "jacobian"),
     Method("floor:BatchJacobian-write-touched", "torch", None, lambda pb: WriteFloor(pb, fresh=False), "jacobian"),
     Method("floor:BatchGrad-plain+write-fresh", "torch", None, lambda pb: WriteFloor(pb, True, columns=False, plain=True)),
@@ -748,7 +891,8 @@ BY_NAME = {m.name: m for m in METHODS}
 # The reference for the cross-check of each quantity (computed at a small batch).
 REFERENCE = {
     "diag_ggn": "torchfunc:DiagGGN", "full_ggn": "torchfunc:FullGGN", "batch_jacobian": "torchfunc:BatchJacobian",
-    "batch_grad": "torchfunc:BatchGrad",
+    "batch_grad": "torchfunc:BatchGrad", "ntk": "torchfunc:NTK", "output_covariance": "torchfunc:OutputCovariance-diag",
+    "ggn_vector_product": "torchfunc:GGNVectorProduct",
 }
 
 

@@ -51,6 +51,13 @@ class Extend:
                 raise TypeError(
                     f"extend() expects extension instances such as DiagGGN(), got {ext!r}."
                 )
+        refusing = [type(ext).__name__ for ext in extensions if not ext.accumulates]
+        if accumulate and refusing:
+            raise CurvhookError(
+                f"{', '.join(refusing)} cannot accumulate over backward passes (a kernel over one "
+                "batch's samples, or eigenpairs, which do not add up): use extend(..., "
+                "accumulate=False) and one batch."
+            )
         attributes = [ext.attribute for ext in extensions]
         if len(set(attributes)) != len(attributes):
             raise ValueError("Each extension type may appear once per extend() block.")

@@ -7,6 +7,12 @@ diagonal) the engine keeps, per dense slot, the quantity that has reached that
 tensor; at each step of the plan it pulls the quantity back through the
 operation's rule and lets each extension turn what reaches a parameter into its
 terms. A quantity is dropped as soon as the step that consumes it has run.
+
+An extension whose result needs a further walk (eigenvectors from the Gram
+matrix of a first walk, the power iterations of a randomised eigensolver)
+returns a :class:`~curvhook.extensions.base.FollowUp` from ``finalize``: the
+engine runs the walk it names, with the loss terms of the extension's own
+source, and hands the result on, until a final result comes back.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Optional, Sequence
 from torch import Tensor, nn
 
 from curvhook.errors import UnsupportedModelError
-from curvhook.extensions.base import Extension
+from curvhook.extensions.base import Extension, FollowUp
 from curvhook.loss_terms import LossTerms
 from curvhook.plan import Plan, Step
 from curvhook.plan_key import GraphShape
@@ -86,18 +92,40 @@ def backpropagate(
     Returns:
         For each extension, what its ``finalize`` returned.
     """
+    results = _walk(trace, plan, shape, grad_root, groups, terms, params)
+    for ext, result in results.items():
+        while isinstance(result, FollowUp):
+            follow = {result.source: [result.extension]}
+            done = _walk(trace, plan, shape, grad_root, follow, {result.source: terms.get(ext.source)}, params)
+            result = result.then(done[result.extension])
+        results[ext] = result
+    return results
+
+
+def _walk(
+    trace: Trace,
+    plan: Plan,
+    shape: GraphShape,
+    grad_root: Tensor,
+    groups: dict[Source, list[Extension]],
+    terms: dict[Source, LossTerms],
+    params: Sequence[nn.Parameter],
+) -> dict[Extension, object]:
+    """One reverse walk over the plan for every source of ``groups`` (see :func:`backpropagate`)."""
     walks = []
     for source, exts in groups.items():
         walk = _Walk(source, exts, plan.slots)
-        start, value = source.initial(trace, grad_root, terms.get(source))
-        walk.add(shape.slot_of[start], value)
+        start, value = source.initial(trace, grad_root, terms.get(source), plan)
+        if value is not None:
+            walk.add(shape.slot_of[start], value)
         walks.append(walk)
     ops = trace.all_operations
-    for step in plan.steps:
-        op = ops[step.index]
-        for walk in walks:
-            _visit(walk, step, op)
-        op.clear_scratch()
+    if any(walk.pending[slot] is not None for walk in walks for slot in range(plan.slots)):
+        for step in plan.steps:
+            op = ops[step.index]
+            for walk in walks:
+                _visit(walk, step, op)
+            op.clear_scratch()
     root = trace.root_value
     return {
         ext: ext.finalize(walk.totals[ext], plan.shared_params, list(params), root)
@@ -114,9 +142,6 @@ def _visit(walk: _Walk, step: Step, op: Operation) -> None:
     for use in step.params:
         p = op.params[use.position][1]
         for ext in walk.extensions:
-            term = ext.param_term(rule, op, use.name, value, use.shared)
-            totals = walk.totals[ext]
-            old = totals.get(id(p))
-            totals[id(p)] = term if old is None else old + term
+            ext.add_term(walk.totals[ext], p, ext.param_term(rule, op, use.name, value, use.shared))
     for slot, dense in step.upstream:
         walk.add(dense, walk.source.pull_back(rule, op, value, slot))

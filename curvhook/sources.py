@@ -24,7 +24,7 @@ part of the network).
 from __future__ import annotations
 
 import math
-from typing import Hashable, Optional
+from typing import TYPE_CHECKING, Hashable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,9 @@ from curvhook.losses import identity_factor
 from curvhook.records import Operation, TensorKey
 from curvhook.rules.base import LayerRule
 from curvhook.trace import Trace
+
+if TYPE_CHECKING:
+    from curvhook.plan import Plan
 
 
 class Source:
@@ -70,7 +73,9 @@ class Source:
         """The rule used where the registry chose ``rule`` (an option may swap it)."""
         return rule
 
-    def initial(self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms]) -> tuple[TensorKey, Tensor]:
+    def initial(
+        self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms], plan: Optional["Plan"] = None
+    ) -> tuple[TensorKey, Optional[Tensor]]:
         """Where the quantity starts and its value there.
 
         Args:
@@ -78,6 +83,11 @@ class Source:
             grad_root: ``∂ℓ/∂f`` at the model output, ``[N, *out]``.
             terms: The loss terms of the backpropagated scalar (``None`` for a
                 source that needs no loss).
+            plan: The compiled walk of the trace (sources that push tangents
+                forward first read the rules from it).
+
+        Returns:
+            ``(key, value)``; a value of ``None`` starts no walk.
         """
         raise NotImplementedError
 
@@ -93,14 +103,18 @@ class JacobianColumns(Source):
 
     needs_loss = False
 
-    def initial(self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms]) -> tuple[TensorKey, Tensor]:
+    def initial(
+        self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms], plan: Optional["Plan"] = None
+    ) -> tuple[TensorKey, Optional[Tensor]]:
         return trace.root_key, identity_factor(trace.root_value)
 
 
 class LossHessianSqrt(Source):
     """``S`` with ``Σ_v s_vn s_vnᵀ = Σ_i c_i H_i,n``: the losses' factors, scaled and stacked."""
 
-    def initial(self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms]) -> tuple[TensorKey, Tensor]:
+    def initial(
+        self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms], plan: Optional["Plan"] = None
+    ) -> tuple[TensorKey, Optional[Tensor]]:
         factors = [
             math.sqrt(s) * rule.sqrt_hessian(call) for s, rule, call in zip(terms.scales, terms.rules, terms.calls)
         ]
@@ -129,7 +143,9 @@ class LossHessianDiag(Source):
     def rule(self, rule: LayerRule) -> LayerRule:
         return rule if self.attention_as_one else rule.operations_rule()
 
-    def initial(self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms]) -> tuple[TensorKey, Tensor]:
+    def initial(
+        self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms], plan: Optional["Plan"] = None
+    ) -> tuple[TensorKey, Optional[Tensor]]:
         diag = terms.weighted_sum([rule.hessian_diag(call) for rule, call in zip(terms.rules, terms.calls)])
         return terms.start, terms.per_sample_at_start(diag)
 
@@ -146,7 +162,9 @@ class LossGradient(Source):
 
     needs_loss = False
 
-    def initial(self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms]) -> tuple[TensorKey, Tensor]:
+    def initial(
+        self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms], plan: Optional["Plan"] = None
+    ) -> tuple[TensorKey, Optional[Tensor]]:
         # contiguous: a backward from model(X).sum() delivers an expanded (stride-0) gradient
         return trace.root_key, grad_root.detach().contiguous().unsqueeze(0)
 class SampledLossHessianSqrt(Source):
@@ -174,7 +192,9 @@ class SampledLossHessianSqrt(Source):
     def key(self) -> Hashable:
         return (*super().key, self.mc_samples, None if self.generator is None else id(self.generator))
 
-    def initial(self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms]) -> tuple[TensorKey, Tensor]:
+    def initial(
+        self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms], plan: Optional["Plan"] = None
+    ) -> tuple[TensorKey, Optional[Tensor]]:
         m = self.mc_samples
         device = terms.calls[0].input.device
         if self.generator is not None and self.generator.device.type != device.type:
@@ -189,3 +209,89 @@ class SampledLossHessianSqrt(Source):
         if terms.merge is not None:  # rows [N·k, *t] of one sample: one joint draw per sample
             columns = columns.reshape(m, *terms.merge.inputs[0].shape)
         return terms.start, columns
+
+
+class GGNVectorColumns(Source):
+    """``H_n J_n v`` for ``K`` directions ``v``, ``[K, N, *out]``: pulled back, ``Σ_n J_nᵀ H_n J_n v = G v``.
+
+    The directions are pushed forward through the recorded graph
+    (:func:`~curvhook.forward_products.push_forward`) to the tensor the losses
+    were called on; the loss Hessian is applied there through its square-root
+    factor, ``H_n t_n = Σ_v s_vn (s_vnᵀ t_n)``.
+
+    Args:
+        loss: See :class:`Source`.
+        tangents: ``[K, *p.shape]`` by ``id(p)`` for every trainable parameter.
+    """
+
+    def __init__(self, loss: Optional[nn.Module], tangents: dict[int, Tensor]) -> None:
+        super().__init__(loss)
+        self.tangents = tangents
+
+    @property
+    def key(self) -> Hashable:
+        return (*super().key, id(self.tangents))
+
+    def initial(
+        self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms], plan: Optional["Plan"] = None
+    ) -> tuple[TensorKey, Optional[Tensor]]:
+        from curvhook.forward_products import push_forward  # imports the rules, which import the sources
+
+        start, s = LossHessianSqrt(self.loss).initial(trace, grad_root, terms)  # [V, N, *x]
+        t = push_forward(trace, plan, self.tangents, start)  # [K, N, *x]
+        if t is None:  # the loss does not depend on the parameters
+            return start, None
+        return start, apply_sqrt_factor(s, t.to(s.dtype))
+
+
+def apply_sqrt_factor(s: Tensor, t: Tensor) -> Tensor:
+    """``Σ_v s_vn (s_vnᵀ t_kn)``: ``H_n t_kn`` from a square-root factor, per sample.
+
+    Args:
+        s: ``[V, N, *x]``.
+        t: ``[K, N, *x]``.
+
+    Returns:
+        ``[K, N, *x]``.
+    """
+    v, n, k = s.shape[0], s.shape[1], t.shape[0]
+    s2, t2 = s.reshape(v, n, -1), t.reshape(k, n, -1)
+    coefficients = torch.einsum("vnd,knd->nkv", s2, t2)  # [N, K, V]
+    return torch.einsum("nkv,vnd->knd", coefficients, s2).reshape(t.shape)
+
+
+class GivenColumns(Source):
+    """Columns built from the loss Hessian's square-root factor: ``c_kn = Σ_v W[v, n, k] s_vn``, ``[K, N, *out]``.
+
+    Pulled back and summed over the samples, ``Σ_n J_nᵀ c_kn = Bᵀ w_k`` with ``B``
+    the stacked ``J_nᵀ s_vn`` (LowRankGGN's eigenvectors from those of ``B Bᵀ``).
+
+    Args:
+        loss: See :class:`Source`.
+        weights: ``W``, ``[V, N, K]``.
+    """
+
+    def __init__(self, loss: Optional[nn.Module], weights: Tensor) -> None:
+        super().__init__(loss)
+        self.weights = weights
+
+    @property
+    def key(self) -> Hashable:
+        return (*super().key, id(self.weights))
+
+    def initial(
+        self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms], plan: Optional["Plan"] = None
+    ) -> tuple[TensorKey, Optional[Tensor]]:
+        start, s = LossHessianSqrt(self.loss).initial(trace, grad_root, terms)  # [V, N, *x]
+        v, n = s.shape[:2]
+        columns = torch.einsum("vnk,vnd->knd", self.weights.to(s.dtype), s.reshape(v, n, -1))
+        return start, columns.reshape(-1, *s.shape[1:])
+
+
+class NoWalk(Source):
+    """Backpropagates nothing: for extensions whose walks are all follow-ups (LowRankGGN)."""
+
+    def initial(
+        self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms], plan: Optional["Plan"] = None
+    ) -> tuple[TensorKey, Optional[Tensor]]:
+        return trace.root_key, None

@@ -713,6 +713,8 @@ def check_case(case: Case) -> None:
     ``reference.py`` (``G`` of ``post ∘ model``, ``H`` the loss Hessian at ``post(model(X))``;
     BatchJacobian: ``J`` ``[N*C, P]`` of ``model`` alone, docs/graphs.md); BatchGrad equals
     ``J_nᵀ ∂ℓ/∂f_n`` (``J`` of ``model`` alone, ``∂ℓ/∂f`` from autograd at its output);
+    NTK equals ``J Jᵀ`` (``J`` of ``model`` alone) and GGNVectorProduct ``G v`` (``G`` as
+    FullGGN's; :func:`directions`), both in one block, with ``p.grad`` and hooks checked again;
     DiagGGNApprox is finite, ``≥ 0``, and equals ``graph_reference``'s on :func:`approx_twin`
     where there is one (``moved_axes``: timm-style ``qkv.permute(2, 0, ...)``), and DiagGGN for
     a single ``Linear`` layer (``wrong number``).
@@ -745,6 +747,7 @@ def check_case(case: Case) -> None:
     g_out = _stage("reference", lambda: _output_gradient(model, X, loss_fn))
     per_sample = torch.einsum("ncp,nc->np", jac.batch_jacobian, g_out.reshape(g_out.shape[0], -1).to(jac.J.dtype))
     _stage("wrong number", lambda: check(grads, per_sample, "BatchGrad (fuzz)", rtol=1e-7))
+    _check_products(case, model, X, loss_fn, PRODUCTS, jac, ref, before, plain)
     approx = got["DiagGGNApprox"]
     _stage("wrong number", lambda: _approx_sane(approx))
     if isinstance(model, nn.Linear):  # one layer: the approximation is exact
@@ -792,3 +795,94 @@ def _same_grads(model: nn.Module, plain: list[Optional[Tensor]]) -> None:
 def _approx_sane(approx: Tensor) -> None:
     assert torch.isfinite(approx).all(), "DiagGGNApprox has non-finite entries"
     assert (approx >= 0).all(), f"DiagGGNApprox has negative entries (min {approx.min().item():.3e})"
+
+
+# ------------------------------------------------------------------ NTK and GGNVectorProduct
+PRODUCTS = ("NTK", "GGNVectorProduct")
+
+
+def directions(case: Case, params: list[nn.Parameter]) -> tuple[Any, Tensor]:
+    """GGNVectorProduct's ``v`` for ``case`` and the same directions flattened, ``[K, P]``.
+
+    Drawn from ``case.seed`` (nothing more is drawn by hypothesis): ``K = 2`` directions
+    ``[2, *p.shape]`` on odd seeds, else one shaped like ``p``; a list in
+    ``model.parameters()`` order where ``seed % 4 >= 2``, else a dict ``{p: tensor}``.
+    """
+    k = 2 if case.seed % 2 else 1
+    gen = torch.Generator().manual_seed(case.seed + 2)
+    given = [torch.randn((k, *p.shape) if k > 1 else p.shape, generator=gen, dtype=p.dtype) for p in params]
+    flat = torch.cat([t.reshape(k, -1) for t in given], 1) if given else torch.zeros(k, 0, dtype=DT)
+    return (given if case.seed % 4 >= 2 else dict(zip(params, given))), flat
+
+
+def _run_products(model: nn.Module, X: Tensor, loss_fn: Callable[[Tensor], Tensor], which, v, k: int) -> dict[str, Tensor]:
+    """NTK's ``[N*C, N*C]`` kernel and/or GGNVectorProduct's ``[K, P]`` (``K`` directions) from one block.
+
+    ``p.grad`` is cleared first, so that the block's gradient can be compared with a plain backward's.
+    """
+    from curvhook import clear, extend
+    from curvhook.extensions import NTK, GGNVectorProduct
+
+    exts = {}
+    if "NTK" in which:
+        exts["NTK"] = NTK()
+    if "GGNVectorProduct" in which:
+        exts["GGNVectorProduct"] = GGNVectorProduct(v)
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with extend(model, *exts.values()):
+            loss_fn(model(X)).backward()
+    out = {}
+    if "NTK" in exts:
+        m = exts["NTK"].matrix  # [N, C, N, C]
+        out["NTK"] = m.reshape(m.shape[0] * m.shape[1], -1)
+    if "GGNVectorProduct" in exts:
+        rows = []
+        for p in (p for p in model.parameters() if p.requires_grad):
+            want = (k, *p.shape) if k > 1 else tuple(p.shape)
+            assert tuple(p.ggn_v.shape) == want, f"p.ggn_v has shape {tuple(p.ggn_v.shape)}, expected {want}"
+            rows.append(p.ggn_v.reshape(k, -1))
+        out["GGNVectorProduct"] = torch.cat(rows, 1) if rows else torch.zeros(k, 0, dtype=DT)
+    clear(model)  # the results go; what else is left is checked next
+    return out
+
+
+def _check_products(case, model, X, loss_fn, which, jac, ref, before, plain) -> None:
+    """NTK against ``J Jᵀ`` (``J`` of ``model`` alone) and GGNVectorProduct against ``G v``.
+
+    ``jac``, ``ref``: the references of ``model`` alone and of ``post ∘ model`` with its loss
+    (``G`` as FullGGN's, ``Σ_n J_nᵀ H_n J_n``). Runs ``which`` in one ``extend`` block, then
+    checks that no hook is left and that ``p.grad`` is a plain backward's.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    v, flat = directions(case, params)
+    got = _stage("crash", lambda: _run_products(model, X, loss_fn, which, v, flat.shape[0]))
+    _stage("hooks left", lambda: assert_clean(model, before))
+    _stage("grad changed", lambda: _same_grads(model, plain))
+    if "NTK" in which:
+        _stage("wrong number", lambda: check(got["NTK"], jac.J @ jac.J.T, "NTK (fuzz)", rtol=1e-7))
+    if "GGNVectorProduct" in which:
+        expected = flat.to(ref.G.dtype) @ ref.G  # row k: (G v_k)ᵀ, G symmetric
+        _stage("wrong number", lambda: check(got["GGNVectorProduct"], expected, "GGNVectorProduct (fuzz)", rtol=1e-7))
+
+
+def check_products(case: Case, which: tuple[str, ...] = PRODUCTS) -> None:
+    """NTK and/or GGNVectorProduct alone on ``case`` (what :func:`check_case` checks of them; for drivers)."""
+    model, X, post, crit = build(case)
+    loss_fn = lambda out: crit(post(out))  # noqa: E731
+    try:
+        plain = _plain_grads(model, X, loss_fn)
+    except RuntimeError as e:
+        if "modified by an inplace operation" in str(e):
+            return
+        raise FuzzFailure("reference", f"{type(e).__name__}: {e}") from e
+    before = snapshot(model)
+    jac = ref = None
+    if "GGNVectorProduct" in which:
+        ref = _stage("reference", lambda: reference(Chain(model, post), X, crit, approx=False))
+    if "NTK" in which:
+        jac = ref if ref is not None and case.post == "none" else _stage(
+            "reference", lambda: reference(model, X, None, approx=False)
+        )
+    _check_products(case, model, X, loss_fn, which, jac, ref, before, plain)

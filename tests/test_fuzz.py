@@ -3,8 +3,9 @@
 Each example is a tiny float64 model drawn by hypothesis (residuals, ``cat``/``split``/``chunk``,
 matmul between activations and attention, weight sharing, container parameters, custom
 containers and a module without a rule, operations after the model, the three losses with
-both reductions, N in {1, 2, 3, 5}) and checks all four extensions against torch.func, ``p.grad``
-against a plain backward and that no hook is left (``fuzz_grammar.check_case``).
+both reductions, N in {1, 2, 3, 5}) and checks all four extensions, BatchGrad, NTK and
+GGNVectorProduct (one direction, or K = 2 on odd seeds; a dict or a list) against torch.func,
+``p.grad`` against a plain backward and that no hook is left (``fuzz_grammar.check_case``).
 
 CI runs the ``ci`` profile (conftest.py: a fixed seed, a few examples per family); locally,
 ``--hypothesis-profile thorough`` runs thousands (tests/README.md). A failure names its sort:

@@ -7,7 +7,8 @@ writes. Several extensions with equal sources share one backward traversal.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,8 @@ class Extension:
 
     attribute: ClassVar[str]
     source_type: ClassVar[type]
+    # Whether results of several backward passes combine (``extend(..., accumulate=True)``).
+    accumulates: ClassVar[bool] = True
 
     def __init__(self, loss: Optional[nn.Module] = None) -> None:
         if loss is not None and not self.source_type.needs_loss:
@@ -63,6 +66,11 @@ class Extension:
         """
         raise NotImplementedError
 
+    def add_term(self, totals: dict, p: nn.Parameter, term: Any) -> None:
+        """Add one operation's term for ``p`` to ``totals`` (by default keyed by ``id(p)``)."""
+        old = totals.get(id(p))
+        totals[id(p)] = term if old is None else old + term
+
     def finalize(
         self, totals: dict[int, Any], shared: frozenset[int], params: list[nn.Parameter], root: Tensor
     ) -> Any:
@@ -75,7 +83,8 @@ class Extension:
             root: The model output, ``[N, *out]``.
 
         Returns:
-            What :meth:`write` takes: by default a tensor per parameter, keyed by ``id``.
+            What :meth:`write` takes: by default a tensor per parameter, keyed by ``id``;
+            or a :class:`FollowUp` that asks the engine for a further walk first.
         """
         raise NotImplementedError
 
@@ -153,6 +162,25 @@ class SquaredColumnSum(Extension):
             else:
                 out[id(p)] = total
         return out
+
+
+@dataclass(eq=False)
+class FollowUp:
+    """What ``finalize`` returns when its result needs one more reverse walk.
+
+    The engine walks the same forward pass with ``source`` (using the loss terms
+    of the extension's own source), finalizes ``extension``, and calls ``then``
+    on its result; ``then`` returns the final result or another follow-up.
+
+    Attributes:
+        source: What the walk backpropagates.
+        extension: What turns the walk into a result (an internal helper).
+        then: The rest of the computation.
+    """
+
+    source: Source
+    extension: "Extension"
+    then: Callable[[Any], Any]
 
 
 def zeros_for(p: nn.Parameter, *lead: int) -> Tensor:

@@ -23,6 +23,17 @@ can be summed over ``V`` and ``N`` before a GEMM. ``param_sq_norms``
 (``‖J_θᵀ m_vn‖²`` per column and sample, the BatchL2Grad term) has a default
 built from ``param_jac_t_mat_prod`` too; rules override it where the norm has a
 Gram-matrix form that never forms the products.
+
+The products without Jacobians (NTK, OutputCovariance, GGNVectorProduct,
+LowRankGGN) use three more contractions of the parameter products and the
+forward product ``jvp``; their defaults use :meth:`position_factors` where a
+layer has that structure (:mod:`curvhook.rules.shared_weight`: the products are
+never formed), else they form the products of one layer:
+
+- ``param_gram``: ``⟨J_θᵀ m_vn, J_θᵀ m_wk⟩``, ``[V·N, V·N]``;
+- ``param_metric_gram``: ``(J_θᵀ m_vn)ᵀ Σ_θ (J_θᵀ m_wn)`` per sample, ``[N, V, V]``;
+- ``param_summed_products``: ``Σ_n J_θᵀ m_vn``, ``[V, *θ.shape]``;
+- ``jvp``: ``J_x dx + J_θ dθ`` for tangents with ``K`` columns, ``[K, *y.shape]``.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from torch import Tensor, nn
 
 from curvhook import _memory
 from curvhook.records import Operation
+from curvhook.rules import shared_weight
 from curvhook.errors import UnsupportedModelError
 from curvhook.losses import identity_factor
 
@@ -69,6 +81,22 @@ def sum_of_squared_products(left: Tensor, right: Tensor) -> Tensor:
             torch.bmm(left[col, rows], right_rows, out=buf)
             total += buf.square_().sum(0)
     return total
+
+
+def metric_gram_of_products(products: Tensor, metric: shared_weight.Metric) -> Tensor:
+    """``(J_θᵀ m_vn)ᵀ Σ_θ (J_θᵀ m_wn)`` per sample from the products ``[V, N, *θ]``: ``[N, V, V]``.
+
+    ``metric`` is a diagonal shaped like ``θ`` or Kronecker factors ``(A, B)``,
+    ``Σ_θ = B ⊗ A`` in ``θ.flatten()`` order (``B`` over ``θ``'s first axis).
+    """
+    v, n = products.shape[:2]
+    if isinstance(metric, tuple):
+        a_factor, b_factor = metric
+        p = products.reshape(v, n, b_factor.shape[0], -1)
+        q = torch.matmul(torch.matmul(b_factor, p), a_factor.T)
+        return torch.einsum("vnoi,wnoi->nvw", p, q)
+    flat = products.flatten(2)
+    return torch.einsum("vnk,wnk->nvw", flat * metric.flatten(), flat)
 
 
 def is_single_node(call: Operation) -> bool:
@@ -242,6 +270,70 @@ class LayerRule:
         prod = self.param_jac_t_mat_prod(call, name, mat)  # [V, N, *θ]
         # the norm reduces without an entrywise square of the whole product in memory
         return torch.linalg.vector_norm(prod, dim=tuple(range(2, prod.dim()))).square()
+
+    def _shared_weight(self, call: Operation, name: str, mat: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """:meth:`position_factors` for the weight and bias of a layer that has them, else ``None``."""
+        if name not in ("weight", "bias"):
+            return None
+        return self.position_factors(call, mat)
+
+    def param_gram(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        """``⟨J_θᵀ m_vn, J_θᵀ m_wk⟩`` for all pairs of columns and samples, ``[V·N, V·N]``.
+
+        Rows and columns run over ``(v, n)``, ``v`` slowest. The empirical NTK is this
+        Gram matrix of the identity columns, summed over the parameters.
+        """
+        factors = self._shared_weight(call, name, mat)
+        if factors is not None:
+            return shared_weight.gram(*factors, bias=name == "bias")
+        prod = self.param_jac_t_mat_prod(call, name, mat).flatten(2).flatten(0, 1)  # [V·N, |θ|]
+        return prod @ prod.T
+
+    def param_metric_gram(self, call: Operation, name: str, mat: Tensor, metric: shared_weight.Metric) -> Tensor:
+        """``(J_θᵀ m_vn)ᵀ Σ_θ (J_θᵀ m_wn)`` per sample, ``[N, V, V]``.
+
+        Args:
+            call: The recorded call.
+            name: The parameter.
+            mat: ``[V, N, *out]``.
+            metric: ``Σ_θ`` as a diagonal shaped like ``θ``, or Kronecker factors
+                ``(A, B)`` with ``Σ_θ = B ⊗ A`` in ``θ.flatten()`` order (``B``
+                ``[θ.shape[0]]²``, ``A`` the rest; the layout of ``p.kfac``).
+        """
+        factors = self._shared_weight(call, name, mat)
+        if factors is not None:
+            return shared_weight.metric_gram(*factors, bias=name == "bias", metric=metric)
+        return metric_gram_of_products(self.param_jac_t_mat_prod(call, name, mat), metric)
+
+    def param_summed_products(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        """``Σ_n J_θᵀ m_vn``, the products summed over the samples, ``[V, *θ.shape]``.
+
+        For one column this is the parameter's part of an ordinary vector-Jacobian
+        product; GGN-vector products and eigenvectors pull their columns back with it.
+        """
+        factors = self._shared_weight(call, name, mat)
+        if factors is not None:
+            out = shared_weight.summed_products(*factors, bias=name == "bias")
+            return out.reshape(mat.shape[0], *dict(call.params)[name].shape)
+        return self.param_jac_t_mat_prod(call, name, mat).sum(1)
+
+    def jvp(self, call: Operation, tangents: list[Optional[Tensor]], param_tangents: dict[str, Tensor]) -> list[Optional[Tensor]]:
+        """The forward product ``J_x dx + J_θ dθ`` of the call, for ``K`` tangent columns.
+
+        The default differentiates a replay of the call with ``torch.func.jvp``
+        (:mod:`curvhook.forward_products`); rules override it with closed forms.
+
+        Args:
+            call: The recorded call.
+            tangents: Per input slot, ``[K, *x.shape]`` or ``None`` (no tangent).
+            param_tangents: Per parameter name, ``[K, *θ.shape]`` (absent: none).
+
+        Returns:
+            Per followed output, ``[K, *y.shape]`` or ``None`` (zero).
+        """
+        from curvhook.forward_products import replay_jvp  # the replay machinery imports the rules
+
+        return replay_jvp(call, tangents, param_tangents)
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         """Pull a diagonal metric back to the input, keeping only the diagonal.

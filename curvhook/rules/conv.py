@@ -230,6 +230,42 @@ class ConvRule(LayerRule):
         gram_m = torch.matmul(m.transpose(3, 4), m)  # [V, N, G, L, L]
         return torch.einsum("vngst,ngst->vn", gram_m, gram_u)
 
+    def jvp(self, call: Operation, tangents: list[Optional[Tensor]], param_tangents: dict[str, Tensor]) -> list[Optional[Tensor]]:
+        if len(tangents) != 1:
+            return super().jvp(call, tangents, param_tangents)
+        # dy = conv(dx, W) + conv(x, dW) + db, K columns at once
+        module = call.module
+        dx, d_w, d_b = tangents[0], param_tangents.get("weight"), param_tangents.get("bias")
+        out = None
+        if dx is not None:
+            out = module._conv_forward(dx.flatten(0, 1), module.weight.detach(), None).unflatten(0, (dx.shape[0], -1))
+        if d_w is not None:
+            x = call.input.detach()
+            k, o = d_w.shape[:2]
+            if module.groups == 1:  # the K kernels as K·C_out output channels of one convolution
+                y = module._conv_forward(x, d_w.flatten(0, 1), None)
+                y = y.unflatten(1, (k, o)).transpose(0, 1)
+            else:
+                y = torch.stack([module._conv_forward(x, d_w[i], None) for i in range(k)])
+            out = y if out is None else out.add_(y)
+        if d_b is not None:
+            k, o = d_b.shape
+            shape = (k, 1, o, *[1] * (call.input.dim() - 2))
+            out = d_b.reshape(shape).expand(k, *call.output_shape).clone() if out is None else out.add_(d_b.reshape(shape))
+        return [out]
+
+    def param_summed_products(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        module = call.module
+        if name == "bias":
+            return mat.flatten(3).sum((1, 3))
+        # Σ_n m_vn U_nᵀ is the weight gradient of column v: no unfolded input
+        x, padding, _ = _geometry(call)
+        grad_weight = _GRAD_WEIGHT[x.dim() - 2]
+        return torch.stack([
+            grad_weight(x, module.weight.shape, mat[v], module.stride, padding, module.dilation, module.groups)
+            for v in range(mat.shape[0])
+        ])
+
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return self._input_transpose(call, call.module.weight.square(), diag)
 

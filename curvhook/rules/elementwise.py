@@ -114,6 +114,10 @@ class ElementwiseRule(LayerRule):
                 return pulled
         return _memory.mul(mat, jacobian_diagonal(call))
 
+    def jvp(self, call: Operation, tangents: list, param_tangents: dict) -> list:
+        # a diagonal Jacobian is symmetric: J dx = Jᵀ dx
+        return [None if tangents[0] is None else self.jac_t_mat_prod(call, tangents[0])]
+
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         if type(call.module) in _SLOPES_ZERO_OR_ONE and is_single_node(call):
             # σ' ∈ {0, 1}, so σ'² ⊙ d = σ' ⊙ d: the module's own backward applied to d

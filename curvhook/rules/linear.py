@@ -99,6 +99,26 @@ class LinearRule(LayerRule):
         gram_m = torch.matmul(m, m.transpose(2, 3))  # [V, N, T, T]
         return torch.einsum("vnst,nst->vn", gram_m, gram_x)
 
+    def jvp(self, call: Operation, tangents: list[Optional[Tensor]], param_tangents: dict[str, Tensor]) -> list[Optional[Tensor]]:
+        if len(tangents) != 1:
+            return super().jvp(call, tangents, param_tangents)
+        # dy = dx Wᵀ + x dWᵀ + db, K columns at once
+        dx, d_w, d_b = tangents[0], param_tangents.get("weight"), param_tangents.get("bias")
+        x = call.input.detach()
+        out = None
+        if dx is not None:
+            out = torch.matmul(dx, call.module.weight.detach().T)
+        if d_w is not None:
+            k = d_w.shape[0]
+            rows = torch.matmul(x.reshape(-1, x.shape[-1]), d_w.transpose(1, 2))  # [K, (N …), O]
+            rows = rows.reshape(k, *x.shape[:-1], d_w.shape[1])
+            out = rows if out is None else out.add_(rows)
+        if d_b is not None:
+            k, o = d_b.shape
+            bias = d_b.reshape(k, *[1] * (x.dim() - 1), o)
+            out = bias.expand(k, *x.shape[:-1], o).clone() if out is None else out.add_(bias)
+        return [out]
+
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return diag @ _memory.square(call.module.weight, "linear_w_sq")
 
@@ -140,6 +160,11 @@ class Conv1DRule(LinearRule):
 
     def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         return super().jac_t_mat_prod(_TransposedCall(call), mat)
+
+    def jvp(self, call: Operation, tangents: list[Optional[Tensor]], param_tangents: dict[str, Tensor]) -> list[Optional[Tensor]]:
+        if "weight" in param_tangents:  # dW in the layout of W, [nx, nf]: the transposed call reads [nf, nx]
+            param_tangents = {**param_tangents, "weight": param_tangents["weight"].transpose(1, 2)}
+        return super().jvp(_TransposedCall(call), tangents, param_tangents)
 
     def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         out = super().param_jac_t_mat_prod(_TransposedCall(call), name, mat)
