@@ -2,6 +2,7 @@
 
 from curvhook import rules  # noqa: F401  (registers the built-in layer rules)
 from curvhook._memory import release_memory
+from curvhook.loader import accumulate
 from curvhook.clearing import clear
 from curvhook.context import Extend, extend
 from curvhook.errors import CurvhookError, UnsupportedLossError, UnsupportedModelError
@@ -17,6 +18,7 @@ __all__ = [
     "LossRule",
     "UnsupportedLossError",
     "UnsupportedModelError",
+    "accumulate",
     "clear",
     "extend",
     "register_loss",

@@ -47,13 +47,14 @@ class BackwardDriver:
 
     def __init__(
         self, model: nn.Module, state: BlockState, extensions: list[Extension], linearity: LossLinearity,
-        accumulate: bool,
+        accumulate: bool, distributed: Optional[str] = None,
     ) -> None:
         self.model = model
         self.state = state
         self.extensions = extensions
         self.linearity = linearity
         self.accumulate = accumulate
+        self.distributed = distributed
         self.active = True
         self.groups: dict[Source, list[Extension]] = defaultdict(list)
         for ext in extensions:
@@ -160,6 +161,16 @@ class BackwardDriver:
             found.require_nonnegative()
         return terms
 
+    def reduce_across_processes(self) -> None:
+        """Combine every extension's results over the processes (:mod:`curvhook.distributed`)."""
+        params = self.state.params
+        world = torch.distributed.get_world_size()
+        with disable_torch_function(), torch.no_grad():
+            for ext in self.extensions:
+                ext.reduce_across_processes(params)
+                if self.distributed == "mean":
+                    ext.rescale(params, 1.0 / world)
+
     def _write_results(self) -> None:
         """End of a backward pass: write what every forward pass it reached gave.
 
@@ -176,4 +187,6 @@ class BackwardDriver:
             for i, (_, results) in enumerate(pending):
                 for ext, result in results.items():
                     ext.write(result, params, self.accumulate or i > 0)
+            if self.distributed and not self.accumulate:  # with accumulate: once, when the block ends
+                self.reduce_across_processes()
             _memory.drop_unused(sum(ext.result_bytes(params) for ext in self.extensions))

@@ -20,7 +20,7 @@ exception.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Union
 
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
@@ -29,6 +29,7 @@ from curvhook import _memory
 from curvhook._torch_internals import remove_global_forward_hook
 from curvhook.backward_driver import BackwardDriver
 from curvhook.block_state import BlockState, ModuleInfo
+from curvhook.distributed import resolve_mode
 from curvhook.errors import CurvhookError
 from curvhook.extensions.base import Extension
 from curvhook.guards import EagerWhileExtended, refuse_meta
@@ -42,7 +43,8 @@ class Extend:
     """Context manager returned by :func:`extend`; see there."""
 
     def __init__(
-        self, model: nn.Module, *extensions: Extension, accumulate: bool = False, output: OutputChoice = None
+        self, model: nn.Module, *extensions: Extension, accumulate: bool = False, output: OutputChoice = None,
+        distributed: Union[None, bool, str] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"extend() expects an nn.Module, got {type(model).__name__}.")
@@ -57,6 +59,13 @@ class Extend:
                 f"{', '.join(refusing)} cannot accumulate over backward passes (a kernel over one "
                 "batch's samples, or eigenpairs, which do not add up): use extend(..., "
                 "accumulate=False) and one batch."
+            )
+        self.distributed = resolve_mode(model, distributed)
+        local = [type(ext).__name__ for ext in extensions if not ext.distributes]
+        if self.distributed and local:
+            raise CurvhookError(
+                f"{', '.join(local)} cannot be combined across processes (a kernel or eigenpairs of one "
+                "batch): pass distributed=False to keep each process's own result."
             )
         attributes = [ext.attribute for ext in extensions]
         if len(set(attributes)) != len(attributes):
@@ -78,7 +87,9 @@ class Extend:
         self._state = BlockState()
         self._linearity = LossLinearity()
         self._tape = OperationTape(self._state, self._linearity)
-        self._driver = BackwardDriver(self.model, self._state, self.extensions, self._linearity, self.accumulate)
+        self._driver = BackwardDriver(
+            self.model, self._state, self.extensions, self._linearity, self.accumulate, self.distributed
+        )
         self._recorder = ModuleRecorder(
             self._state, self._tape, self._driver.before_forward, self._driver.on_output, self.output
         )
@@ -117,7 +128,11 @@ class Extend:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._cleanup()
+        try:
+            if exc[0] is None and self.accumulate and self.distributed:
+                self._driver.reduce_across_processes()  # the sums of the whole block, once
+        finally:
+            self._cleanup()
 
     def _cleanup(self) -> None:
         self._eager.restore()
@@ -166,7 +181,8 @@ def _module_infos(model: nn.Module) -> dict[nn.Module, ModuleInfo]:
 
 
 def extend(
-    model: nn.Module, *extensions: Extension, accumulate: bool = False, output: OutputChoice = None
+    model: nn.Module, *extensions: Extension, accumulate: bool = False, output: OutputChoice = None,
+    distributed: Union[None, bool, str] = None,
 ) -> Extend:
     """Compute curvature alongside the gradient, without changing the model.
 
@@ -200,8 +216,14 @@ def extend(
             an index of a tuple, or a function ``output -> Tensor``. ``None``
             (default): the tensor itself; else ``"logits"`` where there is one;
             else the only tensor of the output that requires grad.
+        distributed: Combine the results over the processes of ``torch.distributed``
+            (:mod:`curvhook.distributed`): ``None`` (default) averages them like DDP's
+            gradients when ``model`` is a ``DistributedDataParallel`` module, else
+            leaves each process its own; ``"mean"``, ``"sum"`` (or ``True``) and
+            ``False`` choose. Per-sample results are concatenated in rank order. After
+            each backward pass, or once when the block ends with ``accumulate=True``.
 
     Returns:
         The context manager.
     """
-    return Extend(model, *extensions, accumulate=accumulate, output=output)
+    return Extend(model, *extensions, accumulate=accumulate, output=output, distributed=distributed)

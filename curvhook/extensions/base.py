@@ -33,6 +33,9 @@ class Extension:
     source_type: ClassVar[type]
     # Whether results of several backward passes combine (``extend(..., accumulate=True)``).
     accumulates: ClassVar[bool] = True
+    # How the result scales with the backpropagated loss: ``c ℓ`` gives ``c^loss_power`` times it
+    # (0: no loss involved, 1: curvature and gradients, 2: squared gradients).
+    loss_power: ClassVar[int] = 1
 
     def __init__(self, loss: Optional[nn.Module] = None) -> None:
         if loss is not None and not self.source_type.needs_loss:
@@ -114,6 +117,39 @@ class Extension:
     def combine(old: Tensor, new: Tensor) -> Tensor:
         """Accumulate results of two backward passes (sum by default)."""
         return old + new
+
+    # Whether the result is per sample (``[N, ...]``): concatenated, not summed, across processes.
+    concatenates: ClassVar[bool] = False
+    # Whether results of several processes combine (curvhook/distributed.py).
+    distributes: ClassVar[bool] = True
+
+    def reduce_across_processes(self, params: list[nn.Parameter], group=None) -> None:
+        """Sum (or concatenate, per sample) the results on ``params`` over the processes of ``group``.
+
+        One collective for all parameters (see :mod:`curvhook.distributed`).
+        """
+        from curvhook import distributed
+
+        named = [p for p in params if isinstance(getattr(p, self.attribute, None), Tensor)]
+        values = [getattr(p, self.attribute) for p in named]
+        if self.concatenates:
+            for p, value in zip(named, distributed.concatenate(values, group)):
+                setattr(p, self.attribute, value)
+        else:
+            distributed.sum_in_place(values, group)
+
+    def rescale(self, params: list[nn.Parameter], factor: float) -> None:
+        """Multiply the results on ``params`` in place as if the loss had been ``factor`` times it.
+
+        ``curvhook.accumulate(..., reduction="mean")`` uses it: ``factor = 1 / (number of samples)``.
+        """
+        scale = factor**self.loss_power
+        if scale == 1:
+            return
+        for p in params:
+            value = getattr(p, self.attribute, None)
+            if isinstance(value, Tensor):
+                value.mul_(scale)
 
     def result_bytes(self, params: list[nn.Parameter]) -> int:
         """Memory of the results on ``params`` (views of one buffer counted once)."""

@@ -26,6 +26,7 @@ class BatchGrad(Extension):
     """
 
     attribute = "grad_batch"
+    concatenates = True
     source_type = LossGradient
 
     def param_term(

@@ -25,6 +25,8 @@ class BatchJacobian(Extension):
     """
 
     attribute = "batch_jacobian"
+    concatenates = True
+    loss_power = 0
     source_type = JacobianColumns
 
     def param_term(

@@ -27,6 +27,8 @@ class BatchL2Grad(Extension):
     """
 
     attribute = "batch_l2"
+    concatenates = True
+    loss_power = 2
     source_type = LossGradient
 
     def param_term(

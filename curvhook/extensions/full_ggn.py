@@ -157,6 +157,16 @@ class FullGGN(Extension):
         super().reset(params)
         self.matrix = None
 
+    def reduce_across_processes(self, params: list[nn.Parameter], group=None) -> None:
+        from curvhook import distributed
+
+        if self.matrix is not None:
+            distributed.sum_in_place([self.matrix], group)  # every p.ggn is a view of it
+
+    def rescale(self, params: list[nn.Parameter], factor: float) -> None:
+        if self.matrix is not None:
+            self.matrix.mul_(factor)  # every p.ggn is a view of it
+
     def write(self, results: Tensor, params: list[nn.Parameter], accumulate: bool) -> None:
         dtype = params[0].dtype if params else None
         matrix = results.to(dtype)

@@ -212,6 +212,25 @@ class KFAC(Extension):
             setattr(p, self.attribute, (a, b))
             self._written.add(id(p))
 
+    def reduce_across_processes(self, params: list[nn.Parameter], group=None) -> None:
+        """``B`` summed; ``A`` averaged over every process's samples (weighted by their numbers)."""
+        from curvhook import distributed
+
+        named = [p for p in params if hasattr(p, self.attribute)]
+        weights = [torch.tensor([float(self._counts.get(id(p), 0))], dtype=p.kfac[0].dtype, device=p.device) for p in named]
+        a_weighted = [p.kfac[0] * w for p, w in zip(named, weights)]
+        b = [p.kfac[1] for p in named]
+        distributed.sum_in_place([*a_weighted, *b, *weights], group)
+        for p, a, b_sum, w in zip(named, a_weighted, b, weights):
+            self._counts[id(p)] = int(w.item())
+            setattr(p, self.attribute, (a / w.clamp_min(1), b_sum))
+
+    def rescale(self, params: list[nn.Parameter], factor: float) -> None:
+        for p in params:  # B carries the loss; A is an average of the inputs
+            if hasattr(p, self.attribute):
+                a, b = p.kfac
+                setattr(p, self.attribute, (a, b * factor))
+
     def _options(self) -> list[str]:
         options = [] if self.mc_samples is None else [f"mc_samples={self.mc_samples}"]
         if self.approx != "expand":

@@ -96,6 +96,7 @@ class LowRankGGN(Extension):
 
     attribute = "ggn_eigvecs"
     accumulates = False
+    distributes = False
     source_type = NoWalk
 
     def __init__(
@@ -209,6 +210,10 @@ class LowRankGGN(Extension):
     def reset(self, params: list[nn.Parameter]) -> None:
         super().reset(params)
         self.eigenvalues = self.eigenvectors = None
+
+    def rescale(self, params: list[nn.Parameter], factor: float) -> None:
+        if self.eigenvalues is not None:
+            self.eigenvalues.mul_(factor)  # the eigenvectors stay
 
     def write(self, results: tuple, params: list[nn.Parameter], accumulate: bool) -> None:
         if accumulate and self.eigenvalues is not None:

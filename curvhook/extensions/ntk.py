@@ -84,7 +84,9 @@ class NTK(Extension):
     """
 
     attribute = "ntk"
+    loss_power = 0
     accumulates = False
+    distributes = False
     source_type = JacobianColumns
 
     def __init__(self, per_parameter: bool = False) -> None:

@@ -55,6 +55,7 @@ class OutputCovariance(Extension):
     """
 
     attribute = "output_covariance"
+    loss_power = 0
     source_type = JacobianColumns
 
     def __init__(self, cov: Covariance) -> None:
@@ -134,6 +135,12 @@ class OutputCovariance(Extension):
         dtype = params[0].dtype if params else results.dtype
         value = results.to(dtype)
         self.covariance = torch.cat([self.covariance, value]) if accumulate and self.covariance is not None else value
+
+    def reduce_across_processes(self, params: list[nn.Parameter], group=None) -> None:
+        from curvhook import distributed
+
+        if self.covariance is not None:
+            (self.covariance,) = distributed.concatenate([self.covariance], group)
 
     def result_bytes(self, params: list[nn.Parameter]) -> int:
         return 0 if self.covariance is None else self.covariance.untyped_storage().nbytes()

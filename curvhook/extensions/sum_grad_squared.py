@@ -20,4 +20,5 @@ class SumGradSquared(SquaredColumnSum):
     """
 
     attribute = "sum_grad_squared"
+    loss_power = 2
     source_type = LossGradient
