@@ -150,7 +150,7 @@ class ModuleRecorder:
         """
         if replaying():
             return
-        _refuse_empty_batch(args[0] if args else next(iter(flat_tensors(tuple(kwargs.values()))), None), "input")
+        _refuse_empty_batch(next(_input_tensors((args, kwargs)), None), "input")
         self.keep_hook_order()  # for the next forward passes: this one's hooks are already under way
         self.on_forward_start()
         self.restore_tape()
@@ -162,7 +162,8 @@ class ModuleRecorder:
             trace.input_keys = {key_of(args[0])}
             first = args[0]
         else:
-            given = list(flat_tensors((args, tuple(kwargs.values()))))
+            # tensors anywhere in the arguments: model({"x": X}), model(**batch), model((x1, x2))
+            given = list(_input_tensors((args, kwargs)))
             trace.input_keys = {key_of(t) for t in given}
             first = given[0] if given else None
         trace.functorch_level = check_forward_start(first)  # autocast, torch.compile, transforms, meta
@@ -283,6 +284,22 @@ OutputChoice = Union[str, int, Callable[[Any], Tensor], None]
 def in_active_block(module: nn.Module) -> bool:
     """Whether ``module`` carries the hooks of an active ``extend`` block."""
     return any(isinstance(getattr(h, "__self__", None), ModuleRecorder) for h in forward_pre_hooks(module))
+
+
+def _input_tensors(obj: Any):
+    """The tensors in a model call's arguments: nested tuples, lists and mappings (dicts, ``UserDict``)."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            yield from _input_tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _input_tensors(value)
+    else:
+        data = getattr(obj, "data", None)  # collections.UserDict and UserList keep theirs here
+        if isinstance(data, (Mapping, list)):
+            yield from _input_tensors(data)
 
 
 def _refuse_empty_batch(x: Any, what: str) -> None:

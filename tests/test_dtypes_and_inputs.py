@@ -8,7 +8,7 @@ from torch import nn
 from curvhook import extend
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
 from helpers import ATTRS, DT, check_against_reference, data, mlp, run_curvhook
-from reference import compare, reference
+from reference import collect, compare, reference
 
 
 @pytest.mark.parametrize("x_requires_grad", [False, True])
@@ -57,3 +57,30 @@ def test_default_dtype_float64_without_explicit_casts():
     model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))
     X, y = torch.randn(3, 3), torch.randint(0, 2, (3,))
     check_against_reference(model, X, lambda out: nn.CrossEntropyLoss()(out, y))
+
+
+class _DictInput(nn.Module):
+    """A model whose one positional argument is a mapping (laplace-torch's dict data, Hugging Face batches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, data):
+        return self.net(data["x"])
+
+
+@pytest.mark.parametrize("wrap", [dict, __import__("collections").UserDict, lambda d: (d["x"],)],
+                         ids=["dict", "UserDict", "tuple"])
+def test_inputs_inside_a_mapping_or_a_tuple(wrap):
+    """The batch tensor is found inside a dict, a ``UserDict`` or a tuple passed as the one argument:
+    the results are those of the inner network called on the tensor (checked against torch.func)."""
+    torch.manual_seed(0)
+    model = _DictInput()
+    if wrap not in (dict, __import__("collections").UserDict):
+        model.forward = lambda data: model.net(data[0])  # a tuple argument
+    X, y = data(4)
+    _, ref = check_against_reference(model.net, X, lambda out: nn.CrossEntropyLoss()(out, y))
+    with extend(model, DiagGGN(), BatchJacobian()):
+        nn.CrossEntropyLoss()(model(wrap({"x": X})), y).backward()
+    compare(collect(model.net, 4, ("DiagGGN", "BatchJacobian")), ref)
