@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvhook.errors import UnsupportedModelError
 from curvhook.plan import Plan
-from curvhook.records import CONST, Operation, TensorKey, key_of
+from curvhook.records import CONST, Operation, TensorKey
 from curvhook.rules import fallback, tensor_ops
 from curvhook.trace import Trace
 
@@ -103,7 +103,9 @@ def replay_jvp(call: Operation, tangents: list[Optional[Tensor]], param_tangents
             outs = tensor_ops._outputs(call.invoke(inputs))
             return tuple(o for o, g in zip(outs, outputs_grad) if g)
 
-    primals = tuple(fixed[s] for s in slots) + tuple(params[n] for n in names) if call.module is not None else tuple(fixed[s] for s in slots)
+    primals = tuple(fixed[s] for s in slots)
+    if call.module is not None:
+        primals += tuple(params[n] for n in names)
     columns = tuple(tangents[s] for s in slots) + tuple(param_tangents[n] for n in names)
     outs = _guarded(call, lambda: _columns_jvp(run, primals, columns))
     if call.module is not None:

@@ -47,9 +47,6 @@ class _GramOfColumns(Extension):
 
     attribute = "_curvhook_gram"
 
-    def __init__(self, loss: Optional[nn.Module]) -> None:
-        super().__init__(loss)
-
     @property
     def source(self):
         return LossHessianSqrt(self.loss)
