@@ -86,17 +86,6 @@ class CurvhookInterface(CurvatureInterface):
         dict_key_y: Key of the targets in dict inputs.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: str,
-        last_layer: bool = False,
-        subnetwork_indices: Optional[torch.LongTensor] = None,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-    ) -> None:
-        super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
-
     # ------------------------------------------------------------ running curvhook
 
     def _module_and_input(self, x: Inputs) -> tuple[nn.Module, Inputs]:
