@@ -20,13 +20,13 @@ exception.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from curvhook import _memory
-from curvhook._torch_internals import remove_global_forward_hook
+from curvhook._torch_internals import own_buffers, own_parameters, remove_global_forward_hook
 from curvhook.backward_driver import BackwardDriver
 from curvhook.block_state import BlockState, ModuleInfo
 from curvhook.distributed import resolve_mode
@@ -99,13 +99,12 @@ class Extend:
     def __enter__(self) -> "Extend":
         if self._active:
             raise RuntimeError("This extend() block is already active.")
-        modules = _module_infos(self.model)  # refuses a module already in an active block
-        refuse_meta(self.model)
+        modules, all_params, meta = _survey(self.model)  # refuses a module already in an active block
+        refuse_meta(meta)
         if self._parts_used:  # the same Extend entered again
             self._make_parts()
         self._parts_used = True
         state = self._state
-        all_params = list(self.model.parameters())
         state.params = [p for p in all_params if p.requires_grad]
         state.param_ids = {id(p) for p in state.params}
         state.modules = modules
@@ -114,8 +113,8 @@ class Extend:
             _memory.adopt(ext.results_on(all_params))  # their memory, if nobody else holds it
             ext.reset(all_params)
         try:
-            self._eager.run_eagerly()
-            self._handles.extend(self._recorder.register(self.model))
+            self._eager.run_eagerly(modules if self._eager.model is self.model else None)
+            self._handles.extend(self._recorder.register(self.model, modules))
             self._global_handle = register_module_forward_hook(
                 self._finder.after_any_module, with_kwargs=True, always_call=True
             )
@@ -164,9 +163,23 @@ class Extend:
         self._active = False
 
 
-def _module_infos(model: nn.Module) -> dict[nn.Module, ModuleInfo]:
-    """What the module recorder needs of every module; refuses one already in an active block."""
-    infos = {}
+def _survey(
+    model: nn.Module,
+) -> tuple[dict[nn.Module, ModuleInfo], list[nn.Parameter], Optional[tuple[str, str]]]:
+    """One walk over the modules of ``model`` at block entry.
+
+    Returns:
+        What the module recorder needs of every module (in ``model.modules()``
+        order); the parameters in ``model.parameters()`` order (each once); and
+        ``(kind, name)`` of the first parameter, else buffer, on the meta device.
+
+    Raises:
+        CurvhookError: for a module already inside an active block.
+    """
+    infos: dict[nn.Module, ModuleInfo] = {}
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    meta_param = meta_buffer = None
     for name, m in model.named_modules():
         if in_active_block(m):
             raise CurvhookError(
@@ -177,7 +190,18 @@ def _module_infos(model: nn.Module) -> dict[nn.Module, ModuleInfo]:
         has_children = next(m.children(), None) is not None
         torch_leaf = not has_children and type(m).__module__.startswith("torch.nn.")
         infos[m] = ModuleInfo(name or type(m).__name__, has_children, torch_leaf)
-    return infos
+        for pname, p in own_parameters(m).items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+                if meta_param is None and p.is_meta:
+                    meta_param = ("Parameter", f"{name}.{pname}" if name else pname)
+        if meta_param is None and meta_buffer is None:
+            for bname, b in own_buffers(m).items():
+                if b is not None and b.is_meta:
+                    meta_buffer = ("Buffer", f"{name}.{bname}" if name else bname)
+                    break
+    return infos, params, meta_param or meta_buffer
 
 
 def extend(

@@ -25,7 +25,7 @@ are run eagerly inside the block instead (:class:`EagerWhileExtended`).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -40,21 +40,25 @@ from curvhook.errors import UnsupportedModelError
 # ------------------------------------------------------------------- the block
 
 
-def refuse_meta(model: nn.Module) -> None:
+def refuse_meta(found: Optional[tuple[str, str]]) -> None:
     """Refuse a model with a parameter or buffer on the meta device (at ``extend`` entry).
 
+    Args:
+        found: ``(kind, qualified name)`` of the first such tensor (parameters
+            before buffers), as ``extend``'s walk over the modules found it, or ``None``.
+
     Raises:
-        UnsupportedModelError: naming the first such tensor.
+        UnsupportedModelError: naming it.
     """
-    for kind, named in (("Parameter", model.named_parameters()), ("Buffer", model.named_buffers())):
-        for name, t in named:
-            if t is not None and t.is_meta:
-                raise UnsupportedModelError(
-                    f"{kind} {name!r} of the model is on the meta device: it has a shape but no "
-                    "values, so its curvature has none either. Move the model to a real device "
-                    "before extend(): model.to_empty(device='cpu') (or 'cuda') and initialize its "
-                    "parameters (reset_parameters(), or load_state_dict(...))."
-                )
+    if found is None:
+        return
+    kind, name = found
+    raise UnsupportedModelError(
+        f"{kind} {name!r} of the model is on the meta device: it has a shape but no "
+        "values, so its curvature has none either. Move the model to a real device "
+        "before extend(): model.to_empty(device='cpu') (or 'cuda') and initialize its "
+        "parameters (reset_parameters(), or load_state_dict(...))."
+    )
 
 
 class EagerWhileExtended:
@@ -82,9 +86,14 @@ class EagerWhileExtended:
             model, inner = inner, compiled_original(inner)
         return model
 
-    def run_eagerly(self) -> None:
-        """Replace the compiled code of the model and its modules by their own ``forward``."""
-        for module in self.model.modules():  # a wrapper's modules include the module it wraps
+    def run_eagerly(self, modules: Optional[Iterable[nn.Module]] = None) -> None:
+        """Replace the compiled code of the model and its modules by their own ``forward``.
+
+        Args:
+            modules: The modules of the model passed to ``extend`` (a wrapper's
+                include the module it wraps), if already listed.
+        """
+        for module in self.model.modules() if modules is None else modules:
             attribute, value = compiled_forward(module)
             if attribute:
                 self._saved.append((module, attribute, value))

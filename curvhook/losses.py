@@ -252,13 +252,14 @@ class CrossEntropyRule(LossRule):
     def sqrt_hessian(self, call: LossCall) -> Tensor:
         p, _, alpha = self._coefficients(call)
         n, c = p.shape[:2]
-        p3 = rearrange(p, "n c ... -> n (...) c")  # [N, D, C]
+        # rearrange "n c ... -> n (...) c" (for [N, C] a view: einops' pattern costs more than the op)
+        p3 = p.unsqueeze(1) if p.dim() == 2 else rearrange(p, "n c ... -> n (...) c")  # [N, D, C]
         if isinstance(alpha, Tensor):
             alpha = rearrange(alpha, "n 1 ... -> n (...) 1")  # [N, D, 1]
         core = _softmax_factor(p3) * (alpha * p3).sqrt().unsqueeze(-1)  # [N, D, C, C-1]
         positions = p3.shape[1]
         if positions == 1:
-            s = rearrange(core, "n 1 c k -> k n c")
+            s = core[:, 0].permute(2, 0, 1)  # "n 1 c k -> k n c"
         else:  # one block of C - 1 columns per position: V = (C - 1) · D
             eye_d = torch.eye(positions, dtype=p.dtype, device=p.device)
             s = torch.einsum("ndck,ed->kencd", core, eye_d).reshape(-1, n, c, positions)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import wraps
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -82,8 +82,9 @@ class ModuleRecorder:
         # (module, hook id, a pre-hook, kept last): where keep_hook_order keeps curvhook's hooks
         self.places: list[tuple[nn.Module, int, bool, bool]] = []
 
-    def register(self, model: nn.Module) -> list[Any]:
-        """Register the hooks on ``model`` and its modules; return their handles.
+    def register(self, model: nn.Module, modules: Optional[Iterable[nn.Module]] = None) -> list[Any]:
+        """Register the hooks on ``model`` and its modules (``model.modules()``
+        unless listed already); return their handles.
 
         The user's own forward hooks may change what a module receives or returns
         (``lambda m, args, out: 2 * out``). Each module's pre-hook runs after the
@@ -97,7 +98,7 @@ class ModuleRecorder:
         model_pre = model.register_forward_pre_hook(self.on_model_pre, prepend=True, with_kwargs=True)
         handles = [model_pre]
         self.places = []
-        for module in model.modules():
+        for module in model.modules() if modules is None else modules:
             if not _is_empty_container(module):
                 pre = module.register_forward_pre_hook(self.on_module_pre, with_kwargs=True)
                 post = module.register_forward_hook(

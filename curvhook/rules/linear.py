@@ -34,7 +34,13 @@ class LinearRule(LayerRule):
 
     def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         w = call.module.weight.detach()
-        return torch.matmul(mat, w, out=_memory.recyclable((*mat.shape[:-1], w.shape[1]), mat))
+        out = _memory.recyclable((*mat.shape[:-1], w.shape[1]), mat)
+        # One GEMM on the rows. A strided mat (the loss factor [C-1, N, C] is a view of
+        # [N, C, C-1]) is copied first: torch.matmul would run a batched GEMM against the
+        # weight broadcast over V, 3-4x slower than the copy and one GEMM together.
+        rows = mat.reshape(-1, mat.shape[-1])
+        prod = torch.mm(rows, w, out=None if out is None else out.view(-1, w.shape[1]))
+        return prod.view(*mat.shape[:-1], w.shape[1])
 
     def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         x, m = _positions(call, mat)
