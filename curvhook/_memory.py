@@ -24,17 +24,20 @@ step (the first-layer weight diagonal of the benchmark MLP, 800 KB, took longer
 to fault in than its GEMM).
 
 Holding a buffer keeps its memory allocated after the rule that asked for it is
-done with it, so what is held is bounded by the size of the results, measured
-when each backward pass ends: a pass keeps for the next pass the free buffers
-it used up to a budget of half the results or 32 MiB, whichever is larger
-(largest first), and holds new buffers up to the results plus that budget. A
-buffer still in use that this pass did not hand out (a result the user kept)
-is forgotten: the user owns it. With BatchJacobian and FullGGN, whose results
-dominate memory, temporaries the size of activations times the columns are
-then recycled too; with the diagonal extensions, whose results are small, the
-results are recycled, and so are temporaries up to 32 MiB in all (those of
-small models; a large model's do not fit). The first pass of a block recycles
-nothing; the block's exit drops everything.
+done with it, as the CUDA caching allocator keeps what a step used: a pass
+keeps for the next pass every free buffer it used (largest first, up to an
+eighth of the machine's memory), so what is held between passes is at most
+what the pass itself worked with (the large buffers it asked for, once each).
+A pass may pool new buffers up to its results plus what the last pass worked
+with (at first half the results, at least 32 MiB).
+A buffer still in use that this pass did not hand out (a result the user
+kept) is forgotten: the user owns it. Without the holding, a temporary above
+glibc's mmap threshold (32 MiB) faults its pages in on every step: on a 2-core
+VM without transparent huge pages about 1.5 ms per MB, so the ReLU pull-back of
+ten columns of 3c3d's first layer (256 MB) took 41 ms reused and 410 ms fresh.
+The first pass of a block recycles nothing; the block's exit parks the free
+buffers for the model's next block (:func:`park`), and
+:func:`release_memory` frees them.
 """
 
 from __future__ import annotations
@@ -112,9 +115,12 @@ def empty(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = Non
                 entry[1] = _recycling.generation
                 return buf.view(shape)
     out = _fresh((numel,), dtype, like.device)
-    if pool is not None and _recycling.new_bytes + out.nbytes <= _recycling.cap:
-        pool.append([out, _recycling.generation])
-        _recycling.new_bytes += out.nbytes
+    if pool is not None:
+        if _recycling.new_bytes + out.nbytes <= _recycling.cap:
+            pool.append([out, _recycling.generation])
+            _recycling.new_bytes += out.nbytes
+        else:  # beyond what this pass may pool: counted, so that the next pass may
+            _recycling.unpooled += out.nbytes
     return out.view(shape)
 
 
@@ -152,16 +158,27 @@ def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 # storage use count (a private function: _torch_internals.storage_use_count),
 # or where it does not count views, nothing is recycled.
 _recycling = threading.local()
-_HELD_FRACTION = 0.5  # free buffers kept between passes, relative to the results ...
-_HELD_MIN_BYTES = 32 << 20  # ... or up to this much where the results are smaller
+_HELD_FRACTION = 0.5  # new buffers a pass may pool beyond its results, at least: half the results ...
+_HELD_MIN_BYTES = 32 << 20  # ... or this much where the results are smaller
+
+
+def _physical_memory_bytes() -> int:
+    """The machine's memory (Linux, macOS), else 16 GiB."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - Windows
+        return 16 << 30
+
+
+# Free buffers a pass keeps for the next, at most (beyond held_budget): an eighth of the memory.
+_HELD_MAX_BYTES = _physical_memory_bytes() // 8
 
 
 def held_budget(result_bytes: int) -> float:
-    """Bytes of free buffers a pass may keep for the next: half the results, at least 32 MiB.
+    """The least a pass may pool beyond its results: half the results, at least 32 MiB.
 
-    The floor lets small models recycle their temporaries too (the backpropagated
-    matrices of DiagGGN on an MLP are larger than its results and would otherwise
-    fault their pages in on every step).
+    The first pass of a block knows only this (it has made no temporaries yet);
+    :func:`drop_unused` then raises it to what the pass worked with.
     """
     return max(_HELD_FRACTION * result_bytes, _HELD_MIN_BYTES)
 
@@ -188,7 +205,7 @@ def _recycled() -> Optional[list[list]]:
     pool = getattr(_recycling, "pool", None)
     if pool is None:
         pool = _recycling.pool = []
-        _recycling.generation = _recycling.new_bytes = _recycling.cap = 0
+        _recycling.generation = _recycling.new_bytes = _recycling.cap = _recycling.unpooled = 0
     return pool
 
 
@@ -203,26 +220,31 @@ def _unused(buf: Tensor) -> bool:
 
 def drop_unused(result_bytes: int) -> None:
     """End of a backward pass: of the buffers this pass handed out, keep those in use
-    and the free ones that fit in the budget (largest first); forget all others.
+    and the free ones for the next pass; forget all others.
+
+    The next pass may pool new buffers up to the results plus what this pass
+    worked with (its free buffers, and the new ones it could not pool), at least
+    :func:`held_budget`: from the third pass of a block on, every large
+    temporary comes from the pool.
 
     Args:
-        result_bytes: The memory of the results the pass wrote; bounds what the
-            next pass holds.
+        result_bytes: The memory of the results the pass wrote.
     """
     pool = _recycled()
     if pool is None:
         return
-    budget = held_budget(result_bytes)
-    _recycling.cap = result_bytes + budget
-    _recycling.new_bytes = 0
-    in_use, used_now = [], []  # free buffers this pass used: candidates to keep
+    in_use, used_now = [], []  # free buffers this pass used: kept for the next
     for entry in pool:
         if entry[1] != _recycling.generation:
             continue  # not handed out by this pass: free, or a result the user kept
         (used_now if _unused(entry[0]) else in_use).append(entry)
+    worked = sum(entry[0].nbytes for entry in used_now) + _recycling.unpooled
+    budget = max(held_budget(result_bytes), min(worked, _HELD_MAX_BYTES))
+    _recycling.cap = result_bytes + budget
+    _recycling.new_bytes = _recycling.unpooled = 0
     kept = []
     for entry in sorted(used_now, key=lambda e: e[0].nbytes, reverse=True):
-        if entry[0].nbytes <= budget:
+        if entry[0].nbytes <= budget:  # all of them, unless beyond an eighth of the memory
             kept.append(entry)
             budget -= entry[0].nbytes
     pool[:] = in_use + kept

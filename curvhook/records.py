@@ -51,6 +51,7 @@ class Scratch:
     pool_coefficients: Optional[Tensor] = None  # pooling: squared averaging weights
     conv_geometry: Optional[Any] = None  # conv: sizes of the unfolded input
     conv_patches: Optional[Tensor] = None  # conv: the unfolded input
+    conv_rows: Optional[Tensor] = None  # conv: the unfolded input, a patch per row
     upsampling_matrices: Optional[Any] = None  # upsampling: interpolation matrices per axis
     linear_m_sq: Optional[tuple] = None  # linear: squared columns summed over V
     linear_m_norms: Optional[tuple] = None  # linear: ‖m_vn‖² of one backpropagated matrix

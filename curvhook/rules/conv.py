@@ -201,8 +201,10 @@ class ConvRule(LayerRule):
         if call.scratch.conv_patches is not None:
             patches = call.scratch.conv_patches[:, 0].transpose(1, 2)
         else:  # copied straight into rows: no [N, C_in·K, L] buffer to transpose
-            x, padding, _ = _geometry(call)
-            patches = unfold(x, call.module, padding, positions_first=True)
+            if call.scratch.conv_rows is None:  # once for the weight and the bias (and every source)
+                x, padding, _ = _geometry(call)
+                call.scratch.conv_rows = unfold(x, call.module, padding, positions_first=True)
+            patches = call.scratch.conv_rows
         return patches, mat.flatten(3).transpose(2, 3)  # [N, L, C_in·K] (a patch per output position), [V, N, L, C_out]
 
     def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
