@@ -34,7 +34,7 @@ A buffer still in use that this pass did not hand out (a result the user
 kept) is forgotten: the user owns it. Without the holding, a temporary above
 glibc's mmap threshold (32 MiB) faults its pages in on every step: on a 2-core
 VM without transparent huge pages about 1.5 ms per MB, so the ReLU pull-back of
-ten columns of 3c3d's first layer (256 MB) took 41 ms reused and 410 ms fresh.
+ten columns of 3c3d's first layer (256 MB) took 25 ms reused and 41–410 ms fresh.
 The first pass of a block recycles nothing; the block's exit parks the free
 buffers for the model's next block (:func:`park`), and
 :func:`release_memory` frees them.

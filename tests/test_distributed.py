@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import traceback
 
 import pytest
 import torch
@@ -67,32 +68,51 @@ def single_process(mode: str):
 
 
 def worker(rank: int, init: str, mode: str, accumulate: bool, queue) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    """One process: its half of the batch, its results put on ``queue``.
+
+    It leaves with ``os._exit`` once the results are sent, without Python's teardown:
+    before torch 2.8 the gloo process group's destructor joins its threads while
+    holding the GIL, which a thread still freeing a collective's tensor needs
+    (a deadlock: pytorch/pytorch#56297, fixed by #154976; it hung CI on torch 2.6).
+    """
+    code = 1
     try:
-        model, X, y = setup(mode)
-        sizes = SIZES[mode]
-        start = sum(sizes[:rank])
-        Xr, yr = X[start : start + sizes[rank]], y[start : start + sizes[rank]]
-        exts, cov = make_extensions(model)
-        if mode == "mean":  # DDP: distributed="mean" by default; the loss is each process's mean
-            net = nn.parallel.DistributedDataParallel(model)
-            crit, kwargs = nn.CrossEntropyLoss(), {}
-        else:
-            net, crit, kwargs = model, nn.CrossEntropyLoss(reduction="sum"), {"distributed": "sum"}
-        if accumulate:  # one sample at a time, combined once when the block ends
-            with extend(net, *exts, accumulate=True, **kwargs):
-                for i in range(len(Xr)):
-                    scale = 1.0 / len(Xr) if mode == "mean" else 1.0
-                    (scale * crit(net(Xr[i : i + 1]), yr[i : i + 1])).backward()
-        else:
-            with extend(net, *exts, **kwargs):
-                crit(net(Xr), yr).backward()
-        grads = [p.grad.clone().numpy() for p in model.parameters()]
-        with extend(net, cov, **kwargs):
-            net(Xr).sum().backward()
-        queue.put((rank, {k: v.numpy() for k, v in collect(model, exts, cov).items()}, grads))
+        _work(rank, init, mode, accumulate, queue)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
     finally:
-        dist.destroy_process_group()
+        queue.close()
+        queue.join_thread()  # the results are in the pipe
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _work(rank: int, init: str, mode: str, accumulate: bool, queue) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    model, X, y = setup(mode)
+    sizes = SIZES[mode]
+    start = sum(sizes[:rank])
+    Xr, yr = X[start : start + sizes[rank]], y[start : start + sizes[rank]]
+    exts, cov = make_extensions(model)
+    if mode == "mean":  # DDP: distributed="mean" by default; the loss is each process's mean
+        net = nn.parallel.DistributedDataParallel(model)
+        crit, kwargs = nn.CrossEntropyLoss(), {}
+    else:
+        net, crit, kwargs = model, nn.CrossEntropyLoss(reduction="sum"), {"distributed": "sum"}
+    if accumulate:  # one sample at a time, combined once when the block ends
+        with extend(net, *exts, accumulate=True, **kwargs):
+            for i in range(len(Xr)):
+                scale = 1.0 / len(Xr) if mode == "mean" else 1.0
+                (scale * crit(net(Xr[i : i + 1]), yr[i : i + 1])).backward()
+    else:
+        with extend(net, *exts, **kwargs):
+            crit(net(Xr), yr).backward()
+    grads = [p.grad.clone().numpy() for p in model.parameters()]
+    with extend(net, cov, **kwargs):
+        net(Xr).sum().backward()
+    queue.put((rank, {k: v.numpy() for k, v in collect(model, exts, cov).items()}, grads))
 
 
 def run_two(mode: str, accumulate: bool):
