@@ -171,11 +171,11 @@ class Reference:
 
     out: Tensor  # [N, *out]
     J: Tensor  # [N*C, P]
-    H: Tensor  # [N*C, N*C], the per-sample blocks H_n only
-    G: Tensor  # [P, P]
+    H: Optional[Tensor]  # [N*C, N*C], the per-sample blocks H_n only (None: no loss)
     approx: Optional[Tensor]  # [P]
     names: list[str] = field(default_factory=list)
     H_full: Optional[Tensor] = None  # [N*C, N*C] including cross-sample blocks
+    _G: Optional[Tensor] = field(default=None, repr=False)
 
     @property
     def batch_jacobian(self) -> Tensor:
@@ -183,8 +183,18 @@ class Reference:
         return self.J.reshape(n, -1, self.J.shape[1])
 
     @property
+    def G(self) -> Optional[Tensor]:
+        """``Jᵀ H J``, ``[P, P]``, formed when first read (9 GB at P = 33,000)."""
+        if self._G is None and self.H is not None:
+            self._G = self.J.T @ self.H @ self.J
+        return self._G
+
+    @property
     def diag_ggn(self) -> Tensor:
-        return self.G.diagonal()
+        """``diag(Jᵀ H J)`` as ``Σ_i J_ip (H J)_ip``, without ``G`` unless it was formed."""
+        if self._G is not None:
+            return self._G.diagonal()
+        return ((self.H @ self.J) * self.J).sum(0)
 
 
 def reference(
@@ -243,14 +253,13 @@ def reference(
     jac = jacrev(lambda v: forward(v, X))(values)
     J = torch.cat([jac[k].reshape(n * c, -1) for k in names], 1) if names else out.new_zeros(n * c, 0)
     if loss_fn is None:
-        return Reference(out=out, J=J, H=None, G=None, approx=None, names=names)
+        return Reference(out=out, J=J, H=None, approx=None, names=names)
     H_full = hessian(loss_fn)(out).reshape(n * c, n * c)
     # The contract: G = Σ_n J_nᵀ H_n J_n uses the per-sample blocks H_n only.
     same_sample = torch.block_diag(*[torch.ones(c, c, dtype=torch.bool)] * n)
     H = torch.where(same_sample, H_full, torch.zeros_like(H_full))
-    G = J.T @ H @ J
     a = diag_ggn_approx(ops, ids, values, X, H, dtype, cast) if approx else None
-    return Reference(out=out, J=J, H=H, G=G, approx=a, names=names, H_full=H_full)
+    return Reference(out=out, J=J, H=H, approx=a, names=names, H_full=H_full)
 
 
 def diag_ggn_approx(ops, ids, values, X, H, dtype, cast) -> Tensor:
