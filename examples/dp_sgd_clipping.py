@@ -20,23 +20,18 @@ guarantee also needs Poisson sampling of batches and an accountant.)
 Run: ``python examples/dp_sgd_clipping.py`` (``CURVHOOK_EXAMPLES_QUICK=1``: fewer epochs).
 """
 
-import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvhook import extend
 from curvhook.extensions import BatchGrad, BatchL2Grad
 
-QUICK = os.environ.get("CURVHOOK_EXAMPLES_QUICK") == "1"
-IMAGES = Path(os.environ.get("CURVHOOK_EXAMPLES_IMAGES", Path(__file__).resolve().parent / "images"))
+from _common import QUICK, IMAGES, accuracy, save_figure, setup_torch, shuffled_digits
+
 EPOCHS = 3 if QUICK else 25
 BATCH = 64
 LR = 0.5
@@ -45,11 +40,7 @@ CLIP = 1.0  # C, the largest norm one sample's gradient may have
 
 def make_data() -> tuple[torch.Tensor, ...]:
     """scikit-learn's digits split 70/30, pixels scaled to [0, 1]."""
-    digits = load_digits()
-    X = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    X, y = X[order], y[order]
+    X, y = shuffled_digits()
     split = int(0.7 * len(X))
     return X[:split], y[:split], X[split:], y[split:]
 
@@ -58,12 +49,6 @@ def make_model() -> nn.Module:
     """A small MLP, the same initial weights for every run."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of correctly classified samples."""
-    return (model(X).argmax(1) == y).float().mean().item()
 
 
 def per_sample_norms(model: nn.Module) -> torch.Tensor:
@@ -155,15 +140,11 @@ def plot(histories: dict[str, list[float]], norms: dict[str, torch.Tensor], path
     axes[1].set_ylabel("samples")
     axes[1].legend(fontsize=8)
     axes[1].set_title("per-sample gradient norms")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    torch.set_num_threads(min(2, torch.get_num_threads()))  # small models: more threads only add overhead
-    torch.set_flush_denormal(True)  # tiny gradients of fitted samples are slow subnormal floats on CPUs
+    setup_torch()
     X, y, X_test, y_test = make_data()
     runs = {"plain SGD": None, "clipped (σ = 0)": 0.0, "clipped + noise (σ = 1)": 1.0, "clipped + noise (σ = 4)": 4.0}
     histories, last_norms = {}, {}

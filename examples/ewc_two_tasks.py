@@ -19,23 +19,18 @@ A while the network trains on B, with and without the penalty.
 Run: ``python examples/ewc_two_tasks.py`` (``CURVHOOK_EXAMPLES_QUICK=1``: fewer epochs).
 """
 
-import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvhook
 from curvhook.extensions import DiagGGN
 
-QUICK = os.environ.get("CURVHOOK_EXAMPLES_QUICK") == "1"
-IMAGES = Path(os.environ.get("CURVHOOK_EXAMPLES_IMAGES", Path(__file__).resolve().parent / "images"))
+from _common import QUICK, IMAGES, accuracy, save_figure, setup_torch, shuffled_digits
+
 EPOCHS_A = 10 if QUICK else 30
 EPOCHS_B = 4 if QUICK else 30
 EWC_STRENGTH = 100.0
@@ -47,11 +42,7 @@ def make_tasks() -> dict[str, tuple[torch.Tensor, ...]]:
     Returns:
         ``{"A": (X_train, y_train, X_test, y_test), "B": ...}``, pixels scaled to [0, 1].
     """
-    digits = load_digits()
-    X = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    X, y = X[order], y[order]
+    X, y = shuffled_digits()
     split = int(0.7 * len(X))
     permutation = torch.randperm(64, generator=torch.Generator().manual_seed(1))
     tasks = {}
@@ -63,12 +54,6 @@ def make_tasks() -> dict[str, tuple[torch.Tensor, ...]]:
 def make_model() -> nn.Module:
     """A two-hidden-layer MLP shared by both tasks (one 10-way head)."""
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of correctly classified samples."""
-    return (model(X).argmax(1) == y).float().mean().item()
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, penalty=None) -> None:
@@ -155,15 +140,11 @@ def plot(histories: dict[str, dict[str, list[float]]], path: Path) -> None:
     axes[0].set_ylabel("test accuracy")
     axes[0].set_ylim(0, 1.02)
     axes[0].legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    torch.set_num_threads(min(2, torch.get_num_threads()))  # small models: more threads only add overhead
-    torch.set_flush_denormal(True)  # subnormal floats (tiny gradients late in training) are slow on CPUs
+    setup_torch()
     torch.manual_seed(0)
     tasks = make_tasks()
     XA, yA, XA_test, yA_test = tasks["A"]

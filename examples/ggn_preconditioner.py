@@ -19,13 +19,9 @@ per class), and with too little damping it diverges.
 Run: ``python examples/ggn_preconditioner.py`` (``CURVHOOK_EXAMPLES_QUICK=1``: fewer steps).
 """
 
-import os
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 from sklearn.datasets import load_digits
@@ -34,8 +30,8 @@ from torch import nn
 from curvhook import extend
 from curvhook.extensions import DiagGGN
 
-QUICK = os.environ.get("CURVHOOK_EXAMPLES_QUICK") == "1"
-IMAGES = Path(os.environ.get("CURVHOOK_EXAMPLES_IMAGES", Path(__file__).resolve().parent / "images"))
+from _common import QUICK, IMAGES, save_figure, setup_torch
+
 STEPS = 60 if QUICK else 600
 BATCH = 128
 
@@ -152,15 +148,11 @@ def plot(results: dict[str, tuple[list[float], list[float]]], path: Path) -> Non
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     fig.suptitle("Digits MLP: a diagonal-GGN preconditioner against SGD and Adam")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    torch.set_num_threads(min(2, torch.get_num_threads()))  # small models: more threads only add overhead
-    torch.set_flush_denormal(True)  # near-zero losses make subnormal floats, slow on CPUs
+    setup_torch()
     X, y = make_data()
     results = {name: train(make_optimizer, X, y) for name, make_optimizer in OPTIMIZERS.items()}
     path = IMAGES / "ggn_preconditioner.png"

@@ -26,24 +26,19 @@ Run: ``python examples/laplace_calibration.py`` (needs laplace-torch;
 ``CURVHOOK_EXAMPLES_QUICK=1``: fewer epochs).
 """
 
-import os
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 from laplace import Laplace
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvhook.integrations.laplace import CurvhookGGN
 
-QUICK = os.environ.get("CURVHOOK_EXAMPLES_QUICK") == "1"
-IMAGES = Path(os.environ.get("CURVHOOK_EXAMPLES_IMAGES", Path(__file__).resolve().parent / "images"))
+from _common import QUICK, IMAGES, save_figure, setup_torch, shuffled_digits
+
 EPOCHS = 20 if QUICK else 150
 TRAIN_SAMPLES = 300  # a small training set: the MAP network fits it perfectly and is overconfident
 BINS = 10
@@ -52,11 +47,7 @@ SHIFT = 0.6  # standard deviation of the pixel noise of the shifted test set (pi
 
 def make_data() -> tuple[torch.Tensor, ...]:
     """``TRAIN_SAMPLES`` of scikit-learn's digits for training, the rest for testing."""
-    digits = load_digits()
-    X = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    X, y = X[order], y[order]
+    X, y = shuffled_digits()
     return X[:TRAIN_SAMPLES], y[:TRAIN_SAMPLES], X[TRAIN_SAMPLES:], y[TRAIN_SAMPLES:]
 
 
@@ -137,15 +128,11 @@ def plot(results: dict[str, dict[str, dict]], path: Path) -> None:
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy in the bin")
     axes[0, 0].legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    torch.set_num_threads(min(2, torch.get_num_threads()))  # small models: more threads only add overhead
-    torch.set_flush_denormal(True)  # subnormal floats (tiny gradients late in training) are slow on CPUs
+    setup_torch()
     X, y, X_test, y_test = make_data()
     loader = DataLoader(TensorDataset(X, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(1))
     model = train_map(loader)

@@ -20,23 +20,18 @@ at initialisation and after training, on a log scale.
 Run: ``python examples/ntk_spectrum.py`` (``CURVHOOK_EXAMPLES_QUICK=1``: fewer epochs).
 """
 
-import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvhook import extend
 from curvhook.extensions import NTK
 
-QUICK = os.environ.get("CURVHOOK_EXAMPLES_QUICK") == "1"
-IMAGES = Path(os.environ.get("CURVHOOK_EXAMPLES_IMAGES", Path(__file__).resolve().parent / "images"))
+from _common import QUICK, IMAGES, save_figure, setup_torch, shuffled_digits
+
 EPOCHS = 2 if QUICK else 40
 WIDTHS = [32, 512]
 PROBES = 100  # samples the kernel is evaluated on: K is [PROBES·10, PROBES·10]
@@ -44,11 +39,7 @@ PROBES = 100  # samples the kernel is evaluated on: K is [PROBES·10, PROBES·10
 
 def make_data() -> tuple[torch.Tensor, ...]:
     """scikit-learn's digits: a training set and ``PROBES`` held-out samples."""
-    digits = load_digits()
-    X = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    X, y = X[order], y[order]
+    X, y = shuffled_digits()
     return X[PROBES:], y[PROBES:], X[:PROBES]
 
 
@@ -105,15 +96,11 @@ def plot(spectra: dict[int, dict[str, torch.Tensor]], path: Path) -> None:
     ax.set_title(f"NTK spectrum on {PROBES} digits (K is {PROBES * 10} × {PROBES * 10})")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    torch.set_num_threads(min(2, torch.get_num_threads()))  # small models: more threads only add overhead
-    torch.set_flush_denormal(True)  # subnormal floats (tiny gradients late in training) are slow on CPUs
+    setup_torch()
     X, y, probes = make_data()
     spectra = {}
     print(f"{'width':>5} {'train acc':>9} {'λ_max init':>11} {'λ_max trained':>14} {'‖K_T − K_0‖/‖K_0‖':>19}")

@@ -21,23 +21,18 @@ the weights (iterative OBD, still no retraining) follows the pruned network.
 Run: ``python examples/obd_pruning.py`` (``CURVHOOK_EXAMPLES_QUICK=1``: fewer epochs).
 """
 
-import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvhook
 from curvhook.extensions import DiagGGN
 
-QUICK = os.environ.get("CURVHOOK_EXAMPLES_QUICK") == "1"
-IMAGES = Path(os.environ.get("CURVHOOK_EXAMPLES_IMAGES", Path(__file__).resolve().parent / "images"))
+from _common import QUICK, IMAGES, accuracy, save_figure, setup_torch, shuffled_digits
+
 EPOCHS = 10 if QUICK else 40
 SPARSITIES = [0.0, 0.5, 0.8, 0.9] if QUICK else [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98]
 STEP = 0.1 if QUICK else 0.02  # the fraction of the weights iterative OBD removes per round
@@ -45,11 +40,7 @@ STEP = 0.1 if QUICK else 0.02  # the fraction of the weights iterative OBD remov
 
 def make_data() -> tuple[torch.Tensor, ...]:
     """scikit-learn's digits split 70/30, pixels scaled to [0, 1]."""
-    digits = load_digits()
-    X = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    X, y = X[order], y[order]
+    X, y = shuffled_digits()
     split = int(0.7 * len(X))
     return X[:split], y[:split], X[split:], y[split:]
 
@@ -67,12 +58,6 @@ def train(X: torch.Tensor, y: torch.Tensor) -> nn.Module:
             criterion(model(xb), yb).backward()
             optimizer.step()
     return model
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of correctly classified samples."""
-    return (model(X).argmax(1) == y).float().mean().item()
 
 
 def saliencies(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
@@ -153,15 +138,11 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
     ax.set_title("Optimal Brain Damage (½ θ² diag G) against magnitude pruning")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    torch.set_num_threads(min(2, torch.get_num_threads()))  # small models: more threads only add overhead
-    torch.set_flush_denormal(True)  # tiny curvatures of pruned networks are slow subnormal floats on CPUs
+    setup_torch()
     X, y, X_test, y_test = make_data()
     model = train(X, y)
     scores = saliencies(model, X, y)
