@@ -60,6 +60,7 @@ __all__ = [
     "push_torch_function_mode",
     "queue_backward_callback",
     "remove_global_forward_hook",
+    "saved_node_values",
     "saved_pooling_indices",
     "saved_tensor_hooks_active",
     "set_compiled_forward",
@@ -342,6 +343,36 @@ def saved_pooling_indices(node: Any) -> Optional[Tensor]:
     except RuntimeError:  # freed by an earlier backward pass
         return None
     return saved if isinstance(saved, Tensor) else None
+
+
+def saved_node_values(node: Any, names: tuple[str, ...]) -> Optional[tuple[Any, ...]]:
+    """What an autograd node saved for its backward: its ``_saved_<name>`` for each name.
+
+    ``ReluBackward0`` keeps ``_saved_result``, ``GeluBackward0`` ``_saved_self``
+    and ``_saved_approximate``, ``MaxPool2DWithIndicesBackward0`` its arguments
+    and ``_saved_result1`` (the indices). Reading a saved tensor checks its
+    version as autograd does. Returns ``None`` where any name is missing, where
+    a backward pass without ``retain_graph`` freed the values, or where a saved
+    tensor was modified in place since (the caller then applies the node itself,
+    which raises autograd's own error for the last case).
+
+    Checked on torch 2.6–2.13 (the names of the nodes that
+    :mod:`curvhook.rules.node_kernels` lists). Missing (renamed): ``None``;
+    the node is then applied as it is (its result is not recycled).
+    """
+    values = []
+    try:
+        for name in names:
+            value = getattr(node, "_saved_" + name, _ABSENT)
+            if value is _ABSENT:
+                return None
+            values.append(value)
+    except RuntimeError:  # freed by an earlier backward pass, or modified in place
+        return None
+    return tuple(values)
+
+
+_ABSENT = object()
 
 
 # ------------------------------------------------------ activation checkpointing

@@ -279,6 +279,33 @@ def test_saved_pooling_indices_of_other_nodes():
     assert ti.saved_pooling_indices(None) is None
 
 
+def test_saved_node_values_are_what_the_node_saved():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = F.relu(x)
+    (result,) = ti.saved_node_values(y.grad_fn, ("result",))
+    assert torch.equal(result, y.detach())
+    saved = ti.saved_node_values(F.gelu(x, approximate="tanh").grad_fn, ("self", "approximate"))
+    assert torch.equal(saved[0], x.detach()) and saved[1] == "tanh"
+    pooled = F.max_pool2d(x, 3, 2, 1)
+    k, s, p, d, c, idx = ti.saved_node_values(
+        pooled.grad_fn, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "result1")
+    )
+    assert (tuple(k), tuple(s), tuple(p), tuple(d), c) == ((3, 3), (2, 2), (1, 1), (1, 1), False)
+    assert torch.equal(idx, F.max_pool2d(x.detach(), 3, 2, 1, return_indices=True)[1])
+
+
+def test_saved_node_values_missing_freed_or_overwritten_are_none():
+    x = torch.randn(4, requires_grad=True)
+    y = F.relu(x)
+    assert ti.saved_node_values(y.grad_fn, ("result", "no_such_value")) is None
+    y.sum().backward()  # frees what the node saved
+    assert ti.saved_node_values(y.grad_fn, ("result",)) is None
+    z = torch.tanh(x)
+    with torch.no_grad():
+        z.mul_(2)  # the saved output is modified in place
+    assert ti.saved_node_values(z.grad_fn, ("result",)) is None
+
+
 # ------------------------------------------------------------ tensors, memory
 
 

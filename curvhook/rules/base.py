@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from curvhook import _memory
 from curvhook.records import Operation
 from curvhook.rules import shared_weight
+from curvhook.rules import node_kernels
 from curvhook.errors import UnsupportedModelError
 from curvhook.losses import identity_factor
 
@@ -114,7 +115,14 @@ def is_single_node(call: Operation) -> bool:
 
 
 def apply_node(node: Any, value: Tensor) -> Tensor:
-    """``J_xᵀ value`` by the autograd node of a one-operation call (see :func:`is_single_node`)."""
+    """``J_xᵀ value`` by the autograd node of a one-operation call (see :func:`is_single_node`).
+
+    Common nodes (ReLU, GELU, max pooling, ...) write into a recycled buffer
+    (:mod:`curvhook.rules.node_kernels`); the values are the node's own.
+    """
+    into = node_kernels.apply_into(node, value)
+    if into is not None:
+        return into
     out = node(value)
     return out[0] if isinstance(out, tuple) else out
 

@@ -195,6 +195,7 @@ class _GroupNormalizationRule(LayerRule):
         ``e_i (1 + 2 (1 + x̂_i²) / G) + 2 (S_0 + x̂_i² S_2) / G²`` (as ``2 |x̂_i x̂_o| ≤ 1 + x̂_i² x̂_o²``),
         resp. ``e_i (1 + 2 x̂_i² / G) + x̂_i² S_2 / G²``. Where ``back ≤ mag / 16`` (a negative
         ``back`` included), the entry is summed term by term: a sum of non-negative terms.
+        Where ``mag = 0`` every term is zero, and so is ``back``.
 
         Args:
             back: The closed form, ``[N, T, G]`` (before the ``1/σ²`` factor); changed in place.
@@ -210,7 +211,10 @@ class _GroupNormalizationRule(LayerRule):
             mag.add_(torch.addcmul(s0, x_sq, s2), alpha=2 / size**2)
         else:
             mag = torch.mul(x_sq, 2 / size).add_(1).mul_(e).addcmul_(x_sq, s2, value=1 / size**2)
-        suspect = back <= mag.mul_(1 / 16)
+        # mag = 0: every term is 0 and so is back (a group that nothing reaches, such as the
+        # tokens after BERT's [CLS] in front of its pooler): nothing to recompute
+        mag.mul_(1 / 16)
+        suspect = (back <= mag).logical_and_(mag > 0)
         if not bool(suspect.any()):
             return
         n, t, i = suspect.nonzero(as_tuple=True)

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vjp, vmap
 
+from curvhook import _memory
 from curvhook._torch_internals import tensor_version
 from curvhook.errors import UnsupportedModelError
 from curvhook.operations import (
@@ -365,8 +366,20 @@ class TensorOpRule(LayerRule):
                 return direct
         x = call.inputs[slot].detach()
         if name in STRUCTURAL or name in MEANS:
-            mats = [d.unsqueeze(0) for d in _diag_list(call, value)]
-            pulled = self._pull_batched(call, mats, slot)[0].abs()
+            single = not isinstance(value, list) and len(call.inputs) == 1 and call.node is not None
+            chain = self._node_chain(call, slot) if single else None
+            if chain is not None:
+                # a chain of one-input autograd operations (a view, transpose, mean; reshape
+                # of a strided tensor: clone, then view): their backward applied to d is
+                # Jᵀ d, without torch.func's vjp and vmap around it (0.3 ms each). None at
+                # all: the call returned its input (``contiguous()`` of a contiguous tensor).
+                pulled = value
+                for node in chain:
+                    pulled = apply_node(node, pulled)
+                pulled = pulled.abs() if chain else pulled
+            else:
+                mats = [d.unsqueeze(0) for d in _diag_list(call, value)]
+                pulled = self._pull_batched(call, mats, slot)[0].abs()
             if name in MEANS:
                 pulled = pulled * (call.output_values[0].numel() / x.numel())
             return pulled
@@ -393,6 +406,26 @@ class TensorOpRule(LayerRule):
     def _pull_batched(self, call: Operation, mats: list[Tensor], slot: int) -> Tensor:
         _, pull = vjp(self._function(call, (slot,)), call.inputs[slot].detach())
         return vmap(lambda *m: pull(tuple(m))[0])(*mats)
+
+    @staticmethod
+    def _node_chain(call: Operation, slot: int, longest: int = 3) -> Optional[list]:
+        """The autograd nodes from the output back to input ``slot``, if each has that one input.
+
+        ``[]`` where the output's node is the input's (the call returned its input, same
+        shape); ``None`` where the path branches, is longer than ``longest``, or is unknown.
+        """
+        node, source = call.node, call.input_nodes[slot]
+        if source is None:
+            return None
+        if node is source:
+            return [] if call.output_values[0].shape == call.inputs[slot].shape else None
+        chain = []
+        while len(chain) < longest and len(node.next_functions) == 1:
+            chain.append(node)
+            node = node.next_functions[0][0]
+            if node is source:
+                return chain
+        return None
 
     @staticmethod
     def _own_node(call: Operation, slot: int) -> bool:
@@ -423,7 +456,8 @@ class TensorOpRule(LayerRule):
             return None
         node = call.node
         if self._own_node(call, slot):
-            return apply_node(node, torch.ones_like(call.output_values[0]))
+            ones = _memory.empty(call.output_values[0].shape, like=call.output_values[0]).fill_(1)
+            return apply_node(node, ones)
         if tensor_version(x) != call.input_versions[slot]:
             return None
         _, pull = vjp(self._function(call, (slot,)), x.detach())

@@ -209,3 +209,20 @@ def test_layer_one_sample(case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_layer_batch_noncontiguous_and_float32(case):
     check_layer_batch_noncontiguous_and_float32(CASES[case])
+
+
+def test_the_tanh_gelu_of_gpt2_takes_its_closed_form_slope_not_a_replay(monkeypatch):
+    """``NewGELUActivation`` computes ``F.gelu(x, approximate="tanh")`` in fifteen operations;
+    its slope comes from aten's closed-form derivative instead of a replay of the module
+    (which still serves the other multi-operation activations). Exact in float64."""
+    from curvhook.rules import elementwise
+
+    def no_replay(call):
+        raise AssertionError(f"replayed {call.name}")
+
+    monkeypatch.setattr(elementwise, "_replayed_slope", no_replay)
+    torch.manual_seed(5)
+    model = randomize_linear(nn.Sequential(nn.Linear(3, 4), NewGELUActivation(), nn.Flatten(), nn.Linear(8, CLASSES)))
+    X = torch.randn(3, 2, 3, dtype=DT)
+    X[0, 0] = 0.0  # the slope at 0 (1/2)
+    check_against_reference(model, X, ce(torch.randint(0, CLASSES, (3,))))

@@ -434,3 +434,36 @@ def test_dense_diagonal_warns_once_naming_the_operation(monkeypatch):
         assert len(dense) == (1 if repeat == 0 else 0)
         if dense:
             assert "cumsum" in str(dense[0].message)
+
+
+class Heads(nn.Module):
+    """Attention-style reshapes: split into heads, transpose, a no-op ``contiguous``, merge back."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):  # x: [N, T, 4]
+        n, t, _ = x.shape
+        h = self.proj(x).view(n, t, 2, 3).transpose(1, 2)  # [N, 2, T, 3]
+        h = h.flip(-1).contiguous().transpose(1, 2).reshape(n, t, 6)
+        return self.out(torch.tanh(h.contiguous()).mean(1).neg())  # contiguous() of a contiguous tensor
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_reshapes_take_their_own_backward_for_the_diagonal(monkeypatch, n):
+    """DiagGGNApprox through one-input structural operations applies each one's autograd
+    node to the diagonal (no torch.func vjp and vmap per operation); exact on the graph."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.func used for a reshape")
+
+    torch.manual_seed(0)
+    model = Heads().to(DT)
+    X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
+    monkeypatch.setattr(tensor_ops, "vjp", refuse)
+    monkeypatch.setattr(tensor_ops, "vmap", refuse)
+    with extend(model, DiagGGNApprox()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    monkeypatch.undo()
+    check_graph_against_reference(model, X, y)
