@@ -52,14 +52,16 @@ ELEMENTWISE = frozenset({
 PRODUCTS = frozenset({"mul", "__mul__", "__rmul__", "__imul__", "mul_", "multiply"})
 QUOTIENTS = frozenset({"div", "__truediv__", "__itruediv__", "div_", "divide", "true_divide"})
 MATMULS = frozenset({"matmul", "__matmul__", "bmm", "mm"})
+# Softmax over one dim (``F.softmax(x, dim=-1)``), which must not be the batch axis.
+SOFTMAXES = frozenset({"softmax", "log_softmax"})
 # Operations whose per-sample structure the rules can read off shapes and arguments.
-KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS
+KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS | SOFTMAXES
 # Operations with a ``dim`` that must not be the batch axis.
 DIM_OPERATIONS = frozenset({
     "cat", "concat", "concatenate", "stack", "split", "chunk", "unbind", "tensor_split",
     "sum", "mean", "select", "narrow", "squeeze", "unsqueeze", "flatten", "transpose",
     "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "flip", "roll",
-})
+}) | SOFTMAXES
 # Known operations that may change the number of axes (their dims are checked instead).
 CHANGE_RANK = frozenset({
     "__getitem__", "squeeze", "unsqueeze", "flatten", "unflatten", "view", "reshape",

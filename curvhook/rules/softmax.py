@@ -1,4 +1,5 @@
-"""``nn.Softmax``, ``nn.LogSoftmax`` and ``nn.Softmax2d`` as layers, over any dimension but the batch axis.
+"""``nn.Softmax``, ``nn.LogSoftmax`` and ``nn.Softmax2d`` as layers, over any dimension but the batch axis
+(the tensor operations ``F.softmax``/``F.log_softmax`` use the same diagonal, :func:`softmax_diag`).
 
 Along the softmax dimension, with ``s = softmax(x)``:
 
@@ -40,6 +41,25 @@ def _sum_of_others(t: Tensor, dim: int) -> Tensor:
     return others.scatter_(dim, m, t.scatter(dim, m, 0).sum(dim, keepdim=True))
 
 
+def softmax_diag(s: Tensor, dim: int, diag: Tensor, log: bool) -> Tensor:
+    """``Σ_o d_o J[o, i]²`` of softmax (``log=False``) or log-softmax along ``dim``.
+
+    Args:
+        s: ``softmax(x)`` along ``dim``, ``[N, *in]``.
+        dim: The softmax dimension (not the batch axis).
+        diag: ``d`` at the output, ``[N, *in]``.
+        log: Log-softmax instead of softmax.
+
+    Returns:
+        ``[N, *in]``, a sum of non-negative terms (see the module docstring).
+    """
+    own = _sum_of_others(s, dim).square_().mul_(diag)  # d_i (1 - s_i)², 1 - s_i = Σ_{o≠i} s_o
+    s_sq = s.square()
+    if log:
+        return own.addcmul_(s_sq, _sum_of_others(diag, dim))
+    return own.add_(_sum_of_others(diag * s_sq, dim)).mul_(s_sq)
+
+
 def _softmax_dim(call: Operation) -> int:
     """The softmax dimension, counted from the end (so it also indexes ``[V, N, *]``)."""
     module, ndim = call.module, call.input.dim()
@@ -79,11 +99,7 @@ class SoftmaxRule(LayerRule):
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         s, dim = self._probabilities(call)
-        own = _sum_of_others(s, dim).square_().mul_(diag)  # d_i (1 - s_i)², 1 - s_i = Σ_{o≠i} s_o
-        s_sq = s.square()
-        if self.log:
-            return own.addcmul_(s_sq, _sum_of_others(diag, dim))
-        return own.add_(_sum_of_others(diag * s_sq, dim)).mul_(s_sq)
+        return softmax_diag(s, dim, diag, self.log)
 
 
 @register_rule(nn.LogSoftmax)

@@ -45,10 +45,11 @@ from curvhook._torch_internals import tensor_version
 from curvhook.errors import UnsupportedModelError
 from curvhook.operations import (
     ADDITIONS, CHANGE_RANK, DIM_OPERATIONS, ELEMENTWISE, KNOWN, MATMULS, MEANS, PRODUCTS, QUOTIENTS,
-    REVERSED_SUBTRACTIONS, STRUCTURAL, SUBTRACTIONS,
+    REVERSED_SUBTRACTIONS, SOFTMAXES, STRUCTURAL, SUBTRACTIONS,
 )
 from curvhook.records import BATCHED, Operation, Slot
 from curvhook.rules.base import LayerRule, apply_node
+from curvhook.rules.softmax import softmax_diag
 
 # ----------------------------------------------------------------- structure
 def batch_safe(call: Operation, n: int) -> bool:
@@ -121,6 +122,15 @@ def _dims_avoid_batch(call: Operation) -> bool:
     position = 2 if name in ("split", "tensor_split", "narrow", "select", "chunk") else 1
     dim = _dim_arg(call, default=0, position=position)
     return isinstance(dim, int) and dim % ndim != 0
+
+
+# x.op(y): y gives only a shape (and dtype); the entries of J_x are 0 or 1, each output taken from one input.
+_SHAPED_AS = frozenset({"expand_as", "view_as", "reshape_as"})
+
+
+def _sum_to(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` summed over the axes along which ``x`` was broadcast (as autograd does for ``x``)."""
+    return t if t.shape == x.shape else t.sum_to_size(x.shape)
 
 
 def _dim_arg(call: Operation, default, position: int = 1):
@@ -365,6 +375,10 @@ class TensorOpRule(LayerRule):
             if direct is not None:
                 return direct
         x = call.inputs[slot].detach()
+        if name in _SHAPED_AS and not isinstance(value, list) and len(call.args) == 2 and not call.kwargs:
+            if call.args[0] == slot:  # x.expand_as(y): sums over the expanded axes; x.view_as(y): a view
+                return _sum_to(value, x) if name == "expand_as" else value.reshape(x.shape)
+            return torch.zeros_like(x)  # y only gives the shape (and dtype)
         if name in STRUCTURAL or name in MEANS:
             single = not isinstance(value, list) and len(call.inputs) == 1 and call.node is not None
             chain = self._node_chain(call, slot) if single else None
@@ -391,6 +405,11 @@ class TensorOpRule(LayerRule):
             return value * slope.square() if slope is not None else None
         if name in PRODUCTS | QUOTIENTS | MATMULS and len(call.args) >= 2:
             return self._bilinear_diag(call, value, slot)
+        if name in SOFTMAXES and len(call.inputs) == 1 and call.output_values[0].dtype == x.dtype:
+            dim = _dim_arg(call, default=None)  # not the batch axis: the call is known_per_sample
+            if not isinstance(dim, int) or tensor_version(call.inputs[slot]) != call.input_versions[slot]:
+                return None
+            return softmax_diag(torch.softmax(x, dim), dim, value, name == "log_softmax")
         return None
 
     def _fast_columns(self, call: Operation, value: Tensor, slot: int) -> Optional[Tensor]:
@@ -476,9 +495,9 @@ class TensorOpRule(LayerRule):
         if name in QUOTIENTS:
             if not is_first:
                 return None  # ∂(a/b)/∂b = -a/b²: the generic path
-            squared = lambda t: t / other**2  # noqa: E731
+            return _sum_to(value / other**2, x)  # the transposed product, broadcasting undone
         elif name in PRODUCTS:
-            squared = lambda t: t * other**2  # noqa: E731
+            return _sum_to(value * other**2, x)
         else:  # matmul
             sq = other**2
             squared = (lambda t: t @ sq) if is_first else (lambda t: sq @ t)

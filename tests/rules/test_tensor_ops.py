@@ -450,20 +450,61 @@ class Heads(nn.Module):
         return self.out(torch.tanh(h.contiguous()).mean(1).neg())  # contiguous() of a contiguous tensor
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_reshapes_take_their_own_backward_for_the_diagonal(monkeypatch, n):
-    """DiagGGNApprox through one-input structural operations applies each one's autograd
-    node to the diagonal (no torch.func vjp and vmap per operation); exact on the graph."""
+def _diagonal_without_torch_func(monkeypatch, model: nn.Module, n: int) -> None:
+    """DiagGGNApprox on ``model`` (input ``[n, 5, 4]``) with torch.func's transforms refused
+    inside the block, then every extension against the references on the graph."""
 
     def refuse(*args, **kwargs):
-        raise AssertionError("torch.func used for a reshape")
+        raise AssertionError("torch.func used")
 
-    torch.manual_seed(0)
-    model = Heads().to(DT)
     X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
-    monkeypatch.setattr(tensor_ops, "vjp", refuse)
-    monkeypatch.setattr(tensor_ops, "vmap", refuse)
+    for name in ("vjp", "vmap", "jacrev"):
+        monkeypatch.setattr(tensor_ops, name, refuse)
     with extend(model, DiagGGNApprox()):
         nn.CrossEntropyLoss()(model(X), y).backward()
     monkeypatch.undo()
     check_graph_against_reference(model, X, y)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_reshapes_take_their_own_backward_for_the_diagonal(monkeypatch, n):
+    """DiagGGNApprox through one-input structural operations applies each one's autograd
+    node to the diagonal (no torch.func vjp and vmap per operation); exact on the graph."""
+    torch.manual_seed(0)
+    _diagonal_without_torch_func(monkeypatch, Heads().to(DT), n)
+
+
+class SoftmaxBetween(nn.Module):
+    """Softmax and log-softmax as tensor operations (timm's MobileViT, eager attention), products
+    with a broadcast operand of the batch (``x * s`` with ``s`` ``[N, 1, T]``), a quotient,
+    ``expand_as`` and ``view_as`` of another batched tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.score, self.out = nn.Linear(4, 6), nn.Linear(4, 1), nn.Linear(6, 3)
+
+    def forward(self, x):  # x: [N, T, 4]
+        h = self.proj(x)  # [N, T, 6]
+        s = F.softmax(self.score(x).transpose(1, 2), dim=-1)  # [N, 1, T]: context scores
+        h = h * s.transpose(1, 2)  # [N, T, 6] * [N, T, 1]
+        h = torch.log_softmax(h, 1) + (h / (2 + x.sum(-1, keepdim=True) ** 2)).softmax(dim=2)
+        g = torch.tanh(h[:, :, :1]).expand_as(h)  # both operands batched, the second a shape only
+        h = h * g + torch.sigmoid(h.transpose(1, 2).contiguous()).view_as(h)
+        return self.out(h.mean(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_softmax_and_broadcast_products_without_dense_jacobians(monkeypatch, n):
+    """DiagGGNApprox through softmax over a dim, log-softmax, products and quotients whose
+    operands broadcast: closed forms (no torch.func Jacobian, no per-sample check); exact
+    against the definition on the graph, and the other extensions against torch.func."""
+    torch.manual_seed(1)
+    _diagonal_without_torch_func(monkeypatch, SoftmaxBetween().to(DT), n)
+
+
+def test_softmax_over_the_batch_axis_is_still_refused():
+    model = nn.Sequential(nn.Linear(3, 3)).to(DT)
+    X, y = torch.randn(4, 3, dtype=DT), torch.randint(0, 3, (4,))
+    with pytest.raises(UnsupportedModelError, match="mixes samples"):
+        with extend(model, DiagGGNApprox()):
+            nn.CrossEntropyLoss()(F.softmax(model(X), dim=0), y).backward()
