@@ -8,7 +8,9 @@ differentiated per sample with ``jacrev``:
     d_in  += Σ_o d_o J_oi²     (for every distinct differentiable input)
     θ     += Σ_n Σ_o d_no J_oθ²
 
-starting from ``d = diag(H_n)`` at the model output.
+starting from ``d = diag(H_n)`` at the model output. A tensor computed from
+parameters and constants only (no batch axis: T5's position bias) keeps its
+diagonal per sample, ``[N, *shape]``, as curvhook does, down to the parameters.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ def diag_ggn_approx_graph(model: nn.Module, X: Tensor, hessian_diag: Tensor, mov
     axes = _batch_axes(model, X, ops) if moved_axes else [([0] * len(op.tensors), 0) for op in ops]
     params = [p for p in model.parameters() if p.requires_grad]
     pid = {id(p): i for i, p in enumerate(params)}
+    shared = _shared_outputs(model, X, ops)
     result = [torch.zeros_like(p) for p in params]
     n = X.shape[0]
     diag = {id(out): hessian_diag.reshape(out.shape).detach()}
@@ -142,39 +145,58 @@ def diag_ggn_approx_graph(model: nn.Module, X: Tensor, hessian_diag: Tensor, mov
         named = dict(mod.named_parameters()) if mod is not None else {}
         pvals = {k: v.detach() for k, v in named.items()}
         full = [t.detach() for t in op.tensors]
+        whole = id(op.output) in shared  # no batch axis: sample i's diagonal is d[i]
         for i in range(n):
-            _sample_terms(op, i, d.select(out_axis, i).reshape(-1), full, in_axes, out_axis, pvals, pid, diag, result)
+            d_i = (d[i] if whole else d.select(out_axis, i)).reshape(-1)
+            _sample_terms(op, i, d_i, full, in_axes, out_axis, pvals, pid, diag, result, shared, n)
             for name, p in named.items():
                 if id(p) not in pid:
                     continue
 
                 def g(q, name=name, i=i):
-                    return op.fn({**pvals, name: q}, *full).select(out_axis, i).reshape(-1)
+                    res = op.fn({**pvals, name: q}, *full)
+                    return (res if whole else res.select(out_axis, i)).reshape(-1)
 
                 jac = jacrev(g)(p.detach())
-                d_i = d.select(out_axis, i).reshape(-1)
                 result[pid[id(p)]] += (jac.reshape(d_i.numel(), -1).square() * d_i[:, None]).sum(0).reshape(p.shape)
     return torch.cat([r.flatten() for r in result])
 
 
-def _sample_terms(op, i, d_i, full, in_axes, out_axis, pvals, pid, diag, result) -> None:
+def _shared_outputs(model: nn.Module, X: Tensor, ops: list[_Op]) -> set[int]:
+    """``id`` of the outputs computed without the batch (from parameters and constants:
+    T5's position bias): their shape does not change when the model runs on one sample
+    more. Their diagonal is kept per sample, ``[N, *shape]``, as for a parameter."""
+    more, _ = record(model, torch.cat([X, X[:1]]))
+    assert len(more) == len(ops), "the graph changed with the batch size"
+    return {id(op.output) for op, other in zip(ops, more) if op.output.shape == other.output.shape}
+
+
+def _sample_terms(op, i, d_i, full, in_axes, out_axis, pvals, pid, diag, result, shared, n) -> None:
     """Sample ``i``'s terms of one operation: its inputs' diagonals and the parameters passed to it."""
-    xs = [f if id(t) in pid else f.narrow(a, i, 1) for t, f, a in zip(op.tensors, full, in_axes)]
+    fixed = [id(t) in pid or id(t) in shared for t in op.tensors]  # no batch axis: not cut per sample
+    whole = id(op.output) in shared
+    xs = [f if k else f.narrow(a, i, 1) for k, f, a in zip(fixed, full, in_axes)]
 
     def embed(zs):  # sample i replaced by the variables, the others fixed
         return [
-            z if id(t) in pid else torch.cat([f.narrow(a, 0, i), z, f.narrow(a, i + 1, f.shape[a] - i - 1)], a)
-            for t, f, z, a in zip(op.tensors, full, zs, in_axes)
+            z if k else torch.cat([f.narrow(a, 0, i), z, f.narrow(a, i + 1, f.shape[a] - i - 1)], a)
+            for k, f, z, a in zip(fixed, full, zs, in_axes)
         ]
 
     def f(*zs):
-        return op.fn(pvals, *embed(zs)).select(out_axis, i).reshape(-1)
+        res = op.fn(pvals, *embed(zs))
+        return (res if whole else res.select(out_axis, i)).reshape(-1)
 
     jacs = jacrev(f, argnums=tuple(range(len(xs))))(*xs) if xs else ()
     for t, jac, a in zip(op.tensors, jacs, in_axes):
         contrib = (jac.reshape(d_i.numel(), -1).square() * d_i[:, None]).sum(0)
         if id(t) in pid:
             result[pid[id(t)]] += contrib.reshape(t.shape)
+        elif id(t) in shared:
+            prev = diag.get(id(t))
+            if prev is None:
+                prev = diag[id(t)] = torch.zeros(n, *t.shape, dtype=t.dtype)
+            prev[i] += contrib.reshape(t.shape)
         else:
             prev = diag.get(id(t))
             if prev is None:

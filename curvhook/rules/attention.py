@@ -420,8 +420,9 @@ def sdpa_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], causal: bool, sca
 
 
 def attention_diagonals(
-    q: Tensor, k: Tensor, v: Tensor, d_o: Tensor, mask: Optional[Tensor], causal: bool, scale: Optional[float]
-) -> tuple[Tensor, Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, d_o: Tensor, mask: Optional[Tensor], causal: bool, scale: Optional[float],
+    with_scores: bool = False,
+) -> tuple[Tensor, ...]:
     """DiagGGNApprox through ``O = softmax(s q kᵀ + mask) v`` counted as its operations.
 
     Going backwards (``A``, ``q``, ``k``, ``v``, ``O`` of one head): ``d_A = d_O (v∘v)ᵀ``,
@@ -435,8 +436,11 @@ def attention_diagonals(
         d_o: The diagonal at the output, ``[*, H, L, E_v]``.
         mask, causal, scale: As for :func:`sdpa_weights`.
 
+        with_scores: Also return ``d_S``, the diagonal at the scores, which is that at
+            an added mask (``∂S/∂mask = I``).
+
     Returns:
-        ``d_q``, ``d_k``, ``d_v``, shaped like ``q``, ``k``, ``v``.
+        ``d_q``, ``d_k``, ``d_v``, shaped like ``q``, ``k``, ``v`` (and ``d_S``, ``[*, H, L, S]``).
     """
     groups = q.shape[-3] // k.shape[-3] if q.dim() >= 3 and k.dim() >= 3 else 1
     k_all, v_all = (t.repeat_interleave(groups, -3) if groups > 1 else t for t in (k, v))
@@ -452,7 +456,7 @@ def attention_diagonals(
         d_k = (d_s.transpose(-1, -2) @ q.square()).mul_(s * s)
     if groups > 1:
         d_k, d_v = (t.unflatten(-3, (-1, groups)).sum(-3) for t in (d_k, d_v))
-    return d_q, d_k, d_v
+    return (d_q, d_k, d_v, d_s) if with_scores else (d_q, d_k, d_v)
 
 
 @register_rule(nn.MultiheadAttention)

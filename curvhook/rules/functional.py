@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from curvhook.errors import UnsupportedModelError
-from curvhook.records import BATCHED, CONST, Operation, Slot
+from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot
 from curvhook.rules.attention import attention_diagonals
 from curvhook.rules.base import LayerRule
 from curvhook.rules.embedding import EmbeddingRule
@@ -326,8 +326,10 @@ class SplitAttentionFunction(AttentionFunction):
     counts as ``S = s q kᵀ + mask``, ``A = softmax(S)``, ``O = A v``, attention
     written out by hand, with only the diagonal kept between them (see
     :func:`~curvhook.rules.attention.attention_diagonals`). Forms it does not
-    cover (dropout, a mask with grad, inputs without their batch axis first, a
-    per-sample mask) take the whole-operation rule.
+    cover (dropout, a mask with grad that is not computed from parameters alone,
+    inputs without their batch axis first, a per-sample mask) take the
+    whole-operation rule. An added mask computed from parameters (T5's relative
+    position bias) gets the diagonal at the scores (``∂S/∂mask = I``).
     """
 
     def operations_rule(self) -> TensorOpRule:
@@ -341,20 +343,32 @@ class SplitAttentionFunction(AttentionFunction):
         args = _bind(call, SDPA_ARGS, {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None})
         slots = [args.get(a) for a in SDPA_ARGS[:3]]
         mask = args["attn_mask"]
+        # an added mask computed from parameters (T5's relative position bias) gets the
+        # diagonal at the scores, per sample, summed to its shape
+        shared_mask = isinstance(mask, Slot) and call.input_kinds[mask] == SHARED and mask not in slots
         if (
             isinstance(value, list) or not call.known_per_sample or call.batch_axes is not None
             or not all(isinstance(t, Slot) and call.input_kinds[t] == BATCHED for t in slots)
-            or (isinstance(mask, Slot) and call.input_kinds[mask] != CONST)
+            or (isinstance(mask, Slot) and call.input_kinds[mask] != CONST and not shared_mask)
             or set(call.kwargs) - set(SDPA_ARGS) - {"enable_gqa"}
         ):
             return None
         q, k, v = (call.inputs[t].detach() for t in slots)
+        mask_value = _value(call, mask)
+        if shared_mask:
+            mask_value = mask_value.detach()
+            padded = (1,) * (value.dim() - mask_value.dim()) + tuple(mask_value.shape)
+            if padded[0] != 1:  # a shared tensor along the batch axis: the generic rule
+                return None
         diags = attention_diagonals(
-            q, k, v, value, _value(call, mask), bool(args["is_causal"]), args["scale"]
+            q, k, v, value, mask_value, bool(args["is_causal"]), args["scale"], with_scores=shared_mask
         )
         results: dict[int, Tensor] = {}
         for t, d in zip(slots, diags):
             results[t] = d if t not in results else results[t] + d
+        if shared_mask:
+            d_s, n = diags[3], value.shape[0]
+            results[mask] = d_s.sum_to_size(n, *padded[1:]).reshape(n, *mask_value.shape)
         call.scratch.attention = ("sdpa_split", value, results)
         return results
 

@@ -128,6 +128,47 @@ def _dims_avoid_batch(call: Operation) -> bool:
 _SHAPED_AS = frozenset({"expand_as", "view_as", "reshape_as"})
 
 
+_CONCATENATIONS = frozenset({"cat", "concat", "concatenate"})
+_SPLITS = frozenset({"split", "chunk", "tensor_split"})
+
+
+def _selection_diag(call: Operation, value, slot: int) -> Optional[Tensor]:
+    """``Σ_o d_o J_oi²`` of a concatenation or split along one dim: a selection, so ``Jᵀ d``.
+
+    For ``cat``, the slice of ``d`` where input ``slot`` lies; for a split, the diagonals
+    of its pieces concatenated (zeros where nothing reached a piece). ``None`` for
+    forms it does not read (a list not of tensors, inputs of other ranks, ...).
+    """
+    x = call.inputs[slot]
+    if call.func_name in _CONCATENATIONS:
+        parts, dim = (call.args[0] if call.args else call.kwargs.get("tensors")), _dim_arg(call, default=0)
+        if isinstance(value, list) or not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
+            return None
+        if not all(isinstance(p, Slot) and (call.inputs[p].dim() == value.dim() or _skipped(call.inputs[p])) for p in parts):
+            return None
+        offset = 0
+        for p in parts:
+            if _skipped(call.inputs[p]):  # cat skips 1-d empty tensors (an empty cache in front)
+                continue
+            size = call.inputs[p].shape[dim]
+            if p == slot:
+                return value.narrow(dim, offset, size)
+            offset += size
+        return None
+    dim = _dim_arg(call, default=0, position=2)
+    if not isinstance(value, list) or not isinstance(dim, int) or any(s is None for s in call.output_shapes):
+        return None
+    pieces = [v if v is not None else x.new_zeros(shape) for v, shape in zip(value, call.output_shapes)]
+    if sum(p.shape[dim] for p in pieces) != x.shape[dim]:
+        return None
+    return torch.cat(pieces, dim)
+
+
+def _skipped(t: Tensor) -> bool:
+    """A tensor that ``torch.cat`` leaves out whatever the others' shapes: 1-d and empty."""
+    return t.dim() == 1 and t.numel() == 0
+
+
 def _sum_to(t: Tensor, x: Tensor) -> Tensor:
     """``t`` summed over the axes along which ``x`` was broadcast (as autograd does for ``x``)."""
     return t if t.shape == x.shape else t.sum_to_size(x.shape)
@@ -379,6 +420,10 @@ class TensorOpRule(LayerRule):
             if call.args[0] == slot:  # x.expand_as(y): sums over the expanded axes; x.view_as(y): a view
                 return _sum_to(value, x) if name == "expand_as" else value.reshape(x.shape)
             return torch.zeros_like(x)  # y only gives the shape (and dtype)
+        if name in _CONCATENATIONS or name in _SPLITS:
+            pulled = _selection_diag(call, value, slot)
+            if pulled is not None:
+                return pulled
         if name in STRUCTURAL or name in MEANS:
             single = not isinstance(value, list) and len(call.inputs) == 1 and call.node is not None
             chain = self._node_chain(call, slot) if single else None

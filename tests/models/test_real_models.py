@@ -60,8 +60,8 @@ def test_batch_of_one(name):
     check(torch.cat([p.diag_ggn.flatten() for p in ref.params]), ref.G.diagonal(), f"real/{name}/N=1", rtol=case.rtol, atol_factor=case.rtol)
 
 
-# Models whose every tensor between modules is batched or a parameter: the graph reference
-# (tests/graph_reference.py) slices every other tensor by sample.
+# The vision models of one tensor input `x` (the graph reference, tests/graph_reference.py,
+# calls the model on one tensor; it runs every operation per sample with dense Jacobians).
 DEFINITION_CHECKED = ["torchvision.resnet18", "torchvision.mobilenet_v3_small", "timm.resnet10t"]
 
 

@@ -508,3 +508,31 @@ def test_softmax_over_the_batch_axis_is_still_refused():
     with pytest.raises(UnsupportedModelError, match="mixes samples"):
         with extend(model, DiagGGNApprox()):
             nn.CrossEntropyLoss()(F.softmax(model(X), dim=0), y).backward()
+
+
+class Pieces(nn.Module):
+    """Splits and concatenations: Llama's ``rotate_half`` (``cat((-x2, x1), -1)``), a constant
+    and a legacy empty tensor in a ``cat``, a split whose middle piece is left unused, chunks."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):  # x: [N, T, 4]
+        h = self.proj(x)  # [N, T, 6]
+        x1, x2 = h[..., :3], h[..., 3:]
+        rotated = torch.cat((-x2, x1), dim=-1)
+        h = h * torch.cos(torch.arange(6.0, dtype=h.dtype)) + rotated * 0.5
+        a, _, c = h.split([2, 1, 3], dim=2)  # the middle piece reaches nothing
+        p, q = torch.tanh(h).chunk(2, -1)
+        const = torch.ones(x.shape[0], x.shape[1], 1, dtype=h.dtype)
+        joined = torch.cat([torch.empty(0, dtype=h.dtype), a * q[..., :2], const, c + p.flip(-1)], -1)
+        return self.out(joined.sum(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_concatenations_and_splits_select_their_diagonal(monkeypatch, n):
+    """DiagGGNApprox through cat and split/chunk selects slices of the diagonal or
+    concatenates the pieces' (zeros where nothing arrives); exact on the graph."""
+    torch.manual_seed(2)
+    _diagonal_without_torch_func(monkeypatch, Pieces().to(DT), n)
