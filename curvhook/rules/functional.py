@@ -295,7 +295,7 @@ SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "sc
 
 
 class AttentionFunction(TensorOpRule):
-    """``F.scaled_dot_product_attention``: known to keep samples apart without dropout and per-sample masks.
+    """``F.scaled_dot_product_attention``: known to keep samples apart without dropout.
 
     Its products are the generic exact ones (``torch.func`` on the whole call);
     DiagGGNApprox counts it as its operations by default (:class:`SplitAttentionFunction`).
@@ -313,9 +313,26 @@ class AttentionFunction(TensorOpRule):
         return (
             args["dropout_p"] == 0 and len(batched) == 3
             and all(call.inputs[t].dim() == out_rank and call.inputs[t].shape[0] == n for t in batched)
-            and (mask is None or mask.dim() < out_rank or mask.shape[0] == 1)  # no per-sample mask
+            # shared by the samples, or a constant per sample (a padding mask), cut by sample
+            and (mask is None or mask.dim() < out_rank or mask.shape[0] == 1 or self._mask_per_sample(call) is not None)
             and (not isinstance(args["attn_mask"], Slot) or call.input_kinds[args["attn_mask"]] != BATCHED)
         )
+
+    @staticmethod
+    def _mask_per_sample(call: Operation) -> Optional[int]:
+        """The slot of a constant mask with one slice per sample, ``[N, H or 1, L, S]``
+        (Hugging Face's padding mask): sample ``n`` reads ``mask[n]`` by broadcasting."""
+        args = _bind(call, SDPA_ARGS, {"attn_mask": None})
+        mask, q = args["attn_mask"], args.get("query")
+        if not (isinstance(mask, Slot) and isinstance(q, Slot)) or call.input_kinds[mask] != CONST or call.batch_axes:
+            return None
+        m, x = call.inputs[mask], call.inputs[q]
+        return mask if m.dim() == x.dim() and m.shape[0] == x.shape[0] and x.shape[0] > 1 else None
+
+    def _sliced_slots(self, call: Operation) -> list[int]:
+        slots = super()._sliced_slots(call)
+        mask = self._mask_per_sample(call)
+        return slots if mask is None else sorted([*slots, mask])
 
 
 class SplitAttentionFunction(AttentionFunction):

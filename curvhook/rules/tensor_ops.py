@@ -263,7 +263,7 @@ class TensorOpRule(LayerRule):
         Each sample gets its batch axis back (of size one) where the batched
         input has it, and loses it at each output's batch axis.
         """
-        batched = [i for i, k in enumerate(call.input_kinds) if k == BATCHED]
+        batched = self._sliced_slots(call)
         in_axes = [input_axis(call, i) for i in batched]
         out_axes = [output_axis(call, j) for j in range(len(call.output_values))]
         fixed = self._fixed(call)
@@ -283,12 +283,17 @@ class TensorOpRule(LayerRule):
         """Whether the structure of ``call`` shows that it keeps samples apart (see :func:`batch_safe`)."""
         return batch_safe(call, n)
 
+    def _sliced_slots(self, call: Operation) -> list[int]:
+        """The inputs cut into samples for per-sample functions: the batched ones.
+
+        (A rule may add constants that carry the batch axis by the operation's
+        broadcasting, such as a per-sample attention mask.)
+        """
+        return [i for i, k in enumerate(call.input_kinds) if k == BATCHED]
+
     def _samples(self, call: Operation) -> tuple[Tensor, ...]:
-        """The batched inputs, batch axis first."""
-        return tuple(
-            t.detach().movedim(input_axis(call, i), 0)
-            for i, (t, k) in enumerate(zip(call.inputs, call.input_kinds)) if k == BATCHED
-        )
+        """The inputs of :meth:`_sliced_slots`, batch axis first."""
+        return tuple(call.inputs[i].detach().movedim(input_axis(call, i), 0) for i in self._sliced_slots(call))
 
     def check(self, call: Operation) -> None:
         """Check, once per backward, that the operation treats samples independently."""
@@ -635,7 +640,7 @@ class TensorOpRule(LayerRule):
         diags = _diag_list(call, value)
         per_sample = self._per_sample(call, (slot,))
         samples = self._samples(call)
-        batched_slots = [i for i, k in enumerate(call.input_kinds) if k == BATCHED]
+        batched_slots = self._sliced_slots(call)
 
         def compute():
             if shared:

@@ -159,7 +159,13 @@ def hf_bert(n: int = N) -> ZooCase:
     )
     model = transformers.BertForSequenceClassification(config)
     patterns = ("bert.embeddings.", "bert.encoder.layer.0.attention.", "bert.pooler.", "classifier.")
-    return _classifier(model, "input_ids", _ids(n), CLASSES, patterns, logits=lambda out: out.logits)
+    case = _classifier(model, "input_ids", _ids(n), CLASSES, patterns, logits=lambda out: out.logits)
+    # a padded batch, as users call it: the first sample's last two tokens are padding
+    # (the attention mask becomes a constant [N, 1, L, L] of F.scaled_dot_product_attention)
+    mask = torch.ones(n, LENGTH, dtype=torch.long)
+    mask[0, -2:] = 0
+    case.inputs["attention_mask"] = mask
+    return case
 
 
 def hf_distilbert(n: int = N) -> ZooCase:

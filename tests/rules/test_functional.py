@@ -89,16 +89,23 @@ class EmbeddingThen(nn.Module):
 class Attention(nn.Module):
     """``F.scaled_dot_product_attention`` on projections of ``[N, T, 4]``, two heads."""
 
-    def __init__(self, mask=None, causal=False, scale=None, gqa=False, by_hand=False, learned_bias=False) -> None:
+    def __init__(
+        self, mask=None, causal=False, scale=None, gqa=False, by_hand=False, learned_bias=False, padding=False
+    ) -> None:
         super().__init__()
         self.qkv, self.head = nn.Linear(4, 12), nn.Linear(3 * 4, 3)
         self.mask, self.causal, self.scale, self.gqa, self.by_hand = mask, causal, scale, gqa, by_hand
         # T5's relative position bias: an added mask [1, H, L, L] computed from parameters
         self.bias = nn.Parameter(torch.randn(3, 3, 2)) if learned_bias else None
+        self.padding = padding
 
     def forward(self, x):
         if self.bias is not None:
             self.mask = self.bias.permute(2, 0, 1).unsqueeze(0)
+        if self.padding:  # a padding mask [N, 1, 1, L] read off each sample's own input, as Hugging Face's
+            keep = x.detach()[..., 0] < 0.5  # tokens whose first feature is large are padding
+            keep[:, 0] = True  # never a sample without tokens
+            self.mask = keep[:, None, None, :]
         q, k, v = self.qkv(x).unflatten(-1, (3, 2, 2)).permute(0, 2, 3, 1, 4).unbind(1)
         if self.gqa:  # one key and value head for both query heads (Llama's grouped-query attention)
             k, v = k[:, :1], v[:, :1]
@@ -175,6 +182,8 @@ CASES = {
     "sdpa_causal": (lambda: Attention(causal=True), (3, 4)),
     "sdpa_mask": (lambda: Attention(mask=torch.randn(3, 3, dtype=DT)), (3, 4)),
     "sdpa_bool_mask": (lambda: Attention(mask=torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)), (3, 4)),
+    "sdpa_padding_mask": (lambda: Attention(padding=True), (3, 4)),
+    "sdpa_learned_bias": (lambda: Attention(learned_bias=True), (3, 4)),
     "embedding": (lambda: EmbeddingThen(), None),
     "embedding_padding_idx": (lambda: EmbeddingThen(padding_idx=2), None),
 }
@@ -270,6 +279,7 @@ SPLIT_SDPA_CASES = {
     "plain": {}, "causal": dict(causal=True), "float_mask": dict(mask=torch.randn(3, 3, dtype=DT)),
     "bool_mask": dict(mask=BOOL_MASK), "scale": dict(scale=0.3), "gqa": dict(gqa=True),
     "gqa_causal": dict(gqa=True, causal=True), "learned_bias": dict(learned_bias=True),
+    "padding_mask": dict(padding=True),
 }
 
 
