@@ -43,7 +43,7 @@ from curvhook.extensions import DiagGGN, DiagGGNApprox  # noqa: E402
 
 # ------------------------------------------------------------ medium size
 M_VOCAB, M_LENGTH, M_CLASSES = 1000, 64, 10
-TINY_ONLY = frozenset({"transformers.T5"})  # no medium builder below
+TINY_ONLY = frozenset({"transformers.T5", "transformers.GPT2-classifier"})  # no medium builder below
 
 
 def _medium_ids(n: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ from curvhook.operations import (
     ADDITIONS, CHANGE_RANK, DIM_OPERATIONS, ELEMENTWISE, KNOWN, MATMULS, MEANS, PRODUCTS, QUOTIENTS,
     REVERSED_SUBTRACTIONS, SOFTMAXES, STRUCTURAL, SUBTRACTIONS,
 )
-from curvhook.records import BATCHED, Operation, Slot
+from curvhook.records import BATCHED, CONST, Operation, Slot
 from curvhook.rules.base import LayerRule, apply_node
 from curvhook.rules.softmax import softmax_diag
 
@@ -70,7 +70,7 @@ def batch_safe(call: Operation, n: int) -> bool:
     if name in DIM_OPERATIONS and not _dims_avoid_batch(call):
         return False
     if name == "__getitem__":
-        return _index_keeps_batch(call.args[1] if len(call.args) > 1 else None)
+        return _index_keeps_batch(call.args[1] if len(call.args) > 1 else None) or batch_gather(call) is not None
     if name in MATMULS:
         return _matmul_keeps_batch(call)
     if name in ("__get__",):
@@ -182,6 +182,38 @@ def _dim_arg(call: Operation, default, position: int = 1):
     return default
 
 
+def batch_gather(call: Operation) -> Optional[tuple[int, tuple[int, ...]]]:
+    """``x[torch.arange(N), idx, ...]``: one row per sample, at per-sample constant indices.
+
+    Hugging Face's sequence classifiers pool ``logits[arange(N), last_token]``. Sample
+    ``n``'s output is ``x[n, idx[n], ...]``: it keeps samples apart when every other
+    tensor index is a constant of one entry per sample. Returns the slot of the
+    ``arange`` and the slots of the other tensor indices, or ``None`` for any other form.
+    """
+    if call.func_name != "__getitem__" or len(call.args) != 2 or call.kwargs or call.batch_axes is not None:
+        return None
+    x, index = call.args
+    if not isinstance(x, Slot) or call.input_kinds[x] != BATCHED or not isinstance(index, tuple) or not index:
+        return None
+    first, n = index[0], call.inputs[x].shape[0]
+    if not isinstance(first, Slot) or any(isinstance(i, Slot) and i == x for i in index):
+        return None
+    rows, others = call.inputs[first], []
+    if call.input_kinds[first] != CONST or rows.dtype != torch.long or rows.shape != (n,):
+        return None
+    if not torch.equal(rows, torch.arange(n, device=rows.device)):
+        return None
+    for i in index[1:]:
+        if isinstance(i, Slot):
+            t = call.inputs[i]
+            if call.input_kinds[i] != CONST or t.dtype != torch.long or t.shape != (n,) or i == first:
+                return None
+            others.append(i)
+        elif not (isinstance(i, int) or i is Ellipsis or i == slice(None)):
+            return None
+    return first, tuple(others)
+
+
 def _index_keeps_batch(index) -> bool:
     first = index[0] if isinstance(index, tuple) and index else index
     if first is Ellipsis:
@@ -284,16 +316,27 @@ class TensorOpRule(LayerRule):
         return batch_safe(call, n)
 
     def _sliced_slots(self, call: Operation) -> list[int]:
-        """The inputs cut into samples for per-sample functions: the batched ones.
+        """The inputs cut into samples for per-sample functions: the batched ones, and the
+        per-sample constant indices of a :func:`batch_gather`.
 
         (A rule may add constants that carry the batch axis by the operation's
         broadcasting, such as a per-sample attention mask.)
         """
-        return [i for i, k in enumerate(call.input_kinds) if k == BATCHED]
+        slots = [i for i, k in enumerate(call.input_kinds) if k == BATCHED]
+        gather = batch_gather(call) if call.func_name == "__getitem__" else None
+        return slots if gather is None else sorted([*slots, gather[0], *gather[1]])
 
     def _samples(self, call: Operation) -> tuple[Tensor, ...]:
-        """The inputs of :meth:`_sliced_slots`, batch axis first."""
-        return tuple(call.inputs[i].detach().movedim(input_axis(call, i), 0) for i in self._sliced_slots(call))
+        """The inputs of :meth:`_sliced_slots`, batch axis first.
+
+        The ``arange`` of a :func:`batch_gather` becomes zeros: one sample is row 0 of its own batch.
+        """
+        gather = batch_gather(call) if call.func_name == "__getitem__" else None
+        rows = None if gather is None else gather[0]
+        return tuple(
+            torch.zeros_like(call.inputs[i]) if i == rows else call.inputs[i].detach().movedim(input_axis(call, i), 0)
+            for i in self._sliced_slots(call)
+        )
 
     def check(self, call: Operation) -> None:
         """Check, once per backward, that the operation treats samples independently."""

@@ -206,6 +206,24 @@ def hf_llama(n: int = N) -> ZooCase:
     return case
 
 
+def hf_gpt2_classifier(n: int = N) -> ZooCase:
+    """A padded batch of a decoder classifier: ``logits[arange(N), last_token]`` pools each sample."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=16, num_labels=CLASSES, pad_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1,
+    )
+    model = transformers.GPT2ForSequenceClassification(config)
+    patterns = ("transformer.wte.", "transformer.h.0.attn.", "transformer.ln_f.", "score.")
+    ids, mask = _ids(n), torch.ones(n, LENGTH, dtype=torch.long)
+    mask[0, -2:] = 0  # the first sample's last two tokens are padding
+    ids = ids.masked_fill(mask == 0, config.pad_token_id)
+    case = _classifier(model, "input_ids", ids, CLASSES, patterns, logits=lambda out: out.logits)
+    case.inputs["attention_mask"] = mask
+    return case
+
+
 def hf_t5(n: int = N) -> ZooCase:
     """An encoder-decoder: cross-attention from the decoder to the encoder's output."""
     import transformers
@@ -241,6 +259,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.Bert": ("transformers", hf_bert),
     "transformers.DistilBert": ("transformers", hf_distilbert),
     "transformers.GPT2": ("transformers", hf_gpt2),
+    "transformers.GPT2-classifier": ("transformers", hf_gpt2_classifier),
     "transformers.Llama": ("transformers", hf_llama),
     "transformers.T5": ("transformers", hf_t5),
 }

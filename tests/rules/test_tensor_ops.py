@@ -536,3 +536,36 @@ def test_concatenations_and_splits_select_their_diagonal(monkeypatch, n):
     concatenates the pieces' (zeros where nothing arrives); exact on the graph."""
     torch.manual_seed(2)
     _diagonal_without_torch_func(monkeypatch, Pieces().to(DT), n)
+
+
+class LastToken(nn.Module):
+    """Hugging Face's decoder classifiers: ``logits[torch.arange(N), last]`` with ``last`` read
+    off each sample's own input (its last token before padding)."""
+
+    def __init__(self, rows=None):
+        super().__init__()
+        self.proj, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.rows = rows  # None: torch.arange(N)
+
+    def forward(self, x):  # x: [N, T, 4]
+        n, t = x.shape[:2]
+        last = (x.detach()[..., 0] < 0.5).long().sum(1).clamp(1, t) - 1  # [N], a constant per sample
+        rows = torch.arange(n) if self.rows is None else self.rows(n)
+        return self.out(torch.tanh(self.proj(x))[rows, last])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_batch_gather_of_the_last_token_keeps_samples_apart(n):
+    """``h[arange(N), last]``: each sample's own row at its own index; every extension exact."""
+    torch.manual_seed(4)
+    model = LastToken().to(DT)
+    X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
+    check_graph_against_reference(model, X, y)
+
+
+def test_a_gather_with_other_rows_than_arange_mixes_samples():
+    model = LastToken(rows=lambda n: torch.arange(n).flip(0)).to(DT)  # sample n reads row N-1-n
+    X, y = torch.randn(3, 5, 4, dtype=DT), torch.randint(0, 3, (3,))
+    with pytest.raises(UnsupportedModelError, match="mixes samples|cannot split"):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
