@@ -70,7 +70,9 @@ def batch_safe(call: Operation, n: int) -> bool:
     if name in DIM_OPERATIONS and not _dims_avoid_batch(call):
         return False
     if name == "__getitem__":
-        return _index_keeps_batch(call.args[1] if len(call.args) > 1 else None) or batch_gather(call) is not None
+        # (a batch gather, x[arange(N), idx], depends on the index values: the per-sample
+        # replay checks it on every pass, with its indices cut by sample)
+        return _index_keeps_batch(call.args[1] if len(call.args) > 1 else None)
     if name in MATMULS:
         return _matmul_keeps_batch(call)
     if name in ("__get__",):
@@ -189,6 +191,9 @@ def batch_gather(call: Operation) -> Optional[tuple[int, tuple[int, ...]]]:
     ``n``'s output is ``x[n, idx[n], ...]``: it keeps samples apart when every other
     tensor index is a constant of one entry per sample. Returns the slot of the
     ``arange`` and the slots of the other tensor indices, or ``None`` for any other form.
+    It reads the index values, so it is not part of :func:`batch_safe` (whose answer
+    a plan keeps across passes): the per-sample replay cuts the indices by sample and
+    checks the call on every pass.
     """
     if call.func_name != "__getitem__" or len(call.args) != 2 or call.kwargs or call.batch_axes is not None:
         return None

@@ -569,3 +569,15 @@ def test_a_gather_with_other_rows_than_arange_mixes_samples():
     with pytest.raises(UnsupportedModelError, match="mixes samples|cannot split"):
         with extend(model, DiagGGN()):
             nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+def test_a_gather_is_checked_on_every_pass_not_once_per_graph():
+    """The plan of a graph is reused while shapes and arguments stay the same; the rows of a
+    gather are values, so a second pass with other rows than arange(N) is refused."""
+    model = LastToken().to(DT)
+    X, y = torch.randn(3, 5, 4, dtype=DT), torch.randint(0, 3, (3,))
+    with extend(model, DiagGGN()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+        model.rows = lambda n: torch.arange(n).flip(0)
+        with pytest.raises(UnsupportedModelError, match="mixes samples|cannot split"):
+            nn.CrossEntropyLoss()(model(X), y).backward()
