@@ -294,6 +294,11 @@ def zeros(shape: Sequence[int], like: Tensor) -> Tensor:
     return empty(shape, like).zero_()
 
 
+def ones(shape: Sequence[int], like: Tensor) -> Tensor:
+    """Like :func:`empty`, filled with ones (the vector that reads a diagonal Jacobian off a node)."""
+    return empty(shape, like).fill_(1)
+
+
 def mul(a: Tensor, b: Tensor) -> Tensor:
     """``a * b`` (broadcast) into a buffer from :func:`empty`."""
     out = empty(_broadcast(a.shape, b.shape), like=a, dtype=torch.result_type(a, b))

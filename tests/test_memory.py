@@ -29,6 +29,8 @@ def test_huge_page_buffers_are_ordinary_tensors():
     buf.fill_(2.0)
     assert buf.sum().item() == 2.0 * 3 * (1 << 20)
     assert _memory.zeros((5, 4), like=like.double()).dtype == torch.float64
+    assert torch.equal(_memory.zeros((5, 4), like=like), torch.zeros(5, 4))
+    assert torch.equal(_memory.ones((300, 300), like=like.double()), torch.ones(300, 300, dtype=torch.float64))
     a, b = torch.randn(4, 1, 3), torch.randn(2, 1, dtype=DT)
     torch.testing.assert_close(_memory.mul(a, b), a * b)
 

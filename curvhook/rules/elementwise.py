@@ -50,7 +50,7 @@ def jacobian_diagonal(call: Operation) -> Tensor:
     if call.scratch.jac_diag is not None:
         return call.scratch.jac_diag
     node, out = call.node, call.output
-    ones = _memory.empty(out.shape, like=out).fill_(1)  # recycled: a fresh one faults its pages in
+    ones = _memory.ones(out.shape, like=out)  # recycled: a fresh one faults its pages in
     if is_single_node(call):
         diag = apply_node(node, ones)
     elif isinstance(call.module, nn.Dropout) and call.inputs[0] is not out and call.inputs[0].requires_grad:
@@ -193,9 +193,8 @@ _TANH_GELUS = frozenset({"NewGELUActivation"})
 
 def _tanh_gelu_slope(x: Tensor) -> Tensor:
     """``σ'(x)`` of the tanh approximation of GELU, ``x``'s shape."""
-    ones = _memory.empty(x.shape, like=x).fill_(1)
     out = _memory.empty(x.shape, like=x)
-    return torch.ops.aten.gelu_backward.grad_input(ones, x, approximate="tanh", grad_input=out)
+    return torch.ops.aten.gelu_backward.grad_input(_memory.ones(x.shape, like=x), x, approximate="tanh", grad_input=out)
 
 
 @register_rule(nn.PReLU)

@@ -573,8 +573,7 @@ class TensorOpRule(LayerRule):
             return None
         node = call.node
         if self._own_node(call, slot):
-            ones = _memory.empty(call.output_values[0].shape, like=call.output_values[0]).fill_(1)
-            return apply_node(node, ones)
+            return apply_node(node, _memory.ones(call.output_values[0].shape, like=call.output_values[0]))
         if tensor_version(x) != call.input_versions[slot]:
             return None
         _, pull = vjp(self._function(call, (slot,)), x.detach())
