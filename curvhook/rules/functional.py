@@ -344,8 +344,9 @@ class SplitAttentionFunction(AttentionFunction):
     written out by hand, with only the diagonal kept between them (see
     :func:`~curvhook.rules.attention.attention_diagonals`). Forms it does not
     cover (dropout, a mask with grad that is not computed from parameters alone,
-    inputs without their batch axis first, a per-sample mask) take the
-    whole-operation rule. An added mask computed from parameters (T5's relative
+    inputs without their batch axis first) take the whole-operation rule; a
+    constant mask, shared or with one slice per sample (a padding mask), is
+    applied as the call broadcasts it. An added mask computed from parameters (T5's relative
     position bias) gets the diagonal at the scores (``∂S/∂mask = I``).
     """
 
