@@ -10,7 +10,9 @@ per group, so
 - ``diag(J_xᵀ diag(d) J_x)`` is the transposed convolution of ``d`` with ``W∘W``;
 - ``Σ_n diag(J_Wᵀ diag(d_n) J_W)`` is the weight gradient of ``d`` against ``x∘x``.
 
-Unfolding copies a strided view of the padded input once (:func:`unfold`).
+Unfolding copies a strided view of the padded input once (:func:`unfold`). Where
+input and output hold one position per sample, one tap alone reaches the input
+and the rules are those of ``nn.Linear`` with that tap's ``[C_out, C_in/G]`` slice.
 ``padding_mode`` other than ``'zeros'`` goes to the fallback.
 
 Transposed convolutions ``nn.ConvTranspose1d/2d/3d`` are the adjoints of
@@ -46,6 +48,11 @@ from curvhook.rules.registry import register_rule
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _GRAD_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+# Up to this many output positions per sample, a weight diagonal is one GEMM over the
+# squared patches: oneDNN's convolution weight gradient takes 2–20× longer there (2
+# threads, N = 8: 3×3 kernels, 512 channels on 1×1 outputs 8 ms against 0.45 ms, on 2×2
+# 3.4 against 1.0; 1×1 kernels alike), and from about 8×8 positions on it is the faster.
+_GEMM_POSITIONS = 4
 
 
 def _geometry(call: Operation) -> tuple[Tensor, tuple[int, ...], list[int]]:
@@ -138,9 +145,42 @@ class ConvRule(LayerRule):
             call.scratch.conv_patches = rearrange(u, "n (g i) l -> n g i l", g=call.module.groups)
         return call.scratch.conv_patches
 
-    def _input_transpose(self, call: Operation, weight: Tensor, grad: Tensor) -> Tensor:
-        """Transposed convolution of ``grad`` ``[B, C_out, *out]`` back to input shape ``[B, C_in, *in]``."""
+    @staticmethod
+    def _single_tap(call: Operation) -> Optional[tuple[int, ...]]:
+        """The one kernel tap that reaches the input when input and output hold one position per sample.
+
+        With ``x`` of size 1 in every spatial dimension, tap ``k`` reads ``x̃[k·d - p]``: only
+        ``k = p / d`` reads the input, every other tap reads the zero padding. The layer is
+        then the linear map ``y = W[:, :, k] x + b`` (per group), as at the end of an
+        ImageNet CNN on 32×32 images. ``None`` where this does not hold.
+        """
+        x, padding, _ = _geometry(call)
+        out = call.output_shape
+        if out is None or any(size != 1 for size in x.shape[2:]) or any(size != 1 for size in out[2:]):
+            return None
+        taps = []
+        for p, d, k in zip(padding, call.module.dilation, call.module.kernel_size):
+            if p % d or p // d >= k:
+                return None  # no tap reaches the input: the general path below serves it
+            taps.append(p // d)
+        return tuple(taps)
+
+    def _input_transpose(self, call: Operation, grad: Tensor, squared: bool = False) -> Tensor:
+        """Transposed convolution of ``grad`` ``[B, C_out, *out]`` with ``W`` (``W∘W`` if ``squared``)
+        back to input shape ``[B, C_in, *in]``."""
         module = call.module
+        tap = self._single_tap(call)
+        if tap is not None:  # [B, C_out] through the one live tap [C_out, C_in/G]: a GEMM per group
+            w = module.weight.detach()[(slice(None), slice(None), *tap)]
+            w = w.square() if squared else w
+            g, b = module.groups, grad.shape[0]
+            if g == 1:
+                back = torch.mm(grad.reshape(b, -1), w)
+            else:
+                back = torch.einsum("bgo,goi->bgi", grad.reshape(b, g, -1), w.reshape(g, -1, w.shape[1]))
+            return back.reshape(b, *call.input.shape[1:])
+        # W∘W into a recycled buffer: a fresh one of a large layer faults its pages in every step
+        weight = _memory.square(module.weight.detach(), "conv_w_sq") if squared else module.weight
         x, padding, pads = _geometry(call)
         # A transposed convolution; output_padding restores the input entries that the
         # stride skipped at the end. (torch.nn.grad.conv*_input passes a zero-stride dummy
@@ -155,7 +195,7 @@ class ConvRule(LayerRule):
 
     def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         v = mat.shape[0]
-        back = self._input_transpose(call, call.module.weight, mat.flatten(0, 1))
+        back = self._input_transpose(call, mat.flatten(0, 1))
         return back.unflatten(0, (v, -1))
 
     def _weight_products(self, call: Operation, mat: Tensor) -> Tensor:
@@ -269,12 +309,25 @@ class ConvRule(LayerRule):
         ])
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
-        return self._input_transpose(call, call.module.weight.square(), diag)
+        return self._input_transpose(call, diag, squared=True)
 
     def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         if name == "bias":
             return diag.flatten(2).sum((0, 2))
         module = call.module
+        tap = self._single_tap(call)
+        if tap is not None:  # Σ_n d[n, o] x[n, i]² at the one live tap, zero at the others
+            g, n = module.groups, diag.shape[0]
+            x_sq = call.input.detach().reshape(n, g, -1).square()
+            out = torch.zeros_like(module.weight, memory_format=torch.contiguous_format)
+            at_tap = torch.einsum("ngo,ngi->goi", diag.reshape(n, g, -1), x_sq)
+            out[(slice(None), slice(None), *tap)] = at_tap.reshape(module.weight.shape[:2])
+            return out
+        if diag[0, 0].numel() <= _GEMM_POSITIONS:
+            # Σ_{n,l} d[n, o, l] U[n, i, l]², one GEMM per group over the squared patches
+            squares = _memory.square(self._patches(call), "conv_patches_sq")  # [N, G, I, L]
+            d = rearrange(diag.flatten(2), "n (g o) l -> n g o l", g=module.groups)
+            return torch.einsum("ngol,ngil->goi", d, squares).reshape(module.weight.shape)
         x, padding, _ = _geometry(call)
         return _GRAD_WEIGHT[x.dim() - 2](
             _memory.square(x, "conv_x_sq"), module.weight.shape, diag, module.stride, padding, module.dilation, module.groups
@@ -356,7 +409,7 @@ class ConvTransposeRule(LayerRule):
         return prod.square_().sum((0, 1))  # one [V, N, *θ] buffer, squared in place
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
-        return self._adjoint(call, call.module.weight.square(), diag)
+        return self._adjoint(call, _memory.square(call.module.weight.detach(), "conv_w_sq"), diag)
 
     def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         if name == "bias":

@@ -19,6 +19,7 @@ from curvhook.rules import base as rules_base
 from curvhook.rules import registry
 from helpers import (
     layer_table_tests,
+    run_layer_case,
     CLASSES,
     DT,
     assert_exact,
@@ -75,6 +76,19 @@ CASES = {
     "conv2d_same_even_kernel": (
         seq(prefix_conv(2, 2), nn.Conv2d(2, 2, (2, 3), padding="same"), *head()),
         float_input((2, 3, 4)),
+    ),
+    # one position in and out: one tap reaches the input (a linear map), or none does
+    "conv2d_one_position_groups": (
+        seq(prefix_conv(2, 4), nn.Conv2d(4, 6, 3, padding=1, groups=2), *head()),
+        float_input((4, 1, 1)),
+    ),
+    "conv1d_one_position_stride_dilation": (
+        seq(prefix_conv(1, 2), nn.Conv1d(2, 3, 5, stride=2, padding=4, dilation=2), *head()),
+        float_input((2, 1)),
+    ),
+    "conv3d_one_position_no_tap_reaches_the_input": (
+        seq(prefix_conv(3, 2), nn.Conv3d(2, 3, 2, padding=1, dilation=2), *head()),
+        float_input((2, 1, 1, 1)),
     ),
     "conv3d_first_layer": (seq(nn.Conv3d(1, 2, 2), *head()), float_input((1, 3, 3, 3))),
     "conv3d_stride_padding_groups_no_bias": (
@@ -169,6 +183,23 @@ def test_conv_transpose_called_with_output_size():
     got, matrix, _ = run_curvhook(model, X, ce(y))
     _, ref = check_against_reference(same, X, ce(y))  # the same function, with a fixed output padding
     compare(got, ref, matrix)
+
+
+# ------------------------------------- weight diagonal: GEMM or weight gradient
+CONV_CASES = sorted(c for c in CASES if c.startswith("conv") and not c.startswith("convT"))
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize("positions", [0, 10**9])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_weight_diagonal_by_gemm_and_by_weight_gradient(monkeypatch, case, positions):
+    """DiagGGNApprox of a conv weight, both ways: one GEMM over the squared patches (taken up to
+    ``_GEMM_POSITIONS`` output positions per sample) and the weight gradient against ``x∘x``."""
+    from curvhook.rules import conv
+
+    monkeypatch.setattr(conv, "_GEMM_POSITIONS", positions)
+    model, X, y, ref = run_layer_case(CASES[case], 3, contiguous=False)
+    assert ref.approx is not None
 
 
 # -------------------------------------------- convolutions with max pooling
