@@ -177,17 +177,45 @@ class _GroupNormalizationRule(LayerRule):
         if self.centered:
             # Σ_o e_o (δ_oi - 1/G - x̂_o x̂_i / G)²
             #   = e_i (1 - 2 (1 + x̂_i²) / G) + (Σ e + 2 x̂_i Σ e x̂ + x̂_i² Σ e x̂²) / G²
-            back = torch.add(x_sq, 1).mul_(-2 / size).add_(1).mul_(e)
-            back.addcmul_(x_hat, group_dot(x_hat), value=2 / size**2)
-            back.add_(e.sum(-1, keepdim=True), alpha=1 / size**2)
+            s0, s1 = e.sum(-1, keepdim=True), group_dot(x_hat)
+            back = torch.rsub(x_sq, 1 - 2 / size, alpha=2 / size).mul_(e)
+            back.addcmul_(x_hat, s1, value=2 / size**2)
+            back.add_(s0, alpha=1 / size**2)
         else:
             # Σ_o e_o (δ_oi - x̂_o x̂_i / G)² = e_i (1 - 2 x̂_i² / G) + x̂_i² Σ e x̂² / G²
-            back = torch.mul(x_sq, -2 / size).add_(1).mul_(e)
+            s0 = s1 = None
+            back = torch.rsub(x_sq, 1, alpha=2 / size).mul_(e)
         back.addcmul_(x_sq, s2, value=1 / size**2)
-        self._recompute_cancelled(back, e, x_hat, x_sq, s2)
+        if not self._closed_form_is_stable(x_sq, s0, s1, s2):
+            self._recompute_cancelled(back, e, x_hat, x_sq, s2, s0)
         return self._ungroup(call, back.mul_(inv_std.square()), 1)
 
-    def _recompute_cancelled(self, back: Tensor, e: Tensor, x_hat: Tensor, x_sq: Tensor, s2: Tensor) -> None:
+    def _closed_form_is_stable(self, x_sq: Tensor, s0: Tensor | None, s1: Tensor | None, s2: Tensor) -> bool:
+        """Whether no entry of the closed form can have cancelled, from one maximum and the group sums.
+
+        Centered, the closed form is ``e_i a_i + q(x̂_i) / G²`` with ``a_i = 1 - 2 (1 + x̂_i²) / G``
+        and ``q(x) = S_0 + 2 x S_1 + x² S_2 = Σ_o e_o (1 + x̂_o x)² ≥ 0``. Where
+        ``2 (1 + max x̂²) / G ≤ 1/2``, every ``a_i ≥ 1/2``; where ``S_1² ≤ (9/16) S_0 S_2`` in
+        every group, ``q(x) ≥ (S_0 + x² S_2) / 4`` (as ``2 |x S_1| ≤ (|S_1| / √(S_0 S_2)) (S_0 + x² S_2)``).
+        Both terms then keep a quarter of their magnitude, so every entry is at least twice
+        the ``mag / 16`` of :meth:`_recompute_cancelled`, which would recompute none of them.
+        Without centering, ``e_i (1 - 2 x̂_i² / G) + x̂_i² S_2 / G²`` needs the first test only.
+        Wide groups pass (LayerNorm over 128 features: ``x̂² ≤ 31`` everywhere) and skip
+        the entrywise bound, about ten passes over ``[N, T, G]``.
+
+        Args:
+            x_sq: ``x̂²`` ``[N, T, G]``.
+            s0, s1: ``Σ_o e_o``, ``Σ_o e_o x̂_o`` ``[N, T, 1]`` (``None`` without centering).
+            s2: ``Σ_o e_o x̂_o²`` ``[N, T, 1]``.
+        """
+        size = x_sq.shape[-1]
+        if not float(x_sq.amax()) + (1.0 if self.centered else 0.0) <= size / 4:  # NaN: not stable
+            return False
+        return not self.centered or bool((s1.square() <= 0.5625 * s0 * s2).all())
+
+    def _recompute_cancelled(
+        self, back: Tensor, e: Tensor, x_hat: Tensor, x_sq: Tensor, s2: Tensor, s0: Tensor | None
+    ) -> None:
         """Recompute, in place, the entries of ``back`` where the closed form may have cancelled.
 
         The closed form is ``Σ_o e_o (δ_oi - c_o)²`` expanded, with ``c_o = (1 + x̂_o x̂_i) / G``
@@ -203,10 +231,10 @@ class _GroupNormalizationRule(LayerRule):
             x_hat: ``x̂`` ``[N, T, G]``.
             x_sq: ``x̂²`` ``[N, T, G]``.
             s2: ``S_2 = Σ_o e_o x̂_o²`` ``[N, T, 1]``.
+            s0: ``S_0 = Σ_o e_o`` ``[N, T, 1]`` (``None`` without centering).
         """
         size = e.shape[-1]
         if self.centered:
-            s0 = e.sum(-1, keepdim=True)
             mag = torch.add(x_sq, 1).mul_(2 / size).add_(1).mul_(e)
             mag.add_(torch.addcmul(s0, x_sq, s2), alpha=2 / size**2)
         else:

@@ -209,3 +209,70 @@ def test_a_diagonal_that_reaches_one_token_recomputes_nothing_at_the_others(norm
     X, y = torch.randn(4, 7, 3, dtype=DT), torch.randint(0, CLASSES, (4,))
     check_graph_against_reference(model, X, y)
     assert sum(recomputed) == 0
+
+
+class _Feature(nn.Module):
+    """Reads one feature of the last axis: ``x[..., :1]`` (the diagonal reaches one entry per group)."""
+
+    def forward(self, x):
+        return x[..., :1]
+
+
+def _count_guards(monkeypatch) -> list[int]:
+    """Counts the entrywise cancellation checks (each appends 1) of the normalization rules."""
+    from curvhook.rules.normalization import _GroupNormalizationRule
+
+    calls: list[int] = []
+    guard = _GroupNormalizationRule._recompute_cancelled
+
+    def count(self, *args):
+        calls.append(1)
+        return guard(self, *args)
+
+    monkeypatch.setattr(_GroupNormalizationRule, "_recompute_cancelled", count)
+    return calls
+
+
+WIDE = {
+    "LayerNorm": lambda: nn.LayerNorm(64),
+    "RMSNorm": lambda: LlamaRMSNorm(64),
+    "GroupNorm": lambda: nn.GroupNorm(2, 64),  # on [N, 64, 1] below: groups of 32 entries
+}
+
+
+@pytest.mark.parametrize("norm", sorted(WIDE))
+def test_wide_groups_skip_the_entrywise_guard_and_stay_exact(norm, monkeypatch):
+    """Groups of 32 or 64 entries with ``x̂² ≤ G/4 - 1`` and spread diagonals pass the
+    group-level test (``_closed_form_is_stable``): no entrywise bound, exact against the definition."""
+    calls = _count_guards(monkeypatch)
+    torch.manual_seed(0)
+    layers = [nn.Linear(5, 64), WIDE[norm](), nn.Tanh(), nn.Linear(64, CLASSES)]
+    if norm == "GroupNorm":
+        layers = [nn.Linear(5, 64), nn.Unflatten(1, (64, 1)), WIDE[norm](), nn.Flatten(), nn.Tanh(), nn.Linear(64, CLASSES)]
+    model = randomize_layers(nn.Sequential(*layers)).to(DT)
+    X, y = torch.randn(3, 5, dtype=DT), torch.randint(0, CLASSES, (3,))
+    check_graph_against_reference(model, X, y)
+    assert calls == []
+
+
+@pytest.mark.parametrize("case", ["one-feature-read", "outlier"])
+@pytest.mark.parametrize("norm", ["LayerNorm", "RMSNorm"])
+def test_wide_groups_that_may_cancel_still_take_the_entrywise_guard(norm, case, monkeypatch):
+    """The group-level test fails, and the entrywise bound runs, where the closed form may cancel:
+    a diagonal on one feature (``S_1² = S_0 S_2``: ``Σ_o e_o (1 + x̂_o x)²`` vanishes at
+    ``x = -1/x̂_0``; LayerNorm only, RMSNorm has no such term), or an input entry 40
+    standard deviations out (``x̂² > G/4``). Exact against the definition either way."""
+    if norm == "RMSNorm" and case == "one-feature-read":
+        pytest.skip("without centering the closed form has no S_1 term")
+    calls = _count_guards(monkeypatch)
+    torch.manual_seed(1)
+    first = nn.Linear(5, 64)
+    tail = [_Feature(), nn.Linear(1, CLASSES)] if case == "one-feature-read" else [nn.Tanh(), nn.Linear(64, CLASSES)]
+    model = randomize_layers(nn.Sequential(first, WIDE[norm](), *tail)).to(DT)
+    if case == "outlier":
+        with torch.no_grad():
+            model[0].weight[7].mul_(40.0)
+            model[0].bias[7] = 40.0
+    X, y = torch.randn(3, 5, dtype=DT), torch.randint(0, CLASSES, (3,))
+    check_graph_against_reference(model, X, y)
+    assert calls
