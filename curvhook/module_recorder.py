@@ -98,12 +98,11 @@ class ModuleRecorder:
         model_pre = model.register_forward_pre_hook(self.on_model_pre, prepend=True, with_kwargs=True)
         handles = [model_pre]
         self.places = []
+        on_pre, on_post = self.on_module_pre, self.on_module_post  # one bound method each, not one per module
         for module in model.modules() if modules is None else modules:
             if not _is_empty_container(module):
-                pre = module.register_forward_pre_hook(self.on_module_pre, with_kwargs=True)
-                post = module.register_forward_hook(
-                    self.on_module_post, prepend=True, with_kwargs=True, always_call=True
-                )
+                pre = module.register_forward_pre_hook(on_pre, with_kwargs=True)
+                post = module.register_forward_hook(on_post, prepend=True, with_kwargs=True, always_call=True)
                 handles += [pre, post]
                 self.places += [(module, pre.id, True, True), (module, post.id, False, False)]
         model_post = model.register_forward_hook(self.on_model_post, with_kwargs=True, always_call=True)

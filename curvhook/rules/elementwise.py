@@ -122,7 +122,8 @@ class ElementwiseRule(LayerRule):
         if type(call.module) in _SLOPES_ZERO_OR_ONE and is_single_node(call):
             # σ' ∈ {0, 1}, so σ'² ⊙ d = σ' ⊙ d: the module's own backward applied to d
             return apply_node(call.node, diag)
-        return diag * jacobian_diagonal(call).square()
+        slope = jacobian_diagonal(call)
+        return _memory.mul(diag, slope).mul_(slope)  # d σ'²: one buffer, no σ'² temporary
 
 
 # Piecewise-linear activations whose slopes are 0 and 1 only.
@@ -170,7 +171,8 @@ class ReplayedElementwiseRule(ElementwiseRule):
         return _memory.mul(mat, _slope(call))
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
-        return diag * _slope(call).square()
+        slope = _slope(call)
+        return _memory.mul(diag, slope).mul_(slope)
 
 
 def _slope(call: Operation) -> Tensor:
