@@ -327,3 +327,18 @@ def test_diag_ggn_approx_passes_split_attention_explicitly(monkeypatch):
             runner.close()
         assert seen and all(kw == {"split_attention": split} for kw in seen)
         assert got.numel() == pb.num_params and bool(torch.isfinite(got).all())
+
+
+def test_scaling_script_runs_at_small_sizes(capsys, monkeypatch):
+    """``benchmarks/scaling.py`` builds resnet18 and BERT, times both methods and prints a row each."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("transformers")
+    from benchmarks import scaling
+
+    monkeypatch.setattr(sys, "argv", ["scaling", "--images", "16", "--berts", "64,1,8", "--batch", "2", "--seconds", "0.1"])
+    scaling.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| resnet18") or line.startswith("| BERT")]
+    assert [row.split(" | ")[0] for row in rows] == ["| resnet18, 16×16 images", "| BERT, hidden 64, 1 layers, 8 tokens"]
+    for row in rows:
+        plain, approx, ratio = (float(v) for v in row.strip("| ").split(" | ")[1:])
+        assert plain > 0 and approx > 0 and ratio == pytest.approx(approx / plain, rel=0.1)
