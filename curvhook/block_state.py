@@ -13,13 +13,11 @@ from curvhook.records import Operation, TensorKey, key_of
 from curvhook.trace import Trace
 
 
-@dataclass(eq=False)
-class ModuleInfo:
-    """What the module recorder needs to know of a module of the model, read at entry."""
-
-    name: str
-    has_children: bool
-    torch_leaf: bool  # a torch layer without children: its forward calls no module
+# What the module recorder needs to know of a module of the model, read at entry:
+# ``(name, has_children, torch_leaf)``, ``torch_leaf`` for a torch layer without
+# children (its forward calls no module). A plain tuple of a string and two bools,
+# which Python's cyclic garbage collector stops tracking at its first pass.
+ModuleInfo = tuple[str, bool, bool]
 
 
 @dataclass(eq=False)

@@ -189,7 +189,7 @@ def _survey(
             )
         has_children = next(m.children(), None) is not None
         torch_leaf = not has_children and type(m).__module__.startswith("torch.nn.")
-        infos[m] = ModuleInfo(name or type(m).__name__, has_children, torch_leaf)
+        infos[m] = (name or type(m).__name__, has_children, torch_leaf)
         for pname, p in own_parameters(m).items():
             if p is not None and id(p) not in seen:
                 seen.add(id(p))

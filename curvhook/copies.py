@@ -12,7 +12,7 @@ without curvhook.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Iterable
+from typing import Any, Container, Iterable
 
 from torch import nn
 
@@ -25,9 +25,9 @@ _REDUCE = "__reduce_ex__"
 class _Reduce:
     """``module.__reduce_ex__(protocol)``: the class's reduction, without the block's hooks."""
 
-    def __init__(self, module: nn.Module, hook_ids: frozenset[int]) -> None:
+    def __init__(self, module: nn.Module) -> None:
         self.module = weakref.ref(module)  # the module holds this object: no cycle
-        self.hook_ids = hook_ids
+        self.hook_ids: Container[int] = frozenset()
 
     def __call__(self, protocol: int) -> Any:
         module = self.module()
@@ -36,6 +36,11 @@ class _Reduce:
             return reduced
         state = module_state_without_hooks(reduced[2], self.hook_ids, drop=(_REDUCE,))
         return (*reduced[:2], state, *reduced[3:])
+
+
+# One reduction per module for all its blocks, each block setting its hook ids: two
+# objects fewer per module and block for Python's cyclic garbage collector to track.
+_REDUCTIONS: "weakref.WeakKeyDictionary[nn.Module, _Reduce]" = weakref.WeakKeyDictionary()
 
 
 class HookFreeCopies:
@@ -53,7 +58,11 @@ class HookFreeCopies:
         self.modules = list(dict.fromkeys(modules))
         for module in self.modules:
             if _REDUCE not in vars(module):  # a module of the class's own reduction only
-                vars(module)[_REDUCE] = _Reduce(module, ids)
+                reduce = _REDUCTIONS.get(module)
+                if reduce is None:
+                    reduce = _REDUCTIONS[module] = _Reduce(module)
+                reduce.hook_ids = ids
+                vars(module)[_REDUCE] = reduce
 
     def remove(self) -> None:
         """Give the modules back their own reduction."""

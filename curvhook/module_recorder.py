@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from curvhook._torch_internals import (
-    disable_torch_function, forward_pre_hooks, in_reentrant_checkpoint, keep_forward_hook_at, own_parameters,
-    pop_torch_function_mode,
-    push_torch_function_mode, saved_tensor_hooks_active, torch_function_mode_on_top,
+    ModuleHookPairs, disable_torch_function, forward_pre_hooks, in_reentrant_checkpoint, keep_forward_hook_at,
+    own_parameters, pop_torch_function_mode, push_torch_function_mode, saved_tensor_hooks_active,
+    torch_function_mode_on_top,
 )
 from curvhook.block_state import BlockState, Frame
 from curvhook.copies import HookFreeCopies
@@ -79,8 +79,10 @@ class ModuleRecorder:
         self.on_forward_start = on_forward_start
         self.on_output = on_output
         self.popped: list[nn.Module] = []  # torch layers running with the tape off the stack
-        # (module, hook id, a pre-hook, kept last): where keep_hook_order keeps curvhook's hooks
-        self.places: list[tuple[nn.Module, int, bool, bool]] = []
+        # curvhook's hooks, which keep_hook_order keeps in place: a pair on each module,
+        # and (model, pre-hook id, forward hook id) of the model's own
+        self.pairs = ModuleHookPairs([], self.on_module_pre, self.on_module_post)
+        self.model_hooks: Optional[tuple[nn.Module, int, int]] = None
 
     def register(self, model: nn.Module, modules: Optional[Iterable[nn.Module]] = None) -> list[Any]:
         """Register the hooks on ``model`` and its modules (``model.modules()``
@@ -96,19 +98,15 @@ class ModuleRecorder:
         on the model are part of the model.
         """
         model_pre = model.register_forward_pre_hook(self.on_model_pre, prepend=True, with_kwargs=True)
-        handles = [model_pre]
-        self.places = []
-        on_pre, on_post = self.on_module_pre, self.on_module_post  # one bound method each, not one per module
-        for module in model.modules() if modules is None else modules:
-            if not _is_empty_container(module):
-                pre = module.register_forward_pre_hook(on_pre, with_kwargs=True)
-                post = module.register_forward_hook(on_post, prepend=True, with_kwargs=True, always_call=True)
-                handles += [pre, post]
-                self.places += [(module, pre.id, True, True), (module, post.id, False, False)]
+        listed = model.modules() if modules is None else modules
+        self.pairs = ModuleHookPairs(
+            [m for m in listed if not _is_empty_container(m)], self.on_module_pre, self.on_module_post
+        )
         model_post = model.register_forward_hook(self.on_model_post, with_kwargs=True, always_call=True)
-        handles.append(model_post)
-        self.places += [(model, model_pre.id, True, False), (model, model_post.id, False, True)]
-        handles.append(HookFreeCopies([m for m, *_ in self.places], [h.id for h in handles]))
+        self.model_hooks = (model, model_pre.id, model_post.id)
+        handles = [model_pre, self.pairs, model_post]
+        hook_ids = [*self.pairs.ids, model_pre.id, model_post.id]
+        handles.append(HookFreeCopies([*self.pairs.modules, model], hook_ids))
         return handles
 
     def keep_hook_order(self) -> None:
@@ -119,8 +117,10 @@ class ModuleRecorder:
         ``prepend=True`` before curvhook's: moving curvhook's back keeps them
         outside the module. Called when a forward pass of the model starts.
         """
-        for module, handle_id, pre, last in self.places:
-            keep_forward_hook_at(module, handle_id, pre, last)
+        self.pairs.keep_order()
+        model, pre_id, post_id = self.model_hooks
+        keep_forward_hook_at(model, pre_id, True, False)
+        keep_forward_hook_at(model, post_id, False, True)
 
     def tape_on_top(self) -> bool:
         """Whether the tape is the innermost torch-function mode."""
@@ -207,15 +207,15 @@ class ModuleRecorder:
         state = self.state
         if not state.stack:
             return
-        info = state.modules[module]  # hooks are only on modules listed at entry
+        name, has_children, torch_leaf = state.modules[module]  # hooks are only on modules listed at entry
         trace = state.stack[-1]
-        check_module_call(module, info.name, trace.functorch_level, state.param_ids)
+        check_module_call(module, name, trace.functorch_level, state.param_ids)
         if not torch.is_grad_enabled() and trace.grad_enabled and in_reentrant_checkpoint():
-            raise reentrant_checkpoint_error(f"module {info.name!r}")
+            raise reentrant_checkpoint_error(f"module {name!r}")
         frames = state.frames
         if frames:
             frames[-1].child_called = True
-        op = _module_operation(module, info.name, args, kwargs, state.param_ids, trace.shared_keys)
+        op = _module_operation(module, name, args, kwargs, state.param_ids, trace.shared_keys)
         if trace.moved_axes:
             _note_batch_axes(op, trace.moved_axes)
         if op.inputs and getattr(module, "inplace", False) and (saved_tensor_hooks_active() or op.inputs[0]._base is not None):
@@ -224,9 +224,9 @@ class ModuleRecorder:
             # ``CopySlices``). Keep a copy: the rule replays the module on it.
             op.inputs = (op.inputs[0].detach().clone(), *op.inputs[1:])
             op.input_versions = (0, *op.input_versions[1:])
-        records_inside = info.has_children or (not info.torch_leaf and rule_for(module) is None)
-        frames.append(Frame(op, len(trace.operations), info.has_children, len(trace.shared_log), records_inside=records_inside))
-        if info.torch_leaf and self.tape_on_top() and not self.tape.linearity.marked(op.inputs):
+        records_inside = has_children or (not torch_leaf and rule_for(module) is None)
+        frames.append(Frame(op, len(trace.operations), has_children, len(trace.shared_log), records_inside=records_inside))
+        if torch_leaf and self.tape_on_top() and not self.tape.linearity.marked(op.inputs):
             # The tape records nothing inside a leaf: a torch layer's forward calls no
             # module, and its inputs carry no loss value. Off the stack, its functions
             # skip the tape's Python dispatch; on_module_post puts it back.

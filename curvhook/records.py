@@ -155,7 +155,18 @@ class Operation:
     to_batch: bool = False
     batch_axes: Optional[tuple] = None
     rows_per_sample: int = 0
-    scratch: Scratch = field(default_factory=Scratch)
+    _scratch: Optional[Scratch] = field(default=None, repr=False)
+
+    @property
+    def scratch(self) -> Scratch:
+        """Per-backward values the rules reuse, made when a rule first asks.
+
+        Most operations never ask: no object is made for them (fewer objects for
+        Python's cyclic garbage collector to track while a step runs).
+        """
+        if self._scratch is None:
+            self._scratch = Scratch()
+        return self._scratch
 
     @property
     def input(self) -> Tensor:
@@ -203,7 +214,7 @@ class Operation:
 
     def clear_scratch(self) -> None:
         """Forget what the rules computed in this backward pass."""
-        self.scratch = Scratch()
+        self._scratch = None
 
 
 @dataclass(eq=False)
@@ -246,6 +257,17 @@ class LossCall:
 class Slot(int):
     """Placeholder for the ``i``-th distinct tensor argument inside a recorded call."""
 
+    __slots__ = ()
+
+
+# Slots are immutable: the templates of every call share these (a Slot is an object
+# that Python's cyclic garbage collector tracks; one per argument would be made per step).
+_SLOTS = tuple(Slot(i) for i in range(64))
+
+
+def _slot_marker(i: int) -> Slot:
+    return _SLOTS[i] if i < len(_SLOTS) else Slot(i)
+
 
 def make_template(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[Tensor]]:
     """Replace tensor arguments by :class:`Slot` markers, one slot per distinct tensor.
@@ -269,7 +291,7 @@ def _slot(obj: Any, tensors: list[Tensor], index: dict[int, int]) -> Any:
         if id(obj) not in index:
             index[id(obj)] = len(tensors)
             tensors.append(obj)
-        return Slot(index[id(obj)])
+        return _slot_marker(index[id(obj)])
     if isinstance(obj, (list, tuple)) and any(isinstance(o, Tensor) for o in obj):
         return _same_container(obj, [_slot(o, tensors, index) for o in obj])
     return obj

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tokenize
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -364,6 +365,54 @@ def test_forward_pre_hooks():
     assert list(ti.forward_pre_hooks(m)) == [hook]
     handle.remove()
     assert list(ti.forward_pre_hooks(m)) == []
+
+
+class _Raises(nn.Module):
+    def forward(self, x, scale=1.0):
+        if scale < 0:
+            raise ValueError("negative scale")
+        return x * scale
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["tables", "public-fallback"])
+def test_module_hook_pairs_act_as_the_public_registration(monkeypatch, direct):
+    """Pre-hook with kwargs, forward hook first and also when forward raises; removed without a trace."""
+    from torch.utils.hooks import RemovableHandle
+
+    monkeypatch.setattr(ti, "_DIRECT_HOOKS", direct and ti._DIRECT_HOOKS)
+    modules = [_Raises(), nn.Identity()]
+    calls = []
+    users = [m.register_forward_hook(lambda m, a, out: calls.append(("user", type(m).__name__))) for m in modules]
+    before = {id(m): {t: len(getattr(m, t)) for t in ti._FORWARD_HOOK_TABLES} for m in modules}
+
+    def pre(module, args, kwargs):
+        calls.append(("pre", type(module).__name__, dict(kwargs)))
+
+    def post(module, args, kwargs, out):
+        calls.append(("post", type(module).__name__, out is None))
+
+    pairs = ti.ModuleHookPairs(modules, pre, post)
+    ids = list(pairs.ids)
+    assert len(set(ids)) == 4 and not {h.id for h in users} & set(ids)
+    assert RemovableHandle(OrderedDict()).id not in ids  # a handle drawn later gets a new id
+    modules[0](torch.ones(2), scale=2.0)
+    assert calls == [("pre", "_Raises", {"scale": 2.0}), ("post", "_Raises", False), ("user", "_Raises")]
+    calls.clear()
+    with pytest.raises(ValueError, match="negative scale"):
+        modules[0](torch.ones(2), scale=-1.0)
+    assert calls == [("pre", "_Raises", {"scale": -1.0}), ("post", "_Raises", True)]  # always_call
+    calls.clear()
+    late = modules[1].register_forward_hook(lambda m, a, out: calls.append(("late", "first")), prepend=True)
+    pairs.keep_order()  # curvhook's forward hook back in front of one prepended inside the block
+    modules[1](torch.ones(1))
+    assert [c[0] for c in calls] == ["pre", "post", "late", "user"]
+    late.remove()
+    pairs.remove()
+    pairs.remove()  # twice is harmless
+    assert {id(m): {t: len(getattr(m, t)) for t in ti._FORWARD_HOOK_TABLES} for m in modules} == before
+    calls.clear()
+    modules[1](torch.ones(1))
+    assert calls == [("user", "Identity")]
 
 
 def test_remove_global_forward_hook_removes_it_completely():

@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from curvhook.records import Operation, Scratch
+from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.elementwise import ACTIVATIONS
 from curvhook.rules.registry import rule_or_fallback
@@ -160,7 +160,7 @@ def batch_first_call(call: Operation) -> Operation:
         output_shapes=(torch.Size(shape), *call.output_shapes[1:]),
         node=None if call.node is None else _MovedNode(call.node, in_axes[first], out_axis),
         batch_axes=None,
-        scratch=Scratch(),
+        _scratch=None,  # its own, made when first asked
     )
     call.scratch.batch_first_view = view
     return view

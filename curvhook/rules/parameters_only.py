@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vjp, vmap
 
-from curvhook.records import BATCHED, CONST, Operation, Scratch
+from curvhook.records import BATCHED, CONST, Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.fallback import _forward, _params, _replay
 
@@ -141,7 +141,7 @@ def _batched_view(call: Operation, n: int):
             output_shapes=(torch.Size((n, *out[1:])),),
             node=None,
             from_parameters=False,
-            scratch=Scratch(),
+            _scratch=None,  # its own, made when first asked
         )
     call.scratch.batched_view = (n, view)
     return view
