@@ -662,8 +662,8 @@ class TensorOpRule(LayerRule):
         return _guard(call, lambda: vmap(one)(x_sq, value))
 
     def _exact_diag(self, call: Operation, value, slot: int) -> Tensor:
-        """Per-sample dense Jacobians: ``Σ_o d_o J_oi²`` (warns once per function)."""
-        _warn_dense_once(call)
+        """``Σ_o d_o J_oi²`` per sample: the closed forms of a shared operand, else dense
+        per-sample Jacobians (then it warns once per function)."""
         shared = call.input_kinds[slot] != BATCHED
         if shared and self._safe(call) and BATCHED in call.input_kinds:
             fast = self._shared_diag(call, value, slot)
@@ -675,6 +675,7 @@ class TensorOpRule(LayerRule):
                 # entries 0 or ±1, one sign per input (``γ.reshape(1, -1, 1, 1)``): |Jᵀ d| per sample
                 _, pull = vjp(self._function(call, (slot,)), w)
                 return _guard(call, lambda: vmap(lambda d: pull((d,))[0])(value).abs())
+            _warn_dense_once(call)
             jacs = jacrev(self._function(call, (slot,)))(w)
             diags = _as_list_shared(call, value, (value[0].shape[0] if isinstance(value, list) else value.shape[0],))
             total = 0
@@ -682,6 +683,7 @@ class TensorOpRule(LayerRule):
                 jac = jac.reshape(d[0].numel(), w.numel())
                 total = total + torch.einsum("no,op->np", d.flatten(1), jac.square())
             return total.reshape(-1, *w.shape)
+        _warn_dense_once(call)
         if not self._safe(call):
             self.check(call)
         diags = _diag_list(call, value)

@@ -377,6 +377,22 @@ def test_products_with_parameters_take_no_jacobian(monkeypatch, n):
     check_graph_against_reference(model, X, y)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_layer_scales_say_nothing_of_dense_jacobians(monkeypatch, n):
+    """``γ ⊙ x`` and ``x.mul(γ.reshape(1, -1, 1, 1))`` (ConvNeXt, in every block) take closed forms
+    for ``γ``: the warning about dense per-sample Jacobians must not claim otherwise."""
+    monkeypatch.setattr(tensor_ops, "_DENSE_WARNED", set())
+    torch.manual_seed(0)
+    model = LayerScaleBlock().to(DT)
+    X, y = torch.randn(n, 3, 2, 2, dtype=DT), torch.randint(0, 3, (n,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with extend(model, DiagGGNApprox()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+    assert not [str(w.message) for w in caught if "no closed-form diagonal" in str(w.message)]
+    check_graph_against_reference(model, X, y)
+
+
 def test_check_compares_with_the_output_before_an_in_place_change():
     """The per-sample check of an operation not known to keep samples apart, after ``y += x``."""
     torch.manual_seed(0)
