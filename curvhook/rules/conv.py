@@ -92,7 +92,35 @@ def _crop(grad: Tensor, pads: list[int]) -> Tensor:
     return grad[tuple(index)]
 
 
-def unfold(x: Tensor, module: nn.Module, padding: tuple[int, ...], positions_first: bool = False) -> Tensor:
+def live_taps(in_size: tuple[int, ...], module: nn.Module, padding: tuple[int, ...]) -> tuple[slice, ...]:
+    """Per spatial dimension, the kernel taps that read the input at some output position.
+
+    Tap ``t`` reads the zero-padded input at ``t·dilation + j·stride`` for the output
+    positions ``j``; the others read the padding only, so their patch entries, and
+    their part of a weight diagonal or gradient, are zero. A 7×7 depthwise kernel
+    with padding 3 on a 2×2 input has 3×3 live taps.
+
+    Args:
+        in_size: The spatial size of the input (before ``padding``).
+        module: The convolution (kernel size, stride, dilation).
+        padding: The symmetric zero padding of each spatial dimension.
+
+    Returns:
+        A ``slice(first, stop)`` of taps per spatial dimension, possibly empty.
+    """
+    taps = []
+    for size, p, k, s, d in zip(in_size, padding, module.kernel_size, module.stride, module.dilation):
+        positions = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        first = max(0, -(-(p - (positions - 1) * s) // d))  # t·d + (positions - 1)·s ≥ p
+        stop = min(k, (p + size - 1) // d + 1)  # t·d ≤ p + size - 1
+        taps.append(slice(first, max(first, stop)))
+    return tuple(taps)
+
+
+def unfold(
+    x: Tensor, module: nn.Module, padding: tuple[int, ...], positions_first: bool = False,
+    taps: Optional[tuple[slice, ...]] = None,
+) -> Tensor:
     """Unfold the input into patches: ``[N, C_in, *in] → [N, C_in·K, L]``.
 
     The patches are a strided view of the zero-padded input,
@@ -108,6 +136,8 @@ def unfold(x: Tensor, module: nn.Module, padding: tuple[int, ...], positions_fir
         module: The convolution (kernel size, stride, dilation).
         padding: The symmetric zero padding of each spatial dimension.
         positions_first: Return ``[N, L, C_in·K]`` instead (a patch per row).
+        taps: Only these kernel taps per spatial dimension (``K`` their count), e.g.
+            the :func:`live_taps`; all by default.
     """
     dims = x.dim() - 2
     if any(padding):
@@ -116,9 +146,14 @@ def unfold(x: Tensor, module: nn.Module, padding: tuple[int, ...], positions_fir
     size = x.shape[2:]
     out_size = [(size[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(dims)]
     s = x.stride()
+    offset = x.storage_offset()
+    if taps is not None:
+        kernel = tuple(t.stop - t.start for t in taps)
+        offset += sum(t.start * dilation[d] * s[2 + d] for d, t in enumerate(taps))
     patches = x.as_strided(
         (*x.shape[:2], *kernel, *out_size),
         (s[0], s[1], *(s[2 + d] * dilation[d] for d in range(dims)), *(s[2 + d] * stride[d] for d in range(dims))),
+        offset,
     )
     n, c, k, length = x.shape[0], x.shape[1], math.prod(kernel), math.prod(out_size)
     if positions_first:  # [N, *out, C_in, *kernel]
@@ -324,10 +359,22 @@ class ConvRule(LayerRule):
             out[(slice(None), slice(None), *tap)] = at_tap.reshape(module.weight.shape[:2])
             return out
         if diag[0, 0].numel() <= _GEMM_POSITIONS:
-            # Σ_{n,l} d[n, o, l] U[n, i, l]², one GEMM per group over the squared patches
-            squares = _memory.square(self._patches(call), "conv_patches_sq")  # [N, G, I, L]
+            # Σ_{n,l} d[n, o, l] U[n, i, l]², one GEMM per group over the squared patches of
+            # the live taps (the others read zero padding: their entries are zero)
+            x, padding, _ = _geometry(call)
+            taps = live_taps(tuple(x.shape[2:]), module, padding)
+            every = all(t.stop - t.start == k for t, k in zip(taps, module.kernel_size))
+            patches = self._patches(call) if every else rearrange(
+                unfold(x, module, padding, taps=taps), "n (g i) l -> n g i l", g=module.groups
+            )
+            squares = _memory.square(patches, "conv_patches_sq")  # [N, G, I, L]
             d = rearrange(diag.flatten(2), "n (g o) l -> n g o l", g=module.groups)
-            return torch.einsum("ngol,ngil->goi", d, squares).reshape(module.weight.shape)
+            at_taps = torch.einsum("ngol,ngil->goi", d, squares)
+            if every:
+                return at_taps.reshape(module.weight.shape)
+            out = torch.zeros_like(module.weight, memory_format=torch.contiguous_format)
+            out[(slice(None), slice(None), *taps)] = at_taps.reshape(*module.weight.shape[:2], *(t.stop - t.start for t in taps))
+            return out
         x, padding, _ = _geometry(call)
         return _GRAD_WEIGHT[x.dim() - 2](
             _memory.square(x, "conv_x_sq"), module.weight.shape, diag, module.stride, padding, module.dilation, module.groups

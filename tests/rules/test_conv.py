@@ -90,6 +90,20 @@ CASES = {
         seq(prefix_conv(3, 2), nn.Conv3d(2, 3, 2, padding=1, dilation=2), *head()),
         float_input((2, 1, 1, 1)),
     ),
+    # kernels wider than the input: most taps read the zero padding only (the weight
+    # diagonal is computed at the live taps)
+    "conv2d_depthwise_7x7_on_2x2": (
+        seq(prefix_conv(2, 3), nn.Conv2d(3, 3, 7, padding=3, groups=3), *head()),
+        float_input((3, 2, 2)),
+    ),
+    "conv1d_wide_kernel_stride_dilation_few_positions": (
+        seq(prefix_conv(1, 2), nn.Conv1d(2, 3, 5, stride=2, padding=4, dilation=2), *head()),
+        float_input((2, 3)),
+    ),
+    "conv3d_kernel_beyond_the_input": (
+        seq(prefix_conv(3, 2), nn.Conv3d(2, 2, (3, 3, 5), padding=(1, 1, 2)), *head()),
+        float_input((2, 2, 2, 1)),
+    ),
     "conv3d_first_layer": (seq(nn.Conv3d(1, 2, 2), *head()), float_input((1, 3, 3, 3))),
     "conv3d_stride_padding_groups_no_bias": (
         seq(prefix_conv(3, 2), nn.Conv3d(2, 4, (2, 1, 2), stride=(1, 2, 1), padding=(1, 0, 1), groups=2, bias=False),
@@ -200,6 +214,27 @@ def test_weight_diagonal_by_gemm_and_by_weight_gradient(monkeypatch, case, posit
     monkeypatch.setattr(conv, "_GEMM_POSITIONS", positions)
     model, X, y, ref = run_layer_case(CASES[case], 3, contiguous=False)
     assert ref.approx is not None
+
+
+def test_live_taps_hold_every_tap_that_reads_the_input():
+    """``live_taps``: a slice per dimension that holds every tap reading the input at some output
+    position; with stride 1, exactly those."""
+    from curvhook.rules.conv import live_taps
+
+    for size in range(1, 5):
+        for k in range(1, 8):
+            for p in range(0, 4):
+                for stride in (1, 2, 3):
+                    for dil in (1, 2):
+                        positions = (size + 2 * p - dil * (k - 1) - 1) // stride + 1
+                        if positions < 1:
+                            continue
+                        conv = nn.Conv1d(1, 1, k, stride=stride, padding=p, dilation=dil)
+                        (taps,) = live_taps((size,), conv, (p,))
+                        live = {t for t in range(k) for j in range(positions) if p <= t * dil + j * stride < p + size}
+                        assert live <= set(range(taps.start, taps.stop)), (size, k, p, stride, dil, taps)
+                        if stride == 1:
+                            assert live == set(range(taps.start, taps.stop)), (size, k, p, dil, taps)
 
 
 # -------------------------------------------- convolutions with max pooling
