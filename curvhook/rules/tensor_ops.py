@@ -130,6 +130,12 @@ def _dims_avoid_batch(call: Operation) -> bool:
 _SHAPED_AS = frozenset({"expand_as", "view_as", "reshape_as"})
 
 
+# One-input reshapes that keep every entry and its row-major order (``γ.reshape(1, -1, 1, 1)``).
+_REORDER_FREE = frozenset({
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone", "view_as",
+    "reshape_as",
+})
+
 _CONCATENATIONS = frozenset({"cat", "concat", "concatenate"})
 _SPLITS = frozenset({"split", "chunk", "tensor_split"})
 
@@ -671,6 +677,9 @@ class TensorOpRule(LayerRule):
                 return fast
         if BATCHED not in call.input_kinds:  # parameters only: one Jacobian for every sample
             w = call.inputs[slot].detach()
+            if call.func_name in _REORDER_FREE and not isinstance(value, list) and value[0].numel() == w.numel():
+                # the same entries in the same (row-major) order: J = I, the diagonal reshaped back
+                return value.reshape(value.shape[0], *w.shape)
             if call.func_name in STRUCTURAL and not isinstance(value, list) and call.uses(slot) == 1:
                 # entries 0 or ±1, one sign per input (``γ.reshape(1, -1, 1, 1)``): |Jᵀ d| per sample
                 _, pull = vjp(self._function(call, (slot,)), w)
