@@ -413,18 +413,7 @@ def test_reshapes_of_parameters_take_no_torch_func(monkeypatch, n):
     diagonal at its output reshaped back (ConvNeXt's ``γ.reshape(1, -1, 1, 1)`` took ``vjp`` and
     ``vmap``, 0.23 ms a block)."""
     torch.manual_seed(0)
-    model = ParameterReshapes().to(DT)
-    X, y = torch.randn(n, 2, 1, 2, dtype=DT), torch.randint(0, 3, (n,))
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("torch.func used")
-
-    for name in ("vjp", "vmap", "jacrev"):
-        monkeypatch.setattr(tensor_ops, name, refuse)
-    with extend(model, DiagGGNApprox()):
-        nn.CrossEntropyLoss()(model(X), y).backward()
-    monkeypatch.undo()
-    check_graph_against_reference(model, X, y)
+    _diagonal_without_torch_func(monkeypatch, ParameterReshapes().to(DT), n, sample_shape=(2, 1, 2))
 
 
 def test_check_compares_with_the_output_before_an_in_place_change():
@@ -500,14 +489,14 @@ class Heads(nn.Module):
         return self.out(torch.tanh(h.contiguous()).mean(1).neg())  # contiguous() of a contiguous tensor
 
 
-def _diagonal_without_torch_func(monkeypatch, model: nn.Module, n: int) -> None:
-    """DiagGGNApprox on ``model`` (input ``[n, 5, 4]``) with torch.func's transforms refused
+def _diagonal_without_torch_func(monkeypatch, model: nn.Module, n: int, sample_shape: tuple = (5, 4)) -> None:
+    """DiagGGNApprox on ``model`` (input ``[n, *sample_shape]``) with torch.func's transforms refused
     inside the block, then every extension against the references on the graph."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("torch.func used")
 
-    X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
+    X, y = torch.randn(n, *sample_shape, dtype=DT), torch.randint(0, 3, (n,))
     for name in ("vjp", "vmap", "jacrev"):
         monkeypatch.setattr(tensor_ops, name, refuse)
     with extend(model, DiagGGNApprox()):
