@@ -677,7 +677,11 @@ class TensorOpRule(LayerRule):
                 return fast
         if BATCHED not in call.input_kinds:  # parameters only: one Jacobian for every sample
             w = call.inputs[slot].detach()
-            if call.func_name in _REORDER_FREE and not isinstance(value, list) and value[0].numel() == w.numel():
+            if (
+                call.func_name in _REORDER_FREE and len(call.inputs) == 1 and call.uses(slot) == 1
+                and not isinstance(value, list) and value[0].numel() == w.numel()
+                and call.output_values[0].dtype == w.dtype
+            ):
                 # the same entries in the same (row-major) order: J = I, the diagonal reshaped back
                 return value.reshape(value.shape[0], *w.shape)
             if call.func_name in STRUCTURAL and not isinstance(value, list) and call.uses(slot) == 1:

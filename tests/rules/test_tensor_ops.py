@@ -416,6 +416,21 @@ def test_reshapes_of_parameters_take_no_torch_func(monkeypatch, n):
     _diagonal_without_torch_func(monkeypatch, ParameterReshapes().to(DT), n, sample_shape=(2, 1, 2))
 
 
+class ShapeOnlyParameter(ParameterReshapes):
+    """``β.flatten().view_as(γ)``: ``γ`` gives the shape only (its own diagonal comes from elsewhere)."""
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).mul(self.gamma.reshape(1, -1, 1, 1))
+        h = h * self.beta.flatten().view_as(self.gamma).unsqueeze(-1).unsqueeze(-1)
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_parameter_that_gives_a_reshape_its_shape_gets_nothing_from_it(n):
+    torch.manual_seed(0)
+    check_graph_against_reference(ShapeOnlyParameter().to(DT), torch.randn(n, 2, 1, 2, dtype=DT), torch.randint(0, 3, (n,)))
+
+
 def test_check_compares_with_the_output_before_an_in_place_change():
     """The per-sample check of an operation not known to keep samples apart, after ``y += x``."""
     torch.manual_seed(0)
