@@ -350,17 +350,10 @@ class ConvRule(LayerRule):
         if name == "bias":
             return diag.flatten(2).sum((0, 2))
         module = call.module
-        tap = self._single_tap(call)
-        if tap is not None:  # Σ_n d[n, o] x[n, i]² at the one live tap, zero at the others
-            g, n = module.groups, diag.shape[0]
-            x_sq = call.input.detach().reshape(n, g, -1).square()
-            out = torch.zeros_like(module.weight, memory_format=torch.contiguous_format)
-            at_tap = torch.einsum("ngo,ngi->goi", diag.reshape(n, g, -1), x_sq)
-            out[(slice(None), slice(None), *tap)] = at_tap.reshape(module.weight.shape[:2])
-            return out
         if diag[0, 0].numel() <= _GEMM_POSITIONS:
             # Σ_{n,l} d[n, o, l] U[n, i, l]², one GEMM per group over the squared patches of
-            # the live taps (the others read zero padding: their entries are zero)
+            # the live taps (the others read zero padding: their entries are zero; one
+            # position in and out: the one tap of _single_tap)
             x, padding, _ = _geometry(call)
             taps = live_taps(tuple(x.shape[2:]), module, padding)
             every = all(t.stop - t.start == k for t, k in zip(taps, module.kernel_size))
