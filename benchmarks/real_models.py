@@ -4,9 +4,13 @@ The models are those of the real-model tests (``tests/models/zoo.py``: tiny
 configs from torchvision, timm and transformers, random weights), here in
 float32 with every parameter trainable, as a user trains them. Each step is
 written as the README tells users: a new ``with extend(model, X()):`` block
-around forward, loss and backward. The methods take turns, one step each per
-round, so that a noisy machine slows them alike; the median per method is
-reported with its ratio to the plain step.
+around forward, loss and backward. The methods take turns round by round, so
+that a noisy machine slows them alike; in each round a method runs
+``--settle`` untimed steps before its timed one, so that every timed step
+follows a step of the same method, as in a training loop (a step's page faults
+depend on what the step before it allocated and freed: a plain step right after
+a curvhook step, or the reverse, is not what either loop runs). The median per
+method is reported with its ratio to the plain step.
 
 ``--size medium`` builds the same families at a realistic small size
 (transformers: hidden 128, 2 layers, 4 heads, 64 tokens, vocabulary 1000;
@@ -128,9 +132,13 @@ def _step(case, extension) -> Callable[[], None]:
 
 
 def time_model(
-    name: str, batch: int, rounds: int, warmup: int = 2, size: str = "tiny", methods: tuple = METHODS
+    name: str, batch: int, rounds: int, warmup: int = 2, size: str = "tiny", methods: tuple = METHODS,
+    settle: int = 1,
 ) -> dict[str, float]:
-    """Median seconds per step of each of ``methods`` on one model (tiny zoo config or ``size="medium"``)."""
+    """Median seconds per step of each of ``methods`` on one model (tiny zoo config or ``size="medium"``).
+
+    Each round runs, per method, ``settle`` untimed steps and then the timed one.
+    """
     _, build = MODELS[name]
     torch.manual_seed(0)
     case = build(batch) if size == "tiny" else medium(name, batch)
@@ -143,6 +151,8 @@ def time_model(
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(warmup + rounds):
         for label, step in steps.items():
+            for _ in range(settle):
+                step()
             start = time.perf_counter()
             step()
             if r >= warmup:
@@ -165,6 +175,7 @@ def main() -> None:
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--size", choices=("tiny", "medium"), default="tiny")
     parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--settle", type=int, default=1, help="untimed steps of a method before its timed one, per round")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     rows = [
@@ -179,13 +190,15 @@ def main() -> None:
         if args.size == "medium" and name in TINY_ONLY:
             print(f"{name}: no medium size, skipped", flush=True)
             continue
-        t = time_model(name, args.batch, args.rounds, size=args.size, methods=tuple(dict.fromkeys(["plain", *args.methods])))
+        t = time_model(name, args.batch, args.rounds, size=args.size, methods=tuple(dict.fromkeys(["plain", *args.methods])),
+                       settle=args.settle)
         row = _row(name, t)
         print(row, flush=True)
         rows.append(row)
     header = (
         f"torch {torch.__version__}, float32, size {args.size}, batch {args.batch}, {torch.get_num_threads()} threads, "
-        f"median of {args.rounds} interleaved rounds, a new extend block per step\n\n"
+        f"median of {args.rounds} interleaved rounds ({args.settle} untimed step(s) of a method before its timed one), "
+        "a new extend block per step\n\n"
     )
     if args.markdown:
         with open(args.markdown, "w") as f:

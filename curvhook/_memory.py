@@ -251,6 +251,23 @@ def drop_unused(result_bytes: int) -> None:
     _recycling.generation += 1
 
 
+def forget_idle() -> None:
+    """A reverse walk is done: let go of the buffers it did not hand out.
+
+    The previous block's results (:func:`adopt`) and the free buffers of the
+    last pass wait in the pool for the walk to reuse them. What the walk did
+    not take, nothing later in the pass takes: the rest of the backward pass is
+    autograd's, which allocates through malloc. Held until :func:`drop_unused`,
+    that memory would sit beside the gradients autograd now allocates, so that
+    every step would fault tens of MB of fresh pages in (medium resnet18:
+    13,800 faults a step, 12 ms of a 44 ms backward). Let go now, autograd's
+    gradients take its place. Buffers this walk handed out stay for the next.
+    """
+    pool = _recycled()
+    if pool is not None:
+        pool[:] = [entry for entry in pool if entry[1] == _recycling.generation]
+
+
 def adopt(results: Iterable[Tensor]) -> None:
     """A block starts: offer the memory of the previous block's results for recycling.
 

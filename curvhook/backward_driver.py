@@ -102,6 +102,7 @@ class BackwardDriver:
             for ext in self.extensions:
                 ext.reset(params)
         results = self._run(trace, grad)
+        _memory.forget_idle()  # what the walk did not reuse: autograd's gradients may take its memory
         if self._results_task != task:  # first forward pass reached by this backward
             self._results, self._results_task = [], task
             queue_backward_callback(self._write_results)

@@ -278,3 +278,45 @@ def test_a_block_is_freed_without_the_garbage_collector_and_its_full_ggn_recycle
     assert ggn.matrix.data_ptr() == first
     ref = reference(model, X, lambda out: loss_fn(out, y), approx=False)
     compare(collect(model, 6, ("FullGGN",)), ref, ggn.matrix)
+
+
+def test_the_walk_lets_go_of_the_previous_results_it_did_not_reuse():
+    """Results of the last block that the reverse walk did not write into again (a
+    convolution's weight gradient allocates its own) are freed once the walk is done,
+    before autograd allocates the gradients: held until the end of the backward pass,
+    they made every step of a training loop fault tens of MB of fresh pages in."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.Flatten(), nn.Linear(64 * 9, 3)
+    ).to(DT)
+    big = model[2].weight  # 64·64·9·8 B: above the recycling threshold, 9 positions: weight-gradient route
+    assert big.nbytes >= _memory._RECYCLE_MIN_BYTES
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = torch.randn(2, 3, 3, 3, dtype=DT, requires_grad=True), torch.randint(0, 3, (2,))
+    held_after_walk = []
+    for _ in range(3):
+        with extend(model, DiagGGNApprox()):
+            handle = X.register_hook(lambda g: held_after_walk.append(_memory.held_bytes()))
+            loss_fn(model(X), y).backward()
+            handle.remove()
+    compare(collect(model, 2, ("DiagGGNApprox",)), reference(model, X.detach(), lambda o: loss_fn(o, y)), None)
+    # X's gradient comes after the walk: from the second block on, no idle result is held then
+    assert all(free < big.nbytes for _, free in held_after_walk[1:]), held_after_walk
+
+
+def test_few_position_convolution_weight_diagonals_are_recycled():
+    """The GEMM route of a convolution's weight diagonal (at most four output positions
+    per sample) writes into the memory of the previous block's result."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 4, 3)).to(DT)
+    weight = model[0].weight
+    loss_fn = nn.CrossEntropyLoss()
+    assert weight.nbytes >= _memory._RECYCLE_MIN_BYTES
+    X, y = torch.randn(3, 64, 2, 2, dtype=DT), torch.randint(0, 3, (3,))
+    ptrs = []
+    for _ in range(3):
+        with extend(model, DiagGGNApprox()):
+            loss_fn(model(X), y).backward()
+        ptrs.append(_storage(weight.diag_ggn_approx))
+    compare(collect(model, 3, ("DiagGGNApprox",)), reference(model, X, lambda o: loss_fn(o, y)), None)
+    assert ptrs[0] == ptrs[1] == ptrs[2], ptrs  # each block writes into the last one's result

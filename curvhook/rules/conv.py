@@ -362,10 +362,14 @@ class ConvRule(LayerRule):
             )
             squares = _memory.square(patches, "conv_patches_sq")  # [N, G, I, L]
             d = rearrange(diag.flatten(2), "n (g o) l -> n g o l", g=module.groups)
+            if every and module.groups == 1:  # [O, N·L] @ [N·L, I] into a recyclable result
+                rows = rearrange(squares[:, 0], "n i l -> (n l) i")
+                out = _memory.recyclable((d.shape[2], rows.shape[1]), diag)
+                return torch.mm(rearrange(d[:, 0], "n o l -> o (n l)"), rows, out=out).view(module.weight.shape)
             at_taps = torch.einsum("ngol,ngil->goi", d, squares)
             if every:
                 return at_taps.reshape(module.weight.shape)
-            out = torch.zeros_like(module.weight, memory_format=torch.contiguous_format)
+            out = _memory.zeros(module.weight.shape, like=diag)
             out[(slice(None), slice(None), *taps)] = at_taps.reshape(*module.weight.shape[:2], *(t.stop - t.start for t in taps))
             return out
         x, padding, _ = _geometry(call)
