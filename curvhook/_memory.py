@@ -258,10 +258,12 @@ def forget_idle() -> None:
     last pass wait in the pool for the walk to reuse them. What the walk did
     not take, nothing later in the pass takes: the rest of the backward pass is
     autograd's, which allocates through malloc. Held until :func:`drop_unused`,
-    that memory would sit beside the gradients autograd now allocates, so that
-    every step would fault tens of MB of fresh pages in (medium resnet18:
-    13,800 faults a step, 12 ms of a 44 ms backward). Let go now, autograd's
-    gradients take its place. Buffers this walk handed out stay for the next.
+    that memory sits beside the gradients autograd now allocates and raises the
+    step's peak by up to the size of the results; where malloc then grows its
+    heap, the gradients fault fresh pages in (seen on medium resnet18 in some
+    processes: 13,800 faults a step, 44 ms backward instead of 31). Let go now,
+    autograd's gradients can take its place. Buffers this walk handed out stay
+    for the next pass.
     """
     pool = _recycled()
     if pool is not None:
