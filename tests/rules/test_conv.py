@@ -90,6 +90,20 @@ CASES = {
         seq(prefix_conv(3, 2), nn.Conv3d(2, 3, 2, padding=1, dilation=2), *head()),
         float_input((2, 1, 1, 1)),
     ),
+    # one output position from several input positions: the live taps as GEMMs, each
+    # reading one input position (all of them, some of them, or every other one)
+    "conv2d_one_output_stride2_on_2x2": (
+        seq(prefix_conv(2, 4), nn.Conv2d(4, 6, 3, stride=2, padding=1), *head()),
+        float_input((4, 2, 2)),
+    ),
+    "conv2d_one_output_leaves_inputs_unread_groups": (
+        seq(prefix_conv(2, 4), nn.Conv2d(4, 4, 3, stride=3, groups=2), *head()),
+        float_input((4, 4, 4)),
+    ),
+    "conv1d_one_output_dilated_taps_read_every_other": (
+        seq(prefix_conv(1, 2), nn.Conv1d(2, 3, 3, stride=3, padding=1, dilation=2), *head()),
+        float_input((2, 4)),
+    ),
     # kernels wider than the input: most taps read the zero padding only (the weight
     # diagonal is computed at the live taps)
     "conv2d_depthwise_7x7_on_2x2": (
