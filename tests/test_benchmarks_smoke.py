@@ -342,3 +342,36 @@ def test_scaling_script_runs_at_small_sizes(capsys, monkeypatch):
     for row in rows:
         plain, approx, ratio = (float(v) for v in row.strip("| ").split(" | ")[1:])
         assert plain > 0 and approx > 0 and ratio == pytest.approx(approx / plain, rel=0.1)
+
+
+def test_real_models_script_times_each_step_after_one_of_its_kind(monkeypatch, tmp_path):
+    """``benchmarks/real_models.py`` runs ``settle`` untimed steps of a method before each
+    timed one, writes a row per model, and its ratio is the two medians' quotient."""
+    pytest.importorskip("torchvision")
+    from benchmarks import real_models
+
+    calls = []
+    original = real_models._step
+
+    def counting_step(case, extension):
+        step = original(case, extension)
+        label = "plain" if extension is None else extension.__name__
+
+        def run():
+            calls.append(label)
+            step()
+
+        return run
+
+    monkeypatch.setattr(real_models, "_step", counting_step)
+    out = tmp_path / "real.md"
+    monkeypatch.setattr(sys, "argv", ["real_models", "--models", "torchvision.resnet18", "--batch", "2", "--rounds", "2",
+                                      "--methods", "DiagGGNApprox", "--settle", "2", "--markdown", str(out)])
+    real_models.main()
+    # two warm-up rounds and two timed ones, each method three steps in a row per round
+    assert calls == (["plain"] * 3 + ["DiagGGNApprox"] * 3) * 4
+    row = out.read_text().splitlines()[-1]
+    assert row.startswith("| torchvision.resnet18 |")
+    cells = row.strip("| ").split(" | ")
+    plain, approx, ratio = float(cells[1]), float(cells[3]), float(cells[5])
+    assert plain > 0 and approx > 0 and ratio == pytest.approx(approx / plain, rel=0.1)
