@@ -10,7 +10,8 @@ that a noisy machine slows them alike; in each round a method runs
 follows a step of the same method, as in a training loop (a step's page faults
 depend on what the step before it allocated and freed: a plain step right after
 a curvhook step, or the reverse, is not what either loop runs). The median per
-method is reported with its ratio to the plain step.
+method is reported with its ratio to the plain step, and the median number of
+minor page faults of each method's timed steps is printed below its row.
 
 ``--size medium`` builds the same families at a realistic small size
 (transformers: hidden 128, 2 layers, 4 heads, 64 tokens, vocabulary 1000;
@@ -33,9 +34,14 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+
+try:  # page-fault counts (Unix)
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "models"))
 import zoo  # noqa: E402
@@ -133,11 +139,13 @@ def _step(case, extension) -> Callable[[], None]:
 
 def time_model(
     name: str, batch: int, rounds: int, warmup: int = 2, size: str = "tiny", methods: tuple = METHODS,
-    settle: int = 1,
+    settle: int = 1, faults: Optional[dict[str, float]] = None,
 ) -> dict[str, float]:
     """Median seconds per step of each of ``methods`` on one model (tiny zoo config or ``size="medium"``).
 
     Each round runs, per method, ``settle`` untimed steps and then the timed one.
+    Where ``faults`` is a dict (and the platform counts them), it receives the median
+    number of minor page faults of each method's timed steps.
     """
     _, build = MODELS[name]
     torch.manual_seed(0)
@@ -149,15 +157,25 @@ def time_model(
     extensions = {"plain": None, "DiagGGN": DiagGGN, "DiagGGNApprox": DiagGGNApprox}
     steps = {m: _step(case, extensions[m]) for m in methods}
     times: dict[str, list[float]] = {k: [] for k in steps}
+    faulted: dict[str, list[int]] = {k: [] for k in steps}
     for r in range(warmup + rounds):
         for label, step in steps.items():
             for _ in range(settle):
                 step()
+            before = _minor_faults()
             start = time.perf_counter()
             step()
             if r >= warmup:
                 times[label].append(time.perf_counter() - start)
+                faulted[label].append(_minor_faults() - before)
+    if faults is not None and resource is not None:
+        faults.update({k: statistics.median(v) for k, v in faulted.items()})
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
 def _row(name: str, t: dict[str, float]) -> str:
@@ -190,10 +208,14 @@ def main() -> None:
         if args.size == "medium" and name in TINY_ONLY:
             print(f"{name}: no medium size, skipped", flush=True)
             continue
+        faults: dict[str, float] = {}
         t = time_model(name, args.batch, args.rounds, size=args.size, methods=tuple(dict.fromkeys(["plain", *args.methods])),
-                       settle=args.settle)
+                       settle=args.settle, faults=faults)
         row = _row(name, t)
         print(row, flush=True)
+        if faults:  # a step that faults many pages in is slowed by malloc, not by its arithmetic
+            print("    minor page faults per timed step (median): "
+                  + ", ".join(f"{k} {v:,.0f}" for k, v in faults.items()), flush=True)
         rows.append(row)
     header = (
         f"torch {torch.__version__}, float32, size {args.size}, batch {args.batch}, {torch.get_num_threads()} threads, "

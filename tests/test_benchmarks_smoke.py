@@ -344,7 +344,7 @@ def test_scaling_script_runs_at_small_sizes(capsys, monkeypatch):
         assert plain > 0 and approx > 0 and ratio == pytest.approx(approx / plain, rel=0.1)
 
 
-def test_real_models_script_times_each_step_after_one_of_its_kind(monkeypatch, tmp_path):
+def test_real_models_script_times_each_step_after_one_of_its_kind(monkeypatch, tmp_path, capsys):
     """``benchmarks/real_models.py`` runs ``settle`` untimed steps of a method before each
     timed one, writes a row per model, and its ratio is the two medians' quotient."""
     pytest.importorskip("torchvision")
@@ -375,3 +375,6 @@ def test_real_models_script_times_each_step_after_one_of_its_kind(monkeypatch, t
     cells = row.strip("| ").split(" | ")
     plain, approx, ratio = float(cells[1]), float(cells[3]), float(cells[5])
     assert plain > 0 and approx > 0 and ratio == pytest.approx(approx / plain, rel=0.1)
+    printed = capsys.readouterr().out
+    if real_models.resource is not None:  # the page faults of the timed steps, per method
+        assert "minor page faults per timed step (median): plain " in printed and ", DiagGGNApprox " in printed
