@@ -89,10 +89,10 @@ def time_pair(
     return statistics.median(times["plain"]), statistics.median(times["approx"])
 
 
-def _rounds(plain_seconds: float, budget: float) -> int:
-    """Rounds that fit ``budget`` seconds (a DiagGGNApprox step counted as 2.5 plain steps, two steps
-    of each per round), 3 to 15."""
-    return max(3, min(15, int(budget / (7 * plain_seconds))))
+def _rounds(plain_seconds: float, budget: float, settle: int = 1) -> int:
+    """Rounds that fit ``budget`` seconds (a DiagGGNApprox step counted as 2.5 plain steps,
+    ``1 + settle`` steps of each per round), 3 to 15."""
+    return max(3, min(15, int(budget / (3.5 * (1 + settle) * plain_seconds))))
 
 
 def main() -> None:
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0, help="time budget per size (sets the rounds)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--settle", type=int, default=1, help="untimed steps of a method before its timed one, per round")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     if args.threads:
@@ -121,7 +122,8 @@ def main() -> None:
         start = time.perf_counter()
         model.zero_grad(set_to_none=True)
         loss().backward()  # one plain step sizes the rounds
-        plain, approx = time_pair(model, loss, _rounds(time.perf_counter() - start, args.seconds))
+        rounds = _rounds(time.perf_counter() - start, args.seconds, args.settle)
+        plain, approx = time_pair(model, loss, rounds, settle=args.settle)
         print(f"| {label} | {1e3 * plain:.1f} | {1e3 * approx:.1f} | {approx / plain:.2f} |", flush=True)
 
 

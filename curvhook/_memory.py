@@ -264,7 +264,14 @@ def forget_idle() -> None:
     processes: 13,800 faults a step, 44 ms backward instead of 31). Let go now,
     autograd's gradients can take its place. Buffers this walk handed out stay
     for the next pass.
+
+    Call it only after the last walk of a backward pass: the backward driver
+    does where no other forward pass of its block waits for this backward, and
+    nothing happens here while another block is active on this thread (two
+    models in one backward pass), whose walk may still come.
     """
+    if getattr(_blocks, "active", 0) > 1:  # another block's walk may come in this pass and reuse them
+        return
     pool = _recycled()
     if pool is not None:
         pool[:] = [entry for entry in pool if entry[1] == _recycling.generation]
@@ -391,6 +398,7 @@ def release_scratch() -> None:
 # they go with the model, when another model's block starts, or with
 # :func:`release_memory`. No result and no recorded tensor is parked.
 _parked = threading.local()
+_blocks = threading.local()  # .active: the extend blocks active on this thread (resume ... park)
 
 
 def park(model: object) -> None:
@@ -399,6 +407,7 @@ def park(model: object) -> None:
     Args:
         model: The extended model (weakly referenced).
     """
+    _blocks.active = max(0, getattr(_blocks, "active", 0) - 1)
     scratch = getattr(_scratch, "pool", None) or {}
     pool = getattr(_recycling, "pool", None) or []
     free = [entry for entry in pool if _unused(entry[0])]  # drop_unused kept them within the budget
@@ -413,6 +422,7 @@ def park(model: object) -> None:
 
 def resume(model: object) -> None:
     """A block of ``model`` starts: take back what its last block parked, drop any other model's."""
+    _blocks.active = getattr(_blocks, "active", 0) + 1
     table = getattr(_parked, "table", None)
     _parked.table = None
     entry = table.pop(model, None) if table is not None else None

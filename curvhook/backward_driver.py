@@ -102,7 +102,10 @@ class BackwardDriver:
             for ext in self.extensions:
                 ext.reset(params)
         results = self._run(trace, grad)
-        _memory.forget_idle()  # what the walk did not reuse: autograd's gradients may take its memory
+        if all(t is trace or t.used or t.released for t in self.state.traces):
+            # The last walk of this backward pass (no other forward pass of the block
+            # waits for it): what the walks did not reuse, autograd's gradients may take.
+            _memory.forget_idle()
         if self._results_task != task:  # first forward pass reached by this backward
             self._results, self._results_task = [], task
             queue_backward_callback(self._write_results)

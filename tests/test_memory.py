@@ -320,3 +320,48 @@ def test_few_position_convolution_weight_diagonals_are_recycled():
         ptrs.append(_storage(weight.diag_ggn_approx))
     compare(collect(model, 3, ("DiagGGNApprox",)), reference(model, X, lambda o: loss_fn(o, y)), None)
     assert ptrs[0] == ptrs[1] == ptrs[2], ptrs  # each block writes into the last one's result
+
+
+@pytest.mark.parametrize("case", ["two_forward_passes", "long_block", "two_models"])
+def test_buffers_stay_for_a_later_walk_of_the_same_backward(monkeypatch, case):
+    """One backward pass that reaches two walks (two forward passes, or two models' blocks):
+    the first walk does not let go of what the second reuses, so that from the third step
+    on no large buffer is made anew."""
+    torch.manual_seed(5)
+
+    def net():
+        return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4)).to(DT)  # 512 KiB weight
+
+    model, other = net(), net()
+    loss_fn = nn.CrossEntropyLoss()
+    fresh, made = [], _memory._fresh
+
+    def counting(shape, dtype, device):
+        out = made(shape, dtype, device)
+        fresh[-1] += out.nbytes
+        return out
+
+    monkeypatch.setattr(_memory, "_fresh", counting)
+    long_block = extend(model, DiagGGNApprox()) if case == "long_block" else None
+    if long_block is not None:
+        long_block.__enter__()
+    try:
+        for _ in range(5):
+            fresh.append(0)
+            X1, X2 = torch.randn(3, 256, dtype=DT), torch.randn(3, 256, dtype=DT)
+            y1, y2 = torch.randint(0, 4, (3,)), torch.randint(0, 4, (3,))
+            if case == "two_models":
+                with extend(model, DiagGGNApprox()), extend(other, DiagGGNApprox()):
+                    (loss_fn(model(X1), y1) + loss_fn(other(X2), y2)).backward()
+            elif case == "long_block":
+                (loss_fn(model(X1), y1) + loss_fn(model(X2), y2)).backward()
+            else:
+                with extend(model, DiagGGNApprox()):
+                    (loss_fn(model(X1), y1) + loss_fn(model(X2), y2)).backward()
+    finally:
+        if long_block is not None:
+            long_block.__exit__(None, None, None)
+    assert fresh[0] > 0 and fresh[2:] == [0, 0, 0], fresh
+    if case != "two_models":  # the results of the last step, against the reference of both losses
+        X = torch.cat([X1, X2])
+        compare(collect(model, 6, ("DiagGGNApprox",)), reference(model, X, lambda o: loss_fn(o[:3], y1) + loss_fn(o[3:], y2)), None)

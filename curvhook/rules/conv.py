@@ -227,7 +227,7 @@ class ConvRule(LayerRule):
             back = back.reshape(b, x.shape[1], *(1 for _ in taps))
         else:
             back = back.reshape(b, x.shape[1], *module.kernel_size)[(slice(None), slice(None), *taps)]
-        if back.shape == x.shape:  # the live taps read every input position
+        if back.shape[1:] == x.shape[1:]:  # the live taps read every input position
             return back.contiguous()
         full = grad.new_zeros((b, *x.shape[1:]))
         read = tuple(
