@@ -108,11 +108,11 @@ class Extend:
         state.params = [p for p in all_params if p.requires_grad]
         state.param_ids = {id(p) for p in state.params}
         state.modules = modules
-        _memory.resume(self.model)
-        for ext in self.extensions:  # frozen parameters keep no stale result either
-            _memory.adopt(ext.results_on(all_params))  # their memory, if nobody else holds it
-            ext.reset(all_params)
+        _memory.resume(self.model)  # paired with the park of _cleanup, also when an extension refuses below
         try:
+            for ext in self.extensions:  # frozen parameters keep no stale result either
+                _memory.adopt(ext.results_on(all_params))  # their memory, if nobody else holds it
+                ext.reset(all_params)
             self._eager.run_eagerly(modules if self._eager.model is self.model else None)
             self._handles.extend(self._recorder.register(self.model, modules))
             self._global_handle = register_module_forward_hook(
@@ -134,6 +134,14 @@ class Extend:
             self._cleanup()
 
     def _cleanup(self) -> None:
+        try:
+            self._remove_hooks()
+        finally:
+            self._driver.active = False
+            _memory.park(self.model)  # its temporaries, for the model's next block
+            self._active = False
+
+    def _remove_hooks(self) -> None:
         self._eager.restore()
         self._linearity.clear()
         self._tape.enabled = False
@@ -158,9 +166,6 @@ class Extend:
         state.losses_running.clear()
         state.modules = {}
         self._driver.used.clear()
-        self._driver.active = False
-        _memory.park(self.model)  # its temporaries, for the model's next block
-        self._active = False
 
 
 def _survey(

@@ -365,3 +365,19 @@ def test_buffers_stay_for_a_later_walk_of_the_same_backward(monkeypatch, case):
     if case != "two_models":  # the results of the last step, against the reference of both losses
         X = torch.cat([X1, X2])
         compare(collect(model, 6, ("DiagGGNApprox",)), reference(model, X, lambda o: loss_fn(o[:3], y1) + loss_fn(o[3:], y2)), None)
+
+
+def test_a_block_refused_at_entry_leaves_no_block_behind():
+    """An extension that refuses the model when the block starts (here GGNVectorProduct
+    without a vector for a trainable parameter) leaves the memory bookkeeping as it was:
+    a later block still lets go of the buffers its walk did not reuse."""
+    from curvhook.errors import CurvhookError
+    from curvhook.extensions import GGNVectorProduct
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    active = getattr(_memory._blocks, "active", 0)
+    vectors = {p: torch.zeros_like(p) for p in list(model.parameters())[1:]}
+    with pytest.raises(CurvhookError):
+        with extend(model, GGNVectorProduct(vectors)):
+            pass
+    assert getattr(_memory._blocks, "active", 0) == active
