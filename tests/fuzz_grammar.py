@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from curvhook.errors import CurvhookError
 from graph_reference import diag_ggn_approx_graph
 from helpers import Chain, assert_clean, randomize_layers, run_curvhook, snapshot
-from reference import check, compare, reference
+from reference import bce_with_logits_hessian, check, compare, cross_entropy_hessian, reference
 
 DT = torch.float64
 VOCAB = 5
@@ -642,6 +642,15 @@ def build_model(case: Case) -> nn.Module:
     return randomize_layers(model)  # float64, eval mode, norms away from their trivial init
 
 
+def loss_hessian(case: Case) -> Optional[Callable[[Tensor], Tensor]]:
+    """The closed-form loss Hessian for ``reference`` (torch.func's loses digits where the loss saturates)."""
+    if case.loss == "ce":
+        return lambda out: cross_entropy_hessian(out, case.reduction)
+    if case.loss == "bce":
+        return lambda out: bce_with_logits_hessian(out, case.reduction)
+    return None  # MSE: constant, torch.func's is exact
+
+
 def build(case: Case) -> tuple[nn.Module, Tensor, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """``(model, X, post, crit)``: the loss a user backpropagates is ``crit(post(model(X)))``."""
     model = build_model(case)
@@ -734,7 +743,7 @@ def check_case(case: Case) -> None:
     _stage("hooks left", lambda: assert_clean(model, before))
     _stage("grad changed", lambda: _same_grads(model, plain))
     # G of post ∘ model (the operations after the model are part of the network, docs/graphs.md)
-    ref = _stage("reference", lambda: reference(Chain(model, post), X, crit, approx=False))
+    ref = _stage("reference", lambda: reference(Chain(model, post), X, crit, approx=False, loss_hessian=loss_hessian(case)))
     exact = {k: got[k] for k in ("DiagGGN", "FullGGN")}
     _stage("wrong number", lambda: compare(exact, ref, matrix, rtol=1e-7))
     # BatchJacobian stays the Jacobian of the model output
@@ -880,7 +889,7 @@ def check_products(case: Case, which: tuple[str, ...] = PRODUCTS) -> None:
     before = snapshot(model)
     jac = ref = None
     if "GGNVectorProduct" in which:
-        ref = _stage("reference", lambda: reference(Chain(model, post), X, crit, approx=False))
+        ref = _stage("reference", lambda: reference(Chain(model, post), X, crit, approx=False, loss_hessian=loss_hessian(case)))
     if "NTK" in which:
         jac = ref if ref is not None and case.post == "none" else _stage(
             "reference", lambda: reference(model, X, None, approx=False)
