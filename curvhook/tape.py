@@ -167,6 +167,11 @@ class OperationTape(TorchFunctionMode):
                         trace.handles.append(o.register_hook(partial(_record_after_task, trace)))
             return
         outputs = [tensors[0]] if inplace and tensors else list(flat_tensors(out))
+        if not inplace and outputs and all(_is_unchanged_input(o, tensors, keys) for o in outputs):
+            # The call returned its input as it was (``γ.to(γ.dtype)``, ``x.contiguous()`` of a
+            # contiguous ``x``): no operation. A record would map the tensor's key to itself,
+            # and a parameter read through it would get its terms twice.
+            return
         if after is not None:
             op = self._record_after(after, (func, name, t_args, t_kwargs), tensors, keys, nodes, outputs, inplace)
         elif self.state.stack:
@@ -270,6 +275,11 @@ class OperationTape(TorchFunctionMode):
                 if not identity:
                     trace.handles.append(o.register_hook(partial(_record_after_task, trace)))
         return op
+
+
+def _is_unchanged_input(output: Tensor, inputs: list, keys: tuple) -> bool:
+    """Whether ``output`` is one of ``inputs``, in the state it had before the call."""
+    return any(output is x and key_of(output) == key for x, key in zip(inputs, keys))
 
 
 def _wraps_for_backward_hooks(name: str, args: tuple) -> bool:
