@@ -243,7 +243,7 @@ WIDE = {
 @pytest.mark.parametrize("norm", sorted(WIDE))
 def test_wide_groups_skip_the_entrywise_guard_and_stay_exact(norm, monkeypatch):
     """Groups of 32 or 64 entries with ``x̂² ≤ G/4 - 1`` and spread diagonals pass the
-    group-level test (``_closed_form_is_stable``): no entrywise bound, exact against the definition."""
+    group-level test (``_unstable_groups``): no entrywise bound, exact against the definition."""
     calls = _count_guards(monkeypatch)
     torch.manual_seed(0)
     layers = [nn.Linear(5, 64), WIDE[norm](), nn.Tanh(), nn.Linear(64, CLASSES)]
@@ -276,3 +276,110 @@ def test_wide_groups_that_may_cancel_still_take_the_entrywise_guard(norm, case, 
     X, y = torch.randn(3, 5, dtype=DT), torch.randint(0, CLASSES, (3,))
     check_graph_against_reference(model, X, y)
     assert calls
+
+
+def _count_suspect_passes(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes at which the normalization rules compute the size of the closed form's terms."""
+    from curvhook.rules.normalization import _GroupNormalizationRule
+
+    shapes: list[tuple[int, ...]] = []
+    suspects = _GroupNormalizationRule._suspects
+
+    def record(self, back, *args):
+        shapes.append(tuple(back.shape))
+        return suspects(self, back, *args)
+
+    monkeypatch.setattr(_GroupNormalizationRule, "_suspects", record)
+    return shapes
+
+
+class _MeanTokens(nn.Module):
+    """Mean pooling over the tokens, ``x.mean(1)``."""
+
+    def forward(self, x):
+        return x.mean(1)
+
+
+@pytest.mark.parametrize("norm", ["LayerNorm", "RMSNorm"])
+def test_a_few_outliers_bound_only_their_own_groups(norm, monkeypatch):
+    """One token with a feature far out (``x̂² > G/4 - 1``) among 3 × 8 groups of 64: the
+    entrywise bound runs on that group's row alone (``[1, G]``), not in passes over ``[N, T, G]``
+    (1.26 ms a LayerNorm of the benchmarks' transformer, where 16 of 262,144 entries, in as
+    many of its 4,096 groups, failed the group-level test). Exact against the definition."""
+    shapes = _count_suspect_passes(monkeypatch)
+    torch.manual_seed(1)
+    layers = [nn.Linear(5, 64), WIDE[norm](), nn.Tanh(), _MeanTokens(), nn.Linear(64, CLASSES)]
+    model = randomize_layers(nn.Sequential(*layers)).to(DT)
+    X, y = torch.randn(3, 8, 5, dtype=DT), torch.randint(0, CLASSES, (3,))
+    X[..., 0] = 0.0
+    X[1, 2, 0] = 1.0  # feature 7 six standard deviations out at this token alone: x̂² ≈ 22
+    with torch.no_grad():
+        model[0].weight[7] = 0.0
+        model[0].weight[7, 0] = 6 * model[0](X).std()
+        model[0].bias[7] = 0.0
+    check_graph_against_reference(model, X, y)
+    assert shapes == [(1, 64)], shapes
+
+
+KINDS = ["outliers", "one-entry", "silent-groups", "plain", "cancel"]
+
+
+def _closed_form_case(kind: str, centered: bool, size: int = 64):
+    """``x̂``, ``e`` ``[4, 8, G]`` of one kind, with ``back``, the group sums and the exact entries."""
+    gen = torch.Generator().manual_seed(17 * KINDS.index(kind) + 2 * size + centered)
+    x = torch.randn(4, 8, size, generator=gen, dtype=DT)
+    e = torch.rand(4, 8, size, generator=gen, dtype=DT)
+    if kind == "outliers":  # a few entries far out, some just past the threshold
+        x[0, :3, 5] += 30.0
+        x[1, 2, 9] += 6.0
+        x[2, 4, :2] += 12.0
+    elif kind == "one-entry":  # e on one entry per group: S_1² = S_0 S_2 everywhere
+        e[..., 1:] = 0
+        x[:, :, 0] += 5.0
+    elif kind == "silent-groups":  # groups nothing reaches, with outliers
+        e[:, 1::2] = 0
+        x[:, :, 3] += 20.0
+    if centered:
+        x = x - x.mean(-1, keepdim=True)
+    x_hat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5)
+    if kind == "cancel":  # two groups where q(x̂_3) = e_0 (1 + x̂_0 x̂_3)² ≈ 4e-14 cancels
+        for n, t in ((0, 1), (2, 5)):
+            e[n, t] = 0.0
+            e[n, t, 0] = 1.0
+            x_hat[n, t, 0], x_hat[n, t, 3] = 2.0, -0.5 + 1e-7
+    x_sq = x_hat.square()
+    s0, s1, s2 = (torch.einsum("ntg,ntg->nt", e, x_hat**k).unsqueeze(-1) for k in range(3))
+    if centered:
+        back = e * (1 - 2 * (1 + x_sq) / size) + (s0 + 2 * x_hat * s1 + x_sq * s2) / size**2
+    else:
+        back = e * (1 - 2 * x_sq / size) + x_sq * s2 / size**2
+    # the definition, term by term: Σ_o e_o (δ_oi - c_o)², c_o = (1 + x̂_o x̂_i)/G (x̂_o x̂_i/G)
+    c = x_hat.unsqueeze(-1) * x_hat.unsqueeze(-2)  # [N, T, o, i]
+    if centered:
+        c = c + 1
+    jac = torch.eye(size, dtype=DT) - c / size
+    exact = torch.einsum("nto,ntoi->nti", e, jac.square())
+    return back, e, x_hat, x_sq, s0 if centered else None, s1 if centered else None, s2, exact
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("centered", [True, False], ids=["centered", "rms"])
+def test_the_gathered_bound_recomputes_what_the_whole_tensor_bound_does(kind, centered):
+    """``_recompute_cancelled`` bounds only the groups that fail the group-level test
+    (``_unstable_groups``). It must recompute exactly the entries that the bound over every
+    entry picks (the proof: every other entry keeps ``mag / 8``), and give the definition's values."""
+    from curvhook.rules.normalization import LayerNormRule, RMSNormRule
+
+    rule = LayerNormRule() if centered else RMSNormRule()
+    back, e, x_hat, x_sq, s0, s1, s2, exact = _closed_form_case(kind, centered)
+    narrowed = back.clone()
+    unstable = rule._unstable_groups(x_sq, s0, s1, s2)
+    if unstable is not None:
+        rule._recompute_cancelled(narrowed, e, x_hat, x_sq, s2, s0, unstable)
+    everywhere = back.clone()
+    suspect = rule._suspects(back, e, x_sq, s2, s0, back.shape[-1])
+    n, t, i = suspect.nonzero(as_tuple=True)
+    everywhere[n, t, i] = rule._exact_entries(e[n, t], x_hat[n, t], i)
+    assert torch.equal(narrowed != back, everywhere != back)
+    torch.testing.assert_close(narrowed, everywhere, rtol=0, atol=0)
+    torch.testing.assert_close(narrowed, exact, rtol=1e-11, atol=1e-14 * float(exact.abs().max()))
