@@ -238,7 +238,8 @@ class Net(nn.Module):
 
     ``Lambda`` steps run as tensor operations in this ``forward`` (not as modules).
     ``pre``: first a parameter of this container of shape ``pre_shape`` meets the raw input,
-    ``x * self.scale`` (``[F]``, or ``[C, 1, ...]`` for images) or ``x @ self.w`` (``[F, F]``).
+    ``x * self.scale.to(x.dtype)`` (``[F]``, or ``[C, 1, ...]`` for images; the cast returns the
+    parameter itself, which a record counted twice) or ``x @ self.w`` (``[F, F]``).
     """
 
     def __init__(self, steps: list[nn.Module], pre: str = "none", pre_shape: tuple[int, ...] = ()) -> None:
@@ -260,7 +261,7 @@ class Net(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pre == "scale":
-            x = x * self.scale
+            x = x * self.scale.to(x.dtype)  # returns the parameter itself: no operation
         elif self.pre == "matmul":
             x = x @ self.w
         for kind, what in self.plan:
