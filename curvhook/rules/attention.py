@@ -102,7 +102,28 @@ def _attention_weights(q: Tensor, k: Tensor, arguments: dict) -> Tensor:
         scores += attn_mask if attn_mask.dim() == 2 else attn_mask.view(n, heads, length, length)
     if padding is not None:
         scores += padding.view(n, 1, 1, length)
-    return scores.softmax(-1)
+    return attention_softmax(scores, masked=attn_mask is not None or padding is not None)
+
+
+def attention_softmax(scores: Tensor, masked: bool = True) -> Tensor:
+    """``softmax`` over the keys (the last axis), with torch's attention's rows of zeros where
+    every key is masked (``-inf``): ``F.scaled_dot_product_attention`` returns zeros for such a
+    query (left padding in a causal model, a sample that is all padding), where a plain
+    ``softmax`` gives NaN.
+
+    Args:
+        scores: ``[*, L, S]``.
+        masked: Whether a mask took part (without one no row is all ``-inf``).
+
+    Returns:
+        ``[*, L, S]``.
+    """
+    weights = scores.softmax(-1)
+    if masked:
+        dead = scores.amax(-1, keepdim=True) == float("-inf")
+        if bool(dead.any()):
+            weights.masked_fill_(dead, 0.0)
+    return weights
 
 
 def _weight_products(m: nn.MultiheadAttention) -> dict:
@@ -416,7 +437,7 @@ def sdpa_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], causal: bool, sca
         scores.masked_fill_(~keep, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return scores.softmax(-1)
+    return attention_softmax(scores, masked=mask is not None)
 
 
 def attention_diagonals(

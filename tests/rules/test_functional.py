@@ -125,7 +125,9 @@ class Attention(nn.Module):
             s = s.masked_fill(~torch.ones(3, 3, dtype=torch.bool).tril(), float("-inf"))
         if self.mask is not None:
             s = s.masked_fill(~self.mask, float("-inf")) if self.mask.dtype == torch.bool else s + self.mask
-        return s.softmax(-1) @ v
+        # a query whose keys are all masked attends to nothing: zeros, as F.scaled_dot_product_attention gives
+        dead = s.isneginf().all(-1, keepdim=True)
+        return s.masked_fill(dead, 0.0).softmax(-1).masked_fill(dead, 0.0) @ v
 
 
 def _bn(m, x):
@@ -280,6 +282,10 @@ SPLIT_SDPA_CASES = {
     "bool_mask": dict(mask=BOOL_MASK), "scale": dict(scale=0.3), "gqa": dict(gqa=True),
     "gqa_causal": dict(gqa=True, causal=True), "learned_bias": dict(learned_bias=True),
     "padding_mask": dict(padding=True),
+    # the first query sees no key (left padding in a causal model): a row of zeros, not NaN
+    "all_keys_masked": dict(mask=torch.tensor([[0, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)),
+    "all_keys_masked_float": dict(mask=torch.zeros(3, 3, dtype=DT).masked_fill(
+        torch.tensor([[1, 1, 1], [0, 0, 1], [0, 0, 0]], dtype=torch.bool), float("-inf"))),
 }
 
 
