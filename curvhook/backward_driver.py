@@ -27,7 +27,7 @@ from curvhook.engine import backpropagate
 from curvhook.errors import CurvhookError, UnsupportedLossError
 from curvhook.extensions.base import Extension
 from curvhook.loss_linearity import LossLinearity
-from curvhook.loss_terms import LossTerms, check_gradient, find_loss_terms
+from curvhook.loss_terms import LossTerms, check_gradient, check_named_gradient, find_loss_terms
 from curvhook.plan import plan_for
 from curvhook.records import key_of
 from curvhook.sources import Source
@@ -155,6 +155,7 @@ class BackwardDriver:
         """The loss terms of every source that needs them; the gradient is checked once."""
         terms: dict[Source, LossTerms] = {}
         checked = False
+        named_checked: list[nn.Module] = []
         for source, exts in self.groups.items():
             if not source.needs_loss:
                 continue
@@ -162,6 +163,9 @@ class BackwardDriver:
             if source.loss is None and trace.losses and not checked:
                 check_gradient(trace, found, grad)
                 checked = True
+            elif source.loss is not None and source.loss not in named_checked:
+                check_named_gradient(found, grad, type(exts[0]).__name__)
+                named_checked.append(source.loss)
             found.require_nonnegative()
         return terms
 

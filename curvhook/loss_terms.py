@@ -122,7 +122,10 @@ def _loss_calls(trace: Trace, loss: Optional[nn.Module], who: str) -> list[LossC
             f"{who} needs the loss, and no loss module was called on the model "
             "output inside the block. Call a loss module (nn.CrossEntropyLoss, nn.MSELoss, "
             "nn.BCEWithLogitsLoss) on the model output inside the `with extend(...)` block, "
-            f"or name it: {who}(loss=nn.CrossEntropyLoss())."
+            f"or name it: {who}(loss=nn.CrossEntropyLoss()) where the backpropagated scalar is that "
+            "loss of the model output itself. A Hugging Face model given labels= computes its "
+            "loss after shifting the labels and ignoring -100: call it without labels= and apply "
+            "the loss module to its logits in the block."
         )
     reached = [call for call in whole if call.scale is not None]
     if not reached:
@@ -182,6 +185,65 @@ def check_gradient(trace: Trace, terms: LossTerms, grad_root: Tensor) -> None:
             "(an extra term, or a nonlinear function of the loss). Its Hessian is then not the "
             "loss Hessian curvhook knows. Backpropagate a sum of multiples of supported losses."
         )
+
+
+def check_named_gradient(terms: LossTerms, grad_root: Tensor, who: str) -> None:
+    """Check what the gradient at the model output says about a named loss's unknown targets.
+
+    A named loss (``DiagGGN(loss=...)``) has no targets, so its gradient cannot be compared
+    with the one that arrived; what the gradient implies of them can. For
+    ``CrossEntropyLoss`` with scale ``s`` (``1/(N·Π d)`` for ``'mean'``, 1 for ``'sum'``),
+    ``g = s (softmax(f, 1) − y)`` with each ``y`` a distribution over axis 1: ``y = p − g/s``
+    must lie in ``[0, 1]`` and sum to 1, and no position may get no gradient at all (an
+    ignored label, a masked token: the named loss would count it). For
+    ``BCEWithLogitsLoss``, ``y = σ(f) − g/s`` must lie in ``[0, 1]``. Other losses (``MSELoss``:
+    every ``y`` is possible) are not checked.
+
+    Raises:
+        UnsupportedLossError: where the gradient cannot be that of the named loss of the
+            model output (a loss over another axis, over part of the positions, of another
+            reduction or kind).
+    """
+    module = terms.calls[0].module
+    if not isinstance(module, (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)):
+        return
+    g = grad_root.detach()
+    out = terms.calls[0].input.detach()
+    if g.numel() == 0 or g.shape != out.shape or not out.is_floating_point():
+        return
+    tol = 8 * gradient_tolerance(g.dtype)
+    name = type(module).__name__
+    if isinstance(module, nn.CrossEntropyLoss):
+        if out.dim() < 2:
+            return
+        positions = out.numel() // out.shape[1]
+        s = 1.0 / positions if module.reduction == "mean" else 1.0
+        y = out.softmax(1).sub_(g, alpha=1.0 / s)
+        silent = (g == 0).all(1)
+        low, high = torch.aminmax(y)
+        sums = y.sum(1).sub_(1).abs().amax()
+        bad_silent, low, high, sums = torch.stack([silent.any().to(y.dtype), low, high, sums]).tolist()
+        if bad_silent:
+            reason = "some positions get no gradient at all (ignored labels, masked tokens), which it would count"
+        elif not (low >= -tol and high <= 1 + tol and sums <= tol * out.shape[1]):
+            reason = "the targets it implies are no distributions over axis 1"
+        else:
+            return
+    else:
+        s = 1.0 / out.numel() if module.reduction == "mean" else 1.0
+        low, high = torch.aminmax(torch.sigmoid(out).sub_(g, alpha=1.0 / s))
+        if float(low) >= -tol and float(high) <= 1 + tol:
+            return
+        reason = "the targets it implies are not in [0, 1]"
+    raise UnsupportedLossError(
+        f"{who}(loss={name}(reduction={module.reduction!r})): the gradient reaching the model output "
+        f"is not that of this loss applied to the model output {tuple(out.shape)} as it is: {reason}. "
+        "A named loss must be the backpropagated scalar as a function of the model output: "
+        f"{name} takes axis 1 as the classes and counts every position. Call the loss module on "
+        "the output inside the block instead of naming it. A Hugging Face model given labels= "
+        "shifts them and ignores -100: call it without labels= and apply nn.CrossEntropyLoss to "
+        "its logits (for a causal LM: logits[:, :-1].flatten(0, 1) against labels[:, 1:].flatten())."
+    )
 
 
 def gradient_tolerance(dtype: torch.dtype) -> float:

@@ -548,3 +548,79 @@ def test_a_layer_of_the_model_applied_to_a_loss_value_is_watched():
         with pytest.raises(UnsupportedLossError, match="nonlinear function of a loss"):
             (loss + crit(again, y)).backward()
 
+
+
+# ------------------------------------------------------- named losses: what the gradient says
+T, V = 5, 6  # tokens and vocabulary of a per-token head [N, T, V]
+
+
+class ComputesItsLoss(nn.Module):
+    """A model that returns ``(logits, loss)``, the loss computed in its ``forward`` (Hugging Face's ``labels=``)."""
+
+    def __init__(self, net: nn.Module, loss_of_logits) -> None:
+        super().__init__()
+        self.net, self.loss_of_logits = net, loss_of_logits
+
+    def forward(self, x):
+        logits = self.net(x)
+        return logits, self.loss_of_logits(logits)
+
+
+def _named_case(case):
+    """``(model, X, named loss, the scalar backpropagated)`` of one misuse of a named loss."""
+    X = torch.randn(N, 4, dtype=DT)
+    if case in ("token_head_ce_over_last_axis", "hf_shifted_labels"):  # a language model's loss, in its forward
+        if case == "token_head_ce_over_last_axis":  # classes on the last axis
+            y = class_targets((N, T), c=V)
+            loss = lambda out: F.cross_entropy(out.flatten(0, 1), y.flatten())  # noqa: E731
+        else:  # what a Hugging Face causal LM given labels= computes
+            y = class_targets((N, T), c=V, ignore=-100)
+            loss = lambda out: F.cross_entropy(out[:, :-1].flatten(0, 1), y[:, 1:].flatten())  # noqa: E731
+        return ComputesItsLoss(model_for((T, V)), loss), X, nn.CrossEntropyLoss(), lambda out: out[1]
+    if case == "ignored_samples":
+        y = class_targets((N,), ignore=-100)
+        return model_for((C,)), X, nn.CrossEntropyLoss(), lambda out: F.cross_entropy(out, y, ignore_index=-100)
+    if case == "ce_named_mse_used":
+        y = torch.randn(N, C, dtype=DT)
+        return model_for((C,)), X, nn.CrossEntropyLoss(), lambda out: F.mse_loss(out, y)
+    if case == "bce_summed_named_mean":  # the gradient is N C times what the named mean implies
+        y = torch.rand(N, C, dtype=DT)
+        return model_for((C,)), X, nn.BCEWithLogitsLoss(), lambda out: F.binary_cross_entropy_with_logits(
+            out, y, reduction="sum")
+    raise KeyError(case)
+
+
+NAMED_MISUSES = ["token_head_ce_over_last_axis", "hf_shifted_labels", "ignored_samples", "ce_named_mse_used",
+                 "bce_summed_named_mean"]
+
+
+@pytest.mark.parametrize("ext", [DiagGGN, DiagGGNApprox, FullGGN])
+@pytest.mark.parametrize("case", NAMED_MISUSES)
+def test_a_named_loss_that_is_not_the_backpropagated_scalar_raises(case, ext):
+    """A named loss has no targets, but the gradient at the model output tells which targets it
+    would need: distributions over axis 1 for CrossEntropyLoss, values in [0, 1] for
+    BCEWithLogitsLoss, and a gradient at every position. A per-token head's loss over the last
+    axis (what Hugging Face's ``labels=`` computes, which the error for ``labels=`` suggested
+    naming), ignored labels, or another loss gave wrong numbers (up to 0.8 relative) silently."""
+    torch.manual_seed(0)
+    model, X, named, scalar = _named_case(case)
+    with extend(model, ext(loss=named)):
+        value = scalar(model(X))
+        with pytest.raises(UnsupportedLossError, match="not that of this loss applied to the model output"):
+            value.backward()
+
+
+@pytest.mark.parametrize("options", ["plain", "sum", "label_smoothing", "probabilities", "spatial"])
+def test_a_named_cross_entropy_that_is_the_backpropagated_scalar_passes_its_check(options):
+    """The check lets every correct use through, exact against the reference."""
+    torch.manual_seed(0)
+    shape = (C, 2) if options == "spatial" else (C,)
+    model, X = model_for(shape), torch.randn(N, 4, dtype=DT)
+    kwargs = {"sum": dict(reduction="sum"), "label_smoothing": dict(label_smoothing=0.2)}.get(options, {})
+    y = prob_targets((N, C)) if options == "probabilities" else class_targets((N, *shape[1:]))
+    named = nn.CrossEntropyLoss(**kwargs)
+    with extend(model, DiagGGN(loss=named)):
+        F.cross_entropy(model(X), y, **kwargs).backward()
+    got = torch.cat([p.diag_ggn.flatten() for p in model.parameters()])
+    ref = reference(model, X, lambda out: named(out, y))
+    compare({"DiagGGN": got}, ref)
