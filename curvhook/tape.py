@@ -167,10 +167,11 @@ class OperationTape(TorchFunctionMode):
                         trace.handles.append(o.register_hook(partial(_record_after_task, trace)))
             return
         outputs = [tensors[0]] if inplace and tensors else list(flat_tensors(out))
-        if not inplace and outputs and all(_is_unchanged_input(o, tensors, keys) for o in outputs):
+        if outputs and all(_is_unchanged_input(o, tensors, keys) for o in outputs):
             # The call returned its input as it was (``γ.to(γ.dtype)``, ``x.contiguous()`` of a
-            # contiguous ``x``): no operation. A record would map the tensor's key to itself,
-            # and a parameter read through it would get its terms twice.
+            # contiguous ``x``, an in-place call that changed nothing): no operation. A record
+            # would map the tensor's key to itself, and a parameter read through it would get
+            # its terms twice. (Such an output beside new ones is not followed: _operation.)
             return
         if after is not None:
             op = self._record_after(after, (func, name, t_args, t_kwargs), tensors, keys, nodes, outputs, inplace)
@@ -484,7 +485,11 @@ def _operation(
         input_keys=keys,
         input_versions=tuple(k[1] for k in keys),
         input_nodes=nodes,
-        output_keys=tuple(key_of(o) if o.requires_grad else None for o in outputs),
+        # an output that is an input as it was (``torch.atleast_2d(W, b)`` returns ``W``) is not
+        # produced by the call: its key stays that of the input
+        output_keys=tuple(
+            key_of(o) if o.requires_grad and not _is_unchanged_input(o, tensors, keys) else None for o in outputs
+        ),
         output_shapes=tuple(o.shape for o in outputs),
         output_values=tuple(o.detach() for o in outputs),
         node=node,

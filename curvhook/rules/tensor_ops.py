@@ -694,7 +694,8 @@ class TensorOpRule(LayerRule):
                 return _guard(call, lambda: vmap(lambda d: pull((d,))[0])(value).abs())
             _warn_dense_once(call)
             jacs = jacrev(self._function(call, (slot,)))(w)
-            diags = _as_list_shared(call, value, (value[0].shape[0] if isinstance(value, list) else value.shape[0],))
+            first = next(v for v in value if v is not None) if isinstance(value, list) else value
+            diags = _as_list_shared(call, value, (first.shape[0],))
             total = 0
             for d, jac in zip(diags, jacs):
                 jac = jac.reshape(d[0].numel(), w.numel())

@@ -656,3 +656,34 @@ def test_a_gather_is_checked_on_every_pass_not_once_per_graph():
         model.rows = lambda n: torch.arange(n).flip(0)
         with pytest.raises(UnsupportedModelError, match="mixes samples|cannot split"):
             nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+class ReturnsAParameter(nn.Module):
+    """Calls that return a parameter as it was beside new outputs, or in place without a change."""
+
+    BODIES = {
+        "atleast_2d": lambda s, h: (lambda W, b: h @ W * b)(*torch.atleast_2d(s.W, s.b)),
+        "broadcast_tensors": lambda s, h: (lambda W, b: h @ W + b[0])(*torch.broadcast_tensors(s.W, s.b)),
+        "atleast_1d": lambda s, h: (lambda b, c: h * b * c)(*torch.atleast_1d(s.b, s.b.sum())),
+        "dropout_in_place_in_eval": lambda s, h: h * F.dropout(s.b, 0.2, training=False, inplace=True),
+    }
+
+    def __init__(self, body: str) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.W, self.b = nn.Parameter(torch.randn(6, 6) / 3), nn.Parameter(torch.randn(6))
+        self.body = self.BODIES[body]
+
+    def forward(self, x):
+        return self.l2(self.body(self, torch.tanh(self.l1(x))))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("body", sorted(ReturnsAParameter.BODIES))
+def test_an_output_that_is_a_parameter_as_it_was_is_not_the_calls(body, n):
+    """``torch.atleast_2d(W, b)`` returns ``W`` itself beside a reshaped ``b``: that output is not
+    produced by the call (recorded, ``W`` got its terms twice: BatchJacobian 2×), and an in-place
+    call that changes nothing is no operation. Found by review; exact on the graph."""
+    torch.manual_seed(0)
+    model = ReturnsAParameter(body).to(DT)
+    check_graph_against_reference(model, torch.randn(n, 4, dtype=DT), torch.randint(0, 3, (n,)))
