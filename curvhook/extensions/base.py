@@ -221,4 +221,4 @@ class FollowUp:
 
 def zeros_for(p: nn.Parameter, *lead: int) -> Tensor:
     """Zeros of shape ``[*lead, *p.shape]`` in the parameter's dtype and device."""
-    return torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device)
+    return torch.zeros((*lead, *p.shape), dtype=p.dtype, device=p.device)

@@ -47,7 +47,7 @@ class BatchL2Grad(Extension):
             if total is None:
                 out[id(p)] = torch.zeros(root.shape[0], dtype=p.dtype, device=p.device)
             elif id(p) in shared:
-                out[id(p)] = total[0].flatten(1).square().sum(1)
+                out[id(p)] = total[0].reshape(total[0].shape[0], -1).square().sum(1)
             else:
                 out[id(p)] = total[0]
         return out

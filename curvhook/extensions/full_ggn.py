@@ -129,7 +129,8 @@ class FullGGN(Extension):
             if factors is not None:
                 a, b = factors
                 return Kron(a, b if b is not None else a.new_ones(a.shape[1], 1))
-        return rule.param_jac_t_mat_prod(op, name, value).flatten(2)
+        out = rule.param_jac_t_mat_prod(op, name, value)  # [V, N, *p]; a 0-d p has no axes to flatten
+        return out.reshape(*out.shape[:2], -1)
 
     def finalize(
         self, totals: dict[int, Block], shared: frozenset[int], params: list[nn.Parameter], root: Tensor

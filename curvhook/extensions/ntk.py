@@ -29,7 +29,7 @@ _SUM = "sum"  # the key of the running sum of the Gram matrices in ``totals``
 
 def gram_of_products(products: Tensor) -> Tensor:
     """``[V, N, *θ]`` products → their Gram matrix ``[V·N, V·N]``."""
-    flat = products.flatten(2).flatten(0, 1)
+    flat = products.reshape(*products.shape[:2], -1).flatten(0, 1)
     return flat @ flat.T
 
 

@@ -121,7 +121,7 @@ class OutputCovariance(Extension):
         for p, size in zip(params, sizes):
             term = totals.get(id(p))
             if term is not None:
-                jac[:, :, start : start + size] = term.flatten(2)
+                jac[:, :, start : start + size] = term.reshape(*term.shape[:2], -1)
             start += size
         flat = jac.flatten(0, 1)  # [(C N), P]
         weighted = (flat @ self.cov.to(flat.dtype)).view(c, n, -1)

@@ -96,7 +96,7 @@ def metric_gram_of_products(products: Tensor, metric: shared_weight.Metric) -> T
         p = products.reshape(v, n, b_factor.shape[0], -1)
         q = torch.matmul(torch.matmul(b_factor, p), a_factor.T)
         return torch.einsum("vnoi,wnoi->nvw", p, q)
-    flat = products.flatten(2)
+    flat = products.reshape(v, n, -1)  # [V, N, |θ|] (also for a 0-d θ)
     return torch.einsum("vnk,wnk->nvw", flat * metric.flatten(), flat)
 
 
@@ -276,6 +276,8 @@ class LayerRule:
         square-sums them; rules override it where a Gram-matrix form is cheaper.
         """
         prod = self.param_jac_t_mat_prod(call, name, mat)  # [V, N, *θ]
+        if prod.dim() == 2:  # a 0-d θ (dim=() would reduce every axis)
+            return prod.square()
         # the norm reduces without an entrywise square of the whole product in memory
         return torch.linalg.vector_norm(prod, dim=tuple(range(2, prod.dim()))).square()
 
@@ -294,7 +296,8 @@ class LayerRule:
         factors = self._shared_weight(call, name, mat)
         if factors is not None:
             return shared_weight.gram(*factors, bias=name == "bias")
-        prod = self.param_jac_t_mat_prod(call, name, mat).flatten(2).flatten(0, 1)  # [V·N, |θ|]
+        prod = self.param_jac_t_mat_prod(call, name, mat)
+        prod = prod.reshape(prod.shape[0] * prod.shape[1], -1)  # [V·N, |θ|] (also for a 0-d θ)
         return prod @ prod.T
 
     def param_metric_gram(self, call: Operation, name: str, mat: Tensor, metric: shared_weight.Metric) -> Tensor:
