@@ -406,7 +406,9 @@ class TensorOpRule(LayerRule):
         return self.shared_jac_t_mat_prod(call, value, slot)
 
     def _pull_whole(self, call: Operation, mats: list[Tensor], slot: int) -> Tensor:
-        """``J_xᵀ m`` by the ``vjp`` of the whole batched operation, ``vmap``-ed over the columns.
+        """``J_xᵀ m`` of the whole batched operation: for one column (``V = 1``, the diagonals)
+        by autograd on a replay (:func:`_pullback_by_autograd`), else by its ``vjp``
+        ``vmap``-ed over the columns.
 
         ``mats`` and the result keep the batch axis second (``[V, N, *rest]``);
         the operation sees it where its tensors have it.
