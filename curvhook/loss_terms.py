@@ -231,8 +231,8 @@ def check_named_gradient(terms: LossTerms, grad_root: Tensor, who: str) -> None:
             return
     else:
         s = 1.0 / out.numel() if module.reduction == "mean" else 1.0
-        low, high = torch.aminmax(torch.sigmoid(out).sub_(g, alpha=1.0 / s))
-        if float(low) >= -tol and float(high) <= 1 + tol:
+        low, high = torch.stack(torch.aminmax(torch.sigmoid(out).sub_(g, alpha=1.0 / s))).tolist()  # one sync
+        if low >= -tol and high <= 1 + tol:
             return
         reason = "the targets it implies are not in [0, 1]"
     raise UnsupportedLossError(

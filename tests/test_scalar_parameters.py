@@ -68,6 +68,5 @@ def test_every_extension_takes_scalar_parameters(n):
     J = reference(model, X, None, approx=False).J  # [N C, P]
     check(ntk.matrix.reshape(n * 3, n * 3), J @ J.T, "NTK (scalars)")
     sigma = torch.cat([var[p].flatten() for p in params])
-    check(cov.covariance.reshape(n * 3, n * 3) if cov.covariance.dim() != 3 else torch.block_diag(*cov.covariance),
-          (J * sigma) @ J.T if cov.covariance.dim() != 3 else torch.block_diag(*[((J * sigma) @ J.T)[i * 3:(i + 1) * 3, i * 3:(i + 1) * 3] for i in range(n)]),
-          "OutputCovariance (scalars)")
+    per_sample = ((J * sigma) @ J.T).reshape(n, 3, n, 3).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # J_n Σ J_nᵀ
+    check(cov.covariance, per_sample, "OutputCovariance (scalars)")
