@@ -37,6 +37,7 @@ __all__ = [
     "AUTOCAST_DEVICE_TYPES",
     "BATCH_NORM_TYPES",
     "LOSS_MODULE_TYPES",
+    "REPLAYED_AS",
     "ModuleHookPairs",
     "TORCH_FUNC_IMPORTS_DYNAMO",
     "any_autocast_enabled",
@@ -48,6 +49,7 @@ __all__ = [
     "current_autograd_node",
     "current_graph_task_id",
     "disable_torch_function",
+    "engine_executes_node",
     "forward_pre_hooks",
     "functorch_level",
     "in_backward_hook_setup",
@@ -309,6 +311,27 @@ current_graph_task_id: Callable[[], int] = getattr(_C, "_current_graph_task_id",
 # Missing: ``None``, which the rules treat like a call without a single node
 # (the last layer's product is recomputed from its inputs; results are the same).
 current_autograd_node: Callable[[], Any] = getattr(_C, "_current_autograd_node", None) or (lambda: None)
+
+# engine_executes_node(node): whether the backward pass under way runs ``node``.
+# ``torch.autograd.grad(loss, out)`` and ``backward(inputs=...)`` run only the
+# nodes on the way to the tensors asked for; a node outside that path returns
+# no gradient when applied, and the one below the model output tells whether the
+# pass goes into the model at all.
+# Checked on torch 2.6–2.13 (``torch._C._will_engine_execute_node``; only valid
+# inside a backward pass, and raises for a node outside its graph).
+# Missing: ``True`` (every pass counts as a whole one, as before).
+_will_execute = getattr(_C, "_will_engine_execute_node", None)
+
+
+def engine_executes_node(node: Any) -> bool:
+    """Whether the backward pass under way runs ``node`` (see the comment above)."""
+    if _will_execute is None:  # pragma: no cover - every torch 2.x has it
+        return True
+    try:
+        return bool(_will_execute(node))
+    except RuntimeError:  # not a node of this pass's graph
+        return False
+
 
 _engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
 
@@ -819,3 +842,21 @@ def canonical_attention_masks(
         target_type=dtype, check_other=False,
     )
     return attn_mask, padding
+
+
+# REPLAYED_AS: torch functions whose torch.func derivatives are wrong, mapped to
+# the same function written with operations whose derivatives are right. The
+# tape records the replacement as the operation's function, so curvhook's
+# replays (vjp, vmap, jacrev in the generic tensor-operation rule) call it; the
+# forward pass still runs the original. Names are kept (rules match by name).
+# torch.cdist: jacrev and vmap of its backward give wrong Jacobians (checked on
+# torch 2.6 and 2.13: an error as large as the Jacobian itself on a 3×6 input,
+# against autograd and finite differences); autograd's own backward is right.
+# Missing: nothing (plain Python over public functions).
+def _cdist_written_out(x1: Tensor, x2: Tensor, p: float = 2.0, compute_mode: Optional[str] = None) -> Tensor:
+    """``torch.cdist(x1, x2, p)`` as the ``p``-norm of all differences: ``[..., P, R]``."""
+    return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), ord=p, dim=-1)
+
+
+_cdist_written_out.__name__ = "cdist"
+REPLAYED_AS: dict[Callable[..., Any], Callable[..., Any]] = {torch.cdist: _cdist_written_out}

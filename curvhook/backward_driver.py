@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from curvhook import _memory
 from curvhook._torch_internals import (
-    current_autograd_node, current_graph_task_id, disable_torch_function, queue_backward_callback,
+    current_autograd_node, current_graph_task_id, disable_torch_function, engine_executes_node,
+    queue_backward_callback,
 )
 from curvhook.block_state import BlockState
 from curvhook.engine import backpropagate
@@ -94,6 +95,10 @@ class BackwardDriver:
         params = self.state.params
         if not self.active or not params:
             return
+        if _stops_at_output():  # torch.autograd.grad(loss, out): no parameter gets a gradient
+            for loss in trace.losses:
+                loss.scale = None  # this pass's multiples, read by no walk
+            return
         task = current_graph_task_id()
         self._refuse(trace, task)
         if self._results_task != task and not self.accumulate:
@@ -160,10 +165,10 @@ class BackwardDriver:
             if not source.needs_loss:
                 continue
             terms[source] = found = find_loss_terms(trace, source.loss, type(exts[0]).__name__)
-            if source.loss is None and trace.losses and not checked:
+            if not found.named and not checked:
                 check_gradient(trace, found, grad)
                 checked = True
-            elif source.loss is not None and source.loss not in named_checked:
+            elif found.named and source.loss not in named_checked:
                 check_named_gradient(found, grad, type(exts[0]).__name__)
                 named_checked.append(source.loss)
             found.require_nonnegative()
@@ -198,3 +203,17 @@ class BackwardDriver:
             if self.distributed and not self.accumulate:  # with accumulate: once, when the block ends
                 self.reduce_across_processes()
             _memory.drop_unused(sum(ext.result_bytes(params) for ext in self.extensions))
+
+
+def _stops_at_output() -> bool:
+    """Whether this backward pass ends at the model output: it runs no node below it.
+
+    ``torch.autograd.grad(loss, logits)`` (the gradient at the output, for logging)
+    runs the output's hooks and stops; the model's parameters get no gradient, and
+    the autograd nodes the rules apply would return none. Such a pass adds no results.
+    """
+    node = current_autograd_node()
+    if node is None:
+        return False
+    below = [n for n, _ in node.next_functions if n is not None]
+    return bool(below) and not any(engine_executes_node(n) for n in below)

@@ -86,14 +86,14 @@ class Extend:
         self._parts_used = False
         self._state = BlockState()
         self._linearity = LossLinearity()
-        self._tape = OperationTape(self._state, self._linearity)
+        self._finder = LossFinder(self._state, self._linearity)
+        self._tape = OperationTape(self._state, self._linearity, self._finder.after_functional_loss)
         self._driver = BackwardDriver(
             self.model, self._state, self.extensions, self._linearity, self.accumulate, self.distributed
         )
         self._recorder = ModuleRecorder(
             self._state, self._tape, self._driver.before_forward, self._driver.on_output, self.output
         )
-        self._finder = LossFinder(self._state, self._linearity)
 
     # ------------------------------------------------------------- lifecycle
     def __enter__(self) -> "Extend":

@@ -31,3 +31,23 @@ def reentrant_checkpoint_error(where: str = "") -> UnsupportedModelError:
         "backward, so curvhook cannot follow it. Use checkpoint(..., use_reentrant=False) "
         "(supported, exact), or call the block without checkpointing inside extend."
     )
+
+
+def partial_backward_error(node_name: str) -> CurvhookError:
+    """The error for a backward pass that skips an operation of the model the rules read.
+
+    ``torch.autograd.grad(loss, [some parameters])`` and ``loss.backward(inputs=...)``
+    run only the autograd nodes on the way to the tensors asked for.
+
+    Args:
+        node_name: The skipped autograd node (``"TanhBackward0"``).
+    """
+    return CurvhookError(
+        f"This backward pass runs only part of the model: autograd skips {node_name} (the "
+        "gradients asked for, by torch.autograd.grad(..., inputs) or backward(inputs=...), do "
+        "not need it), and curvhook reads that operation's derivative from it. Inside an "
+        "extend block, backpropagate the loss through the whole model: loss.backward(), or "
+        "torch.autograd.grad with respect to every trainable parameter. Take gradients of "
+        "part of the graph outside the block (the gradient at the model output alone, "
+        "torch.autograd.grad(loss, out), is fine inside it)."
+    )

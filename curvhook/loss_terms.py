@@ -31,6 +31,8 @@ class LossTerms:
         calls: The loss calls.
         rules: Their Hessian rules.
         scales: ``c_i = dℓ/dL_i`` (1 for a named loss).
+        named: Whether the one call is a named loss (``DiagGGN(loss=...)``), with no
+            targets and no multiple, rather than losses found in the block.
     """
 
     start: TensorKey
@@ -38,6 +40,7 @@ class LossTerms:
     rules: list[LossRule]
     scales: list[float]
     merge: Optional[Operation] = None
+    named: bool = False
 
     def __post_init__(self) -> None:
         if self.merge is not None:  # the walk starts before the reshape that merged the rows
@@ -90,7 +93,7 @@ def find_loss_terms(trace: Trace, loss: Optional[nn.Module], who: str) -> LossTe
         loss: A named loss module, or ``None`` for the losses called in the block.
         who: The extension's name, for messages.
     """
-    calls = _loss_calls(trace, loss, who)
+    calls, named = _loss_calls(trace, loss, who)
     keys = {call.key for call in calls}
     if len(keys) > 1:
         raise UnsupportedLossError(
@@ -102,12 +105,21 @@ def find_loss_terms(trace: Trace, loss: Optional[nn.Module], who: str) -> LossTe
     scales = [1.0 if call.scale is None else float(call.scale) for call in calls]
     key = keys.pop()
     merge = next((op for op in trace.after_operations if op.rows_per_sample and key in op.output_keys), None)
-    return LossTerms(key, calls, rules, scales, merge)
+    return LossTerms(key, calls, rules, scales, merge, named)
 
 
-def _loss_calls(trace: Trace, loss: Optional[nn.Module], who: str) -> list[LossCall]:
+def _loss_calls(trace: Trace, loss: Optional[nn.Module], who: str) -> tuple[list[LossCall], bool]:
+    """The loss calls of this backward pass, and whether they are the named loss.
+
+    Losses called in the block and reached by this backward pass come first, also
+    when a loss is named: they know their targets and their multiple in the scalar
+    (``F.cross_entropy(out, y) / 4``), which a named loss cannot see.
+    """
     _refuse_batch_part(trace, who)
     if loss is not None:
+        reached = [call for call in trace.losses if call.batch_part is None and call.scale is not None]
+        if reached:
+            return reached, False
         if current_graph_task_id() in trace.after_tasks:
             raise UnsupportedLossError(
                 f"{who}(loss=...) describes the loss of the model output, but this "
@@ -115,15 +127,16 @@ def _loss_calls(trace: Trace, loss: Optional[nn.Module], who: str) -> list[LossC
                 "Call a loss module on their result inside the block instead of naming the loss "
                 "(nn.CrossEntropyLoss()(g(model(X)), y)), or move them into the model."
             )
-        return [LossCall(module=loss, input=trace.root_value, target=None, key=trace.root_key)]
+        return [LossCall(module=loss, input=trace.root_value, target=None, key=trace.root_key)], True
     whole = [call for call in trace.losses if call.batch_part is None]
     if not whole:
         raise UnsupportedLossError(
-            f"{who} needs the loss, and no loss module was called on the model "
+            f"{who} needs the loss, and no supported loss was called on the model "
             "output inside the block. Call a loss module (nn.CrossEntropyLoss, nn.MSELoss, "
-            "nn.BCEWithLogitsLoss) on the model output inside the `with extend(...)` block, "
-            f"or name it: {who}(loss=nn.CrossEntropyLoss()) where the backpropagated scalar is that "
-            "loss of the model output itself. A Hugging Face model given labels= computes its "
+            "nn.BCEWithLogitsLoss) or its function (F.cross_entropy, F.mse_loss, "
+            "F.binary_cross_entropy_with_logits) on the model output inside the `with extend(...)` "
+            f"block, or name it: {who}(loss=nn.CrossEntropyLoss()) where the backpropagated scalar is "
+            "exactly that loss of the model output itself. A Hugging Face model given labels= computes its "
             "loss after shifting the labels and ignoring -100: call it without labels= and apply "
             "the loss module to its logits in the block."
         )
@@ -134,7 +147,7 @@ def _loss_calls(trace: Trace, loss: Optional[nn.Module], who: str) -> list[LossC
             "depend on the loss module called on the model output. Call backward() on that loss "
             f"(or a multiple of it), or name the loss: {who}(loss=...)."
         )
-    return reached
+    return reached, False
 
 
 def _refuse_batch_part(trace: Trace, who: str) -> None:
@@ -207,6 +220,8 @@ def check_named_gradient(terms: LossTerms, grad_root: Tensor, who: str) -> None:
     module = terms.calls[0].module
     if not isinstance(module, (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)):
         return
+    if getattr(module, "weight", None) is not None or getattr(module, "pos_weight", None) is not None:
+        return  # its rule refuses it, saying why (the weights need the targets)
     g = grad_root.detach()
     out = terms.calls[0].input.detach()
     if g.numel() == 0 or g.shape != out.shape or not out.is_floating_point():
@@ -235,14 +250,18 @@ def check_named_gradient(terms: LossTerms, grad_root: Tensor, who: str) -> None:
         if low >= -tol and high <= 1 + tol:
             return
         reason = "the targets it implies are not in [0, 1]"
+    what = "takes axis 1 as the classes and counts every position" if name == "CrossEntropyLoss" else (
+        "counts every entry")
     raise UnsupportedLossError(
         f"{who}(loss={name}(reduction={module.reduction!r})): the gradient reaching the model output "
         f"is not that of this loss applied to the model output {tuple(out.shape)} as it is: {reason}. "
-        "A named loss must be the backpropagated scalar as a function of the model output: "
-        f"{name} takes axis 1 as the classes and counts every position. Call the loss module on "
-        "the output inside the block instead of naming it. A Hugging Face model given labels= "
-        "shifts them and ignores -100: call it without labels= and apply nn.CrossEntropyLoss to "
-        "its logits (for a causal LM: logits[:, :-1].flatten(0, 1) against labels[:, 1:].flatten())."
+        "A named loss must be the backpropagated scalar as a function of the model output, any "
+        f"factor included: {name} {what}. Call the loss module (or its function, "
+        "F.cross_entropy, F.binary_cross_entropy_with_logits) on the output inside the block "
+        "instead of naming it: curvhook then finds it, with its targets and factor. A Hugging Face "
+        "model given labels= shifts them and ignores -100: call it without labels= and apply "
+        "nn.CrossEntropyLoss to its logits (for a causal LM: logits[:, :-1].flatten(0, 1) against "
+        "labels[:, 1:].flatten())."
     )
 
 

@@ -42,14 +42,26 @@ def register_loss(*loss_types: type) -> Callable[[L], L]:
     return decorate
 
 
+# Unsupported losses that a supported one computes after a change to the model's last step.
+_EQUIVALENTS = {
+    "NLLLoss": " NLLLoss of log_softmax(logits) is CrossEntropyLoss of the logits: drop the "
+               "log_softmax from the model and use nn.CrossEntropyLoss (the same loss; its GGN "
+               "counts the softmax as part of the loss, the usual choice).",
+    "BCELoss": " BCELoss of sigmoid(logits) is BCEWithLogitsLoss of the logits: drop the sigmoid "
+               "from the model and use nn.BCEWithLogitsLoss (the same loss, computed stably; its "
+               "GGN counts the sigmoid as part of the loss).",
+}
+
+
 def loss_rule_for(loss: nn.Module) -> "LossRule":
     """Return the rule for a loss module, or raise a clear error."""
     rule = _LOSS_RULES.get(type(loss))
     if rule is None:
         names = ", ".join(sorted(t.__name__ for t in _LOSS_RULES))
+        hint = _EQUIVALENTS.get(type(loss).__name__, "")
         raise UnsupportedLossError(
             f"curvhook has no Hessian for the loss {type(loss).__name__}. "
-            f"Supported losses: {names}."
+            f"Supported losses: {names}.{hint}"
         )
     if getattr(loss, "reduction", "mean") not in ("mean", "sum"):
         raise UnsupportedLossError(

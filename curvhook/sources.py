@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Hashable, Optional
 import torch
 from torch import Tensor, nn
 
-from curvhook.errors import CurvhookError
+from curvhook._torch_internals import current_graph_task_id
+from curvhook.errors import CurvhookError, UnsupportedModelError
 from curvhook.loss_terms import LossTerms
 from curvhook.losses import identity_factor
 from curvhook.records import Operation, TensorKey
@@ -165,8 +166,25 @@ class LossGradient(Source):
     def initial(
         self, trace: Trace, grad_root: Tensor, terms: Optional[LossTerms], plan: Optional["Plan"] = None
     ) -> tuple[TensorKey, Optional[Tensor]]:
+        _refuse_parameters_after_the_model(trace)
         # contiguous: a backward from model(X).sum() delivers an expanded (stride-0) gradient
         return trace.root_key, grad_root.detach().contiguous().unsqueeze(0)
+
+
+def _refuse_parameters_after_the_model(trace: Trace) -> None:
+    """Refuse a backward pass through an operation after the model that uses a model parameter.
+
+    ``crit(model(X) / model.T, y)``: ``T``'s per-sample gradients do not pass through the
+    model output, where this source starts, so they would be zero.
+    """
+    used = next((op for op in trace.after_operations if op.params), None)
+    if used is not None and current_graph_task_id() in trace.after_tasks:
+        raise UnsupportedModelError(
+            f"A parameter of the model is used after the model returned (in {used.name!r}), and "
+            "this backward pass goes through that operation. BatchGrad, BatchL2Grad and "
+            "SumGradSquared start from the gradient at the model output, which that parameter's "
+            "per-sample gradients do not pass through. Move the operation into the model's forward."
+        )
 class SampledLossHessianSqrt(Source):
     """``M`` sampled columns ``s_m / √M``, ``[M, N, *out]``: ``E[Σ_m s_m s_mᵀ / M] = Σ_i c_i H_i``.
 

@@ -17,20 +17,21 @@ from __future__ import annotations
 
 import inspect
 from functools import lru_cache, partial
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from curvhook._torch_internals import (
-    current_graph_task_id, disable_torch_function, functorch_level, in_backward_hook_setup,
+    REPLAYED_AS, current_graph_task_id, disable_torch_function, functorch_level, in_backward_hook_setup,
     in_reentrant_checkpoint, saved_tensor_hooks_active, tensor_version,
 )
 from curvhook.batch_axis import FOLLOWED, MOVERS, output_batch_axes
 from curvhook.block_state import BlockState
 from curvhook.errors import reentrant_checkpoint_error
 from curvhook.guards import refuse_transform
+from curvhook.loss_finder import functional_loss_module
 from curvhook.loss_linearity import LossLinearity
 from curvhook.operations import (
     ADDITIONS, MERGING_RESHAPES, REVERSED_SUBTRACTIONS, SUBTRACTIONS, is_inplace, name_of, skipped,
@@ -47,6 +48,9 @@ _HISTORY = object()
 # Marks the pending record of an operation on part of the batch of a model output.
 _BATCH_PART = object()
 
+# Marks the pending record of a functional loss (``F.cross_entropy``) called outside the model.
+_FUNCTIONAL_LOSS = object()
+
 # Operations that can select samples of the model output (``out[:4]``, ``out[idx]``,
 # ``out[mask]``, ``out.narrow(0, 0, 4)``): where their result has lost the batch
 # size, it holds part of the batch.
@@ -59,10 +63,22 @@ BATCH_SELECTIONS = frozenset({
 class OperationTape(TorchFunctionMode):
     """Records the tensor operations of the network (see the module docstring)."""
 
-    def __init__(self, state: BlockState, linearity: LossLinearity) -> None:
+    def __init__(
+        self, state: BlockState, linearity: LossLinearity,
+        functional_loss: Optional[Callable[[nn.Module, tuple, dict, Any], None]] = None,
+    ) -> None:
+        """
+        Args:
+            state: The block's shared state.
+            linearity: Marks the tensors computed from loss values.
+            functional_loss: Called as ``functional_loss(module, args, kwargs, output)``
+                after a functional loss with a module twin ran outside the model, with
+                that module (:func:`~curvhook.loss_finder.functional_loss_module`).
+        """
         super().__init__()
         self.state = state
         self.linearity = linearity
+        self.functional_loss = functional_loss
         self.enabled = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -97,6 +113,10 @@ class OperationTape(TorchFunctionMode):
         if not state.stack:  # outside the model: only what is applied to its output
             if state.in_loss():
                 return None
+            if self.functional_loss is not None:
+                module = functional_loss_module(func, args, kwargs)
+                if module is not None:  # F.cross_entropy(out, y): found like nn.CrossEntropyLoss()(out, y)
+                    return _FUNCTIONAL_LOSS, module, args, kwargs
             traces = self._watched_traces(args, kwargs)
             if not traces:
                 return self._batch_part_pending(args, kwargs)
@@ -158,6 +178,9 @@ class OperationTape(TorchFunctionMode):
             return
         if pending[0] is _BATCH_PART:  # computed from part of the batch: still part of it
             self._mark_batch_part(pending[1], pending[2], out)
+            return
+        if pending[0] is _FUNCTIONAL_LOSS:
+            self.functional_loss(*pending[1:], out)
             return
         after, func, name, t_args, t_kwargs, tensors, keys, nodes, inplace, before = pending
         if isinstance(after, tuple):  # outputs of several forward passes combined
@@ -477,7 +500,7 @@ def _operation(
     """The record of one tensor operation."""
     return Operation(
         name=name,
-        func=func,
+        func=REPLAYED_AS.get(func, func),  # torch.cdist: its torch.func derivatives are wrong
         args=t_args,
         kwargs=t_kwargs,
         inputs=tensors,

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvhook import extend
-from curvhook.errors import CurvhookError, UnsupportedLossError
-from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from curvhook.errors import CurvhookError, UnsupportedLossError, UnsupportedModelError
+from curvhook.extensions import (
+    BatchGrad, BatchJacobian, BatchL2Grad, DiagGGN, DiagGGNApprox, FullGGN, SumGradSquared,
+)
 from graph_reference import diag_ggn_approx_graph
 from helpers import Chain
 from reference import check, collect, compare, reference
@@ -61,12 +63,9 @@ def test_operations_before_the_loss_are_part_of_the_network(case, n):
     elif kind == "ce":
         y = torch.randint(0, 2, (n,))
         loss_fn = lambda z: nn.CrossEntropyLoss()(z, y)  # noqa: E731
-    else:  # a functional loss is not a module: curvhook cannot see it, so this must raise
+    else:  # a functional loss is found like its module
         y = torch.randint(0, 5, (n,))
-        with pytest.raises(UnsupportedLossError):
-            with extend(model, DiagGGN()):
-                F.cross_entropy(g(model(X)), y).backward()
-        return
+        loss_fn = lambda z: F.cross_entropy(z, y)  # noqa: E731
     run_and_compare(model, X, g, loss_fn)
 
 
@@ -74,7 +73,7 @@ def test_functional_loss_named_with_operations_after_the_model_raises():
     model, X, y = mlp(), torch.randn(3, 4, dtype=DT), torch.randint(0, 5, (3,))
     with pytest.raises(UnsupportedLossError, match="after the model"):
         with extend(model, DiagGGN(loss=nn.CrossEntropyLoss())):
-            F.cross_entropy(2 * model(X), y).backward()
+            F.nll_loss((2 * model(X)).log_softmax(1), y).backward()  # no loss curvhook finds
 
 
 def test_operations_for_logging_change_nothing():
@@ -258,3 +257,46 @@ def test_merged_rows_with_mse_and_several_losses():
         (mse(out, t) + 0.5 * mse_sum(out, t)).backward()
     got = collect(model, 2, ("DiagGGN", "FullGGN"))
     compare(got, reference(model, X, loss_fn, approx=False), ggn.matrix)
+
+
+class WithTemperature(nn.Module):
+    """A classifier whose temperature the training loop applies: ``crit(model(X) / model.T, y)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+        self.T = nn.Parameter(torch.tensor(1.7, dtype=DT))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("ext", [BatchGrad, BatchL2Grad, SumGradSquared])
+def test_per_sample_gradients_refuse_a_parameter_used_after_the_model(ext):
+    """``T``'s per-sample gradients do not pass through the model output, where these extensions
+    start: they were all zeros (``Σ_n g_n ≠ T.grad``); now a clear error."""
+    torch.manual_seed(0)
+    model, X, y = WithTemperature(), torch.randn(3, 4, dtype=DT), torch.randint(0, 5, (3,))
+    with pytest.raises(UnsupportedModelError, match="used after the model returned"):
+        with extend(model, ext()):
+            nn.CrossEntropyLoss()(model(X) / model.T, y).backward()
+
+
+def test_per_sample_gradients_with_a_parameter_used_after_the_model_for_logging_only():
+    """The same temperature in a logged quantity the backward does not reach: exact per-sample
+    gradients against torch.func."""
+    torch.manual_seed(0)
+    model, X, y = WithTemperature(), torch.randn(3, 4, dtype=DT), torch.randint(0, 5, (3,))
+    crit = nn.CrossEntropyLoss()
+    with extend(model, BatchGrad()):
+        out = model(X)
+        _ = (out / model.T).softmax(1).max(1).values.mean()  # logged, not backpropagated
+        crit(out, y).backward()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_of_sample(ps, x, t):
+        return F.cross_entropy(torch.func.functional_call(model, ps, (x[None],)), t[None]) / X.shape[0]
+
+    expected = torch.func.vmap(torch.func.grad(loss_of_sample), in_dims=(None, 0, 0))(params, X, y)
+    for name, p in model.named_parameters():
+        check(p.grad_batch, expected[name], f"BatchGrad/{name}", rtol=1e-10)

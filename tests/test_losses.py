@@ -2,6 +2,8 @@
 the factor of the cross-entropy Hessian, scaled and summed losses, nonlinear functions
 of the loss, and the loss errors."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,26 +263,83 @@ def test_reduction_none_mean_of_single_sample_raises(ext):
 
 
 @pytest.mark.parametrize("ext", GGN_EXTENSIONS)
-@pytest.mark.parametrize("loss", ["L1Loss", "NLLLoss", "HuberLoss", "SmoothL1Loss"])
+@pytest.mark.parametrize("loss", ["L1Loss", "NLLLoss", "HuberLoss", "SmoothL1Loss", "BCELoss"])
 def test_unsupported_loss_module_raises(loss, ext):
+    """Named in the error; NLLLoss and BCELoss point to the supported loss of the logits."""
     model = model_for((C,))
     X = torch.randn(N, 4, dtype=DT)
     crit = getattr(nn, loss)()
-    y = class_targets((N,)) if loss == "NLLLoss" else torch.randn(N, C, dtype=DT)
+    y = class_targets((N,)) if loss == "NLLLoss" else torch.rand(N, C, dtype=DT)
+    prepare = {"NLLLoss": lambda o: o.log_softmax(1), "BCELoss": torch.sigmoid}.get(loss, lambda o: o)
+    remedy = {"NLLLoss": "use nn.CrossEntropyLoss", "BCELoss": "use nn.BCEWithLogitsLoss"}.get(loss, "")
     with extend(model, ext()):
-        value = crit(model(X), y)
-        with pytest.raises(UnsupportedLossError, match=loss):
+        value = crit(prepare(model(X)), y)
+        with pytest.raises(UnsupportedLossError, match=f"{loss}.*{remedy}"):
             value.backward()
     assert not hasattr(model[0].weight, ext.attribute)
 
 
+def _functional_case(case):
+    """``(output shape, loss of the output)`` of a functional loss as users call it."""
+    kind, _, option = case.partition("/")
+    reduction = "sum" if option.endswith("sum") else "mean"
+    if kind == "ce":
+        opts = dict(CE_OPTIONS[option.removesuffix("_sum")], reduction=reduction) if option != "probabilities" else {}
+        y = prob_targets((N, C)) if option == "probabilities" else class_targets(
+            (N,), ignore=-100 if option.endswith("-100") else opts.get("ignore_index"))
+        return (C,), lambda out: F.cross_entropy(out, y, **opts)
+    if kind == "ce_spatial":  # keywords only, classes on axis 1
+        y = class_targets((N, 2))
+        return (C, 2), lambda out: F.cross_entropy(input=out, target=y, label_smoothing=0.1)
+    if kind == "ce_tokens":  # a language model's loss: [N, T, V] merged into rows
+        y = class_targets((N, 2), c=C)
+        return (2, C), lambda out: F.cross_entropy(out.reshape(-1, C), y.reshape(-1), reduction=reduction)
+    if kind == "mse":
+        y = torch.randn(N, 2, 3, dtype=DT)
+        return (2, 3), lambda out: F.mse_loss(out, y, reduction=reduction)
+    if kind == "bce":
+        opts = {k: v for k, v in BCE_CASES[option.removesuffix("_sum")][1].items()}
+        y = torch.rand(N, C, dtype=DT)
+        return (C,), lambda out: F.binary_cross_entropy_with_logits(out, y, reduction=reduction, **opts)
+    raise KeyError(case)
+
+
+FUNCTIONAL_CASES = [
+    *(f"ce/{option}" for option in sorted(CE_OPTIONS)), "ce/plain_sum", "ce/weight_sum", "ce/probabilities",
+    "ce_spatial", "ce_tokens", "ce_tokens/sum", "mse", "mse/sum",
+    "bce/NC_multilabel", "bce/NC_weight_pos_weight", "bce/NC_pos_weight_sum",
+]
+
+
+@pytest.mark.parametrize("case", FUNCTIONAL_CASES)
+def test_functional_losses_are_found_like_their_modules(case):
+    """``F.cross_entropy(model(X), y)``, ``F.mse_loss`` and ``F.binary_cross_entropy_with_logits``
+    in the block are found like their modules, with their options (weights, ignored
+    targets, label smoothing, reductions, merged token rows). Every GGN extension raised
+    "needs the loss" before: the user had to name it."""
+    torch.manual_seed(0)
+    shape, loss = _functional_case(case)
+    model = model_for(shape)
+    check_against_reference(model, torch.randn(N, 4, dtype=DT), loss)
+
+
+def test_a_functional_loss_in_a_loss_module_is_counted_once():
+    """``nn.CrossEntropyLoss`` calls ``F.cross_entropy``: one loss, not two (twice the GGN)."""
+    torch.manual_seed(0)
+    model, y = model_for((C,)), class_targets((N,))
+    check_against_reference(model, torch.randn(N, 4, dtype=DT), lambda out: nn.CrossEntropyLoss()(out, y) + F.cross_entropy(out, y))
+
+
 @pytest.mark.parametrize("ext", GGN_EXTENSIONS)
-def test_functional_loss_without_naming_mentions_loss_argument(ext):
-    model = model_for((C,))
-    X = torch.randn(N, 4, dtype=DT)
-    y = class_targets((N,))
+def test_a_functional_loss_with_an_option_its_module_lacks_is_not_taken(ext):
+    """``F.mse_loss(out, y, weight=w)`` (torch >= 2.7) has no ``nn.MSELoss`` twin: not taken as
+    that loss, so the extensions that need the loss say so (and suggest naming it)."""
+    if "weight" not in inspect.signature(F.mse_loss).parameters:
+        pytest.skip("F.mse_loss has no weight on this torch")
+    model, X = model_for((C,)), torch.randn(N, 4, dtype=DT)
+    y, w = torch.randn(N, C, dtype=DT), torch.rand(N, C, dtype=DT)
     with extend(model, ext()):
-        value = F.cross_entropy(model(X), y)
+        value = F.mse_loss(model(X), y, weight=w)
         with pytest.raises(UnsupportedLossError, match="loss="):
             value.backward()
 
@@ -302,10 +361,33 @@ def test_named_loss_with_functional_loss_is_exact(functional, named, target):
     X = torch.randn(N, 4, dtype=DT)
     y = {"class": class_targets((N,)), "real": torch.randn(N, C, dtype=DT), "unit": torch.rand(N, C, dtype=DT)}[target]
     ggn = FullGGN(loss=named)
-    with extend(model, DiagGGN(loss=named), DiagGGNApprox(loss=named), ggn, BatchJacobian()):
-        functional(model(X), y).backward()
+    computes_its_loss = ComputesItsLoss(model, lambda out: functional(out, y))  # only the named loss describes it
+    with extend(computes_its_loss, DiagGGN(loss=named), DiagGGNApprox(loss=named), ggn, BatchJacobian()):
+        computes_its_loss(X)[1].backward()
     got = collect(model, N)
     compare(got, reference(model, X, lambda out: functional(out, y)), ggn.matrix)
+
+
+@pytest.mark.parametrize(
+    "scalar, named",
+    [
+        (lambda out, y: F.cross_entropy(out, y) / 4, nn.CrossEntropyLoss()),  # gradient accumulation
+        (lambda out, y: 0.5 * nn.CrossEntropyLoss()(out, y), nn.CrossEntropyLoss()),
+        (lambda out, y: F.cross_entropy(out, y), nn.CrossEntropyLoss(reduction="sum")),  # the name is wrong
+        (lambda out, y: F.cross_entropy(2 * out, y), nn.CrossEntropyLoss()),  # an operation after the model
+    ],
+    ids=["functional_over_4", "module_times_half", "named_sum_called_mean", "after_the_model"],
+)
+def test_a_loss_found_in_the_block_comes_before_a_named_one(scalar, named):
+    """A named loss has no multiple and no targets; a loss called in the block has both. With a
+    loss named, ``F.cross_entropy(out, y) / 4`` gave 4 times the GGN, and a mean loss named as
+    a sum N times; the loss found is used now, exact."""
+    torch.manual_seed(0)
+    model, X, y = model_for((C,)), torch.randn(N, 4, dtype=DT), class_targets((N,))
+    ggn = FullGGN(loss=named)
+    with extend(model, DiagGGN(loss=named), DiagGGNApprox(loss=named), ggn):
+        scalar(model(X), y).backward()
+    compare(collect(model, N, ("DiagGGN", "DiagGGNApprox", "FullGGN")), reference(model, X, lambda out: scalar(out, y)), ggn.matrix)
 
 
 def test_named_loss_for_cross_entropy_on_spatial_output():
@@ -313,8 +395,9 @@ def test_named_loss_for_cross_entropy_on_spatial_output():
     X = torch.randn(N, 4, dtype=DT)
     y = class_targets((N, 2, 2))
     named = nn.CrossEntropyLoss()
-    with extend(model, DiagGGN(loss=named), DiagGGNApprox(loss=named)):
-        F.cross_entropy(model(X), y).backward()
+    computes_its_loss = ComputesItsLoss(model, lambda out: F.cross_entropy(out, y))
+    with extend(computes_its_loss, DiagGGN(loss=named), DiagGGNApprox(loss=named)):
+        computes_its_loss(X)[1].backward()
     compare(collect(model, N, ("DiagGGN", "DiagGGNApprox")), reference(model, X, lambda out: F.cross_entropy(out, y)))
 
 
@@ -456,19 +539,21 @@ def test_losses_whose_hessian_cannot_be_formed_raise(case):
     elif case == "named_ce_with_weight":
         w = torch.tensor([1.0, 2.0, 1.0], dtype=DT)
         y = class_targets((N,))
-        ext, call = DiagGGN(loss=nn.CrossEntropyLoss(weight=w)), lambda out: F.cross_entropy(out, y, weight=w)
+        ext = DiagGGN(loss=nn.CrossEntropyLoss(weight=w))
+        model, call = ComputesItsLoss(model, lambda out: F.cross_entropy(out, y, weight=w)), lambda out: out[1]
     elif case == "named_bce_with_pos_weight":
         pw = torch.full((C,), 2.0, dtype=DT)
         y = torch.rand(N, C, dtype=DT)
         ext = FullGGN(loss=nn.BCEWithLogitsLoss(pos_weight=pw))
-        call = lambda out: F.binary_cross_entropy_with_logits(out, y, pos_weight=pw)  # noqa: E731
+        model = ComputesItsLoss(model, lambda out: F.binary_cross_entropy_with_logits(out, y, pos_weight=pw))
+        call = lambda out: out[1]  # noqa: E731  (the loss in the forward: only the named loss describes it)
     else:  # r y + 1 - y < 0: the second derivative is negative
         crit = nn.BCEWithLogitsLoss(pos_weight=torch.full((C,), 0.5, dtype=DT))
         y = torch.full((N, C), 3.0, dtype=DT)
         ext, call = DiagGGNApprox(), lambda out: crit(out, y)
     with extend(model, ext):
         value = call(model(X))
-        with pytest.raises(UnsupportedLossError):
+        with pytest.raises(UnsupportedLossError, match="needs the targets" if case.startswith("named") else ""):
             value.backward()
 
 
@@ -577,17 +662,21 @@ def _named_case(case):
             y = class_targets((N, T), c=V, ignore=-100)
             loss = lambda out: F.cross_entropy(out[:, :-1].flatten(0, 1), y[:, 1:].flatten())  # noqa: E731
         return ComputesItsLoss(model_for((T, V)), loss), X, nn.CrossEntropyLoss(), lambda out: out[1]
+    # The loss in the model's forward: a named loss is then the only description of it (a loss
+    # called in the block after the model is found and used instead).
     if case == "ignored_samples":
         y = class_targets((N,), ignore=-100)
-        return model_for((C,)), X, nn.CrossEntropyLoss(), lambda out: F.cross_entropy(out, y, ignore_index=-100)
-    if case == "ce_named_mse_used":
+        loss, named = lambda out: F.cross_entropy(out, y, ignore_index=-100), nn.CrossEntropyLoss()  # noqa: E731
+    elif case == "ce_named_mse_used":
         y = torch.randn(N, C, dtype=DT)
-        return model_for((C,)), X, nn.CrossEntropyLoss(), lambda out: F.mse_loss(out, y)
-    if case == "bce_summed_named_mean":  # the gradient is N C times what the named mean implies
+        loss, named = lambda out: F.mse_loss(out, y), nn.CrossEntropyLoss()  # noqa: E731
+    elif case == "bce_summed_named_mean":  # the gradient is N C times what the named mean implies
         y = torch.rand(N, C, dtype=DT)
-        return model_for((C,)), X, nn.BCEWithLogitsLoss(), lambda out: F.binary_cross_entropy_with_logits(
-            out, y, reduction="sum")
-    raise KeyError(case)
+        loss = lambda out: F.binary_cross_entropy_with_logits(out, y, reduction="sum")  # noqa: E731
+        named = nn.BCEWithLogitsLoss()
+    else:
+        raise KeyError(case)
+    return ComputesItsLoss(model_for((C,)), loss), X, named, lambda out: out[1]
 
 
 NAMED_MISUSES = ["token_head_ce_over_last_axis", "hf_shifted_labels", "ignored_samples", "ce_named_mse_used",
@@ -619,8 +708,9 @@ def test_a_named_cross_entropy_that_is_the_backpropagated_scalar_passes_its_chec
     kwargs = {"sum": dict(reduction="sum"), "label_smoothing": dict(label_smoothing=0.2)}.get(options, {})
     y = prob_targets((N, C)) if options == "probabilities" else class_targets((N, *shape[1:]))
     named = nn.CrossEntropyLoss(**kwargs)
-    with extend(model, DiagGGN(loss=named)):
-        F.cross_entropy(model(X), y, **kwargs).backward()
+    computes_its_loss = ComputesItsLoss(model, lambda out: F.cross_entropy(out, y, **kwargs))
+    with extend(computes_its_loss, DiagGGN(loss=named)):
+        computes_its_loss(X)[1].backward()
     got = torch.cat([p.diag_ggn.flatten() for p in model.parameters()])
     ref = reference(model, X, lambda out: named(out, y))
     compare({"DiagGGN": got}, ref)

@@ -475,11 +475,12 @@ def test_operations_after_the_model_before_the_loss(after, n):
 
 
 def test_named_loss_with_operations_after_the_model_raises():
-    """``loss=`` cannot describe ``crit(g(f), y)``: curvhook must refuse, never be wrong."""
+    """``loss=`` cannot describe a loss of ``g(f)``: curvhook must refuse, never be wrong. (A loss
+    module or function called on ``g(f)`` is found and comes before the named loss: the scalar
+    here is one curvhook does not find.)"""
     model = MLP().to(DT)
     X, y = torch.randn(3, 4, dtype=DT), torch.randint(0, 5, (3,))
-    crit = nn.CrossEntropyLoss()
-    loss_fn = lambda out: crit(2 * out, y)  # noqa: E731
+    loss_fn = lambda out: nn.functional.nll_loss((2 * out).log_softmax(1), y)  # noqa: E731
     ggn = FullGGN(loss=nn.CrossEntropyLoss())
     with pytest.raises(UnsupportedLossError, match="operations applied to the output after the model"):
         with extend(model, DiagGGN(loss=nn.CrossEntropyLoss()), ggn):

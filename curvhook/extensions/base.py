@@ -23,10 +23,14 @@ class Extension:
 
     Args:
         loss: Optional loss module to use when the loss cannot be found
-            automatically (a functional loss such as ``F.cross_entropy``). It
-            must describe the scalar you backpropagate exactly, reduction
-            included; its targets are not known, so losses whose Hessian depends
-            on them (class weights, ``pos_weight``) are rejected.
+            automatically (a loss function of your own, or a loss computed
+            inside the model's ``forward``). It must describe the scalar you
+            backpropagate exactly, reduction and any factor included; its
+            targets are not known, so losses whose Hessian depends on them
+            (class weights, ``pos_weight``) are rejected. The supported loss
+            modules and their functions (``F.cross_entropy``, ``F.mse_loss``,
+            ``F.binary_cross_entropy_with_logits``) called in the block are
+            found without it.
     """
 
     attribute: ClassVar[str]

@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from curvhook.errors import partial_backward_error
 from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.elementwise import ACTIVATIONS
@@ -136,6 +137,8 @@ class _MovedNode:
     def __call__(self, value: Tensor) -> Tensor:
         out = self.node(value.movedim(0, self.out_axis))
         out = out[0] if isinstance(out, tuple) else out
+        if out is None:  # a node this backward pass does not run gives no gradient
+            raise partial_backward_error(self.node.name())
         return out.movedim(self.in_axis, 0)
 
 
