@@ -29,6 +29,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from curvhook._torch_internals import (
     any_autocast_enabled, autocast_device_types, compiled_forward, compiled_original,
@@ -230,3 +231,20 @@ def _compiled_error(where: str) -> UnsupportedModelError:
         "compiled_model(X). extend(torch.compile(model), ...) and modules compiled in place "
         "with module.compile() run their original forward inside the block by themselves."
     )
+
+
+def refuse_packed_sequence(module: nn.Module, name: str, args: tuple) -> None:
+    """Refuse a recurrent module called on a ``PackedSequence``, saying what works instead.
+
+    The packed data holds the time steps of all samples interleaved (``[Σ lengths, F]``),
+    so it has no batch axis to split the samples by.
+    """
+    if isinstance(module, nn.RNNBase) and args and isinstance(args[0], PackedSequence):
+        words = _module_words(module, name)
+        raise UnsupportedModelError(
+            f"{words[:1].upper()}{words[1:]} got a PackedSequence: its data interleaves "
+            "the time steps of all samples, so curvhook cannot split it by sample. Pass the padded "
+            "batch instead of packing it ([N, L, features] with batch_first=True, padding after each "
+            "sequence) and read each sample's last valid step with out[torch.arange(N), lengths - 1] "
+            "(exact; for a unidirectional RNN the outputs at valid steps are those of the packed call)."
+        )

@@ -28,7 +28,7 @@ from curvhook._torch_internals import (
 from curvhook.block_state import BlockState, Frame
 from curvhook.copies import HookFreeCopies
 from curvhook.errors import UnsupportedModelError, reentrant_checkpoint_error
-from curvhook.guards import check_forward_start, check_module_call, check_module_output
+from curvhook.guards import check_forward_start, check_module_call, check_module_output, refuse_packed_sequence
 from curvhook.leaf_operations import as_operations
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, flat_tensors, key_of, make_template
 from curvhook.rules.fallback import replaying
@@ -210,6 +210,7 @@ class ModuleRecorder:
         name, has_children, torch_leaf = state.modules[module]  # hooks are only on modules listed at entry
         trace = state.stack[-1]
         check_module_call(module, name, trace.functorch_level, state.param_ids)
+        refuse_packed_sequence(module, name, args)
         if not torch.is_grad_enabled() and trace.grad_enabled and in_reentrant_checkpoint():
             raise reentrant_checkpoint_error(f"module {name!r}")
         frames = state.frames
@@ -274,6 +275,8 @@ class ModuleRecorder:
             )
             trace.shared_keys.add(op.output_key)
             trace.shared_log.append(op.output_key)
+        if not op.params and op.output_keys and op.output_keys[0] is not None and op.output_keys[0] in op.input_keys:
+            return  # it returned its input as it was (Hugging Face's LinearActivation): no operation
         if op.inputs or op.output_keys:
             trace.operations.append(op)
 

@@ -235,10 +235,16 @@ def _check_moved_axes(op: Operation) -> None:
 def _check_module(op: Operation, trace: Trace, shape: GraphShape, n: Optional[int]) -> None:
     module = op.module
     if mixes_samples(module, op.training):
+        remedy = (
+            "Call model.eval() (BatchNorm then uses its running statistics)."
+            if (module.training if op.training is None else op.training) else
+            "It keeps no running statistics (track_running_stats=False), so it uses the batch's "
+            "in eval mode too: construct it with track_running_stats=True and train it, or use a "
+            "normalization per sample (nn.GroupNorm, nn.LayerNorm)."
+        )
         raise UnsupportedModelError(
             f"Module {op.name!r} ({type(module).__name__}) normalizes with statistics "
-            "of the whole batch, so samples are mixed and per-sample Jacobians do not exist. "
-            "Call model.eval() (BatchNorm then uses its running statistics)."
+            f"of the whole batch, so samples are mixed and per-sample Jacobians do not exist. {remedy}"
         )
     if rule_for(module if op.batch_axes is None else batch_first_module(module)) is None:
         FALLBACK.warn_once(op)

@@ -315,7 +315,9 @@ def _same_container(obj: Any, items: list) -> Any:
     if not isinstance(obj, tuple):
         return items
     if hasattr(type(obj), "_fields"):  # a namedtuple: the module reads its fields by name
-        return type(obj)(*items)
+        # _make: tuple.__new__ with the fields as they are; a subclass's own __new__ (PackedSequence
+        # checks batch_sizes' device) would reject the placeholders of a template
+        return type(obj)._make(items)
     return tuple(items)
 
 

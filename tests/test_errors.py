@@ -67,3 +67,21 @@ def test_modules_without_per_sample_structure_raise(case, ext):
             with pytest.raises(UnsupportedModelError):
                 loss.backward()
     assert_clean(model, before)
+
+
+@pytest.mark.parametrize(
+    "case, remedy",
+    [
+        ("train", "Call model.eval()"),
+        ("no_running_stats", "track_running_stats=True"),
+    ],
+)
+def test_batch_statistics_are_refused_with_the_remedy_that_applies(case, remedy):
+    """BatchNorm with batch statistics mixes samples. In eval mode without running statistics,
+    the message said "Call model.eval()" to a model already in eval mode."""
+    norm = {"train": nn.BatchNorm1d(5), "no_running_stats": nn.BatchNorm1d(5, track_running_stats=False)}[case]
+    model = nn.Sequential(nn.Linear(4, 5), norm, nn.Linear(5, 3)).to(DT).train(case == "train")
+    X, y = data()
+    with pytest.raises(UnsupportedModelError, match=remedy):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(X), y).backward()

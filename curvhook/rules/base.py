@@ -47,7 +47,7 @@ from curvhook import _memory
 from curvhook.records import Operation
 from curvhook.rules import shared_weight
 from curvhook.rules import node_kernels
-from curvhook.errors import UnsupportedModelError
+from curvhook.errors import UnsupportedModelError, partial_backward_error
 from curvhook.losses import identity_factor
 
 # Per-sample products held at once by :func:`sum_of_squared_products` (16 MiB of float32).
@@ -103,15 +103,25 @@ def metric_gram_of_products(products: Tensor, metric: shared_weight.Metric) -> T
 def is_single_node(call: Operation) -> bool:
     """Whether the module's output node leads straight to its input (one autograd operation).
 
-    Then ``call.node`` applied to a vector is ``J_xᵀ`` applied to it.
+    Then ``call.node`` applied to a vector is ``J_xᵀ`` applied to it. Every edge of the
+    node that carries a gradient must lead to the input (a constant, such as dropout's
+    mask, has none): ``x * sigmoid(1.702 x)`` (Hugging Face's QuickGELU) ends in a
+    product whose first edge is ``x`` and whose second is the sigmoid, and the product's
+    node alone gives only ``sigmoid(1.702 x)``, not the slope.
     """
     if call.node is None:
         return False
-    first = call.node.next_functions[0][0] if call.node.next_functions else None
-    source = call.input_nodes[0]
-    if source is None:  # input is a leaf: its node is an AccumulateGrad
-        return first is not None and getattr(first, "variable", None) is call.inputs[0]
-    return first is source
+    source, found = call.input_nodes[0], False
+    for edge, _ in call.node.next_functions:
+        if edge is None:
+            continue
+        if source is None:  # input is a leaf: its node is an AccumulateGrad
+            if getattr(edge, "variable", None) is not call.inputs[0]:
+                return False
+        elif edge is not source:
+            return False
+        found = True
+    return found
 
 
 def apply_node(node: Any, value: Tensor) -> Tensor:
@@ -124,7 +134,10 @@ def apply_node(node: Any, value: Tensor) -> Tensor:
     if into is not None:
         return into
     out = node(value)
-    return out[0] if isinstance(out, tuple) else out
+    out = out[0] if isinstance(out, tuple) else out
+    if out is None:  # a node this backward pass does not run gives no gradient
+        raise partial_backward_error(node.name())
+    return out
 
 
 def one_column_by_node(call: Operation, mat: Tensor) -> Optional[Tensor]:

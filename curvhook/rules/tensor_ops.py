@@ -366,9 +366,12 @@ class TensorOpRule(LayerRule):
                 for o, r in zip(outs, recorded)
             )
         except Exception as err:  # noqa: BLE001 - any failure means: cannot be split by sample
+            random = "random" in str(err)
             raise UnsupportedModelError(
-                f"curvhook cannot split the operation {call.name} into samples ({err}). "
-                "Operations must keep the batch axis first and treat samples independently."
+                f"curvhook cannot split the operation {call.name} into samples ({err}). " + (
+                    "It draws random numbers (F.dropout(h, training=True) in a forward): use "
+                    "nn.Dropout, whose mask curvhook records, or call model.eval()." if random else
+                    "Operations must keep the batch axis first and treat samples independently.")
             ) from err
         if not same:
             n = call.output_values[0].shape[0] if call.output_values[0].dim() else None
@@ -515,11 +518,14 @@ class TensorOpRule(LayerRule):
             return value * slope.square() if slope is not None else None
         if name in PRODUCTS | QUOTIENTS | MATMULS and len(call.args) >= 2:
             return self._bilinear_diag(call, value, slot)
-        if name in SOFTMAXES and len(call.inputs) == 1 and call.output_values[0].dtype == x.dtype:
+        if name in SOFTMAXES and len(call.inputs) == 1:
             dim = _dim_arg(call, default=None)  # not the batch axis: the call is known_per_sample
             if not isinstance(dim, int) or tensor_version(call.inputs[slot]) != call.input_versions[slot]:
                 return None
-            return softmax_diag(torch.softmax(x, dim), dim, value, name == "log_softmax")
+            # softmax(x, dim, dtype=float32) in a float64 model (Llama's eager attention) casts
+            # x first: s as the forward computed it, the diagonal in x's dtype.
+            s = torch.softmax(x, dim, dtype=call.output_values[0].dtype)
+            return softmax_diag(s, dim, value.to(s.dtype), name == "log_softmax").to(x.dtype)
         return None
 
     def _fast_columns(self, call: Operation, value: Tensor, slot: int) -> Optional[Tensor]:

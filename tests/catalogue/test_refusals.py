@@ -404,6 +404,21 @@ def _dropout_on_view() -> Built:
     return (model, *_data(5, 2, 4))
 
 
+class _FunctionalDropout(nn.Module):
+    """``F.dropout(h, training=True)`` on a hidden tensor in ``forward``: a mask curvhook cannot replay."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(F.dropout(self.a(x), 0.5, training=True))
+
+
+def _functional_dropout() -> Built:
+    return (_FunctionalDropout().double(), *_data(5, 4))
+
+
 E9 = {
     **{f"e9-{name}-{first}": Exact(_inplace_module(name, first), _out_of_place) for name in _MODULES for first in ("lin3", "lin4")},
     **{f"e9-{name}-lin3": Exact(_inplace_function(name, "lin3"), _out_of_place) for name in _FUNCTIONS},
@@ -416,6 +431,8 @@ E9 = {
     "e9-mul_-w-then-tanh_-3d": Exact(_inplace_product(2), _out_of_place),
     # train-mode dropout in place on a view: its mask cannot be replayed, so it stays refused
     "e9-dropout-inplace-on-view-refused": Raises(_dropout_on_view, "cannot read the derivative of the in-place module '1' (Dropout)"),
+    # the message named vmap's randomness flags; it names the remedy now
+    "e9-functional-dropout-on-hidden-refused": Raises(_functional_dropout, "use nn.Dropout, whose mask curvhook records"),
 }
 
 

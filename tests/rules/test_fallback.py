@@ -276,6 +276,25 @@ def test_fallback_diagonals_in_chunks_of_rows(monkeypatch, chunk):
     compare(collect(model, 5, ("DiagGGNApprox",)), ref)
 
 
+def test_fallback_diagonal_chunks_count_the_modules_intermediate_values(monkeypatch):
+    """Each one-hot column also carries the module's intermediate values through its vjp: a chunk
+    holds at most ``entries // (N (row + 8 outputs))`` columns. Counting the rows alone, a window
+    attention of torchvision's swin_t (6,144 outputs a sample) went past 20 GB."""
+    monkeypatch.setattr(fallback_module, "_ROW_CHUNK_ENTRIES", 10_000)
+    n, outs, row = 2, 50, 40
+    sizes = []
+
+    def pull(cols):  # J_nᵀ applied to columns [c, N, outs]: a fixed [row, outs] map
+        sizes.append(cols.shape[0])
+        return torch.einsum("cno,ro->cnr", cols, weight)
+
+    weight = torch.randn(row, outs, dtype=DT)
+    d = torch.rand(n, outs, dtype=DT)
+    got = fallback_module._weighted_row_squares(pull, d, row, per_sample=True)
+    torch.testing.assert_close(got, torch.einsum("no,ro->nr", d, weight.square()))
+    assert max(sizes) <= 10_000 // (n * (row + 8 * outs)) and sum(sizes) == outs
+
+
 # ------------------------------------------- leaves recorded as their operations
 class FunctionalGELU(nn.Module):
     """Like timm's ``GELU``: a leaf without a rule that calls one torch function."""

@@ -217,3 +217,50 @@ def test_diag_ggn_approx_in_chunks_of_columns(monkeypatch, chunk):
     monkeypatch.setattr(recurrent, "_ROW_CHUNK_ENTRIES", chunk)
     model = _model("gru_all_bidirectional_two_layers", 2)
     check_graph_against_reference(model, *_data(2))
+
+
+class Packed(nn.Module):
+    """A variable-length batch: packed for the LSTM (``packed=True``), or padded and read at each
+    sample's last valid step, as the refusal of the packed form suggests."""
+
+    def __init__(self, packed: bool):
+        super().__init__()
+        self.emb, self.rnn, self.head = nn.Linear(FEATURES, 3), nn.LSTM(3, 4, batch_first=True), nn.Linear(4, CLASSES)
+        self.packed = packed
+
+    def forward(self, x, lengths):
+        h = torch.tanh(self.emb(x))
+        if self.packed:
+            from torch.nn.utils.rnn import pack_padded_sequence
+
+            out, (h_n, _) = self.rnn(pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False))
+            return self.head(h_n[-1])
+        out, _ = self.rnn(h)
+        return self.head(out[torch.arange(x.shape[0]), lengths - 1])
+
+
+def test_a_packed_sequence_is_refused_with_the_padded_form_that_works():
+    """A PackedSequence crashed the forward (AttributeError while recording it); it is refused
+    when the LSTM is called now, and the padded form the message names is exact and equals
+    the packed model's output."""
+    torch.manual_seed(0)
+    X, y, lengths = torch.randn(3, LENGTH, FEATURES, dtype=DT), torch.randint(0, CLASSES, (3,)), torch.tensor([4, 2, 3])
+    packed, padded = Packed(True).to(DT), Packed(False).to(DT)
+    padded.load_state_dict(packed.state_dict())
+    with pytest.raises(UnsupportedModelError, match="PackedSequence.*out\\[torch.arange\\(N\\), lengths - 1\\]"):
+        with extend(packed, DiagGGN()):
+            packed(X, lengths)
+    torch.testing.assert_close(padded(X, lengths), packed(X, lengths))
+    crit = nn.CrossEntropyLoss()
+
+    class Bound(nn.Module):  # the reference calls the model on X alone
+        def __init__(self):
+            super().__init__()
+            self.m = padded
+
+        def forward(self, x):
+            return self.m(x, lengths)
+
+    model = Bound()
+    got, matrix, _ = run_curvhook(model, X, lambda out: crit(out, y), ("BatchJacobian", "DiagGGN", "FullGGN"))
+    compare(got, reference(model, X, lambda out: crit(out, y), approx=False), matrix)

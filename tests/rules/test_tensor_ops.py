@@ -18,7 +18,9 @@ from curvhook import extend
 from curvhook.errors import UnsupportedModelError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
 from curvhook.rules import tensor_ops
-from helpers import check_graph_against_reference
+from graph_reference import diag_ggn_approx_graph
+from helpers import check_graph_against_reference, run_curvhook
+from reference import check, compare, reference
 
 DT = torch.float64
 
@@ -577,6 +579,44 @@ def test_softmax_and_broadcast_products_without_dense_jacobians(monkeypatch, n):
     _diagonal_without_torch_func(monkeypatch, SoftmaxBetween().to(DT), n)
 
 
+class SoftmaxInFloat32(nn.Module):
+    """Llama's eager attention in a float64 model: ``softmax(scores, -1, dtype=torch.float32)``
+    cast back with ``.to(dtype)``, and a log-softmax given a dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):  # x: [N, T, 4]
+        h = self.proj(x)
+        h = F.softmax(h, dim=-1, dtype=torch.float32).to(h.dtype) + torch.log_softmax(h, 1, dtype=torch.float32).double()
+        return self.out(h.mean(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_softmax_given_a_dtype_without_dense_jacobians(monkeypatch, n):
+    """A softmax that casts first (``dtype=torch.float32`` in a float64 model): the closed-form
+    diagonal from ``s`` as the forward computed it. It crashed before (torch.func's vjp got a
+    float64 cotangent for a float32 output); exact against the definition to float32's precision."""
+    torch.manual_seed(3)
+    model = SoftmaxInFloat32().to(DT)
+    X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
+    crit = nn.CrossEntropyLoss()
+    for name in ("vjp", "vmap", "jacrev"):
+        monkeypatch.setattr(tensor_ops, name, lambda *a, **k: pytest.fail("torch.func used"))
+    with extend(model, DiagGGNApprox()):
+        crit(model(X), y).backward()
+    monkeypatch.undo()
+    got, matrix, _ = run_curvhook(model, X, lambda out: crit(out, y))
+    ref = reference(model, X, lambda out: crit(out, y), approx=False)
+    # The model itself computes in float32 there: any two ways of differentiating it agree to that.
+    compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, matrix, rtol=1e-5, atol_factor=1e-6)
+    d = torch.func.hessian(lambda o: crit(o, y))(ref.out).reshape(ref.out.numel(), -1).diagonal()
+    expected = diag_ggn_approx_graph(model, X, d)
+    check(got["DiagGGNApprox"], expected, "DiagGGNApprox", rtol=1e-5, atol_factor=1e-6)
+    check(torch.cat([p.diag_ggn_approx.flatten() for p in model.parameters()]), expected, "DiagGGNApprox", 1e-5, 1e-6)
+
+
 def test_softmax_over_the_batch_axis_is_still_refused():
     model = nn.Sequential(nn.Linear(3, 3)).to(DT)
     X, y = torch.randn(4, 3, dtype=DT), torch.randint(0, 3, (4,))
@@ -687,3 +727,48 @@ def test_an_output_that_is_a_parameter_as_it_was_is_not_the_calls(body, n):
     torch.manual_seed(0)
     model = ReturnsAParameter(body).to(DT)
     check_graph_against_reference(model, torch.randn(n, 4, dtype=DT), torch.randint(0, 3, (n,)))
+
+
+class Prototypes(nn.Module):
+    """An RBF / prototype layer: distances from each sample's features to learned prototypes."""
+
+    def __init__(self, batched_form: bool):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(5, 3)
+        self.protos = nn.Parameter(torch.randn(5, 6))
+        self.batched_form = batched_form
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.batched_form:
+            return self.b(torch.cdist(h.unsqueeze(1), self.protos.unsqueeze(0), p=3.0).squeeze(1))
+        return self.b(torch.cdist(h, self.protos))
+
+
+@pytest.mark.parametrize("batched_form", [False, True])
+def test_cdist_against_autograd(batched_form):
+    """torch.func's Jacobians of torch.cdist are wrong (torch 2.6 and 2.13; autograd's backward is
+    right), and the generic rule replays through them: BatchJacobian was 0.26 off, the layer
+    before cdist's DiagGGN 0.8. The replay uses the distance written out now. The reference is
+    plain autograd (``torch.autograd.functional.jacobian``), not torch.func."""
+    torch.manual_seed(1)
+    model = Prototypes(batched_form).to(DT)
+    n, X, y = 3, torch.randn(3, 4, dtype=DT), torch.randint(0, 3, (3,))
+    crit = nn.CrossEntropyLoss()
+    ggn = FullGGN()
+    with extend(model, BatchJacobian(), DiagGGN(), ggn):
+        crit(model(X), y).backward()
+    params = list(model.parameters())
+    values = tuple(p.detach() for p in params)
+
+    def out_of(*ps):
+        return torch.func.functional_call(model, dict(zip([k for k, _ in model.named_parameters()], ps)), (X,))
+
+    jac = torch.autograd.functional.jacobian(out_of, values)  # per parameter [N, C, *p]
+    J = torch.cat([j.reshape(n, 3, -1) for j in jac], dim=2)  # [N, C, P]
+    out = out_of(*values).detach()
+    H = torch.stack([torch.autograd.functional.hessian(lambda o: crit(o[None], y[i : i + 1]) / n, out[i]) for i in range(n)])
+    G = torch.einsum("nop,noq,nqr->pr", J, H, J)
+    check(torch.cat([p.batch_jacobian.reshape(n, 3, -1) for p in params], 2), J, "BatchJacobian (cdist)")
+    check(torch.cat([p.diag_ggn.flatten() for p in params]), G.diagonal(), "DiagGGN (cdist)")
+    check(ggn.matrix, G, "FullGGN (cdist)")
