@@ -123,14 +123,47 @@ def _walk(
     if any(walk.pending[slot] is not None for walk in walks for slot in range(plan.slots)):
         for step in plan.steps:
             op = ops[step.index]
-            for walk in walks:
-                _visit(walk, step, op)
+            try:
+                for walk in walks:
+                    _visit(walk, step, op)
+            except UnsupportedModelError as err:
+                better = _further_output_error(trace, op, err)
+                if better is None:
+                    raise
+                raise better from err
             op.clear_scratch()
     root = trace.root_value
     return {
         ext: ext.finalize(walk.totals[ext], plan.shared_params, list(params), root)
         for walk in walks for ext in walk.extensions
     }
+
+
+def _further_output_error(trace: Trace, op: Operation, err: UnsupportedModelError) -> Optional[UnsupportedModelError]:
+    """The refusal of ``op``, said better where it reads a module's further output (an RNN's ``h_n``)."""
+    reads: dict = {}  # key computed from a further output -> the module that gave that output
+    for m in trace.operations:
+        if m is op:
+            break
+        for key in m.unfollowed_output_keys:
+            reads[key] = m
+        source = next((reads[k] for k in m.input_keys if k in reads), None)
+        if source is not None:
+            reads.update((k, source) for k in m.output_keys if k is not None)
+    source = next((reads[k] for k in op.input_keys if k in reads), None)
+    if source is None:
+        return None
+    hint = (
+        " For the final state h_n of an RNN, read the last step of its first output instead: "
+        "out[:, -1] with batch_first=True (the last layer's; for a bidirectional RNN, h_n's forward "
+        "half is out[:, -1, :H] and its backward half out[:, 0, H:])."
+        if isinstance(source.module, nn.RNNBase) else ""
+    )
+    return UnsupportedModelError(
+        f"The operation {op.name} reads a further output of module {source.name!r} "
+        f"({type(source.module).__name__}): curvhook follows only the first tensor output of a "
+        f"module.{hint} (The operation itself was refused: {err})"
+    )
 
 
 def _visit(walk: _Walk, step: Step, op: Operation) -> None:

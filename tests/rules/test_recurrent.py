@@ -157,20 +157,36 @@ def test_rule_declines_batch_first_false_and_train_mode_dropout():
     assert isinstance(registry.rule_for(one_layer), RecurrentRule)
 
 
-def test_using_the_final_state_is_refused():
-    """curvhook follows only the first output of a module: ``h_n`` raises a clear error."""
+@pytest.mark.parametrize("read", ["index", "flatten", "first_output"])
+def test_using_the_final_state_is_refused_with_what_works(read):
+    """curvhook follows only the first output of a module: ``h_n`` raises a clear error that
+    names the module and says to read the last step of ``out`` (it leaked torch's
+    ``squeeze()`` argument error for ``h_n.transpose(0, 1).flatten(1)``). The last step of
+    ``out`` is ``h_n``'s last layer, and exact."""
 
     class LastState(nn.Module):
         def __init__(self):
             super().__init__()
-            self.rnn, self.head = nn.GRU(FEATURES, 4, batch_first=True), nn.Linear(4, CLASSES)
+            self.rnn = nn.LSTM(FEATURES, 4, num_layers=2, batch_first=True)
+            self.head = nn.Linear(8 if read == "flatten" else 4, CLASSES)
 
         def forward(self, x):
-            return self.head(self.rnn(x)[1][0])
+            out, (h_n, _) = self.rnn(x)
+            if read == "index":
+                return self.head(h_n[-1])
+            if read == "flatten":
+                return self.head(h_n.transpose(0, 1).flatten(1))
+            return self.head(out[:, -1])
 
+    torch.manual_seed(0)
     model = LastState().to(DT)
-    X, y = _data(2)
-    with pytest.raises(UnsupportedModelError):
+    X, y = _data(3)
+    if read == "first_output":
+        with torch.no_grad():
+            torch.testing.assert_close(model.rnn(X)[0][:, -1], model.rnn(X)[1][0][-1])
+        check_graph_against_reference(model, X, y)
+        return
+    with pytest.raises(UnsupportedModelError, match=r"reads a further output of module 'rnn' \(LSTM\).*out\[:, -1\]"):
         with extend(model, DiagGGN()):
             nn.CrossEntropyLoss()(model(X), y).backward()
 
