@@ -49,7 +49,7 @@ __all__ = [
     "current_autograd_node",
     "current_graph_task_id",
     "disable_torch_function",
-    "engine_executes_node",
+    "parameter_gets_gradient",
     "forward_pre_hooks",
     "functorch_level",
     "in_backward_hook_setup",
@@ -312,25 +312,27 @@ current_graph_task_id: Callable[[], int] = getattr(_C, "_current_graph_task_id",
 # (the last layer's product is recomputed from its inputs; results are the same).
 current_autograd_node: Callable[[], Any] = getattr(_C, "_current_autograd_node", None) or (lambda: None)
 
-# engine_executes_node(node): whether the backward pass under way runs ``node``.
-# ``torch.autograd.grad(loss, out)`` and ``backward(inputs=...)`` run only the
-# nodes on the way to the tensors asked for; a node outside that path returns
-# no gradient when applied, and the one below the model output tells whether the
-# pass goes into the model at all.
-# Checked on torch 2.6–2.13 (``torch._C._will_engine_execute_node``; only valid
-# inside a backward pass, and raises for a node outside its graph).
-# Missing: ``True`` (every pass counts as a whole one, as before).
-_will_execute = getattr(_C, "_will_engine_execute_node", None)
+_will_execute = getattr(_C, "_will_engine_execute_node", None)  # see parameter_gets_gradient
 
 
-def engine_executes_node(node: Any) -> bool:
-    """Whether the backward pass under way runs ``node`` (see the comment above)."""
-    if _will_execute is None:  # pragma: no cover - every torch 2.x has it
+# parameter_gets_gradient(p): whether the backward pass under way computes a
+# gradient for the leaf ``p``: it runs p's AccumulateGrad node, or (for
+# torch.autograd.grad with p among its inputs) captures the gradient there, in
+# which case the engine's query raises for that node.
+# Checked on torch 2.6–2.13 (``torch.autograd.graph.get_gradient_edge``,
+# ``torch._C._will_engine_execute_node``).
+# Missing: ``True`` (every pass counts, as before).
+_gradient_edge = getattr(getattr(torch.autograd, "graph", None), "get_gradient_edge", None)
+
+
+def parameter_gets_gradient(p: Tensor) -> bool:
+    """Whether the backward pass under way computes a gradient for ``p`` (see the comment above)."""
+    if _will_execute is None or _gradient_edge is None:  # pragma: no cover - every torch >= 2.6 has them
         return True
     try:
-        return bool(_will_execute(node))
-    except RuntimeError:  # not a node of this pass's graph
-        return False
+        return bool(_will_execute(_gradient_edge(p).node))
+    except RuntimeError:  # captured by torch.autograd.grad: its gradient is computed
+        return True
 
 
 _engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)

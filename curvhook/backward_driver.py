@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from curvhook import _memory
 from curvhook._torch_internals import (
-    current_autograd_node, current_graph_task_id, disable_torch_function, engine_executes_node,
+    current_autograd_node, current_graph_task_id, disable_torch_function, parameter_gets_gradient,
     queue_backward_callback,
 )
 from curvhook.block_state import BlockState
@@ -95,7 +95,7 @@ class BackwardDriver:
         params = self.state.params
         if not self.active or not params:
             return
-        if _stops_at_output():  # torch.autograd.grad(loss, out): no parameter gets a gradient
+        if _gives_no_parameter_a_gradient(trace):  # torch.autograd.grad(loss, out), or (loss, X)
             for loss in trace.losses:
                 loss.scale = None  # this pass's multiples, read by no walk
             return
@@ -205,15 +205,14 @@ class BackwardDriver:
             _memory.drop_unused(sum(ext.result_bytes(params) for ext in self.extensions))
 
 
-def _stops_at_output() -> bool:
-    """Whether this backward pass ends at the model output: it runs no node below it.
+def _gives_no_parameter_a_gradient(trace: Trace) -> bool:
+    """Whether this backward pass gives none of the parameters the forward pass used a gradient.
 
-    ``torch.autograd.grad(loss, logits)`` (the gradient at the output, for logging)
-    runs the output's hooks and stops; the model's parameters get no gradient, and
-    the autograd nodes the rules apply would return none. Such a pass adds no results.
+    ``torch.autograd.grad(loss, logits)`` (the gradient at the output, for logging) and
+    ``torch.autograd.grad(loss, X)`` (an adversarial example, a saliency map, a gradient
+    penalty) reach the model output but no parameter: they are no training step, and add no
+    results (with ``accumulate=True`` they would add to those of the real backward).
+    Usually the first parameter asked answers.
     """
-    node = current_autograd_node()
-    if node is None:
-        return False
-    below = [n for n, _ in node.next_functions if n is not None]
-    return bool(below) and not any(engine_executes_node(n) for n in below)
+    used = [p for op in trace.operations for _, p in op.params]
+    return bool(used) and not any(parameter_gets_gradient(p) for p in used)

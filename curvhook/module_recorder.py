@@ -275,7 +275,8 @@ class ModuleRecorder:
             )
             trace.shared_keys.add(op.output_key)
             trace.shared_log.append(op.output_key)
-        if not op.params and op.output_keys and op.output_keys[0] is not None and op.output_keys[0] in op.input_keys:
+        if (not op.params and not op.unfollowed_output_keys and op.output_keys and op.output_keys[0] is not None
+                and op.output_keys[0] in op.input_keys):
             return  # it returned its input as it was (Hugging Face's LinearActivation): no operation
         if op.inputs or op.output_keys:
             trace.operations.append(op)

@@ -85,3 +85,30 @@ def test_batch_statistics_are_refused_with_the_remedy_that_applies(case, remedy)
     with pytest.raises(UnsupportedModelError, match=remedy):
         with extend(model, DiagGGN()):
             nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+class _PassesAndComputes(nn.Module):
+    """A leaf returning its input unchanged beside a new tensor: ``(x, tanh(x))``."""
+
+    def forward(self, x):
+        return x, torch.tanh(x)
+
+
+class _UsesBoth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.mid, self.b = nn.Linear(4, 5), _PassesAndComputes(), nn.Linear(5, 3)
+
+    def forward(self, x):
+        u, v = self.mid(self.a(x))
+        return self.b(u * v)
+
+
+def test_a_leaf_returning_its_input_beside_a_new_output_names_its_second_output():
+    """A leaf that returns its input as it is is no operation, but not when it returns more:
+    the use of its second output is refused by name (not as an operation curvhook did not see)."""
+    model = _UsesBoth().to(DT)
+    X, y = data(4, d_in=4)
+    with pytest.raises(UnsupportedModelError, match="second output of module 'mid'"):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(X), y).backward()

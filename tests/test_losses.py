@@ -714,3 +714,16 @@ def test_a_named_cross_entropy_that_is_the_backpropagated_scalar_passes_its_chec
     got = torch.cat([p.diag_ggn.flatten() for p in model.parameters()])
     ref = reference(model, X, lambda out: named(out, y))
     compare({"DiagGGN": got}, ref)
+
+
+def test_a_loss_computed_in_float32_on_a_float64_model_is_checked_at_float32_precision():
+    """Hugging Face's causal-LM loss upcasts: ``F.cross_entropy(logits.float(), y)``. On a float64
+    model the gradient reaching the output is only float32-precise, and the check refused it
+    against float64's tolerance. The results agree with the float64 loss to float32's precision."""
+    torch.manual_seed(0)
+    model, X, y = model_for((C,)), torch.randn(N, 4, dtype=DT), class_targets((N,))
+    with extend(model, DiagGGN()):
+        F.cross_entropy(model(X).float(), y).backward()
+    got = torch.cat([p.diag_ggn.flatten() for p in model.parameters()])
+    ref = reference(model, X, lambda out: F.cross_entropy(out, y), approx=False)
+    compare({"DiagGGN": got}, ref, rtol=1e-5, atol_factor=1e-6)

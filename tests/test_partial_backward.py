@@ -84,3 +84,28 @@ def test_a_pass_through_part_of_the_model_raises_a_clear_error(how):
             else:
                 torch.autograd.grad(loss, [model[4].weight])
     assert_clean(model, before)
+
+
+def test_the_gradient_with_respect_to_the_input_adds_nothing():
+    """``torch.autograd.grad(loss, X)`` (an adversarial example, a saliency map) reaches the model
+    output but no parameter. With ``accumulate=True`` it added its GGN to that of the training
+    backward after it (twice the result); now only passes that give parameters a gradient count."""
+    model, X, y, crit = _setup(3)
+    X_adv = (X + 0.1 * torch.randn_like(X))
+    with extend(model, DiagGGN(), accumulate=True):
+        x = X.clone().requires_grad_()
+        (g,) = torch.autograd.grad(crit(model(x), y), x)
+        assert g.shape == X.shape
+        crit(model(X_adv), y).backward()
+    compare(collect(model, 3, ("DiagGGN",)), reference(model, X_adv, lambda o: crit(o, y), approx=False))
+
+
+def test_the_gradient_with_respect_to_every_parameter_counts():
+    """``torch.autograd.grad(loss, params)`` gives every parameter its gradient (captured, not
+    accumulated): exact, as ``loss.backward()``."""
+    model, X, y, crit = _setup(3)
+    ggn = FullGGN()
+    with extend(model, DiagGGN(), ggn, BatchJacobian()):
+        grads = torch.autograd.grad(crit(model(X), y), list(model.parameters()))
+    assert all(p.grad is None for p in model.parameters()) and len(grads) == 6
+    compare(collect(model, 3, ("BatchJacobian", "DiagGGN", "FullGGN")), reference(model, X, lambda o: crit(o, y)), ggn.matrix)
