@@ -214,5 +214,10 @@ def _gives_no_parameter_a_gradient(trace: Trace) -> bool:
     results (with ``accumulate=True`` they would add to those of the real backward).
     Usually the first parameter asked answers.
     """
-    used = [p for op in trace.operations for _, p in op.params]
-    return bool(used) and not any(parameter_gets_gradient(p) for p in used)
+    used = False
+    for op in trace.operations:
+        for _, p in op.params:
+            if parameter_gets_gradient(p):
+                return False
+            used = True
+    return used
