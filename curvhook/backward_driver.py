@@ -25,7 +25,7 @@ from curvhook._torch_internals import (
 )
 from curvhook.block_state import BlockState
 from curvhook.engine import backpropagate
-from curvhook.errors import CurvhookError, UnsupportedLossError
+from curvhook.errors import CurvhookError, UnsupportedLossError, UnsupportedModelError
 from curvhook.extensions.base import Extension
 from curvhook.loss_linearity import LossLinearity
 from curvhook.loss_terms import LossTerms, check_gradient, check_named_gradient, find_loss_terms
@@ -81,20 +81,38 @@ class BackwardDriver:
         self.linearity.prune()
         self.state.prune_watch()
 
-    def on_output(self, trace: Trace, output: Tensor) -> None:
-        """A forward pass returned ``output`` (it requires grad): hook :meth:`on_root_grad` onto it."""
+    def on_output(self, trace: Trace, output: Tensor, others: Optional[dict[tuple, Tensor]] = None) -> None:
+        """A forward pass returned ``output`` (it requires grad): hook :meth:`on_root_grad` onto it.
+
+        ``others`` are the model output's other tensors that require grad, by
+        their paths (``("hidden_states", 2)``): a backward pass that reaches one of
+        them and never ``output`` is refused (:meth:`_on_other_output`).
+        """
         trace.root_key = key_of(output)
         trace.root_value = output.detach()
         trace.detach_root(output)
         trace.root_handle = output.register_hook(partial(self.on_root_grad, trace))
         self.state.traces.add(trace)
         self.state.watch_output(output, trace.root_key, trace)
+        for path, t in (others or {}).items():
+            trace.handles.append(t.register_hook(partial(self._on_other_output, trace, path)))
+
+    def _on_other_output(self, trace: Trace, path: tuple, grad: Tensor) -> None:
+        """Tensor hook on another tensor of the model output: after this backward pass,
+        check that it reached the output curvhook follows (else it would write nothing)."""
+        if not self.active or trace.used or _gives_no_parameter_a_gradient(trace):
+            return
+        task = current_graph_task_id()
+        if trace.other_output_task != task:  # one check per pass, not one per tensor reached
+            trace.other_output_task = task
+            queue_backward_callback(partial(_refuse_other_output, trace, path, task))
 
     def on_root_grad(self, trace: Trace, grad: Tensor) -> None:
         """Tensor hook on a model output: compute the extensions for this backward pass."""
         params = self.state.params
         if not self.active or not params:
             return
+        trace.reached_tasks.add(current_graph_task_id())
         if _gives_no_parameter_a_gradient(trace):  # torch.autograd.grad(loss, out), or (loss, X)
             for loss in trace.losses:
                 loss.scale = None  # this pass's multiples, read by no walk
@@ -203,6 +221,21 @@ class BackwardDriver:
             if self.distributed and not self.accumulate:  # with accumulate: once, when the block ends
                 self.reduce_across_processes()
             _memory.drop_unused(sum(ext.result_bytes(params) for ext in self.extensions))
+
+
+def _refuse_other_output(trace: Trace, path: tuple, task: int) -> None:
+    """End of a backward pass that reached the model output's tensor at ``path``: refuse
+    it if it never reached the tensor curvhook follows (the block would write nothing)."""
+    if task in trace.reached_tasks or trace.used:
+        return
+    where = "output" + "".join(f"[{k!r}]" for k in path)
+    choice = repr(path[0]) if len(path) == 1 else f"lambda output: {where}"
+    raise UnsupportedModelError(
+        f"This backward pass reached {where} of the model but not the tensor curvhook "
+        "computes curvature for (chosen by extend(..., output=...); by default 'logits', or "
+        "the only tensor of the output that requires grad), so it would write no results. "
+        f"Name the tensor the loss is computed from: extend(model, ..., output={choice})."
+    )
 
 
 def _gives_no_parameter_a_gradient(trace: Trace) -> bool:

@@ -32,6 +32,10 @@ class Frame:
     # the tape records inside it: it has children, or it is a leaf without a rule
     # that may count as its operations (curvhook/leaf_operations.py)
     records_inside: bool = False
+    # outputs of operations in its forward that merged the batch axis with other axes
+    # (Swin's windows, DeBERTa's heads): if its output depends on one, it is recorded as
+    # one module, for the exact fallback
+    merged_keys: list = field(default_factory=list)
 
 
 @dataclass(eq=False)

@@ -5,6 +5,10 @@ returns a number it cannot vouch for: where the mathematics does not apply, it
 raises one of these instead.
 """
 
+from __future__ import annotations
+
+from typing import Optional
+
 
 class CurvhookError(RuntimeError):
     """Base class of all curvhook errors."""
@@ -50,4 +54,21 @@ def partial_backward_error(node_name: str) -> CurvhookError:
         "torch.autograd.grad with respect to every trainable parameter. Take gradients of "
         "part of the graph outside the block (the gradient at the model output alone, "
         "torch.autograd.grad(loss, out), is fine inside it)."
+    )
+
+
+def out_of_memory_error(err: BaseException, what: str) -> Optional[UnsupportedModelError]:
+    """The error to raise where ``torch.func`` ran out of memory differentiating ``what``
+    (its dense per-sample Jacobians), else ``None``: it is no failure to differentiate."""
+    oom = isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    )
+    if not oom:
+        return None
+    return UnsupportedModelError(
+        f"curvhook ran out of memory differentiating {what} with torch.func ({err}). The generic "
+        "rule builds dense per-sample Jacobians, which grow with the square of the layer's size "
+        "(DiagGGNApprox needs them for operations without a closed form). Use a smaller batch or "
+        "input, a module with a rule in place of the operation (docs/supported.md), or register a "
+        "rule for it (docs/custom_layers.md)."
     )

@@ -33,7 +33,7 @@ from curvhook.leaf_operations import as_operations
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, flat_tensors, key_of, make_template
 from curvhook.rules.fallback import replaying
 from curvhook.rules.registry import rule_for
-from curvhook.tape import OperationTape
+from curvhook.tape import OperationTape, merged_constant
 from curvhook.trace import Trace
 
 # The arguments of a module called with one tensor: the template ``(Slot(0),)``.
@@ -59,7 +59,7 @@ class ModuleRecorder:
         tape: The block's tape; it is taken off the mode stack inside torch layers.
         on_forward_start: Called when a forward pass of the model starts, before
             its trace opens.
-        on_output: Called as ``on_output(trace, output)`` when a forward pass of
+        on_output: Called as ``on_output(trace, output, others)`` when a forward pass of
             the model returned a tensor that requires grad.
         output: Which tensor of a structured model output to follow (see
             :func:`~curvhook.context.extend`).
@@ -70,7 +70,7 @@ class ModuleRecorder:
         state: BlockState,
         tape: OperationTape,
         on_forward_start: Callable[[], None],
-        on_output: Callable[[Trace, Tensor], None],
+        on_output: Callable[[Trace, Tensor, Optional[dict]], None],
         output: OutputChoice = None,
     ) -> None:
         self.output = output
@@ -184,12 +184,14 @@ class ModuleRecorder:
         if output is None:  # the forward raised
             trace.release()
             return
+        others = None
         if not isinstance(output, Tensor) or self.output is not None:
             try:
-                output = select_output(output, self.output)
+                whole, output = output, select_output(output, self.output)
             except UnsupportedModelError:
                 trace.release()
                 raise
+            others = other_output_tensors(whole, output)
         if not output.requires_grad:
             trace.release()  # no backward can follow
             return
@@ -198,7 +200,7 @@ class ModuleRecorder:
         except UnsupportedModelError:
             trace.release()
             raise
-        self.on_output(trace, output)
+        self.on_output(trace, output, others)
 
     # ----------------------------------------------------------- any module
     @_without_torch_function
@@ -245,9 +247,11 @@ class ModuleRecorder:
             return
         frame = state.frames.pop()
         check_module_output(frame.op.name, output)
-        if frame.child_called:  # a container: its children and operations are recorded
-            return
         trace, op = state.stack[-1], frame.op
+        if frame.child_called and not (
+            frame.merged_keys and _depends_on_merged_batch(trace.operations[frame.start :], frame.merged_keys, output)
+        ):
+            return  # a container: its children and operations are recorded
         if not frame.has_children and frame.records_inside:
             kept = as_operations(op, module, trace.operations[frame.start :], output)
             if kept is not None:  # the module counts as the operations it ran (curvhook/leaf_operations.py)
@@ -280,6 +284,11 @@ class ModuleRecorder:
             return  # it returned its input as it was (Hugging Face's LinearActivation): no operation
         if op.inputs or op.output_keys:
             trace.operations.append(op)
+            if (len(state.frames) > 1 and op.params and BATCHED not in op.input_kinds
+                    and merged_constant(op.inputs, op.input_kinds, trace.batch_hint)):
+                # a layer on frozen features whose batch axis its container merged (LeViT's
+                # BatchNorm1d on x.flatten(0, 1)): the container becomes one module
+                state.frames[-1].merged_keys.extend(k for k in op.output_keys if k is not None)
 
 
 OutputChoice = Union[str, int, Callable[[Any], Tensor], None]
@@ -360,6 +369,38 @@ def select_output(output: Any, choice: OutputChoice) -> Tensor:
         f"tensors the loss is computed from (tensors that require grad: {found}). Name it: "
         "extend(model, ..., output='logits') (a key, an index, or a function of the output)."
     )
+
+
+def _depends_on_merged_batch(operations: list, merged: list, output: Any) -> bool:
+    """Whether a module's output was computed from a tensor whose batch axis an operation
+    of its ``forward`` merged with other axes (``merged``: those operations' output keys).
+
+    Such a module is recorded as one call for the fallback; a merge whose result does
+    not reach the output (a loss computed inside the model) changes nothing.
+    """
+    first = output if isinstance(output, Tensor) else next(flat_tensors(output), None)
+    if not merged or first is None:
+        return False
+    reached = set(merged)
+    for op in operations:
+        if any(k in reached for k in op.input_keys):
+            reached.update(k for k in op.output_keys if k is not None)
+    return key_of(first) in reached
+
+
+def other_output_tensors(output: Any, chosen: Tensor) -> dict[tuple, Tensor]:
+    """The tensors of a model output, besides ``chosen``, that require grad, by their path.
+
+    Top-level entries (path ``(key,)``) and the tensors of top-level tuples and
+    lists (``("hidden_states", 2)``); ``chosen`` itself is left out.
+    """
+    found: dict[tuple, Tensor] = {}
+    for key, value in _named_items(output).items():
+        items = [((key, i), v) for i, v in enumerate(value)] if isinstance(value, (tuple, list)) else [((key,), value)]
+        for path, t in items:
+            if isinstance(t, Tensor) and t.requires_grad and t is not chosen:
+                found[path] = t
+    return found
 
 
 def _item(output: Any, choice: Union[str, int]) -> Any:

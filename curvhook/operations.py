@@ -62,6 +62,21 @@ DIM_OPERATIONS = frozenset({
     "sum", "mean", "select", "narrow", "squeeze", "unsqueeze", "flatten", "transpose",
     "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "flip", "roll",
 }) | SOFTMAXES
+# Operations that take an integer index of the input's rank along ``dim``
+# (``h.gather(1, idx)``): an index with one row per sample belongs to its sample.
+INDEXED_ALONG_DIM = frozenset({
+    "gather", "take_along_dim", "scatter", "scatter_add", "scatter_reduce", "index_add", "index_copy",
+    "index_fill", "index_select",
+})
+# Operations that broadcast their tensor arguments against each other entry by entry:
+# a constant of the output's rank with one row per sample (a mask) belongs to its sample.
+BROADCASTING = ADDITIONS | SUBTRACTIONS | REVERSED_SUBTRACTIONS | PRODUCTS | QUOTIENTS | frozenset({
+    "where", "masked_fill", "masked_fill_", "pow", "__pow__", "__rpow__", "maximum", "minimum",
+    "lerp", "addcmul", "addcdiv", "clamp", "clip",
+})
+# Operations that take a constant of the output's rank whose row ``n`` serves sample ``n``
+# (``F.grid_sample(x, grid)`` with a grid ``[N, H, W, 2]``).
+SAMPLE_ALIGNED = frozenset({"grid_sample"})
 # Known operations that may change the number of axes (their dims are checked instead).
 CHANGE_RANK = frozenset({
     "__getitem__", "squeeze", "unsqueeze", "flatten", "unflatten", "view", "reshape",

@@ -330,6 +330,38 @@ def tensor_arguments(args: tuple, kwargs: dict) -> Iterator[Tensor]:
             yield from (a for a in arg if isinstance(a, Tensor))
 
 
+def carries_gradient(t: Tensor) -> bool:
+    """Whether ``t`` can carry a gradient (floating point or complex; not ``max``'s indices)."""
+    return t.is_floating_point() or t.is_complex()
+
+
+class DifferentiableOutputs:
+    """An operation that also returns integer tensors, returning only its others.
+
+    ``h.max(dim=-1)`` gives ``(values, indices)``; its record replays
+    ``(values,)``, since ``torch.func.vjp`` refuses integer outputs and no
+    gradient flows through them. One instance per operation (:meth:`of`), so
+    that plans keyed by the function stay the same from step to step.
+    """
+
+    _made: dict = {}
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        self.__name__ = getattr(func, "__name__", str(func))
+
+    @classmethod
+    def of(cls, func: Any) -> "DifferentiableOutputs":
+        """The wrapper of ``func`` (made once)."""
+        made = cls._made.get(func)
+        if made is None:
+            made = cls._made[func] = cls(func)
+        return made
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
+        return tuple(o for o in flat_tensors(self.func(*args, **kwargs)) if carries_gradient(o))
+
+
 def flat_tensors(obj: Any) -> Iterator[Tensor]:
     """The tensors in a (nested) tuple or list output, in order."""
     if isinstance(obj, Tensor):

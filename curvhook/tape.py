@@ -37,10 +37,12 @@ from curvhook.operations import (
     ADDITIONS, MERGING_RESHAPES, REVERSED_SUBTRACTIONS, SUBTRACTIONS, is_inplace, name_of, skipped,
 )
 from curvhook.records import (
-    BATCHED, CONST, SHARED, Operation, flat_tensors, key_of, make_template, tensor_arguments,
+    BATCHED, CONST, SHARED, DifferentiableOutputs, Operation, carries_gradient, flat_tensors, key_of,
+    make_template, tensor_arguments,
 )
 from curvhook.rules.parameters_only import COPIES_TO_BATCH
 from curvhook.trace import Trace
+from curvhook.view_writes import WriteThrough, view_chain
 
 # Marks an input with an autograd history in an operation recorded after the model.
 _HISTORY = object()
@@ -143,7 +145,11 @@ class OperationTape(TorchFunctionMode):
         keys = tuple(key_of(t) for t in tensors)
         inplace = is_inplace(name) or _inplace_flag(func, args, kwargs)
         before = _value_before(name, inplace, tensors, kwargs)
-        return after, func, name, t_args, t_kwargs, tensors, keys, tuple(t.grad_fn for t in tensors), inplace, before
+        through = _write_through_pending(state, tensors) if inplace and after is None and state.stack else None
+        return (
+            after, func, name, t_args, t_kwargs, tensors, keys, tuple(t.grad_fn for t in tensors), inplace, before,
+            through,
+        )
 
     def _watched_traces(self, args: tuple, kwargs: dict) -> list[Trace]:
         """The distinct traces whose outputs (or functions of them) are among the arguments."""
@@ -182,7 +188,7 @@ class OperationTape(TorchFunctionMode):
         if pending[0] is _FUNCTIONAL_LOSS:
             self.functional_loss(*pending[1:], out)
             return
-        after, func, name, t_args, t_kwargs, tensors, keys, nodes, inplace, before = pending
+        after, func, name, t_args, t_kwargs, tensors, keys, nodes, inplace, before, through = pending
         if isinstance(after, tuple):  # outputs of several forward passes combined
             for o in flat_tensors(out):
                 if o.requires_grad:
@@ -196,6 +202,11 @@ class OperationTape(TorchFunctionMode):
             # would map the tensor's key to itself, and a parameter read through it would get
             # its terms twice. (Such an output beside new ones is not followed: _operation.)
             return
+        if not all(carries_gradient(o) for o in outputs):  # max's values and indices: the values
+            outputs = [o for o in outputs if carries_gradient(o)]
+            func = DifferentiableOutputs.of(func)
+            if not outputs:
+                return
         if after is not None:
             op = self._record_after(after, (func, name, t_args, t_kwargs), tensors, keys, nodes, outputs, inplace)
         elif self.state.stack:
@@ -204,6 +215,24 @@ class OperationTape(TorchFunctionMode):
             op = None
         if op is not None and before is not None:
             _keep_value_before(op, before)
+        if op is not None and through is not None:  # in place on a view: its base changed too
+            self._record_write_through(through, func, name, t_args, t_kwargs, tensors, keys, nodes)
+
+    def _record_write_through(
+        self, through: tuple, func: Any, name: str, t_args: tuple, t_kwargs: dict, tensors: list, keys: tuple,
+        nodes: tuple,
+    ) -> None:
+        """Record the change an in-place operation on a view made to the view's base
+        (:mod:`curvhook.view_writes`)."""
+        chain, base, base_key, base_node, base_before = through
+        write = WriteThrough(chain, func, t_args, t_kwargs)
+        slots, _, _ = make_template(tuple(tensors), {})
+        op = self._record_between(
+            (write, f"{name} on a view", slots, {}), [base, *tensors[1:]], (base_key, *keys[1:]),
+            (base_node, *nodes[1:]), [base], True,
+        )
+        if op is not None:
+            _keep_value_before(op, base_before)
 
     def _record_between(
         self, call: tuple, tensors: list, keys: tuple, nodes: tuple, outputs: list, inplace: bool
@@ -240,6 +269,11 @@ class OperationTape(TorchFunctionMode):
             op.node, op.node_saves_hooked = None, True
         if BATCHED in kinds and (trace.moved_axes or name in MOVERS):
             _follow_batch_axis(op, trace.moved_axes)
+        if len(state.frames) > 1 and (  # in a submodule (the model's own forward has no fallback)
+            (name in MERGING_RESHAPES and _merges_batch(tensors, kinds, outputs, trace))
+            or (BATCHED not in kinds and SHARED in kinds and merged_constant(tensors, kinds, trace.batch_hint))
+        ):
+            state.frames[-1].merged_keys.extend(k for k in op.output_keys if k is not None)
         if BATCHED not in kinds and _copies_to_batch(op, tensors, outputs, trace.batch_hint):
             op.to_batch = True  # its output has the batch axis: one copy per sample
         elif BATCHED not in kinds:  # computed from parameters only
@@ -372,6 +406,19 @@ def _value_before(name: str, inplace: bool, tensors: list, kwargs: dict) -> Opti
     return tensors[0].detach().clone()
 
 
+def _write_through_pending(state: BlockState, tensors: list) -> Optional[tuple]:
+    """What :meth:`OperationTape._record_write_through` needs where an in-place operation
+    changes a view whose chain of views from its base the tape recorded; else ``None``."""
+    view = tensors[0] if tensors else None
+    if view is None or view._base is None:
+        return None
+    chain = view_chain(state.stack[-1], view)
+    if chain is None:
+        return None
+    base = view._base
+    return chain, base, key_of(base), base.grad_fn, base.detach().clone()
+
+
 def _keep_value_before(op: Operation, before: Tensor) -> None:
     """Make ``op.inputs[0]`` the value its in-place operation overwrote.
 
@@ -477,6 +524,40 @@ def _merged_rows(name: str, tensors: list, outputs: list, n) -> int:
         if size == rows and tuple(out.shape[1:]) == tuple(x.shape[j + 1 :]):
             return rows if rows > 1 else 0
     return 0
+
+
+def _merges_batch(tensors: list, kinds: list, outputs: list, trace: Trace) -> bool:
+    """Whether a reshape merges the batch axis with the axes after it inside the model.
+
+    ``x.reshape(N * nW, L, C)`` of Swin's windows ``[N, h, w, ...]``, ``[N, H, L, d]``
+    viewed as ``[N·H, L, d]`` (DeBERTa's heads): the rows of one sample are no
+    longer one row of the batch.
+    """
+    n = trace.batch_hint
+    if n is None or len(outputs) != 1 or outputs[0].dim() == 0:
+        return False
+    rows = outputs[0].shape[0]
+    for x, kind in zip(tensors, kinds):
+        if kind != BATCHED or x.dim() < 2 or x.shape[0] != n or key_of(x) in trace.moved_axes:
+            continue
+        if rows <= n or rows % n:
+            return False
+        size = 1
+        for j in range(1, x.dim()):
+            size *= x.shape[j]
+            if size == rows // n:
+                return True
+    return False
+
+
+def merged_constant(tensors: list, kinds: list, n: Optional[int]) -> bool:
+    """Whether one of ``tensors`` is a floating constant whose leading axis is ``k·N`` (``k > 1``):
+    the features of frozen layers with the batch axis merged (Swin's windows after a
+    frozen stem), which the tape does not record (they need no gradient)."""
+    return n is not None and any(
+        kind == CONST and t.is_floating_point() and t.dim() >= 2 and t.shape[0] > n and t.shape[0] % n == 0
+        for t, kind in zip(tensors, kinds)
+    )
 
 
 def _copies_to_batch(op: Operation, tensors: list, outputs: list, batch_hint) -> bool:

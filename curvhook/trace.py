@@ -70,6 +70,8 @@ class Trace:
         self.grad_enabled = True
         self.functorch_level: Optional[int] = None
         self.used = False
+        self.reached_tasks: set[int] = set()  # the backward passes that reached the output
+        self.other_output_task: Optional[int] = None  # the last pass that reached another tensor of it
         self.released = False
         self._model_keys: Optional[set] = None  # the keys of ``operations`` (see ``produced``)
 

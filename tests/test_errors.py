@@ -3,13 +3,15 @@ models whose samples are not independent, all leaving the model clean. (Refused 
 and uses of the loss are in ``tests/test_losses.py``; operations that mix samples in
 ``tests/rules/test_tensor_ops.py``.)"""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from curvhook import extend
 from curvhook.errors import UnsupportedModelError
-from curvhook.extensions import DiagGGN
+from curvhook.extensions import DiagGGN, DiagGGNApprox
 from helpers import DT, EXTENSIONS, assert_clean, data, mlp, snapshot, warnings_ignored
 
 
@@ -112,3 +114,32 @@ def test_a_leaf_returning_its_input_beside_a_new_output_names_its_second_output(
     with pytest.raises(UnsupportedModelError, match="second output of module 'mid'"):
         with extend(model, DiagGGN()):
             nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+@pytest.mark.parametrize("where", ["operation", "module"])
+def test_running_out_of_memory_in_torch_func_says_so(where, monkeypatch):
+    """An allocation that fails inside the generic rules' dense per-sample Jacobians is reported
+    as running out of memory, with what to do (it said 'could not differentiate')."""
+    import curvhook.rules.fallback as fallback_rules
+    import curvhook.rules.tensor_ops as tensor_op_rules
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    class Odd(nn.Module):  # no rule: the fallback
+        def forward(self, x):
+            return x * torch.sigmoid(x).square()
+
+    if where == "operation":
+        monkeypatch.setattr(tensor_op_rules, "jacrev", no_memory)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3)).double()
+        model.forward = lambda x: model[1](torch.atan2(model[0](x), torch.ones(())))  # no closed form
+    else:
+        monkeypatch.setattr(fallback_rules, "vjp", no_memory)
+        model = nn.Sequential(nn.Linear(4, 4), Odd(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnsupportedModelError, match="ran out of memory differentiating.*smaller batch"):
+            with extend(model, DiagGGNApprox()):
+                nn.CrossEntropyLoss()(model(X), y).backward()

@@ -92,3 +92,48 @@ def test_a_wrong_output_choice_is_refused(output):
     with pytest.raises(UnsupportedModelError, match="output="):
         with extend(model, DiagGGN(), output=output):
             model(torch.randn(2, 4, dtype=DT))
+
+
+@pytest.mark.parametrize(
+    "wrap, output, pick, suggested",
+    [
+        (lambda f, h: (f, h), 0, lambda o: o[1], "output=1"),
+        (lambda f, h: {"scores": f, "features": h}, "scores", lambda o: o["features"], "output='features'"),
+        (lambda f, h: ModelOutput(logits=f, hidden_states=(h,)), None, lambda o: o.hidden_states[0],
+         r"output=lambda output: output\['hidden_states'\]\[0\]"),
+    ],
+    ids=["tuple", "dict", "ModelOutput's hidden states"],
+)
+def test_a_loss_on_another_tensor_of_the_output_is_refused(wrap, output, pick, suggested):
+    """The loss never reaches the tensor curvhook follows: without the error the block
+    would write no results and say nothing."""
+    torch.manual_seed(0)
+    model = Net(wrap).to(DT)
+    X, y = torch.randn(3, 4, dtype=DT), torch.tensor([0, 2, 1])
+    with extend(model, DiagGGN(), output=output):
+        loss = nn.CrossEntropyLoss()(pick(model(X)), y)
+        with pytest.raises(UnsupportedModelError, match=f"reached output.*would write no results.*{suggested}"):
+            loss.backward()
+
+
+def test_other_tensors_of_the_output_may_get_gradients_of_their_own():
+    """A backward pass through the followed tensor and another one, a later pass through
+    the other one alone, and an input gradient through the other one: no refusal, and the
+    results are those of the followed tensor's loss."""
+    torch.manual_seed(0)
+    model = Net(lambda f, h: {"logits": f, "hidden": h}).to(DT)
+    X, y = torch.randn(3, 4, dtype=DT, requires_grad=True), torch.tensor([0, 2, 1])
+    crit = nn.CrossEntropyLoss()
+    with extend(model, DiagGGN()):
+        out = model(X)
+        crit(out["logits"], y).backward(retain_graph=True)
+        first = [p.diag_ggn.clone() for p in model.parameters()]
+        out["hidden"].square().sum().backward(retain_graph=True)  # an auxiliary term, later
+        torch.autograd.grad(out["hidden"].sum(), X)
+    for p, f in zip(model.parameters(), first):
+        torch.testing.assert_close(p.diag_ggn, f, rtol=0, atol=0)
+    model.wrap = lambda f, h: f
+    with extend(model, DiagGGN()):
+        crit(model(X), y).backward()
+    for p, f in zip(model.parameters(), first):
+        torch.testing.assert_close(p.diag_ggn, f, rtol=1e-13, atol=0)

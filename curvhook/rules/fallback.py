@@ -39,7 +39,7 @@ from torch.func import functional_call, vjp, vmap
 
 from curvhook._torch_internals import BATCH_NORM_TYPES
 from curvhook.records import Operation, Slot, fill_template
-from curvhook.errors import UnsupportedModelError
+from curvhook.errors import UnsupportedModelError, out_of_memory_error
 from curvhook.rules.base import LayerRule
 
 _WARNED: set[type] = set()
@@ -139,6 +139,8 @@ def _batched(call: Operation) -> list[bool]:
     An input that needs no gradient and is declared shared by the module's type
     (``SHARED_ARGUMENTS``: a 2-d attention mask) is passed whole to each sample.
     """
+    if not call.inputs:  # called without tensors (with N = 1 its output is one sample's)
+        return []
     n = call.input.shape[0]
     batched = [t.dim() > 0 and t.shape[0] == n for t in call.inputs]
     shared = next((v for k, v in SHARED_ARGUMENTS.items() if isinstance(call.module, k)), None)
@@ -215,7 +217,8 @@ def _check_deterministic(call: Operation) -> Optional[Tensor]:
     """
     if call.scratch.deterministic:
         return None
-    device = call.input.device
+    # (a module called without tensors, BEiT's relative position bias: its parameters' device)
+    device = call.inputs[0].device if call.inputs else next((p.device for _, p in call.params), torch.device("cpu"))
     before = _rng_states(device)
     try:
         with torch.no_grad():
@@ -248,7 +251,7 @@ def _check_keeps_samples_apart(call: Operation, whole: Optional[Tensor]) -> None
         call: The recorded call; ``call.scratch.keeps_samples_apart_checked`` remembers the check.
         whole: Its replayed output on the whole batch, ``[N, *out]`` (``None``: replay it).
     """
-    if call.scratch.keeps_samples_apart_checked:
+    if call.scratch.keeps_samples_apart_checked or not call.inputs:  # no input: no samples to mix
         return
     x = call.input
     if x.dim() > 0 and x.shape[0] > 1:
@@ -313,6 +316,9 @@ def _guard(call: Operation, fn: Callable[[], Tensor]) -> Tensor:
     except UnsupportedModelError:
         raise
     except Exception as err:  # torch.func could not transform this module
+        oom = out_of_memory_error(err, f"module {call.name!r} ({type(call.module).__name__})")
+        if oom is not None:
+            raise oom from err
         raise UnsupportedModelError(
             f"The generic rule could not differentiate module {call.name!r} "
             f"({type(call.module).__name__}) with torch.func: {err}. Register a rule for it "

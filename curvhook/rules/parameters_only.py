@@ -132,7 +132,8 @@ def _batched_view(call: Operation, n: int):
         return cached[1]
     out = call.output_shape
     view = None
-    if len(out) and out[0] == 1 and all(x.dim() and x.shape[0] == 1 for x in call.inputs):
+    # (a module called without tensors, BEiT's relative position bias ``bias(window_size)``: none)
+    if len(out) and out[0] == 1 and call.inputs and all(x.dim() and x.shape[0] == 1 for x in call.inputs):
         view = dataclasses.replace(
             call,
             inputs=tuple(x.detach().expand(n, *x.shape[1:]) for x in call.inputs),

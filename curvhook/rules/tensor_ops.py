@@ -42,10 +42,10 @@ from torch.func import jacrev, vjp, vmap
 
 from curvhook import _memory
 from curvhook._torch_internals import tensor_version
-from curvhook.errors import UnsupportedModelError
+from curvhook.errors import UnsupportedModelError, out_of_memory_error
 from curvhook.operations import (
-    ADDITIONS, CHANGE_RANK, DIM_OPERATIONS, ELEMENTWISE, KNOWN, MATMULS, MEANS, PRODUCTS, QUOTIENTS,
-    REVERSED_SUBTRACTIONS, SOFTMAXES, STRUCTURAL, SUBTRACTIONS,
+    ADDITIONS, BROADCASTING, CHANGE_RANK, DIM_OPERATIONS, ELEMENTWISE, INDEXED_ALONG_DIM, KNOWN, MATMULS,
+    MEANS, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SAMPLE_ALIGNED, SOFTMAXES, STRUCTURAL, SUBTRACTIONS,
 )
 from curvhook.records import BATCHED, CONST, Operation, Slot
 from curvhook.rules.base import LayerRule, apply_node
@@ -225,6 +225,28 @@ def batch_gather(call: Operation) -> Optional[tuple[int, tuple[int, ...]]]:
     return first, tuple(others)
 
 
+def _per_sample_constants(call: Operation) -> list[int]:
+    """The slots of the constants that carry the batch axis of a :data:`BROADCASTING`,
+    :data:`INDEXED_ALONG_DIM` or :data:`SAMPLE_ALIGNED` operation: of the output's rank,
+    with one row per sample.
+
+    ``torch.where(mask, mask_token, h)`` with a mask ``[N, L, 1]`` (BEiT, MAE), and
+    ``h.gather(d, idx)`` with ``idx`` ``[N, k]``: sample ``n`` reads ``mask[n]`` and
+    ``idx[n]`` only (``d`` must not be the batch axis).
+    """
+    out = call.output_shapes[0]
+    if call.batch_axes is not None or not out:
+        return []
+    if call.func_name in INDEXED_ALONG_DIM:
+        dim = _dim_arg(call, default=None)
+        if not isinstance(dim, int) or dim % len(out) == 0:
+            return []
+    return [
+        i for i, (t, k) in enumerate(zip(call.inputs, call.input_kinds))
+        if k == CONST and t.dim() == len(out) and t.shape[0] == out[0]
+    ]
+
+
 def _index_keeps_batch(index) -> bool:
     first = index[0] if isinstance(index, tuple) and index else index
     if first is Ellipsis:
@@ -274,6 +296,9 @@ def _guard(call: Operation, fn: Callable[[], Tensor]) -> Tensor:
     except UnsupportedModelError:
         raise
     except Exception as err:
+        oom = out_of_memory_error(err, f"the operation {call.name}")
+        if oom is not None:
+            raise oom from err
         raise UnsupportedModelError(
             f"curvhook could not differentiate the operation {call.name} with torch.func: "
             f"{err}. Wrap it in a module and register a rule for that module "
@@ -334,6 +359,8 @@ class TensorOpRule(LayerRule):
         broadcasting, such as a per-sample attention mask.)
         """
         slots = [i for i, k in enumerate(call.input_kinds) if k == BATCHED]
+        if call.func_name in INDEXED_ALONG_DIM or call.func_name in BROADCASTING or call.func_name in SAMPLE_ALIGNED:
+            return sorted([*slots, *_per_sample_constants(call)])
         gather = batch_gather(call) if call.func_name == "__getitem__" else None
         return slots if gather is None else sorted([*slots, gather[0], *gather[1]])
 
@@ -707,7 +734,7 @@ class TensorOpRule(LayerRule):
             total = 0
             for d, jac in zip(diags, jacs):
                 jac = jac.reshape(d[0].numel(), w.numel())
-                total = total + torch.einsum("no,op->np", d.flatten(1), jac.square())
+                total = total + torch.einsum("no,op->np", d.reshape(d.shape[0], -1), jac.square())
             return total.reshape(-1, *w.shape)
         _warn_dense_once(call)
         if not self._safe(call):
@@ -735,7 +762,8 @@ class TensorOpRule(LayerRule):
             total = 0
             for d, jac in zip(diags, jacs):
                 jac = jac.reshape(d.shape[0], d[0].numel(), size)
-                total = total + torch.einsum("no,noi->ni", d.flatten(1), jac.square())
+                # (reshape: a per-sample scalar, ``h.norm(dim=-1)``, has no axis 1 to flatten)
+                total = total + torch.einsum("no,noi->ni", d.reshape(d.shape[0], -1), jac.square())
             shape = call.inputs[slot].shape if shared else samples[pos].shape[1:]
             return total.reshape(-1, *shape)
 

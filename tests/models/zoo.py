@@ -120,6 +120,19 @@ def tv_vit(n: int = N) -> ZooCase:
     return _classifier(model, "x", _images(16, n), CLASSES, ("class_token", "encoder.pos_embedding", "conv_proj.", "encoder.layers.encoder_layer_0.ln_1.", "encoder.layers.encoder_layer_0.self_attention.", "heads."))
 
 
+def tv_swin_v2(n: int = N) -> ZooCase:
+    """Swin V2 blocks: window attention merges the batch axis with the windows
+    (``[N·nW, L, C]``) and zeroes a slice of a cloned bias in place."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    model = SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2],
+        stochastic_depth_prob=0.0, num_classes=CLASSES, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2,
+    ).eval()
+    patterns = ("features.1.0.attn.", "features.1.0.norm1.", "features.3.0.attn.qkv.", "head.")
+    return _classifier(model, "x", _images(16, n), CLASSES, patterns)
+
+
 # ------------------------------------------------------------------- timm
 def timm_vit_tiny(n: int = N) -> ZooCase:
     import timm
@@ -149,6 +162,16 @@ def timm_resnet10t(n: int = N) -> ZooCase:
     return _classifier(model, "x", _images(16, n), CLASSES, ("conv1.0.", "bn1.", "layer4.0.bn2.", "fc."))
 
 
+def timm_levit(n: int = N) -> ZooCase:
+    """``BatchNorm1d`` (eval) on ``x.flatten(0, 1)``: the batch axis merged with the tokens
+    inside timm's ``LinearNorm``, learned attention biases indexed by position."""
+    import timm
+
+    model = timm.create_model("levit_128s", img_size=32, num_classes=CLASSES).eval()
+    patterns = ("stages.0.blocks.0.attn.attention_biases", "stages.0.blocks.0.attn.qkv.bn.", "head.bn.", "head.linear.")
+    return _classifier(model, "x", _images(32, n), CLASSES, patterns)
+
+
 # ----------------------------------------------------------- transformers
 def hf_bert(n: int = N) -> ZooCase:
     import transformers
@@ -165,6 +188,42 @@ def hf_bert(n: int = N) -> ZooCase:
     mask = torch.ones(n, LENGTH, dtype=torch.long)
     mask[0, -2:] = 0
     case.inputs["attention_mask"] = mask
+    return case
+
+
+def hf_deberta_v2(n: int = N) -> ZooCase:
+    """Disentangled attention views the batch and the heads as one axis (``[N·H, L, d]``)."""
+    import transformers
+
+    config = transformers.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=16, num_labels=CLASSES, relative_attention=True, position_buckets=4,
+        pos_att_type=["p2c", "c2p"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.DebertaV2ForSequenceClassification(config)
+    # (trainable relative embeddings reach the attention as an input computed from parameters:
+    # refused, docs/supported.md)
+    patterns = ("deberta.embeddings.LayerNorm.", "deberta.encoder.layer.0.attention.", "classifier.")
+    return _classifier(model, "input_ids", _ids(n), CLASSES, patterns, logits=lambda out: out.logits)
+
+
+def hf_beit(n: int = N) -> ZooCase:
+    """Relative position bias from a module called without tensors (``bias(window_size)``),
+    and a learned mask token at a per-sample mask (``bool_masked_pos``)."""
+    import transformers
+
+    config = transformers.BeitConfig(
+        image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, num_labels=CLASSES, use_relative_position_bias=True, use_mask_token=True,
+        use_mean_pooling=True, layer_scale_init_value=0.1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.BeitForImageClassification(config).eval()
+    patterns = ("beit.embeddings.mask_token", "beit.encoder.layer.0.attention.attention.relative_position_bias.",
+                "beit.encoder.layer.0.attention.attention.query.", "beit.encoder.layer.0.lambda_1", "classifier.")
+    case = _classifier(model, "pixel_values", _images(16, n), CLASSES, patterns, logits=lambda out: out.logits)
+    masked = torch.zeros(n, 4, dtype=torch.bool)
+    masked[0, 1] = masked[-1, 3] = True
+    case.inputs["bool_masked_pos"] = masked
     return case
 
 
@@ -252,12 +311,16 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "torchvision.mobilenet_v3_small": ("torchvision", tv_mobilenet_v3_small),
     "torchvision.convnext_tiny": ("torchvision", tv_convnext_tiny),
     "torchvision.VisionTransformer": ("torchvision", tv_vit),
+    "torchvision.swin_v2": ("torchvision", tv_swin_v2),
     "timm.vit_tiny": ("timm", timm_vit_tiny),
     "timm.mobilevitv2_050": ("timm", timm_mobilevitv2),
     "timm.convnext_atto": ("timm", timm_convnext_atto),
     "timm.resnet10t": ("timm", timm_resnet10t),
+    "timm.levit_128s": ("timm", timm_levit),
     "transformers.Bert": ("transformers", hf_bert),
     "transformers.DistilBert": ("transformers", hf_distilbert),
+    "transformers.DebertaV2": ("transformers", hf_deberta_v2),
+    "transformers.Beit": ("transformers", hf_beit),
     "transformers.GPT2": ("transformers", hf_gpt2),
     "transformers.GPT2-classifier": ("transformers", hf_gpt2_classifier),
     "transformers.Llama": ("transformers", hf_llama),

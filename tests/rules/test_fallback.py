@@ -401,3 +401,75 @@ def test_leaves_without_rules_recorded_as_their_operations(monkeypatch, n):
         warnings.simplefilter("ignore")
         check_graph_against_reference(model, X, y)
     assert reached == {"SoftmaxOfScaled", "Swish"}
+
+
+# --------------------------------- containers that merge the batch axis with another
+class HeadsMerged(nn.Module):
+    """Attention written with the batch and the heads as one axis (DeBERTa, Swin's windows):
+    ``[N, H, L, d]`` viewed as ``[N·H, L, d]``, a child ``Linear`` on the merged rows."""
+
+    def __init__(self, e: int = 4, heads: int = 2):
+        super().__init__()
+        self.qkv, self.mix, self.heads = nn.Linear(e, 3 * e), nn.Linear(e // heads, e // heads), heads
+
+    def forward(self, x):  # [N, L, E]
+        n, l, e = x.shape
+        q, k, v = self.qkv(x).view(n, l, 3, self.heads, e // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (t.reshape(n * self.heads, l, e // self.heads) for t in (q, k, v))
+        attn = torch.softmax(q @ k.transpose(1, 2), dim=-1)
+        out = self.mix(attn @ v)  # a child called on the merged axis
+        return out.view(n, self.heads, l, e // self.heads).transpose(1, 2).reshape(n, l, e)
+
+
+class WithMergedAttention(nn.Module):
+    def __init__(self, frozen_stem: bool = False):
+        super().__init__()
+        self.stem, self.attn, self.out = nn.Linear(3, 4), HeadsMerged(), nn.Linear(12, CLASSES)
+        self.stem.requires_grad_(not frozen_stem)
+
+    def forward(self, x):  # [N, 3, 3]
+        return self.out(torch.tanh(self.attn(self.stem(x))).flatten(1))
+
+
+class NormOnMergedRows(nn.Module):
+    """timm's LeViT ``LinearNorm``: ``BatchNorm1d`` (eval) on ``x.flatten(0, 1)``."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(d, d), nn.BatchNorm1d(d).eval()
+        self.bn.running_mean.uniform_(-0.5, 0.5)
+        self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.bn(self.linear(x).flatten(0, 1)).reshape_as(x)
+
+
+class WithMergedNorm(WithMergedAttention):
+    def __init__(self, frozen_stem: bool = False):
+        super().__init__(frozen_stem)
+        self.attn = NormOnMergedRows()
+        if frozen_stem:  # the norm's input is a constant the tape does not record
+            self.attn.linear.requires_grad_(False)
+
+
+@pytest.mark.parametrize("model_type", [WithMergedAttention, WithMergedNorm])
+@pytest.mark.parametrize("frozen_stem", [False, True], ids=["batched", "frozen_stem"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_container_that_merges_the_batch_axis_is_one_module_for_the_fallback(n, frozen_stem, model_type, monkeypatch):
+    """Its recorded operations cannot be split by sample; the container is recorded as one
+    module instead, which the fallback serves exactly (it warns, naming it). With a frozen
+    stem the merged tensor is a constant the tape does not record. (Before: refused, the
+    operation 'cannot be split into samples'.)"""
+    monkeypatch.setattr(fallback_module, "_WARNED", set())  # it warns once per type and process
+    torch.manual_seed(0)
+    model = model_type(frozen_stem).to(DT)
+    X, y = torch.randn(n, 3, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
+    crit = nn.CrossEntropyLoss()
+    ggn = FullGGN()
+    with pytest.warns(UserWarning, match=f"no rule for {type(model.attn).__name__}"):
+        with extend(model, BatchJacobian(), DiagGGN(), DiagGGNApprox(), ggn):
+            crit(model(X), y).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = reference(model, X, lambda out: crit(out, y), approx=False)
+    compare(collect(model, n, ("BatchJacobian", "DiagGGN")), ref, ggn.matrix)
+    assert all(torch.isfinite(p.diag_ggn_approx).all() and (p.diag_ggn_approx >= 0).all() for p in params)

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from curvhook import extend
 from curvhook.errors import UnsupportedModelError
+from curvhook.extensions import DiagGGNApprox
 from curvhook.rules import tensor_ops
 from curvhook.rules.functional import FUNCTIONAL_RULES
 from helpers import check_graph_against_reference, run_curvhook
@@ -186,6 +188,15 @@ CASES = {
     "sdpa_bool_mask": (lambda: Attention(mask=torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)), (3, 4)),
     "sdpa_padding_mask": (lambda: Attention(padding=True), (3, 4)),
     "sdpa_learned_bias": (lambda: Attention(learned_bias=True), (3, 4)),
+    "avg_pool2d": (lambda: ConvThen(lambda m, x: F.avg_pool2d(x, 2, stride=1), params=(), size=2), (2, 3, 3)),
+    "avg_pool2d_padded": (lambda: ConvThen(
+        lambda m, x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False), params=()), (2, 3, 3)),
+    "avg_pool2d_ceil_divisor": (lambda: ConvThen(
+        lambda m, x: F.avg_pool2d(x, 2, 2, 0, True, True, 3), params=(), size=2), (2, 3, 3)),
+    "avg_pool1d": (lambda: ConvThen(lambda m, x: F.avg_pool1d(x.flatten(2), 6, 1), params=(), size=2), (2, 3, 3)),
+    "adaptive_avg_pool2d": (lambda: ConvThen(lambda m, x: F.adaptive_avg_pool2d(x, 2), params=(), size=2), (2, 3, 3)),
+    "adaptive_avg_pool1d": (lambda: ConvThen(
+        lambda m, x: F.adaptive_avg_pool1d(x.flatten(2), 4), params=(), size=2), (2, 3, 3)),
     "embedding": (lambda: EmbeddingThen(), None),
     "embedding_padding_idx": (lambda: EmbeddingThen(padding_idx=2), None),
 }
@@ -318,3 +329,20 @@ def test_sdpa_split_matches_attention_written_out(case, n, monkeypatch):
     torch.testing.assert_close(out, model(X).detach())
     d = torch.func.hessian(lambda o: crit(o, y))(out).reshape(out.numel(), -1).diagonal()
     check(got, diag_ggn_approx_graph(twin, X, d), "DiagGGNApprox")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "pool" in c])
+def test_average_pools_take_no_dense_jacobians(case, monkeypatch):
+    """``F.avg_pool2d`` in a ``forward`` (torchvision's Inception blocks) gets the closed form of
+    ``nn.AvgPool2d``: before, DiagGGNApprox built dense per-sample Jacobians (5.4 GB for one
+    32-channel 24×24 map)."""
+
+    def dense(self, call, *args):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    monkeypatch.setattr(tensor_ops.TensorOpRule, "_exact_diag", dense)
+    torch.manual_seed(0)
+    build, shape = CASES[case]
+    model = build().to(DT).eval()
+    with extend(model, DiagGGNApprox()):
+        nn.CrossEntropyLoss()(model(_input(shape, 3)), torch.randint(0, 3, (3,))).backward()

@@ -68,18 +68,43 @@ class TableThroughModule(nn.Module):
         return self.head(torch.sigmoid(x + self.mlp(self.table))).flatten(1)
 
 
+class RelativeBias(nn.Module):
+    """BEiT's relative position bias: a module called without tensors, ``bias(window_size)``,
+    returning ``[1, H, L, L]`` from its table (its squares: not a chain of monomial operations)."""
+
+    def __init__(self, heads: int = 2) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(L * L, heads))
+
+    def forward(self, window_size: tuple[int, int]):
+        return (self.table.square() + self.table).view(*window_size, -1).permute(2, 0, 1).unsqueeze(0)
+
+
+class ScoresWithRelativeBias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias, self.head = RelativeBias(), nn.Linear(L, C)
+
+    def forward(self, x):  # [N, 2, L, L] attention scores
+        s = (x + self.bias((L, L))).softmax(-1)
+        return self.head(s[:, :, 0].sum(1))
+
+
 MODELS = {
     "position_embedding_1L": (lambda: PositionEmbedding(True), "ids"),
     "position_embedding_L": (lambda: PositionEmbedding(False), "ids"),
     "frozen_tokens_trainable_positions": (lambda: PositionEmbedding(True, freeze_tokens=True), "ids"),
     "class_token": (ClassToken, "float"),
     "table_through_module": (TableThroughModule, "float"),
+    "module_called_without_tensors": (ScoresWithRelativeBias, "scores"),
 }
 
 
 def _data(kind: str, n: int):
     if kind == "ids":
         return torch.randint(0, VOCAB, (n, L))
+    if kind == "scores":
+        return torch.randn(n, 2, L, L, dtype=DT)
     return torch.randn(n, L, D, dtype=DT)
 
 
