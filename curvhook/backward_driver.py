@@ -98,21 +98,38 @@ class BackwardDriver:
             trace.handles.append(t.register_hook(partial(self._on_other_output, trace, path)))
 
     def _on_other_output(self, trace: Trace, path: tuple, grad: Tensor) -> None:
-        """Tensor hook on another tensor of the model output: after this backward pass,
-        check that it reached the output curvhook follows (else it would write nothing)."""
-        if not self.active or trace.used or _gives_no_parameter_a_gradient(trace):
+        """Tensor hook on another tensor of the model output: remember that a backward pass
+        reached it (:meth:`refuse_unreached_output` reads it when the block ends)."""
+        if self.active and trace.other_output_reached is None and not _gives_no_parameter_a_gradient(trace):
+            trace.other_output_reached = path
+
+    def refuse_unreached_output(self) -> None:
+        """At the end of a block that wrote nothing: refuse it if a backward pass reached another
+        tensor of a model output than the one curvhook follows (a loss on ``out[1]`` with
+        ``output=0``, on ``out.hidden_states[-1]`` while ``logits`` is followed).
+
+        Checked when the block ends, not per pass: a pass through an auxiliary output
+        alone, before or after the main loss's, is fine.
+        """
+        traces = list(self.state.traces)
+        reached = next((t.other_output_reached for t in traces if t.other_output_reached is not None), None)
+        if reached is None or any(t.root_reached for t in traces):
             return
-        task = current_graph_task_id()
-        if trace.other_output_task != task:  # one check per pass, not one per tensor reached
-            trace.other_output_task = task
-            queue_backward_callback(partial(_refuse_other_output, trace, path, task))
+        where = "output" + "".join(f"[{k!r}]" for k in reached)
+        choice = repr(reached[0]) if len(reached) == 1 else f"lambda output: {where}"
+        raise UnsupportedModelError(
+            f"A backward pass in this block reached {where} of the model, and none reached the "
+            "tensor curvhook computes curvature for (chosen by extend(..., output=...); by default "
+            "'logits', or the only tensor of the output that requires grad): the block wrote no "
+            f"results. Name the tensor the loss is computed from: extend(model, ..., output={choice})."
+        )
 
     def on_root_grad(self, trace: Trace, grad: Tensor) -> None:
         """Tensor hook on a model output: compute the extensions for this backward pass."""
         params = self.state.params
         if not self.active or not params:
             return
-        trace.reached_tasks.add(current_graph_task_id())
+        trace.root_reached = True
         if _gives_no_parameter_a_gradient(trace):  # torch.autograd.grad(loss, out), or (loss, X)
             for loss in trace.losses:
                 loss.scale = None  # this pass's multiples, read by no walk
@@ -221,21 +238,6 @@ class BackwardDriver:
             if self.distributed and not self.accumulate:  # with accumulate: once, when the block ends
                 self.reduce_across_processes()
             _memory.drop_unused(sum(ext.result_bytes(params) for ext in self.extensions))
-
-
-def _refuse_other_output(trace: Trace, path: tuple, task: int) -> None:
-    """End of a backward pass that reached the model output's tensor at ``path``: refuse
-    it if it never reached the tensor curvhook follows (the block would write nothing)."""
-    if task in trace.reached_tasks or trace.used:
-        return
-    where = "output" + "".join(f"[{k!r}]" for k in path)
-    choice = repr(path[0]) if len(path) == 1 else f"lambda output: {where}"
-    raise UnsupportedModelError(
-        f"This backward pass reached {where} of the model but not the tensor curvhook "
-        "computes curvature for (chosen by extend(..., output=...); by default 'logits', or "
-        "the only tensor of the output that requires grad), so it would write no results. "
-        f"Name the tensor the loss is computed from: extend(model, ..., output={choice})."
-    )
 
 
 def _gives_no_parameter_a_gradient(trace: Trace) -> bool:

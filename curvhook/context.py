@@ -128,6 +128,8 @@ class Extend:
 
     def __exit__(self, *exc: Any) -> None:
         try:
+            if exc[0] is None:
+                self._driver.refuse_unreached_output()
             if exc[0] is None and self.accumulate and self.distributed:
                 self._driver.reduce_across_processes()  # the sums of the whole block, once
         finally:

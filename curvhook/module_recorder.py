@@ -271,6 +271,8 @@ class ModuleRecorder:
         if op.batch_axes is not None and op.output_key is not None:  # its output keeps the input's batch axis
             trace.moved_axes[op.output_key] = op.batch_axes[1][0]
         if _from_parameters(op, trace.batch_hint):
+            if len(state.frames) <= 1 and any(k in trace.merged_inputs for k in op.input_keys):
+                raise _merged_input_error(op, trace.batch_hint)
             op.from_parameters = True
             # parameters of the model passed as inputs (``mlp(self.table)``) get their terms by slot
             op.params += tuple(
@@ -285,7 +287,7 @@ class ModuleRecorder:
         if op.inputs or op.output_keys:
             trace.operations.append(op)
             if (len(state.frames) > 1 and op.params and BATCHED not in op.input_kinds
-                    and merged_constant(op.inputs, op.input_kinds, trace.batch_hint)):
+                    and merged_constant(trace, op.inputs, op.input_kinds)):
                 # a layer on frozen features whose batch axis its container merged (LeViT's
                 # BatchNorm1d on x.flatten(0, 1)): the container becomes one module
                 state.frames[-1].merged_keys.extend(k for k in op.output_keys if k is not None)
@@ -371,6 +373,19 @@ def select_output(output: Any, choice: OutputChoice) -> Tensor:
     )
 
 
+def _merged_input_error(op: Operation, n: int) -> UnsupportedModelError:
+    """A module of the model's own ``forward`` called on its input with the batch axis merged
+    (``self.lin(x.reshape(-1, F))``): not shared by the samples, and no container to serve."""
+    shape = next(tuple(x.shape) for x, k in zip(op.inputs, op.input_kinds) if k == CONST and x.dim() >= 2 and x.shape[0] > n)
+    return UnsupportedModelError(
+        f"Module {op.name!r} gets an input of shape {shape} whose leading axis merges the batch "
+        f"(N = {n}) with other axes (x.reshape(-1, F)), in the model's own forward. curvhook needs "
+        "one row per sample: pass the unmerged tensor (nn.Linear and the norms take any leading "
+        "axes), or move the reshape and the module into a submodule, which the exact torch.func "
+        "fallback then serves as one module."
+    )
+
+
 def _depends_on_merged_batch(operations: list, merged: list, output: Any) -> bool:
     """Whether a module's output was computed from a tensor whose batch axis an operation
     of its ``forward`` merged with other axes (``merged``: those operations' output keys).
@@ -392,13 +407,14 @@ def other_output_tensors(output: Any, chosen: Tensor) -> dict[tuple, Tensor]:
     """The tensors of a model output, besides ``chosen``, that require grad, by their path.
 
     Top-level entries (path ``(key,)``) and the tensors of top-level tuples and
-    lists (``("hidden_states", 2)``); ``chosen`` itself is left out.
+    lists (``("hidden_states", 2)``); ``chosen`` itself and scalars (a loss the
+    model computed) are left out.
     """
     found: dict[tuple, Tensor] = {}
     for key, value in _named_items(output).items():
         items = [((key, i), v) for i, v in enumerate(value)] if isinstance(value, (tuple, list)) else [((key,), value)]
         for path, t in items:
-            if isinstance(t, Tensor) and t.requires_grad and t is not chosen:
+            if isinstance(t, Tensor) and t.requires_grad and t.dim() and t is not chosen:
                 found[path] = t
     return found
 

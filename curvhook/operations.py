@@ -71,7 +71,7 @@ INDEXED_ALONG_DIM = frozenset({
 # Operations that broadcast their tensor arguments against each other entry by entry:
 # a constant of the output's rank with one row per sample (a mask) belongs to its sample.
 BROADCASTING = ADDITIONS | SUBTRACTIONS | REVERSED_SUBTRACTIONS | PRODUCTS | QUOTIENTS | frozenset({
-    "where", "masked_fill", "masked_fill_", "pow", "__pow__", "__rpow__", "maximum", "minimum",
+    "where", "masked_fill", "masked_fill_", "pow", "__pow__", "__rpow__", "maximum", "minimum", "max", "min",
     "lerp", "addcmul", "addcdiv", "clamp", "clip",
 })
 # Operations that take a constant of the output's rank whose row ``n`` serves sample ``n``

@@ -314,6 +314,15 @@ def _check_source(name: str, key, node, trace: Trace, shape: GraphShape) -> None
         return
     if type(node).__name__ == "CheckpointFunctionBackward":  # a block without modules inside
         raise reentrant_checkpoint_error(f"an input of {name!r}")
+    if type(node).__name__ in ("CopySlices", "AsStridedBackward0"):  # in place through views
+        raise UnsupportedModelError(
+            f"An input of {name!r} was changed by an in-place operation on a view that curvhook "
+            "cannot replay (two in-place operations on one view, a view of a constant, a view "
+            "taken by an operation that reads another tensor, or a view read after an in-place "
+            "operation changed its base; docs/supported.md). "
+            "Write it out of place (torch.where(mask, v, h), torch.cat, h * scale), or take the "
+            "view by slicing just before one in-place operation (h[:, 2:4].mul_(s))."
+        )
     raise UnsupportedModelError(
         f"An input of {name!r} was computed by an operation curvhook did not see "
         f"({type(node).__name__}): outside the model's forward, or by code that bypasses "

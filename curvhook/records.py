@@ -353,7 +353,10 @@ class DifferentiableOutputs:
     @classmethod
     def of(cls, func: Any) -> "DifferentiableOutputs":
         """The wrapper of ``func`` (made once)."""
-        made = cls._made.get(func)
+        try:
+            made = cls._made.get(func)
+        except TypeError:  # an unhashable callable: a new wrapper (its plans are not reused)
+            return cls(func)
         if made is None:
             made = cls._made[func] = cls(func)
         return made

@@ -138,6 +138,8 @@ class OperationTape(TorchFunctionMode):
         # plain container, or its frame closed): what they compute is recorded.
         t_args, t_kwargs, tensors = make_template(args, kwargs)
         if not any(t.requires_grad for t in tensors):
+            if after is None and name in MERGING_RESHAPES and _may_merge(state.stack[-1], tensors):
+                return _MERGED_CONSTANT, state.stack[-1], tensors[0]
             if after is None and name in FOLLOWED:  # the model input transposed: follow its batch axis
                 return _constant_axes_pending(state.stack[-1], name, t_args, t_kwargs, tensors)
             return None
@@ -181,6 +183,9 @@ class OperationTape(TorchFunctionMode):
     def _after(self, pending: tuple, out: Any) -> None:
         if pending[0] is _CONSTANT_AXES:
             _follow_constant_axes(pending, out)
+            return
+        if pending[0] is _MERGED_CONSTANT:
+            _note_merged_constant(pending[1], pending[2], out)
             return
         if pending[0] is _BATCH_PART:  # computed from part of the batch: still part of it
             self._mark_batch_part(pending[1], pending[2], out)
@@ -226,7 +231,7 @@ class OperationTape(TorchFunctionMode):
         (:mod:`curvhook.view_writes`)."""
         chain, base, base_key, base_node, base_before = through
         write = WriteThrough(chain, func, t_args, t_kwargs)
-        slots, _, _ = make_template(tuple(tensors), {})
+        slots, _, _ = make_template(tuple(tensors), {})  # (Slot(0), Slot(1), …): write(base, *others)
         op = self._record_between(
             (write, f"{name} on a view", slots, {}), [base, *tensors[1:]], (base_key, *keys[1:]),
             (base_node, *nodes[1:]), [base], True,
@@ -271,7 +276,7 @@ class OperationTape(TorchFunctionMode):
             _follow_batch_axis(op, trace.moved_axes)
         if len(state.frames) > 1 and (  # in a submodule (the model's own forward has no fallback)
             (name in MERGING_RESHAPES and _merges_batch(tensors, kinds, outputs, trace))
-            or (BATCHED not in kinds and SHARED in kinds and merged_constant(tensors, kinds, trace.batch_hint))
+            or (BATCHED not in kinds and SHARED in kinds and merged_constant(trace, tensors, kinds))
         ):
             state.frames[-1].merged_keys.extend(k for k in op.output_keys if k is not None)
         if BATCHED not in kinds and _copies_to_batch(op, tensors, outputs, trace.batch_hint):
@@ -533,31 +538,57 @@ def _merges_batch(tensors: list, kinds: list, outputs: list, trace: Trace) -> bo
     viewed as ``[N·H, L, d]`` (DeBERTa's heads): the rows of one sample are no
     longer one row of the batch.
     """
-    n = trace.batch_hint
-    if n is None or len(outputs) != 1 or outputs[0].dim() == 0:
-        return False
-    rows = outputs[0].shape[0]
-    for x, kind in zip(tensors, kinds):
-        if kind != BATCHED or x.dim() < 2 or x.shape[0] != n or key_of(x) in trace.moved_axes:
-            continue
-        if rows <= n or rows % n:
-            return False
-        size = 1
-        for j in range(1, x.dim()):
-            size *= x.shape[j]
-            if size == rows // n:
-                return True
-    return False
-
-
-def merged_constant(tensors: list, kinds: list, n: Optional[int]) -> bool:
-    """Whether one of ``tensors`` is a floating constant whose leading axis is ``k·N`` (``k > 1``):
-    the features of frozen layers with the batch axis merged (Swin's windows after a
-    frozen stem), which the tape does not record (they need no gradient)."""
-    return n is not None and any(
-        kind == CONST and t.is_floating_point() and t.dim() >= 2 and t.shape[0] > n and t.shape[0] % n == 0
-        for t, kind in zip(tensors, kinds)
+    return len(outputs) == 1 and any(
+        kind == BATCHED and key_of(x) not in trace.moved_axes and _rows_merged(x, outputs[0], trace.batch_hint)
+        for x, kind in zip(tensors, kinds)
     )
+
+
+def merged_constant(trace: Trace, tensors: list, kinds: list) -> bool:
+    """Whether one of ``tensors`` is a constant whose batch axis a reshape merged with the
+    axes after it (:func:`_note_merged_constant`): the features of frozen layers (Swin's
+    windows after a frozen stem, LeViT's ``x.flatten(0, 1)``), or the model input."""
+    return bool(trace.merged_inputs) and any(
+        kind == CONST and key_of(t) in trace.merged_inputs for t, kind in zip(tensors, kinds)
+    )
+
+
+# Marks the pending record of a reshape of a constant that may merge its batch axis.
+_MERGED_CONSTANT = object()
+
+
+def _may_merge(trace: Trace, tensors: list) -> bool:
+    """Whether a reshape of constants may merge a batch axis: one floating tensor ``[N, …]``
+    (not moved elsewhere)."""
+    if len(tensors) != 1:
+        return False
+    x = tensors[0]
+    return x.is_floating_point() and x.dim() >= 2 and x.shape[0] == trace.batch_hint and key_of(x) not in trace.moved_axes
+
+
+def _note_merged_constant(trace: Trace, x: Tensor, out: Any) -> None:
+    """Remember the output of a reshape that merged the batch axis of the constant ``x``
+    (``x.reshape(-1, F)`` of the model input, ``x.flatten(0, 1)`` of frozen features)."""
+    if isinstance(out, Tensor) and _rows_merged(x, out, trace.batch_hint):
+        trace.merged_inputs.add(key_of(out))
+        trace.moved_constants.append(out)  # its id is not reused while the trace lives
+
+
+def _rows_merged(x: Tensor, out: Tensor, n: Optional[int]) -> bool:
+    """Whether ``out`` is ``x`` ``[N, a, b, …]`` with its batch axis merged with the axes after
+    it (``[N·a, b, …]``, ``[N·a·b, …]``): the leading size ``N·k`` with ``k`` a product of
+    ``x``'s next sizes."""
+    if n is None or x.dim() < 2 or x.shape[0] != n or out.dim() == 0:
+        return False
+    rows = out.shape[0]
+    if rows <= n or rows % n:
+        return False
+    size = 1
+    for j in range(1, x.dim()):
+        size *= x.shape[j]
+        if size == rows // n:
+            return True
+    return False
 
 
 def _copies_to_batch(op: Operation, tensors: list, outputs: list, batch_hint) -> bool:

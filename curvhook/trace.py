@@ -63,6 +63,7 @@ class Trace:
         self.shared_log: list[TensorKey] = []
         self.moved_axes: dict[TensorKey, int] = {}
         self.moved_constants: list[Tensor] = []
+        self.merged_inputs: set[TensorKey] = set()  # constants with their batch axis merged (tape)
         self.losses: list[LossCall] = []
         self.after_tasks: set[int] = set()
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -70,8 +71,8 @@ class Trace:
         self.grad_enabled = True
         self.functorch_level: Optional[int] = None
         self.used = False
-        self.reached_tasks: set[int] = set()  # the backward passes that reached the output
-        self.other_output_task: Optional[int] = None  # the last pass that reached another tensor of it
+        self.root_reached = False  # a backward pass reached the output (used or not)
+        self.other_output_reached: Optional[tuple] = None  # a backward pass reached this other tensor of it
         self.released = False
         self._model_keys: Optional[set] = None  # the keys of ``operations`` (see ``produced``)
 
@@ -150,6 +151,7 @@ class Trace:
         self.losses.clear()
         self.after_operations.clear()
         self.moved_constants.clear()
+        self.merged_inputs.clear()
         self._model_keys = None
         self.root_value = None
         self.released = True

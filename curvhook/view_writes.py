@@ -21,37 +21,54 @@ from typing import Any, Hashable, Optional
 
 from torch import Tensor
 
+from curvhook.operations import ADDITIONS, ELEMENTWISE, PRODUCTS, QUOTIENTS, SUBTRACTIONS, name_of
 from curvhook.plan_key import freeze
-from curvhook.records import Operation, fill_template, flat_tensors, key_of
+from curvhook.records import fill_template, flat_tensors, key_of
 from curvhook.trace import Trace
 
-# Operations whose output is always a view of their first tensor argument.
+# Operations whose output is always a view of their one tensor argument.
 VIEWS = frozenset({
-    "__getitem__", "narrow", "select", "view", "view_as", "permute", "transpose", "swapaxes", "swapdims",
+    "__getitem__", "narrow", "select", "view", "permute", "transpose", "swapaxes", "swapdims",
     "movedim", "moveaxis", "unsqueeze", "squeeze", "unflatten", "split", "chunk", "unbind", "tensor_split",
-    "expand", "expand_as", "diagonal", "t", "__get__",
+    "expand", "diagonal", "t", "__get__",
 })
 
-# How far back the tape looks for the operation that made a view (views are taken just before use).
-_LOOK_BACK = 64
+# In-place operations that act on their target entry by entry (``v.mul_(w)``, ``v.zero_()``,
+# ``v[i] = u``): written through a view, the map from the base to the new base has a
+# diagonal Jacobian (the entries outside the view pass unchanged).
+ENTRYWISE_WRITES = frozenset(
+    {f"{name}_" for name in ELEMENTWISE | PRODUCTS | QUOTIENTS | ADDITIONS | SUBTRACTIONS if not name.startswith("_")}
+    | {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__setitem__", "zero_", "fill_", "copy_",
+       "masked_fill_", "clamp_", "clamp_min_", "clamp_max_"}
+    | {name for name in ELEMENTWISE if name.endswith("_")}
+)
+
+# How far back the tape looks for the operation that made a view, in recorded operations
+# (views are taken just before they are written to), and how many views deep.
+_LOOK_BACK, _DEPTH = 64, 8
+
+# One view of a chain: the call (function and arguments, slot 0 the parent tensor) and which
+# of its outputs (``split``, ``unbind``: several) is the next view.
+ViewStep = tuple[Any, tuple, dict, int]
 
 
-def view_chain(trace: Trace, view: Tensor) -> Optional[list[tuple[Operation, int, int]]]:
-    """The recorded views from ``view._base`` to ``view``: ``[(op, slot, output index), ...]``
-    in the order they ran, or ``None`` where one of them was not recorded (or is no view)."""
-    base, chain, current, key = view._base, [], view, key_of(view)
+def view_chain(trace: Trace, view: Tensor) -> Optional[list[ViewStep]]:
+    """The recorded views from ``view._base`` to ``view``, in the order they ran, or ``None``
+    where one of them was not recorded, is no view, or read another tensor."""
+    base, chain, key = view._base, [], key_of(view)
     recent = trace.operations[-_LOOK_BACK:]
-    for _ in range(8):
+    for _ in range(_DEPTH):
         op = next((o for o in reversed(recent) if key in o.output_keys), None)
-        if op is None or op.func_name not in VIEWS or op.inplace:
+        if op is None or op.func_name not in VIEWS or op.inplace or len(op.inputs) != 1:
             return None
-        slot = next((i for i, x in enumerate(op.inputs) if x is base or x._base is base), None)
-        if slot is None:
+        parent = op.inputs[0]
+        if parent is not base and parent._base is not base:
             return None
-        chain.append((op, slot, op.output_keys.index(key)))
-        current, key = op.inputs[slot], op.input_keys[slot]
-        if current is base:
+        # (the index among the recorded outputs: every output of a view call is a view, so recorded)
+        chain.append((op.func, op.args, op.kwargs, op.output_keys.index(key)))
+        if parent is base:
             return chain[::-1]
+        key = op.input_keys[0]
     return None
 
 
@@ -66,12 +83,14 @@ class WriteThrough:
 
     __name__ = "write_through_view"
 
-    def __init__(self, chain: list[tuple[Operation, int, int]], func: Any, args: tuple, kwargs: dict) -> None:
+    def __init__(self, chain: list[ViewStep], func: Any, args: tuple, kwargs: dict) -> None:
+        # (no tensors: it sits in the plan's key, which outlives the step)
         self.chain = chain
         self.func, self.args, self.kwargs = func, args, kwargs
+        self.wrapped_name = name_of(func)
+        self.entrywise = self.wrapped_name in ENTRYWISE_WRITES
         self._key: Hashable = (
-            tuple((op.func, freeze(op.args), freeze(op.kwargs), slot, index) for op, slot, index in chain),
-            func, freeze(args), freeze(kwargs),
+            tuple((f, freeze(a), freeze(k), index) for f, a, k, index in chain), func, freeze(args), freeze(kwargs),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -82,11 +101,9 @@ class WriteThrough:
 
     def __call__(self, base: Tensor, *others: Tensor) -> Tensor:
         view = base
-        for op, slot, index in self.chain:
-            tensors = list(op.inputs)
-            tensors[slot] = view
-            args, kwargs = fill_template(op.args, op.kwargs, tensors)
-            view = list(flat_tensors(op.func(*args, **kwargs)))[index]
+        for func, args, kwargs, index in self.chain:
+            args, kwargs = fill_template(args, kwargs, [view])
+            view = list(flat_tensors(func(*args, **kwargs)))[index]
         args, kwargs = fill_template(self.args, self.kwargs, [view, *others])
         self.func(*args, **kwargs)
         return base

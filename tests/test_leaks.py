@@ -145,3 +145,28 @@ def test_forward_under_no_grad_inside_the_block_then_training_step():
             assert keep.refs[0]() is None  # nothing kept for a pass without graph
             nn.CrossEntropyLoss()(model(X), y).backward()
     compare(collect(model, 4, ("DiagGGN", "FullGGN")), reference(model, X, lambda out: nn.CrossEntropyLoss()(out, y)), ggn.matrix)
+
+
+def test_a_cached_plan_holds_no_tensor_of_an_in_place_write_through_a_view():
+    """The record of an in-place operation on a view replays the views from their base; it sits
+    in the plan's key, which outlives the step, and must hold none of the step's tensors (it
+    held the views' records, their inputs and so the step's graph)."""
+
+    class WritesThroughAView(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.refs = nn.Linear(4, 6), nn.Linear(6, 3), []
+
+        def forward(self, x):
+            h = self.a(x) * 1.0
+            self.refs.append(weakref.ref(h))
+            h[:, 2:4].mul_(3)
+            return self.b(torch.tanh(h))
+
+    model = WritesThroughAView().to(DT)
+    for _ in range(2):  # a new block per step, as the README writes it
+        X, y = data()
+        with extend(model, DiagGGN(), DiagGGNApprox()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+    gc.collect()
+    assert all(ref() is None for ref in model.refs)

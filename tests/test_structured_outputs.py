@@ -110,25 +110,31 @@ def test_a_loss_on_another_tensor_of_the_output_is_refused(wrap, output, pick, s
     torch.manual_seed(0)
     model = Net(wrap).to(DT)
     X, y = torch.randn(3, 4, dtype=DT), torch.tensor([0, 2, 1])
-    with extend(model, DiagGGN(), output=output):
-        loss = nn.CrossEntropyLoss()(pick(model(X)), y)
-        with pytest.raises(UnsupportedModelError, match=f"reached output.*would write no results.*{suggested}"):
-            loss.backward()
+    with pytest.raises(UnsupportedModelError, match=f"reached output.*wrote no results.*{suggested}"):
+        with extend(model, DiagGGN(), output=output):
+            nn.CrossEntropyLoss()(pick(model(X)), y).backward()
+    assert not any(hasattr(p, "diag_ggn") for p in model.parameters())
 
 
-def test_other_tensors_of_the_output_may_get_gradients_of_their_own():
-    """A backward pass through the followed tensor and another one, a later pass through
-    the other one alone, and an input gradient through the other one: no refusal, and the
-    results are those of the followed tensor's loss."""
+@pytest.mark.parametrize("order", ["auxiliary_first", "auxiliary_later", "separate_forward_first"])
+def test_other_tensors_of_the_output_may_get_gradients_of_their_own(order):
+    """A pass through another tensor of the output alone (an auxiliary loss, before or after
+    the main one, or with a forward pass of its own), and an input gradient through it: no
+    refusal, and the results are those of the followed tensor's loss."""
     torch.manual_seed(0)
     model = Net(lambda f, h: {"logits": f, "hidden": h}).to(DT)
     X, y = torch.randn(3, 4, dtype=DT, requires_grad=True), torch.tensor([0, 2, 1])
     crit = nn.CrossEntropyLoss()
     with extend(model, DiagGGN()):
+        if order == "separate_forward_first":
+            model(X)["hidden"].square().sum().backward()
         out = model(X)
+        if order == "auxiliary_first":
+            out["hidden"].square().sum().backward(retain_graph=True)
         crit(out["logits"], y).backward(retain_graph=True)
         first = [p.diag_ggn.clone() for p in model.parameters()]
-        out["hidden"].square().sum().backward(retain_graph=True)  # an auxiliary term, later
+        if order == "auxiliary_later":
+            out["hidden"].square().sum().backward(retain_graph=True)
         torch.autograd.grad(out["hidden"].sum(), X)
     for p, f in zip(model.parameters(), first):
         torch.testing.assert_close(p.diag_ggn, f, rtol=0, atol=0)

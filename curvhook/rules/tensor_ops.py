@@ -238,7 +238,7 @@ def _per_sample_constants(call: Operation) -> list[int]:
     if call.batch_axes is not None or not out:
         return []
     if call.func_name in INDEXED_ALONG_DIM:
-        dim = _dim_arg(call, default=None)
+        dim = _dim_arg(call, default=None, position=2 if call.func_name == "take_along_dim" else 1)
         if not isinstance(dim, int) or dim % len(out) == 0:
             return []
     return [
@@ -359,7 +359,9 @@ class TensorOpRule(LayerRule):
         broadcasting, such as a per-sample attention mask.)
         """
         slots = [i for i, k in enumerate(call.input_kinds) if k == BATCHED]
-        if call.func_name in INDEXED_ALONG_DIM or call.func_name in BROADCASTING or call.func_name in SAMPLE_ALIGNED:
+        # (an in-place operation on a view, recorded on its base: the operation's own name)
+        name = getattr(call.func, "wrapped_name", call.func_name)
+        if name in INDEXED_ALONG_DIM or name in BROADCASTING or name in SAMPLE_ALIGNED:
             return sorted([*slots, *_per_sample_constants(call)])
         gather = batch_gather(call) if call.func_name == "__getitem__" else None
         return slots if gather is None else sorted([*slots, gather[0], *gather[1]])
@@ -497,7 +499,22 @@ class TensorOpRule(LayerRule):
             fast = self._fast_diag(call, value, slot)
             if fast is not None:
                 return fast
+        if slot == 0 and call.batch_axes is None and getattr(call.func, "entrywise", False):
+            return self._entrywise_write_diag(call, value)
         return self._exact_diag(call, value, slot)
+
+    def _entrywise_write_diag(self, call: Operation, value: Tensor) -> Tensor:
+        """``J² d`` at the base of an entrywise in-place operation on a view of it
+        (:mod:`curvhook.view_writes`): its Jacobian is diagonal, ``J 1 = Jᵀ 1`` its
+        diagonal, one replay's backward instead of dense per-sample Jacobians."""
+        self.check(call)
+
+        def compute():
+            x = call.inputs[0]
+            slope = _pullback_by_autograd(self._function(call, (0,)), x, [torch.ones_like(call.output_values[0])])
+            return slope.square() * value
+
+        return _guard(call, compute)
 
     def _safe(self, call: Operation) -> bool:
         return call.known_per_sample

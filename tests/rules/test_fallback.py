@@ -473,3 +473,93 @@ def test_a_container_that_merges_the_batch_axis_is_one_module_for_the_fallback(n
     ref = reference(model, X, lambda out: crit(out, y), approx=False)
     compare(collect(model, n, ("BatchJacobian", "DiagGGN")), ref, ggn.matrix)
     assert all(torch.isfinite(p.diag_ggn_approx).all() and (p.diag_ggn_approx >= 0).all() for p in params)
+
+
+class PerTokenLinear(nn.Module):
+    """A Linear on the rows of ``x.reshape(-1, F)``, reshaped back: the batch merged with the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+
+    def forward(self, x):  # [N, L, F]
+        n, l, f = x.shape
+        return self.a(x.reshape(-1, f)).reshape(n, l, -1)
+
+
+class MergesTheInput(nn.Module):
+    def __init__(self, in_a_submodule: bool):
+        super().__init__()
+        self.tokens, self.head, self.in_a_submodule = PerTokenLinear(), nn.Linear(12, CLASSES), in_a_submodule
+
+    def forward(self, x):
+        if self.in_a_submodule:
+            h = self.tokens(x)
+        else:  # in the model's own forward
+            n, l, f = x.shape
+            h = self.tokens.a(x.reshape(-1, f)).reshape(n, l, -1)
+        return self.head(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_module_on_the_merged_model_input(n, monkeypatch):
+    """In the model's own forward, a refusal at the forward pass that names the module and the
+    remedies (before: torch's 'Mismatch in shape' or 'an input computed from parameters only');
+    moved into a submodule, as the message advises, the fallback serves it exactly."""
+    monkeypatch.setattr(fallback_module, "_WARNED", set())
+    torch.manual_seed(0)
+    model = MergesTheInput(in_a_submodule=False).to(DT)
+    X, y = torch.randn(n, 3, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
+    crit = nn.CrossEntropyLoss()
+    with pytest.raises(UnsupportedModelError, match=rf"'tokens.a' gets an input of shape \({3 * n}, 3\).*submodule"):
+        with extend(model, DiagGGN()):
+            model(X)
+    model.in_a_submodule = True
+    ggn = FullGGN()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with extend(model, BatchJacobian(), DiagGGN(), DiagGGNApprox(), ggn):
+            crit(model(X), y).backward()
+    compare(collect(model, n, ("BatchJacobian", "DiagGGN")), reference(model, X, lambda out: crit(out, y), approx=False), ggn.matrix)
+
+
+class RelativePositions(nn.Module):
+    """Transformer-XL's relative positions: a ``[L, d]`` table computed in ``forward``, projected
+    by a trainable layer. ``L`` is a multiple of ``N`` for N = 1, 2, 3, 6: no merged batch."""
+
+    def __init__(self, length: int = 6, d: int = 4):
+        super().__init__()
+        self.r_net, self.length, self.d = nn.Linear(d, d), length, d
+        self.q = nn.Linear(d, d)
+
+    def forward(self, x):  # [N, L, d]
+        pos = torch.arange(self.length, dtype=x.dtype)[:, None] * torch.arange(1, self.d + 1, dtype=x.dtype)
+        r = self.r_net(torch.sin(pos))  # [L, d] from a constant table: shared by the samples
+        return self.q(x) + r
+
+
+class WithRelativePositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.head = RelativePositions(), nn.Linear(24, CLASSES)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.block(x)).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_a_table_whose_length_is_a_multiple_of_the_batch_is_no_merged_batch(n, monkeypatch):
+    """A constant whose leading size is k·N by coincidence does not send its container to the
+    fallback (a guess from the shape did, 124× slower for DiagGGNApprox): only a reshape seen
+    to merge a batch axis does."""
+    monkeypatch.setattr(fallback_module, "_WARNED", set())
+    torch.manual_seed(0)
+    model = WithRelativePositions().to(DT)
+    X, y = torch.randn(n, 6, 4, dtype=DT), torch.randint(0, CLASSES, (n,))
+    crit = nn.CrossEntropyLoss()
+    ggn = FullGGN()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback would warn
+        with extend(model, BatchJacobian(), DiagGGN(), DiagGGNApprox(), ggn):
+            crit(model(X), y).backward()
+    compare(collect(model, n, ("BatchJacobian", "DiagGGN")), reference(model, X, lambda out: crit(out, y), approx=False), ggn.matrix)

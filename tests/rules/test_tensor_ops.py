@@ -240,7 +240,8 @@ class PerSampleIndices(nn.Module):
         h, n = torch.tanh(self.a(x)), x.shape[0]
         rows = x.argsort(dim=1)[:, :3] + (x[:, :1] > 0).long()  # [N, 3] in 0…4, one row per sample
         picked = h.gather(1, rows) * torch.gather(h, 1, torch.tensor([[5, 1, 0]]).expand(n, 3))
-        along = torch.take_along_dim(h, rows.flip(1), dim=1)
+        along = torch.take_along_dim(h, rows.flip(1), dim=1) + torch.take_along_dim(h, rows, 1)  # dim by position
+        along = torch.max(along, x[:, :3].exp() * 0.1) + torch.min(along, torch.sigmoid(x[:, 1:]))  # per-sample constants
         spread = torch.zeros(n, 3, dtype=h.dtype).scatter_add(1, torch.tensor([[0, 1, 2, 0, 1, 2]]).expand(n, 6), h * h)
         added = torch.zeros(n, 3, dtype=h.dtype).index_add(1, torch.tensor([2, 1, 0, 0, 1, 2]), h)
         return self.b(torch.cat([picked, along, spread, added], dim=1))
@@ -875,6 +876,7 @@ class InPlaceOnAView(nn.Module):
         self.form, self.out_of_place = form, out_of_place
 
     def forward(self, x):
+        self.input = x
         h = self.a(x) * 1.0
         keep = torch.tensor([1.0, 1, 0, 0, 1, 1], dtype=h.dtype)
         if self.form == "zero_slice":  # h[:, 2:4].zero_()
@@ -894,6 +896,12 @@ class InPlaceOnAView(nn.Module):
             else:
                 b[2:4].zero_()
             h = h + b
+        elif self.form == "per_sample_constant":  # h[:, 2:4].mul_(m) with m [N, 2] from the input
+            m = torch.sigmoid(self.input[:, :2]).to(h.dtype)
+            if self.out_of_place:
+                h = h * torch.cat([torch.ones_like(h[:, :2]), m, torch.ones_like(h[:, 4:])], 1)
+            else:
+                h[:, 2:4].mul_(m)
         elif self.form == "augmented_assignment":  # h[:, 2:4] *= tanh(h[:, 0:2]): __imul__ on a view, then __setitem__
             if self.out_of_place:
                 scale = torch.cat([torch.ones_like(h[:, :2]), torch.tanh(h[:, 0:2]), torch.ones_like(h[:, 4:])], 1)
@@ -904,10 +912,20 @@ class InPlaceOnAView(nn.Module):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("form", ["zero_slice", "scale_view_of_view", "parameter_clone", "augmented_assignment"])
-def test_an_in_place_operation_on_a_view_writes_through_to_its_base(form, n):
+@pytest.mark.parametrize(
+    "form", ["zero_slice", "scale_view_of_view", "parameter_clone", "augmented_assignment", "per_sample_constant"]
+)
+def test_an_in_place_operation_on_a_view_writes_through_to_its_base(form, n, monkeypatch):
     """Exact against the torch.func reference; DiagGGNApprox equal to the same function written
-    out of place. (Before: refused, 'computed by an operation curvhook did not see (CopySlices)'.)"""
+    out of place, without dense per-sample Jacobians (the write's Jacobian at the base is
+    diagonal). (Before: refused, 'computed by an operation curvhook did not see (CopySlices)'.)"""
+
+    def dense(self, call, value, slot):
+        assert slot != 0 or "on a view" not in call.name, f"{call.name}: dense per-sample Jacobians at the base"
+        return exact_diag(self, call, value, slot)
+
+    exact_diag = tensor_ops.TensorOpRule._exact_diag
+    monkeypatch.setattr(tensor_ops.TensorOpRule, "_exact_diag", dense)
     torch.manual_seed(0)
     model = InPlaceOnAView(form).to(DT)
     X, y = torch.randn(n, 4, dtype=DT), torch.randint(0, 3, (n,))
@@ -917,3 +935,29 @@ def test_an_in_place_operation_on_a_view_writes_through_to_its_base(form, n):
     model.out_of_place = True
     twin, _, _ = run_curvhook(model, X, lambda out: crit(out, y), which=("DiagGGNApprox",))
     check(got["DiagGGNApprox"], twin["DiagGGNApprox"], "DiagGGNApprox (in place = out of place)")
+
+
+@pytest.mark.parametrize("form", ["two_writes_to_one_view", "view_read_after_its_base_changed"])
+def test_in_place_writes_through_views_it_cannot_replay_are_refused_by_name(form):
+    class Writes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.a(x) * 1.0
+            if form == "two_writes_to_one_view":
+                v = h[:, 2:4]
+                v.mul_(2)
+                v.add_(1)
+            else:
+                v = h[:, 2:4]
+                h[:, 0:2].mul_(2)
+                h = torch.cat([h, v], 1)[:, :6]
+            return self.b(torch.tanh(h))
+
+    model = Writes().to(DT)
+    X, y = torch.randn(3, 4, dtype=DT), torch.randint(0, 3, (3,))
+    with pytest.raises(UnsupportedModelError, match="in-place operation on a view that curvhook cannot replay"):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
