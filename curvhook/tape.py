@@ -138,10 +138,11 @@ class OperationTape(TorchFunctionMode):
         # plain container, or its frame closed): what they compute is recorded.
         t_args, t_kwargs, tensors = make_template(args, kwargs)
         if not any(t.requires_grad for t in tensors):
-            if after is None and name in MERGING_RESHAPES and _may_merge(state.stack[-1], tensors):
-                return _MERGED_CONSTANT, state.stack[-1], tensors[0]
             if after is None and name in FOLLOWED:  # the model input transposed: follow its batch axis
-                return _constant_axes_pending(state.stack[-1], name, t_args, t_kwargs, tensors)
+                axes = _constant_axes_pending(state.stack[-1], name, t_args, t_kwargs, tensors)
+                if _may_merge(state.stack[-1], name, tensors):  # or merged with other axes
+                    return _MERGED_CONSTANT, state.stack[-1], tensors[0], axes
+                return axes
             return None
         # Identities and nodes before the call: an in-place operation changes them.
         keys = tuple(key_of(t) for t in tensors)
@@ -185,7 +186,8 @@ class OperationTape(TorchFunctionMode):
             _follow_constant_axes(pending, out)
             return
         if pending[0] is _MERGED_CONSTANT:
-            _note_merged_constant(pending[1], pending[2], out)
+            if not _note_merged_constant(pending[1], pending[2], out) and pending[3] is not None:
+                _follow_constant_axes(pending[3], out)
             return
         if pending[0] is _BATCH_PART:  # computed from part of the batch: still part of it
             self._mark_batch_part(pending[1], pending[2], out)
@@ -557,21 +559,33 @@ def merged_constant(trace: Trace, tensors: list, kinds: list) -> bool:
 _MERGED_CONSTANT = object()
 
 
-def _may_merge(trace: Trace, tensors: list) -> bool:
-    """Whether a reshape of constants may merge a batch axis: one floating tensor ``[N, …]``
-    (not moved elsewhere)."""
+def _may_merge(trace: Trace, name: str, tensors: list) -> bool:
+    """Whether an operation on one constant may merge its batch axis (a reshape of a floating
+    ``[N, …]``, not moved elsewhere) or keep one merged (any operation the batch axis is
+    followed through, on a merged constant: Swin's ``window_partition`` views it twice)."""
     if len(tensors) != 1:
         return False
-    x = tensors[0]
-    return x.is_floating_point() and x.dim() >= 2 and x.shape[0] == trace.batch_hint and key_of(x) not in trace.moved_axes
+    x, key = tensors[0], key_of(tensors[0])
+    if key in trace.merged_inputs:
+        return True
+    return (
+        name in MERGING_RESHAPES and x.is_floating_point() and x.dim() >= 2 and x.shape[0] == trace.batch_hint
+        and key not in trace.moved_axes
+    )
 
 
-def _note_merged_constant(trace: Trace, x: Tensor, out: Any) -> None:
+def _note_merged_constant(trace: Trace, x: Tensor, out: Any) -> bool:
     """Remember the output of a reshape that merged the batch axis of the constant ``x``
-    (``x.reshape(-1, F)`` of the model input, ``x.flatten(0, 1)`` of frozen features)."""
-    if isinstance(out, Tensor) and _rows_merged(x, out, trace.batch_hint):
-        trace.merged_inputs.add(key_of(out))
-        trace.moved_constants.append(out)  # its id is not reused while the trace lives
+    (``x.reshape(-1, F)`` of the model input, ``x.flatten(0, 1)`` of frozen features), or
+    of an operation that keeps a merged constant's leading axis. Returns whether it did."""
+    if not isinstance(out, Tensor) or out.dim() == 0:
+        return False
+    kept = key_of(x) in trace.merged_inputs and out.shape[0] == x.shape[0]
+    if not (kept or _rows_merged(x, out, trace.batch_hint)):
+        return False
+    trace.merged_inputs.add(key_of(out))
+    trace.moved_constants.append(out)  # its id is not reused while the trace lives
+    return True
 
 
 def _rows_merged(x: Tensor, out: Tensor, n: Optional[int]) -> bool:

@@ -227,6 +227,20 @@ def hf_beit(n: int = N) -> ZooCase:
     return case
 
 
+def hf_swin(n: int = N) -> ZooCase:
+    """Window attention on ``[N·windows, L, C]``: the frozen patch embeddings merged by
+    ``window_partition`` (two views), the merged windows through the attention block."""
+    import transformers
+
+    config = transformers.SwinConfig(
+        image_size=16, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=2,
+        num_labels=CLASSES, drop_path_rate=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.SwinForImageClassification(config).eval()
+    patterns = ("swin.encoder.layers.0.blocks.0.attention.", "swin.encoder.layers.1.blocks.0.output.", "classifier.")
+    return _classifier(model, "pixel_values", _images(16, n), CLASSES, patterns, logits=lambda out: out.logits)
+
+
 def hf_distilbert(n: int = N) -> ZooCase:
     import transformers
 
@@ -321,6 +335,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.DistilBert": ("transformers", hf_distilbert),
     "transformers.DebertaV2": ("transformers", hf_deberta_v2),
     "transformers.Beit": ("transformers", hf_beit),
+    "transformers.Swin": ("transformers", hf_swin),
     "transformers.GPT2": ("transformers", hf_gpt2),
     "transformers.GPT2-classifier": ("transformers", hf_gpt2_classifier),
     "transformers.Llama": ("transformers", hf_llama),
