@@ -519,18 +519,9 @@ def _merged_rows(name: str, tensors: list, outputs: list, n) -> int:
     ``logits.reshape(-1, V)`` for logits ``[N, L, V]`` gives ``[N·L, V]``: sample
     ``n`` is rows ``n·L … n·L + L − 1``. Returns ``0`` for any other operation.
     """
-    if name not in MERGING_RESHAPES or len(tensors) != 1 or len(outputs) != 1 or n is None:
+    if name not in MERGING_RESHAPES or len(tensors) != 1 or len(outputs) != 1:
         return 0
-    x, out = tensors[0], outputs[0]
-    if x.dim() < 2 or out.dim() == 0 or x.shape[0] != n or out.shape[0] % n:
-        return 0
-    rows = out.shape[0] // n
-    size = 1
-    for j in range(1, x.dim()):
-        size *= x.shape[j]
-        if size == rows and tuple(out.shape[1:]) == tuple(x.shape[j + 1 :]):
-            return rows if rows > 1 else 0
-    return 0
+    return _rows_per_sample(tensors[0], outputs[0], n, same_tail=True)
 
 
 def _merges_batch(tensors: list, kinds: list, outputs: list, trace: Trace) -> bool:
@@ -590,19 +581,23 @@ def _note_merged_constant(trace: Trace, x: Tensor, out: Any) -> bool:
 
 def _rows_merged(x: Tensor, out: Tensor, n: Optional[int]) -> bool:
     """Whether ``out`` is ``x`` ``[N, a, b, …]`` with its batch axis merged with the axes after
-    it (``[N·a, b, …]``, ``[N·a·b, …]``): the leading size ``N·k`` with ``k`` a product of
-    ``x``'s next sizes."""
-    if n is None or x.dim() < 2 or x.shape[0] != n or out.dim() == 0:
-        return False
-    rows = out.shape[0]
-    if rows <= n or rows % n:
-        return False
+    it (``[N·a, b, …]``, ``[N·a·b, …]``, whatever follows)."""
+    return _rows_per_sample(x, out, n, same_tail=False) > 0
+
+
+def _rows_per_sample(x: Tensor, out: Tensor, n: Optional[int], same_tail: bool) -> int:
+    """``k > 1`` where ``out``'s leading size is ``N·k`` with ``k`` the product of ``x``'s sizes
+    after its batch axis up to some axis ``j`` (and, ``same_tail``, ``out``'s other sizes
+    those of ``x`` after ``j``); else ``0``."""
+    if n is None or x.dim() < 2 or out.dim() == 0 or x.shape[0] != n or out.shape[0] % n:
+        return 0
+    rows = out.shape[0] // n
     size = 1
     for j in range(1, x.dim()):
         size *= x.shape[j]
-        if size == rows // n:
-            return True
-    return False
+        if size == rows and (not same_tail or tuple(out.shape[1:]) == tuple(x.shape[j + 1 :])):
+            return rows if rows > 1 else 0
+    return 0
 
 
 def _copies_to_batch(op: Operation, tensors: list, outputs: list, batch_hint) -> bool:
