@@ -846,7 +846,8 @@ def canonical_attention_masks(
     return attn_mask, padding
 
 
-# REPLAYED_AS: torch functions whose torch.func derivatives are wrong, mapped to
+# REPLAYED_AS: torch functions whose torch.func derivatives are wrong (or that cannot be
+# replayed on one sample), mapped to
 # the same function written with operations whose derivatives are right. The
 # tape records the replacement as the operation's function, so curvhook's
 # replays (vjp, vmap, jacrev in the generic tensor-operation rule) call it; the
@@ -861,4 +862,18 @@ def _cdist_written_out(x1: Tensor, x2: Tensor, p: float = 2.0, compute_mode: Opt
 
 
 _cdist_written_out.__name__ = "cdist"
-REPLAYED_AS: dict[Callable[..., Any], Callable[..., Any]] = {torch.cdist: _cdist_written_out}
+
+
+# F.affine_grid(theta, size): ``size`` holds the batch size N as a number, so a replay on one
+# sample (theta [1, 2, 3]) fails. The replacement reads N off theta, as the call requires anyway
+# (theta [N, 2, 3] with size [N, C, H, W]): the same values for the whole batch.
+def _affine_grid_sized_by_theta(theta: Tensor, size: Any, align_corners: Optional[bool] = None) -> Tensor:
+    """``F.affine_grid(theta, [theta.shape[0], *size[1:]], align_corners)``: ``[N, H, W, 2]``."""
+    return torch.nn.functional.affine_grid(theta, [theta.shape[0], *list(size)[1:]], align_corners=align_corners)
+
+
+_affine_grid_sized_by_theta.__name__ = "affine_grid"
+REPLAYED_AS: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.cdist: _cdist_written_out,
+    torch.nn.functional.affine_grid: _affine_grid_sized_by_theta,
+}

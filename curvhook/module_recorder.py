@@ -356,6 +356,16 @@ def select_output(output: Any, choice: OutputChoice) -> Tensor:
             raise UnsupportedModelError(
                 f"extend(..., output={choice!r}) picked a {type(picked).__name__}, not a tensor."
             )
+        if callable(choice) and not _holds(output, picked):
+            # (a loss cannot be computed from a tensor that only curvhook sees: the block would
+            # write nothing, and its end would suggest a wrong output=)
+            raise UnsupportedModelError(
+                f"extend(..., output=...) is a function that computed a new tensor {tuple(picked.shape)} "
+                "from the model output; the loss cannot be computed from it, since only curvhook sees "
+                "it. The function must return one of the output's tensors as it is (lambda o: o.logits, "
+                "lambda o: o[0]). To train on a function of them (the mean of two heads), compute it "
+                "in the model's forward (a wrapper module) and return it."
+            )
         return picked
     if isinstance(output, Tensor):
         return output
@@ -401,6 +411,17 @@ def _depends_on_merged_batch(operations: list, merged: list, output: Any) -> boo
         if any(k in reached for k in op.input_keys):
             reached.update(k for k in op.output_keys if k is not None)
     return key_of(first) in reached
+
+
+def _holds(output: Any, tensor: Tensor, depth: int = 3) -> bool:
+    """Whether ``tensor`` is ``output`` or one of its tensors (through mappings, tuples and
+    lists, ``depth`` levels deep)."""
+    if output is tensor:
+        return True
+    if depth == 0 or isinstance(output, Tensor):
+        return False
+    items = _named_items(output) or getattr(output, "__dict__", {})  # an object with attributes
+    return any(_holds(v, tensor, depth - 1) for v in list(items.values()))
 
 
 def other_output_tensors(output: Any, chosen: Tensor) -> dict[tuple, Tensor]:

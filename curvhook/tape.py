@@ -33,6 +33,7 @@ from curvhook.errors import reentrant_checkpoint_error
 from curvhook.guards import refuse_transform
 from curvhook.loss_finder import functional_loss_module
 from curvhook.loss_linearity import LossLinearity
+from curvhook.mask_index import mask_as_positions
 from curvhook.operations import (
     ADDITIONS, MERGING_RESHAPES, REVERSED_SUBTRACTIONS, SUBTRACTIONS, is_inplace, name_of, skipped,
 )
@@ -268,6 +269,10 @@ class OperationTape(TorchFunctionMode):
                 kinds.append(SHARED if keys[i] in trace.shared_keys else BATCHED)
         if BATCHED not in kinds and SHARED in kinds:
             _mark_batched_constants(kinds, tensors, outputs, trace.batch_hint)
+        elif name == "__getitem__" and not trace.moved_axes:  # h[eos_mask, :]: one entry per sample
+            rewritten = mask_as_positions(name, t_args, tensors, kinds, keys, nodes)
+            if rewritten is not None:
+                t_args, tensors, kinds, keys, nodes = rewritten
         op = _operation(
             f"{name} (in {where})", func, t_args, t_kwargs, tuple(tensors), kinds, keys,
             nodes, outputs, outputs[0].grad_fn, inplace, params,

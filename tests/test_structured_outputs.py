@@ -94,6 +94,15 @@ def test_a_wrong_output_choice_is_refused(output):
             model(torch.randn(2, 4, dtype=DT))
 
 
+def test_an_output_function_that_computes_a_new_tensor_is_refused_at_the_forward_pass():
+    """``output=lambda o: (o[0] + o[1]) / 2``: no loss can be computed from a tensor only curvhook
+    sees (before: the block wrote nothing, and its end suggested output=1)."""
+    model = Net(lambda f, h: (f, h[:, :3])).to(DT)
+    with pytest.raises(UnsupportedModelError, match="computed a new tensor.*wrapper module"):
+        with extend(model, DiagGGN(), output=lambda o: (o[0] + o[1]) / 2):
+            model(torch.randn(2, 4, dtype=DT))
+
+
 @pytest.mark.parametrize(
     "wrap, output, pick, suggested",
     [

@@ -12,6 +12,7 @@ from curvhook.rules import (  # noqa: F401  (importing a family registers its ru
     recurrent,
     reshape,
     softmax,
+    standardized_conv,
     upsampling,
 )
 from curvhook.rules.base import LayerRule

@@ -309,8 +309,34 @@ def _tf32_allowed() -> bool:
     )
 
 
+def _stateful_argument(call: Operation) -> Optional[object]:
+    """An argument that the module's ``forward`` writes to: a key-value cache (Hugging Face's
+    ``DynamicCache``, duck-typed by its ``update`` and ``get_seq_length`` methods)."""
+    values = [*(call.args or ()), *(call.kwargs or {}).values()]
+    for v in [w for v in values for w in (v if isinstance(v, (list, tuple)) else (v,))]:
+        if not isinstance(v, Tensor) and callable(getattr(v, "update", None)) and callable(
+            getattr(v, "get_seq_length", None)
+        ):
+            return v
+    return None
+
+
+def _refuse_stateful_arguments(call: Operation) -> None:
+    """A replay of the module would write the cache again (and attend to what the forward pass
+    wrote there): refused with the remedy, where it failed with a shape error before."""
+    cache = _stateful_argument(call)
+    if cache is not None:
+        raise UnsupportedModelError(
+            f"Module {call.name!r} ({type(call.module).__name__}) is served by the generic rule, "
+            f"which replays its forward, and it was called with a key-value cache "
+            f"({type(cache).__name__}): each replay would write to the cache and attend to what "
+            "the forward pass wrote there. Call the model with use_cache=False (or set model.config.use_cache = False)."
+        )
+
+
 def _guard(call: Operation, fn: Callable[[], Tensor]) -> Tensor:
     try:
+        _refuse_stateful_arguments(call)
         _check_keeps_samples_apart(call, _check_deterministic(call))
         return fn()
     except UnsupportedModelError:

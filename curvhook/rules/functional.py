@@ -311,8 +311,9 @@ class AttentionFunction(TensorOpRule):
         mask = _value(call, args["attn_mask"])
         batched = [t for t in (q, k, v) if isinstance(t, Slot) and call.input_kinds[t] == BATCHED]
         out_rank = len(call.output_shapes[0])
+        frozen = self._frozen_per_sample(call)
         return (
-            args["dropout_p"] == 0 and len(batched) == 3
+            args["dropout_p"] == 0 and bool(batched) and len(batched) + len(frozen) == 3
             and all(call.inputs[t].dim() == out_rank and call.inputs[t].shape[0] == n for t in batched)
             # shared by the samples, or a constant per sample (a padding mask), cut by sample
             and (mask is None or mask.dim() < out_rank or mask.shape[0] == 1 or self._mask_per_sample(call) is not None)
@@ -330,10 +331,27 @@ class AttentionFunction(TensorOpRule):
         m, x = call.inputs[mask], call.inputs[q]
         return mask if m.dim() == x.dim() and m.shape[0] == x.shape[0] and x.shape[0] > 1 else None
 
+    @staticmethod
+    def _frozen_per_sample(call: Operation) -> list[int]:
+        """The slots among ``q``, ``k``, ``v`` of constants with one slice per sample: the keys
+        and values of cross-attention to a frozen encoder (BART's or T5's decoder with the
+        encoder frozen). The call pairs ``q[n]`` with ``k[n]`` and ``v[n]`` (equal leading axes
+        are not broadcast), so sample ``n`` reads slice ``n`` of each."""
+        if call.batch_axes is not None or not call.output_shapes[0]:
+            return []
+        args = _bind(call, SDPA_ARGS, {"attn_mask": None})
+        out = call.output_shapes[0]
+        return [
+            t for t in (args.get(a) for a in SDPA_ARGS[:3])
+            if isinstance(t, Slot) and call.input_kinds[t] == CONST
+            and call.inputs[t].dim() == len(out) and call.inputs[t].shape[0] == out[0]
+        ]
+
     def _sliced_slots(self, call: Operation) -> list[int]:
         slots = super()._sliced_slots(call)
         mask = self._mask_per_sample(call)
-        return slots if mask is None else sorted([*slots, mask])
+        cut = [*slots, *([] if mask is None else [mask]), *self._frozen_per_sample(call)]
+        return sorted(set(cut))
 
 
 class SplitAttentionFunction(AttentionFunction):
@@ -348,7 +366,8 @@ class SplitAttentionFunction(AttentionFunction):
     inputs without their batch axis first) take the whole-operation rule; a
     constant mask, shared or with one slice per sample (a padding mask), is
     applied as the call broadcasts it. An added mask computed from parameters (T5's relative
-    position bias) gets the diagonal at the scores (``∂S/∂mask = I``).
+    position bias) gets the diagonal at the scores (``∂S/∂mask = I``). Keys and values of a
+    frozen encoder (constants with one slice per sample) are read, and get no diagonal.
     """
 
     def operations_rule(self) -> TensorOpRule:
@@ -365,9 +384,12 @@ class SplitAttentionFunction(AttentionFunction):
         # an added mask computed from parameters (T5's relative position bias) gets the
         # diagonal at the scores, per sample, summed to its shape
         shared_mask = isinstance(mask, Slot) and call.input_kinds[mask] == SHARED and mask not in slots
+        frozen = self._frozen_per_sample(call)
         if (
             isinstance(value, list) or not call.known_per_sample or call.batch_axes is not None
-            or not all(isinstance(t, Slot) and call.input_kinds[t] == BATCHED for t in slots)
+            # each of q, k, v batched, or a frozen constant with one slice per sample
+            or not all(isinstance(t, Slot) and call.input_kinds[t] == BATCHED or t in frozen for t in slots)
+            or not any(call.input_kinds[t] == BATCHED for t in slots)
             or (isinstance(mask, Slot) and call.input_kinds[mask] != CONST and not shared_mask)
             or set(call.kwargs) - set(SDPA_ARGS) - {"enable_gqa"}
         ):
@@ -384,7 +406,8 @@ class SplitAttentionFunction(AttentionFunction):
         )
         results: dict[int, Tensor] = {}
         for t, d in zip(slots, diags):
-            results[t] = d if t not in results else results[t] + d
+            if call.input_kinds[t] == BATCHED:  # (a frozen key or value needs no diagonal)
+                results[t] = d if t not in results else results[t] + d
         if shared_mask:
             d_s, n = diags[3], value.shape[0]
             results[mask] = d_s.sum_to_size(n, *padded[1:]).reshape(n, *mask_value.shape)

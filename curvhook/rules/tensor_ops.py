@@ -43,6 +43,7 @@ from torch.func import jacrev, vjp, vmap
 from curvhook import _memory
 from curvhook._torch_internals import tensor_version
 from curvhook.errors import UnsupportedModelError, out_of_memory_error
+from curvhook.mask_index import mask_selection_hint
 from curvhook.operations import (
     ADDITIONS, BROADCASTING, CHANGE_RANK, DIM_OPERATIONS, ELEMENTWISE, INDEXED_ALONG_DIM, KNOWN, MATMULS,
     MEANS, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SAMPLE_ALIGNED, SOFTMAXES, STRUCTURAL, SUBTRACTIONS,
@@ -227,8 +228,8 @@ def batch_gather(call: Operation) -> Optional[tuple[int, tuple[int, ...]]]:
 
 def _per_sample_constants(call: Operation) -> list[int]:
     """The slots of the constants that carry the batch axis of a :data:`BROADCASTING`,
-    :data:`INDEXED_ALONG_DIM` or :data:`SAMPLE_ALIGNED` operation: of the output's rank,
-    with one row per sample.
+    :data:`INDEXED_ALONG_DIM`, :data:`SAMPLE_ALIGNED` or batched :data:`MATMULS` operation:
+    of the output's rank, with one row per sample.
 
     ``torch.where(mask, mask_token, h)`` with a mask ``[N, L, 1]`` (BEiT, MAE), and
     ``h.gather(d, idx)`` with ``idx`` ``[N, k]``: sample ``n`` reads ``mask[n]`` and
@@ -237,6 +238,13 @@ def _per_sample_constants(call: Operation) -> list[int]:
     out = call.output_shapes[0]
     if call.batch_axes is not None or not out:
         return []
+    if call.func_name in MATMULS:
+        # ``A @ v`` with ``v`` ``[N, H, L, d]`` from frozen layers: the leading axes of a batched
+        # product pair ``A[n]`` with ``v[n]`` (a 2-d operand's leading axis is a matrix row)
+        return [
+            i for i, (t, k) in enumerate(zip(call.inputs, call.input_kinds))
+            if k == CONST and t.dim() == len(out) >= 3 and t.shape[0] == out[0]
+        ]
     if call.func_name in INDEXED_ALONG_DIM:
         dim = _dim_arg(call, default=None, position=2 if call.func_name == "take_along_dim" else 1)
         if not isinstance(dim, int) or dim % len(out) == 0:
@@ -261,9 +269,12 @@ def _matmul_keeps_batch(call: Operation) -> bool:
     ka, kb = (call.input_kinds[s] if isinstance(s, Slot) else "const" for s in call.args[:2])
     if a is None or b is None:
         return False
+    # a constant with one slice per sample (keys or values of frozen layers, [N, H, L, d]) is
+    # paired with the batched operand's slice of the same sample (_per_sample_constants)
+    per_sample = a.dim() == b.dim() >= 3 and a.shape[0] == b.shape[0]
     if kb == BATCHED:  # its batch axis must be a broadcast axis, not the contracted one
-        return b.dim() >= 3 and (ka != BATCHED or a.dim() == b.dim()) and (ka == BATCHED or a.dim() <= 2)
-    return ka == BATCHED and a.dim() >= 2 and b.dim() <= 2
+        return b.dim() >= 3 and (ka != BATCHED or a.dim() == b.dim()) and (ka == BATCHED or a.dim() <= 2 or (ka == CONST and per_sample))
+    return ka == BATCHED and a.dim() >= 2 and (b.dim() <= 2 or (kb == CONST and per_sample))
 
 
 # --------------------------------------------------------------- the rule
@@ -361,7 +372,7 @@ class TensorOpRule(LayerRule):
         slots = [i for i, k in enumerate(call.input_kinds) if k == BATCHED]
         # (an in-place operation on a view, recorded on its base: the operation's own name)
         name = getattr(call.func, "wrapped_name", call.func_name)
-        if name in INDEXED_ALONG_DIM or name in BROADCASTING or name in SAMPLE_ALIGNED:
+        if name in INDEXED_ALONG_DIM or name in BROADCASTING or name in SAMPLE_ALIGNED or name in MATMULS:
             return sorted([*slots, *_per_sample_constants(call)])
         gather = batch_gather(call) if call.func_name == "__getitem__" else None
         return slots if gather is None else sorted([*slots, gather[0], *gather[1]])
@@ -401,6 +412,7 @@ class TensorOpRule(LayerRule):
                     "It draws random numbers (F.dropout(h, training=True) in a forward): use "
                     "nn.Dropout, whose mask curvhook records, or call model.eval()." if random else
                     "Operations must keep the batch axis first and treat samples independently.")
+                + mask_selection_hint(call)
             ) from err
         if not same:
             n = call.output_values[0].shape[0] if call.output_values[0].dim() else None
@@ -418,7 +430,7 @@ class TensorOpRule(LayerRule):
                 f"The operation {call.name} mixes samples, moves the batch axis, or is random "
                 "(it gives other values when applied to one sample at a time). Per-sample "
                 "Jacobians do not exist for it. Keep the batch axis first, and make random "
-                "operations modules (nn.Dropout)." + hint
+                "operations modules (nn.Dropout)." + (mask_selection_hint(call) or hint)
             )
         call.scratch.keeps_samples_apart_checked = True
 

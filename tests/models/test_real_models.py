@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from curvhook import extend
+from curvhook.errors import UnsupportedModelError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
 from graph_reference import diag_ggn_approx_graph
 from reference import check
-from zoo import MODELS, available, exact_reference, loss_hessian_diag
+from zoo import MODELS, available, exact_reference, loss_hessian_diag, zero_jacobian_parameters
 
 
 def _case(name: str, n: int = 2):
@@ -40,6 +41,7 @@ def test_exact_extensions_match_torch_func(name):
     """DiagGGN, FullGGN and BatchJacobian of the trainable parameters, exact to 1e-10 relative."""
     case = _case(name)
     ref = exact_reference(case)
+    assert not zero_jacobian_parameters(case, ref), "trainable parameters that nothing reaches: the test compares zeros"
     ggn = FullGGN()
     _run(case, DiagGGN(), BatchJacobian(), ggn)
     params = ref.params
@@ -62,7 +64,9 @@ def test_batch_of_one(name):
 
 # The vision models of one tensor input `x` (the graph reference, tests/graph_reference.py,
 # calls the model on one tensor; it runs every operation per sample with dense Jacobians).
-DEFINITION_CHECKED = ["torchvision.resnet18", "torchvision.mobilenet_v3_small", "timm.resnet10t"]
+DEFINITION_CHECKED = [
+    "torchvision.resnet18", "torchvision.mobilenet_v3_small", "timm.resnet10t", "timm.resnetv2_bit", "timm.nfnet",
+]
 
 
 @pytest.mark.parametrize("name", DEFINITION_CHECKED)
@@ -94,3 +98,12 @@ def test_gradient_untouched_on_a_hugging_face_model():
     _run(case, DiagGGN(), DiagGGNApprox())
     for p, g in zip([p for p in case.model.parameters() if p.requires_grad], plain):
         assert torch.equal(p.grad, g)
+
+
+def test_a_key_value_cache_is_refused_by_name():
+    """OPT's layers are replayed by the fallback; with the default ``use_cache=True`` a replay
+    would write the cache again: refused with the remedy, not a shape error from the replay."""
+    case = _case("transformers.OPT")
+    case.inputs["use_cache"] = True
+    with pytest.raises(UnsupportedModelError, match="use_cache=False"):
+        _run(case, DiagGGN())

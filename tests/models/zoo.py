@@ -59,6 +59,26 @@ def keep_trainable(model: nn.Module, prefixes: tuple[str, ...]) -> nn.Module:
     return model
 
 
+def _random_zero_inits(model: nn.Module) -> None:
+    """Draw the parameters that start at zero (a branch's last norm weight, a skip gain) from
+    U(0.5, 1.5): at zero, nothing before them reaches the loss, and their Jacobians are zero."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("bias") and p.numel() and not p.any():
+                p.uniform_(0.5, 1.5)
+
+
+def zero_jacobian_parameters(case: "ZooCase", ref: "ExactReference") -> list[str]:
+    """The trainable parameters whose reference Jacobian is zero: a test of them compares zeros."""
+    names = {id(p): n for n, p in case.model.named_parameters()}
+    zero, start = [], 0
+    for p in ref.params:
+        if not ref.J[..., start:start + p.numel()].any():
+            zero.append(names[id(p)])
+        start += p.numel()
+    return zero
+
+
 def _classifier(model: nn.Module, key: str, x: Tensor, classes: int, patterns, logits=lambda o: o) -> ZooCase:
     y = torch.randint(0, classes, (x.shape[0],))
     model = keep_trainable(model.double(), patterns)
@@ -117,6 +137,7 @@ def tv_vit(n: int = N) -> ZooCase:
     model = torchvision.models.VisionTransformer(
         image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=CLASSES
     )
+    nn.init.normal_(model.heads.head.weight, std=0.5)  # zero at init: nothing before the head would reach the loss
     return _classifier(model, "x", _images(16, n), CLASSES, ("class_token", "encoder.pos_embedding", "conv_proj.", "encoder.layers.encoder_layer_0.ln_1.", "encoder.layers.encoder_layer_0.self_attention.", "heads."))
 
 
@@ -168,8 +189,44 @@ def timm_levit(n: int = N) -> ZooCase:
     import timm
 
     model = timm.create_model("levit_128s", img_size=32, num_classes=CLASSES).eval()
+    _random_zero_inits(model)  # the branches' last BatchNorm weights start at zero
+    for m in model.modules():
+        if hasattr(m, "attention_bias_cache"):
+            # In eval mode timm indexes the biases once and keeps the result (a constant after
+            # the first forward pass: no gradient reaches them); computed on every call, as in
+            # train mode, they are trainable.
+            m.get_attention_biases = lambda device, m=m: m.attention_biases[:, m.attention_bias_idxs]
     patterns = ("stages.0.blocks.0.attn.attention_biases", "stages.0.blocks.0.attn.qkv.bn.", "head.bn.", "head.linear.")
     return _classifier(model, "x", _images(32, n), CLASSES, patterns)
+
+
+def timm_resnetv2_bit(n: int = N) -> ZooCase:
+    """BiT's ResNet-V2 (tiny): weight-standardized convolutions (``StdConv2d``), GroupNorm, pre-activation."""
+    from functools import partial
+
+    from timm.layers import GroupNormAct, StdConv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    model = ResNetV2(
+        layers=(1, 1), channels=(16, 32), num_classes=CLASSES, stem_chs=8, conv_layer=StdConv2d,
+        norm_layer=partial(GroupNormAct, num_groups=4), preact=True,
+    ).eval()
+    patterns = ("stem.conv.", "stages.0.blocks.0.conv1.", "stages.1.blocks.0.downsample.", "head.")
+    return _classifier(model, "x", _images(16, n), CLASSES, patterns)
+
+
+def timm_nfnet(n: int = N) -> ZooCase:
+    """A normalizer-free network (tiny): ``ScaledStdConv2d`` with gains, squeeze-excitation, skip gains."""
+    from timm.models.nfnet import NfCfg, NormFreeNet
+
+    cfg = NfCfg(
+        depths=(1, 1), channels=(16, 32), stem_chs=8, stem_type="3x3", group_size=8, bottle_ratio=0.5,
+        attn_layer="se", attn_kwargs=dict(rd_ratio=0.5), num_features=32, act_layer="gelu",
+    )
+    model = NormFreeNet(cfg, num_classes=CLASSES).eval()
+    _random_zero_inits(model)  # the skip gains start at zero: no residual branch would reach the loss
+    patterns = ("stem.conv.", "stages.0.0.conv1.", "stages.0.0.attn_last.", "stages.1.0.skipinit_gain", "head.")
+    return _classifier(model, "x", _images(16, n), CLASSES, patterns)
 
 
 # ----------------------------------------------------------- transformers
@@ -279,6 +336,25 @@ def hf_llama(n: int = N) -> ZooCase:
     return case
 
 
+def hf_opt(n: int = N) -> ZooCase:
+    """The decoder layer runs its MLP on merged rows (``h.reshape(-1, H)``), so each layer is one
+    module for the fallback, which replays it: called with ``use_cache=False`` (with the cache
+    it is refused, ``test_a_key_value_cache_is_refused_by_name``)."""
+    import transformers
+
+    config = transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, ffn_dim=16, num_attention_heads=2,
+        max_position_embeddings=16, word_embed_proj_dim=8, dropout=0.0, attention_dropout=0.0,
+        bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    )
+    model = transformers.OPTForCausalLM(config)
+    patterns = ("model.decoder.embed_positions.", "model.decoder.layers.0.self_attn.", "model.decoder.layers.0.fc1.",
+                "model.decoder.final_layer_norm.")
+    case = _language_model(model, _ids(n), VOCAB, patterns)
+    case.inputs["use_cache"] = False
+    return case
+
+
 def hf_gpt2_classifier(n: int = N) -> ZooCase:
     """A padded batch of a decoder classifier: ``logits[arange(N), last_token]`` pools each sample."""
     import transformers
@@ -320,6 +396,35 @@ def hf_t5(n: int = N) -> ZooCase:
     return ZooCase(model, inputs, loss, logits=lambda out: out.logits, rtol=1e-6)
 
 
+def hf_bart(n: int = N) -> ZooCase:
+    """A sequence classifier that pools each sample's end-of-sequence token with a boolean
+    mask (``h[ids.eq(eos), :]``), and a decoder whose cross-attention reads a frozen encoder
+    (its keys and values are constants with one slice per sample)."""
+    import transformers
+
+    config = transformers.BartConfig(
+        vocab_size=VOCAB, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, max_position_embeddings=16,
+        num_labels=CLASSES, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, classifier_dropout=0.0,
+        bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2,
+    )
+    model = transformers.BartForSequenceClassification(config)
+    patterns = (
+        "model.decoder.embed_positions.", "model.decoder.layers.0.self_attn.",
+        "model.decoder.layers.0.encoder_attn.q_proj.", "model.decoder.layers.0.encoder_attn.out_proj.",
+        "model.decoder.layers.0.final_layer_norm.", "classification_head.",
+    )
+    # one end-of-sequence token per sample, at different places: the first sample is padded
+    ids = torch.randint(3, VOCAB, (n, LENGTH))
+    ids[:, -1] = config.eos_token_id
+    mask = torch.ones(n, LENGTH, dtype=torch.long)
+    ids[0, -2:] = torch.tensor([config.eos_token_id, config.pad_token_id])
+    mask[0, -1] = 0
+    case = _classifier(model, "input_ids", ids, CLASSES, patterns, logits=lambda out: out.logits)
+    case.inputs["attention_mask"] = mask
+    return case
+
+
 MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "torchvision.resnet18": ("torchvision", tv_resnet18),
     "torchvision.mobilenet_v3_small": ("torchvision", tv_mobilenet_v3_small),
@@ -331,6 +436,8 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "timm.convnext_atto": ("timm", timm_convnext_atto),
     "timm.resnet10t": ("timm", timm_resnet10t),
     "timm.levit_128s": ("timm", timm_levit),
+    "timm.resnetv2_bit": ("timm", timm_resnetv2_bit),
+    "timm.nfnet": ("timm", timm_nfnet),
     "transformers.Bert": ("transformers", hf_bert),
     "transformers.DistilBert": ("transformers", hf_distilbert),
     "transformers.DebertaV2": ("transformers", hf_deberta_v2),
@@ -339,7 +446,9 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.GPT2": ("transformers", hf_gpt2),
     "transformers.GPT2-classifier": ("transformers", hf_gpt2_classifier),
     "transformers.Llama": ("transformers", hf_llama),
+    "transformers.OPT": ("transformers", hf_opt),
     "transformers.T5": ("transformers", hf_t5),
+    "transformers.Bart": ("transformers", hf_bart),
 }
 
 

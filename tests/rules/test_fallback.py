@@ -262,6 +262,70 @@ def test_fallback_replays_a_namedtuple_argument_as_that_namedtuple(n):
     assert_exact(model, X, y, criterion)
 
 
+class ToyCache:
+    """A key-value cache as Hugging Face's ``DynamicCache``: each call of the layer appends to it."""
+
+    def __init__(self):
+        self.keys = None
+
+    def update(self, k):
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], 1)
+        return self.keys
+
+    def get_seq_length(self):
+        return 0 if self.keys is None else self.keys.shape[1]
+
+
+class CachedLayer(nn.Module):
+    """OPT's decoder layer in small: attention to cached keys, then an MLP on the merged rows
+    ``[N·T, F]`` (so the layer is one module, served by the fallback, which replays it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.k, self.fc = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, h, cache=None):
+        k = self.k(h)
+        if cache is not None:
+            k = cache.update(k)
+        n, t, f = h.shape
+        mixed = torch.softmax(h @ k.transpose(1, 2), -1) @ k
+        return self.fc(mixed.reshape(-1, f)).view(n, t, f)
+
+
+class CachedNet(nn.Module):
+    def __init__(self, use_cache):
+        super().__init__()
+        self.lin, self.layer, self.head = nn.Linear(4, 4), CachedLayer(), nn.Linear(4, 2)
+        self.use_cache = use_cache
+
+    def forward(self, x):
+        h = self.layer(self.lin(x), cache=ToyCache() if self.use_cache else None)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_fallback_without_a_cache_is_exact(n):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the merged rows: the layer goes to the fallback
+        assert_exact(CachedNet(use_cache=False).double(), torch.randn(n, 3, 4, dtype=torch.float64),
+                     torch.randint(0, 2, (n,)), nn.CrossEntropyLoss())
+
+
+@pytest.mark.parametrize("ext", [DiagGGN, DiagGGNApprox])
+def test_fallback_refuses_a_module_called_with_a_key_value_cache(ext):
+    """A replay would append to the cache and attend to the forward pass's keys: refused with
+    the remedy (before: a shape error from inside the replay)."""
+    model = CachedNet(use_cache=True).double()
+    X, y = torch.randn(3, 3, 4, dtype=torch.float64), torch.randint(0, 2, (3,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnsupportedModelError, match=r"key-value cache \(ToyCache\).*use_cache=False"):
+            with extend(model, ext()):
+                nn.CrossEntropyLoss()(model(X), y).backward()
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 10**9])
 def test_fallback_diagonals_in_chunks_of_rows(monkeypatch, chunk):
     monkeypatch.setattr(fallback_module, "_ROW_CHUNK_ENTRIES", chunk)

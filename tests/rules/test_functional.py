@@ -92,10 +92,14 @@ class Attention(nn.Module):
     """``F.scaled_dot_product_attention`` on projections of ``[N, T, 4]``, two heads."""
 
     def __init__(
-        self, mask=None, causal=False, scale=None, gqa=False, by_hand=False, learned_bias=False, padding=False
+        self, mask=None, causal=False, scale=None, gqa=False, by_hand=False, learned_bias=False, padding=False,
+        frozen_keys=False,
     ) -> None:
         super().__init__()
         self.qkv, self.head = nn.Linear(4, 12), nn.Linear(3 * 4, 3)
+        # cross-attention to a frozen encoder (BART's or T5's decoder with the encoder frozen): keys
+        # and values are constants with one slice per sample
+        self.frozen = nn.Linear(4, 8).requires_grad_(False) if frozen_keys else None
         self.mask, self.causal, self.scale, self.gqa, self.by_hand = mask, causal, scale, gqa, by_hand
         # T5's relative position bias: an added mask [1, H, L, L] computed from parameters
         self.bias = nn.Parameter(torch.randn(3, 3, 2)) if learned_bias else None
@@ -109,6 +113,8 @@ class Attention(nn.Module):
             keep[:, 0] = True  # never a sample without tokens
             self.mask = keep[:, None, None, :]
         q, k, v = self.qkv(x).unflatten(-1, (3, 2, 2)).permute(0, 2, 3, 1, 4).unbind(1)
+        if self.frozen is not None:
+            k, v = self.frozen(x.detach().flip(1)).unflatten(-1, (2, 2, 2)).permute(0, 2, 3, 1, 4).unbind(1)
         if self.gqa:  # one key and value head for both query heads (Llama's grouped-query attention)
             k, v = k[:, :1], v[:, :1]
         if self.by_hand:
@@ -188,6 +194,8 @@ CASES = {
     "sdpa_bool_mask": (lambda: Attention(mask=torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)), (3, 4)),
     "sdpa_padding_mask": (lambda: Attention(padding=True), (3, 4)),
     "sdpa_learned_bias": (lambda: Attention(learned_bias=True), (3, 4)),
+    "sdpa_frozen_keys": (lambda: Attention(frozen_keys=True), (3, 4)),
+    "sdpa_frozen_keys_padding": (lambda: Attention(frozen_keys=True, padding=True), (3, 4)),
     "avg_pool2d": (lambda: ConvThen(lambda m, x: F.avg_pool2d(x, 2, stride=1), params=(), size=2), (2, 3, 3)),
     "avg_pool2d_padded": (lambda: ConvThen(
         lambda m, x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False), params=()), (2, 3, 3)),
@@ -293,6 +301,8 @@ SPLIT_SDPA_CASES = {
     "bool_mask": dict(mask=BOOL_MASK), "scale": dict(scale=0.3), "gqa": dict(gqa=True),
     "gqa_causal": dict(gqa=True, causal=True), "learned_bias": dict(learned_bias=True),
     "padding_mask": dict(padding=True),
+    "frozen_keys": dict(frozen_keys=True), "frozen_keys_padding": dict(frozen_keys=True, padding=True),
+    "frozen_keys_gqa": dict(frozen_keys=True, gqa=True),
     # the first query sees no key (left padding in a causal model): a row of zeros, not NaN
     "all_keys_masked": dict(mask=torch.tensor([[0, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)),
     "all_keys_masked_float": dict(mask=torch.zeros(3, 3, dtype=DT).masked_fill(

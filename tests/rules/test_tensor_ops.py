@@ -292,6 +292,39 @@ class PerSampleGrid(nn.Module):
         return self.b(F.grid_sample(torch.tanh(self.a(x)), grid, align_corners=True).flatten(1))
 
 
+class FrozenValues(nn.Module):
+    """Attention written out with its keys and values from frozen layers (LoRA-style: only the
+    queries train): ``softmax(q kᵀ) @ v`` with ``k``, ``v`` constants ``[N, H, L, d]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv, self.out = nn.Linear(4, 4), nn.Linear(4, 8).requires_grad_(False), nn.Linear(4, 3)
+
+    def forward(self, x):  # [N, L, 4]
+        n, length = x.shape[:2]
+        q = self.q(x).view(n, length, 2, 2).transpose(1, 2)
+        k, v = self.kv(x).view(n, length, 2, 2, 2).permute(2, 0, 3, 1, 4).unbind(0)
+        o = torch.softmax(q @ k.transpose(-1, -2), -1) @ v  # [N, H, L, d]
+        return self.out(o.transpose(1, 2).reshape(n, length, 4).mean(1))
+
+
+class SpatialTransformer(nn.Module):
+    """A spatial transformer: ``F.affine_grid`` of a learned ``theta`` ``[N, 2, 3]`` with the size
+    ``[N, C, H, W]`` (which holds the batch size), then ``F.grid_sample`` of the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc, self.b = nn.Linear(18, 6), nn.Linear(2 * 4 * 4, 3)
+        with torch.no_grad():
+            self.loc.weight.mul_(0.3)
+            self.loc.bias.copy_(torch.tensor([1.0, 0.1, 0.0, -0.1, 0.9, 0.05]))
+
+    def forward(self, x):  # [N, 2, 3, 3]
+        theta = self.loc(x.flatten(1)).view(-1, 2, 3)
+        grid = F.affine_grid(theta, [x.shape[0], 2, 4, 4], align_corners=False)
+        return self.b(F.grid_sample(x, grid, align_corners=False).flatten(1))
+
+
 def _bn_eval(model):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -323,6 +356,8 @@ MODELS = {
     "mask_token": (MaskToken, (3, 4)),
     "per_sample_scalars": (PerSampleScalars, (4,)),
     "per_sample_grid": (PerSampleGrid, (2, 3, 3)),
+    "spatial_transformer": (SpatialTransformer, (2, 3, 3)),
+    "frozen_values": (FrozenValues, (3, 4)),
 }
 
 
@@ -757,13 +792,6 @@ class LastToken(nn.Module):
         return self.out(torch.tanh(self.proj(x))[rows, last])
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_batch_gather_of_the_last_token_keeps_samples_apart(n):
-    """``h[arange(N), last]``: each sample's own row at its own index; every extension exact."""
-    torch.manual_seed(4)
-    model = LastToken().to(DT)
-    X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
-    check_graph_against_reference(model, X, y)
 
 
 def test_a_gather_with_other_rows_than_arange_mixes_samples():
@@ -783,6 +811,86 @@ def test_a_gather_is_checked_on_every_pass_not_once_per_graph():
         nn.CrossEntropyLoss()(model(X), y).backward()
         model.rows = lambda n: torch.arange(n).flip(0)
         with pytest.raises(UnsupportedModelError, match="mixes samples|cannot split"):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+class EndOfSequence(nn.Module):
+    """BART's sequence classifier: the hidden state at each sample's end-of-sequence token,
+    picked with a boolean mask ``[N, T]`` read off each sample's own input,
+    ``h[eos, :].view(N, -1, H)[:, -1, :]``."""
+
+    def __init__(self, marks=None):
+        super().__init__()
+        self.proj, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.marks = marks  # None: one end per sample, its last token whose first feature is below 0.5
+
+    def forward(self, x):  # x: [N, T, 4]
+        n = x.shape[0]
+        small = x.detach()[..., 0] < 0.5
+        small[:, 0] = True
+        last = small.long().cumsum(1).argmax(1, keepdim=True)  # [N, 1]
+        eos = self.marks(x) if self.marks is not None else torch.zeros_like(small).scatter_(1, last, True)
+        h = torch.tanh(self.proj(x))
+        return self.out(h[eos, :].view(n, -1, h.size(-1))[:, -1, :])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("make", [LastToken, EndOfSequence], ids=["gather_last_token", "boolean_mask_eos"])
+def test_one_row_per_sample_keeps_samples_apart(make, n):
+    """``h[arange(N), last]`` and ``h[eos, :]`` with one ``True`` per sample, at different places:
+    each sample's own row at its own index; every extension exact."""
+    torch.manual_seed(4)
+    model = make().to(DT)
+    X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
+    check_graph_against_reference(model, X, y)
+
+
+def _two_marks_in_the_first_sample(x):
+    eos = torch.zeros(x.shape[:2], dtype=torch.bool)
+    eos[0, 1:3] = True  # two in the first sample, none in the second, one in the third
+    eos[2, 4] = True
+    return eos
+
+
+@pytest.mark.parametrize("marks", [
+    _two_marks_in_the_first_sample,
+    lambda x: torch.ones(x.shape[:2], dtype=torch.bool).index_fill_(1, torch.tensor([0, 1, 2]), False),
+], ids=["uneven", "two_per_sample"])
+def test_boolean_mask_of_other_counts_is_refused(marks):
+    """Any other mask is refused by name, never a wrong number (three samples, three rows in the
+    uneven case: the rows look like one per sample, but the first two belong to sample 0)."""
+    model = EndOfSequence(marks=marks).to(DT)
+    X, y = torch.randn(3, 5, 4, dtype=DT), torch.randint(0, 3, (3,))
+    with pytest.raises(UnsupportedModelError, match=r"boolean mask.*exactly one"):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_frozen_values_take_no_dense_jacobians(monkeypatch, n):
+    """``A @ v`` with a frozen ``v`` per sample: the closed form (``d (v∘v)ᵀ``), not per-sample Jacobians."""
+    generic = tensor_ops.TensorOpRule._exact_diag
+
+    def guarded(self, call, *args):
+        assert call.func_name not in ("matmul", "__matmul__"), f"dense diagonal for {call.name}"
+        return generic(self, call, *args)
+
+    monkeypatch.setattr(tensor_ops.TensorOpRule, "_exact_diag", guarded)
+    torch.manual_seed(3)
+    model = FrozenValues().to(DT)
+    X, y = torch.randn(n, 3, 4, dtype=DT), torch.randint(0, 3, (n,))
+    run_curvhook(model, X, lambda out: nn.CrossEntropyLoss()(out, y), which=("DiagGGNApprox",))
+
+
+def test_boolean_mask_is_read_on_every_pass():
+    """The mask's values decide the rewrite: a second pass in the same block whose mask picks two
+    entries of a sample is refused, not served by the first pass's plan."""
+    model = EndOfSequence().to(DT)
+    X, y = torch.randn(3, 5, 4, dtype=DT), torch.randint(0, 3, (3,))
+    with extend(model, DiagGGN()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+        model.marks = _two_marks_in_the_first_sample
+        with pytest.raises(UnsupportedModelError, match="exactly one"):
             nn.CrossEntropyLoss()(model(X), y).backward()
 
 

@@ -1,0 +1,107 @@
+"""A boolean mask that picks one entry of every sample, recorded as the positions it picks.
+
+Hugging Face's BART and mBART sequence classifiers pool the hidden state at each
+sample's end-of-sequence token with a boolean mask::
+
+    h[input_ids.eq(eos), :]          # h [N, L, H], mask [N, L]  ->  [N·c, H]
+
+where ``c`` is the number of masked entries per sample. torch evaluates ``x[mask]``
+as ``x[mask.nonzero(as_tuple=True)]``. Where every sample has exactly one entry
+masked (``c = 1``), the first of those positions is ``arange(N)``, and the call is
+the per-sample gather ``x[arange(N), idx]`` that the tensor-operation rules already
+split by sample (:func:`curvhook.rules.tensor_ops.batch_gather`): sample ``n``'s
+output is ``x[n, idx[n]]``. The rewrite is exact (same values, same order) and is
+made on every pass, so it follows the mask's values.
+
+Any other mask is left as it is; the per-sample check refuses it with a message
+that says how to select several entries per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from curvhook.records import BATCHED, CONST, Slot, key_of
+
+
+def mask_as_positions(
+    name: str, t_args: tuple, tensors: list, kinds: list, keys: tuple, nodes: tuple
+) -> Optional[tuple[tuple, list, list, tuple, tuple]]:
+    """``x[mask, …]`` as ``x[arange(N), idx…, …]`` where ``mask`` picks one entry per sample.
+
+    Args:
+        name: The operation's name (only ``"__getitem__"`` is rewritten).
+        t_args: ``(Slot(x), index)`` with slots for tensors.
+        tensors: The distinct tensors of the call, in slot order.
+        kinds: Their kinds (:data:`BATCHED`, :data:`CONST`, …).
+        keys: Their keys.
+        nodes: Their autograd nodes.
+
+    Returns:
+        ``(t_args, tensors, kinds, keys, nodes)`` of the rewritten call, or ``None``
+        where the call is no such selection: the mask ``[N, *k]`` (two axes or more,
+        the leading axes of ``x``, without grad) must be the index's first entry and
+        have exactly one ``True`` in each sample ``mask[n]``.
+    """
+    if name != "__getitem__" or len(t_args) != 2:
+        return None
+    x_slot, index = t_args
+    entries = index if isinstance(index, tuple) else (index,)
+    if not (isinstance(x_slot, Slot) and kinds[x_slot] == BATCHED and entries and isinstance(entries[0], Slot)):
+        return None
+    mask_slot, x = entries[0], tensors[x_slot]
+    mask = tensors[mask_slot]
+    if (
+        kinds[mask_slot] != CONST or mask.dtype != torch.bool or mask.dim() < 2
+        or tuple(mask.shape) != tuple(x.shape[: mask.dim()]) or mask_slot == x_slot
+        or any(isinstance(e, Slot) and e == mask_slot for e in entries[1:])
+    ):
+        return None
+    if not bool((mask.flatten(1).sum(1) == 1).all()):
+        return None
+    positions: tuple[Tensor, ...] = mask.nonzero(as_tuple=True)  # the first is arange(N)
+    tensors = list(tensors)
+    tensors[mask_slot] = positions[0]
+    new_slots = []
+    for p in positions[1:]:
+        new_slots.append(Slot(len(tensors)))
+        tensors.append(p)
+    new_index = (mask_slot, *new_slots, *entries[1:])
+    n_new = len(new_slots)
+    return (
+        (x_slot, new_index),
+        tensors,
+        [*kinds, *([CONST] * n_new)],
+        (*keys[:mask_slot], key_of(positions[0]), *keys[mask_slot + 1:], *(key_of(p) for p in positions[1:])),
+        (*nodes, *([None] * n_new)),
+    )
+
+
+def mask_selection_hint(call) -> str:
+    """What to do about ``x[mask]`` with a per-sample boolean mask that picks another number
+    of entries than one per sample (``""`` for any other call).
+
+    Args:
+        call: The recorded :class:`~curvhook.records.Operation`.
+    """
+    if call.func_name != "__getitem__" or len(call.args) != 2:
+        return ""
+    index = call.args[1]
+    entries = index if isinstance(index, tuple) else (index,)
+    n = call.inputs[0].shape[0] if call.inputs and call.inputs[0].dim() else None
+    for e in entries:
+        if isinstance(e, Slot):
+            m = call.inputs[e]
+            if m.dtype == torch.bool and m.dim() >= 2 and m.shape[0] == n:
+                counts = m.flatten(1).sum(1).tolist()
+                return (
+                    f" It indexes with a boolean mask that has the batch axis, and selects {counts} "
+                    "entries of the samples: curvhook splits such a selection by sample only where it "
+                    "picks exactly one entry of each sample (BART's end-of-sequence pooling). To pick "
+                    "k entries of every sample, gather them: torch.take_along_dim(h, idx[..., None], "
+                    "dim=1) with idx [N, k]."
+                )
+    return ""
