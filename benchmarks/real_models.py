@@ -153,7 +153,7 @@ def time_model(
     case.model.float()
     for p in case.model.parameters():
         p.requires_grad_(True)
-    case.inputs = {k: v.float() if v.is_floating_point() else v for k, v in case.inputs.items()}
+    case.inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in case.inputs.items()}
     extensions = {"plain": None, "DiagGGN": DiagGGN, "DiagGGNApprox": DiagGGNApprox}
     steps = {m: _step(case, extensions[m]) for m in methods}
     times: dict[str, list[float]] = {k: [] for k in steps}
