@@ -873,7 +873,26 @@ def _affine_grid_sized_by_theta(theta: Tensor, size: Any, align_corners: Optiona
 
 
 _affine_grid_sized_by_theta.__name__ = "affine_grid"
+
+
+# F.grid_sample(x, grid) differentiated for the grid alone, with x a constant (a spatial
+# transformer sampling the model input): torch 2.6's vmap of that backward fails with "Expected
+# a proper Tensor but got None" (its input gradient is undefined); torch 2.13 runs it. Adding
+# 0 · Σ grid to x gives the same values and makes the input gradient defined (exactly zero
+# from that term). Checked on 2.6 and 2.13 against autograd's Jacobian.
+def _grid_sample_with_defined_input_gradient(
+    input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
+    align_corners: Optional[bool] = None,
+) -> Tensor:
+    """``F.grid_sample(input, grid, …)``: ``[N, C, H_out, W_out]``."""
+    return torch.nn.functional.grid_sample(
+        input + 0 * grid.sum(), grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners
+    )
+
+
+_grid_sample_with_defined_input_gradient.__name__ = "grid_sample"
 REPLAYED_AS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.cdist: _cdist_written_out,
     torch.nn.functional.affine_grid: _affine_grid_sized_by_theta,
+    torch.nn.functional.grid_sample: _grid_sample_with_defined_input_gradient,
 }

@@ -28,25 +28,27 @@ from curvhook.records import BATCHED, CONST, Slot, key_of
 
 
 def mask_as_positions(
-    name: str, t_args: tuple, tensors: list, kinds: list, keys: tuple, nodes: tuple
+    t_args: tuple, tensors: list, kinds: list, keys: tuple, nodes: tuple, moved_axes: dict
 ) -> Optional[tuple[tuple, list, list, tuple, tuple]]:
     """``x[mask, …]`` as ``x[arange(N), idx…, …]`` where ``mask`` picks one entry per sample.
 
     Args:
-        name: The operation's name (only ``"__getitem__"`` is rewritten).
-        t_args: ``(Slot(x), index)`` with slots for tensors.
+        t_args: The arguments of a recorded ``__getitem__``, ``(Slot(x), index)``.
         tensors: The distinct tensors of the call, in slot order.
         kinds: Their kinds (:data:`BATCHED`, :data:`CONST`, …).
         keys: Their keys.
         nodes: Their autograd nodes.
+        moved_axes: The trace's tensors whose batch axis is not first, by key.
 
     Returns:
         ``(t_args, tensors, kinds, keys, nodes)`` of the rewritten call, or ``None``
         where the call is no such selection: the mask ``[N, *k]`` (two axes or more,
-        the leading axes of ``x``, without grad) must be the index's first entry and
-        have exactly one ``True`` in each sample ``mask[n]``.
+        the leading axes of ``x``, without grad) must be the index's first entry,
+        followed only by entries the per-sample gather takes (``:``, ``...``, integers,
+        one index per sample), have exactly one ``True`` in each sample ``mask[n]``,
+        and ``x`` its batch axis first.
     """
-    if name != "__getitem__" or len(t_args) != 2:
+    if len(t_args) != 2:
         return None
     x_slot, index = t_args
     entries = index if isinstance(index, tuple) else (index,)
@@ -57,7 +59,8 @@ def mask_as_positions(
     if (
         kinds[mask_slot] != CONST or mask.dtype != torch.bool or mask.dim() < 2
         or tuple(mask.shape) != tuple(x.shape[: mask.dim()]) or mask_slot == x_slot
-        or any(isinstance(e, Slot) and e == mask_slot for e in entries[1:])
+        or keys[x_slot] in moved_axes
+        or not all(_gather_entry(e, tensors, kinds, x.shape[0]) for e in entries[1:])
     ):
         return None
     if not bool((mask.flatten(1).sum(1) == 1).all()):
@@ -80,6 +83,17 @@ def mask_as_positions(
     )
 
 
+def _gather_entry(entry, tensors: list, kinds: list, n: int) -> bool:
+    """Whether an index entry after the mask is one the per-sample gather takes: ``:``, ``...``,
+    an integer, or a constant of one index per sample (``h[mask, 1:4]`` stays refused by name)."""
+    if entry is Ellipsis or entry == slice(None) or (isinstance(entry, int) and not isinstance(entry, (bool, Slot))):
+        return True
+    if isinstance(entry, Slot):
+        t = tensors[entry]
+        return kinds[entry] == CONST and t.dtype == torch.long and tuple(t.shape) == (n,)
+    return False
+
+
 def mask_selection_hint(call) -> str:
     """What to do about ``x[mask]`` with a per-sample boolean mask that picks another number
     of entries than one per sample (``""`` for any other call).
@@ -96,12 +110,19 @@ def mask_selection_hint(call) -> str:
         if isinstance(e, Slot):
             m = call.inputs[e]
             if m.dtype == torch.bool and m.dim() >= 2 and m.shape[0] == n:
-                counts = m.flatten(1).sum(1).tolist()
+                counts = m.flatten(1).sum(1).tolist() if call.batch_axes is None else None
+                if counts is not None and all(c == 1 for c in counts):
+                    return (
+                        " It indexes with a boolean mask that picks one entry of each sample, in a form "
+                        "curvhook does not split by sample (other index entries than ':' after the mask, "
+                        "a batch axis that is not first, or an operation after the model): index with "
+                        "the mask alone inside the model (h[mask], then h[mask][:, 1:4])."
+                    )
+                picked = f"selects {counts} entries of the samples" if counts is not None else "has the batch axis"
                 return (
-                    f" It indexes with a boolean mask that has the batch axis, and selects {counts} "
-                    "entries of the samples: curvhook splits such a selection by sample only where it "
-                    "picks exactly one entry of each sample (BART's end-of-sequence pooling). To pick "
-                    "k entries of every sample, gather them: torch.take_along_dim(h, idx[..., None], "
-                    "dim=1) with idx [N, k]."
+                    f" It indexes with a boolean mask that {picked}: curvhook splits such a selection "
+                    "by sample only where it picks exactly one entry of each sample (BART's "
+                    "end-of-sequence pooling). To pick k entries of every sample, gather them: "
+                    "torch.take_along_dim(h, idx[..., None], dim=1) with idx [N, k]."
                 )
     return ""

@@ -413,15 +413,28 @@ def _depends_on_merged_batch(operations: list, merged: list, output: Any) -> boo
     return key_of(first) in reached
 
 
-def _holds(output: Any, tensor: Tensor, depth: int = 3) -> bool:
-    """Whether ``tensor`` is ``output`` or one of its tensors (through mappings, tuples and
-    lists, ``depth`` levels deep)."""
-    if output is tensor:
-        return True
-    if depth == 0 or isinstance(output, Tensor):
-        return False
-    items = _named_items(output) or getattr(output, "__dict__", {})  # an object with attributes
-    return any(_holds(v, tensor, depth - 1) for v in list(items.values()))
+def _holds(output: Any, tensor: Tensor) -> bool:
+    """Whether ``tensor`` is ``output`` or one of the tensors it holds, at any depth: through
+    mappings, tuples, lists and the attributes of objects (``__dict__``, ``__slots__``)."""
+    stack, seen = [output], set()
+    while stack:
+        obj = stack.pop()
+        if obj is tensor:
+            return True
+        if isinstance(obj, (Tensor, str, bytes, int, float, bool)) or obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Mapping):
+            stack.extend(obj.values())
+        elif isinstance(obj, (tuple, list, set, frozenset)):
+            stack.extend(obj)
+        else:
+            stack.extend(getattr(obj, "__dict__", {}).values())
+            for cls in type(obj).__mro__:
+                names = getattr(cls, "__slots__", ())
+                names = (names,) if isinstance(names, str) else names
+                stack.extend(getattr(obj, name) for name in names if hasattr(obj, name))
+    return False
 
 
 def other_output_tensors(output: Any, chosen: Tensor) -> dict[tuple, Tensor]:

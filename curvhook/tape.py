@@ -269,8 +269,8 @@ class OperationTape(TorchFunctionMode):
                 kinds.append(SHARED if keys[i] in trace.shared_keys else BATCHED)
         if BATCHED not in kinds and SHARED in kinds:
             _mark_batched_constants(kinds, tensors, outputs, trace.batch_hint)
-        elif name == "__getitem__" and not trace.moved_axes:  # h[eos_mask, :]: one entry per sample
-            rewritten = mask_as_positions(name, t_args, tensors, kinds, keys, nodes)
+        elif name == "__getitem__":  # h[eos_mask, :]: one entry per sample
+            rewritten = mask_as_positions(t_args, tensors, kinds, keys, nodes, trace.moved_axes)
             if rewritten is not None:
                 t_args, tensors, kinds, keys, nodes = rewritten
         op = _operation(

@@ -7,6 +7,7 @@ those of the same model returning that tensor alone.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict, namedtuple
 
 import pytest
@@ -92,6 +93,29 @@ def test_a_wrong_output_choice_is_refused(output):
     with pytest.raises(UnsupportedModelError, match="output="):
         with extend(model, DiagGGN(), output=output):
             model(torch.randn(2, 4, dtype=DT))
+
+
+@dataclasses.dataclass(slots=True)
+class SlottedOutput:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+@pytest.mark.parametrize("wrap, pick", [
+    (lambda f, h: SlottedOutput(f, h), lambda o: o.logits),
+    (lambda f, h: {"a": {"b": {"c": {"d": f}}}, "h": h}, lambda o: o["a"]["b"]["c"]["d"]),
+    (lambda f, h: [[[[f, h]]]], lambda o: o[0][0][0][0]),
+], ids=["slots_dataclass", "nested_dicts", "nested_lists"])
+def test_an_output_function_that_selects_a_tensor_at_any_depth_is_followed(wrap, pick):
+    """A function that returns one of the output's own tensors is a selection, however deep it
+    lies (the review found a depth limit and ``__slots__`` objects refused as "computed")."""
+    torch.manual_seed(0)
+    model = Net(wrap).to(DT)
+    X, y = torch.randn(3, 4, dtype=DT), torch.randint(0, 3, (3,))
+    got = _diag(model, X, y, pick, pick)
+    model.wrap = lambda f, h: f
+    for a, b in zip(got, _diag(model, X, y, lambda o: o, None)):
+        torch.testing.assert_close(a, b)
 
 
 def test_an_output_function_that_computes_a_new_tensor_is_refused_at_the_forward_pass():

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvhook.records import Operation
@@ -120,23 +121,24 @@ class StandardizedConvRule(LayerRule):
         tilde = _CONV_RULE.param_jac_t_mat_prod(stand_in, "weight", mat)  # [V, N, *W]
         return std.pull_back(tilde.flatten(3)).view(tilde.shape)
 
-    def param_factors(self, call: Operation, name: str, mat: Tensor) -> Optional[tuple[Tensor, Optional[Tensor]]]:
-        return None  # the structure of W̃, not of W
-
-    def position_factors(self, call: Operation, mat: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-        return None
-
     def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         std, stand_in = self._parts(call)
         if name == "bias":
             return _CONV_RULE.param_diag(stand_in, "bias", diag)
-        c = self._channel_products(call, std)  # [N, O, *out]
         f = std.w_hat.shape[1]
         if name == "gain":
+            c = self._channel_products(call, std)  # [N, O, *out]
             return (diag * c.square()).sum((0, 2, 3)).reshape(-1, 1, 1, 1) * (std.scale * f) ** 2
         m = call.module
         x, padding, _ = _geometry(call)
+        # J_o x_p is unchanged where every entry of the patch moves by the same amount (ŵ_o sums
+        # to zero): the zero padding made explicit, each sample is centred by its mean, so that
+        # the expansion below does not cancel large terms (an input far from zero in float32)
+        x = F.pad(x, [p for size in reversed(padding) for p in (size, size)])
+        x = x - x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+        padding = (0,) * len(padding)
         groups, out_channels = m.groups, m.weight.shape[0]
+        c = _CONV[2](x, std.w_hat.view(m.weight.shape), None, m.stride, padding, m.dilation, groups) / f
         ones = x.new_full((groups, x.shape[1] // groups, *m.kernel_size), 1.0 / f)
         means = _CONV[2](x, ones, None, m.stride, padding, m.dilation, groups)  # [N, G, *out]: m_p
         means = means.repeat_interleave(out_channels // groups, dim=1)  # [N, O, *out]

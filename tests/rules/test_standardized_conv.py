@@ -76,12 +76,23 @@ def test_ggn_vector_product_through_the_forward_product(kind, no_fallback):
     torch.testing.assert_close(got, flatten_per_parameter(v, params) @ G, rtol=1e-10, atol=1e-12)
 
 
-def test_diag_ggn_approx_is_nonnegative_in_float32(no_fallback):
-    """The weight's diagonal is an expansion of squares: rounding must not make it negative."""
-    torch.manual_seed(2)
-    model = _model("scaled", 1).float()
-    X, y = torch.randn(8, 3, 4, 4) * 1e-3 + 5.0, torch.randint(0, 3, (8,))  # nearly constant patches
-    with extend(model, DiagGGNApprox()):
-        nn.CrossEntropyLoss()(model(X), y).backward()
-    for p in model.parameters():
-        assert (p.diag_ggn_approx >= 0).all()
+@pytest.mark.parametrize("offset", [0.0, 5.0])
+def test_float32_weight_diagonal_follows_float64(offset, no_fallback):
+    """The weight's diagonal expands squares of ``x_p − m_p − c ŵ``; on patches that are nearly
+    constant far from zero the terms cancel, so the rule centres the input first (without it,
+    the review measured a normwise error of 1.1e-4 in float32 here; with it, about 1e-5).
+    Entries far below the largest keep only that absolute accuracy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(layers.StdConv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 64, 3)).to(DT)
+    with torch.no_grad():
+        model[0].weight.mul_(3)
+    X, y = torch.randn(8, 3, 8, 8, dtype=DT) * 1e-3 + offset, torch.randint(0, 3, (8,))
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        model = model.to(dtype)
+        with extend(model, DiagGGNApprox()):
+            nn.CrossEntropyLoss()(model(X.to(dtype)), y).backward()
+        results.append(model[0].weight.diag_ggn_approx.double())
+    want, got = results
+    assert (got >= 0).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-5 * want.abs().max().item())
