@@ -60,7 +60,7 @@ def mask_as_positions(
         kinds[mask_slot] != CONST or mask.dtype != torch.bool or mask.dim() < 2
         or tuple(mask.shape) != tuple(x.shape[: mask.dim()]) or mask_slot == x_slot
         or keys[x_slot] in moved_axes
-        or not all(_gather_entry(e, tensors, kinds, x.shape[0]) for e in entries[1:])
+        or not all(gather_entry(e, tensors, kinds, x.shape[0]) for e in entries[1:])
     ):
         return None
     if not bool((mask.flatten(1).sum(1) == 1).all()):
@@ -83,15 +83,14 @@ def mask_as_positions(
     )
 
 
-def _gather_entry(entry, tensors: list, kinds: list, n: int) -> bool:
-    """Whether an index entry after the mask is one the per-sample gather takes: ``:``, ``...``,
-    an integer, or a constant of one index per sample (``h[mask, 1:4]`` stays refused by name)."""
-    if entry is Ellipsis or entry == slice(None) or (isinstance(entry, int) and not isinstance(entry, (bool, Slot))):
-        return True
+def gather_entry(entry, tensors: list, kinds: list, n: int) -> bool:
+    """Whether an index entry after the rows of a per-sample gather ``x[arange(N), …]`` keeps
+    samples apart: ``:``, ``...``, an integer, or a constant of one index per sample, ``[N]``
+    (:func:`curvhook.rules.tensor_ops.batch_gather`; ``h[mask, 1:4]`` is none of these)."""
     if isinstance(entry, Slot):
         t = tensors[entry]
         return kinds[entry] == CONST and t.dtype == torch.long and tuple(t.shape) == (n,)
-    return False
+    return entry is Ellipsis or entry == slice(None) or isinstance(entry, int)
 
 
 def mask_selection_hint(call) -> str:

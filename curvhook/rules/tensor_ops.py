@@ -43,7 +43,7 @@ from torch.func import jacrev, vjp, vmap
 from curvhook import _memory
 from curvhook._torch_internals import tensor_version
 from curvhook.errors import UnsupportedModelError, out_of_memory_error
-from curvhook.mask_index import mask_selection_hint
+from curvhook.mask_index import gather_entry, mask_selection_hint
 from curvhook.operations import (
     ADDITIONS, BROADCASTING, CHANGE_RANK, DIM_OPERATIONS, ELEMENTWISE, INDEXED_ALONG_DIM, KNOWN, MATMULS,
     MEANS, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SAMPLE_ALIGNED, SOFTMAXES, STRUCTURAL, SUBTRACTIONS,
@@ -216,13 +216,10 @@ def batch_gather(call: Operation) -> Optional[tuple[int, tuple[int, ...]]]:
     if not torch.equal(rows, torch.arange(n, device=rows.device)):
         return None
     for i in index[1:]:
-        if isinstance(i, Slot):
-            t = call.inputs[i]
-            if call.input_kinds[i] != CONST or t.dtype != torch.long or t.shape != (n,) or i == first:
-                return None
-            others.append(i)
-        elif not (isinstance(i, int) or i is Ellipsis or i == slice(None)):
+        if not gather_entry(i, call.inputs, call.input_kinds, n) or (isinstance(i, Slot) and i == first):
             return None
+        if isinstance(i, Slot):
+            others.append(i)
     return first, tuple(others)
 
 
