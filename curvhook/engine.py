@@ -26,7 +26,9 @@ from curvhook.extensions.base import Extension, FollowUp
 from curvhook.loss_terms import LossTerms
 from curvhook.plan import Plan, Step
 from curvhook.plan_key import GraphShape
-from curvhook.records import Operation
+from curvhook.records import SHARED, Operation
+from curvhook.row_groups import group_rows
+from curvhook.rules.row_groups import grouped
 from curvhook.sources import Source
 from curvhook.trace import Trace
 
@@ -172,9 +174,15 @@ def _visit(walk: _Walk, step: Step, op: Operation) -> None:
     if value is None:
         return
     rule = walk.source.rule(step.rule)
+    rows = op.rows if op.rows == op.rows_in else 1  # merged rows: each is a pseudo-sample
+    if rows > 1 and step.params:
+        rule = grouped(rule, rows)  # a parameter's per-sample product sums the sample's rows
     for use in step.params:
         p = op.params[use.position][1]
         for ext in walk.extensions:
             ext.add_term(walk.totals[ext], p, ext.param_term(rule, op, use.name, value, use.shared))
     for slot, dense in step.upstream:
-        walk.add(dense, walk.source.pull_back(rule, op, value, slot))
+        pulled = walk.source.pull_back(rule, op, value, slot)
+        if rows > 1 and op.input_kinds[slot] == SHARED:  # read by every row of a sample
+            pulled = group_rows(pulled, rows, walk.source.matrix)
+        walk.add(dense, pulled)

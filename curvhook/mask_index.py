@@ -1,4 +1,5 @@
-"""A boolean mask that picks one entry of every sample, recorded as the positions it picks.
+"""A boolean mask that picks the same number of entries of every sample, recorded as the
+positions it picks.
 
 Hugging Face's BART and mBART sequence classifiers pool the hidden state at each
 sample's end-of-sequence token with a boolean mask::
@@ -10,11 +11,17 @@ as ``x[mask.nonzero(as_tuple=True)]``. Where every sample has exactly one entry
 masked (``c = 1``), the first of those positions is ``arange(N)``, and the call is
 the per-sample gather ``x[arange(N), idx]`` that the tensor-operation rules already
 split by sample (:func:`curvhook.rules.tensor_ops.batch_gather`): sample ``n``'s
-output is ``x[n, idx[n]]``. The rewrite is exact (same values, same order) and is
-made on every pass, so it follows the mask's values.
+output is ``x[n, idx[n]]``. Where every sample has ``c > 1`` entries masked (BART's
+pair classification: ``<s> A </s></s> B </s>``, three), the positions come sample by
+sample in row-major order, so the result is ``c`` merged rows per sample
+(:mod:`curvhook.row_groups`): sample ``n``'s rows ``n·c … n·c + c − 1`` are its ``c``
+picks, and the reshape after it (``.view(N, -1, H)``) splits them again
+(:data:`curvhook.rules.row_groups.GATHERED_ROWS`). The rewrite is exact (same values,
+same order) and is made on every pass, so it follows the mask's values.
 
-Any other mask is left as it is; the per-sample check refuses it with a message
-that says how to select several entries per sample.
+A mask that picks different numbers of entries of the samples is left as it is; the
+per-sample check refuses it with a message that says how to select several entries
+per sample.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ from curvhook.records import BATCHED, CONST, Slot, key_of
 
 def mask_as_positions(
     t_args: tuple, tensors: list, kinds: list, keys: tuple, nodes: tuple, moved_axes: dict
-) -> Optional[tuple[tuple, list, list, tuple, tuple]]:
-    """``x[mask, …]`` as ``x[arange(N), idx…, …]`` where ``mask`` picks one entry per sample.
+) -> Optional[tuple[tuple, list, list, tuple, tuple, int]]:
+    """``x[mask, …]`` as ``x[rows, idx…, …]`` where ``mask`` picks ``c`` entries of every sample
+    (``rows`` is ``arange(N)`` with each sample repeated ``c`` times).
 
     Args:
         t_args: The arguments of a recorded ``__getitem__``, ``(Slot(x), index)``.
@@ -41,12 +49,13 @@ def mask_as_positions(
         moved_axes: The trace's tensors whose batch axis is not first, by key.
 
     Returns:
-        ``(t_args, tensors, kinds, keys, nodes)`` of the rewritten call, or ``None``
+        ``(t_args, tensors, kinds, keys, nodes, c)`` of the rewritten call, or ``None``
         where the call is no such selection: the mask ``[N, *k]`` (two axes or more,
         the leading axes of ``x``, without grad) must be the index's first entry,
         followed only by entries the per-sample gather takes (``:``, ``...``, integers,
-        one index per sample), have exactly one ``True`` in each sample ``mask[n]``,
-        and ``x`` its batch axis first.
+        one index per sample; for ``c > 1`` only ``:`` and ``...``), have the same
+        number ``c ≥ 1`` of ``True`` in each sample ``mask[n]``, and ``x`` its batch
+        axis first.
     """
     if len(t_args) != 2:
         return None
@@ -63,9 +72,13 @@ def mask_as_positions(
         or not all(gather_entry(e, tensors, kinds, x.shape[0]) for e in entries[1:])
     ):
         return None
-    if not bool((mask.flatten(1).sum(1) == 1).all()):
+    counts = mask.flatten(1).sum(1)
+    c = int(counts[0]) if counts.numel() else 0
+    if c < 1 or not bool((counts == c).all()):
         return None
-    positions: tuple[Tensor, ...] = mask.nonzero(as_tuple=True)  # the first is arange(N)
+    if c > 1 and not all(e is Ellipsis or e == slice(None) for e in entries[1:]):
+        return None  # (the per-sample index entries of a gather are one per sample, not per pick)
+    positions: tuple[Tensor, ...] = mask.nonzero(as_tuple=True)  # the first: arange(N), each c times
     tensors = list(tensors)
     tensors[mask_slot] = positions[0]
     new_slots = []
@@ -80,6 +93,7 @@ def mask_as_positions(
         [*kinds, *([CONST] * n_new)],
         (*keys[:mask_slot], key_of(positions[0]), *keys[mask_slot + 1:], *(key_of(p) for p in positions[1:])),
         (*nodes, *([None] * n_new)),
+        c,
     )
 
 
@@ -120,8 +134,9 @@ def mask_selection_hint(call) -> str:
                 picked = f"selects {counts} entries of the samples" if counts is not None else "has the batch axis"
                 return (
                     f" It indexes with a boolean mask that {picked}: curvhook splits such a selection "
-                    "by sample only where it picks exactly one entry of each sample (BART's "
-                    "end-of-sequence pooling). To pick k entries of every sample, gather them: "
-                    "torch.take_along_dim(h, idx[..., None], dim=1) with idx [N, k]."
+                    "by sample only where it picks the same number of entries of each sample (BART's "
+                    "end-of-sequence pooling), with only ':' after the mask. To pick k entries of "
+                    "every sample, gather them: torch.take_along_dim(h, idx[..., None], dim=1) with "
+                    "idx [N, k]."
                 )
     return ""

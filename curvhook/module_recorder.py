@@ -33,6 +33,7 @@ from curvhook.leaf_operations import as_operations
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, flat_tensors, key_of, make_template
 from curvhook.rules.fallback import replaying
 from curvhook.rules.registry import rule_for
+from curvhook.row_groups import mark_merged_constants, note_rows, rows_followed, rows_of
 from curvhook.tape import OperationTape, merged_constant
 from curvhook.trace import Trace
 
@@ -200,6 +201,8 @@ class ModuleRecorder:
         except UnsupportedModelError:
             trace.release()
             raise
+        if trace.row_groups:
+            trace.root_rows = rows_of(trace, output, key_of(output))
         self.on_output(trace, output, others)
 
     # ----------------------------------------------------------- any module
@@ -248,6 +251,13 @@ class ModuleRecorder:
         frame = state.frames.pop()
         check_module_output(frame.op.name, output)
         trace, op = state.stack[-1], frame.op
+        if frame.child_called and state.frames and trace.row_groups and not rows_followed(
+            trace.operations[frame.start :], trace.batch_hint
+        ):  # merged rows it cannot follow row by row: the container becomes one module
+            frame.merged_keys.extend(
+                k for o in trace.operations[frame.start :] if o.rows != 1 or o.rows_in != 1
+                for k in o.output_keys if k is not None
+            )
         if frame.child_called and not (
             frame.merged_keys and _depends_on_merged_batch(trace.operations[frame.start :], frame.merged_keys, output)
         ):
@@ -270,6 +280,12 @@ class ModuleRecorder:
         _finish_leaf(op, module, frame.has_children, output)
         if op.batch_axes is not None and op.output_key is not None:  # its output keeps the input's batch axis
             trace.moved_axes[op.output_key] = op.batch_axes[1][0]
+        if BATCHED not in op.input_kinds and op.params and trace.row_groups:
+            # on frozen features with merged rows (LeViT's LinearNorm, Swin's windows after a
+            # frozen stem): its output has their rows per sample, followed row by row
+            kinds = list(op.input_kinds)
+            if mark_merged_constants(trace, kinds, op.inputs, op.input_keys):
+                op.input_kinds = tuple(kinds)
         if _from_parameters(op, trace.batch_hint):
             if len(state.frames) <= 1 and any(k in trace.merged_inputs for k in op.input_keys):
                 raise _merged_input_error(op, trace.batch_hint)
@@ -281,11 +297,17 @@ class ModuleRecorder:
             )
             trace.shared_keys.add(op.output_key)
             trace.shared_log.append(op.output_key)
-        if (not op.params and not op.unfollowed_output_keys and op.output_keys and op.output_keys[0] is not None
+        if (not op.unfollowed_output_keys and op.output_keys and op.output_keys[0] is not None
                 and op.output_keys[0] in op.input_keys):
-            return  # it returned its input as it was (Hugging Face's LinearActivation): no operation
+            # It returned its input as it was (Hugging Face's LinearActivation, DeBERTa's
+            # StableDropout in eval on the relative embeddings): no operation, whatever parameters
+            # it holds or was given. (Recorded, a parameter passed through it got its terms
+            # twice: from the call and from the operation that reads the parameter itself.)
+            return
         if op.inputs or op.output_keys:
             trace.operations.append(op)
+            if BATCHED in op.input_kinds:  # on merged rows: followed as pseudo-samples
+                note_rows(trace, op, [output] if isinstance(output, Tensor) else list(flat_tensors(output)), False)
             if (len(state.frames) > 1 and op.params and BATCHED not in op.input_kinds
                     and merged_constant(trace, op.inputs, op.input_kinds)):
                 # a layer on frozen features whose batch axis its container merged (LeViT's

@@ -32,6 +32,7 @@ from curvhook.rules.batch_axis_view import BATCH_AXIS_VIEW, batch_axis_refusal, 
 from curvhook.rules.fallback import FALLBACK, mixes_samples
 from curvhook.rules.parameters_only import TO_BATCH, parameters_only
 from curvhook.rules.registry import rule_for, rule_or_fallback
+from curvhook.rules.row_groups import GATHERED_ROWS, REGROUP
 from curvhook.rules.functional import FUNCTIONAL_RULES
 from curvhook.rules.tensor_ops import TENSOR_OPS
 from curvhook.trace import Trace
@@ -150,6 +151,14 @@ def build_plan(trace: Trace, shape: GraphShape) -> Plan:
             f"The model output's batch axis is axis {trace.moved_axes[trace.root_key]}; curvhook "
             "needs it first. Return the output with the batch axis first."
         )
+    rows = trace.root_rows
+    if rows > 1:
+        raise UnsupportedModelError(
+            f"The model output merges its batch axis with the axes after it ({rows} rows per "
+            f"sample, shape {tuple(trace.root_value.shape)}); curvhook needs one row per sample. "
+            "Reshape it back inside the model (view(N, ...)), or return it unmerged and reshape "
+            "it after the model: a loss on logits.reshape(-1, V) then takes each sample's rows."
+        )
     known = [check_operation(op, trace, shape, n) for op in ops]
     uses = Counter(id(p) for op in ops for _, p in op.params)
     shared = frozenset(pid for pid, count in uses.items() if count > 1)
@@ -186,6 +195,8 @@ def resolve_rule(op: Operation) -> LayerRule:
     if op.module is None:
         if op.to_batch:
             return TO_BATCH
+        if op.rows != op.rows_in:  # merges or splits rows (curvhook/row_groups.py)
+            return GATHERED_ROWS if op.func_name == "__getitem__" else REGROUP
         return TENSOR_OPS if op.batch_axes is not None else FUNCTIONAL_RULES.get(op.func, TENSOR_OPS)
     if op.batch_axes is not None:
         return BATCH_AXIS_VIEW
@@ -199,6 +210,17 @@ def check_operation(op: Operation, trace: Trace, shape: GraphShape, n: Optional[
     Returns:
         For a tensor operation, whether its structure shows that it keeps samples apart.
     """
+    if op.rows != 1 or op.rows_in != 1:  # on merged rows: each row is a pseudo-sample
+        if op.rows == 0:
+            raise UnsupportedModelError(
+                f"The operation {op.name} combines tensors whose batch axis a reshape merged with "
+                "the axes after it with tensors where it was not (or merged differently). Reshape "
+                "them alike (view(N, ...) or view(N * k, ...)) before combining them."
+            )
+        if op.rows != op.rows_in:
+            _check_sources(op, trace, shape)
+            return True
+        n = None if n is None else n * op.rows
     if op.module is None:
         if all(k is None for k in op.output_keys):
             return False

@@ -53,7 +53,9 @@ def graph_shape(trace: Trace) -> GraphShape:
             if key is not None:
                 slot_of.setdefault(key, len(slot_of))
         outputs = tuple(-1 if k is None else slot_of[k] for k in op.output_keys)
-        parts.append((_operation_token(op), inputs, outputs, op.output_shapes, len(op.unfollowed_output_keys)))
+        parts.append((
+            _operation_token(op), inputs, outputs, op.output_shapes, len(op.unfollowed_output_keys), op.rows, op.rows_in
+        ))
     parts.append(slot_of.get(trace.root_key, _EXTERNAL))
     return GraphShape(tuple(parts), slot_of)
 

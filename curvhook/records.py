@@ -125,6 +125,14 @@ class Operation:
         rows_per_sample: For an operation after the model that merges the batch
             axis with the axes after it (``logits.reshape(-1, V)``): each sample is
             a block of this many rows of its output. ``0`` otherwise.
+        rows: For an operation of the model on tensors whose batch axis a reshape
+            merged with the axes after it (``[N, L, H]`` viewed as ``[N·L, H]``):
+            each sample is a block of this many consecutive rows of its outputs'
+            leading axis, and the rule sees each row as a pseudo-sample
+            (:mod:`curvhook.row_groups`). ``1`` for one row per sample; ``0`` where
+            its batched inputs disagree.
+        rows_in: The same for its batched inputs, where a reshape changes the
+            grouping (``rows_in != rows``: the merge or the split itself).
         scratch: Per-backward values the rules reuse.
     """
 
@@ -155,6 +163,8 @@ class Operation:
     to_batch: bool = False
     batch_axes: Optional[tuple] = None
     rows_per_sample: int = 0
+    rows: int = 1
+    rows_in: int = 1
     _scratch: Optional[Scratch] = field(default=None, repr=False)
 
     @property

@@ -41,6 +41,7 @@ from curvhook.records import (
     BATCHED, CONST, SHARED, DifferentiableOutputs, Operation, carries_gradient, flat_tensors, key_of,
     make_template, tensor_arguments,
 )
+from curvhook.row_groups import PURE_RESHAPES, mark_merged_constants, mark_rows, note_rows, rows_of
 from curvhook.rules.parameters_only import COPIES_TO_BATCH
 from curvhook.trace import Trace
 from curvhook.view_writes import WriteThrough, view_chain
@@ -269,25 +270,32 @@ class OperationTape(TorchFunctionMode):
                 kinds.append(SHARED if keys[i] in trace.shared_keys else BATCHED)
         if BATCHED not in kinds and SHARED in kinds:
             _mark_batched_constants(kinds, tensors, outputs, trace.batch_hint)
-        elif name == "__getitem__":  # h[eos_mask, :]: one entry per sample
+            if trace.row_groups:  # frozen features with merged rows, met by parameters
+                mark_merged_constants(trace, kinds, tensors, keys)
+        picks = 1
+        if BATCHED in kinds and name == "__getitem__":  # h[eos_mask, :]: c entries per sample
             rewritten = mask_as_positions(t_args, tensors, kinds, keys, nodes, trace.moved_axes)
-            if rewritten is not None:
-                t_args, tensors, kinds, keys, nodes = rewritten
+            x_slot = t_args[0]
+            if rewritten is not None and (rewritten[5] == 1 or rows_of(trace, tensors[x_slot], keys[x_slot]) == 1):
+                t_args, tensors, kinds, keys, nodes, picks = rewritten  # (c > 1: not on merged rows)
         op = _operation(
             f"{name} (in {where})", func, t_args, t_kwargs, tuple(tensors), kinds, keys,
             nodes, outputs, outputs[0].grad_fn, inplace, params,
         )
         if op.node is not None and saved_tensor_hooks_active():  # activation checkpointing
             op.node, op.node_saves_hooked = None, True
-        if BATCHED in kinds and (trace.moved_axes or name in MOVERS):
+        # merged rows, followed as pseudo-samples (curvhook/row_groups.py); a merge or split
+        # keeps the batch axis first (its leading size is N·k or N)
+        regroup = BATCHED in kinds and note_rows(trace, op, outputs, name in PURE_RESHAPES)
+        if picks > 1:  # each sample's c picks: c merged rows (curvhook/mask_index.py)
+            op.rows_in, op.rows, regroup = 1, picks, True
+            mark_rows(trace, outputs[0], picks)
+        if BATCHED in kinds and (trace.moved_axes or name in MOVERS) and not regroup:
             _follow_batch_axis(op, trace.moved_axes)
-        if len(state.frames) > 1 and (  # in a submodule (the model's own forward has no fallback)
-            (name in MERGING_RESHAPES and _merges_batch(tensors, kinds, outputs, trace))
-            or (BATCHED not in kinds and SHARED in kinds and merged_constant(trace, tensors, kinds))
-        ):
-            state.frames[-1].merged_keys.extend(k for k in op.output_keys if k is not None)
         if BATCHED not in kinds and _copies_to_batch(op, tensors, outputs, trace.batch_hint):
             op.to_batch = True  # its output has the batch axis: one copy per sample
+        elif BATCHED not in kinds and _copies_to_merged_rows(op, tensors, outputs, trace):
+            op.to_batch = True  # one copy per sample of k merged rows (DeBERTa's w.repeat(N, 1, 1))
         elif BATCHED not in kinds:  # computed from parameters only
             shared = [k for k in op.output_keys if k is not None]
             trace.shared_keys.update(shared)
@@ -529,19 +537,6 @@ def _merged_rows(name: str, tensors: list, outputs: list, n) -> int:
     return _rows_per_sample(tensors[0], outputs[0], n, same_tail=True)
 
 
-def _merges_batch(tensors: list, kinds: list, outputs: list, trace: Trace) -> bool:
-    """Whether a reshape merges the batch axis with the axes after it inside the model.
-
-    ``x.reshape(N * nW, L, C)`` of Swin's windows ``[N, h, w, ...]``, ``[N, H, L, d]``
-    viewed as ``[N·H, L, d]`` (DeBERTa's heads): the rows of one sample are no
-    longer one row of the batch.
-    """
-    return len(outputs) == 1 and any(
-        kind == BATCHED and key_of(x) not in trace.moved_axes and _rows_merged(x, outputs[0], trace.batch_hint)
-        for x, kind in zip(tensors, kinds)
-    )
-
-
 def merged_constant(trace: Trace, tensors: list, kinds: list) -> bool:
     """Whether one of ``tensors`` is a constant whose batch axis a reshape merged with the
     axes after it (:func:`_note_merged_constant`): the features of frozen layers (Swin's
@@ -581,6 +576,9 @@ def _note_merged_constant(trace: Trace, x: Tensor, out: Any) -> bool:
         return False
     trace.merged_inputs.add(key_of(out))
     trace.moved_constants.append(out)  # its id is not reused while the trace lives
+    # its rows per sample: where it meets parameters, the result is followed row by row
+    if trace.batch_hint:
+        mark_rows(trace, out, out.shape[0] // trace.batch_hint)
     return True
 
 
@@ -603,6 +601,29 @@ def _rows_per_sample(x: Tensor, out: Tensor, n: Optional[int], same_tail: bool) 
         if size == rows and (not same_tail or tuple(out.shape[1:]) == tuple(x.shape[j + 1 :])):
             return rows if rows > 1 else 0
     return 0
+
+
+def _copies_to_merged_rows(op: Operation, tensors: list, outputs: list, trace: Trace) -> bool:
+    """Whether a tensor operation on shared tensors copies one to ``N`` blocks of ``k`` merged
+    rows, the same block for every sample; if so, marks its output with ``k`` rows per sample.
+
+    DeBERTa's relative-position keys ``w`` ``[H, 2S, d]`` repeated ``w.repeat(N, 1, 1)`` to meet
+    the queries ``[N·H, L, d]``: output row ``i`` is ``w[i mod H]``, so with ``k = H`` rows per
+    sample (a multiple of that period) every sample's block is ``w`` itself.
+    """
+    n = trace.batch_hint
+    if op.func_name not in ("repeat", "expand") or not n or len(outputs) != 1 or op.args[:1] != (0,):
+        return False
+    out, w = outputs[0], tensors[0]
+    if out.dim() == 0 or out.shape[0] % n or out.shape[0] // n < 2:
+        return False
+    rows = out.shape[0] // n
+    period = w.shape[0] if w.dim() == out.dim() else 1
+    if rows % period or (op.func_name == "expand" and period != 1):
+        return False
+    op.rows = rows  # rows_in stays 1: the copy makes the rows (rules/parameters_only.ToBatchRule)
+    mark_rows(trace, out, rows)
+    return True
 
 
 def _copies_to_batch(op: Operation, tensors: list, outputs: list, batch_hint) -> bool:

@@ -41,6 +41,9 @@ class Trace:
         moved_axes: The batch axis of the batched tensors where it is not first
             (also of constants moved from the model input, ``x.transpose(0, 1)``).
         moved_constants: Those constants, held so that their identities stay unique.
+        row_groups: Rows per sample of the batched tensors whose batch axis a
+            reshape merged with the axes after it (``[N·k, …]``: ``k``), by key
+            (:mod:`curvhook.row_groups`).
         losses: Loss modules called on the model output (or on a function of it).
         after_tasks: Graph tasks of the backward passes that went through the
             operations after the model.
@@ -63,6 +66,8 @@ class Trace:
         self.shared_log: list[TensorKey] = []
         self.moved_axes: dict[TensorKey, int] = {}
         self.moved_constants: list[Tensor] = []
+        self.row_groups: dict[TensorKey, tuple] = {}  # key -> (k, weak reference to the tensor)
+        self.root_rows = 1  # rows per sample of the model output (curvhook/row_groups.py)
         self.merged_inputs: set[TensorKey] = set()  # constants with their batch axis merged (tape)
         self.losses: list[LossCall] = []
         self.after_tasks: set[int] = set()
@@ -137,6 +142,8 @@ class Trace:
         self.shared_log = list(renamed(tuple(self.shared_log)))
         if key in self.moved_axes:
             self.moved_axes[new] = self.moved_axes.pop(key)
+        if key in self.row_groups:
+            self.row_groups[new] = self.row_groups.pop(key)
 
     def release(self) -> None:
         """Drop every stored tensor and remove the hooks on loss values.
@@ -152,6 +159,7 @@ class Trace:
         self.after_operations.clear()
         self.moved_constants.clear()
         self.merged_inputs.clear()
+        self.row_groups.clear()
         self._model_keys = None
         self.root_value = None
         self.released = True

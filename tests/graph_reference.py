@@ -104,18 +104,22 @@ def record(model: nn.Module, X: Tensor) -> list[_Op]:
     return rec.ops, out
 
 
-def _batch_axes(model: nn.Module, X: Tensor, ops: list[_Op]) -> list[tuple[list[int], int]]:
-    """Per operation, the batch axis of each tensor input and of the output.
+def _batch_axes(model: nn.Module, X: Tensor, ops: list[_Op]) -> list[tuple[list[tuple[int, int]], tuple[int, int]]]:
+    """Per operation, the batch axis and rows per sample of each tensor input and of the output.
 
     Found without curvhook: the model runs again on one sample more, and the
-    batch axis of a tensor is the axis whose size grew (axis ``0`` where none did).
+    batch axis of a tensor is the axis whose size grew (axis ``0`` where none did);
+    it grew by the number of rows of one sample (``k`` where a reshape merged the
+    batch axis with ``k`` rows of the axes after it, ``[N·k, …]``).
     """
     more, _ = record(model, torch.cat([X, X[:1]]))
     assert len(more) == len(ops), "the graph changed with the batch size"
 
-    def axis(a: Tensor, b: Tensor) -> int:
+    def axis(a: Tensor, b: Tensor) -> tuple[int, int]:
         grown = [j for j, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q]
-        return grown[0] if len(grown) == 1 and a.dim() == b.dim() else 0
+        if len(grown) == 1 and a.dim() == b.dim():
+            return grown[0], b.shape[grown[0]] - a.shape[grown[0]]
+        return 0, 1
 
     return [
         ([axis(t, u) for t, u in zip(op.tensors, other.tensors)], axis(op.output, other.output))
@@ -127,17 +131,19 @@ def diag_ggn_approx_graph(model: nn.Module, X: Tensor, hessian_diag: Tensor, mov
     """``[P]``: the DiagGGNApprox reference of ``model`` at ``X`` (float64 model).
 
     With ``moved_axes``, tensors may have their batch axis elsewhere than first
-    (``[L, N, E]`` between transposes); it is found by :func:`_batch_axes`.
+    (``[L, N, E]`` between transposes), or merged with the axes after it
+    (``[N·k, …]``: sample ``i`` is rows ``i·k … i·k + k − 1``); both are found by
+    :func:`_batch_axes`.
     """
     ops, out = record(model, X)
-    axes = _batch_axes(model, X, ops) if moved_axes else [([0] * len(op.tensors), 0) for op in ops]
+    axes = _batch_axes(model, X, ops) if moved_axes else [([(0, 1)] * len(op.tensors), (0, 1)) for op in ops]
     params = [p for p in model.parameters() if p.requires_grad]
     pid = {id(p): i for i, p in enumerate(params)}
     shared = _shared_outputs(model, X, ops)
     result = [torch.zeros_like(p) for p in params]
     n = X.shape[0]
     diag = {id(out): hessian_diag.reshape(out.shape).detach()}
-    for op, (in_axes, out_axis) in zip(reversed(ops), reversed(axes)):
+    for op, (in_axes, (out_axis, out_rows)) in zip(reversed(ops), reversed(axes)):
         d = diag.pop(id(op.output), None)
         if d is None:
             continue
@@ -147,15 +153,15 @@ def diag_ggn_approx_graph(model: nn.Module, X: Tensor, hessian_diag: Tensor, mov
         full = [t.detach() for t in op.tensors]
         whole = id(op.output) in shared  # no batch axis: sample i's diagonal is d[i]
         for i in range(n):
-            d_i = (d[i] if whole else d.select(out_axis, i)).reshape(-1)
-            _sample_terms(op, i, d_i, full, in_axes, out_axis, pvals, pid, diag, result, shared, n)
+            d_i = (d[i] if whole else d.narrow(out_axis, i * out_rows, out_rows)).reshape(-1)
+            _sample_terms(op, i, d_i, full, in_axes, (out_axis, out_rows), pvals, pid, diag, result, shared, n)
             for name, p in named.items():
                 if id(p) not in pid:
                     continue
 
                 def g(q, name=name, i=i):
                     res = op.fn({**pvals, name: q}, *full)
-                    return (res if whole else res.select(out_axis, i)).reshape(-1)
+                    return (res if whole else res.narrow(out_axis, i * out_rows, out_rows)).reshape(-1)
 
                 jac = jacrev(g)(p.detach())
                 result[pid[id(p)]] += (jac.reshape(d_i.numel(), -1).square() * d_i[:, None]).sum(0).reshape(p.shape)
@@ -171,24 +177,27 @@ def _shared_outputs(model: nn.Module, X: Tensor, ops: list[_Op]) -> set[int]:
     return {id(op.output) for op, other in zip(ops, more) if op.output.shape == other.output.shape}
 
 
-def _sample_terms(op, i, d_i, full, in_axes, out_axis, pvals, pid, diag, result, shared, n) -> None:
-    """Sample ``i``'s terms of one operation: its inputs' diagonals and the parameters passed to it."""
+def _sample_terms(op, i, d_i, full, in_axes, out, pvals, pid, diag, result, shared, n) -> None:
+    """Sample ``i``'s terms of one operation: its inputs' diagonals and the parameters passed to it.
+
+    ``in_axes`` and ``out`` are ``(batch axis, rows per sample)`` of each input and of the output."""
+    out_axis, out_rows = out
     fixed = [id(t) in pid or id(t) in shared for t in op.tensors]  # no batch axis: not cut per sample
     whole = id(op.output) in shared
-    xs = [f if k else f.narrow(a, i, 1) for k, f, a in zip(fixed, full, in_axes)]
+    xs = [f if k else f.narrow(a, i * r, r) for k, f, (a, r) in zip(fixed, full, in_axes)]
 
     def embed(zs):  # sample i replaced by the variables, the others fixed
         return [
-            z if k else torch.cat([f.narrow(a, 0, i), z, f.narrow(a, i + 1, f.shape[a] - i - 1)], a)
-            for k, f, z, a in zip(fixed, full, zs, in_axes)
+            z if k else torch.cat([f.narrow(a, 0, i * r), z, f.narrow(a, (i + 1) * r, f.shape[a] - (i + 1) * r)], a)
+            for k, f, z, (a, r) in zip(fixed, full, zs, in_axes)
         ]
 
     def f(*zs):
         res = op.fn(pvals, *embed(zs))
-        return (res if whole else res.select(out_axis, i)).reshape(-1)
+        return (res if whole else res.narrow(out_axis, i * out_rows, out_rows)).reshape(-1)
 
     jacs = jacrev(f, argnums=tuple(range(len(xs))))(*xs) if xs else ()
-    for t, jac, a in zip(op.tensors, jacs, in_axes):
+    for t, jac, (a, r) in zip(op.tensors, jacs, in_axes):
         contrib = (jac.reshape(d_i.numel(), -1).square() * d_i[:, None]).sum(0)
         if id(t) in pid:
             result[pid[id(t)]] += contrib.reshape(t.shape)
@@ -201,5 +210,5 @@ def _sample_terms(op, i, d_i, full, in_axes, out_axis, pvals, pid, diag, result,
             prev = diag.get(id(t))
             if prev is None:
                 prev = diag[id(t)] = torch.zeros_like(t.detach())
-            row = prev.select(a, i)
-            row += contrib.reshape(row.shape)
+            rows = prev.narrow(a, i * r, r)
+            rows += contrib.reshape(rows.shape)

@@ -459,3 +459,22 @@ def layer_table_tests(cases: dict, family: str) -> tuple:
         assert registered_types(family) <= leaf_types(cases)
 
     return test_layer_one_sample, test_layer_batch_noncontiguous_and_float32, test_table_covers_every_registered_type
+
+
+def fallback_spy(monkeypatch) -> list:
+    """Record the names of the calls the fallback serves on the batch (per-sample Jacobians of a
+    whole module; not a module computed from parameters only): a test that expects none
+    asserts the list stays empty."""
+    from curvhook.rules import fallback as fallback_module
+
+    served = []
+    for method in ("input_jac_t_mat_prod", "param_jac_t_mat_prod", "input_diag", "param_diag"):
+        original = getattr(fallback_module.FallbackRule, method)
+
+        def spy(self, call, *args, original=original):
+            if "batched" in call.input_kinds or not call.from_parameters:
+                served.append(call.name)
+            return original(self, call, *args)
+
+        monkeypatch.setattr(fallback_module.FallbackRule, method, spy)
+    return served

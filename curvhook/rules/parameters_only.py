@@ -173,16 +173,23 @@ def _diagonal(fn: Callable[[Tensor], Tensor], at: Tensor, diag: Tensor) -> Tenso
 
 
 class ToBatchRule(LayerRule):
-    """A copy of a shared tensor along a new batch axis (see the module docstring)."""
+    """A copy of a shared tensor along a new batch axis (see the module docstring).
+
+    Where the copy makes ``k`` merged rows per sample (``call.rows``, DeBERTa's
+    ``w.repeat(N, 1, 1)``; :mod:`curvhook.row_groups`), each sample's block of ``k``
+    rows is the same copy of ``w``.
+    """
 
     def input_jac_t_mat_prod(self, call: Operation, mat: Tensor, slot: int) -> Tensor:
-        """``[V, N, *w]``: each sample's columns at its row, pulled back through the copy."""
-        return _columns(_row_function(call), call.inputs[0].detach(), mat, call.output_shape[1:])
+        """``[V, N, *w]``: each sample's columns at its row (or rows), pulled back through the copy."""
+        rows, out = call.rows, call.output_shape[1:]
+        if rows > 1:  # [V, N·k, *out] -> [V, N, k, *out]
+            mat, out = mat.unflatten(1, (mat.shape[1] // rows, rows)), (rows, *out)
+        return _columns(_row_function(call), call.inputs[0].detach(), mat, out)
 
     def input_diag(self, call: Operation, diag: Tensor, slot: int) -> Tensor:
         """``[N, *w]``: ``Jᵀ d`` per sample (one entry ``1`` per output entry)."""
-        n = diag.shape[0]
-        return self.input_jac_t_mat_prod(call, diag.unsqueeze(0), slot).reshape(n, *call.inputs[0].shape)
+        return self.input_jac_t_mat_prod(call, diag.unsqueeze(0), slot)[0]
 
     def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         return self.input_jac_t_mat_prod(call, mat, call.slot_of(name))
@@ -192,8 +199,12 @@ class ToBatchRule(LayerRule):
 
 
 def _row_function(call: Operation) -> Callable[[Tensor], Tensor]:
-    """``w ↦ op(w)[0]``: one row of the copy (every row is the same function of ``w``)."""
+    """``w ↦ op(w)[0]``: one row of the copy (every row is the same function of ``w``), or the
+    first sample's ``k`` rows where the copy makes merged rows."""
     fixed = [x.detach() for x in call.inputs]
+    rows = call.rows
+    if rows > 1:
+        return lambda w: call.invoke([w, *fixed[1:]])[:rows]
     return lambda w: call.invoke([w, *fixed[1:]])[0]
 
 

@@ -17,6 +17,7 @@ from curvhook import extend
 from curvhook.errors import UnsupportedModelError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
 from graph_reference import diag_ggn_approx_graph
+from helpers import fallback_spy
 from reference import check
 from zoo import MODELS, available, exact_reference, loss_hessian_diag, zero_jacobian_parameters
 
@@ -79,6 +80,34 @@ def test_diag_ggn_approx_follows_its_definition(name):
     check(got, expected, f"real/{name}/DiagGGNApprox", rtol=1e-10)
 
 
+# Models that merge the batch axis with other axes inside a block (OPT's MLP on [N·L, H],
+# DeBERTa's heads, Swin's windows, LeViT's norms on x.flatten(0, 1)): the merged rows are
+# followed as pseudo-samples (curvhook/row_groups.py); before, each such block was one
+# module for the fallback's per-sample Jacobians.
+MERGED_ROWS = ["transformers.OPT", "transformers.DebertaV2", "transformers.Swin", "torchvision.swin_v2", "timm.levit_128s"]
+
+
+@pytest.mark.parametrize("name", MERGED_ROWS)
+def test_merged_rows_need_no_fallback(name, monkeypatch):
+    served = fallback_spy(monkeypatch)
+    case = _case(name)
+    _run(case, DiagGGN(), DiagGGNApprox())
+    # (OPT's learned position embedding reads positions computed from the attention mask and
+    # has no rule: a leaf of its own, not a block with merged rows)
+    assert [s for s in served if s != "model.decoder.embed_positions"] == []
+
+
+# (torchvision's Swin V2 writes into a cloned bias in place, which the graph reference's replay refuses)
+@pytest.mark.parametrize("name", ["timm.levit_128s"])
+def test_diag_ggn_approx_on_merged_rows_follows_its_definition(name):
+    """As above, with each tensor's batch axis and rows per sample found by the reference."""
+    case = _case(name)
+    _run(case, DiagGGNApprox())
+    got = torch.cat([p.diag_ggn_approx.flatten() for p in case.model.parameters() if p.requires_grad])
+    expected = diag_ggn_approx_graph(case.model, case.inputs["x"], loss_hessian_diag(case), moved_axes=True)
+    check(got, expected, f"real/{name}/DiagGGNApprox", rtol=1e-10)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_diag_ggn_approx_runs_and_is_nonnegative(name):
     """DiagGGNApprox on every model: finite, nonnegative, shaped like the parameters."""
@@ -100,10 +129,15 @@ def test_gradient_untouched_on_a_hugging_face_model():
         assert torch.equal(p.grad, g)
 
 
-def test_a_key_value_cache_is_refused_by_name():
-    """OPT's layers are replayed by the fallback; with the default ``use_cache=True`` a replay
-    would write the cache again: refused with the remedy, not a shape error from the replay."""
+def test_opt_with_its_key_value_cache_is_exact():
+    """OPT with the default ``use_cache=True``: its decoder layers are recorded operation by
+    operation (the MLP's merged rows as pseudo-samples), so nothing replays the cache's
+    ``update`` (before: each layer was one module for the fallback, and its replay wrote the
+    cache again: refused, naming ``use_cache=False``)."""
     case = _case("transformers.OPT")
     case.inputs["use_cache"] = True
-    with pytest.raises(UnsupportedModelError, match="use_cache=False"):
-        _run(case, DiagGGN())
+    ref = exact_reference(case)
+    _run(case, DiagGGN())
+    check(torch.cat([p.diag_ggn.flatten() for p in ref.params]), ref.G.diagonal(), "real/OPT/use_cache", rtol=case.rtol, atol_factor=case.rtol)
+
+

@@ -258,9 +258,12 @@ def hf_deberta_v2(n: int = N) -> ZooCase:
         pos_att_type=["p2c", "c2p"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     model = transformers.DebertaV2ForSequenceClassification(config)
-    # (trainable relative embeddings reach the attention as an input computed from parameters:
-    # refused, docs/supported.md)
-    patterns = ("deberta.embeddings.LayerNorm.", "deberta.encoder.layer.0.attention.", "classifier.")
+    # the relative embeddings trainable: computed from parameters only, repeated to the merged
+    # rows of the heads (``w.repeat(N, 1, 1)``, curvhook/row_groups.py)
+    patterns = (
+        "deberta.embeddings.LayerNorm.", "deberta.encoder.rel_embeddings.", "deberta.encoder.LayerNorm.",
+        "deberta.encoder.layer.0.attention.", "classifier.",
+    )
     return _classifier(model, "input_ids", _ids(n), CLASSES, patterns, logits=lambda out: out.logits)
 
 
@@ -396,10 +399,12 @@ def hf_t5(n: int = N) -> ZooCase:
     return ZooCase(model, inputs, loss, logits=lambda out: out.logits, rtol=1e-6)
 
 
-def hf_bart(n: int = N) -> ZooCase:
+def hf_bart(n: int = N, pairs: bool = False) -> ZooCase:
     """A sequence classifier that pools each sample's end-of-sequence token with a boolean
     mask (``h[ids.eq(eos), :]``), and a decoder whose cross-attention reads a frozen encoder
-    (its keys and values are constants with one slice per sample)."""
+    (its keys and values are constants with one slice per sample). ``pairs``: sentence pairs,
+    ``<s> A </s></s> B </s>``, three end-of-sequence tokens in every sample (merged rows,
+    split again by ``.view(N, -1, H)``)."""
     import transformers
 
     config = transformers.BartConfig(
@@ -414,12 +419,18 @@ def hf_bart(n: int = N) -> ZooCase:
         "model.decoder.layers.0.encoder_attn.q_proj.", "model.decoder.layers.0.encoder_attn.out_proj.",
         "model.decoder.layers.0.final_layer_norm.", "classification_head.",
     )
-    # one end-of-sequence token per sample, at different places: the first sample is padded
-    ids = torch.randint(3, VOCAB, (n, LENGTH))
+    # one end-of-sequence token per sample (three with pairs), at different places: the first
+    # sample is padded
+    length = LENGTH + 2 if pairs else LENGTH
+    ids = torch.randint(3, VOCAB, (n, length))
     ids[:, -1] = config.eos_token_id
-    mask = torch.ones(n, LENGTH, dtype=torch.long)
+    mask = torch.ones(n, length, dtype=torch.long)
     ids[0, -2:] = torch.tensor([config.eos_token_id, config.pad_token_id])
     mask[0, -1] = 0
+    if pairs:
+        ids[:, 0] = config.bos_token_id
+        for i in range(n):  # the end of the first sentence and the start of the second
+            ids[i, 2 + i % 2 : 4 + i % 2] = config.eos_token_id
     case = _classifier(model, "input_ids", ids, CLASSES, patterns, logits=lambda out: out.logits)
     case.inputs["attention_mask"] = mask
     return case
@@ -449,6 +460,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.OPT": ("transformers", hf_opt),
     "transformers.T5": ("transformers", hf_t5),
     "transformers.Bart": ("transformers", hf_bart),
+    "transformers.Bart-pairs": ("transformers", lambda n=N: hf_bart(n, pairs=True)),
 }
 
 

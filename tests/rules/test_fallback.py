@@ -25,6 +25,8 @@ from helpers import (
     CLASSES,
     DT,
     assert_exact,
+    check_graph_against_reference,
+    fallback_spy,
     check_layer_batch_noncontiguous_and_float32,
     close,
     float_input,
@@ -278,7 +280,8 @@ class ToyCache:
 
 class CachedLayer(nn.Module):
     """OPT's decoder layer in small: attention to cached keys, then an MLP on the merged rows
-    ``[N·T, F]`` (so the layer is one module, served by the fallback, which replays it)."""
+    ``[N·T, F]``. Its operations are recorded one by one (the merged rows as pseudo-samples,
+    curvhook/row_groups.py); the cache's ``update`` is a recorded ``cat``."""
 
     def __init__(self):
         super().__init__()
@@ -293,10 +296,27 @@ class CachedLayer(nn.Module):
         return self.fc(mixed.reshape(-1, f)).view(n, t, f)
 
 
-class CachedNet(nn.Module):
-    def __init__(self, use_cache):
+class CachedLeaf(nn.Module):
+    """The same layer as a leaf that owns its weights: no rule, and its operations are not a
+    chain (``h @ kᵀ`` reads two batched tensors), so the fallback replays it."""
+
+    def __init__(self):
         super().__init__()
-        self.lin, self.layer, self.head = nn.Linear(4, 4), CachedLayer(), nn.Linear(4, 2)
+        self.wk, self.wf = nn.Parameter(torch.randn(4, 4) / 2), nn.Parameter(torch.randn(4, 4) / 2)
+
+    def forward(self, h, cache=None):
+        k = F.linear(h, self.wk)
+        if cache is not None:
+            k = cache.update(k)
+        n, t, f = h.shape
+        mixed = torch.softmax(h @ k.transpose(1, 2), -1) @ k
+        return F.linear(mixed.reshape(-1, f), self.wf).view(n, t, f)
+
+
+class CachedNet(nn.Module):
+    def __init__(self, use_cache, leaf=True):
+        super().__init__()
+        self.lin, self.layer, self.head = nn.Linear(4, 4), CachedLeaf() if leaf else CachedLayer(), nn.Linear(4, 2)
         self.use_cache = use_cache
 
     def forward(self, x):
@@ -308,7 +328,7 @@ class CachedNet(nn.Module):
 def test_fallback_without_a_cache_is_exact(n):
     torch.manual_seed(0)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the merged rows: the layer goes to the fallback
+        warnings.simplefilter("ignore")  # the layer has no rule: the fallback warns
         assert_exact(CachedNet(use_cache=False).double(), torch.randn(n, 3, 4, dtype=torch.float64),
                      torch.randint(0, 2, (n,)), nn.CrossEntropyLoss())
 
@@ -317,6 +337,7 @@ def test_fallback_without_a_cache_is_exact(n):
 def test_fallback_refuses_a_module_called_with_a_key_value_cache(ext):
     """A replay would append to the cache and attend to the forward pass's keys: refused with
     the remedy (before: a shape error from inside the replay)."""
+    torch.manual_seed(0)
     model = CachedNet(use_cache=True).double()
     X, y = torch.randn(3, 3, 4, dtype=torch.float64), torch.randint(0, 2, (3,))
     with warnings.catch_warnings():
@@ -324,6 +345,20 @@ def test_fallback_refuses_a_module_called_with_a_key_value_cache(ext):
         with pytest.raises(UnsupportedModelError, match=r"key-value cache \(ToyCache\).*use_cache=False"):
             with extend(model, ext()):
                 nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_layer_with_a_cache_recorded_by_its_operations_is_exact(n, monkeypatch):
+    """The container form (OPT's decoder layer): no replay, so the cache is only a recorded
+    ``cat``; the merged rows of its MLP are pseudo-samples (before: one module for the
+    fallback, whose replay the cache broke). Nothing is served by the fallback."""
+    served = fallback_spy(monkeypatch)
+    torch.manual_seed(0)
+    model = CachedNet(use_cache=True, leaf=False).double()
+    X, y = torch.randn(n, 3, 4, dtype=torch.float64), torch.randint(0, 2, (n,))
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    check_graph_against_reference(model, X, y, moved_axes=True)
+    assert served == []
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 10**9])
@@ -516,27 +551,80 @@ class WithMergedNorm(WithMergedAttention):
             self.attn.linear.requires_grad_(False)
 
 
-@pytest.mark.parametrize("model_type", [WithMergedAttention, WithMergedNorm])
-@pytest.mark.parametrize("frozen_stem", [False, True], ids=["batched", "frozen_stem"])
+class RowsRegathered(nn.Module):
+    """Merged rows gathered back by an operation that is not a reshape: ``unfold`` of the
+    ``[N·L, F]`` rows into ``[N, F, L]`` keeps samples apart as a whole, but no row is a
+    sample of it."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.a, self.b, self.mode = nn.Linear(3, 4), nn.Linear(3, 4), mode
+
+    def forward(self, x):  # [N, L, F]
+        n, l, f = x.shape
+        h = torch.tanh(self.a(x.reshape(-1, f)))  # [N·L, 4]: L rows per sample
+        if self.mode == "unfold":
+            return h.unfold(0, l, l).transpose(1, 2)  # [N, L, 4]
+        # rows of another grouping: each sample's b(x[n]) copied L times, [N·L, 4]
+        g = self.b(x[:, 0]).repeat_interleave(l, dim=0)
+        return (h * g).view(n, l, 4)
+
+
+class WithRowsRegathered(nn.Module):
+    def __init__(self, mode: str, in_a_submodule: bool = True):
+        super().__init__()
+        self.block, self.head, self.in_a_submodule = RowsRegathered(mode), nn.Linear(12, CLASSES), in_a_submodule
+
+    def forward(self, x):
+        h = self.block(x) if self.in_a_submodule else RowsRegathered.forward(self.block, x)
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("mode", ["unfold", "other_rows"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_a_container_that_merges_the_batch_axis_is_one_module_for_the_fallback(n, frozen_stem, model_type, monkeypatch):
-    """Its recorded operations cannot be split by sample; the container is recorded as one
-    module instead, which the fallback serves exactly (it warns, naming it). With a frozen
-    stem the merged tensor is a constant the tape does not record. (Before: refused, the
-    operation 'cannot be split into samples'.)"""
+def test_a_container_whose_merged_rows_cannot_be_followed_is_one_module_for_the_fallback(n, mode, monkeypatch):
+    """Merged rows that meet an operation which does not keep rows apart, or tensors grouped
+    otherwise: the container is recorded as one module, which the fallback serves exactly (it
+    warns, naming it). In the model's own forward (no container to fall back to): refused."""
     monkeypatch.setattr(fallback_module, "_WARNED", set())  # it warns once per type and process
     torch.manual_seed(0)
-    model = model_type(frozen_stem).to(DT)
+    model = WithRowsRegathered(mode).to(DT)
     X, y = torch.randn(n, 3, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
     crit = nn.CrossEntropyLoss()
     ggn = FullGGN()
-    with pytest.warns(UserWarning, match=f"no rule for {type(model.attn).__name__}"):
+    with pytest.warns(UserWarning, match="no rule for RowsRegathered"):
         with extend(model, BatchJacobian(), DiagGGN(), DiagGGNApprox(), ggn):
             crit(model(X), y).backward()
     params = [p for p in model.parameters() if p.requires_grad]
     ref = reference(model, X, lambda out: crit(out, y), approx=False)
     compare(collect(model, n, ("BatchJacobian", "DiagGGN")), ref, ggn.matrix)
     assert all(torch.isfinite(p.diag_ggn_approx).all() and (p.diag_ggn_approx >= 0).all() for p in params)
+    model.in_a_submodule = False
+    match = "mixes samples|cannot split" if mode == "unfold" else "combines tensors whose batch axis a reshape merged"
+    with pytest.raises(UnsupportedModelError, match=match):
+        with extend(model, DiagGGN()):
+            crit(model(X), y).backward()
+
+
+@pytest.mark.parametrize("model_type, frozen_stem", [
+    (WithMergedAttention, False), (WithMergedAttention, True), (WithMergedNorm, False), (WithMergedNorm, True),
+], ids=["heads", "heads_frozen_stem", "norm", "norm_on_frozen_features"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_merged_rows_are_followed_as_pseudo_samples(n, frozen_stem, model_type, monkeypatch):
+    """DeBERTa's heads merged with the batch (``[N·H, L, d]``, a child Linear and batched ``@``
+    on them) and LeViT's BatchNorm1d on ``x.flatten(0, 1)`` (also of frozen features, a
+    constant with merged rows that a trainable layer meets): every operation on the merged
+    rows is followed with each row as a pseudo-sample, the parameters' per-sample products
+    summed over each sample's rows (curvhook/row_groups.py). Exact against torch.func, and
+    DiagGGNApprox against its definition on the graph (before: the container was one module
+    for the fallback, whose per-sample Jacobians made OPT's step 800× the plain one)."""
+    served = fallback_spy(monkeypatch)
+    torch.manual_seed(0)
+    model = model_type(frozen_stem).to(DT)
+    X, y = torch.randn(n, 3, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    check_graph_against_reference(model, X, y, moved_axes=True)
+    assert served == []
 
 
 class PerTokenLinear(nn.Module):
@@ -565,26 +653,19 @@ class MergesTheInput(nn.Module):
         return self.head(torch.tanh(h).flatten(1))
 
 
+@pytest.mark.parametrize("in_a_submodule", [False, True], ids=["own_forward", "submodule"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_a_module_on_the_merged_model_input(n, monkeypatch):
-    """In the model's own forward, a refusal at the forward pass that names the module and the
-    remedies (before: torch's 'Mismatch in shape' or 'an input computed from parameters only');
-    moved into a submodule, as the message advises, the fallback serves it exactly."""
-    monkeypatch.setattr(fallback_module, "_WARNED", set())
+def test_a_module_on_the_merged_model_input(n, in_a_submodule, monkeypatch):
+    """``tokens.a(x.reshape(-1, F))`` of the model input, in the model's own forward or in a
+    submodule: the Linear's output has L rows per sample, followed row by row; no fallback.
+    (Before: refused in the model's own forward, and the submodule went to the fallback.)"""
+    served = fallback_spy(monkeypatch)
     torch.manual_seed(0)
-    model = MergesTheInput(in_a_submodule=False).to(DT)
+    model = MergesTheInput(in_a_submodule=in_a_submodule).to(DT)
     X, y = torch.randn(n, 3, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
-    crit = nn.CrossEntropyLoss()
-    with pytest.raises(UnsupportedModelError, match=rf"'tokens.a' gets an input of shape \({3 * n}, 3\).*submodule"):
-        with extend(model, DiagGGN()):
-            model(X)
-    model.in_a_submodule = True
-    ggn = FullGGN()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with extend(model, BatchJacobian(), DiagGGN(), DiagGGNApprox(), ggn):
-            crit(model(X), y).backward()
-    compare(collect(model, n, ("BatchJacobian", "DiagGGN")), reference(model, X, lambda out: crit(out, y), approx=False), ggn.matrix)
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    check_graph_against_reference(model, X, y, moved_axes=True)
+    assert served == []
 
 
 class RelativePositions(nn.Module):

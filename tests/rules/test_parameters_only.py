@@ -68,6 +68,26 @@ class TableThroughModule(nn.Module):
         return self.head(torch.sigmoid(x + self.mlp(self.table))).flatten(1)
 
 
+class ReturnsItsInput(nn.Module):
+    """DeBERTa's ``StableDropout`` in eval: no rule, and it returns its input as it is."""
+
+    def forward(self, x):
+        return x
+
+
+class TableThroughAnIdentity(TableThroughModule):
+    """``mlp(drop(table)[:L])``, ``drop`` returning the parameter itself (DeBERTa's relative
+    embeddings). (Before: the table got its terms from the call and again from the slice that
+    reads it, 4× in DiagGGN; no refusal.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = ReturnsItsInput()
+
+    def forward(self, x):
+        return self.head(torch.sigmoid(x + self.mlp(self.drop(self.table)[:L]))).flatten(1)
+
+
 class RelativeBias(nn.Module):
     """BEiT's relative position bias: a module called without tensors, ``bias(window_size)``,
     returning ``[1, H, L, L]`` from its table (its squares: not a chain of monomial operations)."""
@@ -96,6 +116,7 @@ MODELS = {
     "frozen_tokens_trainable_positions": (lambda: PositionEmbedding(True, freeze_tokens=True), "ids"),
     "class_token": (ClassToken, "float"),
     "table_through_module": (TableThroughModule, "float"),
+    "table_through_an_identity": (TableThroughAnIdentity, "float"),
     "module_called_without_tensors": (ScoresWithRelativeBias, "scores"),
 }
 

@@ -19,7 +19,7 @@ from curvhook.errors import UnsupportedModelError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
 from curvhook.rules import tensor_ops
 from graph_reference import diag_ggn_approx_graph
-from helpers import check_graph_against_reference, run_curvhook
+from helpers import assert_exact, check_graph_against_reference, run_curvhook
 from reference import check, compare, reference
 
 DT = torch.float64
@@ -913,16 +913,39 @@ def _two_marks_in_the_first_sample(x):
     return eos
 
 
-@pytest.mark.parametrize("marks", [
-    _two_marks_in_the_first_sample,
-    lambda x: torch.ones(x.shape[:2], dtype=torch.bool).index_fill_(1, torch.tensor([0, 1, 2]), False),
-], ids=["uneven", "two_per_sample"])
-def test_boolean_mask_of_other_counts_is_refused(marks):
-    """Any other mask is refused by name, never a wrong number (three samples, three rows in the
-    uneven case: the rows look like one per sample, but the first two belong to sample 0)."""
-    model = EndOfSequence(marks=marks).to(DT)
+def _three_marks_per_sample(x):
+    """BART's pair classification, ``<s> A </s></s> B </s>``: three ends in every sample, at
+    different places in each."""
+    eos = torch.zeros(x.shape[:2], dtype=torch.bool)
+    for i in range(x.shape[0]):
+        eos[i, torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(i))[:3]] = True
+    return eos
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("make", [
+    lambda: EndOfSequence(marks=_three_marks_per_sample),
+    lambda: EndOfSequence(marks=_three_marks_per_sample, index=(Ellipsis,)),
+    lambda: EndOfSequence(marks=_three_marks_per_sample, moved_elsewhere=True),
+], ids=["three_per_sample", "three_per_sample_then_ellipsis", "three_per_sample_beside_a_moved_axis"])
+def test_boolean_mask_of_equal_counts_gives_merged_rows(make, n):
+    """``h[eos, :]`` with ``c = 3`` ends in every sample: ``[N·3, H]``, each sample's three picks as
+    its merged rows (curvhook/row_groups.py), split again by ``.view(N, -1, H)``. Every extension
+    exact, DiagGGNApprox by its definition (before: refused, 'exactly one')."""
+    torch.manual_seed(4)
+    model = make().to(DT)
+    X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    check_graph_against_reference(model, X, y, moved_axes=True)
+
+
+def test_boolean_mask_of_uneven_counts_is_refused():
+    """A mask that picks different numbers of entries of the samples is refused by name, never a
+    wrong number (three samples, three rows: the rows look like one per sample, but the first
+    two belong to sample 0)."""
+    model = EndOfSequence(marks=_two_marks_in_the_first_sample).to(DT)
     X, y = torch.randn(3, 5, 4, dtype=DT), torch.randint(0, 3, (3,))
-    with pytest.raises(UnsupportedModelError, match=r"boolean mask.*exactly one"):
+    with pytest.raises(UnsupportedModelError, match=r"boolean mask that selects \[2, 0, 1\] entries.*same number"):
         with extend(model, DiagGGN()):
             nn.CrossEntropyLoss()(model(X), y).backward()
 
@@ -956,14 +979,14 @@ def test_boolean_mask_with_a_slice_after_it_is_refused_with_the_two_step_form():
 
 
 def test_boolean_mask_is_read_on_every_pass():
-    """The mask's values decide the rewrite: a second pass in the same block whose mask picks two
-    entries of a sample is refused, not served by the first pass's plan."""
+    """The mask's values decide the rewrite: a second pass in the same block whose mask picks
+    two entries of one sample and none of another is refused, not served by the first pass's plan."""
     model = EndOfSequence().to(DT)
     X, y = torch.randn(3, 5, 4, dtype=DT), torch.randint(0, 3, (3,))
     with extend(model, DiagGGN()):
         nn.CrossEntropyLoss()(model(X), y).backward()
         model.marks = _two_marks_in_the_first_sample
-        with pytest.raises(UnsupportedModelError, match="exactly one"):
+        with pytest.raises(UnsupportedModelError, match="same number of entries"):
             nn.CrossEntropyLoss()(model(X), y).backward()
 
 

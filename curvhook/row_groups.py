@@ -1,0 +1,178 @@
+"""Merged rows: a batch axis merged with the axes after it, followed as pseudo-samples.
+
+OPT runs its MLP on ``h.reshape(-1, H)``, the ``[N, L, H]`` activations viewed as
+``[N·L, H]``, and views the result back as ``[N, L, H]``. Swin partitions
+``[N, H, W, C]`` into windows ``[N·nW, ws, ws, C]``, DeBERTa merges the heads
+with the batch (``[N·h, L, d]``), LeViT normalizes ``x.flatten(0, 1)``. A reshape
+keeps every entry in row-major order, so in ``[N·k, …]`` sample ``n`` is the
+block of rows ``n·k … n·k + k − 1``, whatever the reshape's sizes, as long as
+the leading size is a multiple of ``N``.
+
+Between such a merge and the reshape that splits the rows again, an operation
+that keeps rows apart (linear layers, norms, activations, attention within a
+window, a batched ``@``) is followed with its rows as pseudo-samples: its rule
+sees a batch of ``N·k`` rows. That is exact:
+
+- sample ``n``'s Jacobian is block-diagonal over its ``k`` rows, so columns
+  ``[V, N·k, …]`` pulled back row by row are the samples' columns, and the
+  diagonal ``diag(J_nᵀ D J_n)`` is the rows' diagonals side by side;
+- a parameter's per-sample product is the sum over the sample's rows,
+  ``J_θᵀ m_vn = Σ_j J_{θ,nj}ᵀ m_vnj``, summed before any square
+  (:class:`curvhook.rules.row_groups.GroupedRowsRule`); a tensor computed from
+  parameters only that the rows read (Swin's relative-position bias) gets its
+  per-sample value the same way. A sum over all samples (DiagGGNApprox's
+  parameter diagonal) needs no change.
+
+The forward pass marks the tensors and operations (:func:`note_rows`); the plan
+checks each operation against a batch of ``N·k`` and gives the merge and the
+split their rule (:data:`curvhook.rules.row_groups.REGROUP`). A container whose
+merged rows meet an operation that does not keep rows apart is recorded as one
+module for the fallback, as before (:func:`rows_followed`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Sequence
+
+from torch import Tensor
+
+from curvhook.records import BATCHED, CONST, Operation, TensorKey, key_of
+from curvhook.trace import Trace
+
+# Reshapes that keep every entry in row-major order (the second argument of the
+# ``_as`` forms gives only a shape).
+PURE_RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"})
+
+
+def note_rows(trace: Trace, op: Operation, outputs: Sequence[Tensor], reshape: bool) -> bool:
+    """Set ``op.rows_in`` and ``op.rows`` and mark the outputs' rows per sample.
+
+    Args:
+        trace: The forward pass being recorded (``trace.row_groups`` is updated).
+        op: A recorded operation or module call of the model.
+        outputs: Its outputs that carry a gradient.
+        reshape: Whether ``op`` is one of :data:`PURE_RESHAPES`.
+
+    Returns:
+        Whether ``op`` merges or splits rows (:func:`is_regroup`).
+    """
+    n = trace.batch_hint
+    if reshape:  # the tensor reshaped alone decides (``view_as(y)``: y gives a shape)
+        batched = [rows_of(trace, op.inputs[0], op.input_keys[0])] if op.input_kinds and op.input_kinds[0] == BATCHED else []
+    elif trace.row_groups:
+        batched = [
+            rows_of(trace, x, k) for x, k, kind in zip(op.inputs, op.input_keys, op.input_kinds) if kind == BATCHED
+        ]
+    else:
+        return False
+    if not batched:
+        return False
+    rows = batched[0]
+    if any(r != rows for r in batched):
+        op.rows = op.rows_in = 0  # the plan refuses it, or its container goes to the fallback
+        return False
+    out_rows = rows
+    if reshape and n and op.input_keys[0] not in trace.moved_axes and outputs and outputs[0].dim():
+        lead = outputs[0].shape[0]
+        if lead and lead % n == 0:
+            out_rows = lead // n
+    if rows == 1 and out_rows == 1:
+        return False
+    op.rows_in, op.rows = rows, out_rows
+    if out_rows > 1:
+        for key, out in zip(op.output_keys, outputs):
+            if key is not None:
+                # a weak reference: the key's id may be reused once the tensor dies
+                trace.row_groups[key] = (out_rows, weakref.ref(out))
+    return rows != out_rows
+
+
+def mark_rows(trace: Trace, x: Tensor, rows: int) -> None:
+    """Mark ``x`` as ``[N·k, …]`` with ``k = rows`` rows per sample: a constant whose batch axis
+    a reshape merged (frozen features, held by the trace), or a copy of a shared tensor to
+    merged rows."""
+    if rows > 1:
+        trace.row_groups[key_of(x)] = (rows, weakref.ref(x))
+
+
+def mark_merged_constants(trace: Trace, kinds: list, tensors: Sequence[Tensor], keys: Sequence[TensorKey]) -> bool:
+    """Count constants with merged rows as batched where parameters meet them.
+
+    ``linear(frozen.flatten(0, 1))``, ``windows_of_frozen_features * γ``: the result has
+    ``k`` rows per sample, like the constant. The constant gets no pullback (no recorded
+    operation produced it). Returns whether any was marked.
+    """
+    marked = False
+    for i, (t, kind) in enumerate(zip(tensors, kinds)):
+        if kind == CONST and rows_of(trace, t, keys[i]) > 1:
+            kinds[i] = BATCHED
+            marked = True
+    return marked
+
+
+def rows_of(trace: Trace, x: Tensor, key: Optional[TensorKey] = None) -> int:
+    """Rows per sample of the batched tensor ``x`` (``1`` where its rows are not merged)."""
+    entry = trace.row_groups.get(key) if key is not None else None
+    if entry is None:
+        return 1
+    rows, ref = entry
+    return rows if ref() is x else 1
+
+
+def is_regroup(op: Operation) -> bool:
+    """Whether ``op`` merges or splits rows (its inputs and outputs group samples differently)."""
+    return op.rows != op.rows_in
+
+
+def rows_followed(operations: Sequence[Operation], n: Optional[int]) -> bool:
+    """Whether every operation of a container on merged rows can be followed row by row.
+
+    Args:
+        operations: The container's recorded operations (and module calls).
+        n: The batch size.
+
+    Returns:
+        ``False`` where one combines merged with unmerged rows, or does not keep
+        its rows apart (a module that changes the number of rows, a tensor
+        operation whose structure and per-row replay do not show that it keeps
+        them apart): the container is then one module for the fallback.
+    """
+    from curvhook.plan import resolve_rule  # the plan imports the recorder's modules
+
+    for op in operations:
+        if op.rows == 1 and op.rows_in == 1:
+            continue
+        if op.rows == 0 or n is None:
+            return False
+        if is_regroup(op):
+            continue
+        size = n * op.rows
+        if op.module is not None:
+            if op.batch_axes is not None or not op.output_shapes or op.output_shape is None:
+                return False
+            if len(op.output_shape) == 0 or op.output_shape[0] != size:
+                return False
+            continue
+        if all(k is None for k in op.output_keys) or op.batch_axes is not None:
+            continue
+        rule = resolve_rule(op)
+        if rule.keeps_samples_apart(op, size):
+            continue
+        check = getattr(rule, "check", None)
+        if check is None:
+            return False
+        try:
+            check(op)  # the per-row replay, as the backward pass would run it
+        except Exception:  # noqa: BLE001 - any failure: the fallback serves the container
+            return False
+    return True
+
+
+def group_rows(value: Tensor, rows: int, matrix: bool) -> Tensor:
+    """Sum a per-row value over each sample's rows: ``[V, N·k, …] → [V, N, …]``
+    (``matrix``) or ``[N·k, …] → [N, …]``."""
+    axis = 1 if matrix else 0
+    lead = value.shape[axis]
+    return value.unflatten(axis, (lead // rows, rows)).sum(axis + 1)
+

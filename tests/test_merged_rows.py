@@ -1,0 +1,224 @@
+"""Merged rows followed as pseudo-samples (curvhook/row_groups.py).
+
+A reshape that merges the batch axis with the axes after it (``[N, L, H] →
+[N·L, H]``: OPT's MLP, Swin's windows, DeBERTa's heads) is followed with each
+row as a pseudo-sample between the merge and the split. The references:
+
+- the same network written without the merge (``nn.Linear`` and ``nn.LayerNorm``
+  take ``[N, L, H]`` as they are) gives every extension the same result, the
+  random ones with the same seed;
+- torch.func in float64 for the exact extensions, and DiagGGNApprox's
+  definition applied operation by operation (``tests/graph_reference.py``);
+- no module is served by the fallback where a sample's rows are merged.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from curvhook import extend
+from curvhook.errors import UnsupportedModelError
+from curvhook.extensions import (
+    KFAC, NTK, BatchGrad, BatchJacobian, BatchL2Grad, DiagGGN, DiagGGNApprox, DiagGGNMC, FullGGN, GGNVectorProduct,
+    OutputCovariance, SumGradSquared,
+)
+from helpers import CLASSES, DT, assert_exact, check_graph_against_reference, fallback_spy
+
+
+class MLPOnRows(nn.Module):
+    """OPT's decoder MLP: LayerNorm, Linear, ReLU, Linear and the residual on ``h.reshape(-1, H)``
+    (``merged``), or on ``h`` as it is."""
+
+    def __init__(self, merged: bool, h: int = 6):
+        super().__init__()
+        self.merged = merged
+        self.ln, self.fc1, self.act, self.fc2 = nn.LayerNorm(h), nn.Linear(h, 8), nn.ReLU(), nn.Linear(8, h)
+
+    def forward(self, h: Tensor) -> Tensor:  # [N, L, H]
+        shape = h.shape
+        if self.merged:
+            h = h.reshape(-1, shape[-1])  # [N·L, H]
+        out = h + self.fc2(self.act(self.fc1(self.ln(h))))
+        return out.view(shape) if self.merged else out
+
+
+class RowsNet(nn.Module):
+    def __init__(self, merged: bool):
+        super().__init__()
+        self.embed, self.block, self.head = nn.Linear(4, 6), MLPOnRows(merged), nn.Linear(18, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 3, 4]
+        return self.head(torch.tanh(self.block(self.embed(x))).flatten(1))
+
+
+def _extensions(params: list[nn.Parameter], n: int) -> list:
+    torch.manual_seed(1)
+    v = [torch.randn_like(p) for p in params]
+    cov = {p: torch.rand_like(p) + 0.5 for p in params}  # a diagonal Σ per parameter
+    return [
+        BatchGrad(), BatchJacobian(), BatchL2Grad(), DiagGGN(), DiagGGNApprox(), DiagGGNMC(mc_samples=3),
+        FullGGN(), GGNVectorProduct(v), KFAC(), NTK(per_parameter=True), OutputCovariance(cov), SumGradSquared(),
+    ]
+
+
+def _run_every_extension(model: nn.Module, X: Tensor, y: Tensor) -> dict:
+    """Every extension in one pass (the random ones seeded alike), and what each wrote."""
+    params = list(model.parameters())
+    exts = _extensions(params, X.shape[0])
+    found = {}
+    with extend(model, KFAC(approx="reduce")):  # one extension of a type per block
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    found.update({f"p{i}.kfac_reduce": getattr(p, "kfac", None) for i, p in enumerate(params)})
+    with extend(model, *exts):
+        torch.manual_seed(2)
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    for i, p in enumerate(params):
+        for name in ("grad_batch", "batch_jacobian", "batch_l2", "diag_ggn", "diag_ggn_approx", "diag_ggn_mc",
+                     "ggn_v", "sum_grad_squared", "ntk"):
+            found[f"p{i}.{name}"] = getattr(p, name)
+        found[f"p{i}.kfac"] = getattr(p, "kfac", None)  # layers shared over positions only
+    found["FullGGN"], found["NTK"], found["OutputCovariance"] = exts[6].matrix, exts[9].matrix, exts[10].covariance
+    return found
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_every_extension_is_the_same_with_the_rows_merged(n, monkeypatch):
+    """Every extension (KFAC in both approximations, the sampled ones seeded alike) writes the
+    same on the network with OPT's merged rows as on the same network without the merge."""
+    torch.manual_seed(0)
+    merged, plain = RowsNet(merged=True).to(DT), RowsNet(merged=False).to(DT)
+    plain.load_state_dict(merged.state_dict())
+    X, y = torch.randn(n, 3, 4, dtype=DT), torch.randint(0, CLASSES, (n,))
+    served = fallback_spy(monkeypatch)
+    got, want = _run_every_extension(merged, X, y), _run_every_extension(plain, X, y)
+    assert served == []
+    assert got.keys() == want.keys()
+    assert sum(v is not None for k, v in want.items() if "kfac" in k) == 2 * 8  # four Linear layers, two approximations
+    for key in want:
+        if want[key] is None:
+            assert got[key] is None, key
+            continue
+        for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (got[key], want[key]))):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=key)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_merged_rows_exact_against_torch_func(n, monkeypatch):
+    served = fallback_spy(monkeypatch)
+    torch.manual_seed(0)
+    model = RowsNet(merged=True).to(DT)
+    X, y = torch.randn(n, 3, 4, dtype=DT), torch.randint(0, CLASSES, (n,))
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    check_graph_against_reference(model, X, y, moved_axes=True)
+    assert served == []
+
+
+class RelativeKeys(nn.Module):
+    """DeBERTa's content-to-position scores: queries with the heads merged into the batch,
+    ``[N·H, L, d]``, against relative-position keys computed from parameters only,
+    ``[H, 2S, d]``, repeated to ``[N·H, 2S, d]`` (``w.repeat(N, 1, 1)``)."""
+
+    def __init__(self, e: int = 4, heads: int = 2, span: int = 3):
+        super().__init__()
+        self.q, self.heads = nn.Linear(e, e), heads
+        self.rel = nn.Parameter(torch.randn(2 * span, e))
+        self.key = nn.Linear(e, e)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, L, E]
+        n, l, e = x.shape
+        d = e // self.heads
+        q = self.q(x).view(n, l, self.heads, d).permute(0, 2, 1, 3).reshape(n * self.heads, l, d)
+        pos = self.key(self.rel).view(-1, self.heads, d).permute(1, 0, 2)  # [H, 2S, d]
+        scores = torch.bmm(q, pos.repeat(n, 1, 1).transpose(-1, -2))  # [N·H, L, 2S]
+        return scores.view(n, self.heads, l, -1)
+
+
+class WindowBias(nn.Module):
+    """Swin's windows: ``[N, 4, C]`` cut into 2 windows of 2 tokens, ``[N·2, 2, C]``; attention
+    scores plus a learned relative bias ``[H, 2, 2]`` shared by every window of every sample."""
+
+    def __init__(self, c: int = 4, heads: int = 2):
+        super().__init__()
+        self.qk, self.heads = nn.Linear(c, 2 * c), heads
+        self.bias = nn.Parameter(torch.randn(heads, 2, 2))
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 4, C]
+        n, l, c = x.shape
+        windows = x.view(n, 2, 2, c).reshape(n * 2, 2, c)  # [N·nW, ws, C]
+        q, k = self.qk(windows).view(n * 2, 2, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-1, -2) + self.bias, dim=-1)  # [N·nW, H, ws, ws]
+        return attn.reshape(n, 2, self.heads, 2, 2)
+
+
+class Head(nn.Module):
+    def __init__(self, block: nn.Module, features: int):
+        super().__init__()
+        self.embed, self.block, self.out = nn.Linear(3, 4), block, nn.Linear(features, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.block(self.embed(x))).flatten(1))
+
+
+@pytest.mark.parametrize("block, features", [(RelativeKeys, 2 * 3 * 6), (WindowBias, 2 * 2 * 2 * 2)],
+                         ids=["deberta_relative_keys", "swin_window_bias"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_shared_tensors_that_merged_rows_read(n, block, features, monkeypatch):
+    """A tensor computed from parameters only, repeated to the merged rows (DeBERTa) or added to
+    every window by broadcasting (Swin): its per-sample value sums the sample's rows. Exact,
+    DiagGGNApprox by its definition, and nothing served by the fallback (before: the
+    container was one module for it)."""
+    served = fallback_spy(monkeypatch)
+    torch.manual_seed(0)
+    model = Head(block(), features).to(DT)
+    X = torch.randn(n, 3 if block is RelativeKeys else 4, 3, dtype=DT)
+    y = torch.randint(0, CLASSES, (n,))
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    check_graph_against_reference(model, X, y, moved_axes=True)
+    assert served == []
+
+
+class AddmmOnRows(nn.Module):
+    """GPT-2's ``Conv1D`` written out in the model's own forward: ``addmm`` on ``x.view(-1, F)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.h = nn.Linear(3, 4), nn.Linear(15, CLASSES)
+        self.w, self.b = nn.Parameter(torch.randn(4, 5)), nn.Parameter(torch.randn(5))
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 3, 3]
+        x = torch.tanh(self.a(x))
+        x = torch.addmm(self.b, x.view(-1, x.size(-1)), self.w).view(*x.shape[:-1], 5)
+        return self.h(torch.tanh(x).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_functional_addmm_on_merged_rows_in_the_models_own_forward(n, monkeypatch):
+    """(Before: refused, 'the operation view mixes samples'.)"""
+    served = fallback_spy(monkeypatch)
+    torch.manual_seed(0)
+    model = AddmmOnRows().to(DT)
+    X, y = torch.randn(n, 3, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    check_graph_against_reference(model, X, y, moved_axes=True)
+    assert served == []
+
+
+class MergedOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, L, 4] -> [N·L, C]
+        return self.lin(x.reshape(-1, 4) * 2)
+
+
+def test_a_model_output_with_merged_rows_is_refused():
+    """The model returns ``[N·L, C]``: refused with the two ways out, not followed into a
+    loss that would read rows as samples."""
+    model = MergedOutput().to(DT)
+    X = torch.randn(2, 3, 4, dtype=DT, requires_grad=True)
+    with pytest.raises(UnsupportedModelError, match=r"merges its batch axis.*3 rows per sample"):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(X), torch.zeros(6, dtype=torch.long)).backward()
