@@ -33,7 +33,7 @@ from curvhook.leaf_operations import as_operations
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, flat_tensors, key_of, make_template
 from curvhook.rules.fallback import replaying
 from curvhook.rules.registry import rule_for
-from curvhook.row_groups import mark_merged_constants, note_rows, rows_followed, rows_of
+from curvhook.row_groups import mark_merged_constants, mark_outputs, note_rows, rows_followed, rows_of
 from curvhook.tape import OperationTape, merged_constant
 from curvhook.trace import Trace
 
@@ -307,7 +307,9 @@ class ModuleRecorder:
         if op.inputs or op.output_keys:
             trace.operations.append(op)
             if BATCHED in op.input_kinds:  # on merged rows: followed as pseudo-samples
-                note_rows(trace, op, [output] if isinstance(output, Tensor) else list(flat_tensors(output)), False)
+                outputs = [output] if isinstance(output, Tensor) else list(flat_tensors(output))
+                note_rows(trace, op, outputs, False)
+                mark_outputs(trace, op, outputs[:1])
             if (len(state.frames) > 1 and op.params and BATCHED not in op.input_kinds
                     and merged_constant(trace, op.inputs, op.input_kinds)):
                 # a layer on frozen features whose batch axis its container merged (LeViT's

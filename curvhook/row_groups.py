@@ -80,12 +80,29 @@ def note_rows(trace: Trace, op: Operation, outputs: Sequence[Tensor], reshape: b
     if rows == 1 and out_rows == 1:
         return False
     op.rows_in, op.rows = rows, out_rows
-    if out_rows > 1:
-        for key, out in zip(op.output_keys, outputs):
-            if key is not None:
-                # a weak reference: the key's id may be reused once the tensor dies
-                trace.row_groups[key] = (out_rows, weakref.ref(out))
+    if reshape and out_rows > 1:
+        mark_outputs(trace, op, outputs)
     return rows != out_rows
+
+
+def mark_outputs(trace: Trace, op: Operation, outputs: Sequence[Tensor]) -> None:
+    """Mark the outputs of an operation on merged rows that keep them: ``k`` rows per sample
+    along their batch axis (where :mod:`curvhook.batch_axis` found it, else first).
+
+    An output of another leading size (``m[::L]``, one row of each sample picked from
+    ``[N·L, C]``) is left unmarked: the operation does not keep rows apart, so the plan
+    refuses it (or its container goes to the fallback), naming it.
+    """
+    rows, n = op.rows, trace.batch_hint
+    if rows <= 1 or not n:
+        return
+    for key, out in zip(op.output_keys, outputs):
+        if key is None or out.dim() == 0:
+            continue
+        axis = trace.moved_axes.get(key, 0)
+        if axis < out.dim() and out.shape[axis] == n * rows:
+            # a weak reference: the key's id may be reused once the tensor dies
+            trace.row_groups[key] = (rows, weakref.ref(out))
 
 
 def mark_rows(trace: Trace, x: Tensor, rows: int) -> None:
@@ -139,6 +156,8 @@ def rows_followed(operations: Sequence[Operation], n: Optional[int]) -> bool:
         them apart): the container is then one module for the fallback.
     """
     from curvhook.plan import resolve_rule  # the plan imports the recorder's modules
+    from curvhook.rules.batch_axis_view import batch_axis_refusal
+    from curvhook.rules.registry import rule_for
 
     for op in operations:
         if op.rows == 1 and op.rows_in == 1:
@@ -152,6 +171,11 @@ def rows_followed(operations: Sequence[Operation], n: Optional[int]) -> bool:
             if op.batch_axes is not None or not op.output_shapes or op.output_shape is None:
                 return False
             if len(op.output_shape) == 0 or op.output_shape[0] != size:
+                return False
+            # a module without a rule may mix a sample's rows (a cumsum over them), and one
+            # that takes its batch axis elsewhere (batch_first=False) would read rows as positions
+            in_axes = tuple(0 if k == BATCHED else None for k in op.input_kinds)
+            if rule_for(op.module) is None or batch_axis_refusal(op.module, in_axes, op.inputs) is not None:
                 return False
             continue
         if all(k is None for k in op.output_keys) or op.batch_axes is not None:

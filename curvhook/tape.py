@@ -41,7 +41,7 @@ from curvhook.records import (
     BATCHED, CONST, SHARED, DifferentiableOutputs, Operation, carries_gradient, flat_tensors, key_of,
     make_template, tensor_arguments,
 )
-from curvhook.row_groups import PURE_RESHAPES, mark_merged_constants, mark_rows, note_rows, rows_of
+from curvhook.row_groups import PURE_RESHAPES, mark_merged_constants, mark_outputs, mark_rows, note_rows, rows_of
 from curvhook.rules.parameters_only import COPIES_TO_BATCH
 from curvhook.trace import Trace
 from curvhook.view_writes import WriteThrough, view_chain
@@ -292,6 +292,8 @@ class OperationTape(TorchFunctionMode):
             mark_rows(trace, outputs[0], picks)
         if BATCHED in kinds and (trace.moved_axes or name in MOVERS) and not regroup:
             _follow_batch_axis(op, trace.moved_axes)
+        if op.rows > 1 and not regroup:  # outputs that keep the merged rows
+            mark_outputs(trace, op, outputs)
         if BATCHED not in kinds and _copies_to_batch(op, tensors, outputs, trace.batch_hint):
             op.to_batch = True  # its output has the batch axis: one copy per sample
         elif BATCHED not in kinds and _copies_to_merged_rows(op, tensors, outputs, trace):
@@ -559,9 +561,8 @@ def _may_merge(trace: Trace, name: str, tensors: list) -> bool:
     x, key = tensors[0], key_of(tensors[0])
     if key in trace.merged_inputs:
         return True
-    return (
-        name in MERGING_RESHAPES and x.is_floating_point() and x.dim() >= 2 and x.shape[0] == trace.batch_hint
-        and key not in trace.moved_axes
+    return (  # (integer ids too: an embedding of ``ids.reshape(-1)`` has their rows)
+        name in MERGING_RESHAPES and x.dim() >= 2 and x.shape[0] == trace.batch_hint and key not in trace.moved_axes
     )
 
 

@@ -205,6 +205,66 @@ def test_functional_addmm_on_merged_rows_in_the_models_own_forward(n, monkeypatc
     assert served == []
 
 
+class EmbeddingOfMergedIds(nn.Module):
+    """``emb(ids.reshape(-1)) + lin(x.reshape(N·L, F))``, in a submodule: integer ids merged like
+    the rows they are added to (the embedding's output has their rows)."""
+
+    def __init__(self, length: int = 3, vocab: int = 7):
+        super().__init__()
+        self.lin, self.emb, self.length, self.vocab = nn.Linear(3, 4), nn.Embedding(vocab, 4), length, vocab
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:  # [N, L, 3], [N, L]
+        n = x.shape[0]
+        return (self.emb(ids.reshape(-1)) + self.lin(x.reshape(n * self.length, 3))).view(n, self.length, 4)
+
+
+class WithMergedIds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.out = EmbeddingOfMergedIds(), nn.Linear(12, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids = (x[..., 0].abs() * 3).long().clamp(max=self.block.vocab - 1)
+        return self.out(torch.tanh(self.block(x, ids)).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_an_embedding_of_merged_ids(n, monkeypatch):
+    """(The review found 'Mismatch in shape' from the add, where the container had gone to the
+    fallback before: the merged ids were not seen as merged.)"""
+    served = fallback_spy(monkeypatch)
+    torch.manual_seed(0)
+    model = WithMergedIds().to(DT)
+    X, y = torch.randn(n, 3, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    check_graph_against_reference(model, X, y, moved_axes=True)
+    assert served == []
+
+
+class OneRowOfEachSample(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 4), nn.Linear(4, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, L, 3]
+        n, l, f = x.shape
+        m = self.lin(x.reshape(n * l, f))
+        return self.out(m[::l] * 2)  # [N, 4]: one row of each sample, picked from the merged rows
+
+
+def test_a_selection_of_rows_that_changes_their_grouping_is_refused_by_name():
+    """``m[::L]`` of ``[N·L, C]`` is ``[N, C]``: not rows of the merged grouping. Refused, naming the
+    operation (the review found a torch ``unflatten`` error at N = 1 and a message about a
+    merged model output)."""
+    model = OneRowOfEachSample().to(DT)
+    for n in (1, 3):
+        X, y = torch.randn(n, 3, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
+        for ext in (DiagGGN(), BatchGrad(), NTK()):
+            with pytest.raises(UnsupportedModelError, match=r"operation __getitem__.*mixes samples"):
+                with extend(model, ext):
+                    nn.CrossEntropyLoss()(model(X), y).backward()
+
+
 class MergedOutput(nn.Module):
     def __init__(self):
         super().__init__()

@@ -551,20 +551,36 @@ class WithMergedNorm(WithMergedAttention):
             self.attn.linear.requires_grad_(False)
 
 
+class MixesEachSamplesRows(nn.Module):
+    """A leaf without a rule (it owns a parameter) that mixes the rows of each sample:
+    a cumulative sum over a sample's ``L`` merged rows."""
+
+    def __init__(self, length: int = 3, c: int = 4):
+        super().__init__()
+        self.w, self.length = nn.Parameter(torch.randn(c)), length
+
+    def forward(self, x):  # [N·L, C]
+        return (x * self.w).view(-1, self.length, x.shape[-1]).cumsum(1).view(-1, x.shape[-1])
+
+
 class RowsRegathered(nn.Module):
     """Merged rows gathered back by an operation that is not a reshape: ``unfold`` of the
     ``[N·L, F]`` rows into ``[N, F, L]`` keeps samples apart as a whole, but no row is a
-    sample of it."""
+    sample of it; or rows of another grouping; or a leaf without a rule that mixes each
+    sample's rows."""
 
     def __init__(self, mode: str):
         super().__init__()
         self.a, self.b, self.mode = nn.Linear(3, 4), nn.Linear(3, 4), mode
+        self.leaf = MixesEachSamplesRows()
 
     def forward(self, x):  # [N, L, F]
         n, l, f = x.shape
         h = torch.tanh(self.a(x.reshape(-1, f)))  # [N·L, 4]: L rows per sample
         if self.mode == "unfold":
             return h.unfold(0, l, l).transpose(1, 2)  # [N, L, 4]
+        if self.mode == "leaf":
+            return self.leaf(h).view(n, l, 4)
         # rows of another grouping: each sample's b(x[n]) copied L times, [N·L, 4]
         g = self.b(x[:, 0]).repeat_interleave(l, dim=0)
         return (h * g).view(n, l, 4)
@@ -580,7 +596,7 @@ class WithRowsRegathered(nn.Module):
         return self.head(h.flatten(1))
 
 
-@pytest.mark.parametrize("mode", ["unfold", "other_rows"])
+@pytest.mark.parametrize("mode", ["unfold", "other_rows", "leaf"])
 @pytest.mark.parametrize("n", [1, 3])
 def test_a_container_whose_merged_rows_cannot_be_followed_is_one_module_for_the_fallback(n, mode, monkeypatch):
     """Merged rows that meet an operation which does not keep rows apart, or tensors grouped
@@ -600,7 +616,10 @@ def test_a_container_whose_merged_rows_cannot_be_followed_is_one_module_for_the_
     compare(collect(model, n, ("BatchJacobian", "DiagGGN")), ref, ggn.matrix)
     assert all(torch.isfinite(p.diag_ggn_approx).all() and (p.diag_ggn_approx >= 0).all() for p in params)
     model.in_a_submodule = False
-    match = "mixes samples|cannot split" if mode == "unfold" else "combines tensors whose batch axis a reshape merged"
+    match = {
+        "unfold": "mixes samples|cannot split", "other_rows": "combines tensors whose batch axis a reshape merged",
+        "leaf": "one sample at a time",
+    }[mode]
     with pytest.raises(UnsupportedModelError, match=match):
         with extend(model, DiagGGN()):
             crit(model(X), y).backward()
