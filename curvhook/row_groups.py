@@ -46,7 +46,9 @@ PURE_RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as",
 
 
 def note_rows(trace: Trace, op: Operation, outputs: Sequence[Tensor], reshape: bool) -> bool:
-    """Set ``op.rows_in`` and ``op.rows`` and mark the outputs' rows per sample.
+    """Set ``op.rows_in`` and ``op.rows``, and mark the outputs of a merge or split with their
+    rows per sample (the caller marks those of any other operation on merged rows with
+    :func:`mark_outputs`, once their batch axes are known).
 
     Args:
         trace: The forward pass being recorded (``trace.row_groups`` is updated).
@@ -178,7 +180,11 @@ def rows_followed(operations: Sequence[Operation], n: Optional[int]) -> bool:
             if rule_for(op.module) is None or batch_axis_refusal(op.module, in_axes, op.inputs) is not None:
                 return False
             continue
-        if all(k is None for k in op.output_keys) or op.batch_axes is not None:
+        if all(k is None for k in op.output_keys):
+            continue
+        if op.batch_axes is not None:  # the merged axis moved: followed where it is known
+            if any(a is None for a in op.batch_axes[1]):
+                return False
             continue
         rule = resolve_rule(op)
         if rule.keeps_samples_apart(op, size):
