@@ -58,10 +58,12 @@ def as_operations(leaf: Operation, module: nn.Module, ops: list[Operation], outp
         ``None`` otherwise.
     """
     batched = [k for k, kind in zip(leaf.input_keys, leaf.input_kinds) if kind == BATCHED]
-    if not isinstance(output, Tensor) or not output.requires_grad or len(batched) != 1:
+    if not isinstance(output, Tensor) or not output.requires_grad or len(batched) > 1 or output.dim() == 0:
         return None
-    current, end = batched[0], key_of(output)
-    n = leaf.inputs[leaf.input_kinds.index(BATCHED)].shape[0]
+    # On constants only (frozen features, torchvision's LayerNorm2d after a frozen stem), the
+    # chain starts where its first operation reads one (nothing travels back to the input).
+    current, end = (batched[0] if batched else None), key_of(output)
+    n = leaf.inputs[leaf.input_kinds.index(BATCHED)].shape[0] if batched else output.shape[0]
     params = {id(p) for p in module.parameters() if p.requires_grad}
     if not ops:
         return [] if current == end and not params else None
@@ -88,6 +90,8 @@ def as_operations(leaf: Operation, module: nn.Module, ops: list[Operation], outp
                 return None
             produced_shared.add(op.output_keys[0])
             continue
+        if current is None and len(slots) == 1 and op.input_nodes[slots[0]] is None:
+            current = op.input_keys[slots[0]]  # a constant read with the parameters
         if len(slots) != 1 or op.input_keys[slots[0]] != current or op.uses(slots[0]) != 1:
             return None
         if not op.output_shapes[0] or op.output_shapes[0][0] != n or op.inputs[slots[0]].shape[0] != n:
