@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ from torch.func import jacrev, vjp, vmap
 
 from curvhook.records import BATCHED, CONST, Operation
 from curvhook.rules.base import LayerRule
+from curvhook.rules.batch_axis_view import _trailing_axes
 from curvhook.rules.fallback import _forward, _params, _replay
 
 # Tensor operations that copy their first argument along new leading axes.
@@ -65,26 +66,26 @@ class ParametersOnlyModuleRule(LayerRule):
             return self.input_jac_t_mat_prod(call, mat, call.slot_of(name))
         view = _batched_view(call, mat.shape[1])
         if view is not None:
-            return self.inner.param_jac_t_mat_prod(view, name, mat.squeeze(2))
+            return self.inner.param_jac_t_mat_prod(view[0], name, _into(mat, 2, view))
         return _columns(_param_function(call, name), _params(call)[name], mat, call.output_shape)
 
     def param_sq_sum(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         view = _batched_view(call, mat.shape[1])
         if view is not None and not _is_input(call, name):
-            return self.inner.param_sq_sum(view, name, mat.squeeze(2))
+            return self.inner.param_sq_sum(view[0], name, _into(mat, 2, view))
         return self.param_jac_t_mat_prod(call, name, mat).square().sum((0, 1))
 
     def param_factors(self, call: Operation, name: str, mat: Tensor):
         view = _batched_view(call, mat.shape[1])
         if view is None or _is_input(call, name):
             return None
-        return self.inner.param_factors(view, name, mat.squeeze(2))
+        return self.inner.param_factors(view[0], name, _into(mat, 2, view))
 
     def input_jac_t_mat_prod(self, call: Operation, mat: Tensor, slot: int) -> Tensor:
         """``[V, N, *x]`` for a shared input ``x`` at ``slot``."""
         view = _batched_view(call, mat.shape[1])
         if view is not None:
-            return self.inner.input_jac_t_mat_prod(view, mat.squeeze(2), slot).unsqueeze(2)
+            return _out_of(self.inner.input_jac_t_mat_prod(view[0], _into(mat, 2, view), slot), 2, view)
         return _columns(_input_function(call, slot), call.inputs[slot].detach(), mat, call.output_shape)
 
     # -------------------------------------------------------- diagonals
@@ -93,14 +94,14 @@ class ParametersOnlyModuleRule(LayerRule):
             return self.input_diag(call, diag, call.slot_of(name)).sum(0)
         view = _batched_view(call, diag.shape[0])
         if view is not None:
-            return self.inner.param_diag(view, name, diag.squeeze(1))
+            return self.inner.param_diag(view[0], name, _into(diag, 1, view))
         return _diagonal(_param_function(call, name), _params(call)[name], diag).sum(0)
 
     def input_diag(self, call: Operation, diag: Tensor, slot: int) -> Tensor:
         """``[N, *x]`` for a shared input ``x`` at ``slot``."""
         view = _batched_view(call, diag.shape[0])
         if view is not None:
-            return self.inner.input_diag(view, diag.squeeze(1), slot).unsqueeze(1)
+            return _out_of(self.inner.input_diag(view[0], _into(diag, 1, view), slot), 1, view)
         return _diagonal(_input_function(call, slot), call.inputs[slot].detach(), diag)
 
 
@@ -120,12 +121,20 @@ def parameters_only(inner: LayerRule) -> ParametersOnlyModuleRule:
     return rule
 
 
-def _batched_view(call: Operation, n: int):
+def _batched_view(call: Operation, n: int) -> Optional[tuple[Operation, bool]]:
     """The call as the module applied to its constants repeated for ``n`` samples, or ``None``.
 
     Possible where every input and the output have a leading axis of size one
     (ids ``[1, L]`` → embeddings ``[1, L, D]``): sample ``n`` then reads row 0,
-    and the repeated call gives every sample that row. Cached for the backward pass.
+    and the repeated call gives every sample that row. Also for a position-wise
+    module (``nn.Linear``, ``nn.LayerNorm``, activations, ``nn.Embedding``; the
+    relative-position MLP of a MaxViT on its coordinate table ``[L², 2]``) on
+    inputs without such an axis: applied to ``x`` repeated along a new leading
+    axis, it gives ``m(x)`` repeated. Cached for the backward pass.
+
+    Returns:
+        ``(view, squeezed)``: ``squeezed`` where the call's own leading axis of size
+        one is the view's batch axis (values lose it on the way in, see :func:`_into`).
     """
     cached = call.scratch.batched_view
     if cached is not None and cached[0] == n:
@@ -134,18 +143,37 @@ def _batched_view(call: Operation, n: int):
     view = None
     # (a module called without tensors, BEiT's relative position bias ``bias(window_size)``: none)
     if len(out) and out[0] == 1 and call.inputs and all(x.dim() and x.shape[0] == 1 for x in call.inputs):
-        view = dataclasses.replace(
-            call,
-            inputs=tuple(x.detach().expand(n, *x.shape[1:]) for x in call.inputs),
-            input_kinds=tuple(CONST if k == CONST else BATCHED for k in call.input_kinds),
-            output=None if call.output is None else call.output.detach().expand(n, *out[1:]),
-            output_shapes=(torch.Size((n, *out[1:])),),
-            node=None,
-            from_parameters=False,
-            _scratch=None,  # its own, made when first asked
-        )
+        view = (_repeated(call, tuple(x.detach().expand(n, *x.shape[1:]) for x in call.inputs), (n, *out[1:])), True)
+    elif len(out) and call.inputs and all(x.dim() for x in call.inputs) and _trailing_axes(call.module) is not None:
+        inputs = tuple(x.detach().unsqueeze(0).expand(n, *x.shape) for x in call.inputs)
+        view = (_repeated(call, inputs, (n, *out)), False)
     call.scratch.batched_view = (n, view)
     return view
+
+
+def _repeated(call: Operation, inputs: tuple, out_shape: tuple) -> Operation:
+    """``call`` on ``inputs`` repeated for every sample, with output shape ``out_shape``."""
+    expanded = None if call.output is None else call.output.detach().reshape(out_shape[1:]).expand(out_shape)
+    return dataclasses.replace(
+        call,
+        inputs=inputs,
+        input_kinds=tuple(CONST if k == CONST else BATCHED for k in call.input_kinds),
+        output=expanded,
+        output_shapes=(torch.Size(out_shape),),
+        node=None,
+        from_parameters=False,
+        _scratch=None,  # its own, made when first asked
+    )
+
+
+def _into(value: Tensor, axis: int, view: tuple[Operation, bool]) -> Tensor:
+    """A value shaped like the call's output (per sample) as the view takes it."""
+    return value.squeeze(axis) if view[1] else value
+
+
+def _out_of(value: Tensor, axis: int, view: tuple[Operation, bool]) -> Tensor:
+    """A value the view gave for an input, shaped like that input (per sample)."""
+    return value.unsqueeze(axis) if view[1] else value
 
 
 def _param_function(call: Operation, name: str) -> Callable[[Tensor], Tensor]:
