@@ -84,7 +84,10 @@ def test_diag_ggn_approx_follows_its_definition(name):
 # DeBERTa's heads, Swin's windows, LeViT's norms on x.flatten(0, 1)): the merged rows are
 # followed as pseudo-samples (curvhook/row_groups.py); before, each such block was one
 # module for the fallback's per-sample Jacobians.
-MERGED_ROWS = ["transformers.OPT", "transformers.DebertaV2", "transformers.Swin", "torchvision.swin_v2", "timm.levit_128s"]
+MERGED_ROWS = [
+    "transformers.OPT", "transformers.DebertaV2", "transformers.Swin", "torchvision.swin_v2", "timm.levit_128s",
+    "timm.maxvit",
+]
 
 
 @pytest.mark.parametrize("name", MERGED_ROWS)
@@ -98,12 +101,25 @@ def test_merged_rows_need_no_fallback(name, monkeypatch):
 
 
 # (torchvision's Swin V2 writes into a cloned bias in place, which the graph reference's replay refuses)
-@pytest.mark.parametrize("name", ["timm.levit_128s"])
+@pytest.mark.parametrize("name", ["timm.levit_128s", "timm.maxvit"])
 def test_diag_ggn_approx_on_merged_rows_follows_its_definition(name):
-    """As above, with each tensor's batch axis and rows per sample found by the reference."""
+    """As above, with each tensor's batch axis and rows per sample found by the reference.
+    timm's attention is run unfused: the reference counts ``F.scaled_dot_product_attention``
+    as one operation, DiagGGNApprox as its operations (``split_attention``, docs/mathematics.md).
+    Activations run out of place: the reference keys diagonals by tensor, and an in-place
+    activation's output is its input (curvhook gives the same either way)."""
     case = _case(name)
+    for m in case.model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    _run(case, DiagGGNApprox())
+    in_place = torch.cat([p.diag_ggn_approx.flatten() for p in case.model.parameters() if p.requires_grad])
+    for m in case.model.modules():
+        if isinstance(getattr(m, "inplace", None), bool):
+            m.inplace = False
     _run(case, DiagGGNApprox())
     got = torch.cat([p.diag_ggn_approx.flatten() for p in case.model.parameters() if p.requires_grad])
+    torch.testing.assert_close(in_place, got, rtol=1e-12, atol=0)
     expected = diag_ggn_approx_graph(case.model, case.inputs["x"], loss_hessian_diag(case), moved_axes=True)
     check(got, expected, f"real/{name}/DiagGGNApprox", rtol=1e-10)
 

@@ -200,6 +200,25 @@ def timm_levit(n: int = N) -> ZooCase:
     return _classifier(model, "x", _images(32, n), CLASSES, patterns)
 
 
+def timm_maxvit(n: int = N) -> ZooCase:
+    """MaxViT (a tiny config of timm's ``MaxxVit``): block and grid window attention on windows
+    merged with the batch (``[N·windows, L, C]``), a relative-position MLP on a coordinate
+    table (``rel_pos_type="mlp"``), MBConv with squeeze-excitation."""
+    from timm.models.maxxvit import MaxxVit, MaxxVitCfg, MaxxVitConvCfg, MaxxVitTransformerCfg
+
+    cfg = MaxxVitCfg(
+        embed_dim=(16, 32), depths=(1, 1), block_type=("M", "M"), stem_width=8,
+        conv_cfg=MaxxVitConvCfg(expand_ratio=2.0, attn_ratio=0.25),
+        transformer_cfg=MaxxVitTransformerCfg(dim_head=8, rel_pos_type="mlp", window_size=(2, 2), grid_size=(2, 2)),
+    )
+    model = MaxxVit(cfg, img_size=32, num_classes=CLASSES).eval()
+    patterns = (
+        "stages.0.blocks.0.attn_block.attn.qkv.", "stages.0.blocks.0.attn_block.attn.rel_pos.mlp.fc2.",
+        "stages.0.blocks.0.attn_grid.attn.proj.", "stages.1.blocks.0.conv.se.", "head.fc.",
+    )
+    return _classifier(model, "x", _images(32, n), CLASSES, patterns)
+
+
 def timm_resnetv2_bit(n: int = N) -> ZooCase:
     """BiT's ResNet-V2 (tiny): weight-standardized convolutions (``StdConv2d``), GroupNorm, pre-activation."""
     from functools import partial
@@ -447,6 +466,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "timm.convnext_atto": ("timm", timm_convnext_atto),
     "timm.resnet10t": ("timm", timm_resnet10t),
     "timm.levit_128s": ("timm", timm_levit),
+    "timm.maxvit": ("timm", timm_maxvit),
     "timm.resnetv2_bit": ("timm", timm_resnetv2_bit),
     "timm.nfnet": ("timm", timm_nfnet),
     "transformers.Bert": ("transformers", hf_bert),
