@@ -128,6 +128,9 @@ def _monomial(op: Operation, slot: Optional[int]) -> bool:
     x, out_shape = op.inputs[slot], op.output_shapes[0]
     if name in _PERMUTING:
         return len(tensors) == 1 and x.numel() == math.prod(out_shape)
+    if name == "pad":  # zeros around (or a crop): each entry kept at most once, at one place
+        mode = op.args[2] if len(op.args) > 2 else op.kwargs.get("mode", "constant")
+        return len(tensors) == 1 and mode == "constant"
     if x.shape != out_shape:
         return False
     if name in ELEMENTWISE:

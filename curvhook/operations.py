@@ -37,7 +37,7 @@ STRUCTURAL = frozenset({
     "concatenate", "stack", "hstack", "split", "chunk", "unbind", "tensor_split", "to",
     "float", "double", "type_as", "__get__", "repeat", "tile", "flip", "roll", "sum",
     "neg", "__neg__", "negative", "positive", "__pos__", "__setitem__",
-    "masked_fill", "masked_fill_", "where",
+    "masked_fill", "masked_fill_", "where", "pad",
 }) | ADDITIONS | SUBTRACTIONS | REVERSED_SUBTRACTIONS
 MEANS = frozenset({"mean"})
 # Reshapes that may merge the batch axis with the next ones before a loss (``logits.reshape(-1, V)``).
@@ -60,7 +60,7 @@ KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS | SOFT
 DIM_OPERATIONS = frozenset({
     "cat", "concat", "concatenate", "stack", "split", "chunk", "unbind", "tensor_split",
     "sum", "mean", "select", "narrow", "squeeze", "unsqueeze", "flatten", "transpose",
-    "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "flip", "roll",
+    "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "flip", "roll", "pad",
 }) | SOFTMAXES
 # Operations that take an integer index of the input's rank along ``dim``
 # (``h.gather(1, idx)``): an index with one row per sample belongs to its sample.

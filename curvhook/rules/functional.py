@@ -2,7 +2,7 @@
 
 Real models override ``forward`` and call ``F.batch_norm`` (timm's ``BatchNormAct2d``),
 ``F.layer_norm``, ``F.group_norm``, ``F.rms_norm``, ``F.linear``, ``torch.addmm``
-(GPT-2's ``Conv1D``) or ``F.embedding``. Such a call is recorded as a tensor
+(GPT-2's ``Conv1D``), ``F.embedding`` or ``F.conv2d`` (timm's ``Conv2dSame``). Such a call is recorded as a tensor
 operation; :data:`FUNCTIONAL_RULES` gives it the closed forms of the module rule
 of the same layer (``curvhook/rules/normalization.py``, ``linear.py``,
 ``embedding.py``) instead of ``torch.func`` Jacobians: a :class:`_ModuleCall`
@@ -35,6 +35,7 @@ from curvhook.errors import UnsupportedModelError
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot
 from curvhook.rules.attention import attention_diagonals
 from curvhook.rules.base import LayerRule
+from curvhook.rules.conv import ConvRule
 from curvhook.rules.embedding import EmbeddingRule
 from curvhook.rules.linear import LinearRule
 from curvhook.rules.normalization import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
@@ -67,6 +68,10 @@ class _ModuleCall:
     @property
     def name(self) -> str:
         return self.op.name
+
+    @property
+    def output_shape(self):
+        return self.op.output_shapes[0]
 
 
 def _bind(call: Operation, names: tuple[str, ...], defaults: dict) -> dict[str, Any]:
@@ -424,6 +429,43 @@ class SplitAttentionFunction(AttentionFunction):
 SPLIT_SDPA = SplitAttentionFunction()
 
 
+class ConvFunction(FunctionalRule):
+    """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups)``: the rule of
+    ``nn.Conv*d`` (zero padding, an int, a tuple, ``'same'`` or ``'valid'``) on the module the
+    call's arguments make. timm's ``Conv2dSame`` (TF's asymmetric 'same') pads with ``F.pad``
+    and calls ``F.conv2d``; DiagGGNApprox without this rule took dense per-sample Jacobians."""
+
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    rule = ConvRule()
+
+    def __init__(self, dims: int) -> None:
+        self.dims = dims
+
+    def module(self, call: Operation, args: dict) -> SimpleNamespace:
+        d, conv = self.dims, getattr(F, f"conv{self.dims}d")
+        weight, bias = _value(call, args["weight"]), _value(call, args["bias"])
+        stride, dilation, groups = _ntuple(args["stride"], d), _ntuple(args["dilation"], d), args["groups"]
+        padding = args["padding"] if isinstance(args["padding"], str) else _ntuple(args["padding"], d)
+        return SimpleNamespace(
+            weight=weight, bias=bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+            kernel_size=tuple(weight.shape[2:]), padding_mode="zeros",
+            _conv_forward=lambda x, w, b: conv(x, w, b, stride, padding, dilation, groups),
+        )
+
+    def configuration_ok(self, call: Operation, args: dict) -> bool:
+        w, b = _value(call, args["weight"]), _value(call, args["bias"])
+        fixed = all(not isinstance(args[k], Slot) for k in ("stride", "padding", "dilation", "groups"))
+        return (
+            fixed and isinstance(w, Tensor) and w.dim() == self.dims + 2 and (b is None or b.dim() == 1)
+            and call.inputs[args["input"]].dim() == self.dims + 2 and isinstance(args["groups"], int)
+        )
+
+
+def _ntuple(value: Any, d: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * d
+
+
 class AvgPoolFunction(FunctionalRule):
     """``F.avg_pool{1,2,3}d(x, kernel_size, stride, padding, ceil_mode, count_include_pad,
     divisor_override)`` and ``F.adaptive_avg_pool{1,2,3}d(x, output_size)``: the rules of
@@ -464,6 +506,9 @@ FUNCTIONAL_RULES: dict[Callable, TensorOpRule] = {
     F.embedding: EmbeddingFunction(),
     F.scaled_dot_product_attention: AttentionFunction(),
     **_average_pools(),
+    F.conv1d: ConvFunction(1),
+    F.conv2d: ConvFunction(2),
+    F.conv3d: ConvFunction(3),
 }
 if hasattr(F, "rms_norm"):  # torch >= 2.4
     FUNCTIONAL_RULES[F.rms_norm] = RMSNormFunction()

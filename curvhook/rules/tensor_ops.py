@@ -108,6 +108,11 @@ def _dims_avoid_batch(call: Operation) -> bool:
             return False
         dims = dim if isinstance(dim, (tuple, list)) else (dim,)
         return len(dims) > 0 and all(d % ndim != 0 for d in dims)
+    if name == "pad":  # F.pad(x, (left, right, …)) pads the last len // 2 axes, from the last
+        pads = args[1] if len(args) > 1 else kwargs.get("pad", ())
+        if not isinstance(pads, (tuple, list)) or not all(isinstance(p, int) for p in pads):
+            return False
+        return len(pads) < 2 * ndim or all(p == 0 for p in pads[2 * (ndim - 1) : 2 * ndim])
     if name == "squeeze":
         dim = _dim_arg(call, default=None)
         if dim is None:

@@ -2,8 +2,9 @@
 
 Real models override ``forward`` and call ``F.batch_norm`` (timm's ``BatchNormAct2d``),
 ``F.layer_norm`` on a permuted tensor (timm's ``LayerNorm2d``), ``torch.addmm``
-(GPT-2's ``Conv1D``), ``F.linear``, ``F.embedding``, ``F.group_norm``, ``F.rms_norm``
-and ``F.scaled_dot_product_attention``. Every model of the table runs all four
+(GPT-2's ``Conv1D``), ``F.linear``, ``F.embedding``, ``F.group_norm``, ``F.rms_norm``,
+``F.conv{1,2}d`` (after ``F.pad``: timm's ``Conv2dSame``) and
+``F.scaled_dot_product_attention``. Every model of the table runs all four
 extensions in one ``extend`` block against the torch.func references
 (``helpers.check_graph_against_reference``), for one sample and for a batch of
 three, in float64. Further tests: the closed forms are used (no ``torch.func``),
@@ -55,7 +56,8 @@ class ConvThen(nn.Module):
         self.fn = fn
         for name in params:
             setattr(self, name, nn.Parameter(torch.randn(*shapes.get(name, (channels,))) * 0.5 + 1.0))
-        self.head = nn.Linear(channels * size * size, 3)
+        h, w = (size, size) if isinstance(size, int) else size
+        self.head = nn.Linear(channels * h * w, 3)
 
     def forward(self, x):
         return self.head(self.fn(self, self.conv(x)).flatten(1))
@@ -205,6 +207,20 @@ CASES = {
     "adaptive_avg_pool2d": (lambda: ConvThen(lambda m, x: F.adaptive_avg_pool2d(x, 2), params=(), size=2), (2, 3, 3)),
     "adaptive_avg_pool1d": (lambda: ConvThen(
         lambda m, x: F.adaptive_avg_pool1d(x.flatten(2), 4), params=(), size=2), (2, 3, 3)),
+    "conv2d": (lambda: ConvThen(lambda m, x: F.conv2d(x, m.weight, m.bias, padding=1), weight=(4, 4, 3, 3)), (2, 3, 3)),
+    "conv2d_dilated_groups_no_bias": (lambda: ConvThen(
+        lambda m, x: F.conv2d(x, m.weight, None, 1, 2, 2, 2), params=("weight",), weight=(4, 2, 3, 3)), (2, 3, 3)),
+    "conv2d_strided_tuple": (lambda: ConvThen(
+        lambda m, x: F.conv2d(x, m.weight, m.bias, stride=(2, 1), padding=(1, 0)), weight=(4, 4, 3, 1), size=(2, 3)),
+        (2, 3, 3)),
+    "conv2d_same_asymmetric": (lambda: ConvThen(
+        lambda m, x: F.conv2d(x, m.weight, m.bias, padding="same"), weight=(4, 4, 2, 2)), (2, 3, 3)),
+    "conv2d_tf_same": (lambda: ConvThen(  # timm's Conv2dSame: F.pad, then a valid convolution
+        lambda m, x: F.conv2d(F.pad(x, (0, 1, 0, 1)), m.weight, m.bias), weight=(4, 4, 2, 2)), (2, 3, 3)),
+    "conv1d": (lambda: ConvThen(
+        lambda m, x: F.conv1d(x.flatten(2), m.weight, m.bias, padding=1), weight=(4, 4, 3)), (2, 3, 3)),
+    "pad_reflect": (lambda: ConvThen(lambda m, x: F.pad(x, (1, 1, 0, 2), mode="reflect"), params=(), size=(5, 5)),
+                    (2, 3, 3)),
     "embedding": (lambda: EmbeddingThen(), None),
     "embedding_padding_idx": (lambda: EmbeddingThen(padding_idx=2), None),
 }
