@@ -22,6 +22,7 @@ from curvhook.errors import UnsupportedModelError
 from curvhook.plan import Plan
 from curvhook.records import CONST, Operation, TensorKey
 from curvhook.rules import fallback, tensor_ops
+from curvhook.rules.parameters_only import _is_input  # a parameter passed to a module call
 from curvhook.trace import Trace
 
 
@@ -47,17 +48,19 @@ def push_forward(trace: Trace, plan: Plan, param_tangents: dict[int, Tensor], to
     # parameters passed to tensor operations are inputs: their tangents are found by key
     tangents: dict[TensorKey, Tensor] = {}
     for op in ops:
-        if op.module is None:
-            for name, p in op.params:
-                if id(p) in param_tangents:
-                    tangents[op.input_keys[op.slot_of(name)]] = param_tangents[id(p)]
+        for name, p in op.params:
+            if id(p) in param_tangents and (op.module is None or _is_input(op, name)):
+                tangents[op.input_keys[op.slot_of(name)]] = param_tangents[id(p)]
     for index, op in enumerate(ops):
         if all(k is None for k in op.output_keys):
             continue
         ins = [None if kind == CONST else tangents.get(key) for kind, key in zip(op.input_kinds, op.input_keys)]
         own = {}
-        if op.module is not None:
-            own = {name: param_tangents[id(p)] for name, p in op.params if id(p) in param_tangents}
+        if op.module is not None:  # (a parameter passed in, ``ln(self.table)``, is an input above)
+            own = {
+                name: param_tangents[id(p)] for name, p in op.params
+                if id(p) in param_tangents and not _is_input(op, name)
+            }
         if any(t is not None for t in ins) or own:
             outs = rules[index].jvp(op, ins, own)
             for key, t in zip(op.output_keys, outs):

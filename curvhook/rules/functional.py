@@ -463,7 +463,10 @@ class ConvFunction(FunctionalRule):
 
 
 def _ntuple(value: Any, d: int) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * d
+    """``value`` for each of ``d`` axes, as torch reads it (an int or a one-element tuple: every axis)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(value) * d if len(value) == 1 else tuple(value)
+    return (value,) * d
 
 
 class AvgPoolFunction(FunctionalRule):

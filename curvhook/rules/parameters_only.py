@@ -32,9 +32,10 @@ from functools import partial
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import jacrev, vjp, vmap
 
+from curvhook.errors import UnsupportedModelError
 from curvhook.records import BATCHED, CONST, Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.batch_axis_view import _trailing_axes
@@ -139,6 +140,7 @@ def _batched_view(call: Operation, n: int) -> Optional[tuple[Operation, bool]]:
     cached = call.scratch.batched_view
     if cached is not None and cached[0] == n:
         return cached[1]
+    _refuse_random(call)
     out = call.output_shape
     view = None
     # (a module called without tensors, BEiT's relative position bias ``bias(window_size)``: none)
@@ -149,6 +151,19 @@ def _batched_view(call: Operation, n: int) -> Optional[tuple[Operation, bool]]:
         view = (_repeated(call, inputs, (n, *out)), False)
     call.scratch.batched_view = (n, view)
     return view
+
+
+def _refuse_random(call: Operation) -> None:
+    """A dropout in training mode on a tensor computed from parameters only: its mask is
+    drawn in the forward pass and not recorded, and a replay would draw another."""
+    module = call.module
+    if isinstance(module, nn.modules.dropout._DropoutNd) and call.training and module.p > 0:
+        raise UnsupportedModelError(
+            f"Module {call.name!r} ({type(module).__name__}) drops entries of a tensor computed from "
+            "parameters only, in training mode: curvhook cannot read the mask it drew. Call "
+            "model.eval() (dropout is then the identity), or apply the dropout after the tensor "
+            "meets the batch."
+        )
 
 
 def _repeated(call: Operation, inputs: tuple, out_shape: tuple) -> Operation:

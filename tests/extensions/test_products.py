@@ -408,6 +408,32 @@ def check_ggn_vector_product(model, X, loss_fn, v, k, label="GGNVectorProduct", 
     check(got, V @ G, label, rtol=rtol)  # G symmetric: (G v)ᵀ = vᵀ G
 
 
+class TableThroughNorm(nn.Module):
+    """A parameter passed to a module as its input, ``ln(self.table)``, then times the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.table, self.ln = nn.Linear(3, 3), nn.Parameter(torch.randn(4, 3)), nn.LayerNorm(3)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):  # [N, 4, 3]
+        return self.head((torch.tanh(self.stem(x)) * self.ln(self.table)).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_ggn_vector_product_of_a_parameter_passed_to_a_module(n):
+    """(Before: KeyError 't0': the forward products looked the passed parameter up among the
+    module's own.)"""
+    torch.manual_seed(0)
+    model = TableThroughNorm().to(DT)
+    X, y = torch.randn(n, 4, 3, dtype=DT), torch.arange(n) % 3
+    loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
+    _, params = trainable(model)
+    v = random_vectors(params)
+    run(model, X, loss_fn, GGNVectorProduct(v))
+    check_ggn_vector_product(model, X, loss_fn, v, None)
+
+
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_ggn_vector_product_every_family(case, n):

@@ -217,6 +217,9 @@ CASES = {
         lambda m, x: F.conv2d(x, m.weight, m.bias, padding="same"), weight=(4, 4, 2, 2)), (2, 3, 3)),
     "conv2d_tf_same": (lambda: ConvThen(  # timm's Conv2dSame: F.pad, then a valid convolution
         lambda m, x: F.conv2d(F.pad(x, (0, 1, 0, 1)), m.weight, m.bias), weight=(4, 4, 2, 2)), (2, 3, 3)),
+    "conv2d_one_element_tuples": (lambda: ConvThen(  # torch repeats them for every axis
+        lambda m, x: F.conv2d(x, m.weight, m.bias, stride=(1,), padding=[2], dilation=(2,)), weight=(4, 4, 3, 3)),
+        (2, 3, 3)),
     "conv1d": (lambda: ConvThen(
         lambda m, x: F.conv1d(x.flatten(2), m.weight, m.bias, padding=1), weight=(4, 4, 3)), (2, 3, 3)),
     "pad_reflect": (lambda: ConvThen(lambda m, x: F.pad(x, (1, 1, 0, 2), mode="reflect"), params=(), size=(5, 5)),

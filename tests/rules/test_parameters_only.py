@@ -213,3 +213,27 @@ def test_position_wise_modules_on_a_table_take_their_own_rules(monkeypatch, n):
     X, y = torch.randn(n, L, D, dtype=DT), torch.randint(0, C, (n,))
     assert_exact(model, X, y, nn.CrossEntropyLoss())
     check_graph_against_reference(model, X, y, moved_axes=True)
+
+
+class DroppedTable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.table, self.lin = nn.Linear(D, D), nn.Parameter(torch.randn(L, D)), nn.Linear(D, D)
+        self.drop, self.head = nn.Dropout(0.4), nn.Linear(L * D, C)
+
+    def forward(self, x):  # [N, L, D]
+        return self.head(torch.tanh(torch.tanh(self.stem(x)) * self.drop(self.lin(self.table))).flatten(1))
+
+
+def test_dropout_in_training_mode_on_a_table_is_refused_by_name():
+    """Its mask is not recorded, and a replay would draw another: refused with the remedies (the
+    review found wrong BatchJacobian entries, then a message about an in-place module)."""
+    from curvhook.errors import UnsupportedModelError
+
+    torch.manual_seed(0)
+    model = DroppedTable().to(DT).eval()
+    model.drop.train()
+    X, y = torch.randn(3, L, D, dtype=DT), torch.arange(3) % C
+    with pytest.raises(UnsupportedModelError, match=r"'drop' \(Dropout\).*training mode.*model\.eval\(\)"):
+        with extend(model, BatchJacobian()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
