@@ -153,11 +153,14 @@ def _batched_view(call: Operation, n: int) -> Optional[tuple[Operation, bool]]:
     return view
 
 
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 def _refuse_random(call: Operation) -> None:
     """A dropout in training mode on a tensor computed from parameters only: its mask is
     drawn in the forward pass and not recorded, and a replay would draw another."""
     module = call.module
-    if isinstance(module, nn.modules.dropout._DropoutNd) and call.training and module.p > 0:
+    if isinstance(module, _DROPOUTS) and call.training and module.p > 0:
         raise UnsupportedModelError(
             f"Module {call.name!r} ({type(module).__name__}) drops entries of a tensor computed from "
             "parameters only, in training mode: curvhook cannot read the mask it drew. Call "
