@@ -478,3 +478,12 @@ def fallback_spy(monkeypatch) -> list:
 
         monkeypatch.setattr(fallback_module.FallbackRule, method, spy)
     return served
+
+
+def check_exact_without_fallback(model, X, y, monkeypatch, moved_axes: bool = False) -> None:
+    """:func:`assert_exact` and :func:`check_graph_against_reference` (cross-entropy), with nothing
+    served by the fallback on the batch (:func:`fallback_spy`)."""
+    served = fallback_spy(monkeypatch)
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    check_graph_against_reference(model, X, y, moved_axes=moved_axes)
+    assert served == [], f"served by the fallback: {served}"

@@ -24,7 +24,7 @@ from curvhook.extensions import (
     KFAC, NTK, BatchGrad, BatchJacobian, BatchL2Grad, DiagGGN, DiagGGNApprox, DiagGGNMC, FullGGN, GGNVectorProduct,
     OutputCovariance, SumGradSquared,
 )
-from helpers import CLASSES, DT, assert_exact, check_graph_against_reference, fallback_spy
+from helpers import CLASSES, DT, assert_exact, check_exact_without_fallback, check_graph_against_reference, fallback_spy
 
 
 class MLPOnRows(nn.Module):
@@ -106,13 +106,10 @@ def test_every_extension_is_the_same_with_the_rows_merged(n, monkeypatch):
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_merged_rows_exact_against_torch_func(n, monkeypatch):
-    served = fallback_spy(monkeypatch)
     torch.manual_seed(0)
     model = RowsNet(merged=True).to(DT)
     X, y = torch.randn(n, 3, 4, dtype=DT), torch.randint(0, CLASSES, (n,))
-    assert_exact(model, X, y, nn.CrossEntropyLoss())
-    check_graph_against_reference(model, X, y, moved_axes=True)
-    assert served == []
+    check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
 
 
 class RelativeKeys(nn.Module):
@@ -169,14 +166,11 @@ def test_shared_tensors_that_merged_rows_read(n, block, features, monkeypatch):
     every window by broadcasting (Swin): its per-sample value sums the sample's rows. Exact,
     DiagGGNApprox by its definition, and nothing served by the fallback (before: the
     container was one module for it)."""
-    served = fallback_spy(monkeypatch)
     torch.manual_seed(0)
     model = Head(block(), features).to(DT)
     X = torch.randn(n, 3 if block is RelativeKeys else 4, 3, dtype=DT)
     y = torch.randint(0, CLASSES, (n,))
-    assert_exact(model, X, y, nn.CrossEntropyLoss())
-    check_graph_against_reference(model, X, y, moved_axes=True)
-    assert served == []
+    check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
 
 
 class AddmmOnRows(nn.Module):
@@ -196,13 +190,10 @@ class AddmmOnRows(nn.Module):
 @pytest.mark.parametrize("n", [1, 3])
 def test_functional_addmm_on_merged_rows_in_the_models_own_forward(n, monkeypatch):
     """(Before: refused, 'the operation view mixes samples'.)"""
-    served = fallback_spy(monkeypatch)
     torch.manual_seed(0)
     model = AddmmOnRows().to(DT)
     X, y = torch.randn(n, 3, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
-    assert_exact(model, X, y, nn.CrossEntropyLoss())
-    check_graph_against_reference(model, X, y, moved_axes=True)
-    assert served == []
+    check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
 
 
 class EmbeddingOfMergedIds(nn.Module):
@@ -232,13 +223,10 @@ class WithMergedIds(nn.Module):
 def test_an_embedding_of_merged_ids(n, monkeypatch):
     """(The review found 'Mismatch in shape' from the add, where the container had gone to the
     fallback before: the merged ids were not seen as merged.)"""
-    served = fallback_spy(monkeypatch)
     torch.manual_seed(0)
     model = WithMergedIds().to(DT)
     X, y = torch.randn(n, 3, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
-    assert_exact(model, X, y, nn.CrossEntropyLoss())
-    check_graph_against_reference(model, X, y, moved_axes=True)
-    assert served == []
+    check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
 
 
 class OneRowOfEachSample(nn.Module):

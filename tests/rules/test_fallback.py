@@ -25,8 +25,8 @@ from helpers import (
     CLASSES,
     DT,
     assert_exact,
+    check_exact_without_fallback,
     check_graph_against_reference,
-    fallback_spy,
     check_layer_batch_noncontiguous_and_float32,
     close,
     float_input,
@@ -352,13 +352,10 @@ def test_a_layer_with_a_cache_recorded_by_its_operations_is_exact(n, monkeypatch
     """The container form (OPT's decoder layer): no replay, so the cache is only a recorded
     ``cat``; the merged rows of its MLP are pseudo-samples (before: one module for the
     fallback, whose replay the cache broke). Nothing is served by the fallback."""
-    served = fallback_spy(monkeypatch)
     torch.manual_seed(0)
     model = CachedNet(use_cache=True, leaf=False).double()
     X, y = torch.randn(n, 3, 4, dtype=torch.float64), torch.randint(0, 2, (n,))
-    assert_exact(model, X, y, nn.CrossEntropyLoss())
-    check_graph_against_reference(model, X, y, moved_axes=True)
-    assert served == []
+    check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 10**9])
@@ -524,13 +521,10 @@ def test_a_leaf_without_a_rule_on_frozen_features_is_recorded_as_its_operations(
     """(Before: the fallback's per-sample Jacobians served it, 1.8 s of a 3 s DiagGGNApprox step on
     torchvision's convnext_tiny with its stem frozen.) DiagGGNApprox as for the leaf as one
     operation, and the exact extensions."""
-    served = fallback_spy(monkeypatch)
     torch.manual_seed(0)
     model = NormOnFrozenFeatures().to(DT)
     X, y = torch.randn(n, 3, 2, 2, dtype=DT), torch.randint(0, 3, (n,))
-    assert_exact(model, X, y, nn.CrossEntropyLoss())
-    check_graph_against_reference(model, X, y)
-    assert served == []
+    check_exact_without_fallback(model, X, y, monkeypatch)
 
 
 class Conv2dSame(nn.Conv2d):
@@ -564,13 +558,10 @@ def test_tf_same_padding_leaves_are_recorded_as_their_operations(monkeypatch, n)
     average pooling) keeps the leaf's diagonal; ``F.conv2d`` takes the convolution rule. (Before:
     the fallback's per-sample Jacobians served both leaves: timm's maxvit_tiny_tf DiagGGN step
     at 64×64 took 6.2 s, now 0.8 s.)"""
-    served = fallback_spy(monkeypatch)
     torch.manual_seed(0)
     model = SameConvNet().to(DT)
     X, y = torch.randn(n, 2, 3, 3, dtype=DT), torch.randint(0, 3, (n,))
-    assert_exact(model, X, y, nn.CrossEntropyLoss())
-    check_graph_against_reference(model, X, y)
-    assert served == []
+    check_exact_without_fallback(model, X, y, monkeypatch)
 
 
 # --------------------------------- containers that merge the batch axis with another
@@ -708,13 +699,10 @@ def test_merged_rows_are_followed_as_pseudo_samples(n, frozen_stem, model_type, 
     summed over each sample's rows (curvhook/row_groups.py). Exact against torch.func, and
     DiagGGNApprox against its definition on the graph (before: the container was one module
     for the fallback, whose per-sample Jacobians made OPT's step 800× the plain one)."""
-    served = fallback_spy(monkeypatch)
     torch.manual_seed(0)
     model = model_type(frozen_stem).to(DT)
     X, y = torch.randn(n, 3, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
-    assert_exact(model, X, y, nn.CrossEntropyLoss())
-    check_graph_against_reference(model, X, y, moved_axes=True)
-    assert served == []
+    check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
 
 
 class PerTokenLinear(nn.Module):
@@ -749,13 +737,10 @@ def test_a_module_on_the_merged_model_input(n, in_a_submodule, monkeypatch):
     """``tokens.a(x.reshape(-1, F))`` of the model input, in the model's own forward or in a
     submodule: the Linear's output has L rows per sample, followed row by row; no fallback.
     (Before: refused in the model's own forward, and the submodule went to the fallback.)"""
-    served = fallback_spy(monkeypatch)
     torch.manual_seed(0)
     model = MergesTheInput(in_a_submodule=in_a_submodule).to(DT)
     X, y = torch.randn(n, 3, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
-    assert_exact(model, X, y, nn.CrossEntropyLoss())
-    check_graph_against_reference(model, X, y, moved_axes=True)
-    assert served == []
+    check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
 
 
 class RelativePositions(nn.Module):
