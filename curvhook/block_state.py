@@ -45,6 +45,8 @@ class BlockState:
     Attributes:
         params: The model's parameters that require grad, in order.
         param_ids: Their ``id``.
+        fixed_ids: ``id`` of the model's buffers and frozen parameters: constants
+            without a batch axis (:mod:`curvhook.fixed_constants`).
         modules: Every module of the model, as found at entry.
         stack: Traces of the forward passes of the model under way (innermost last).
         frames: Modules of the innermost forward pass whose ``forward`` is running.
@@ -63,6 +65,7 @@ class BlockState:
 
     params: list[nn.Parameter] = field(default_factory=list)
     param_ids: set[int] = field(default_factory=set)
+    fixed_ids: set[int] = field(default_factory=set)
     modules: dict[nn.Module, ModuleInfo] = field(default_factory=dict)
     stack: list[Trace] = field(default_factory=list)
     frames: list[Frame] = field(default_factory=list)

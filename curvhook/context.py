@@ -99,7 +99,7 @@ class Extend:
     def __enter__(self) -> "Extend":
         if self._active:
             raise RuntimeError("This extend() block is already active.")
-        modules, all_params, meta = _survey(self.model)  # refuses a module already in an active block
+        modules, all_params, buffer_ids, meta = _survey(self.model)  # refuses a module already in an active block
         refuse_meta(meta)
         if self._parts_used:  # the same Extend entered again
             self._make_parts()
@@ -107,6 +107,8 @@ class Extend:
         state = self._state
         state.params = [p for p in all_params if p.requires_grad]
         state.param_ids = {id(p) for p in state.params}
+        # constants that cannot hold the batch (curvhook/fixed_constants.py)
+        state.fixed_ids = buffer_ids.union(id(p) for p in all_params if not p.requires_grad)
         state.modules = modules
         _memory.resume(self.model)  # paired with the park of _cleanup, also when an extension refuses below
         try:
@@ -172,19 +174,21 @@ class Extend:
 
 def _survey(
     model: nn.Module,
-) -> tuple[dict[nn.Module, ModuleInfo], list[nn.Parameter], Optional[tuple[str, str]]]:
+) -> tuple[dict[nn.Module, ModuleInfo], list[nn.Parameter], set[int], Optional[tuple[str, str]]]:
     """One walk over the modules of ``model`` at block entry.
 
     Returns:
         What the module recorder needs of every module (in ``model.modules()``
-        order); the parameters in ``model.parameters()`` order (each once); and
-        ``(kind, name)`` of the first parameter, else buffer, on the meta device.
+        order); the parameters in ``model.parameters()`` order (each once); the
+        ``id`` of every buffer; and ``(kind, name)`` of the first parameter, else
+        buffer, on the meta device.
 
     Raises:
         CurvhookError: for a module already inside an active block.
     """
     infos: dict[nn.Module, ModuleInfo] = {}
     params: list[nn.Parameter] = []
+    buffers: set[int] = set()
     seen: set[int] = set()
     meta_param = meta_buffer = None
     for name, m in model.named_modules():
@@ -203,12 +207,12 @@ def _survey(
                 params.append(p)
                 if meta_param is None and p.is_meta:
                     meta_param = ("Parameter", f"{name}.{pname}" if name else pname)
-        if meta_param is None and meta_buffer is None:
-            for bname, b in own_buffers(m).items():
-                if b is not None and b.is_meta:
+        for bname, b in own_buffers(m).items():
+            if b is not None:
+                buffers.add(id(b))
+                if meta_buffer is None and b.is_meta:
                     meta_buffer = ("Buffer", f"{name}.{bname}" if name else bname)
-                    break
-    return infos, params, meta_param or meta_buffer
+    return infos, params, buffers, meta_param or meta_buffer
 
 
 def extend(

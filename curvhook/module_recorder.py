@@ -28,6 +28,7 @@ from curvhook._torch_internals import (
 from curvhook.block_state import BlockState, Frame
 from curvhook.copies import HookFreeCopies
 from curvhook.errors import UnsupportedModelError, reentrant_checkpoint_error
+from curvhook.fixed_constants import fixed_slots, note_fixed
 from curvhook.guards import check_forward_start, check_module_call, check_module_output, refuse_packed_sequence
 from curvhook.leaf_operations import as_operations
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, flat_tensors, key_of, make_template
@@ -222,6 +223,8 @@ class ModuleRecorder:
         if frames:
             frames[-1].child_called = True
         op = _module_operation(module, name, args, kwargs, state.param_ids, trace.shared_keys)
+        if CONST in op.input_kinds:
+            op.fixed_slots = fixed_slots(state.fixed_ids, trace, op.inputs, op.input_kinds)
         if trace.moved_axes:
             _note_batch_axes(op, trace.moved_axes)
         if op.inputs and getattr(module, "inplace", False) and (saved_tensor_hooks_active() or op.inputs[0]._base is not None):
@@ -304,6 +307,8 @@ class ModuleRecorder:
             # it holds or was given. (Recorded, a parameter passed through it got its terms
             # twice: from the call and from the operation that reads the parameter itself.)
             return
+        if op.output_key is None and op.inputs and len(op.fixed_slots) == len(op.inputs):
+            note_fixed(trace, None, output, trace.batch_hint)  # from buffers alone, without grad
         if op.inputs or op.output_keys:
             trace.operations.append(op)
             if BATCHED in op.input_kinds:  # on merged rows: followed as pseudo-samples
@@ -553,12 +558,18 @@ def _from_parameters(op: Operation, batch_hint) -> bool:
     without a batch axis (``position_embeddings(position_ids)`` with ids ``[1, L]``).
 
     An output whose leading size is that of the model input keeps the batch
-    axis (``word_embeddings(input_ids)``): it is one row per sample.
+    axis (``word_embeddings(input_ids)``): it is one row per sample. Unless every
+    constant it reads comes from the model's buffers alone (``embedding(rel_index)``
+    with ``rel_index`` ``[heads, L]`` and ``heads = N``: :mod:`curvhook.fixed_constants`),
+    or it reads no constant at all (``mlp(self.table)``; called without tensors, when
+    ``N = 1``: a leading axis of one then says nothing).
     """
     if op.output_key is None or BATCHED in op.input_kinds or op.batch_axes is not None:
         return False
     if not op.params and SHARED not in op.input_kinds:
         return False
+    if (op.inputs or batch_hint == 1) and all(k != CONST or i in op.fixed_slots for i, k in enumerate(op.input_kinds)):
+        return True  # parameters, tensors from parameters, fixed constants: none has the batch
     shape = op.output_shape
     return len(shape) == 0 or batch_hint is None or shape[0] != batch_hint
 

@@ -71,11 +71,14 @@ def _input_token(op: Operation, i: int, slot_of: dict[TensorKey, int], trace: Tr
 def _operation_token(op: Operation) -> Hashable:
     params = tuple((name, id(p), p.shape, p.dtype, p.device) for name, p in op.params)
     if op.module is None:
-        return (op.func, freeze(op.args), freeze(op.kwargs), op.inplace, op.to_batch, op.rows_per_sample, op.batch_axes, params)
+        return (
+            op.func, freeze(op.args), freeze(op.kwargs), op.inplace, op.to_batch, op.rows_per_sample, op.batch_axes,
+            params, op.fixed_slots,
+        )
     module = op.module
     return (
         type(module), id(module), module_configuration(module), op.training, op.recurse, params,
-        freeze(op.args), freeze(op.kwargs), op.from_parameters, op.batch_axes,
+        freeze(op.args), freeze(op.kwargs), op.from_parameters, op.batch_axes, op.fixed_slots,
     )
 
 

@@ -80,6 +80,9 @@ class Operation:
         kwargs: Keyword arguments, likewise.
         inputs: The distinct tensor arguments, by slot, as they were at call time.
         input_kinds: Per slot, :data:`BATCHED`, :data:`SHARED` or :data:`CONST`.
+        fixed_slots: The slots of the constants computed from the model's buffers and
+            frozen parameters alone: never batched, whatever their leading size
+            (:mod:`curvhook.fixed_constants`).
         input_keys: Identity of each input before the call.
         input_versions: Version counter of each input before the call.
         input_nodes: ``grad_fn`` of each input before the call.
@@ -165,6 +168,7 @@ class Operation:
     rows_per_sample: int = 0
     rows: int = 1
     rows_in: int = 1
+    fixed_slots: tuple[int, ...] = ()
     _scratch: Optional[Scratch] = field(default=None, repr=False)
 
     @property

@@ -30,6 +30,7 @@ from curvhook._torch_internals import (
 from curvhook.batch_axis import FOLLOWED, MOVERS, output_batch_axes
 from curvhook.block_state import BlockState
 from curvhook.errors import reentrant_checkpoint_error
+from curvhook.fixed_constants import all_fixed, fixed_slots, note_fixed
 from curvhook.guards import refuse_transform
 from curvhook.loss_finder import functional_loss_module
 from curvhook.loss_linearity import LossLinearity
@@ -51,6 +52,8 @@ _HISTORY = object()
 
 # Marks the pending record of an operation on part of the batch of a model output.
 _BATCH_PART = object()
+# Marks the pending record of an operation on fixed constants (curvhook/fixed_constants.py).
+_FIXED = object()
 
 # Marks the pending record of a functional loss (``F.cross_entropy``) called outside the model.
 _FUNCTIONAL_LOSS = object()
@@ -140,6 +143,9 @@ class OperationTape(TorchFunctionMode):
         # plain container, or its frame closed): what they compute is recorded.
         t_args, t_kwargs, tensors = make_template(args, kwargs)
         if not any(t.requires_grad for t in tensors):
+            if after is None and (not tensors or all_fixed(state.fixed_ids, state.stack[-1], tensors)):
+                # from buffers alone, or a new tensor (``torch.zeros((1, H, W, 1))``): no batch axis
+                return _FIXED, state.stack[-1], name, not tensors
             if after is None and name in FOLLOWED:  # the model input transposed: follow its batch axis
                 axes = _constant_axes_pending(state.stack[-1], name, t_args, t_kwargs, tensors)
                 if _may_merge(state.stack[-1], name, tensors):  # or merged with other axes
@@ -184,6 +190,9 @@ class OperationTape(TorchFunctionMode):
                 self.state.watch_batch_part(o, trace, operation)
 
     def _after(self, pending: tuple, out: Any) -> None:
+        if pending[0] is _FIXED:
+            note_fixed(pending[1], pending[2], out, pending[1].batch_hint, pending[3])
+            return
         if pending[0] is _CONSTANT_AXES:
             _follow_constant_axes(pending, out)
             return
@@ -268,8 +277,9 @@ class OperationTape(TorchFunctionMode):
                 params.append((f"t{i}", t))
             else:
                 kinds.append(SHARED if keys[i] in trace.shared_keys else BATCHED)
+        fixed = fixed_slots(state.fixed_ids, trace, tensors, kinds)
         if BATCHED not in kinds and SHARED in kinds:
-            _mark_batched_constants(kinds, tensors, outputs, trace.batch_hint)
+            _mark_batched_constants(kinds, tensors, outputs, trace.batch_hint, fixed)
             if trace.row_groups:  # frozen features with merged rows, met by parameters
                 mark_merged_constants(trace, kinds, tensors, keys)
         picks = 1
@@ -278,10 +288,12 @@ class OperationTape(TorchFunctionMode):
             x_slot = t_args[0]
             if rewritten is not None and (rewritten[5] == 1 or rows_of(trace, tensors[x_slot], keys[x_slot]) == 1):
                 t_args, tensors, kinds, keys, nodes, picks = rewritten  # (c > 1: not on merged rows)
+                fixed = fixed_slots(state.fixed_ids, trace, tensors, kinds)
         op = _operation(
             f"{name} (in {where})", func, t_args, t_kwargs, tuple(tensors), kinds, keys,
             nodes, outputs, outputs[0].grad_fn, inplace, params,
         )
+        op.fixed_slots = fixed
         if op.node is not None and saved_tensor_hooks_active():  # activation checkpointing
             op.node, op.node_saves_hooked = None, True
         # merged rows, followed as pseudo-samples (curvhook/row_groups.py); a merge or split
@@ -512,19 +524,21 @@ def _follow_constant_axes(pending: tuple, out: Any) -> None:
             trace.moved_constants.append(o)  # its id is not reused while the trace lives
 
 
-def _mark_batched_constants(kinds: list, tensors: list, outputs: list, batch_hint) -> None:
+def _mark_batched_constants(kinds: list, tensors: list, outputs: list, batch_hint, fixed: tuple) -> None:
     """Count constants with the batch axis as batched where they meet shared tensors.
 
     ``inputs_embeds + position_embeds`` with frozen token embeddings ``[N, L, D]``
     and trainable position embeddings ``[1, L, D]``: the sum has one row per
     sample, so the constant is split by sample like a batched input (it gets no
-    pullback: no recorded operation produced it).
+    pullback: no recorded operation produced it). The ``fixed`` slots, constants
+    from buffers alone, are never batched (``table[index]`` with ``index`` ``[L, L]``
+    and ``L = N``).
     """
     out = outputs[0]
     if batch_hint is None or out.dim() == 0 or out.shape[0] != batch_hint:
         return
     for i, (t, kind) in enumerate(zip(tensors, kinds)):
-        if kind == CONST and t.dim() and t.shape[0] == batch_hint:
+        if kind == CONST and t.dim() and t.shape[0] == batch_hint and i not in fixed:
             kinds[i] = BATCHED
 
 

@@ -69,6 +69,7 @@ class Trace:
         self.row_groups: dict[TensorKey, tuple] = {}  # key -> (k, weak reference to the tensor)
         self.root_rows = 1  # rows per sample of the model output (curvhook/row_groups.py)
         self.merged_inputs: set[TensorKey] = set()  # constants with their batch axis merged (tape)
+        self.fixed_keys: dict = {}  # constants from buffers alone, weakly (curvhook/fixed_constants.py)
         self.losses: list[LossCall] = []
         self.after_tasks: set[int] = set()
         self.handles: list[torch.utils.hooks.RemovableHandle] = []

@@ -174,7 +174,13 @@ def _shared_outputs(model: nn.Module, X: Tensor, ops: list[_Op]) -> set[int]:
     more. Their diagonal is kept per sample, ``[N, *shape]``, as for a parameter."""
     more, _ = record(model, torch.cat([X, X[:1]]))
     assert len(more) == len(ops), "the graph changed with the batch size"
-    return {id(op.output) for op, other in zip(ops, more) if op.output.shape == other.output.shape}
+    found = {id(op.output) for op, other in zip(ops, more) if op.output.shape == other.output.shape}
+    # inputs that are no operation's output (a module's buffer passed in: a coordinate table)
+    found.update(
+        id(t) for op, other in zip(ops, more) for t, u in zip(op.tensors, other.tensors)
+        if not t.requires_grad and t.shape == u.shape
+    )
+    return found
 
 
 def _sample_terms(op, i, d_i, full, in_axes, out, pvals, pid, diag, result, shared, n) -> None:

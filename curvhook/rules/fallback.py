@@ -137,12 +137,15 @@ def _batched(call: Operation) -> list[bool]:
     """Which inputs carry the sample axis (the first input's batch size first).
 
     An input that needs no gradient and is declared shared by the module's type
-    (``SHARED_ARGUMENTS``: a 2-d attention mask) is passed whole to each sample.
+    (``SHARED_ARGUMENTS``: a 2-d attention mask), or computed from the model's
+    buffers alone (``call.fixed_slots``: a bias ``[heads, L, L]`` with ``heads = N``),
+    is passed whole to each sample.
     """
     if not call.inputs:  # called without tensors (with N = 1 its output is one sample's)
         return []
-    n = call.input.shape[0]
-    batched = [t.dim() > 0 and t.shape[0] == n for t in call.inputs]
+    fixed = call.fixed_slots
+    n = next((t.shape[0] for i, t in enumerate(call.inputs) if i not in fixed and t.dim()), call.input.shape[0])
+    batched = [i not in fixed and t.dim() > 0 and t.shape[0] == n for i, t in enumerate(call.inputs)]
     shared = next((v for k, v in SHARED_ARGUMENTS.items() if isinstance(call.module, k)), None)
     if shared and call.args is not None:
         for slot, name in _slot_names(call).items():

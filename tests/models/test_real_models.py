@@ -63,6 +63,28 @@ def test_batch_of_one(name):
     check(torch.cat([p.diag_ggn.flatten() for p in ref.params]), ref.G.diagonal(), f"real/{name}/N=1", rtol=case.rtol, atol_factor=case.rtol)
 
 
+# Batch sizes equal to a size of the model: LeViT's attention-bias index and T5's relative
+# positions have L = N rows, MaxViT's coordinate table 3 rows; with N = 1 a leading axis of
+# one is everywhere (Swin's bias module, DeBERTa's relative embeddings). A constant made from
+# buffers alone has no batch axis, whatever its size (curvhook/fixed_constants.py); before,
+# these were refused or went to the fallback at that one batch size.
+COINCIDENT = [
+    ("timm.levit_128s", 4), ("transformers.T5", 5), ("timm.maxvit", 3), ("transformers.Swin", 1),
+    ("torchvision.swin_v2", 1), ("transformers.DebertaV2", 1),
+]
+
+
+@pytest.mark.parametrize("name,n", COINCIDENT)
+def test_batch_size_equal_to_a_size_of_the_model(name, n, monkeypatch):
+    served = fallback_spy(monkeypatch)
+    case = _case(name, n=n)
+    ref = exact_reference(case)
+    _run(case, DiagGGN(), DiagGGNApprox())
+    got = torch.cat([p.diag_ggn.flatten() for p in ref.params])
+    check(got, ref.G.diagonal(), f"real/{name}/N={n}", rtol=case.rtol, atol_factor=case.rtol)
+    assert served == []
+
+
 # The vision models of one tensor input `x` (the graph reference, tests/graph_reference.py,
 # calls the model on one tensor; it runs every operation per sample with dense Jacobians).
 DEFINITION_CHECKED = [
