@@ -47,6 +47,9 @@ class BlockState:
         param_ids: Their ``id``.
         fixed_ids: ``id`` of the model's buffers and frozen parameters: constants
             without a batch axis (:mod:`curvhook.fixed_constants`).
+        fixed_held: Those tensors, held while the block is active: a buffer the forward
+            replaces (``self.h = torch.zeros(…)``) keeps its id, so no other tensor
+            gets it.
         modules: Every module of the model, as found at entry.
         stack: Traces of the forward passes of the model under way (innermost last).
         frames: Modules of the innermost forward pass whose ``forward`` is running.
@@ -66,6 +69,7 @@ class BlockState:
     params: list[nn.Parameter] = field(default_factory=list)
     param_ids: set[int] = field(default_factory=set)
     fixed_ids: set[int] = field(default_factory=set)
+    fixed_held: list = field(default_factory=list)
     modules: dict[nn.Module, ModuleInfo] = field(default_factory=dict)
     stack: list[Trace] = field(default_factory=list)
     frames: list[Frame] = field(default_factory=list)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from curvhook import _memory
@@ -99,7 +99,7 @@ class Extend:
     def __enter__(self) -> "Extend":
         if self._active:
             raise RuntimeError("This extend() block is already active.")
-        modules, all_params, buffer_ids, meta = _survey(self.model)  # refuses a module already in an active block
+        modules, all_params, buffers, meta = _survey(self.model)  # refuses a module already in an active block
         refuse_meta(meta)
         if self._parts_used:  # the same Extend entered again
             self._make_parts()
@@ -108,7 +108,8 @@ class Extend:
         state.params = [p for p in all_params if p.requires_grad]
         state.param_ids = {id(p) for p in state.params}
         # constants that cannot hold the batch (curvhook/fixed_constants.py)
-        state.fixed_ids = buffer_ids.union(id(p) for p in all_params if not p.requires_grad)
+        fixed = [*buffers, *(p for p in all_params if not p.requires_grad)]
+        state.fixed_ids, state.fixed_held = {id(t) for t in fixed}, fixed  # held: no id reused in the block
         state.modules = modules
         _memory.resume(self.model)  # paired with the park of _cleanup, also when an extension refuses below
         try:
@@ -167,6 +168,7 @@ class Extend:
         state.frames.clear()
         state.watch.clear()
         state.batch_parts.clear()
+        state.fixed_ids, state.fixed_held = set(), []
         state.losses_running.clear()
         state.modules = {}
         self._driver.used.clear()
@@ -174,13 +176,13 @@ class Extend:
 
 def _survey(
     model: nn.Module,
-) -> tuple[dict[nn.Module, ModuleInfo], list[nn.Parameter], set[int], Optional[tuple[str, str]]]:
+) -> tuple[dict[nn.Module, ModuleInfo], list[nn.Parameter], list[Tensor], Optional[tuple[str, str]]]:
     """One walk over the modules of ``model`` at block entry.
 
     Returns:
         What the module recorder needs of every module (in ``model.modules()``
         order); the parameters in ``model.parameters()`` order (each once); the
-        ``id`` of every buffer; and ``(kind, name)`` of the first parameter, else
+        buffers; and ``(kind, name)`` of the first parameter, else
         buffer, on the meta device.
 
     Raises:
@@ -188,7 +190,7 @@ def _survey(
     """
     infos: dict[nn.Module, ModuleInfo] = {}
     params: list[nn.Parameter] = []
-    buffers: set[int] = set()
+    buffers: list[Tensor] = []
     seen: set[int] = set()
     meta_param = meta_buffer = None
     for name, m in model.named_modules():
@@ -209,7 +211,7 @@ def _survey(
                     meta_param = ("Parameter", f"{name}.{pname}" if name else pname)
         for bname, b in own_buffers(m).items():
             if b is not None:
-                buffers.add(id(b))
+                buffers.append(b)
                 if meta_buffer is None and b.is_meta:
                     meta_buffer = ("Buffer", f"{name}.{bname}" if name else bname)
     return infos, params, buffers, meta_param or meta_buffer

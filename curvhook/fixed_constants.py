@@ -20,14 +20,19 @@ sample: it is *fixed*. A fixed constant is never taken for a batched one:
 - the fallback passes a fixed constant whole to each sample.
 
 A tensor the forward makes from nothing (``torch.zeros((1, H, W, 1))`` for Swin's
-mask) is fixed too, unless its leading size is ``N`` (``torch.ones(N, L)``, a
-default attention mask, has one row per sample). Tensors of positions
-(:data:`POSITIONS`: ``torch.arange(L)``, T5's relative positions) are fixed
-whatever their size. With ``N = 1`` a leading axis of one is no question: the
-one sample reads all of it.
+mask) is fixed too, unless one of its sizes is ``N`` (``torch.ones(N, L)``, a
+default attention mask, has one row per sample; ``torch.zeros(2, N, H)[0]`` is a
+per-sample state). Tensors of positions (:data:`POSITIONS`: ``torch.arange(L)``,
+T5's relative positions) are fixed whatever their size: ``torch.arange(N)``
+made in the forward and fed to a layer as one position per sample is then
+taken for a shared tensor (exact, or refused by name where a module gets it).
 Likewise only :data:`REPLICATORS` (``expand``, ``repeat``, ``cat``, ``new_ones`` …)
-can make a leading axis of size ``N`` out of fixed tensors; their outputs of that
-leading size are left to the leading-size guess (``position_ids.expand(N, L)``).
+can make an axis of size ``N`` out of fixed tensors; their outputs with such an
+axis are left to the leading-size guess (``position_ids.expand(N, L)``). With
+``N = 1`` a size of one is no question: the one sample reads all of it.
+
+A buffer is fixed whatever its shape: a buffer that holds a state per sample
+(``[N, H]``, a batch size built into the model) is taken for a shared tensor.
 """
 
 from __future__ import annotations
@@ -84,8 +89,8 @@ def note_fixed(trace: Trace, name: Optional[str], out: Any, batch_hint: Optional
         trace: The forward pass.
         name: The operation's name, ``None`` for a module.
         out: What it returned.
-        batch_hint: ``N``: a replicator's or a new tensor's output of that leading size
-            is left unmarked (it may be one copy per sample), unless it is one of
+        batch_hint: ``N``: a replicator's or a new tensor's output with an axis of that
+            size is left unmarked (it may be one copy per sample), unless it is one of
             :data:`POSITIONS`.
         new: The operation read no tensor (``torch.zeros(…)``, ``torch.arange(L)``).
     """
@@ -93,6 +98,6 @@ def note_fixed(trace: Trace, name: Optional[str], out: Any, batch_hint: Optional
     for o in out if isinstance(out, (tuple, list)) else (out,):
         if not isinstance(o, Tensor):
             continue
-        if ambiguous and o.dim() and o.shape[0] == batch_hint != 1:
-            continue
+        if ambiguous and batch_hint != 1 and batch_hint in o.shape:
+            continue  # (any axis: ``torch.zeros(2, N, H)[0]`` is a per-sample state)
         trace.fixed_keys[key_of(o)] = weakref.ref(o)  # not held: an id reused later never matches

@@ -273,6 +273,17 @@ class ModuleRecorder:
             for inner in trace.operations[frame.start :]:
                 for key in inner.output_keys:
                     trace.moved_axes.pop(key, None)
+        inner_ops = trace.operations[frame.start :]
+        hidden = _hidden_batch_read(inner_ops, op, trace, frame.start)
+        if hidden is not None:
+            raise UnsupportedModelError(
+                f"Module {op.name!r} ({type(module).__name__}) reads a tensor computed from the batch "
+                f"that it was not passed ({hidden}: an attribute, a global, or a tensor inside a plain "
+                "object). curvhook serves this module as one operation of its tensor arguments and "
+                "cannot differentiate through what it reads otherwise. Pass the tensor as an argument "
+                "(module(x, h)), or inside a tuple, list or dict."
+            )
+        reads_batch = any(BATCHED in inner.input_kinds for inner in inner_ops)
         del trace.operations[frame.start :]
         if len(trace.shared_log) > frame.shared_start:
             # Operations inside a leaf are part of it. Computed from its parameters
@@ -289,7 +300,7 @@ class ModuleRecorder:
             kinds = list(op.input_kinds)
             if mark_merged_constants(trace, kinds, op.inputs, op.input_keys):
                 op.input_kinds = tuple(kinds)
-        if _from_parameters(op, trace.batch_hint):
+        if _from_parameters(op, trace.batch_hint, reads_batch):
             if len(state.frames) <= 1 and any(k in trace.merged_inputs for k in op.input_keys):
                 raise _merged_input_error(op, trace.batch_hint)
             op.from_parameters = True
@@ -553,7 +564,28 @@ def _kind(x: Tensor, key, param_ids: set[int], shared: set) -> str:
     return SHARED if id(x) in param_ids or key in shared else BATCHED
 
 
-def _from_parameters(op: Operation, batch_hint) -> bool:
+def _hidden_batch_read(inner_ops: list, op: Operation, trace: Trace, start: int) -> Optional[str]:
+    """The first operation recorded inside a module served as one operation that reads a
+    batched tensor it was not passed: one that an operation before the module computed,
+    or a model input (``self.ctx`` set by its parent). ``None`` if there is none (a
+    tensor an unrecorded computation made inside it, a custom ``autograd.Function``'s
+    output, is no such read)."""
+    if not inner_ops:
+        return None
+    inside = set(op.input_keys)
+    candidates = []
+    for inner in inner_ops:
+        for x, key, kind in zip(inner.inputs, inner.input_keys, inner.input_kinds):
+            if kind == BATCHED and x.requires_grad and key not in inside:
+                candidates.append((key, inner.name))
+        inside.update(k for k in inner.output_keys if k is not None)
+    if not candidates:
+        return None
+    before = {k for o in trace.operations[:start] for k in o.output_keys if k is not None} | trace.input_keys
+    return next((name for key, name in candidates if key in before), None)
+
+
+def _from_parameters(op: Operation, batch_hint, reads_batch: bool = False) -> bool:
     """Whether a leaf call computes its output from constants and parameters only,
     without a batch axis (``position_embeddings(position_ids)`` with ids ``[1, L]``).
 
@@ -562,13 +594,16 @@ def _from_parameters(op: Operation, batch_hint) -> bool:
     constant it reads comes from the model's buffers alone (``embedding(rel_index)``
     with ``rel_index`` ``[heads, L]`` and ``heads = N``: :mod:`curvhook.fixed_constants`),
     or it reads no constant at all (``mlp(self.table)``; called without tensors, when
-    ``N = 1``: a leading axis of one then says nothing).
+    ``N = 1``: a leading axis of one then says nothing). ``reads_batch``: operations
+    recorded inside it read batched tensors it was not passed (an attribute, a plain
+    object holding one): only the leading size decides.
     """
     if op.output_key is None or BATCHED in op.input_kinds or op.batch_axes is not None:
         return False
     if not op.params and SHARED not in op.input_kinds:
         return False
-    if (op.inputs or batch_hint == 1) and all(k != CONST or i in op.fixed_slots for i, k in enumerate(op.input_kinds)):
+    if (not reads_batch and (op.inputs or batch_hint == 1)
+            and all(k != CONST or i in op.fixed_slots for i, k in enumerate(op.input_kinds))):
         return True  # parameters, tensors from parameters, fixed constants: none has the batch
     shape = op.output_shape
     return len(shape) == 0 or batch_hint is None or shape[0] != batch_hint

@@ -55,13 +55,15 @@ MATMULS = frozenset({"matmul", "__matmul__", "bmm", "mm"})
 # Softmax over one dim (``F.softmax(x, dim=-1)``), which must not be the batch axis.
 SOFTMAXES = frozenset({"softmax", "log_softmax"})
 # Operations whose per-sample structure the rules can read off shapes and arguments.
-KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS | SOFTMAXES
+# Normalizations along one dim (``F.normalize(q, dim=-1)``: Swin V2's cosine attention).
+NORMALIZES = frozenset({"normalize"})
+KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS | SOFTMAXES | NORMALIZES
 # Operations with a ``dim`` that must not be the batch axis.
 DIM_OPERATIONS = frozenset({
     "cat", "concat", "concatenate", "stack", "split", "chunk", "unbind", "tensor_split",
     "sum", "mean", "select", "narrow", "squeeze", "unsqueeze", "flatten", "transpose",
     "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "flip", "roll", "pad",
-}) | SOFTMAXES
+}) | SOFTMAXES | NORMALIZES
 # Operations that take an integer index of the input's rank along ``dim``
 # (``h.gather(1, idx)``): an index with one row per sample belongs to its sample.
 INDEXED_ALONG_DIM = frozenset({

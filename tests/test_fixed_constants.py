@@ -16,6 +16,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from curvhook import extend
+from curvhook.errors import UnsupportedModelError
+from curvhook.extensions import DiagGGN
 from helpers import CLASSES, assert_exact, check_exact_without_fallback, check_graph_against_reference, fallback_spy
 
 HEADS, L, D = 2, 3, 4  # N = 2 equals the heads, N = 3 the length
@@ -178,3 +181,132 @@ def test_new_tensors_of_the_batch_size_keep_one_row_per_sample(n):
     torch.manual_seed(0)
     ids, y = torch.randint(0, 7, (n, L)), torch.randint(0, CLASSES, (n,))
     assert_exact(TokenTypes().double(), ids, y, nn.CrossEntropyLoss())
+
+
+# ------------------------------------------------ found by a review of the change above
+class StackedCells(nn.Module):
+    """Two ``nn.GRUCell`` layers from ``torch.zeros(layers, N, H)``: ``h[0]`` is a state per
+    sample although the tensor's leading size is the number of layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.head = nn.GRUCell(D, 5), nn.GRUCell(5, 5), nn.Linear(5, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, T, D]
+        h = torch.zeros(2, x.shape[0], 5, dtype=x.dtype)
+        h1, h2 = h[0], h[1]
+        for t in range(x.shape[1]):
+            h1 = self.c1(x[:, t], h1)
+            h2 = self.c2(h1, h2)
+        return self.head(h2)
+
+
+class TokenPerSample(nn.Module):
+    """A frozen token copied to ``[1, N, D]`` and squeezed: one copy per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.proj, self.head = nn.Linear(D, 5), nn.Linear(D, 5), nn.Linear(5, CLASSES)
+        self.register_buffer("token", torch.randn(D))
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.token.expand(1, x.shape[0], D).squeeze(0)
+        return self.head(torch.tanh(self.lin(x) * self.proj(t)))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("make,shape", [(StackedCells, (2, D)), (TokenPerSample, (D,))])
+def test_a_batch_axis_made_by_the_forward_is_kept(make, shape, n):
+    torch.manual_seed(0)
+    X, y = torch.randn(n, *shape, dtype=torch.float64), torch.randint(0, CLASSES, (n,))
+    assert_exact(make().double(), X, y, nn.CrossEntropyLoss())
+
+
+class ReadsItsParentsState(nn.Module):
+    """No rule, so served as one operation; it reads a batched tensor its parent set on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5) / 2)
+
+    def forward(self, b: Tensor) -> Tensor:
+        return Cube.apply(self.ctx * self.w + b)
+
+
+class SetsState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.block, self.head = nn.Linear(D, 5), ReadsItsParentsState(), nn.Linear(5, CLASSES)
+        self.register_buffer("b", torch.randn(1, 5) / 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.block.ctx = self.lin(x)
+        return self.head(self.block(self.b))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_module_that_reads_the_batch_it_was_not_passed_is_refused(n):
+    """Before, with ``N = 1``, its parent's layer got no terms through it (wrong numbers); with
+    ``N > 1`` a message about mixing samples."""
+    torch.manual_seed(0)
+    model = SetsState().double()
+    X, y = torch.randn(n, D, dtype=torch.float64), torch.randint(0, CLASSES, (n,))
+    with pytest.raises(UnsupportedModelError, match="reads a tensor computed from the batch that it was not passed"):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+class ScaleThenCenter(nn.Module):
+    """No rule; its first argument is a scale, its second the batch, and it mixes samples."""
+
+    def forward(self, scale: Tensor, x: Tensor) -> Tensor:
+        z = Cube.apply(x * scale)
+        return z - z.mean(0, keepdim=True)
+
+
+class ScaleFirst(nn.Module):
+    def __init__(self, shape: tuple):
+        super().__init__()
+        self.lin, self.f, self.head = nn.Linear(D, 5), ScaleThenCenter(), nn.Linear(5, CLASSES)
+        self.register_buffer("scale", torch.rand(shape) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.f(self.scale, self.lin(x)))
+
+
+@pytest.mark.parametrize("shape", [(), (1, 5)])
+def test_the_fallback_finds_the_samples_whatever_comes_first(shape):
+    """The replay that checks a module keeps samples apart cut the first argument: a scalar or
+    ``[1, H]`` scale first, it saw one sample and checked nothing (wrong numbers before)."""
+    torch.manual_seed(0)
+    model = ScaleFirst(shape).double()
+    X, y = torch.randn(3, D, dtype=torch.float64), torch.randint(0, CLASSES, (3,))
+    with pytest.raises(UnsupportedModelError, match="mixes samples"):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+class ReplacesItsState(nn.Module):
+    """The forward replaces a buffer (a state reset): the old buffer's id must not be taken for
+    a later tensor's, which then read as fixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.proj, self.head = nn.Linear(D, 5), nn.Linear(D, 5), nn.Linear(5, CLASSES)
+        self.register_buffer("h", torch.zeros(3, 5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.h = torch.zeros(x.shape[0], 5, dtype=x.dtype)
+        features = (x > 0).to(x.dtype)  # a constant with one row per sample
+        return self.head(torch.tanh(self.lin(x)) * self.proj(features) + self.h)
+
+
+def test_a_replaced_buffer_keeps_its_id_while_the_block_runs():
+    torch.manual_seed(0)
+    model = ReplacesItsState().double()
+    for _ in range(10):  # (before: about four blocks in ten refused, as ids were reused)
+        X, y = torch.randn(3, D, dtype=torch.float64), torch.randint(0, CLASSES, (3,))
+        with extend(model, DiagGGN()):
+            for _ in range(3):
+                nn.CrossEntropyLoss()(model(X), y).backward()
+    assert_exact(model, X, y, nn.CrossEntropyLoss())

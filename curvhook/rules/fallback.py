@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 from curvhook._torch_internals import BATCH_NORM_TYPES
-from curvhook.records import Operation, Slot, fill_template
+from curvhook.records import BATCHED, Operation, Slot, fill_template
 from curvhook.errors import UnsupportedModelError, out_of_memory_error
 from curvhook.rules.base import LayerRule
 
@@ -143,8 +143,7 @@ def _batched(call: Operation) -> list[bool]:
     """
     if not call.inputs:  # called without tensors (with N = 1 its output is one sample's)
         return []
-    fixed = call.fixed_slots
-    n = next((t.shape[0] for i, t in enumerate(call.inputs) if i not in fixed and t.dim()), call.input.shape[0])
+    n, fixed = _sample_count(call), call.fixed_slots
     batched = [i not in fixed and t.dim() > 0 and t.shape[0] == n for i, t in enumerate(call.inputs)]
     shared = next((v for k, v in SHARED_ARGUMENTS.items() if isinstance(call.module, k)), None)
     if shared and call.args is not None:
@@ -153,6 +152,20 @@ def _batched(call: Operation) -> list[bool]:
             if slot > 0 and shared.get(name) == t.dim() and not t.requires_grad:
                 batched[slot] = False
     return batched
+
+
+def _sample_count(call: Operation) -> int:
+    """The number of samples the call's inputs hold: the leading size of its first batched
+    input (``f(scale, x)`` with a buffer ``scale`` first), else of its first input that is
+    not a fixed constant (curvhook/fixed_constants.py), else of its first input."""
+    inputs, kinds, fixed = call.inputs, call.input_kinds, call.fixed_slots
+    for i, t in enumerate(inputs):
+        if kinds[i] == BATCHED and t.dim():
+            return t.shape[0]
+    for i, t in enumerate(inputs):
+        if i not in fixed and t.dim():
+            return t.shape[0]
+    return inputs[0].shape[0] if inputs[0].dim() else 1
 
 
 def _per_sample(call: Operation) -> Callable[..., Tensor]:
@@ -256,8 +269,7 @@ def _check_keeps_samples_apart(call: Operation, whole: Optional[Tensor]) -> None
     """
     if call.scratch.keeps_samples_apart_checked or not call.inputs:  # no input: no samples to mix
         return
-    x = call.input
-    if x.dim() > 0 and x.shape[0] > 1:
+    if _sample_count(call) > 1:
         params, inputs = _params(call), [t.detach() for t in call.inputs]
         in_dims = (None, *(0 if b else None for b in _batched(call)))
         try:

@@ -258,6 +258,20 @@ class LinearFunction(FunctionalRule):
         role = None if served is None else self._role(call, served[1], call.slot_of(name))
         return None if role is None else self.rule.param_factors(served[0], role, mat)
 
+    def input_diag(self, call: Operation, value, slot: int) -> Tensor:
+        """A weight or bias computed from parameters (torchvision's Swin V2 clones its ``qkv``
+        bias and zeroes the keys' part) gets its per-sample diagonal in closed form, like
+        a parameter's: ``Σ_p d_npo`` for the bias, ``Σ_p d_npo x_npi²`` for the weight."""
+        served = self._served(call, value)
+        role = None if served is None else self._role(call, served[1], slot)
+        if role is None or call.input_kinds[slot] == BATCHED:
+            return super().input_diag(call, value, slot)
+        x = served[0].input
+        d = value.reshape(value.shape[0], -1, value.shape[-1])  # [N, P, out]
+        if role == "bias":
+            return d.sum(1)
+        return self.transposed(role, torch.einsum("npo,npi->noi", d, x.reshape(x.shape[0], -1, x.shape[-1]).square()))
+
 
 class AddmmFunction(LinearFunction):
     """``torch.addmm(b, x, W) = x W + b``: ``F.linear(x, Wᵀ, b)`` for ``x`` ``[N, in]``, ``W`` ``[in, out]``."""

@@ -46,7 +46,8 @@ from curvhook.errors import UnsupportedModelError, out_of_memory_error
 from curvhook.mask_index import gather_entry, mask_selection_hint
 from curvhook.operations import (
     ADDITIONS, BROADCASTING, CHANGE_RANK, DIM_OPERATIONS, ELEMENTWISE, INDEXED_ALONG_DIM, KNOWN, MATMULS,
-    MEANS, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SAMPLE_ALIGNED, SOFTMAXES, STRUCTURAL, SUBTRACTIONS,
+    MEANS, NORMALIZES, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SAMPLE_ALIGNED, SOFTMAXES, STRUCTURAL,
+    SUBTRACTIONS,
 )
 from curvhook.records import BATCHED, CONST, Operation, Slot
 from curvhook.rules.base import LayerRule, apply_node
@@ -65,7 +66,7 @@ def batch_safe(call: Operation, n: int) -> bool:
         return False
     out_ndim = len(call.output_shapes[0])
     for t, kind in zip(call.inputs, call.input_kinds):
-        if kind == BATCHED and (t.dim() != out_ndim or t.shape[0] != n) and name not in CHANGE_RANK:
+        if kind == BATCHED and (t.dim() != out_ndim or t.shape[0] != n) and name not in _ANY_RANK:
             # the others may change the number of axes; their dims are checked below
             return False
     if name in DIM_OPERATIONS and not _dims_avoid_batch(call):
@@ -97,8 +98,10 @@ def _dims_avoid_batch(call: Operation) -> bool:
         flat = [d for x in dims for d in (x if isinstance(x, (tuple, list)) else (x,))]
         return all(isinstance(d, int) and d % ndim != 0 for d in flat)
     if name == "flatten":
+        # flatten(0, j) of [N, 1, …, 1, …] keeps [N, …]: a reshape whose input and output
+        # both lead with N keeps each sample's entries in its row (row-major order)
         start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
-        return start % ndim != 0
+        return start % ndim != 0 or (first is not None and first.shape[0] == call.output_shapes[0][0])
     if name in ("stack", "unsqueeze"):
         dim = _dim_arg(call, default=0)
         return dim is not None and dim % (ndim + 1) != 0
@@ -127,13 +130,16 @@ def _dims_avoid_batch(call: Operation) -> bool:
         dim = _dim_arg(call, default=None)
         dims = dim if isinstance(dim, (tuple, list)) else (dim,)
         return dim is not None and all(d % ndim != 0 for d in dims)
-    position = 2 if name in ("split", "tensor_split", "narrow", "select", "chunk") else 1
-    dim = _dim_arg(call, default=0, position=position)
+    position = 2 if name in ("split", "tensor_split", "narrow", "select", "chunk", "normalize") else 1
+    dim = _dim_arg(call, default=1 if name == "normalize" else 0, position=position)
     return isinstance(dim, int) and dim % ndim != 0
 
 
 # x.op(y): y gives only a shape (and dtype); the entries of J_x are 0 or 1, each output taken from one input.
 _SHAPED_AS = frozenset({"expand_as", "view_as", "reshape_as"})
+# Operations whose batched inputs may have another rank than the output (their batch axis is
+# checked by dims, or is kept by the row-major order of a reshape to a leading size of N).
+_ANY_RANK = CHANGE_RANK | {"view_as", "reshape_as"}
 
 
 # One-input reshapes that keep every entry and its row-major order (``γ.reshape(1, -1, 1, 1)``).
@@ -141,6 +147,9 @@ _REORDER_FREE = frozenset({
     "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone", "view_as",
     "reshape_as", "to", "float", "double",  # the last three where they keep dtype and device
 })
+
+# Pointwise, with scalar bounds: a diagonal Jacobian of entries 0 and 1.
+CLAMPS = frozenset({"clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_max", "clamp_min_", "clamp_max_"})
 
 _CONCATENATIONS = frozenset({"cat", "concat", "concatenate"})
 _SPLITS = frozenset({"split", "chunk", "tensor_split"})
@@ -576,6 +585,8 @@ class TensorOpRule(LayerRule):
             return value * slope.square() if slope is not None else None
         if name in PRODUCTS | QUOTIENTS | MATMULS and len(call.args) >= 2:
             return self._bilinear_diag(call, value, slot)
+        if name in NORMALIZES and len(call.inputs) == 1:
+            return _normalize_diag(call, value)
         if name in SOFTMAXES and len(call.inputs) == 1:
             dim = _dim_arg(call, default=None)  # not the batch axis: the call is known_per_sample
             if not isinstance(dim, int) or tensor_version(call.inputs[slot]) != call.input_versions[slot]:
@@ -737,6 +748,24 @@ class TensorOpRule(LayerRule):
 
         return _guard(call, lambda: vmap(one)(x_sq, value))
 
+    def _pointwise_shared_diag(self, call: Operation, value, slot: int) -> Optional[Tensor]:
+        """``σ'(w)² ⊙ d_n`` for a pointwise function of a tensor ``w`` computed from parameters
+        only (Swin V2's ``16 * sigmoid(bias)`` and ``clamp(logit_scale, max=c).exp()``): its
+        Jacobian is diagonal, one for every sample. ``None`` for any other operation."""
+        if isinstance(value, list) or len(call.inputs) != 1 or call.uses(slot) != 1 or len(call.output_values) != 1:
+            return None
+        w, name = call.inputs[slot], call.func_name
+        if value.shape[1:] != w.shape or call.output_values[0].dtype != w.dtype:
+            return None
+        if name in ELEMENTWISE or name in CLAMPS:
+            slope = self._elementwise_slope(call, slot)
+            return None if slope is None else value * slope.square()
+        if (name in PRODUCTS or name in QUOTIENTS) and len(call.args) == 2 and not call.kwargs:
+            other = call.args[1] if call.args[0] == slot else call.args[0]
+            if isinstance(other, (int, float)) and not isinstance(other, bool) and (name in PRODUCTS or call.args[0] == slot):
+                return value * (other**2 if name in PRODUCTS else 1 / other**2)
+        return None
+
     def _exact_diag(self, call: Operation, value, slot: int) -> Tensor:
         """``Σ_o d_o J_oi²`` per sample: the closed forms of a shared operand, else dense
         per-sample Jacobians (then it warns once per function)."""
@@ -754,6 +783,9 @@ class TensorOpRule(LayerRule):
             ):
                 # the same entries in the same (row-major) order: J = I, the diagonal reshaped back
                 return value.reshape(value.shape[0], *w.shape)
+            pointwise = self._pointwise_shared_diag(call, value, slot)
+            if pointwise is not None:
+                return pointwise
             if call.func_name in STRUCTURAL and not isinstance(value, list) and call.uses(slot) == 1:
                 # entries 0 or ±1, one sign per input (``γ.reshape(1, -1, 1, 1)``): |Jᵀ d| per sample
                 _, pull = vjp(self._function(call, (slot,)), w)
@@ -869,6 +901,56 @@ def _linear_pullback(call: Operation, value: Tensor, slot: int, squared: bool) -
         count = x.numel() // max(call.output_values[0].numel(), 1)
         return value.expand(*lead, *x.shape) / (count * count if squared else count)
     return None
+
+
+def _normalize_diag(call: Operation, value: Tensor) -> Optional[Tensor]:
+    """``Σ_o d_o J_oi²`` of ``y = F.normalize(x, p=2, dim)``, in closed form.
+
+    Along ``dim``, ``J = (I − y yᵀ) / r`` with ``r = ‖x‖``, so
+    ``Σ_o d_o J_oi² = (d_i (1 − y_i²)² + y_i² Σ_{o≠i} d_o y_o²) / r²``, a sum of
+    non-negative terms. ``1 − y_i² = Σ_{o≠i} x_o² / r²`` and both sums over
+    ``o ≠ i`` are formed from exclusive prefix and suffix sums: nothing
+    cancels, also where one entry carries the norm (``y_i² → 1``). ``None``
+    (the generic path) for ``p ≠ 2`` or where a norm is below ``eps`` (there
+    ``y = x / eps``).
+    """
+    args = _bind_normalize(call)
+    if args is None:
+        return None
+    dim, eps = args
+    x = call.inputs[0].detach()
+    x_sq = x.square()
+    r_sq = x_sq.sum(dim, keepdim=True)
+    if bool((r_sq < eps * eps).any()):
+        return None
+    y_sq = x_sq / r_sq
+    others = _sum_of_others(x_sq, dim) / r_sq  # 1 − y_i²
+    return (value * others.square() + y_sq * _sum_of_others(value * y_sq, dim)) / r_sq
+
+
+def _sum_of_others(a: Tensor, dim: int) -> Tensor:
+    """``Σ_{o≠i} a_o`` along ``dim`` for every ``i``, from exclusive prefix and suffix sums
+    (no subtraction: for ``a ≥ 0`` exact to rounding, however large ``a_i``)."""
+    size = a.shape[dim]
+    if size == 1:
+        return torch.zeros_like(a)
+    zero = torch.zeros_like(a.narrow(dim, 0, 1))
+    before = torch.cat([zero, a.cumsum(dim).narrow(dim, 0, size - 1)], dim)
+    after = torch.cat([a.flip(dim).cumsum(dim).narrow(dim, 0, size - 1).flip(dim), zero], dim)
+    return before + after
+
+
+def _bind_normalize(call: Operation) -> Optional[tuple[int, float]]:
+    """``(dim, eps)`` of ``F.normalize(x, p=2.0, dim=1, eps=1e-12)``; ``None`` for another form."""
+    names = ("input", "p", "dim", "eps", "out")
+    bound = dict(zip(names, call.args))
+    bound.update(call.kwargs)
+    if set(bound) - set(names) or bound.get("out") is not None or not isinstance(bound.get("input"), Slot):
+        return None
+    p, dim, eps = bound.get("p", 2.0), bound.get("dim", 1), bound.get("eps", 1e-12)
+    if p != 2 or not isinstance(dim, int) or not isinstance(eps, (int, float)):
+        return None
+    return dim, eps
 
 
 def _shared_sum_diag(w: Tensor, value: Tensor) -> Optional[Tensor]:

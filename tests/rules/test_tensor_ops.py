@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from curvhook import extend
 from curvhook.errors import UnsupportedModelError
@@ -1165,3 +1165,117 @@ def test_in_place_writes_through_views_it_cannot_replay_are_refused_by_name(form
     with pytest.raises(UnsupportedModelError, match="in-place operation on a view that curvhook cannot replay"):
         with extend(model, DiagGGN()):
             nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+class OneTokenNorm(nn.Module):
+    """LeViT's ``LinearNorm`` at its last stage, one token: ``bn(x.flatten(0, 1)).reshape_as(x)``
+    of ``[N, 1, C]``. A reshape whose input and output both lead with ``N`` keeps each sample's
+    entries in its row (row-major order), whatever axes it merges with the batch axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)
+        nn.init.uniform_(self.bn.running_var, 0.5, 2.0)
+        nn.init.normal_(self.bn.running_mean)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 1, 4]
+        h = self.fc(x)
+        z = self.bn(h.flatten(0, 1)).reshape_as(h)  # [N, 1, 5]
+        return self.head(torch.tanh(z).view_as(h[:, 0]))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_reshapes_that_keep_the_leading_batch_size_take_no_dense_jacobians(monkeypatch, n):
+    def dense(self, call, *args):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    torch.manual_seed(0)
+    model = OneTokenNorm().to(DT).eval()
+    X, y = torch.randn(n, 1, 4, dtype=DT), torch.randint(0, 3, (n,))
+    monkeypatch.setattr(tensor_ops.TensorOpRule, "_exact_diag", dense)
+    with extend(model, DiagGGNApprox()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    monkeypatch.undo()
+    check_graph_against_reference(model, X, y)
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+
+
+class CosineAttention(nn.Module):
+    """Swin V2's window attention in small: cosine scores of ``F.normalize``d queries and keys,
+    a learned logit scale ``clamp(s, max=c).exp()``, a bias ``16 * sigmoid(table)``, and a value
+    bias computed from parameters (``cat`` of the query bias, zeros, the value bias)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.qkv = nn.Parameter(torch.randn(12, 4) / 2)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.logit_scale = nn.Parameter(torch.tensor([[[0.3]], [[0.9]]]))  # [H, 1, 1], one clamped
+        self.table = nn.Parameter(torch.randn(2, 3, 3))
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 3, 4]
+        n = x.shape[0]
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        q, k, v = F.linear(x, self.qkv, bias).view(n, 3, 3, 2, 2).permute(2, 0, 3, 1, 4)  # [N, H, L, d]
+        if self.dim == -1:
+            scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        else:  # along the heads
+            scores = F.normalize(q, dim=1) @ F.normalize(k, p=2.0, dim=1).transpose(-2, -1)
+        scores = scores * torch.clamp(self.logit_scale, max=0.5).exp() + 16 * torch.sigmoid(self.table) / 4
+        return self.head((scores.softmax(-1) @ v).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_normalize_and_pointwise_functions_of_parameters_take_closed_forms(monkeypatch, n, dim):
+    """``F.normalize`` (``Σ_o d_o J_oi² = (d_i (1 − 2y_i²) + y_i² Σ_o d_o y_o²) / ‖x‖²``), pointwise
+    functions of tensors computed from parameters (``σ'(w)² ⊙ d_n``) and ``F.linear`` with a bias
+    computed from parameters (``Σ_p d_np``): before, DiagGGNApprox took dense per-sample Jacobians
+    of each (of size ``[L·d]²`` per window for ``normalize`` at Swin V2's real sizes)."""
+
+    def dense(self, call, *args):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    torch.manual_seed(0)
+    model = CosineAttention(dim).to(DT)
+    X, y = torch.randn(n, 3, 4, dtype=DT), torch.randint(0, 3, (n,))
+    monkeypatch.setattr(tensor_ops, "_warn_dense_once", lambda call: dense(None, call))
+    with extend(model, DiagGGNApprox()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    monkeypatch.undo()
+    check_graph_against_reference(model, X, y, moved_axes=True)  # (the heads' permute moves the batch axis)
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+
+
+class DominantNormalize(nn.Module):
+    """``F.normalize`` of features whose first entry carries almost all the norm (``y_0² → 1``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+        with torch.no_grad():
+            self.fc.bias.copy_(torch.tensor([300.0, 0.0, 0.0, 0.0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.normalize(self.fc(x), dim=-1) * 50)
+
+
+def test_normalize_diagonal_keeps_its_precision_where_one_entry_carries_the_norm():
+    """The closed form sums non-negative terms (``1 − y_i²`` and ``Σ_{o≠i}`` from exclusive sums):
+    in float32 every entry of DiagGGNApprox, the tiny ones of the dominant feature's row
+    included, matches the float64 result to 1e-4 relative (the expanded form
+    ``d_i (1 − 2 y_i²) + y_i² Σ_o d_o y_o²`` cancels there, to errors of order 1)."""
+    torch.manual_seed(0)
+    model = DominantNormalize()
+    X, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        twin = DominantNormalize().to(dtype)
+        twin.load_state_dict(model.state_dict())
+        with extend(twin, DiagGGNApprox()):
+            nn.CrossEntropyLoss()(twin(X.to(dtype)), y).backward()
+        results.append(torch.cat([p.diag_ggn_approx.flatten() for p in twin.parameters()]).double())
+    single, double = results
+    assert double.min() > 0
+    torch.testing.assert_close(single, double, rtol=1e-4, atol=0)
