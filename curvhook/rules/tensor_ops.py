@@ -122,12 +122,12 @@ def _dims_avoid_batch(call: Operation) -> bool:
             return first is not None and first.shape[0] != 1
         dims = dim if isinstance(dim, (tuple, list)) else (dim,)
         return all(d % ndim != 0 for d in dims)
-    if name == "roll":
-        dim = _dim_arg(call, default=None, position=2)
+    if name == "roll":  # torch.roll(x, shifts, dims): the keyword is ``dims``
+        dim = call.kwargs["dims"] if "dims" in call.kwargs else _dim_arg(call, default=None, position=2)
         dims = dim if isinstance(dim, (tuple, list)) else (dim,)
         return dim is not None and all(d % ndim != 0 for d in dims)
-    if name == "flip":
-        dim = _dim_arg(call, default=None)
+    if name == "flip":  # torch.flip(x, dims)
+        dim = call.kwargs["dims"] if "dims" in call.kwargs else _dim_arg(call, default=None)
         dims = dim if isinstance(dim, (tuple, list)) else (dim,)
         return dim is not None and all(d % ndim != 0 for d in dims)
     position = 2 if name in ("split", "tensor_split", "narrow", "select", "chunk", "normalize") else 1
@@ -910,9 +910,10 @@ def _normalize_diag(call: Operation, value: Tensor) -> Optional[Tensor]:
     ``Σ_o d_o J_oi² = (d_i (1 − y_i²)² + y_i² Σ_{o≠i} d_o y_o²) / r²``, a sum of
     non-negative terms. ``1 − y_i² = Σ_{o≠i} x_o² / r²`` and both sums over
     ``o ≠ i`` are formed from exclusive prefix and suffix sums: nothing
-    cancels, also where one entry carries the norm (``y_i² → 1``). ``None``
-    (the generic path) for ``p ≠ 2`` or where a norm is below ``eps`` (there
-    ``y = x / eps``).
+    cancels, also where one entry carries the norm (``y_i² → 1``). Where the
+    norm is below ``eps`` (zero-padded tokens: Swin V2's keys of its padding
+    carry no bias), ``y = x / eps`` and ``J = I / eps``: ``d / eps²``. ``None``
+    (the generic path) for ``p ≠ 2``.
     """
     args = _bind_normalize(call)
     if args is None:
@@ -921,11 +922,12 @@ def _normalize_diag(call: Operation, value: Tensor) -> Optional[Tensor]:
     x = call.inputs[0].detach()
     x_sq = x.square()
     r_sq = x_sq.sum(dim, keepdim=True)
-    if bool((r_sq < eps * eps).any()):
-        return None
+    small = torch.linalg.vector_norm(x, dim=dim, keepdim=True) < eps  # as F.normalize's clamp_min(eps)
+    r_sq = torch.where(small, 1.0, r_sq)
     y_sq = x_sq / r_sq
     others = _sum_of_others(x_sq, dim) / r_sq  # 1 − y_i²
-    return (value * others.square() + y_sq * _sum_of_others(value * y_sq, dim)) / r_sq
+    diag = (value * others.square() + y_sq * _sum_of_others(value * y_sq, dim)) / r_sq
+    return torch.where(small, value / (eps * eps), diag)
 
 
 def _sum_of_others(a: Tensor, dim: int) -> Tensor:

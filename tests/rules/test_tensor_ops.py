@@ -1279,3 +1279,40 @@ def test_normalize_diagonal_keeps_its_precision_where_one_entry_carries_the_norm
     single, double = results
     assert double.min() > 0
     torch.testing.assert_close(single, double, rtol=1e-4, atol=0)
+
+
+class ShiftedWindows(nn.Module):
+    """Swin's shifted windows (``torch.roll(h, shifts=…, dims=…)``, keywords), a flip by keyword,
+    and ``F.normalize`` of rows whose norm is below ``eps`` (zero-padded tokens: ``y = x / eps``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(3, 4), nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 4, 4, 3]
+        h = torch.roll(self.fc(x), shifts=(1, -1), dims=(1, 2))
+        h = torch.flip(h, dims=(2,)) * torch.tensor([1.0, 1.0, 1e-4, 1.0], dtype=h.dtype)[:, None, None]
+        return self.head(F.normalize(h, dim=-1, eps=1e-2).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_roll_flip_and_normalize_below_eps_take_closed_forms(monkeypatch, n):
+    """Before, ``roll`` and ``flip`` with ``dims=`` as a keyword were not known to keep samples
+    apart, and ``F.normalize`` with a norm below ``eps`` took dense per-sample Jacobians: on
+    torchvision's ``swin_v2_t`` at 64×64 one DiagGGNApprox step ran out of memory (24 GB)."""
+
+    def dense(call):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    torch.manual_seed(0)
+    model = ShiftedWindows().to(DT)
+    with torch.no_grad():
+        model.fc.bias.zero_()
+    X, y = torch.randn(n, 4, 4, 3, dtype=DT), torch.randint(0, 3, (n,))
+    X[:, 0] = 0  # zero tokens: rows of norm 0 < eps
+    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
+    with extend(model, DiagGGNApprox()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    monkeypatch.undo()
+    check_graph_against_reference(model, X, y)
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
