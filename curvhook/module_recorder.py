@@ -254,6 +254,11 @@ class ModuleRecorder:
         frame = state.frames.pop()
         check_module_output(frame.op.name, output)
         trace, op = state.stack[-1], frame.op
+        if (not frame.child_called and frame.has_children and rule_for(module) is None
+                and _ran_as_operations(trace.operations[frame.start :], op, output)):
+            # children it did not call, whose parameters its operations read (torchvision's
+            # ShiftedWindowAttention: F.linear(x, self.qkv.weight, …)): a container all the same
+            frame.child_called = True
         if frame.child_called and state.frames and trace.row_groups and not rows_followed(
             trace.operations[frame.start :], trace.batch_hint
         ):  # merged rows it cannot follow row by row: the container becomes one module
@@ -562,6 +567,22 @@ def _kind(x: Tensor, key, param_ids: set[int], shared: set) -> str:
     if not x.requires_grad:
         return CONST
     return SHARED if id(x) in param_ids or key in shared else BATCHED
+
+
+def _ran_as_operations(inner_ops: list, op: Operation, output: Any) -> bool:
+    """Whether the operations recorded inside a module connect its tensor arguments to its
+    output: the output is one of theirs, and each batched tensor they read is an argument
+    or one of their outputs (nothing computed out of the tape's sight, such as a custom
+    ``autograd.Function``, and nothing read from elsewhere)."""
+    if not inner_ops or not isinstance(output, Tensor) or not output.requires_grad:
+        return False
+    inside = set(op.input_keys)
+    for inner in inner_ops:
+        for x, key, kind in zip(inner.inputs, inner.input_keys, inner.input_kinds):
+            if kind == BATCHED and x.requires_grad and key not in inside:
+                return False
+        inside.update(k for k in inner.output_keys if k is not None)
+    return key_of(output) in inside
 
 
 def _hidden_batch_read(inner_ops: list, op: Operation, trace: Trace, start: int) -> Optional[str]:

@@ -154,6 +154,19 @@ def tv_swin_v2(n: int = N) -> ZooCase:
     return _classifier(model, "x", _images(16, n), CLASSES, patterns)
 
 
+def tv_swin(n: int = N) -> ZooCase:
+    """Swin V1 blocks: ``ShiftedWindowAttention`` has children (``qkv``, ``proj``) it never calls
+    (``F.linear`` with their weights), shifted windows by ``torch.roll``."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[2, 1], num_heads=[2, 2], window_size=[2, 2],
+        stochastic_depth_prob=0.0, num_classes=CLASSES,
+    ).eval()
+    patterns = ("features.1.1.attn.", "features.1.0.norm1.", "features.3.0.attn.qkv.", "head.")
+    return _classifier(model, "x", _images(16, n), CLASSES, patterns)
+
+
 # ------------------------------------------------------------------- timm
 def timm_vit_tiny(n: int = N) -> ZooCase:
     import timm
@@ -461,6 +474,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "torchvision.convnext_tiny": ("torchvision", tv_convnext_tiny),
     "torchvision.VisionTransformer": ("torchvision", tv_vit),
     "torchvision.swin_v2": ("torchvision", tv_swin_v2),
+    "torchvision.swin": ("torchvision", tv_swin),
     "timm.vit_tiny": ("timm", timm_vit_tiny),
     "timm.mobilevitv2_050": ("timm", timm_mobilevitv2),
     "timm.convnext_atto": ("timm", timm_convnext_atto),
