@@ -57,7 +57,9 @@ SOFTMAXES = frozenset({"softmax", "log_softmax"})
 # Operations whose per-sample structure the rules can read off shapes and arguments.
 # Normalizations along one dim (``F.normalize(q, dim=-1)``: Swin V2's cosine attention).
 NORMALIZES = frozenset({"normalize"})
-KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS | SOFTMAXES | NORMALIZES
+# Two-operand Einstein sums (MaxViT's ``einsum("bghid,bghjd->bghij", q, k)``).
+EINSUMS = frozenset({"einsum"})
+KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS | SOFTMAXES | NORMALIZES | EINSUMS
 # Operations with a ``dim`` that must not be the batch axis.
 DIM_OPERATIONS = frozenset({
     "cat", "concat", "concatenate", "stack", "split", "chunk", "unbind", "tensor_split",

@@ -349,6 +349,10 @@ def _check_source(name: str, key, node, trace: Trace, shape: GraphShape) -> None
         f"An input of {name!r} was computed by an operation curvhook did not see "
         f"({type(node).__name__}): outside the model's forward, or by code that bypasses "
         "torch's function dispatch. Compute it inside the model's forward with torch "
-        "operations or modules."
+        "operations or modules. A tensor the model computed from its parameters in an "
+        "earlier forward and keeps for the next ones is one such input (timm's LeViT and "
+        "EfficientFormer keep their attention biases in `attention_bias_cache` in eval mode): "
+        "empty that cache before each block (`m.attention_bias_cache = {}` on each module "
+        "that has one), or keep those modules in train mode."
     )
 

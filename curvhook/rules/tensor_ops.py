@@ -45,7 +45,7 @@ from curvhook._torch_internals import tensor_version
 from curvhook.errors import UnsupportedModelError, out_of_memory_error
 from curvhook.mask_index import gather_entry, mask_selection_hint
 from curvhook.operations import (
-    ADDITIONS, BROADCASTING, CHANGE_RANK, DIM_OPERATIONS, ELEMENTWISE, INDEXED_ALONG_DIM, KNOWN, MATMULS,
+    ADDITIONS, BROADCASTING, CHANGE_RANK, DIM_OPERATIONS, EINSUMS, ELEMENTWISE, INDEXED_ALONG_DIM, KNOWN, MATMULS,
     MEANS, NORMALIZES, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SAMPLE_ALIGNED, SOFTMAXES, STRUCTURAL,
     SUBTRACTIONS,
 )
@@ -77,6 +77,8 @@ def batch_safe(call: Operation, n: int) -> bool:
         return _index_keeps_batch(call.args[1] if len(call.args) > 1 else None)
     if name in MATMULS:
         return _matmul_keeps_batch(call)
+    if name in EINSUMS:
+        return _einsum_subscripts(call) is not None
     if name in ("__get__",):
         return getattr(call.func.__self__, "__name__", "") in ("mT", "mH")
     if call.kwargs.get("alpha", 1) != 1:
@@ -139,7 +141,7 @@ def _dims_avoid_batch(call: Operation) -> bool:
 _SHAPED_AS = frozenset({"expand_as", "view_as", "reshape_as"})
 # Operations whose batched inputs may have another rank than the output (their batch axis is
 # checked by dims, or is kept by the row-major order of a reshape to a leading size of N).
-_ANY_RANK = CHANGE_RANK | {"view_as", "reshape_as"}
+_ANY_RANK = CHANGE_RANK | {"view_as", "reshape_as"} | EINSUMS
 
 
 # One-input reshapes that keep every entry and its row-major order (``γ.reshape(1, -1, 1, 1)``).
@@ -587,6 +589,8 @@ class TensorOpRule(LayerRule):
             return self._bilinear_diag(call, value, slot)
         if name in NORMALIZES and len(call.inputs) == 1:
             return _normalize_diag(call, value)
+        if name in EINSUMS:
+            return _einsum_diag(call, value, slot)
         if name in SOFTMAXES and len(call.inputs) == 1:
             dim = _dim_arg(call, default=None)  # not the batch axis: the call is known_per_sample
             if not isinstance(dim, int) or tensor_version(call.inputs[slot]) != call.input_versions[slot]:
@@ -711,6 +715,8 @@ class TensorOpRule(LayerRule):
             (``w`` used twice, more than one batched operand, keyword arguments).
         """
         name = call.func_name
+        if name in EINSUMS and not isinstance(value, list):
+            return self._shared_einsum_diag(call, value, slot)
         if isinstance(value, list) or call.kwargs or len(call.args) != 2 or call.uses(slot) != 1:
             return None
         if name in ADDITIONS or name in SUBTRACTIONS or name in REVERSED_SUBTRACTIONS:
@@ -766,6 +772,27 @@ class TensorOpRule(LayerRule):
                 return value * (other**2 if name in PRODUCTS else 1 / other**2)
         return None
 
+    def _shared_einsum_diag(self, call: Operation, value: Tensor, slot: int) -> Optional[Tensor]:
+        """Per-sample ``Σ_o d_no J_oj²`` for a shared operand ``w`` of ``einsum(spec, x, w)``
+        with ``x`` batched: the sum with ``x`` squared, pulled back by one ``vjp`` per sample
+        under ``vmap`` (see :func:`_einsum_diag`)."""
+        if _einsum_subscripts(call) is None or call.uses(slot) != 1:
+            return None
+        spec, a_slot, b_slot = call.args
+        other = b_slot if slot == a_slot else a_slot
+        if call.input_kinds[other] != BATCHED:
+            return None
+        w, x_sq = call.inputs[slot].detach(), call.inputs[other].detach().square()
+        first = slot == a_slot
+
+        def one(x_n: Tensor, d_n: Tensor) -> Tensor:
+            x_n = x_n.unsqueeze(0)
+            f = (lambda t: torch.einsum(spec, t, x_n)) if first else (lambda t: torch.einsum(spec, x_n, t))
+            _, pull = vjp(f, w)
+            return pull(d_n.unsqueeze(0))[0]
+
+        return _guard(call, lambda: vmap(one)(x_sq, value))
+
     def _exact_diag(self, call: Operation, value, slot: int) -> Tensor:
         """``Σ_o d_o J_oi²`` per sample: the closed forms of a shared operand, else dense
         per-sample Jacobians (then it warns once per function)."""
@@ -786,6 +813,15 @@ class TensorOpRule(LayerRule):
             pointwise = self._pointwise_shared_diag(call, value, slot)
             if pointwise is not None:
                 return pointwise
+            if call.func_name in EINSUMS and not isinstance(value, list) and _einsum_subscripts(call) is not None:
+                # linear in w, each output entry reading each entry of w once: the sum with the
+                # other operand squared, pulled back per sample (timm's RelPosBiasTf resizes a
+                # bias table by einsum with constant matrices)
+                spec, a_slot, b_slot = call.args
+                other_sq = call.inputs[b_slot if slot == a_slot else a_slot].detach().square()
+                f = (lambda t: torch.einsum(spec, t, other_sq)) if slot == a_slot else (lambda t: torch.einsum(spec, other_sq, t))
+                _, pull = vjp(f, w)
+                return _guard(call, lambda: vmap(lambda d: pull(d)[0])(value))
             if call.func_name in STRUCTURAL and not isinstance(value, list) and call.uses(slot) == 1:
                 # entries 0 or ±1, one sign per input (``γ.reshape(1, -1, 1, 1)``): |Jᵀ d| per sample
                 _, pull = vjp(self._function(call, (slot,)), w)
@@ -901,6 +937,49 @@ def _linear_pullback(call: Operation, value: Tensor, slot: int, squared: bool) -
         count = x.numel() // max(call.output_values[0].numel(), 1)
         return value.expand(*lead, *x.shape) / (count * count if squared else count)
     return None
+
+
+def _einsum_subscripts(call: Operation) -> Optional[tuple[str, str, str]]:
+    """``(a, b, out)`` of ``torch.einsum("a,b->out", x, y)`` where it keeps samples apart:
+    two distinct tensor operands given one by one, explicit output, no ellipsis, no
+    label twice in one operand (a diagonal), and every batched operand's first label the
+    output's first (the batch axis). ``None`` for any other form."""
+    args = call.args
+    if call.kwargs or len(args) != 3 or not isinstance(args[0], str):
+        return None
+    a_slot, b_slot = args[1], args[2]
+    if not (isinstance(a_slot, Slot) and isinstance(b_slot, Slot)) or a_slot == b_slot:
+        return None
+    spec = args[0].replace(" ", "")
+    if "." in spec or "->" not in spec:
+        return None
+    ins, out = spec.split("->")
+    parts = ins.split(",")
+    if len(parts) != 2 or not out or any(len(set(p)) != len(p) for p in (*parts, out)):
+        return None
+    for p, slot in zip(parts, (a_slot, b_slot)):
+        if call.inputs[slot].dim() != len(p):
+            return None
+        if call.input_kinds[slot] == BATCHED and p[0] != out[0]:
+            return None
+    return parts[0], parts[1], out
+
+
+def _einsum_diag(call: Operation, value, slot: int) -> Optional[Tensor]:
+    """``Σ_o d_o J_oi²`` for one operand of a two-operand Einstein sum: linear in it, each
+    output entry reads each of its entries at most once (no label twice in an operand),
+    so ``J_oi`` is one entry of the other operand and the squared Jacobian is the same sum
+    with the other operand squared: the transposed product at ``d``, one ``vjp``."""
+    if isinstance(value, list) or _einsum_subscripts(call) is None or call.uses(slot) != 1:
+        return None
+    spec, a_slot, b_slot = call.args
+    other = b_slot if slot == a_slot else a_slot
+    x, y_sq = call.inputs[slot].detach(), call.inputs[other].detach().square()
+    if slot == a_slot:
+        _, pull = vjp(lambda t: torch.einsum(spec, t, y_sq), x)
+    else:
+        _, pull = vjp(lambda t: torch.einsum(spec, y_sq, t), x)
+    return pull(value)[0]
 
 
 def _normalize_diag(call: Operation, value: Tensor) -> Optional[Tensor]:

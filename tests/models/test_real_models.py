@@ -179,3 +179,25 @@ def test_opt_with_its_key_value_cache_is_exact():
     check(torch.cat([p.diag_ggn.flatten() for p in ref.params]), ref.G.diagonal(), "real/OPT/use_cache", rtol=case.rtol, atol_factor=case.rtol)
 
 
+
+
+def test_a_cache_of_parameter_tensors_from_an_earlier_forward_is_refused_with_its_remedy():
+    """timm's LeViT keeps its indexed attention biases in ``attention_bias_cache`` in eval mode:
+    after a forward outside the block they are a tensor curvhook did not see computed. The
+    error names the cache and the remedy; emptying it before the block gives the same
+    DiagGGN as computing the biases on every call (the zoo's case)."""
+    case = _case("timm.levit_128s")
+    patched = [m for m in case.model.modules() if hasattr(m, "attention_bias_cache")]
+    for m in patched:
+        del m.get_attention_biases  # timm's own, caching in eval mode
+    case.forward()  # fills the cache (with grad: under no_grad the biases would be a constant)
+    with pytest.raises(UnsupportedModelError, match="attention_bias_cache"):
+        _run(case, DiagGGN())
+    for m in patched:
+        m.attention_bias_cache = {}
+    _run(case, DiagGGN())
+    cached = [p.diag_ggn.clone() for p in case.model.parameters() if p.requires_grad]
+    reference = _case("timm.levit_128s")
+    _run(reference, DiagGGN())
+    for got, p in zip(cached, [p for p in reference.model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(got, p.diag_ggn, rtol=1e-10, atol=1e-14)

@@ -1316,3 +1316,66 @@ def test_roll_flip_and_normalize_below_eps_take_closed_forms(monkeypatch, n):
     monkeypatch.undo()
     check_graph_against_reference(model, X, y)
     assert_exact(model, X, y, nn.CrossEntropyLoss())
+
+
+class EinsumAttention(nn.Module):
+    """torchvision's MaxViT attention: ``einsum("B G H I D, B G H J D -> B G H I J", q, k)``
+    (labels with spaces), softmax, ``einsum("bghij,bghjd->bghid", a, v)``, a weight applied by
+    ``einsum("bgid,de->bgie", h, W)`` with ``W`` a parameter, and a bias table resized by an
+    einsum with a constant (timm's MaxViT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(4, 12), nn.Linear(2 * 3 * 4, 3)
+        self.w = nn.Parameter(torch.randn(4, 4) / 2)
+        self.table = nn.Parameter(torch.randn(2, 5))  # timm's RelPosBiasTf: a table resized by einsum
+        self.register_buffer("resize", torch.randn(3, 5))
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, G, L, 4]
+        n, g, length, _ = x.shape
+        q, k, v = self.qkv(x).view(n, g, length, 3, 2, 2).permute(3, 0, 1, 4, 2, 5)  # [N, G, H, L, d]
+        bias = torch.einsum("hw,jw->hj", self.table, self.resize)  # [H, L], parameters only
+        a = (torch.einsum("B G H I D, B G H J D -> B G H I J", q, k) + bias[:, None, :]).softmax(-1)
+        h = torch.einsum("bghij,bghjd->bghid", a, v).transpose(2, 3).reshape(n, g, length, 4)
+        return self.head(torch.einsum("bgid,de->bgie", torch.tanh(h), self.w).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_einsums_take_closed_forms(monkeypatch, n):
+    """A two-operand Einstein sum is linear in each operand, each output entry reading each
+    operand entry at most once: the squared Jacobian is the sum with the other operand
+    squared (``Σ_o d_o J_oi²`` by one ``vjp``). Before, dense per-sample Jacobians: one
+    DiagGGNApprox step of torchvision's ``maxvit_t`` at 224×224 ran out of memory."""
+
+    def dense(call):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    torch.manual_seed(0)
+    model = EinsumAttention().to(DT)
+    X, y = torch.randn(n, 2, 3, 4, dtype=DT), torch.randint(0, 3, (n,))
+    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
+    with extend(model, DiagGGNApprox()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    monkeypatch.undo()
+    check_graph_against_reference(model, X, y, moved_axes=True)
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+
+
+class EinsumOverTheBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        gram = torch.einsum("bi,bj->ij", h, h.detach())  # sums over the samples
+        return self.head(h @ gram)
+
+
+def test_an_einsum_over_the_batch_axis_is_refused():
+    torch.manual_seed(0)
+    model = EinsumOverTheBatch().to(DT)
+    X, y = torch.randn(3, 4, dtype=DT), torch.randint(0, 3, (3,))
+    with pytest.raises(UnsupportedModelError, match="samples"):
+        with extend(model, DiagGGNApprox()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
