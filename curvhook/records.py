@@ -45,6 +45,7 @@ class Scratch:
 
     keeps_samples_apart_checked: Optional[bool] = None  # tensor_ops, fallback: the per-sample replay agreed
     slopes: Optional[dict] = None  # tensor_ops: σ'(x) of an elementwise operation, by slot
+    grn: Optional[tuple] = None  # normalization: GlobalResponseNorm's terms
     loop_over_samples: Optional[bool] = None  # fallback: vmap could not run the module
     deterministic: Optional[bool] = None  # fallback: the replay draws no random numbers
     pool_indices: Optional[Tensor] = None  # pooling: the argmax positions of max pooling

@@ -378,3 +378,12 @@ def test_real_models_script_times_each_step_after_one_of_its_kind(monkeypatch, t
     printed = capsys.readouterr().out
     if real_models.resource is not None:  # the page faults of the timed steps, per method
         assert "minor page faults per timed step (median): plain " in printed and ", DiagGGNApprox " in printed
+
+
+def test_real_sizes_times_one_model_and_names_its_slow_paths(capsys):
+    pytest.importorskip("torchvision")
+    from benchmarks import real_sizes
+
+    real_sizes.run("tv.resnet18", 32, 2)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("tv.resnet18 (32×32, batch 2): plain ") and "DiagGGNApprox" in line

@@ -461,3 +461,88 @@ class HFRMSNormRule(RMSNormRule):
 
     def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         return super().param_diag(_RMSNormCall(call), name, diag)
+
+
+@register_rule_by_name("timm", "GlobalResponseNorm")
+class GlobalResponseNormRule(LayerRule):
+    """timm's ``GlobalResponseNorm`` (ConvNeXt V2): per sample and channel ``c``,
+    ``y_pc = x_pc (1 + γ_c N_c) + β_c`` with ``N_c = G_c / M``, ``G_c = ‖x_:c‖`` over the
+    ``P`` positions and ``M = mean_c G_c + ε``.
+
+    With ``u = x / G``, ``a = 1 + γ N``, ``s = γ / M``, ``t = γ G / (M² C)``:
+    ``J_(pc),(qc') = δ_cc' (δ_pq a_c + s_c x_pc u_qc) − t_c x_pc u_qc'``, so
+    ``Jᵀ m = m a + u (s A − Σ_c t_c A_c)`` with ``A_c = Σ_p m_pc x_pc``, and, with
+    ``r = s − t``,
+    ``Σ d J² = d_q (a + r x_q u_q)² + r² u_q² Σ_{p≠q} d_p x_p² + u_q² Σ_{c''≠c} t² Σ_p d x²``:
+    non-negative terms, the sums over others from exclusive sums (nothing cancels).
+    The module is one operation (its whole Jacobian, not its operations).
+    """
+
+    def accepts(self, module: nn.Module) -> bool:
+        return (tuple(getattr(module, "spatial_dim", ())), getattr(module, "channel_dim", None)) in (
+            ((1, 2), -1), ((2, 3), 1),
+        ) and isinstance(getattr(module, "eps", None), float)
+
+    @staticmethod
+    def _channels_last(module: nn.Module, t: Tensor, lead: int) -> Tensor:
+        """``[*lead, N, …] → [*lead, N, P, C]`` (``lead`` leading axes before the batch axis)."""
+        if module.channel_dim == 1:
+            t = t.movedim(lead + 1, -1)
+        return t.flatten(lead + 1, lead + 2)
+
+    @staticmethod
+    def _back(module: nn.Module, t: Tensor, shape: torch.Size, lead: int) -> Tensor:
+        """The inverse of :meth:`_channels_last`, to ``[*lead, *shape]``."""
+        if module.channel_dim == 1:
+            n, c, h, w = shape
+            return t.unflatten(lead + 1, (h, w)).movedim(-1, lead + 1)
+        return t.reshape(*t.shape[:lead], *shape)
+
+    def _terms(self, call: Operation) -> tuple[Tensor, ...]:
+        """``x`` ``[N, P, C]``, ``u``, ``N_c``, ``a``, ``s``, ``t`` (``[N, 1, C]``), cached per pass."""
+        cached = call.scratch.grn
+        if cached is not None:
+            return cached
+        m = call.module
+        x = self._channels_last(m, call.input.detach(), 0)
+        g = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # [N, 1, C]
+        big_m = g.mean(-1, keepdim=True) + m.eps  # [N, 1, 1]
+        gamma = m.weight.detach()
+        u = torch.where(g > 0, x / g.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+        norm = g / big_m
+        a, s = 1 + gamma * norm, gamma / big_m
+        t = gamma * g / (big_m.square() * x.shape[-1])
+        call.scratch.grn = (x, u, norm, a, s, t)
+        return call.scratch.grn
+
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        x, u, _, a, s, t = self._terms(call)
+        m = self._channels_last(call.module, mat, 1)  # [V, N, P, C]
+        big_a = (m * x).sum(2, keepdim=True)  # [V, N, 1, C]
+        pulled = m * a + u * (s * big_a - (t * big_a).sum(-1, keepdim=True))
+        return self._back(call.module, pulled, call.input.shape, 1)
+
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        x, _, norm, _, _, _ = self._terms(call)
+        m = self._channels_last(call.module, mat, 1)
+        if name == "bias":
+            return m.sum(2)
+        return (m * x).sum(2) * norm[:, 0]
+
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
+        from curvhook.rules.tensor_ops import sum_of_others
+
+        x, u, _, a, s, t = self._terms(call)
+        d = self._channels_last(call.module, diag, 0)  # [N, P, C]
+        r = s - t
+        dx2 = d * x.square()
+        own = d * (a + r * x * u).square() + (r * u).square() * sum_of_others(dx2, 1)
+        cross = u.square() * sum_of_others(t.square() * dx2.sum(1, keepdim=True), 2)
+        return self._back(call.module, own + cross, call.input.shape, 0)
+
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
+        x, _, norm, _, _, _ = self._terms(call)
+        d = self._channels_last(call.module, diag, 0)
+        if name == "bias":
+            return d.sum((0, 1))
+        return (d * x.square()).sum(1).mul(norm[:, 0].square()).sum(0)

@@ -1004,12 +1004,12 @@ def _normalize_diag(call: Operation, value: Tensor) -> Optional[Tensor]:
     small = torch.linalg.vector_norm(x, dim=dim, keepdim=True) < eps  # as F.normalize's clamp_min(eps)
     r_sq = torch.where(small, 1.0, r_sq)
     y_sq = x_sq / r_sq
-    others = _sum_of_others(x_sq, dim) / r_sq  # 1 − y_i²
-    diag = (value * others.square() + y_sq * _sum_of_others(value * y_sq, dim)) / r_sq
+    others = sum_of_others(x_sq, dim) / r_sq  # 1 − y_i²
+    diag = (value * others.square() + y_sq * sum_of_others(value * y_sq, dim)) / r_sq
     return torch.where(small, value / (eps * eps), diag)
 
 
-def _sum_of_others(a: Tensor, dim: int) -> Tensor:
+def sum_of_others(a: Tensor, dim: int) -> Tensor:
     """``Σ_{o≠i} a_o`` along ``dim`` for every ``i``, from exclusive prefix and suffix sums
     (no subtraction: for ``a ≥ 0`` exact to rounding, however large ``a_i``)."""
     size = a.shape[dim]
