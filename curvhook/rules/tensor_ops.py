@@ -681,8 +681,10 @@ class TensorOpRule(LayerRule):
         x = call.inputs[slot].detach()
         is_first = isinstance(first, Slot) and first == slot
         if name in QUOTIENTS:
-            if not is_first:
-                return None  # ∂(a/b)/∂b = -a/b²: the generic path
+            if call.kwargs.get("rounding_mode") is not None:
+                return None
+            if not is_first:  # ∂(a/b)/∂b = −a/b², b broadcast: one entry of b per output entry
+                return _sum_to(value * (other / x.square()).square(), x)
             return _sum_to(value / other**2, x)  # the transposed product, broadcasting undone
         elif name in PRODUCTS:
             return _sum_to(value * other**2, x)

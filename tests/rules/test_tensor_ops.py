@@ -1379,3 +1379,56 @@ def test_an_einsum_over_the_batch_axis_is_refused():
     with pytest.raises(UnsupportedModelError, match="samples"):
         with extend(model, DiagGGNApprox()):
             nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+class NormalizedBySum(nn.Module):
+    """ConViT's and EfficientViT's normalization by a sum: ``a / a.sum(-1, keepdim=True)`` (and
+    in place, ``a /= s``), the divisor batched and broadcast."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.inplace = inplace
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = torch.sigmoid(self.fc(x)) + 0.1
+        s = a.sum(-1, keepdim=True)
+        if self.inplace:
+            a = a * 1.0
+            a /= s
+        else:
+            a = a / s
+        return self.head(a)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_batched_divisor_takes_a_closed_form(monkeypatch, n, inplace):
+    """``Σ_o d_o J_ob²`` with ``J_ob = −a_o / b_o²`` (``b`` broadcast: one entry per output
+    entry), summed to ``b``'s shape. Before, dense per-sample Jacobians."""
+
+    def dense(call):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    torch.manual_seed(0)
+    model = NormalizedBySum(inplace).to(DT)
+    X, y = torch.randn(n, 2, 4, dtype=DT), torch.randint(0, 3, (n, 2))
+    crit = lambda out, t: nn.CrossEntropyLoss()(out.flatten(0, 1), t.flatten())  # noqa: E731
+    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
+    with extend(model, DiagGGNApprox()):
+        crit(model(X), y).backward()
+    monkeypatch.undo()
+    X2, y2 = torch.randn(n, 4, dtype=DT), torch.randint(0, 3, (n,))
+    assert_exact(model, X2, y2, nn.CrossEntropyLoss())
+    if not inplace:
+        check_graph_against_reference(model, X2, y2)
+        return
+    # (the graph reference misreads in-place operations: the same network out of place)
+    twin = NormalizedBySum(False).to(DT)
+    twin.load_state_dict(model.state_dict())
+    found = []
+    for m in (model, twin):
+        with extend(m, DiagGGNApprox()):
+            nn.CrossEntropyLoss()(m(X2), y2).backward()
+        found.append(torch.cat([p.diag_ggn_approx.flatten() for p in m.parameters()]))
+    torch.testing.assert_close(found[0], found[1], rtol=1e-12, atol=0)
