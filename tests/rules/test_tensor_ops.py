@@ -1167,6 +1167,23 @@ def test_in_place_writes_through_views_it_cannot_replay_are_refused_by_name(form
             nn.CrossEntropyLoss()(model(X), y).backward()
 
 
+def _exact_without_dense_jacobians(model, X, y, monkeypatch, moved_axes: bool = False, graph: bool = True) -> None:
+    """DiagGGNApprox with no operation taking dense per-sample Jacobians (the warning that
+    announces them raises), then DiagGGNApprox by its definition (unless ``graph`` is off)
+    and the exact extensions against torch.func."""
+
+    def dense(call):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
+    with extend(model, DiagGGNApprox()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    monkeypatch.undo()
+    if graph:
+        check_graph_against_reference(model, X, y, moved_axes=moved_axes)
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+
+
 class OneTokenNorm(nn.Module):
     """LeViT's ``LinearNorm`` at its last stage, one token: ``bn(x.flatten(0, 1)).reshape_as(x)``
     of ``[N, 1, C]``. A reshape whose input and output both lead with ``N`` keeps each sample's
@@ -1186,18 +1203,10 @@ class OneTokenNorm(nn.Module):
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_reshapes_that_keep_the_leading_batch_size_take_no_dense_jacobians(monkeypatch, n):
-    def dense(self, call, *args):
-        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
-
     torch.manual_seed(0)
     model = OneTokenNorm().to(DT).eval()
     X, y = torch.randn(n, 1, 4, dtype=DT), torch.randint(0, 3, (n,))
-    monkeypatch.setattr(tensor_ops.TensorOpRule, "_exact_diag", dense)
-    with extend(model, DiagGGNApprox()):
-        nn.CrossEntropyLoss()(model(X), y).backward()
-    monkeypatch.undo()
-    check_graph_against_reference(model, X, y)
-    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    _exact_without_dense_jacobians(model, X, y, monkeypatch)
 
 
 class CosineAttention(nn.Module):
@@ -1233,19 +1242,10 @@ def test_normalize_and_pointwise_functions_of_parameters_take_closed_forms(monke
     functions of tensors computed from parameters (``σ'(w)² ⊙ d_n``) and ``F.linear`` with a bias
     computed from parameters (``Σ_p d_np``): before, DiagGGNApprox took dense per-sample Jacobians
     of each (of size ``[L·d]²`` per window for ``normalize`` at Swin V2's real sizes)."""
-
-    def dense(self, call, *args):
-        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
-
     torch.manual_seed(0)
     model = CosineAttention(dim).to(DT)
     X, y = torch.randn(n, 3, 4, dtype=DT), torch.randint(0, 3, (n,))
-    monkeypatch.setattr(tensor_ops, "_warn_dense_once", lambda call: dense(None, call))
-    with extend(model, DiagGGNApprox()):
-        nn.CrossEntropyLoss()(model(X), y).backward()
-    monkeypatch.undo()
-    check_graph_against_reference(model, X, y, moved_axes=True)  # (the heads' permute moves the batch axis)
-    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    _exact_without_dense_jacobians(model, X, y, monkeypatch, moved_axes=True)  # (the heads' permute moves the batch axis)
 
 
 class DominantNormalize(nn.Module):
@@ -1300,22 +1300,13 @@ def test_roll_flip_and_normalize_below_eps_take_closed_forms(monkeypatch, n):
     """Before, ``roll`` and ``flip`` with ``dims=`` as a keyword were not known to keep samples
     apart, and ``F.normalize`` with a norm below ``eps`` took dense per-sample Jacobians: on
     torchvision's ``swin_v2_t`` at 64×64 one DiagGGNApprox step ran out of memory (24 GB)."""
-
-    def dense(call):
-        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
-
     torch.manual_seed(0)
     model = ShiftedWindows().to(DT)
     with torch.no_grad():
         model.fc.bias.zero_()
     X, y = torch.randn(n, 4, 4, 3, dtype=DT), torch.randint(0, 3, (n,))
     X[:, 0] = 0  # zero tokens: rows of norm 0 < eps
-    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
-    with extend(model, DiagGGNApprox()):
-        nn.CrossEntropyLoss()(model(X), y).backward()
-    monkeypatch.undo()
-    check_graph_against_reference(model, X, y)
-    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    _exact_without_dense_jacobians(model, X, y, monkeypatch)
 
 
 class EinsumAttention(nn.Module):
@@ -1346,19 +1337,10 @@ def test_einsums_take_closed_forms(monkeypatch, n):
     operand entry at most once: the squared Jacobian is the sum with the other operand
     squared (``Σ_o d_o J_oi²`` by one ``vjp``). Before, dense per-sample Jacobians: one
     DiagGGNApprox step of torchvision's ``maxvit_t`` at 224×224 ran out of memory."""
-
-    def dense(call):
-        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
-
     torch.manual_seed(0)
     model = EinsumAttention().to(DT)
     X, y = torch.randn(n, 2, 3, 4, dtype=DT), torch.randint(0, 3, (n,))
-    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
-    with extend(model, DiagGGNApprox()):
-        nn.CrossEntropyLoss()(model(X), y).backward()
-    monkeypatch.undo()
-    check_graph_against_reference(model, X, y, moved_axes=True)
-    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    _exact_without_dense_jacobians(model, X, y, monkeypatch, moved_axes=True)
 
 
 class EinsumOverTheBatch(nn.Module):
@@ -1406,22 +1388,11 @@ class NormalizedBySum(nn.Module):
 def test_a_batched_divisor_takes_a_closed_form(monkeypatch, n, inplace):
     """``Σ_o d_o J_ob²`` with ``J_ob = −a_o / b_o²`` (``b`` broadcast: one entry per output
     entry), summed to ``b``'s shape. Before, dense per-sample Jacobians."""
-
-    def dense(call):
-        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
-
     torch.manual_seed(0)
     model = NormalizedBySum(inplace).to(DT)
-    X, y = torch.randn(n, 2, 4, dtype=DT), torch.randint(0, 3, (n, 2))
-    crit = lambda out, t: nn.CrossEntropyLoss()(out.flatten(0, 1), t.flatten())  # noqa: E731
-    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
-    with extend(model, DiagGGNApprox()):
-        crit(model(X), y).backward()
-    monkeypatch.undo()
     X2, y2 = torch.randn(n, 4, dtype=DT), torch.randint(0, 3, (n,))
-    assert_exact(model, X2, y2, nn.CrossEntropyLoss())
+    _exact_without_dense_jacobians(model, X2, y2, monkeypatch, graph=not inplace)
     if not inplace:
-        check_graph_against_reference(model, X2, y2)
         return
     # (the graph reference misreads in-place operations: the same network out of place)
     twin = NormalizedBySum(False).to(DT)
