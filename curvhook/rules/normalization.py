@@ -475,7 +475,8 @@ class GlobalResponseNormRule(LayerRule):
     ``r = s − t``,
     ``Σ d J² = d_q (a + r x_q u_q)² + r² u_q² Σ_{p≠q} d_p x_p² + u_q² Σ_{c''≠c} t² Σ_p d x²``:
     non-negative terms, the sums over others from exclusive sums (nothing cancels).
-    The module is one operation (its whole Jacobian, not its operations).
+    The module is one operation (its whole Jacobian, not its operations). Inputs that
+    are not 4-d (timm's module runs on more axes) go to the exact generic fallback.
     """
 
     def accepts(self, module: nn.Module) -> bool:
@@ -516,6 +517,8 @@ class GlobalResponseNormRule(LayerRule):
         return call.scratch.grn
 
     def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        if call.input.dim() != 4:
+            return _fallback().jac_t_mat_prod(call, mat)
         x, u, _, a, s, t = self._terms(call)
         m = self._channels_last(call.module, mat, 1)  # [V, N, P, C]
         big_a = (m * x).sum(2, keepdim=True)  # [V, N, 1, C]
@@ -523,6 +526,8 @@ class GlobalResponseNormRule(LayerRule):
         return self._back(call.module, pulled, call.input.shape, 1)
 
     def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        if call.input.dim() != 4:
+            return _fallback().param_jac_t_mat_prod(call, name, mat)
         x, _, norm, _, _, _ = self._terms(call)
         m = self._channels_last(call.module, mat, 1)
         if name == "bias":
@@ -530,6 +535,8 @@ class GlobalResponseNormRule(LayerRule):
         return (m * x).sum(2) * norm[:, 0]
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
+        if call.input.dim() != 4:
+            return _fallback().diag_jac_t_diag_jac(call, diag)
         from curvhook.rules.tensor_ops import sum_of_others
 
         x, u, _, a, s, t = self._terms(call)
@@ -541,8 +548,16 @@ class GlobalResponseNormRule(LayerRule):
         return self._back(call.module, own + cross, call.input.shape, 0)
 
     def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
+        if call.input.dim() != 4:
+            return _fallback().param_diag(call, name, diag)
         x, _, norm, _, _, _ = self._terms(call)
         d = self._channels_last(call.module, diag, 0)
         if name == "bias":
             return d.sum((0, 1))
         return (d * x.square()).sum(1).mul(norm[:, 0].square()).sum(0)
+
+
+def _fallback() -> LayerRule:
+    from curvhook.rules.fallback import FALLBACK  # the fallback imports the registry
+
+    return FALLBACK

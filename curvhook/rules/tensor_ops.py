@@ -942,10 +942,12 @@ def _linear_pullback(call: Operation, value: Tensor, slot: int, squared: bool) -
 
 
 def _einsum_subscripts(call: Operation) -> Optional[tuple[str, str, str]]:
-    """``(a, b, out)`` of ``torch.einsum("a,b->out", x, y)`` where it keeps samples apart:
-    two distinct tensor operands given one by one, explicit output, no ellipsis, no
-    label twice in one operand (a diagonal), and every batched operand's first label the
-    output's first (the batch axis). ``None`` for any other form."""
+    """``(a, b, out)`` of ``torch.einsum("a,b->out", x, y)`` where it keeps samples apart and
+    each output entry reads each operand entry at most once, times one entry of the other
+    operand: two distinct tensor operands given one by one, explicit output, no ellipsis,
+    no label twice in one operand (a diagonal), every label of an operand in the other
+    operand or the output (none summed out of one operand alone), and every batched
+    operand's first label the output's first (the batch axis). ``None`` for any other form."""
     args = call.args
     if call.kwargs or len(args) != 3 or not isinstance(args[0], str):
         return None
@@ -959,6 +961,8 @@ def _einsum_subscripts(call: Operation) -> Optional[tuple[str, str, str]]:
     parts = ins.split(",")
     if len(parts) != 2 or not out or any(len(set(p)) != len(p) for p in (*parts, out)):
         return None
+    if any(label not in other and label not in out for p, other in (parts, parts[::-1]) for label in p):
+        return None  # summed out of one operand alone ("bi,bj->bi"): J_oi is a sum of the other's entries
     for p, slot in zip(parts, (a_slot, b_slot)):
         if call.inputs[slot].dim() != len(p):
             return None

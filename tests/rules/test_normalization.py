@@ -20,6 +20,7 @@ from curvhook.extensions import BatchJacobian, DiagGGN
 from helpers import (
     layer_table_tests,
     CLASSES,
+    assert_exact,
     DT,
     check_against_reference,
     check_graph_against_reference,
@@ -423,3 +424,31 @@ def test_global_response_norm_has_a_rule(channels_last, dead, n, monkeypatch):
     model = GRNNet(channels_last, dead).double()
     X, y = torch.randn(n, 2, 3, 3, dtype=torch.float64), torch.randint(0, 3, (n,))
     check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
+
+
+class GRNOnFiveAxes(nn.Module):
+    """timm's ``GlobalResponseNorm`` (channels last) on ``[N, 2, 3, 1, C]``: it norms over axes
+    1 and 2 only. The closed form covers 4-d inputs; others take the exact generic path."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers.grn import GlobalResponseNorm
+
+        self.fc, self.grn, self.head = nn.Linear(3, 4), GlobalResponseNorm(4), nn.Linear(2 * 3 * 4, 3)
+        with torch.no_grad():
+            self.grn.weight.normal_()
+            self.grn.bias.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 2, 3, 1, 3]
+        return self.head(torch.tanh(self.grn(self.fc(x))).flatten(1))
+
+
+def test_global_response_norm_on_other_ranks_takes_the_exact_path():
+    """(Found by review: the rule read any input as 4-d; on 5-d inputs its parameters' results
+    had the wrong shape and the layers before it got wrong DiagGGNApprox.)"""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = GRNOnFiveAxes().double()
+    X, y = torch.randn(3, 2, 3, 1, 3, dtype=torch.float64), torch.randint(0, 3, (3,))
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
+    check_graph_against_reference(model, X, y)

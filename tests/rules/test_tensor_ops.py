@@ -1403,3 +1403,30 @@ def test_a_batched_divisor_takes_a_closed_form(monkeypatch, n, inplace):
             nn.CrossEntropyLoss()(m(X2), y2).backward()
         found.append(torch.cat([p.diag_ggn_approx.flatten() for p in m.parameters()]))
     torch.testing.assert_close(found[0], found[1], rtol=1e-12, atol=0)
+
+
+class EinsumSummingOneOperand(nn.Module):
+    """``einsum("bi,bj->bi", a, c)``: ``j`` is summed out of ``c`` alone, so ``J_a`` holds
+    ``Σ_j c_j``, a sum of the other operand's entries, not one of them (no closed form)."""
+
+    def __init__(self, spec: str):
+        super().__init__()
+        self.spec = spec
+        self.l1, self.l3, self.head = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(3, 3)
+        self.w = nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.spec == "bi,kj->bi":  # a parameter summed out
+            return self.head(torch.tanh(torch.einsum(self.spec, self.l1(x), self.w)))
+        return self.head(torch.tanh(torch.einsum(self.spec, self.l1(x), self.l3(x))))
+
+
+@pytest.mark.parametrize("spec", ["bi,bj->bi", "bi,bj->bj", "bi,kj->bi"])
+def test_an_einsum_label_summed_out_of_one_operand_takes_the_exact_path(spec):
+    """(Found by review: the closed form squared each entry of the other operand where the
+    Jacobian holds their sum; DiagGGNApprox was wrong by up to 77%.)"""
+    torch.manual_seed(0)
+    model = EinsumSummingOneOperand(spec).to(DT)
+    X, y = torch.randn(3, 4, dtype=DT), torch.randint(0, 3, (3,))
+    check_graph_against_reference(model, X, y)
+    assert_exact(model, X, y, nn.CrossEntropyLoss())
