@@ -785,12 +785,9 @@ class TensorOpRule(LayerRule):
         if call.input_kinds[other] != BATCHED:
             return None
         w, x_sq = call.inputs[slot].detach(), call.inputs[other].detach().square()
-        first = slot == a_slot
 
         def one(x_n: Tensor, d_n: Tensor) -> Tensor:
-            x_n = x_n.unsqueeze(0)
-            f = (lambda t: torch.einsum(spec, t, x_n)) if first else (lambda t: torch.einsum(spec, x_n, t))
-            _, pull = vjp(f, w)
+            _, pull = vjp(_einsum_of(spec, slot == a_slot, x_n.unsqueeze(0)), w)
             return pull(d_n.unsqueeze(0))[0]
 
         return _guard(call, lambda: vmap(one)(x_sq, value))
@@ -821,8 +818,7 @@ class TensorOpRule(LayerRule):
                 # bias table by einsum with constant matrices)
                 spec, a_slot, b_slot = call.args
                 other_sq = call.inputs[b_slot if slot == a_slot else a_slot].detach().square()
-                f = (lambda t: torch.einsum(spec, t, other_sq)) if slot == a_slot else (lambda t: torch.einsum(spec, other_sq, t))
-                _, pull = vjp(f, w)
+                _, pull = vjp(_einsum_of(spec, slot == a_slot, other_sq), w)
                 return _guard(call, lambda: vmap(lambda d: pull(d)[0])(value))
             if call.func_name in STRUCTURAL and not isinstance(value, list) and call.uses(slot) == 1:
                 # entries 0 or ±1, one sign per input (``γ.reshape(1, -1, 1, 1)``): |Jᵀ d| per sample
@@ -981,11 +977,13 @@ def _einsum_diag(call: Operation, value, slot: int) -> Optional[Tensor]:
     spec, a_slot, b_slot = call.args
     other = b_slot if slot == a_slot else a_slot
     x, y_sq = call.inputs[slot].detach(), call.inputs[other].detach().square()
-    if slot == a_slot:
-        _, pull = vjp(lambda t: torch.einsum(spec, t, y_sq), x)
-    else:
-        _, pull = vjp(lambda t: torch.einsum(spec, y_sq, t), x)
+    _, pull = vjp(_einsum_of(spec, slot == a_slot, y_sq), x)
     return pull(value)[0]
+
+
+def _einsum_of(spec: str, first: bool, other: Tensor) -> Callable[[Tensor], Tensor]:
+    """``t ↦ einsum(spec, t, other)`` (``first``) or ``t ↦ einsum(spec, other, t)``."""
+    return (lambda t: torch.einsum(spec, t, other)) if first else (lambda t: torch.einsum(spec, other, t))
 
 
 def _normalize_diag(call: Operation, value: Tensor) -> Optional[Tensor]:
