@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 from torch import Tensor, nn
 
@@ -43,7 +43,9 @@ _PERMUTING = frozenset({
 _SCALINGS = PRODUCTS | ADDITIONS | SUBTRACTIONS | REVERSED_SUBTRACTIONS
 
 
-def as_operations(leaf: Operation, module: nn.Module, ops: list[Operation], output: Any) -> Optional[list[Operation]]:
+def as_operations(
+    leaf: Operation, module: nn.Module, ops: list[Operation], output: Any, shared_keys: Collection = (),
+) -> Optional[list[Operation]]:
     """The operations that stand for a leaf call without a rule, or ``None`` to keep the leaf.
 
     Args:
@@ -51,6 +53,9 @@ def as_operations(leaf: Operation, module: nn.Module, ops: list[Operation], outp
         module: The module called.
         ops: The tensor operations recorded while its ``forward`` ran, in order.
         output: What its ``forward`` returned.
+        shared_keys: The keys of the tensors computed without the batch (from parameters
+            and fixed constants); an operation on constants whose output is not among
+            them carries the batch axis (BART's learned positions ``[N, L]`` looked up).
 
     Returns:
         ``ops`` when they form a chain that keeps the module's diagonal (see the
@@ -63,6 +68,8 @@ def as_operations(leaf: Operation, module: nn.Module, ops: list[Operation], outp
     # On constants only (frozen features, torchvision's LayerNorm2d after a frozen stem), the
     # chain starts where its first operation reads one (nothing travels back to the input).
     current, end = (batched[0] if batched else None), key_of(output)
+    if current is not None and ops and not any(current in op.input_keys for op in ops):
+        current = None  # the input gives only a shape (BART's encoder positions read inputs_embeds.shape)
     n = leaf.inputs[leaf.input_kinds.index(BATCHED)].shape[0] if batched else output.shape[0]
     params = {id(p) for p in module.parameters() if p.requires_grad}
     if not ops:
@@ -86,9 +93,21 @@ def as_operations(leaf: Operation, module: nn.Module, ops: list[Operation], outp
                 return None  # a shared tensor from outside the module: the leaf holds it fixed
             used[("shared", id(t) if id(t) in params else op.input_keys[i])] += op.uses(i)
         if not slots:  # computed from parameters (and constants) only
-            if not _monomial(op, None):
+            if _monomial(op, None):
+                produced_shared.add(op.output_keys[0])
+                continue
+            if current is not None or general:
                 return None
-            produced_shared.add(op.output_keys[0])
+            # the general operation, on parameters and constants: BART's and OPT's learned
+            # positions (the positions made from the input, then F.embedding), an output with
+            # the batch axis, or without it (from fixed constants: positions [1, L] at N = 1)
+            general = True
+            if op.output_keys[0] in shared_keys:
+                produced_shared.add(op.output_keys[0])
+            elif op.output_shapes[0] and op.output_shapes[0][0] == n:
+                current = op.output_keys[0]
+            else:
+                return None  # (positions [1, L] beside a batch of N > 1: the leaf broadcasts them)
             continue
         if current is None and len(slots) == 1 and op.input_nodes[slots[0]] is None:
             current = op.input_keys[slots[0]]  # a constant read with the parameters
@@ -104,8 +123,10 @@ def as_operations(leaf: Operation, module: nn.Module, ops: list[Operation], outp
         elif has_shared and not general:
             shared_before_general = True
         current = op.output_keys[0]
-    ends = current == end and seen_params == params
-    return ops if ends and _each_used_once(used, len(seen_params) + len(produced_shared)) else None
+    shared_end = current is None and end in produced_shared  # computed from parameters alone
+    ends = (current == end or shared_end) and seen_params == params
+    expected = len(seen_params) + len(produced_shared) - shared_end  # (the output is not used inside)
+    return ops if ends and _each_used_once(used, expected) else None
 
 
 def _each_used_once(used: Counter, expected: int) -> bool:

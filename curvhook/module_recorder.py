@@ -271,7 +271,7 @@ class ModuleRecorder:
         ):
             return  # a container: its children and operations are recorded
         if not frame.has_children and frame.records_inside:
-            kept = as_operations(op, module, trace.operations[frame.start :], output)
+            kept = as_operations(op, module, trace.operations[frame.start :], output, trace.shared_keys)
             if kept is not None:  # the module counts as the operations it ran (curvhook/leaf_operations.py)
                 return
         if trace.moved_axes:  # operations inside a leaf are part of it, also where they moved the batch axis

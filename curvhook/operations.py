@@ -35,7 +35,7 @@ STRUCTURAL = frozenset({
     "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "__getitem__",
     "expand", "expand_as", "view_as", "reshape_as", "narrow", "select", "cat", "concat",
     "concatenate", "stack", "hstack", "split", "chunk", "unbind", "tensor_split", "to",
-    "float", "double", "type_as", "__get__", "repeat", "tile", "flip", "roll", "sum",
+    "float", "double", "type_as", "__get__", "repeat", "tile", "flip", "roll", "sum", "t",
     "neg", "__neg__", "negative", "positive", "__pos__", "__setitem__",
     "masked_fill", "masked_fill_", "where", "pad",
 }) | ADDITIONS | SUBTRACTIONS | REVERSED_SUBTRACTIONS
@@ -59,13 +59,17 @@ SOFTMAXES = frozenset({"softmax", "log_softmax"})
 NORMALIZES = frozenset({"normalize"})
 # Two-operand Einstein sums (MaxViT's ``einsum("bghid,bghjd->bghij", q, k)``).
 EINSUMS = frozenset({"einsum"})
-KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS | SOFTMAXES | NORMALIZES | EINSUMS
+# Each output entry is one entry of the first argument, picked by a constant integer index
+# along a dim that is not the batch axis (``x.gather(-1, idx)``: DeBERTa's relative
+# positions): entries 0 or 1, an entry of ``x`` maybe picked several times.
+SELECTIONS = frozenset({"gather", "take_along_dim", "index_select"})
+KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS | SOFTMAXES | NORMALIZES | EINSUMS | SELECTIONS
 # Operations with a ``dim`` that must not be the batch axis.
 DIM_OPERATIONS = frozenset({
     "cat", "concat", "concatenate", "stack", "split", "chunk", "unbind", "tensor_split",
     "sum", "mean", "select", "narrow", "squeeze", "unsqueeze", "flatten", "transpose",
-    "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "flip", "roll", "pad",
-}) | SOFTMAXES | NORMALIZES
+    "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "flip", "roll", "pad", "t",
+}) | SOFTMAXES | NORMALIZES | SELECTIONS
 # Operations that take an integer index of the input's rank along ``dim``
 # (``h.gather(1, idx)``): an index with one row per sample belongs to its sample.
 INDEXED_ALONG_DIM = frozenset({

@@ -133,7 +133,8 @@ def apply_node(node: Any, value: Tensor) -> Tensor:
     into = node_kernels.apply_into(node, value)
     if into is not None:
         return into
-    out = node(value)
+    # (a custom autograd.Function's node, BLOOM's GeLUFunctionBackward, is not callable: its apply runs backward)
+    out = node(value) if callable(node) else node.apply(value)
     out = out[0] if isinstance(out, tuple) else out
     if out is None:  # a node this backward pass does not run gives no gradient
         raise partial_backward_error(node.name())

@@ -153,6 +153,7 @@ HF_ACTIVATIONS = (
     "NewGELUActivation", "GELUActivation", "FastGELUActivation", "QuickGELUActivation",
     "ClippedGELUActivation", "AccurateGELUActivation", "GELUTanh", "PytorchGELUTanh",
     "MishActivation", "LinearActivation", "LaplaceActivation", "ReLUSquaredActivation", "SiLUActivation",
+    "BloomGelu",  # a custom autograd.Function (torch.func refuses it): its one node gives σ'(x)
 )
 
 

@@ -308,6 +308,11 @@ class EmbeddingFunction(FunctionalRule):
         x, w = args["input"], args["weight"]
         if isinstance(value, list) or not isinstance(w, Slot) or args["max_norm"] is not None or args["scale_grad_by_freq"]:
             return None
+        if not (isinstance(x, Slot) and call.input_kinds[x] == BATCHED):
+            # indices without the batch axis (positions [1, L] of a batch of N > 1): the output
+            # is computed from the weight alone, one value per sample of it; the module rule
+            # reads one row of indices per sample (it crashed, or gave FullGGN wrong numbers)
+            return None
         return _ModuleCall(call, self.module(call, args), _value(call, x)), args
 
 
@@ -335,9 +340,21 @@ class AttentionFunction(TensorOpRule):
             args["dropout_p"] == 0 and bool(batched) and len(batched) + len(frozen) == 3
             and all(call.inputs[t].dim() == out_rank and call.inputs[t].shape[0] == n for t in batched)
             # shared by the samples, or a constant per sample (a padding mask), cut by sample
-            and (mask is None or mask.dim() < out_rank or mask.shape[0] == 1 or self._mask_per_sample(call) is not None)
-            and (not isinstance(args["attn_mask"], Slot) or call.input_kinds[args["attn_mask"]] != BATCHED)
+            and (mask is None or mask.dim() < out_rank or mask.shape[0] == 1 or self._mask_per_sample(call) is not None
+                 or self._batched_mask(call) is not None)
         )
+
+    @staticmethod
+    def _batched_mask(call: Operation) -> Optional[int]:
+        """The slot of an added mask computed from the batch, ``[N, H or 1, L, S]``: HF Swin's
+        shift mask copied for every sample (``repeat``) plus the relative position bias, on
+        windows merged with the batch axis. Sample ``n`` reads ``mask[n]``, as it reads ``q[n]``."""
+        args = _bind(call, SDPA_ARGS, {"attn_mask": None})
+        mask, q = args["attn_mask"], args.get("query")
+        if not (isinstance(mask, Slot) and isinstance(q, Slot)) or call.input_kinds[mask] != BATCHED:
+            return None
+        m, x = call.inputs[mask], call.inputs[q]
+        return mask if m.is_floating_point() and m.dim() == x.dim() and m.shape[0] == x.shape[0] else None
 
     @staticmethod
     def _mask_per_sample(call: Operation) -> Optional[int]:
@@ -403,13 +420,14 @@ class SplitAttentionFunction(AttentionFunction):
         # an added mask computed from parameters (T5's relative position bias) gets the
         # diagonal at the scores, per sample, summed to its shape
         shared_mask = isinstance(mask, Slot) and call.input_kinds[mask] == SHARED and mask not in slots
+        batched_mask = mask is not None and mask not in slots and self._batched_mask(call) == mask
         frozen = self._frozen_per_sample(call)
         if (
             isinstance(value, list) or not call.known_per_sample or call.batch_axes is not None
             # each of q, k, v batched, or a frozen constant with one slice per sample
             or not all(isinstance(t, Slot) and call.input_kinds[t] == BATCHED or t in frozen for t in slots)
             or not any(call.input_kinds[t] == BATCHED for t in slots)
-            or (isinstance(mask, Slot) and call.input_kinds[mask] != CONST and not shared_mask)
+            or (isinstance(mask, Slot) and call.input_kinds[mask] != CONST and not (shared_mask or batched_mask))
             or set(call.kwargs) - set(SDPA_ARGS) - {"enable_gqa"}
         ):
             return None
@@ -420,8 +438,10 @@ class SplitAttentionFunction(AttentionFunction):
             padded = (1,) * (value.dim() - mask_value.dim()) + tuple(mask_value.shape)
             if padded[0] != 1:  # a shared tensor along the batch axis: the generic rule
                 return None
+        elif batched_mask:
+            mask_value = mask_value.detach()
         diags = attention_diagonals(
-            q, k, v, value, mask_value, bool(args["is_causal"]), args["scale"], with_scores=shared_mask
+            q, k, v, value, mask_value, bool(args["is_causal"]), args["scale"], with_scores=shared_mask or batched_mask
         )
         results: dict[int, Tensor] = {}
         for t, d in zip(slots, diags):
@@ -430,6 +450,8 @@ class SplitAttentionFunction(AttentionFunction):
         if shared_mask:
             d_s, n = diags[3], value.shape[0]
             results[mask] = d_s.sum_to_size(n, *padded[1:]).reshape(n, *mask_value.shape)
+        elif batched_mask:  # ∂S/∂mask = I per sample, summed over the axes the mask is broadcast along
+            results[mask] = diags[3].sum_to_size(mask_value.shape)
         call.scratch.attention = ("sdpa_split", value, results)
         return results
 

@@ -46,7 +46,7 @@ from curvhook.errors import UnsupportedModelError, out_of_memory_error
 from curvhook.mask_index import gather_entry, mask_selection_hint
 from curvhook.operations import (
     ADDITIONS, BROADCASTING, CHANGE_RANK, DIM_OPERATIONS, EINSUMS, ELEMENTWISE, INDEXED_ALONG_DIM, KNOWN, MATMULS,
-    MEANS, NORMALIZES, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SAMPLE_ALIGNED, SOFTMAXES, STRUCTURAL,
+    MEANS, NORMALIZES, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SAMPLE_ALIGNED, SELECTIONS, SOFTMAXES, STRUCTURAL,
     SUBTRACTIONS,
 )
 from curvhook.records import BATCHED, CONST, Operation, Slot
@@ -95,6 +95,8 @@ def _dims_avoid_batch(call: Operation) -> bool:
         dims = args[1:] if len(args) > 1 else kwargs.get("dims", ())
         dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
         return len(dims) > 0 and dims[0] % ndim == 0
+    if name == "t":  # swaps the first two axes: the batch axis, unless 1-d
+        return ndim < 2
     if name in ("transpose", "swapaxes", "swapdims", "movedim", "moveaxis"):
         dims = [a for a in args[1:3]] + [kwargs[k] for k in ("dim0", "dim1", "source", "destination") if k in kwargs]
         flat = [d for x in dims for d in (x if isinstance(x, (tuple, list)) else (x,))]
@@ -132,7 +134,7 @@ def _dims_avoid_batch(call: Operation) -> bool:
         dim = call.kwargs["dims"] if "dims" in call.kwargs else _dim_arg(call, default=None)
         dims = dim if isinstance(dim, (tuple, list)) else (dim,)
         return dim is not None and all(d % ndim != 0 for d in dims)
-    position = 2 if name in ("split", "tensor_split", "narrow", "select", "chunk", "normalize") else 1
+    position = 2 if name in ("split", "tensor_split", "narrow", "select", "chunk", "normalize", "take_along_dim") else 1
     dim = _dim_arg(call, default=1 if name == "normalize" else 0, position=position)
     return isinstance(dim, int) and dim % ndim != 0
 
@@ -187,6 +189,17 @@ def _selection_diag(call: Operation, value, slot: int) -> Optional[Tensor]:
     if sum(p.shape[dim] for p in pieces) != x.shape[dim]:
         return None
     return torch.cat(pieces, dim)
+
+
+def _selects(call: Operation, slot: int) -> bool:
+    """Whether every Jacobian entry of input ``slot`` is 0 or ±1, one sign per input entry
+    (:data:`STRUCTURAL`; the source of a :data:`SELECTIONS` call, not its index): then
+    ``Σ_o d_o J_oi² = |Jᵀ d|_i``, one backward of ``d`` instead of a Jacobian."""
+    name = call.func_name
+    if name == "embedding":  # F.embedding(indices, weight): rows of the weight (max_norm rescales them)
+        max_norm = call.args[3] if len(call.args) > 3 else call.kwargs.get("max_norm")
+        return len(call.args) > 1 and call.args[1] == slot and max_norm is None
+    return name in STRUCTURAL or (name in SELECTIONS and bool(call.args) and call.args[0] == slot)
 
 
 def _skipped(t: Tensor) -> bool:
@@ -516,7 +529,7 @@ class TensorOpRule(LayerRule):
     # ------------------------------------------------------------ diagonals
     def input_diag(self, call: Operation, value, slot: int) -> Tensor:
         """``diag(J_xᵀ diag(d) J_x)`` per sample: ``[N, *x[1:]]`` or ``[N, *w]`` (shared)."""
-        if call.batch_axes is not None and call.func_name in STRUCTURAL and call.uses(slot) == 1:
+        if call.batch_axes is not None and _selects(call, slot) and call.uses(slot) == 1:
             # entries 0 or ±1, one sign per input: Σ_o d_o J_oi² = |Jᵀ d|, the batch axis moved
             mats = [d.unsqueeze(0) for d in _diag_list(call, value)]
             return _guard(call, lambda: self._pull_whole(call, mats, slot)[0].abs())
@@ -561,7 +574,7 @@ class TensorOpRule(LayerRule):
             pulled = _selection_diag(call, value, slot)
             if pulled is not None:
                 return pulled
-        if name in STRUCTURAL or name in MEANS:
+        if _selects(call, slot) or name in MEANS:
             single = not isinstance(value, list) and len(call.inputs) == 1 and call.node is not None
             chain = self._node_chain(call, slot) if single else None
             if chain is not None:
@@ -820,7 +833,7 @@ class TensorOpRule(LayerRule):
                 other_sq = call.inputs[b_slot if slot == a_slot else a_slot].detach().square()
                 _, pull = vjp(_einsum_of(spec, slot == a_slot, other_sq), w)
                 return _guard(call, lambda: vmap(lambda d: pull(d)[0])(value))
-            if call.func_name in STRUCTURAL and not isinstance(value, list) and call.uses(slot) == 1:
+            if _selects(call, slot) and not isinstance(value, list) and call.uses(slot) == 1:
                 # entries 0 or ±1, one sign per input (``γ.reshape(1, -1, 1, 1)``): |Jᵀ d| per sample
                 _, pull = vjp(self._function(call, (slot,)), w)
                 return _guard(call, lambda: vmap(lambda d: pull((d,))[0])(value).abs())
@@ -833,6 +846,15 @@ class TensorOpRule(LayerRule):
                 jac = jac.reshape(d[0].numel(), w.numel())
                 total = total + torch.einsum("no,op->np", d.reshape(d.shape[0], -1), jac.square())
             return total.reshape(-1, *w.shape)
+        if not shared and (call.func_name == "__getitem__" or call.func_name in SELECTIONS) and _selects(call, slot) \
+                and call.uses(slot) == 1:
+            # each output entry one input entry: Jᵀ d over the whole batch, once the replay has
+            # shown that the call keeps samples apart (a per-sample gather h[arange(N), idx],
+            # BART's h[ids.eq(eos), :]: 38 GB of dense Jacobians at bart-base)
+            if not self._safe(call):
+                self.check(call)
+            mats = [d.unsqueeze(0) for d in _diag_list(call, value)]
+            return _guard(call, lambda: self._pull_whole(call, mats, slot)[0].abs())
         _warn_dense_once(call)
         if not self._safe(call):
             self.check(call)

@@ -16,6 +16,7 @@ import torch
 from curvhook import extend
 from curvhook.errors import UnsupportedModelError
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from curvhook.rules import tensor_ops
 from graph_reference import diag_ggn_approx_graph
 from helpers import fallback_spy
 from reference import check
@@ -108,7 +109,7 @@ def test_diag_ggn_approx_follows_its_definition(name):
 # module for the fallback's per-sample Jacobians.
 MERGED_ROWS = [
     "transformers.OPT", "transformers.DebertaV2", "transformers.Swin", "torchvision.swin_v2", "timm.levit_128s",
-    "timm.maxvit", "torchvision.swin",
+    "timm.maxvit", "torchvision.swin", "transformers.Swin-shifted",
 ]
 
 
@@ -117,9 +118,30 @@ def test_merged_rows_need_no_fallback(name, monkeypatch):
     served = fallback_spy(monkeypatch)
     case = _case(name)
     _run(case, DiagGGN(), DiagGGNApprox())
-    # (OPT's learned position embedding reads positions computed from the attention mask and
-    # has no rule: a leaf of its own, not a block with merged rows)
-    assert [s for s in served if s != "model.decoder.embed_positions"] == []
+    # (OPT's learned position embedding, which computes its positions from the attention mask
+    # and calls F.embedding, counts as that call since session 40: no fallback either)
+    assert served == []
+
+
+@pytest.mark.parametrize("name", [
+    "transformers.Swin-shifted", "transformers.DebertaV2", "transformers.Bart", "transformers.Bart-pairs",
+    "transformers.OPT", "transformers.GPT2-classifier",
+])
+def test_positions_and_pooling_take_no_dense_jacobians_nor_the_fallback(name, monkeypatch):
+    """HF Swin's shifted-window mask (it carries the batch axis and the bias's grad),
+    DeBERTa's relative-position ``gather``, BART's end-of-sequence pooling ``h[eos, :]`` and
+    GPT-2's last-token pooling have closed forms; BART's and OPT's learned position
+    embeddings count as their ``F.embedding``. At real widths the dense per-sample
+    Jacobians ran out of memory, and BART's position embedding in the fallback took
+    288 s of a 289 s step (benchmarks/real_sizes.py)."""
+
+    def dense(call):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
+    served = fallback_spy(monkeypatch)
+    _run(_case(name), DiagGGNApprox())
+    assert served == []
 
 
 # (torchvision's Swin V2 writes into a cloned bias in place, which the graph reference's replay refuses)

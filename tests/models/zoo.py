@@ -333,6 +333,22 @@ def hf_swin(n: int = N) -> ZooCase:
     return _classifier(model, "pixel_values", _images(16, n), CLASSES, patterns, logits=lambda out: out.logits)
 
 
+def hf_swin_shifted(n: int = N) -> ZooCase:
+    """Shifted windows (the second block of a stage): the attention mask is the shift mask
+    copied for every sample (``repeat``) plus the relative position bias, so it carries the
+    batch axis (merged with the windows) and the grad of the bias table."""
+    import transformers
+
+    config = transformers.SwinConfig(
+        image_size=16, patch_size=4, embed_dim=8, depths=[2], num_heads=[2], window_size=2,
+        num_labels=CLASSES, drop_path_rate=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.SwinForImageClassification(config).eval()
+    patterns = ("swin.encoder.layers.0.blocks.1.attention.", "swin.encoder.layers.0.blocks.1.layernorm_before.",
+                "classifier.")
+    return _classifier(model, "pixel_values", _images(16, n), CLASSES, patterns, logits=lambda out: out.logits)
+
+
 def hf_distilbert(n: int = N) -> ZooCase:
     import transformers
 
@@ -488,6 +504,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.DebertaV2": ("transformers", hf_deberta_v2),
     "transformers.Beit": ("transformers", hf_beit),
     "transformers.Swin": ("transformers", hf_swin),
+    "transformers.Swin-shifted": ("transformers", hf_swin_shifted),
     "transformers.GPT2": ("transformers", hf_gpt2),
     "transformers.GPT2-classifier": ("transformers", hf_gpt2_classifier),
     "transformers.Llama": ("transformers", hf_llama),

@@ -25,6 +25,7 @@ from curvhook.extensions import DiagGGNApprox
 from curvhook.rules import tensor_ops
 from curvhook.rules.functional import FUNCTIONAL_RULES
 from helpers import check_graph_against_reference, run_curvhook
+from reference import compare, reference
 
 DT = torch.float64
 
@@ -95,7 +96,7 @@ class Attention(nn.Module):
 
     def __init__(
         self, mask=None, causal=False, scale=None, gqa=False, by_hand=False, learned_bias=False, padding=False,
-        frozen_keys=False,
+        frozen_keys=False, batched_bias=None,
     ) -> None:
         super().__init__()
         self.qkv, self.head = nn.Linear(4, 12), nn.Linear(3 * 4, 3)
@@ -104,12 +105,18 @@ class Attention(nn.Module):
         self.frozen = nn.Linear(4, 8).requires_grad_(False) if frozen_keys else None
         self.mask, self.causal, self.scale, self.gqa, self.by_hand = mask, causal, scale, gqa, by_hand
         # T5's relative position bias: an added mask [1, H, L, L] computed from parameters
-        self.bias = nn.Parameter(torch.randn(3, 3, 2)) if learned_bias else None
-        self.padding = padding
+        self.bias = nn.Parameter(torch.randn(3, 3, 2)) if learned_bias or batched_bias else None
+        self.padding, self.batched_bias = padding, batched_bias
 
     def forward(self, x):
         if self.bias is not None:
             self.mask = self.bias.permute(2, 0, 1).unsqueeze(0)
+        if self.batched_bias is not None:
+            # HF Swin's shifted windows: a constant mask copied for every sample (repeat) plus
+            # the learned bias, a mask with grad and the batch axis, [N, 2, L, L] or [N, 1, L, L]
+            shift = torch.tensor([[0.0, -2.0, 0.0], [0.0, 0.0, -3.0], [-1.0, 0.0, 0.0]], dtype=x.dtype)
+            bias = self.mask if self.batched_bias == "heads" else self.mask[:, :1]
+            self.mask = shift.repeat(x.shape[0], 1, 1, 1) + bias
         if self.padding:  # a padding mask [N, 1, 1, L] read off each sample's own input, as Hugging Face's
             keep = x.detach()[..., 0] < 0.5  # tokens whose first feature is large are padding
             keep[:, 0] = True  # never a sample without tokens
@@ -196,6 +203,8 @@ CASES = {
     "sdpa_bool_mask": (lambda: Attention(mask=torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)), (3, 4)),
     "sdpa_padding_mask": (lambda: Attention(padding=True), (3, 4)),
     "sdpa_learned_bias": (lambda: Attention(learned_bias=True), (3, 4)),
+    "sdpa_batched_bias": (lambda: Attention(batched_bias="heads"), (3, 4)),
+    "sdpa_batched_bias_broadcast": (lambda: Attention(batched_bias="broadcast"), (3, 4)),
     "sdpa_frozen_keys": (lambda: Attention(frozen_keys=True), (3, 4)),
     "sdpa_frozen_keys_padding": (lambda: Attention(frozen_keys=True, padding=True), (3, 4)),
     "avg_pool2d": (lambda: ConvThen(lambda m, x: F.avg_pool2d(x, 2, stride=1), params=(), size=2), (2, 3, 3)),
@@ -319,6 +328,7 @@ SPLIT_SDPA_CASES = {
     "plain": {}, "causal": dict(causal=True), "float_mask": dict(mask=torch.randn(3, 3, dtype=DT)),
     "bool_mask": dict(mask=BOOL_MASK), "scale": dict(scale=0.3), "gqa": dict(gqa=True),
     "gqa_causal": dict(gqa=True, causal=True), "learned_bias": dict(learned_bias=True),
+    "batched_bias": dict(batched_bias="heads"), "batched_bias_broadcast": dict(batched_bias="broadcast"),
     "padding_mask": dict(padding=True),
     "frozen_keys": dict(frozen_keys=True), "frozen_keys_padding": dict(frozen_keys=True, padding=True),
     "frozen_keys_gqa": dict(frozen_keys=True, gqa=True),
@@ -375,3 +385,69 @@ def test_average_pools_take_no_dense_jacobians(case, monkeypatch):
     model = build().to(DT).eval()
     with extend(model, DiagGGNApprox()):
         nn.CrossEntropyLoss()(model(_input(shape, 3)), torch.randint(0, 3, (3,))).backward()
+
+
+class PositionsLookedUp(nn.Module):
+    """``F.embedding`` of positions ``[1, L]`` in a ``forward`` (no batch axis: the lookup is a
+    tensor computed from the weight alone, added to every sample), beside a lookup of
+    per-sample ids. Before, the embedding rule read the positions as one row per sample:
+    ``index_add_`` raised with ``N > 1`` (and BART's FullGGN was wrong where a leaf
+    counted as this call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Linear(4, 4), nn.Linear(3 * 4, 3)
+        self.positions, self.words = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):  # x: [N, 3, 4]
+        ids = (x.detach()[..., 0] > 0).long() + 2  # [N, 3], one row per sample
+        pos = F.embedding(torch.arange(3)[None] + 1, self.positions)  # [1, 3, 4]
+        return self.head(torch.tanh(self.proj(x) + pos * 1.5 + F.embedding(ids, self.words)).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_embedding_of_positions_without_the_batch_axis(n, monkeypatch):
+    torch.manual_seed(0)
+    model = PositionsLookedUp().to(DT)
+    X, y = torch.randn(n, 3, 4, dtype=DT), torch.randint(0, 3, (n,))
+
+    def dense(call):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
+    check_graph_against_reference(model, X, y)
+
+
+def test_bloom_gelu_a_custom_autograd_function_is_an_activation():
+    """BLOOM's ``BloomGelu`` calls a custom ``autograd.Function`` that torch.func refuses (the
+    fallback raised); matched by name, its slope comes from its one autograd node. The
+    reference is the same network with the function it computes written out."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.bloom import modeling_bloom
+
+    class Net(nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.a, self.act, self.b = nn.Linear(4, 6), act, nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(self.act(self.a(x)))
+
+    class WrittenOut(nn.Module):
+        def forward(self, x):
+            return modeling_bloom.bloom_gelu_forward(x)
+
+    torch.manual_seed(0)
+    model = Net(modeling_bloom.BloomGelu()).to(DT)
+    twin = Net(WrittenOut()).to(DT)
+    twin.load_state_dict(model.state_dict())
+    X, y = torch.randn(3, 4, dtype=DT), torch.randint(0, 3, (3,))
+    crit = nn.CrossEntropyLoss()
+    got, matrix, _ = run_curvhook(model, X, lambda out: crit(out, y))
+    expected, expected_matrix, _ = run_curvhook(twin, X, lambda out: crit(out, y))
+    # (its backward's constants are rounded: 0.1070322243 for 3·0.044715·0.79788456, so the
+    # slope autograd uses differs from the forward's derivative near 1e-11)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(matrix, expected_matrix, rtol=1e-9, atol=1e-12)
+    compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, reference(twin, X, lambda out: crit(out, y), approx=False), matrix)

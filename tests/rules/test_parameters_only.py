@@ -237,3 +237,29 @@ def test_dropout_in_training_mode_on_a_table_is_refused_by_name():
     with pytest.raises(UnsupportedModelError, match=r"'drop' \(Dropout\).*training mode.*model\.eval\(\)"):
         with extend(model, BatchJacobian()):
             nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.parametrize("wide", [False, True], ids=["more_outputs", "more_entries"])
+@pytest.mark.parametrize("chunk", [1 << 24, 7], ids=["one_chunk", "many_chunks"])
+def test_diagonal_without_the_dense_jacobian_matches_it(per_sample, wide, chunk, monkeypatch):
+    """``Σ_o d_no J_oi²`` of a parameters-only map from its Jacobian's columns (forward mode,
+    fewer inputs than outputs) or rows (reverse mode), a chunk at a time, against the dense
+    Jacobian; summed over the samples for a parameter."""
+    from curvhook.rules import parameters_only
+
+    monkeypatch.setattr(parameters_only, "_CHUNK_ENTRIES", chunk)
+    torch.manual_seed(0)
+    table = torch.randn(5, 3, dtype=DT)
+    idx = torch.tensor([[0, 4, 4, 1], [2, 3, 0, 0]])
+    if wide:  # 15 entries to 6 outputs
+        fn = lambda t: torch.tanh(t.T @ t[:, :2]).flatten()[:6] * 2  # noqa: E731
+        out = 6
+    else:  # 15 entries to 2·4·3 + 9 outputs, a bias table looked up, and a general map
+        fn = lambda t: torch.cat([t[idx].flatten(), torch.sin(t.T @ t).flatten()])  # noqa: E731
+        out = 2 * 4 * 3 + 9
+    d = torch.rand(3, out, dtype=DT)
+    jac = torch.func.jacrev(fn)(table).reshape(out, -1)
+    expected = (d @ jac.square()).reshape(3, *table.shape)
+    got = parameters_only._diagonal(fn, table, d, per_sample=per_sample)
+    torch.testing.assert_close(got, expected if per_sample else expected.sum(0), rtol=1e-12, atol=1e-14)

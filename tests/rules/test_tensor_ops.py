@@ -426,8 +426,11 @@ class MixesSamples(nn.Module):
         lambda h: h[torch.randperm(h.shape[0])],
         lambda h: h.t().reshape(h.shape),
         lambda h: F.dropout(h, 0.5, training=True),
+        lambda h: h.gather(0, torch.tensor([[1, 0, 0, 1]]).expand(h.shape[0], 4)),
+        lambda h: h.index_select(0, torch.arange(h.shape[0]).flip(0)),
+        lambda h: torch.take_along_dim(h, torch.tensor([[1, 0, 2, 3]]).expand(h.shape[0], 4), dim=0),
     ],
-    ids=["batch_mean", "shuffle", "transpose_batch", "functional_dropout"],
+    ids=["batch_mean", "shuffle", "transpose_batch", "functional_dropout", "gather_rows", "index_select_rows", "take_rows"],
 )
 @pytest.mark.parametrize("ext", [BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN])
 def test_operation_that_mixes_samples_raises(op, ext):
@@ -1430,3 +1433,60 @@ def test_an_einsum_label_summed_out_of_one_operand_takes_the_exact_path(spec):
     X, y = torch.randn(3, 4, dtype=DT), torch.randint(0, 3, (3,))
     check_graph_against_reference(model, X, y)
     assert_exact(model, X, y, nn.CrossEntropyLoss())
+
+
+class RelativePositions(nn.Module):
+    """DeBERTa's disentangled attention: scores against ``2L`` relative positions, each
+    query's ``L`` picked by ``gather`` along the last axis with a constant index (one
+    per sample, or the heads merged with the batch axis: ``[N·H, L, 2L]``); also
+    ``index_select`` and ``take_along_dim`` with constant and per-sample indices, an index
+    that picks entries twice, and a ``gather`` of a parameter table."""
+
+    def __init__(self, merged: bool):
+        super().__init__()
+        self.merged, self.heads, self.L = merged, 2, 4
+        self.q, self.rel, self.out = nn.Linear(4, 4), nn.Parameter(torch.randn(2 * 4, 2)), nn.Linear(2 * 4 * 4 + 6, 3)
+        self.table = nn.Parameter(torch.randn(4, 2 * 4))
+
+    def forward(self, x):  # x [N, L, 4], L = 4
+        n, L, H = x.shape[0], self.L, self.heads
+        q = self.q(x).unflatten(-1, (H, 2)).transpose(1, 2)  # [N, H, L, 2]
+        scores = q @ self.rel.t()  # [N, H, L, 2L]
+        relative = (torch.arange(L)[:, None] - torch.arange(L)[None, :] + L).clamp(0, 2 * L - 1)  # [L, L]
+        if self.merged:
+            picked = scores.reshape(n * H, L, 2 * L).gather(-1, relative.expand(n * H, L, L)).view(n, H, L, L)
+        else:
+            picked = torch.gather(scores, 3, relative.expand(n, H, L, L))
+        bias = self.table.gather(1, relative)  # [L, L], parameters only
+        attended = torch.softmax(picked + bias, -1)  # [N, H, L, L]
+        twice = scores.index_select(3, torch.tensor([0, 5, 5, 2]))  # [N, H, L, 4]: entry 5 twice
+        rows = x[..., :1].argsort(dim=1).expand(n, L, 2).transpose(1, 2).unsqueeze(-1)  # [N, 2, L, 1] per sample
+        along = torch.take_along_dim(twice[:, :, :, :2], rows.expand(n, H, L, 2), dim=2)  # [N, H, L, 2]
+        return self.out(torch.cat([attended.flatten(1), torch.tanh(along).flatten(1)[:, :6]], 1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("merged", [False, True], ids=["per_sample", "heads_merged"])
+def test_gathers_with_constant_indices_are_selections_without_dense_jacobians(monkeypatch, merged, n):
+    """A constant-index ``gather``, ``index_select`` or ``take_along_dim`` off the batch axis
+    keeps samples apart by its shapes and picks one entry per output: its diagonal is one
+    backward of ``d`` (DeBERTa-v3-base ran out of memory on dense per-sample Jacobians)."""
+    torch.manual_seed(0)
+    model = RelativePositions(merged).to(DT)
+    X, y = torch.randn(n, 4, 4, dtype=DT), torch.randint(0, 3, (n,))
+    _exact_without_dense_jacobians(model, X, y, monkeypatch, moved_axes=True)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("make", [
+    LastToken, EndOfSequence, lambda: EndOfSequence(index=(Ellipsis,)),
+    lambda: EndOfSequence(marks=_three_marks_per_sample),
+], ids=["gather_last_token", "boolean_mask_eos", "boolean_mask_then_ellipsis", "three_per_sample"])
+def test_per_sample_gathers_take_one_backward_for_the_diagonal(make, n, monkeypatch):
+    """``h[arange(N), last]`` and ``h[eos, :]`` pick one entry per output: once the replay has shown
+    that they keep samples apart, their diagonal is ``Jᵀ d`` over the batch (BART's pooling at
+    bart-base asked for 38 GB of dense per-sample Jacobians)."""
+    torch.manual_seed(4)
+    model = make().to(DT)
+    X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
+    _exact_without_dense_jacobians(model, X, y, monkeypatch, moved_axes=True)
