@@ -40,7 +40,7 @@ HF = {
     "distilbert": ("DistilBertForSequenceClassification", "DistilBertConfig", dict(n_layers=2), "text"),
     "albert": ("AlbertForSequenceClassification", "AlbertConfig",  # albert-base-v2 (one layer, shared)
                dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=2), "text"),
-    "electra": ("ElectraForSequenceClassification", "ElectraConfig", dict(num_hidden_layers=2), "text"),
+    "electra": ("ElectraForSequenceClassification", "ElectraConfig", dict(num_hidden_layers=2), "text"),  # electra-small
     "mobilebert": ("MobileBertForSequenceClassification", "MobileBertConfig", dict(num_hidden_layers=2), "text"),
     "mpnet": ("MPNetForSequenceClassification", "MPNetConfig", dict(num_hidden_layers=2), "text"),
     "deberta_v2": ("DebertaV2ForSequenceClassification", "DebertaV2Config", dict(  # deberta-v3-base
@@ -53,7 +53,9 @@ HF = {
     "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(  # pythia-160m
         hidden_size=768, num_hidden_layers=2, num_attention_heads=12, intermediate_size=3072, vocab_size=32000), "causal"),
     "bloom": ("BloomForCausalLM", "BloomConfig", dict(hidden_size=1024, n_layer=2, n_head=16, vocab_size=32000), "causal"),
-    "falcon": ("FalconForCausalLM", "FalconConfig", dict(num_hidden_layers=2, vocab_size=32000), "causal"),
+    "falcon": ("FalconForCausalLM", "FalconConfig", dict(  # falcon-rw-1b, vocabulary 32k (50,304)
+        hidden_size=2048, num_attention_heads=32, num_hidden_layers=2, alibi=True, multi_query=False,
+        parallel_attn=False, bias=True, vocab_size=32000), "causal"),
     "llama": ("LlamaForCausalLM", "LlamaConfig", dict(  # TinyLlama-1.1B
         hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
         num_hidden_layers=2, vocab_size=32000), "causal"),
@@ -61,8 +63,9 @@ HF = {
         hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
         num_hidden_layers=2, vocab_size=32000, tie_word_embeddings=True), "causal"),
     "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(  # gemma-2b, vocabulary 32k (256,000)
+        hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1, head_dim=256,
         num_hidden_layers=2, vocab_size=32000), "causal"),
-    "phi": ("PhiForCausalLM", "PhiConfig", dict(num_hidden_layers=2, vocab_size=32000), "causal"),  # phi-2
+    "phi": ("PhiForCausalLM", "PhiConfig", dict(num_hidden_layers=2, vocab_size=32000), "causal"),  # phi-1.5
     "t5": ("T5ForConditionalGeneration", "T5Config", dict(num_layers=2, num_decoder_layers=2), "seq2seq"),  # t5-small
     "bart": ("BartForSequenceClassification", "BartConfig", dict(  # bart-base
         d_model=768, encoder_layers=2, decoder_layers=2, encoder_attention_heads=12, decoder_attention_heads=12,

@@ -202,6 +202,20 @@ def _selects(call: Operation, slot: int) -> bool:
     return name in STRUCTURAL or (name in SELECTIONS and bool(call.args) and call.args[0] == slot)
 
 
+def _refuse_changed_index(call: Operation) -> None:
+    """A selection replays its index as it is now: an index changed in place after the call
+    (``take_along_dim`` keeps none of it for autograd, so torch does not notice) would pick
+    other entries. Known by its shapes to keep samples apart, the call has no replay check
+    that would catch it."""
+    for t, kind, version in zip(call.inputs, call.input_kinds, call.input_versions):
+        if kind == CONST and tensor_version(t) != version:
+            raise UnsupportedModelError(
+                f"The index given to the operation {call.name} was changed in place after the call, "
+                "so curvhook no longer knows which entries the forward pass picked. Change a copy "
+                "of it instead (idx.clone())."
+            )
+
+
 def _skipped(t: Tensor) -> bool:
     """A tensor that ``torch.cat`` leaves out whatever the others' shapes: 1-d and empty."""
     return t.dim() == 1 and t.numel() == 0
@@ -348,6 +362,8 @@ class TensorOpRule(LayerRule):
 
     # ---------------------------------------------------------- helpers
     def _fixed(self, call: Operation) -> list[Tensor]:
+        if call.func_name in SELECTIONS:
+            _refuse_changed_index(call)
         return [t.detach() for t in call.inputs]
 
     def _function(self, call: Operation, slots: tuple[int, ...]) -> Callable:

@@ -451,3 +451,27 @@ def test_bloom_gelu_a_custom_autograd_function_is_an_activation():
         torch.testing.assert_close(got[key], value, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(matrix, expected_matrix, rtol=1e-9, atol=1e-12)
     compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, reference(twin, X, lambda out: crit(out, y), approx=False), matrix)
+
+
+@pytest.mark.parametrize("form", ["lower_rank", "heads_equal_batch"])
+def test_sdpa_with_a_batched_mask_that_broadcasts_its_batch_axis_elsewhere_is_refused(form):
+    """A mask with grad and the batch axis must have it first, at the rank of the scores: one of
+    lower rank, ``[N, S]``, or ``[N, L, S]`` with ``N = H``, broadcasts it onto another axis, so
+    each sample reads every sample's mask (found by review: BatchJacobian was wrong)."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.m, self.head = nn.Linear(4, 12), nn.Linear(4, 3), nn.Linear(12, 3)
+
+        def forward(self, x):  # [N, 3, 4]
+            q, k, v = self.qkv(x).unflatten(-1, (3, 2, 2)).permute(0, 2, 3, 1, 4).unbind(1)  # [N, 2, 3, 2]
+            mask = self.m(x)[..., 0] if form == "lower_rank" else self.m(x)  # [N, S] or [N, L, S]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.head(o.transpose(1, 2).flatten(1))
+
+    n = 3 if form == "lower_rank" else 2
+    model = Masked().to(DT)
+    X, y = torch.randn(n, 3, 4, dtype=DT), torch.arange(n)
+    with pytest.raises(UnsupportedModelError, match="mixes samples"):
+        run_curvhook(model, X, lambda out: nn.CrossEntropyLoss()(out, y))

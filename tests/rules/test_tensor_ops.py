@@ -1490,3 +1490,29 @@ def test_per_sample_gathers_take_one_backward_for_the_diagonal(make, n, monkeypa
     model = make().to(DT)
     X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
     _exact_without_dense_jacobians(model, X, y, monkeypatch, moved_axes=True)
+
+
+def test_a_selection_index_changed_in_place_after_the_call_is_refused():
+    """``take_along_dim`` keeps none of its index for autograd, so torch does not notice an index
+    changed in place after the call; known by its shapes to keep samples apart, the call has no
+    replay check either, and its products read the index as it is now: refused by name (found
+    by review: every extension was wrong)."""
+
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(12, 3)
+
+        def forward(self, x):  # [N, 2, 4]
+            h = torch.tanh(self.a(x))
+            idx = torch.tensor([[0, 0, 5, 1, 1, 1], [2, 3, 3, 3, 0, 4]]).repeat(x.shape[0], 1, 1)
+            g = torch.take_along_dim(h, idx, 2)
+            idx.fill_(0)  # a buffer reused after the call
+            return self.b(torch.tanh(g).flatten(1))
+
+    model = Reused().to(DT)
+    X, y = torch.randn(3, 2, 4, dtype=DT), torch.arange(3)
+    for ext in (BatchJacobian, DiagGGN, DiagGGNApprox):
+        with pytest.raises(UnsupportedModelError, match=r"take_along_dim .*changed in place.*clone"):
+            with extend(model, ext()):
+                nn.CrossEntropyLoss()(model(X), y).backward()
