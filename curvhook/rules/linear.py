@@ -148,6 +148,15 @@ class _TransposedCall:
         return getattr(self._call, name)
 
 
+@register_rule_by_name("transformers", "FalconLinear")
+class FalconLinearRule(LinearRule):
+    """Falcon's ``FalconLinear``: an ``nn.Linear`` whose ``forward`` computes ``x @ W.T + b``, the
+    same map as ``nn.Linear``'s (without this, a module without a rule: the fallback)."""
+
+    def accepts(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+
 @register_rule_by_name("transformers", "Conv1D")
 class Conv1DRule(LinearRule):
     """Hugging Face's ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` ``[nx, nf]``, ``x`` ``[N, *, nx]``.

@@ -387,6 +387,25 @@ def hf_llama(n: int = N) -> ZooCase:
     return case
 
 
+def hf_falcon(n: int = N, alibi: bool = False) -> ZooCase:
+    """Falcon: ``FalconLinear`` (an ``nn.Linear`` whose ``forward`` is ``x @ W.T + b``), multi-query
+    attention with rotary embeddings and the attention parallel to the MLP (falcon-7b's layout);
+    with ``alibi``, falcon-rw-1b's: ALiBi biases, sequential attention and MLP."""
+    import transformers
+
+    config = transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, alibi=alibi,
+        multi_query=not alibi, parallel_attn=not alibi, bias=alibi, attention_dropout=0.0, hidden_dropout=0.0,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    model = transformers.FalconForCausalLM(config)
+    patterns = ("transformer.word_embeddings.", "transformer.h.0.self_attention.", "transformer.h.0.mlp.dense_4h_to_h.",
+                "transformer.ln_f.")
+    case = _language_model(model, _ids(n), VOCAB, patterns)
+    case.inputs["use_cache"] = False
+    return case
+
+
 def hf_opt(n: int = N) -> ZooCase:
     """The decoder layer runs its MLP on merged rows (``h.reshape(-1, H)``), so each layer is one
     module for the fallback, which replays it: called with ``use_cache=False`` (with the cache
@@ -509,6 +528,8 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.GPT2-classifier": ("transformers", hf_gpt2_classifier),
     "transformers.Llama": ("transformers", hf_llama),
     "transformers.OPT": ("transformers", hf_opt),
+    "transformers.Falcon": ("transformers", hf_falcon),
+    "transformers.Falcon-alibi": ("transformers", lambda n=N: hf_falcon(n, alibi=True)),
     "transformers.T5": ("transformers", hf_t5),
     "transformers.Bart": ("transformers", hf_bart),
     "transformers.Bart-pairs": ("transformers", lambda n=N: hf_bart(n, pairs=True)),
