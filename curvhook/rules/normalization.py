@@ -450,17 +450,43 @@ class HFRMSNormRule(RMSNormRule):
         w = getattr(module, "weight", None)
         return isinstance(w, Tensor) and w.dim() == 1 and isinstance(getattr(module, "variance_epsilon", None), float)
 
+    call_view = _RMSNormCall
+
     def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
-        return super().jac_t_mat_prod(_RMSNormCall(call), mat)
+        return super().jac_t_mat_prod(self.call_view(call), mat)
 
     def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
-        return super().param_jac_t_mat_prod(_RMSNormCall(call), name, mat)
+        return super().param_jac_t_mat_prod(self.call_view(call), name, mat)
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
-        return super().diag_jac_t_diag_jac(_RMSNormCall(call), diag)
+        return super().diag_jac_t_diag_jac(self.call_view(call), diag)
 
     def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
-        return super().param_diag(_RMSNormCall(call), name, diag)
+        return super().param_diag(self.call_view(call), name, diag)
+
+
+class _OffsetRMSNormCall(_RMSNormCall):
+    """A call of Gemma's ``GemmaRMSNorm`` (``x̂ ∘ (1 + w)``, ``eps``) as :class:`RMSNormRule` reads an
+    ``nn.RMSNorm`` call of weight ``1 + w``; ``∂y/∂w = x̂``, as for ``nn.RMSNorm``'s weight."""
+
+    def __init__(self, call: Operation) -> None:
+        self._call = call
+        m = call.module
+        self.module = SimpleNamespace(
+            weight=1 + m.weight.detach(), normalized_shape=tuple(m.weight.shape), eps=m.eps, bias=None
+        )
+
+
+@register_rule_by_name("transformers", "GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+class OffsetRMSNormRule(HFRMSNormRule):
+    """``(1 + w) ∘ x / √(mean(x²) + ε)`` over the last axis (Gemma's ``GemmaRMSNorm``, weight ``[E]``
+    stored as an offset from one, ``eps``): :class:`HFRMSNormRule` with the weight ``1 + w``."""
+
+    call_view = _OffsetRMSNormCall
+
+    def accepts(self, module: nn.Module) -> bool:
+        w = getattr(module, "weight", None)
+        return isinstance(w, Tensor) and w.dim() == 1 and isinstance(getattr(module, "eps", None), float)
 
 
 @register_rule_by_name("timm", "GlobalResponseNorm")

@@ -406,6 +406,26 @@ def hf_falcon(n: int = N, alibi: bool = False) -> ZooCase:
     return case
 
 
+def hf_gemma(n: int = N) -> ZooCase:
+    """Gemma: ``GemmaRMSNorm`` stores its weight as an offset from one, ``x̂ ∘ (1 + w)``, and
+    computes in float32; multi-query attention with rotary embeddings; GeGLU MLP."""
+    import transformers
+
+    config = transformers.GemmaConfig(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    model = transformers.GemmaForCausalLM(config)
+    for m in model.modules():  # (the offsets start at zero: 1 + w = 1 would hide a rule that ignores them)
+        if type(m).__name__ == "GemmaRMSNorm":
+            torch.nn.init.uniform_(m.weight, -0.5, 0.5)
+    patterns = ("model.embed_tokens.", "model.layers.0.input_layernorm.", "model.layers.0.self_attn.o_proj.",
+                "model.layers.0.mlp.", "model.norm.")
+    case = _language_model(model, _ids(n), VOCAB, patterns)
+    case.rtol = 1e-6  # GemmaRMSNorm computes in float32 by design, also in a float64 model
+    return case
+
+
 def hf_opt(n: int = N) -> ZooCase:
     """The decoder layer runs its MLP on merged rows (``h.reshape(-1, H)``), so each layer is one
     module for the fallback, which replays it: called with ``use_cache=False`` (with the cache
@@ -529,6 +549,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.Llama": ("transformers", hf_llama),
     "transformers.OPT": ("transformers", hf_opt),
     "transformers.Falcon": ("transformers", hf_falcon),
+    "transformers.Gemma": ("transformers", hf_gemma),
     "transformers.Falcon-alibi": ("transformers", lambda n=N: hf_falcon(n, alibi=True)),
     "transformers.T5": ("transformers", hf_t5),
     "transformers.Bart": ("transformers", hf_bart),
