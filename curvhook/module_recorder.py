@@ -35,6 +35,7 @@ from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, flat_tenso
 from curvhook.rules.fallback import replaying
 from curvhook.rules.registry import rule_for
 from curvhook.row_groups import mark_merged_constants, mark_outputs, note_rows, rows_followed, rows_of
+from curvhook.selection_tail import find_selection_tail
 from curvhook.tape import OperationTape, merged_constant
 from curvhook.trace import Trace
 
@@ -309,6 +310,8 @@ class ModuleRecorder:
             if len(state.frames) <= 1 and any(k in trace.merged_inputs for k in op.input_keys):
                 raise _merged_input_error(op, trace.batch_hint)
             op.from_parameters = True
+            if isinstance(output, Tensor) and inner_ops:
+                op.selection_tail = find_selection_tail(inner_ops, output, set(op.input_keys))
             # parameters of the model passed as inputs (``mlp(self.table)``) get their terms by slot
             op.params += tuple(
                 (f"t{i}", x) for i, (x, k) in enumerate(zip(op.inputs, op.input_kinds))

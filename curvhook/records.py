@@ -117,6 +117,9 @@ class Operation:
         from_parameters: A leaf module called on constants and parameters only
             whose output has no batch axis (a position embedding of
             ``arange(L)``): its output is shared by every sample.
+        selection_tail: For a leaf ``from_parameters``, the entries picked at the end
+            of its computation (:mod:`curvhook.selection_tail`), where they spread fewer
+            entries over its output; ``None`` otherwise.
         to_batch: A tensor operation that broadcasts a tensor computed from
             parameters only along a new batch axis (``cls_token.expand(N, -1, -1)``):
             every row of its output is the same function of the parameters.
@@ -164,6 +167,7 @@ class Operation:
     overwritten: tuple[Tensor, ...] = ()
     known_per_sample: bool = False
     from_parameters: bool = False
+    selection_tail: Optional[Any] = None
     to_batch: bool = False
     batch_axes: Optional[tuple] = None
     rows_per_sample: int = 0

@@ -387,3 +387,14 @@ def test_real_sizes_times_one_model_and_names_its_slow_paths(capsys):
     real_sizes.run("tv.resnet18", 32, 2)
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("tv.resnet18 (32×32, batch 2): plain ") and "DiagGGNApprox" in line
+
+
+def test_real_sizes_builds_a_hugging_face_family_by_its_own_classes(capsys):
+    """``hf.<name>`` builds the model by its transformers classes at a checkpoint's widths
+    (electra-small: the cheapest of the 26) and runs both steps on its tokens."""
+    pytest.importorskip("transformers")
+    from benchmarks import real_sizes
+
+    real_sizes.run("hf.electra", 0, 2)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"hf.electra ({real_sizes.TOKENS} tokens, batch 2): plain ") and "DiagGGNApprox " in line

@@ -96,14 +96,23 @@ class ParametersOnlyModuleRule(LayerRule):
         view = _batched_view(call, diag.shape[0])
         if view is not None:
             return self.inner.param_diag(view[0], name, _into(diag, 1, view))
-        return _diagonal(_param_function(call, name), _params(call)[name], diag, per_sample=False)
+        at = _params(call)[name]
+        param = next(p for n, p in call.params if n == name)
+        picked = _diagonal_through_tail(call, id(param), at, diag, per_sample=False)
+        if picked is not None:
+            return picked
+        return _diagonal(_param_function(call, name), at, diag, per_sample=False)
 
     def input_diag(self, call: Operation, diag: Tensor, slot: int) -> Tensor:
         """``[N, *x]`` for a shared input ``x`` at ``slot``."""
         view = _batched_view(call, diag.shape[0])
         if view is not None:
             return _out_of(self.inner.input_diag(view[0], _into(diag, 1, view), slot), 1, view)
-        return _diagonal(_input_function(call, slot), call.inputs[slot].detach(), diag)
+        at = call.inputs[slot].detach()
+        picked = _diagonal_through_tail(call, call.input_keys[slot][0], at, diag, per_sample=True)
+        if picked is not None:
+            return picked
+        return _diagonal(_input_function(call, slot), at, diag)
 
 
 def _is_input(call: Operation, name: str) -> bool:
@@ -256,6 +265,27 @@ def _diagonal(fn: Callable[[Tensor], Tensor], at: Tensor, diag: Tensor, per_samp
             rows = vmap(lambda c: pull(c.view_as(out))[0])(cotangents).reshape(stop - start, size)
             total += d[:, start:stop] @ rows.square()
     return total.reshape(-1, *at.shape) if per_sample else total.reshape(at.shape)
+
+
+def _diagonal_through_tail(call: Operation, source_id: int, at: Tensor, diag: Tensor, per_sample: bool) -> Optional[Tensor]:
+    """:func:`_diagonal` with ``d`` pulled back through the entries the call picks at its end
+    (:mod:`curvhook.selection_tail`), or ``None`` where it picks none or its recorded
+    operations do not replay it.
+
+    Args:
+        call: The leaf call, computed from parameters only.
+        source_id: ``id`` of the parameter or argument differentiated.
+        at: Its value, detached.
+        diag: ``d``, ``[N, *out]``.
+        per_sample: As for :func:`_diagonal`.
+    """
+    tail = call.selection_tail
+    if tail is None or not tail.replays(source_id, at):
+        return None
+    pulled = tail.pull(diag if per_sample else diag.sum(0, keepdim=True))  # Sᵀ d: [N or 1, *u]
+    if tail.u_key[0] == source_id:  # the copies read the source itself: g is the identity
+        return pulled.reshape(-1, *at.shape) if per_sample else pulled.reshape(at.shape)
+    return _diagonal(tail.head_function(source_id), at, pulled, per_sample)
 
 
 class ToBatchRule(LayerRule):

@@ -105,12 +105,12 @@ def run_per_sample(model: nn.Module, X: Tensor, loss_fn: Callable[[Tensor], Tens
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     check_flat(params, ref)
     # the identities, on curvhook's own numbers
-    grad_batch = torch.cat([p.grad_batch.flatten(1) for _, p in params], 1)  # [N, P]
+    grad_batch = torch.cat([p.grad_batch.reshape(len(p.grad_batch), -1) for _, p in params], 1)  # [N, P]
     grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for _, p in params])
     check(grad_batch.sum(0), grads, "BatchGrad summed = p.grad", rtol=RTOL)
     check(
         torch.stack([p.batch_l2 for _, p in params], 1),
-        torch.stack([p.grad_batch.flatten(1).square().sum(1) for _, p in params], 1),
+        torch.stack([p.grad_batch.reshape(len(p.grad_batch), -1).square().sum(1) for _, p in params], 1),
         "BatchL2Grad = ‖grad_batch‖²", rtol=RTOL,
     )
     check(
@@ -122,9 +122,9 @@ def run_per_sample(model: nn.Module, X: Tensor, loss_fn: Callable[[Tensor], Tens
 def check_flat(params: list[tuple[str, nn.Parameter]], ref: dict[str, Tensor], rtol: float = RTOL) -> None:
     """Compare the three results with ``ref``, all parameters at once (one scale per quantity:
     entries that are zero in exact arithmetic are compared against the largest entry)."""
-    g = torch.cat([ref[name].flatten(1) for name, _ in params], 1)  # [N, P]
-    check(torch.cat([p.grad_batch.flatten(1) for _, p in params], 1), g, "BatchGrad", rtol=rtol)
-    sq = torch.stack([ref[name].flatten(1).square().sum(1) for name, _ in params], 1)
+    g = torch.cat([ref[name].reshape(len(ref[name]), -1) for name, _ in params], 1)  # [N, P] (0-d parameters too)
+    check(torch.cat([p.grad_batch.reshape(len(g), -1) for _, p in params], 1), g, "BatchGrad", rtol=rtol)
+    sq = torch.stack([ref[name].reshape(len(ref[name]), -1).square().sum(1) for name, _ in params], 1)
     check(torch.stack([p.batch_l2 for _, p in params], 1), sq, "BatchL2Grad", rtol=rtol)
     check(torch.cat([p.sum_grad_squared.flatten() for _, p in params]), g.square().sum(0), "SumGradSquared", rtol=rtol)
 

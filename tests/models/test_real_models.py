@@ -225,3 +225,30 @@ def test_a_cache_of_parameter_tensors_from_an_earlier_forward_is_refused_with_it
     _run(reference, DiagGGN())
     for got, p in zip(cached, [p for p in reference.model.parameters() if p.requires_grad]):
         torch.testing.assert_close(got, p.diag_ggn, rtol=1e-10, atol=1e-14)
+
+
+def test_beit_relative_position_bias_is_pulled_back_through_its_lookup(monkeypatch):
+    """BEiT's ``BeitRelativePositionBias`` (a table resized by ``interpolate``, concatenated, then
+    ``table[index]`` viewed and permuted): its DiagGGNApprox with ``d`` pulled back through the
+    lookup first (curvhook/selection_tail.py) equals the Jacobian of the whole module (the
+    path before, 31 s of a step at beit-base widths), and the lookup was used."""
+    from curvhook import module_recorder, selection_tail
+
+    used = []
+    original = selection_tail.SelectionTail.pull
+
+    def pull(self, diag):
+        used.append(tuple(self.u_value.shape))
+        return original(self, diag)
+
+    monkeypatch.setattr(selection_tail.SelectionTail, "pull", pull)
+    case = _case("transformers.Beit")
+    _run(case, DiagGGNApprox())
+    name = "beit.layers.0.relative_position_bias.relative_position_bias_table"
+    table = dict(case.model.named_parameters())[name]
+    got = table.diag_ggn_approx.clone()
+    assert used == [tuple(table.shape)]
+    monkeypatch.setattr(module_recorder, "find_selection_tail", lambda *args: None)
+    _run(case, DiagGGNApprox())
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, table.diag_ggn_approx, rtol=1e-12, atol=0)

@@ -53,9 +53,12 @@ def available(*packages: str) -> bool:
 
 def keep_trainable(model: nn.Module, prefixes: tuple[str, ...]) -> nn.Module:
     """Freeze every parameter whose name starts with none of ``prefixes``."""
+    names = [name for name, _ in model.named_parameters()]
+    # a prefix that matches nothing (a package renamed its modules) would test less than it says
+    unmatched = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in names)]
+    assert not unmatched, f"no parameter of {type(model).__name__} starts with {unmatched}"
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(prefixes))
-    assert any(p.requires_grad for p in model.parameters()), patterns
     return model
 
 
@@ -257,7 +260,7 @@ def timm_nfnet(n: int = N) -> ZooCase:
     )
     model = NormFreeNet(cfg, num_classes=CLASSES).eval()
     _random_zero_inits(model)  # the skip gains start at zero: no residual branch would reach the loss
-    patterns = ("stem.conv.", "stages.0.0.conv1.", "stages.0.0.attn_last.", "stages.1.0.skipinit_gain", "head.")
+    patterns = ("stem.conv.", "stages.0.0.conv1.", "stages.0.0.attn_last.", "stages.1.0.conv3.", "head.")
     return _classifier(model, "x", _images(16, n), CLASSES, patterns)
 
 
@@ -288,6 +291,7 @@ def hf_deberta_v2(n: int = N) -> ZooCase:
         vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
         max_position_embeddings=16, num_labels=CLASSES, relative_attention=True, position_buckets=4,
         pos_att_type=["p2c", "c2p"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        norm_rel_ebd="layer_norm",
     )
     model = transformers.DebertaV2ForSequenceClassification(config)
     # the relative embeddings trainable: computed from parameters only, repeated to the merged
@@ -310,8 +314,8 @@ def hf_beit(n: int = N) -> ZooCase:
         use_mean_pooling=True, layer_scale_init_value=0.1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     model = transformers.BeitForImageClassification(config).eval()
-    patterns = ("beit.embeddings.mask_token", "beit.encoder.layer.0.attention.attention.relative_position_bias.",
-                "beit.encoder.layer.0.attention.attention.query.", "beit.encoder.layer.0.lambda_1", "classifier.")
+    patterns = ("beit.embeddings.mask_token", "beit.layers.0.relative_position_bias.",
+                "beit.layers.0.attention.q_proj.", "beit.layers.0.lambda_1", "classifier.")
     case = _classifier(model, "pixel_values", _images(16, n), CLASSES, patterns, logits=lambda out: out.logits)
     masked = torch.zeros(n, 4, dtype=torch.bool)
     masked[0, 1] = masked[-1, 3] = True
@@ -329,7 +333,7 @@ def hf_swin(n: int = N) -> ZooCase:
         num_labels=CLASSES, drop_path_rate=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     model = transformers.SwinForImageClassification(config).eval()
-    patterns = ("swin.encoder.layers.0.blocks.0.attention.", "swin.encoder.layers.1.blocks.0.output.", "classifier.")
+    patterns = ("swin.encoder.layers.0.blocks.0.attention.", "swin.encoder.layers.1.blocks.0.mlp.fc2.", "classifier.")
     return _classifier(model, "pixel_values", _images(16, n), CLASSES, patterns, logits=lambda out: out.logits)
 
 
@@ -473,8 +477,8 @@ def hf_t5(n: int = N) -> ZooCase:
     )
     model = keep_trainable(transformers.T5ForConditionalGeneration(config).double(), (
         "shared.", "encoder.block.0.layer.0.SelfAttention.", "encoder.block.0.layer.0.layer_norm.",
-        "decoder.block.0.layer.1.EncDecAttention.", "decoder.final_layer_norm.", "lm_head.",
-    ))
+        "decoder.block.0.layer.1.EncDecAttention.", "decoder.final_layer_norm.",
+    ))  # (the language-model head is ``shared``, tied)
     decoder_ids = torch.randint(2, VOCAB, (n, 3))
     labels = torch.randint(0, VOCAB, (n, 3))
 
