@@ -120,7 +120,9 @@ def build(name: str, size: int) -> nn.Module:
         return timm.create_model(name[5:], num_classes=10).eval()
 
 
-def run(name: str, size: int, batch: int) -> None:
+def run(name: str, size: int, batch: int, steps: int = 1) -> None:
+    """Time ``steps`` pairs of a plain step and a DiagGGNApprox step (a new ``extend`` block
+    each) of one model, and print a line per pair; the first includes building the plan."""
     torch.manual_seed(0)
     if name.startswith("hf."):
         model, inputs, loss = build_hf(name[3:], batch)
@@ -130,6 +132,11 @@ def run(name: str, size: int, batch: int) -> None:
         model = build(name, size)
         X, y = torch.randn(batch, 3, size, size), torch.randint(0, CLASSES, (batch,))
         forward, where = lambda: nn.functional.cross_entropy(model(X), y), f" ({size}×{size}, batch {batch})"
+    for _ in range(steps):
+        _pair(model, forward, name, where)
+
+
+def _pair(model: nn.Module, forward, name: str, where: str) -> None:
     start = time.perf_counter()
     forward().backward()
     plain = time.perf_counter() - start
@@ -157,13 +164,14 @@ def main() -> None:
     parser.add_argument("models", nargs="*", help="name:image_size, e.g. tv.swin_v2_t:64 or timm.levit_128s:224; hf.<name>")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--list", action="store_true", help="list the hf.* names and exit")
+    parser.add_argument("--steps", type=int, default=1, help="pairs of steps per model (the first builds the plan)")
     args = parser.parse_args()
     if args.list:
         print(" ".join(f"hf.{name}" for name in HF))
         return
     for spec in args.models:
         name, _, size = spec.partition(":")
-        run(name, int(size or 64), args.batch)
+        run(name, int(size or 64), args.batch, args.steps)
 
 
 if __name__ == "__main__":

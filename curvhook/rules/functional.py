@@ -336,20 +336,15 @@ class AttentionFunction(TensorOpRule):
         batched = [t for t in (q, k, v) if isinstance(t, Slot) and call.input_kinds[t] == BATCHED]
         out_rank = len(call.output_shapes[0])
         frozen = self._frozen_per_sample(call)
+        # (a batched mask of lower rank broadcasts its batch axis onto another one: mixes samples)
+        batched_mask = isinstance(args["attn_mask"], Slot) and call.input_kinds[args["attn_mask"]] == BATCHED
         return (
             args["dropout_p"] == 0 and bool(batched) and len(batched) + len(frozen) == 3
             and all(call.inputs[t].dim() == out_rank and call.inputs[t].shape[0] == n for t in batched)
             # shared by the samples, or a constant per sample (a padding mask), cut by sample
-            and (self._batched_mask(call) is not None if self._mask_kind(call) == BATCHED else (
+            and (self._batched_mask(call) is not None if batched_mask else (
                 mask is None or mask.dim() < out_rank or mask.shape[0] == 1 or self._mask_per_sample(call) is not None))
         )
-
-    @staticmethod
-    def _mask_kind(call: Operation) -> Optional[str]:
-        """The kind of the ``attn_mask`` slot (``None`` without a tensor mask). A batched mask
-        of lower rank broadcasts its batch axis onto another one and mixes samples."""
-        mask = _bind(call, SDPA_ARGS, {"attn_mask": None})["attn_mask"]
-        return call.input_kinds[mask] if isinstance(mask, Slot) else None
 
     @staticmethod
     def _batched_mask(call: Operation) -> Optional[int]:

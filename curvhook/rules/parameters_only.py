@@ -247,6 +247,8 @@ def _diagonal(fn: Callable[[Tensor], Tensor], at: Tensor, diag: Tensor, per_samp
     if not per_sample:
         d = d.sum(0, keepdim=True)
     total = d.new_zeros(d.shape[0], size)
+    # a chunk of ``step`` columns (rows) holds ``step · outs`` (``step · size``) entries, and the
+    # replay inside ``vmap`` makes several temporaries of that size: 1/16 of the budget each
     step = max(1, _CHUNK_ENTRIES // max(1, 16 * outs, 16 * size))
     if size <= outs:  # columns: one jvp per entry of ``at``
         flat = at.reshape(-1)
