@@ -298,6 +298,7 @@ class ModuleRecorder:
             trace.shared_keys.difference_update(trace.shared_log[frame.shared_start :])
             del trace.shared_log[frame.shared_start :]
         _finish_leaf(op, module, frame.has_children, output)
+        _refuse_own_parameter_as_argument(op, module)
         if op.batch_axes is not None and op.output_key is not None:  # its output keeps the input's batch axis
             trace.moved_axes[op.output_key] = op.batch_axes[1][0]
         if BATCHED not in op.input_kinds and op.params and trace.row_groups:
@@ -631,6 +632,22 @@ def _from_parameters(op: Operation, batch_hint, reads_batch: bool = False) -> bo
         return True  # parameters, tensors from parameters, fixed constants: none has the batch
     shape = op.output_shape
     return len(shape) == 0 or batch_hint is None or shape[0] != batch_hint
+
+
+def _refuse_own_parameter_as_argument(op: Operation, module: nn.Module) -> None:
+    """A leaf passed one of its own trainable parameters (``bias(bias.table)``): its rules
+    differentiate the parameter where the module reads it as an attribute and the argument
+    apart, and would miss the path through the other (wrong numbers in every extension)."""
+    own = {id(p): n for n, p in op.params}
+    name = next((own[id(x)] for x in op.inputs if id(x) in own), None)
+    if name is not None:
+        raise UnsupportedModelError(
+            f"Module {op.name!r} ({type(module).__name__}) is passed its own parameter {name!r} as an "
+            "argument, and also holds it: curvhook serves such a call as one operation of its "
+            "arguments and its parameters apart, and cannot follow one tensor that is both. Read the "
+            "parameter inside forward (self.<name>) instead of passing it, or pass a parameter the "
+            "module does not own."
+        )
 
 
 def _finish_leaf(op: Operation, module: nn.Module, has_children: bool, output: Any) -> None:

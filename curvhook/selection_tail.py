@@ -67,6 +67,10 @@ class SelectionTail:
         self.u_value = u_value
         self.out_value = out_value
 
+    def reads(self, source_id: int) -> bool:
+        """Whether ``u`` depends on the tensor with ``id`` ``source_id`` (else its diagonal is zero)."""
+        return self.u_key[0] == source_id or any(key[0] == source_id for op in self.head for key in op.input_keys)
+
     def head_function(self, source_id: int) -> Callable[[Tensor], Tensor]:
         """``x ↦ u`` with ``x`` in the place of the tensor with ``id`` ``source_id``, ``[*x] → [*u]``."""
         if self.u_key[0] == source_id:
@@ -162,16 +166,18 @@ def find_selection_tail(inner_ops: list[Operation], output: Tensor, sources: set
 
 def _copied_input(op: Operation) -> Optional[int]:
     """The slot of the one input whose entries ``op`` copies (see :data:`_COPIES`), or ``None``."""
-    if op.inplace or op.module is not None:
+    if op.inplace or op.module is not None or len(op.output_values) != len(op.output_keys):
         return None
     name = op.func_name
     grads = [i for i, t in enumerate(op.inputs) if t.requires_grad]
     if len(grads) != 1 or op.uses(grads[0]) != 1:
         return None
     slot = grads[0]
+    if any(v.dtype != op.inputs[slot].dtype for v in op.output_values):
+        return None  # a cast to fewer digits would round Sᵀ d (small d to zero in float16)
     if name in SELECTIONS or name == "embedding":
         source = 1 if name == "embedding" else 0
-        if op.args[source:source + 1] != (slot,) or (name == "embedding" and _max_norm(op) is not None):
+        if op.args[source:source + 1] != (slot,) or _changed_backward(op):
             return None
     elif name in SUBTRACTIONS or name in ADDITIONS:
         if op.kwargs.get("alpha", 1) != 1 or (name in SUBTRACTIONS and op.args[:1] != (slot,)):
@@ -181,8 +187,21 @@ def _copied_input(op: Operation) -> Optional[int]:
     return slot
 
 
-def _max_norm(op: Operation) -> Any:
-    return op.args[3] if len(op.args) > 3 else op.kwargs.get("max_norm")
+# F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse) and
+# torch.gather(input, dim, index, sparse_grad): arguments that rescale the rows (max_norm), divide
+# the gradient by the counts (scale_grad_by_freq), or make it sparse.
+_EMBEDDING_FLAGS = {"max_norm": 3, "scale_grad_by_freq": 5, "sparse": 6}
+_GATHER_FLAGS = {"sparse_grad": 3}
+
+
+def _changed_backward(op: Operation) -> bool:
+    """Whether a selection's arguments make its backward other than ``Sᵀ`` (or sparse)."""
+    flags = _EMBEDDING_FLAGS if op.func_name == "embedding" else _GATHER_FLAGS if op.func_name == "gather" else {}
+    for name, position in flags.items():
+        value = op.args[position] if len(op.args) > position else op.kwargs.get(name)
+        if value is not None and value is not False:
+            return True
+    return False
 
 
 def _ops_computing(inner_ops: list[Operation], producer: dict, key, sources: set) -> Optional[list[Operation]]:

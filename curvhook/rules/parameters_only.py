@@ -282,7 +282,11 @@ def _diagonal_through_tail(call: Operation, source_id: int, at: Tensor, diag: Te
         per_sample: As for :func:`_diagonal`.
     """
     tail = call.selection_tail
-    if tail is None or not tail.replays(source_id, at):
+    if tail is None:
+        return None
+    if not tail.reads(source_id):  # (read only for a constant: detached, a condition)
+        return at.new_zeros(diag.shape[0], *at.shape) if per_sample else torch.zeros_like(at)
+    if not tail.replays(source_id, at):
         return None
     pulled = tail.pull(diag if per_sample else diag.sum(0, keepdim=True))  # Sᵀ d: [N or 1, *u]
     if tail.u_key[0] == source_id:  # the copies read the source itself: g is the identity

@@ -368,3 +368,96 @@ def test_a_tail_whose_replay_differs_takes_the_module_replay(monkeypatch):
 
     check_graph_against_reference(model, X, y)
     assert calls == [True]
+
+
+class _Variant(nn.Module):
+    """A picked bias in one of the forms the review found (session 41)."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        self.variant = variant
+        self.table = nn.Parameter(torch.randn(5, 2))
+        self.scale = nn.Parameter(torch.tensor(0.7))
+        self.register_buffer("index", torch.tensor([0, 4, 4, 1, 2, 3, 0, 0, 1, 1, 4, 2, 3, 3, 0, 2]))
+
+    def forward(self, window_size: tuple[int, int]):
+        t, v = self.table, self.variant
+        if v == "unused_parameter":  # the copies read the table itself; `scale` reaches nothing
+            picked = t[self.index]
+        elif v == "detached_parameter":
+            picked = t[self.index] + self.scale.detach()
+        elif v == "half_cast":  # Sᵀ d in float16 would round small d to zero
+            u = t * t
+            picked = u.to(torch.float16)[self.index].to(u.dtype)
+        elif v == "sparse_embedding":
+            picked = nn.functional.embedding(self.index, t * self.scale, sparse=True)
+        elif v == "sparse_gather":
+            picked = torch.gather(t * self.scale, 0, self.index[:, None].expand(-1, 2), sparse_grad=True)
+        else:  # "scale_grad_by_freq": its backward divides by the counts, no copy
+            picked = nn.functional.embedding(self.index, t * self.scale, scale_grad_by_freq=True)
+        return picked.view(*window_size, -1).permute(2, 0, 1).unsqueeze(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("variant", [
+    "unused_parameter", "detached_parameter", "half_cast", "sparse_embedding", "sparse_gather", "scale_grad_by_freq",
+])
+def test_forms_outside_the_copies_match_the_module_jacobian(variant, dtype, monkeypatch):
+    """A parameter the copies do not read gets zeros (it raised a KeyError); a cast to fewer
+    digits, a sparse gradient, or gradients divided by the counts end the copies (wrong
+    zeros in float16, a crash, another backward than ``Sᵀ``): the result equals the
+    module's own Jacobian, the path before the split, up to the dtype's rounding."""
+    from curvhook import module_recorder
+
+    def run():
+        torch.manual_seed(0)
+        model = ScoresWithRelativeBias().to(dtype)
+        model.bias = _Variant(variant).to(dtype)
+        X, y = torch.randn(3, 2, L, L, dtype=dtype), torch.tensor([0, 1, 1])
+        with torch.no_grad():  # small d: float16 would round it to zero
+            model.head.weight.mul_(1e-3)
+        with extend(model, DiagGGNApprox()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+        return [p.diag_ggn_approx for p in model.bias.parameters()]
+
+    got = run()
+    monkeypatch.setattr(module_recorder, "find_selection_tail", lambda *args: None)
+    expected = run()
+    assert any(e.abs().max() > 0 for e in expected)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=rtol, atol=rtol * e.abs().max().item())
+
+
+class _PassedItsOwnTable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(5, 2))
+        self.register_buffer("index", torch.tensor([0, 4, 4, 1, 2, 3, 0, 0, 1, 1, 4, 2, 3, 3, 0, 2]))
+
+    def forward(self, a):
+        return torch.tanh(a * self.table)[self.index].view(L, L, -1).permute(2, 0, 1).unsqueeze(0)
+
+
+class _CallsItWithItsOwnTable(ScoresWithRelativeBias):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = _PassedItsOwnTable()
+
+    def forward(self, x):
+        s = (x + self.bias(self.bias.table)).softmax(-1)
+        return self.head(s[:, :, 0].sum(1))
+
+
+@pytest.mark.parametrize("extension", [DiagGGN, DiagGGNApprox, BatchJacobian])
+def test_a_module_passed_its_own_parameter_is_refused_by_name(extension):
+    """``bias(bias.table)``: the rules took the parameter as the attribute and the argument
+    apart (the review found BatchJacobian and DiagGGN wrong, DiagGGNApprox half the
+    reference); refused with the remedy."""
+    from curvhook.errors import UnsupportedModelError
+
+    model = _CallsItWithItsOwnTable().to(DT)
+    X, y = _data("scores", 3), torch.tensor([0, 1, 1])
+    with pytest.raises(UnsupportedModelError, match=r"'bias' \(_PassedItsOwnTable\) is passed its own parameter 'table'"):
+        with extend(model, extension()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
