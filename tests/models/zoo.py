@@ -42,6 +42,9 @@ class ZooCase:
     criterion: nn.Module = field(default_factory=nn.CrossEntropyLoss)
     logits: Callable[[Any], Tensor] = lambda out: out
     rtol: float = 1e-10
+    # (module, forward) pairs the torch.func reference runs instead of the modules' own forwards:
+    # the same function without a custom autograd.Function, which torch.func cannot transform
+    reference_forwards: tuple = ()
 
     def forward(self) -> Any:
         return self.model(**self.inputs)
@@ -449,6 +452,34 @@ def hf_opt(n: int = N) -> ZooCase:
     return case
 
 
+def hf_bloom(n: int = N) -> ZooCase:
+    """ALiBi attention on the batch merged with the heads: ``alibi.baddbmm(q, k)`` with ``q``, ``k``
+    ``[N·H, L, d]`` and the bias ``[N·H, 1, L]`` from each sample's padding mask (a constant with
+    one slice per row), then ``bmm`` with the values; ``BloomGelu``, a custom ``autograd.Function``.
+    The word embeddings are tied to the language-model head."""
+    import transformers
+
+    config = transformers.BloomConfig(
+        vocab_size=VOCAB, hidden_size=8, n_layer=1, n_head=2, hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    model = transformers.BloomForCausalLM(config).eval()  # (in training mode BloomGelu is a Function torch.func cannot run)
+    patterns = ("transformer.word_embeddings.", "transformer.h.0.self_attention.", "transformer.h.0.mlp.dense_4h_to_h.",
+                "transformer.ln_f.")
+    case = _language_model(model, _ids(n), VOCAB, patterns)
+    mask = torch.ones(n, LENGTH, dtype=torch.long)
+    mask[0, -2:] = 0  # padding: ALiBi's positions (cumsum of the mask) differ by sample
+    # (left padding masks whole rows of the first queries: the model itself gives NaN)
+    case.inputs.update(attention_mask=mask, use_cache=False)
+    from transformers.models.bloom.modeling_bloom import bloom_gelu_forward
+
+    # BloomGelu's forward is a custom autograd.Function (its backward: the derivative of
+    # bloom_gelu_forward); curvhook serves the module by its rule, torch.func needs the function
+    case.reference_forwards = tuple(
+        (m, bloom_gelu_forward) for m in model.modules() if type(m).__name__ == "BloomGelu"
+    )
+    return case
+
+
 def hf_gpt2_classifier(n: int = N) -> ZooCase:
     """A padded batch of a decoder classifier: ``logits[arange(N), last_token]`` pools each sample."""
     import transformers
@@ -552,6 +583,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.GPT2-classifier": ("transformers", hf_gpt2_classifier),
     "transformers.Llama": ("transformers", hf_llama),
     "transformers.OPT": ("transformers", hf_opt),
+    "transformers.Bloom": ("transformers", hf_bloom),
     "transformers.Falcon": ("transformers", hf_falcon),
     "transformers.Gemma": ("transformers", hf_gemma),
     "transformers.Falcon-alibi": ("transformers", lambda n=N: hf_falcon(n, alibi=True)),
@@ -581,10 +613,16 @@ def exact_reference(case: ZooCase) -> ExactReference:
     def logits(*ps: Tensor) -> Tensor:
         return case.logits(functional_call(case.model, dict(zip(names, ps)), (), case.inputs))
 
-    with torch.no_grad():
-        out = logits(*values)
-    n, o = out.shape[0], out[0].numel()
-    jacs = jacrev(logits, argnums=tuple(range(len(values))))(*values)
+    for module, forward in case.reference_forwards:
+        module.forward = forward
+    try:
+        with torch.no_grad():
+            out = logits(*values)
+        n, o = out.shape[0], out[0].numel()
+        jacs = jacrev(logits, argnums=tuple(range(len(values))))(*values)
+    finally:
+        for module, _ in case.reference_forwards:
+            del module.forward
     J = torch.cat([j.reshape(n, o, -1) for j in jacs], dim=2)
     H = hessian(lambda f: case.loss(f, case.criterion))(out).reshape(n, o, n, o)
     blocks = torch.stack([H[i, :, i] for i in range(n)])  # per-sample blocks H_n: [N, O, O]

@@ -1,0 +1,91 @@
+"""``torch.baddbmm``: a batched matrix product plus an added tensor.
+
+BLOOM's attention scores are ``alibi.baddbmm(q, k, beta=β, alpha=α)``,
+
+    S = β c + α a @ b,   a ``[B, L, K]``, b ``[B, K, S]``, c broadcast to ``[B, L, S]``,
+
+with the batch merged with the heads (``B = N·H``, :mod:`curvhook.row_groups`) and
+the ALiBi bias ``c`` ``[N·H, 1, S]``, a constant with one slice per row. The
+matrices of slice ``j`` of the output read slice ``j`` of ``a``, ``b`` and ``c``
+only (a ``bmm`` does not broadcast its batch axis), so the call keeps samples
+(and merged rows) apart when ``a`` and ``b`` carry the batch axis and ``c`` is
+shared or has one slice per sample.
+
+DiagGGNApprox: the product is linear in each operand, and each output entry
+reads each entry of an operand at most once, so (as for ``a @ b``)
+
+    d_a = α² d (b ∘ b)ᵀ,   d_b = α² (a ∘ a)ᵀ d,   d_c = β² d summed to c's shape.
+
+The exact products are the generic ones (``torch.func`` on the whole call).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import Tensor
+
+from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot
+from curvhook.rules.tensor_ops import TensorOpRule
+
+_NAMES = ("input", "batch1", "batch2")
+
+
+def _bound(call: Operation) -> dict[str, Any]:
+    """The arguments by name (``torch.baddbmm(c, a, b, …)`` or ``c.baddbmm(a, b, …)``)."""
+    bound = {"beta": 1, "alpha": 1}
+    bound.update(zip(_NAMES, call.args))
+    bound.update(call.kwargs)
+    return bound
+
+
+class BaddbmmFunction(TensorOpRule):
+    """``β c + α a @ b`` with ``a``, ``b`` batched (see the module docstring)."""
+
+    def keeps_samples_apart(self, call: Operation, n: int) -> bool:
+        args = _bound(call)
+        a, b, c = args.get("batch1"), args.get("batch2"), args.get("input")
+        if not all(isinstance(t, Slot) for t in (a, b, c)) or set(call.kwargs) - {*_NAMES, "beta", "alpha"}:
+            return False
+        out = call.output_shapes[0]
+        if out is None or len(out) != 3 or out[0] != n:
+            return False
+        kinds = [call.input_kinds[t] for t in (a, b)]
+        # each slice of a (b) pairs with the same slice of the other: batched, or a constant per sample
+        if BATCHED not in kinds or any(k not in (BATCHED, CONST) for k in kinds):
+            return False
+        if any(call.inputs[t].dim() != 3 or call.inputs[t].shape[0] != n for t in (a, b)):
+            return False
+        x, kind = call.inputs[c], call.input_kinds[c]
+        shared_slices = x.dim() < 3 or x.shape[0] == 1
+        return shared_slices if kind == SHARED else (shared_slices or x.shape[0] == n)
+
+    def _sliced_slots(self, call: Operation) -> list[int]:
+        """The batched inputs, and the constants with one slice per sample (ALiBi's ``[N·H, 1, S]``)."""
+        n = call.output_shapes[0][0]
+        return [
+            i for i, (t, k) in enumerate(zip(call.inputs, call.input_kinds))
+            if k == BATCHED or (k == CONST and t.dim() == 3 and t.shape[0] == n)
+        ]
+
+    def _fast_diag(self, call: Operation, value: Any, slot: int) -> Optional[Tensor]:
+        """``[B, *x[1:]]`` for ``a``, ``b`` or a batched ``c`` (see the module docstring)."""
+        if isinstance(value, list) or call.uses(slot) != 1 or call.input_kinds[slot] != BATCHED:
+            return None
+        args = _bound(call)
+        alpha, beta = args["alpha"], args["beta"]
+        if slot == args["input"]:
+            return value * beta**2 if call.inputs[slot].shape == value.shape else None
+        a, b = call.inputs[args["batch1"]].detach(), call.inputs[args["batch2"]].detach()
+        if slot == args["batch1"]:
+            return alpha**2 * (value @ b.square().transpose(1, 2))
+        return alpha**2 * (a.square().transpose(1, 2) @ value)
+
+    def _shared_diag(self, call: Operation, value: Any, slot: int) -> Optional[Tensor]:
+        """``[N, *c]``: ``β² d`` per sample summed to the shape of a shared ``c`` (a bias table)."""
+        args = _bound(call)
+        if isinstance(value, list) or slot != args["input"] or call.uses(slot) != 1:
+            return None
+        c = call.inputs[slot]
+        padded = (1,) * (3 - c.dim()) + tuple(c.shape)
+        return (value * args["beta"] ** 2).sum_to_size(value.shape[0], *padded[1:]).reshape(-1, *c.shape)
