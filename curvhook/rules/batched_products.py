@@ -39,6 +39,10 @@ def _bound(call: Operation) -> dict[str, Any]:
     return bound
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, (bool, Slot))
+
+
 class BaddbmmFunction(TensorOpRule):
     """``β c + α a @ b`` with ``a``, ``b`` batched (see the module docstring)."""
 
@@ -47,6 +51,8 @@ class BaddbmmFunction(TensorOpRule):
         a, b, c = args.get("batch1"), args.get("batch2"), args.get("input")
         if not all(isinstance(t, Slot) for t in (a, b, c)) or set(call.kwargs) - {*_NAMES, "beta", "alpha"}:
             return False
+        if not all(_number(args[k]) for k in ("alpha", "beta")):
+            return False  # (a tensor ``alpha`` is a slot here, not its value)
         out = call.output_shapes[0]
         if out is None or len(out) != 3 or out[0] != n:
             return False
@@ -57,6 +63,8 @@ class BaddbmmFunction(TensorOpRule):
         if any(call.inputs[t].dim() != 3 or call.inputs[t].shape[0] != n for t in (a, b)):
             return False
         x, kind = call.inputs[c], call.input_kinds[c]
+        if kind == BATCHED:  # its batch axis must be the product's (``[N, S]`` broadcasts N along L)
+            return x.dim() == 3 and x.shape[0] == n
         shared_slices = x.dim() < 3 or x.shape[0] == 1
         return shared_slices if kind == SHARED else (shared_slices or x.shape[0] == n)
 

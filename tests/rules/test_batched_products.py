@@ -108,3 +108,43 @@ def test_added_matrix_products_on_the_batch_axis(c, b, n, monkeypatch):
     model = Products(c, b).to(DT)
     X, y = torch.randn(n, L, E, dtype=DT), torch.arange(n) % CLASSES
     check_exact_without_fallback(model, X, y, monkeypatch)
+
+
+class Unusual(nn.Module):
+    """Forms the rule must not claim (review, session 41): a batched ``c`` ``[N, S]`` that torch
+    broadcasts along the rows when ``L = N`` (sample ``j`` then reads every sample's ``c``), and
+    ``alpha``, ``beta`` given as tensors (recorded as slots, not values)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b, self.c, self.head = nn.Linear(E, E), nn.Linear(E, E), nn.Linear(E, L), nn.Linear(L * L, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, L, E]
+        a, b = torch.tanh(self.a(x)), self.b(x).transpose(1, 2)
+        if self.form == "batched_c_of_rank_2":
+            s = torch.baddbmm(self.c(x[:, 0]), a, b)  # c [N, S], broadcast as [L, S]
+        else:
+            s = torch.baddbmm(self.c(x), a, b, beta=torch.tensor(0.5, dtype=x.dtype), alpha=torch.tensor(2.0, dtype=x.dtype))
+        return self.head(torch.tanh(s).flatten(1))
+
+
+def test_a_batched_added_tensor_that_mixes_samples_is_refused():
+    from curvhook import extend
+    from curvhook.errors import UnsupportedModelError
+    from curvhook.extensions import BatchJacobian
+
+    torch.manual_seed(0)
+    model = Unusual("batched_c_of_rank_2").to(DT)
+    X, y = torch.randn(L, L, E, dtype=DT), torch.arange(L) % CLASSES  # N = L
+    with pytest.raises(UnsupportedModelError, match="mixes samples"):
+        with extend(model, BatchJacobian()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_alpha_and_beta_given_as_tensors(n, monkeypatch):
+    torch.manual_seed(0)
+    model = Unusual("tensor_scalars").to(DT)
+    X, y = torch.randn(n, L, E, dtype=DT), torch.arange(n) % CLASSES
+    check_exact_without_fallback(model, X, y, monkeypatch)
