@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from curvhook.errors import UnsupportedModelError
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot
 from curvhook.rules.attention import attention_diagonals
-from curvhook.rules.batched_products import BaddbmmFunction
+from curvhook.rules.batched_products import AddcmulFunction, BaddbmmFunction
 from curvhook.rules.base import LayerRule
 from curvhook.rules.conv import ConvRule
 from curvhook.rules.embedding import EmbeddingRule
@@ -553,5 +553,7 @@ FUNCTIONAL_RULES: dict[Callable, TensorOpRule] = {
     F.conv3d: ConvFunction(3),
 }
 FUNCTIONAL_RULES[torch.baddbmm] = FUNCTIONAL_RULES[torch.Tensor.baddbmm] = BaddbmmFunction()
+FUNCTIONAL_RULES[torch.addcmul] = FUNCTIONAL_RULES[torch.Tensor.addcmul] = AddcmulFunction(divide=False)
+FUNCTIONAL_RULES[torch.addcdiv] = FUNCTIONAL_RULES[torch.Tensor.addcdiv] = AddcmulFunction(divide=True)
 if hasattr(F, "rms_norm"):  # torch >= 2.4
     FUNCTIONAL_RULES[F.rms_norm] = RMSNormFunction()
