@@ -34,8 +34,8 @@ _SPLITS = frozenset({"split", "chunk", "tensor_split", "unbind"})
 # The operations whose output axes this module knows (beyond those above).
 MOVERS = frozenset({
     "permute", "transpose", "t", "swapaxes", "swapdims", "movedim", "moveaxis", "unsqueeze",
-    "squeeze", "select", "reshape", "view", "flatten", "unflatten", "sum", "mean", "__getitem__",
-}) | _SPLITS
+    "squeeze", "select", "reshape", "view", "flatten", "unflatten", "sum", "mean", "amax", "amin", "__getitem__",
+}) | _SPLITS | frozenset({"stack", "cat", "concat", "concatenate"})
 # Every operation whose output axes this module knows.
 FOLLOWED = MOVERS | _SAME_AXES | _BROADCASTING
 
@@ -85,7 +85,7 @@ def output_batch_axes(
         return (axis + (d <= axis),)
     if name in ("squeeze", "select") or name in _SPLITS:
         return _along_one_axis(name, args, kwargs, axis, ndim, n_out, in_shape)
-    if name in ("sum", "mean"):
+    if name in ("sum", "mean", "amax", "amin"):
         d = _dim(args, kwargs, 1)
         keep = _dim(args, kwargs, 2, "keepdim", False)
         if d is None or not isinstance(keep, bool):
@@ -96,6 +96,12 @@ def output_batch_axes(
         return (axis if keep else axis - sum(1 for x in dims if x < axis),)
     if name in ("reshape", "view", "flatten", "unflatten"):
         return (_reshaped_axis(axis, in_shape, out_shapes[0]),)
+    if name == "stack":  # a new axis at ``dim`` (CrossViT's heads: ``mean(stack(heads, 0), 0)``)
+        d = _dim(args, kwargs, 1, default=0)
+        return None if not isinstance(d, int) else (axis + (d % (ndim + 1) <= axis),)
+    if name in ("cat", "concat", "concatenate"):  # joined along another axis than the samples'
+        d = _dim(args, kwargs, 1, default=0)
+        return None if not isinstance(d, int) or d % ndim == axis else (axis,)
     if name == "__getitem__" and len(args) > 1:
         return _indexed_axis(args[1], axis, ndim)
     return None

@@ -63,13 +63,19 @@ EINSUMS = frozenset({"einsum"})
 # along a dim that is not the batch axis (``x.gather(-1, idx)``: DeBERTa's relative
 # positions): entries 0 or 1, an entry of ``x`` maybe picked several times.
 SELECTIONS = frozenset({"gather", "take_along_dim", "index_select"})
-KNOWN = STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS | SOFTMAXES | NORMALIZES | EINSUMS | SELECTIONS
+# The largest or smallest entry along dims that are not the batch axis (Hiera's query pooling,
+# ``q.amax(dim=3)``): each output entry is one input entry, or the mean of tied ones.
+EXTREMES = frozenset({"amax", "amin"})
+KNOWN = (
+    STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS | SOFTMAXES | NORMALIZES | EINSUMS | SELECTIONS
+    | EXTREMES
+)
 # Operations with a ``dim`` that must not be the batch axis.
 DIM_OPERATIONS = frozenset({
     "cat", "concat", "concatenate", "stack", "split", "chunk", "unbind", "tensor_split",
     "sum", "mean", "select", "narrow", "squeeze", "unsqueeze", "flatten", "transpose",
     "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "flip", "roll", "pad", "t",
-}) | SOFTMAXES | NORMALIZES | SELECTIONS
+}) | SOFTMAXES | NORMALIZES | SELECTIONS | EXTREMES
 # Operations that take an integer index of the input's rank along ``dim``
 # (``h.gather(1, idx)``): an index with one row per sample belongs to its sample.
 INDEXED_ALONG_DIM = frozenset({
@@ -88,7 +94,7 @@ SAMPLE_ALIGNED = frozenset({"grid_sample"})
 # Known operations that may change the number of axes (their dims are checked instead).
 CHANGE_RANK = frozenset({
     "__getitem__", "squeeze", "unsqueeze", "flatten", "unflatten", "view", "reshape",
-    "select", "unbind", "stack", "__get__", "split", "chunk", "tensor_split", "sum", "mean",
+    "select", "unbind", "stack", "__get__", "split", "chunk", "tensor_split", "sum", "mean", "amax", "amin",
 })
 
 # Functions of a loss value that keep its Hessian (affine in all their tensor

@@ -424,3 +424,56 @@ def test_linear_acting_on_the_batch_axis_is_refused():
     with pytest.raises(UnsupportedModelError, match="'mix' \\(Linear\\).*acts on its last 1 axes"):
         with extend(model, DiagGGN()):
             nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+class StackedHeads(nn.Module):
+    """timm's CrossViT: one head per branch, ``mean(stack(heads, dim=0), dim=0)`` (the batch axis
+    second in between); ``cat`` along the features of tensors whose batch axis is second."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b = nn.Linear(E, 6), nn.Linear(E, 6)
+        self.heads = nn.ModuleList([nn.Linear(6, C), nn.Linear(6, C)])
+        self.joint = nn.Linear(12, C)
+
+    def forward(self, x):  # [N, E]
+        xs = [torch.tanh(self.a(x)), torch.tanh(self.b(x))]
+        if self.form == "stack_then_mean":
+            return torch.mean(torch.stack([h(xs[i]) for i, h in enumerate(self.heads)], dim=0), dim=0)
+        moved = [t.unsqueeze(0) for t in xs]  # [1, N, 6]: the batch axis second
+        return self.joint(torch.cat(moved, dim=-1)[0])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("form", ["stack_then_mean", "cat_along_features"])
+def test_stack_and_cat_follow_the_batch_axis(form, n, monkeypatch):
+    """Before: *the operation mean mixes samples* (timm's crossvit_tiny_240 refused)."""
+    from curvhook.rules import tensor_ops
+
+    def dense(call):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
+    torch.manual_seed(0)
+    model = StackedHeads(form).to(DT)
+    X, y = torch.randn(n, E, dtype=DT), torch.arange(n) % C
+    check_graph_against_reference(model, X, y, moved_axes=True)
+
+
+def test_stack_along_the_batch_axis_and_a_mean_over_it_is_refused():
+    """``stack(dim=1)`` of ``[N, F]`` tensors keeps the batch axis first; ``mean(dim=0)`` then
+    averages the samples: refused, not followed."""
+    class MeanOverSamples(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(E, C)
+
+        def forward(self, x):
+            h = self.a(x)
+            return torch.stack([h, h * 2], dim=1).mean(0).expand(x.shape[0], -1, -1)[:, 0]
+
+    model = MeanOverSamples().to(DT)
+    with pytest.raises(UnsupportedModelError, match="mixes samples"):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(torch.randn(3, E, dtype=DT)), torch.arange(3) % C).backward()

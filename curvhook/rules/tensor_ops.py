@@ -45,7 +45,7 @@ from curvhook._torch_internals import tensor_version
 from curvhook.errors import UnsupportedModelError, out_of_memory_error
 from curvhook.mask_index import gather_entry, mask_selection_hint
 from curvhook.operations import (
-    ADDITIONS, BROADCASTING, CHANGE_RANK, DIM_OPERATIONS, EINSUMS, ELEMENTWISE, INDEXED_ALONG_DIM, KNOWN, MATMULS,
+    ADDITIONS, BROADCASTING, CHANGE_RANK, DIM_OPERATIONS, EINSUMS, ELEMENTWISE, EXTREMES, INDEXED_ALONG_DIM, KNOWN, MATMULS,
     MEANS, NORMALIZES, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SAMPLE_ALIGNED, SELECTIONS, SOFTMAXES, STRUCTURAL,
     SUBTRACTIONS,
 )
@@ -109,7 +109,7 @@ def _dims_avoid_batch(call: Operation) -> bool:
     if name in ("stack", "unsqueeze"):
         dim = _dim_arg(call, default=0)
         return dim is not None and dim % (ndim + 1) != 0
-    if name in ("sum", "mean"):
+    if name in ("sum", "mean") or name in EXTREMES:
         dim = _dim_arg(call, default=None)
         if dim is None:
             return False
@@ -549,6 +549,12 @@ class TensorOpRule(LayerRule):
             # entries 0 or ±1, one sign per input: Σ_o d_o J_oi² = |Jᵀ d|, the batch axis moved
             mats = [d.unsqueeze(0) for d in _diag_list(call, value)]
             return _guard(call, lambda: self._pull_whole(call, mats, slot)[0].abs())
+        if call.batch_axes is not None and call.func_name in MEANS and len(call.inputs) == 1:
+            # entries 1/k: Σ_o d_o J_oi² = (Jᵀ d)_i / k, the batch axis moved (CrossViT's mean over
+            # its heads, stacked in front of the batch axis)
+            mats = [d.unsqueeze(0) for d in _diag_list(call, value)]
+            shrink = call.output_values[0].numel() / call.inputs[slot].numel()
+            return _guard(call, lambda: self._pull_whole(call, mats, slot)[0] * shrink)
         if self._safe(call):
             fast = self._fast_diag(call, value, slot)
             if fast is not None:
@@ -614,6 +620,8 @@ class TensorOpRule(LayerRule):
         if name in ELEMENTWISE and len(call.output_values) == 1:
             slope = self._elementwise_slope(call, slot)
             return value * slope.square() if slope is not None else None
+        if name in EXTREMES and len(call.inputs) == 1:
+            return _extreme_diag(call, value)
         if name in PRODUCTS | QUOTIENTS | MATMULS and len(call.args) >= 2:
             return self._bilinear_diag(call, value, slot)
         if name in NORMALIZES and len(call.inputs) == 1:
@@ -931,6 +939,26 @@ def _warn_dense_once(call: Operation) -> None:
         "curvhook.register_rule (docs/custom_layers.md) if it is slow.",
         stacklevel=3,
     )
+
+
+def _extreme_diag(call: Operation, value: Tensor) -> Optional[Tensor]:
+    """``Σ_o d_o J_oi²`` of ``amax``/``amin`` over ``dims``: ``J_oi = 1/k`` for the ``k`` entries
+    tied at the extreme of output ``o`` (autograd shares the gradient among them), else 0."""
+    dim = _dim_arg(call, default=None)
+    if dim is None or isinstance(dim, Slot) or set(call.kwargs) - {"dim", "keepdim"}:
+        return None
+    keepdim = call.kwargs.get("keepdim", call.args[2] if len(call.args) > 2 else False)
+    if not isinstance(keepdim, bool):
+        return None
+    x = call.inputs[0].detach()
+    dims = sorted(d % x.dim() for d in (dim if isinstance(dim, (tuple, list)) else (dim,)))
+    out, d = call.output_values[0], value
+    if not keepdim:
+        for a in dims:  # ascending: each index is already the input's
+            out, d = out.unsqueeze(a), d.unsqueeze(a)
+    hits = x == out
+    count = hits.sum(dims, keepdim=True).clamp(min=1)
+    return torch.where(hits, d / count.square().to(d.dtype), 0)
 
 
 def _linear_pullback(call: Operation, value: Tensor, slot: int, squared: bool) -> Optional[Tensor]:

@@ -1516,3 +1516,55 @@ def test_a_selection_index_changed_in_place_after_the_call_is_refused():
         with pytest.raises(UnsupportedModelError, match=r"take_along_dim .*changed in place.*clone"):
             with extend(model, ext()):
                 nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+class PooledByExtremes(nn.Module):
+    """Hiera's query pooling, ``q.view(…, stride, -1, d).amax(dim=3)``, after a ReLU (zeros: ties,
+    where autograd shares the gradient among the tied entries), ``amin``, ``keepdim``, a tuple of dims."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.head = nn.Linear(4, 6), nn.Linear(9, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 3, 4]
+        h = torch.relu(self.a(x)).view(-1, 3, 3, 2)
+        if self.form == "amax":
+            h = h.amax(dim=3)
+        elif self.form == "amin_keepdim":
+            h = torch.amin(h, -1, keepdim=True).squeeze(-1)
+        else:  # "tied": half the entries zero, max over a tuple of dims
+            h = torch.cat([h, torch.zeros_like(h)], -1).amax(dim=(3,))
+        return self.head(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("form", ["amax", "amin_keepdim", "tied"])
+def test_amax_and_amin_along_other_axes(form, n, monkeypatch):
+    """Known to keep samples apart; DiagGGNApprox ``d / k²`` at each of the ``k`` tied extremes
+    (before: dense per-sample Jacobians, out of memory at timm's hiera_tiny_224)."""
+
+    def dense(call):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
+    torch.manual_seed(0)
+    model = PooledByExtremes(form).to(DT)
+    X, y = torch.randn(n, 3, 4, dtype=DT), torch.arange(n) % 3
+    check_graph_against_reference(model, X, y)
+
+
+def test_amax_over_the_samples_is_refused():
+    class OverSamples(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            return h - h.amax(dim=0, keepdim=True)
+
+    model = OverSamples().to(DT)
+    with pytest.raises(UnsupportedModelError, match="into samples|mixes samples"):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(torch.randn(3, 4, dtype=DT)), torch.arange(3)).backward()
