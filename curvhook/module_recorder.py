@@ -638,6 +638,8 @@ def _refuse_own_parameter_as_argument(op: Operation, module: nn.Module) -> None:
     """A leaf passed one of its own trainable parameters (``bias(bias.table)``): its rules
     differentiate the parameter where the module reads it as an attribute and the argument
     apart, and would miss the path through the other (wrong numbers in every extension)."""
+    if SHARED not in op.input_kinds:  # (a parameter passed as an argument is a shared input)
+        return
     own = {id(p): n for n, p in op.params}
     name = next((own[id(x)] for x in op.inputs if id(x) in own), None)
     if name is not None:

@@ -23,14 +23,14 @@ the recorded values; where it differs, the module's own replay serves.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
 from curvhook.operations import ADDITIONS, SELECTIONS, SUBTRACTIONS
-from curvhook.records import Operation, key_of
+from curvhook.records import Operation, flat_tensors, key_of
 
 # Every entry of the output is a copy (Jacobian entry 1) of at most one entry of the one
 # input that requires grad, or a constant: views, permutations, indexing, expansion,
@@ -84,7 +84,7 @@ class SelectionTail:
                     x if key[0] == source_id else env.get(key, t.detach())
                     for t, key in zip(op.inputs, op.input_keys)
                 ]
-                for key, value in zip(op.output_keys, _outputs(op.invoke(tensors))):
+                for key, value in zip(op.output_keys, tuple(flat_tensors(op.invoke(tensors)))):
                     if key is not None:
                         env[key] = value
             return env[u_key]
@@ -99,7 +99,7 @@ class SelectionTail:
             current, key = u, self.u_key
             for op, index in tail:
                 tensors = [current if k == key else t.detach() for t, k in zip(op.inputs, op.input_keys)]
-                current, key = _outputs(op.invoke(tensors))[index], op.output_keys[index]
+                current, key = tuple(flat_tensors(op.invoke(tensors)))[index], op.output_keys[index]
             return current
 
         return s
@@ -117,12 +117,6 @@ class SelectionTail:
                 return False
             w = self.tail_function()(self.u_value)
             return w.shape == self.out_value.shape and torch.allclose(w, self.out_value, rtol=1e-5, atol=1e-6)
-
-
-def _outputs(result: Any) -> tuple[Tensor, ...]:
-    if isinstance(result, Tensor):
-        return (result,)
-    return tuple(r for r in result if isinstance(r, Tensor))
 
 
 def find_selection_tail(inner_ops: list[Operation], output: Tensor, sources: set) -> Optional[SelectionTail]:

@@ -44,10 +44,11 @@ from curvhook.rules.tensor_ops import TensorOpRule
 _NAMES = ("input", "batch1", "batch2")
 
 
-def _bound(call: Operation) -> dict[str, Any]:
-    """The arguments by name (``torch.baddbmm(c, a, b, …)`` or ``c.baddbmm(a, b, …)``)."""
-    bound = {"beta": 1, "alpha": 1}
-    bound.update(zip(_NAMES, call.args))
+def _bound(call: Operation, names: tuple[str, ...] = _NAMES, defaults: Any = (("beta", 1), ("alpha", 1))) -> dict[str, Any]:
+    """The arguments by name (``torch.baddbmm(c, a, b, …)`` or ``c.baddbmm(a, b, …)``), slots as
+    :class:`Slot` markers."""
+    bound = dict(defaults)
+    bound.update(zip(names, call.args))
     bound.update(call.kwargs)
     return bound
 
@@ -121,14 +122,8 @@ class AddcmulFunction(TensorOpRule):
     def __init__(self, divide: bool) -> None:
         self.divide = divide
 
-    def _bound(self, call: Operation) -> dict[str, Any]:
-        bound = {"value": 1}
-        bound.update(zip(_ENTRYWISE_NAMES, call.args))
-        bound.update(call.kwargs)
-        return bound
-
     def keeps_samples_apart(self, call: Operation, n: int) -> bool:
-        args = self._bound(call)
+        args = _bound(call, _ENTRYWISE_NAMES, (("value", 1),))
         if set(call.kwargs) - {*_ENTRYWISE_NAMES, "value"} or not _number(args["value"]):
             return False
         if not all(isinstance(args.get(k), Slot) for k in _ENTRYWISE_NAMES):
@@ -146,7 +141,7 @@ class AddcmulFunction(TensorOpRule):
 
     def _coefficient_sq(self, call: Operation, slot: int) -> Optional[Tensor]:
         """``(∂out/∂x)²`` for the operand at ``slot``, broadcast against the output."""
-        args = self._bound(call)
+        args = _bound(call, _ENTRYWISE_NAMES, (("value", 1),))
         if call.uses(slot) != 1:
             return None
         v = args["value"]
