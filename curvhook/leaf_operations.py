@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from curvhook.operations import ADDITIONS, ELEMENTWISE, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SUBTRACTIONS
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, key_of
+from curvhook.row_groups import PURE_RESHAPES, rows_followed
 
 # Structural maps whose Jacobian is a permutation of the entries (no entry repeated or dropped).
 _PERMUTING = frozenset({
@@ -113,8 +114,12 @@ def as_operations(
             current = op.input_keys[slots[0]]  # a constant read with the parameters
         if len(slots) != 1 or op.input_keys[slots[0]] != current or op.uses(slots[0]) != 1:
             return None
-        if not op.output_shapes[0] or op.output_shapes[0][0] != n or op.inputs[slots[0]].shape[0] != n:
-            return None  # the batch axis must stay first and whole (``x.view(-1, d)`` merges it)
+        if op.rows == 0 or op.batch_axes is not None:
+            return None
+        if not op.output_shapes[0] or op.output_shapes[0][0] != n * op.rows or op.inputs[slots[0]].shape[0] != n * op.rows_in:
+            return None  # the batch axis stays first, whole or as merged rows (Hiera's ``Unroll``)
+        if op.rows != op.rows_in and op.func_name not in PURE_RESHAPES:
+            return None
         has_shared = SHARED in op.input_kinds
         if not _monomial(op, slots[0]):
             if general or shared_before_general:
@@ -126,7 +131,11 @@ def as_operations(
     shared_end = current is None and end in produced_shared  # computed from parameters alone
     ends = (current == end or shared_end) and seen_params == params
     expected = len(seen_params) + len(produced_shared) - shared_end  # (the output is not used inside)
-    return ops if ends and _each_used_once(used, expected) else None
+    if not (ends and _each_used_once(used, expected)):
+        return None
+    if any(op.rows != 1 or op.rows_in != 1 for op in ops) and (ops[-1].rows != 1 or not rows_followed(ops, n)):
+        return None  # merged rows: split again by the end, and followed row by row
+    return ops
 
 
 def _each_used_once(used: Counter, expected: int) -> bool:

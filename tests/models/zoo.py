@@ -267,6 +267,23 @@ def timm_nfnet(n: int = N) -> ZooCase:
     return _classifier(model, "x", _images(16, n), CLASSES, patterns)
 
 
+def timm_hiera(n: int = N) -> ZooCase:
+    """Hiera (a tiny config of timm's ``Hiera``): ``Unroll`` permutes the tokens into the batch
+    axis and back (``[N, L, C] → [N·4, …] → [N·16, …] → [N, L, C]``) inside one module without
+    a rule, mask-unit attention on windows, token pooling by ``amax`` over strided views."""
+    from timm.models.hiera import Hiera
+
+    model = Hiera(
+        img_size=(32, 32), embed_dim=8, num_heads=1, num_classes=CLASSES, stages=(1, 1, 1), q_pool=2,
+        mask_unit_size=(4, 4), mask_unit_attn=(True, True, False), patch_kernel=(3, 3), patch_stride=(4, 4),
+        patch_padding=(1, 1), mlp_ratio=1.0,
+    ).eval()
+    with torch.no_grad():  # timm starts the classifier at zero: nothing before it would reach the loss
+        model.head.fc.weight.normal_(0, 0.5)
+    patterns = ("patch_embed.", "pos_embed", "blocks.0.attn.qkv.", "blocks.1.proj.", "blocks.2.norm1.", "head.fc.")
+    return _classifier(model, "x", _images(32, n), CLASSES, patterns)
+
+
 # ----------------------------------------------------------- transformers
 def hf_bert(n: int = N) -> ZooCase:
     import transformers
@@ -573,6 +590,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "timm.maxvit": ("timm", timm_maxvit),
     "timm.resnetv2_bit": ("timm", timm_resnetv2_bit),
     "timm.nfnet": ("timm", timm_nfnet),
+    "timm.hiera": ("timm", timm_hiera),
     "transformers.Bert": ("transformers", hf_bert),
     "transformers.DistilBert": ("transformers", hf_distilbert),
     "transformers.DebertaV2": ("transformers", hf_deberta_v2),
