@@ -18,8 +18,18 @@ and per column (permutations and other views, elementwise functions, ``x ⊙ w``
 ``Mᵀ D M`` is diagonal for a diagonal ``D``, so truncating to the diagonal
 between the operations loses nothing. A parameter (or a tensor computed from
 parameters inside the module) must enter once, in the general operation or
-after it (the operations after it are monomial); computations on parameters
-alone must be monomial too. A leaf that returns its input unchanged
+after it (the operations after it are monomial). The general operation may be
+one on parameters alone (timm's ``RelPosBias``: ``attn + table[index]``, viewed
+and permuted): what enters after it is added or multiplied in entry by entry,
+each output entry reading one entry of it, so ``Mᵀ D M`` is diagonal again for
+the map ``M`` from it to the output.
+
+The batch axis stays first, whole or as merged rows (:mod:`curvhook.row_groups`):
+Hiera's ``Unroll`` moves strided patches of each sample into the batch axis and
+back (``[N, L, C] → [N·4, …] → [N·16, …] → [N, L, C]``), and GCViT's window
+attention passes its ``RelPosBias`` scores of ``[N·windows, …]``. Such a chain
+groups the rows at its end as at its start, and each of its operations is
+followed row by row. A leaf that returns its input unchanged
 (``StochasticDepth`` in eval mode) is dropped: its Jacobian is the identity.
 """
 
@@ -78,6 +88,7 @@ def as_operations(
     produced_shared: set = set()
     used: Counter = Counter()
     seen_params: set[int] = set()
+    rows = start_rows = None  # merged rows per sample along the chain (curvhook/row_groups.py)
     general = False
     shared_before_general = False
     for op in ops:
@@ -97,15 +108,17 @@ def as_operations(
             if _monomial(op, None):
                 produced_shared.add(op.output_keys[0])
                 continue
-            if current is not None or general:
+            if general:
                 return None
             # the general operation, on parameters and constants: BART's and OPT's learned
             # positions (the positions made from the input, then F.embedding), an output with
-            # the batch axis, or without it (from fixed constants: positions [1, L] at N = 1)
+            # the batch axis, or without it (from fixed constants: positions [1, L] at N = 1);
+            # beside a batched input, a shared tensor that later operations add or multiply in
+            # (a relative-position bias ``table[index]``: see the module docstring)
             general = True
             if op.output_keys[0] in shared_keys:
                 produced_shared.add(op.output_keys[0])
-            elif op.output_shapes[0] and op.output_shapes[0][0] == n:
+            elif current is None and op.output_shapes[0] and op.output_shapes[0][0] == n:
                 current = op.output_keys[0]
             else:
                 return None  # (positions [1, L] beside a batch of N > 1: the leaf broadcasts them)
@@ -114,12 +127,15 @@ def as_operations(
             current = op.input_keys[slots[0]]  # a constant read with the parameters
         if len(slots) != 1 or op.input_keys[slots[0]] != current or op.uses(slots[0]) != 1:
             return None
-        if op.rows == 0 or op.batch_axes is not None:
+        if op.rows == 0 or op.batch_axes is not None or (rows is not None and op.rows_in != rows):
             return None
+        if start_rows is None:  # (the leaf's input may have merged rows: GCViT's window attention)
+            start_rows, n = op.rows_in, op.inputs[slots[0]].shape[0] // op.rows_in
         if not op.output_shapes[0] or op.output_shapes[0][0] != n * op.rows or op.inputs[slots[0]].shape[0] != n * op.rows_in:
             return None  # the batch axis stays first, whole or as merged rows (Hiera's ``Unroll``)
         if op.rows != op.rows_in and op.func_name not in PURE_RESHAPES:
             return None
+        rows = op.rows
         has_shared = SHARED in op.input_kinds
         if not _monomial(op, slots[0]):
             if general or shared_before_general:
@@ -133,8 +149,9 @@ def as_operations(
     expected = len(seen_params) + len(produced_shared) - shared_end  # (the output is not used inside)
     if not (ends and _each_used_once(used, expected)):
         return None
-    if any(op.rows != 1 or op.rows_in != 1 for op in ops) and (ops[-1].rows != 1 or not rows_followed(ops, n)):
-        return None  # merged rows: split again by the end, and followed row by row
+    merged = any(op.rows != 1 or op.rows_in != 1 for op in ops)
+    if rows != start_rows or (merged and not rows_followed(ops, n)):
+        return None  # merged rows: grouped at the end as at the start, and followed row by row
     return ops
 
 

@@ -35,7 +35,7 @@ STRUCTURAL = frozenset({
     "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "__getitem__",
     "expand", "expand_as", "view_as", "reshape_as", "narrow", "select", "cat", "concat",
     "concatenate", "stack", "hstack", "split", "chunk", "unbind", "tensor_split", "to",
-    "float", "double", "type_as", "__get__", "repeat", "tile", "flip", "roll", "sum", "t",
+    "float", "double", "type_as", "__get__", "repeat", "repeat_interleave", "tile", "flip", "roll", "sum", "t",
     "neg", "__neg__", "negative", "positive", "__pos__", "__setitem__",
     "masked_fill", "masked_fill_", "where", "pad",
 }) | ADDITIONS | SUBTRACTIONS | REVERSED_SUBTRACTIONS
@@ -74,7 +74,7 @@ KNOWN = (
 DIM_OPERATIONS = frozenset({
     "cat", "concat", "concatenate", "stack", "split", "chunk", "unbind", "tensor_split",
     "sum", "mean", "select", "narrow", "squeeze", "unsqueeze", "flatten", "transpose",
-    "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "flip", "roll", "pad", "t",
+    "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "flip", "roll", "pad", "t", "repeat_interleave",
 }) | SOFTMAXES | NORMALIZES | SELECTIONS | EXTREMES
 # Operations that take an integer index of the input's rank along ``dim``
 # (``h.gather(1, idx)``): an index with one row per sample belongs to its sample.

@@ -32,7 +32,7 @@ from curvhook.rules.batch_axis_view import BATCH_AXIS_VIEW, batch_axis_refusal, 
 from curvhook.rules.fallback import FALLBACK, mixes_samples
 from curvhook.rules.parameters_only import TO_BATCH, parameters_only
 from curvhook.rules.registry import rule_for, rule_or_fallback
-from curvhook.rules.row_groups import GATHERED_ROWS, REGROUP
+from curvhook.rules.row_groups import GATHERED_ROWS, REGROUP, REPEATED_ROWS
 from curvhook.rules.functional import FUNCTIONAL_RULES
 from curvhook.rules.tensor_ops import TENSOR_OPS
 from curvhook.trace import Trace
@@ -196,7 +196,9 @@ def resolve_rule(op: Operation) -> LayerRule:
         if op.to_batch:
             return TO_BATCH
         if op.rows != op.rows_in:  # merges or splits rows (curvhook/row_groups.py)
-            return GATHERED_ROWS if op.func_name == "__getitem__" else REGROUP
+            if op.func_name == "__getitem__":
+                return GATHERED_ROWS
+            return REPEATED_ROWS if op.func_name == "repeat_interleave" else REGROUP
         return TENSOR_OPS if op.batch_axes is not None else FUNCTIONAL_RULES.get(op.func, TENSOR_OPS)
     if op.batch_axes is not None:
         return BATCH_AXIS_VIEW

@@ -87,6 +87,31 @@ def note_rows(trace: Trace, op: Operation, outputs: Sequence[Tensor], reshape: b
     return rows != out_rows
 
 
+def note_repeated_rows(trace: Trace, op: Operation, outputs: Sequence[Tensor]) -> bool:
+    """``g.repeat_interleave(k, dim=0)`` of a batched ``g`` ``[N·r, …]`` (``r`` rows per sample,
+    often one): each row copied to ``k`` consecutive rows, so sample ``n`` owns rows
+    ``n·r·k … (n + 1)·r·k − 1`` of the result (GCViT's global query repeated to the windows of
+    its image). Set ``op.rows_in = r`` and ``op.rows = r·k`` and mark the output; ``False``
+    (nothing set) for any other call, such as repeats given as a tensor or another axis.
+    """
+    n = trace.batch_hint
+    if op.func_name != "repeat_interleave" or not n or not outputs or len(op.inputs) != 1:
+        return False
+    args, kwargs = op.args, op.kwargs
+    repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+    dim = args[2] if len(args) > 2 else kwargs.get("dim")
+    x, key = op.inputs[0], op.input_keys[0]
+    if (not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 2 or not isinstance(dim, int)
+            or x.dim() == 0 or dim not in (0, -x.dim()) or key in trace.moved_axes):
+        return False
+    rows = rows_of(trace, x, key)
+    if x.shape[0] != n * rows:
+        return False
+    op.rows_in, op.rows = rows, rows * repeats
+    mark_rows(trace, outputs[0], op.rows)
+    return True
+
+
 def mark_outputs(trace: Trace, op: Operation, outputs: Sequence[Tensor]) -> None:
     """Mark the outputs of an operation on merged rows that keep them: ``k`` rows per sample
     along their batch axis (where :mod:`curvhook.batch_axis` found it, else first).

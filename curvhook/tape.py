@@ -42,7 +42,9 @@ from curvhook.records import (
     BATCHED, CONST, SHARED, DifferentiableOutputs, Operation, carries_gradient, flat_tensors, key_of,
     make_template, tensor_arguments,
 )
-from curvhook.row_groups import PURE_RESHAPES, mark_merged_constants, mark_outputs, mark_rows, note_rows, rows_of
+from curvhook.row_groups import (
+    PURE_RESHAPES, mark_merged_constants, mark_outputs, mark_rows, note_repeated_rows, note_rows, rows_of,
+)
 from curvhook.rules.parameters_only import COPIES_TO_BATCH
 from curvhook.trace import Trace
 from curvhook.view_writes import WriteThrough, view_chain
@@ -298,7 +300,9 @@ class OperationTape(TorchFunctionMode):
             op.node, op.node_saves_hooked = None, True
         # merged rows, followed as pseudo-samples (curvhook/row_groups.py); a merge or split
         # keeps the batch axis first (its leading size is N·k or N)
-        regroup = BATCHED in kinds and note_rows(trace, op, outputs, name in PURE_RESHAPES)
+        regroup = BATCHED in kinds and (
+            note_repeated_rows(trace, op, outputs) or note_rows(trace, op, outputs, name in PURE_RESHAPES)
+        )
         if picks > 1:  # each sample's c picks: c merged rows (curvhook/mask_index.py)
             op.rows_in, op.rows, regroup = 1, picks, True
             mark_rows(trace, outputs[0], picks)

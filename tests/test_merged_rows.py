@@ -173,6 +173,89 @@ def test_shared_tensors_that_merged_rows_read(n, block, features, monkeypatch):
     check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
 
 
+class GlobalQueryWindows(nn.Module):
+    """GCViT's window attention with a global query (timm): each sample's query ``g`` ``[N, 2, C]``,
+    computed from the whole sample, is repeated to that sample's windows
+    (``g.repeat_interleave(nW, dim=0)``: ``[N·nW, 2, C]``) and attends to each window's keys.
+    ``form``: the method, the function with ``dim`` by keyword, a query already on merged
+    rows (``[N·2, 2, C]`` repeated to ``[N·4, 2, C]``, with windows of one token), or the same
+    as the method without merged rows (``broadcast``)."""
+
+    def __init__(self, form: str, c: int = 4):
+        super().__init__()
+        self.kv, self.g, self.form = nn.Linear(c, 2 * c), nn.Linear(c, c), form
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 4, C]
+        n, l, c = x.shape
+        if self.form == "on_rows":
+            q = torch.tanh(self.g(x.reshape(n * 2, 2, c))).repeat_interleave(2, dim=0)  # [N·4, 2, C]
+            k, v = self.kv(x.reshape(n * 4, 1, c)).chunk(2, dim=-1)  # [N·4, 1, C]
+            return (torch.sigmoid(q @ k.transpose(-1, -2)) * v).reshape(n, -1)
+        g = torch.tanh(self.g(x[:, :2] + x[:, 2:]))  # [N, 2, C]: from the whole sample
+        if self.form == "broadcast":  # the same without merged rows: windows [N, 2, 2, C]
+            k, v = self.kv(x.reshape(n, 2, 2, c)).chunk(2, dim=-1)
+            attn = torch.softmax(g.unsqueeze(1) @ k.transpose(-1, -2), dim=-1)  # [N, 2, 2, 2]
+            return (attn @ v).reshape(n, l * c)
+        k, v = self.kv(x.reshape(n * 2, 2, c)).chunk(2, dim=-1)  # windows [N·2, 2, C]
+        q = g.repeat_interleave(2, dim=0) if self.form == "method" else torch.repeat_interleave(g, 2, dim=0)
+        attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # [N·2, 2, 2]
+        return (attn @ v).reshape(n, l * c)
+
+
+@pytest.mark.parametrize("form", ["method", "function", "on_rows"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_per_sample_tensor_repeated_to_its_merged_rows(n, form, monkeypatch):
+    """``g.repeat_interleave(k, dim=0)`` copies each sample's ``g`` to ``k`` merged rows: its
+    pullback sums the sample's rows. Exact, DiagGGNApprox by its definition, nothing served
+    by the fallback (before: the container was one module for it; at GCViT's real widths the
+    fallback ran out of memory)."""
+    torch.manual_seed(0)
+    model = Head(GlobalQueryWindows(form), 32 if form == "on_rows" else 16).to(DT)
+    X, y = torch.randn(n, 4, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
+    check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_every_extension_is_the_same_with_the_query_repeated_or_broadcast(n, monkeypatch):
+    """Every extension writes the same with the query repeated to the merged windows as with
+    it broadcast against unmerged windows (the forward products too: the repeat's ``jvp``)."""
+    torch.manual_seed(0)
+    merged, plain = Head(GlobalQueryWindows("method"), 16).to(DT), Head(GlobalQueryWindows("broadcast"), 16).to(DT)
+    plain.load_state_dict(merged.state_dict())
+    X, y = torch.randn(n, 4, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
+    served = fallback_spy(monkeypatch)
+    got, want = _run_every_extension(merged, X, y), _run_every_extension(plain, X, y)
+    assert served == []
+    assert got.keys() == want.keys()
+    for key in want:
+        if want[key] is None:
+            continue
+        for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (got[key], want[key]))):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=key)
+
+
+class UnevenRepeats(nn.Module):
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.lin, self.out = nn.Linear(c, c), nn.Linear(c, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, C]
+        n = x.shape[0]
+        repeats = torch.arange(1, n + 1)  # sample i copied i + 1 times: no rows per sample
+        h = self.lin(x).repeat_interleave(repeats, dim=0)
+        return self.out(h[: n] * 2)
+
+
+def test_uneven_repeats_along_the_batch_axis_are_refused_by_name():
+    """Repeats that differ from sample to sample leave no fixed number of rows per sample:
+    refused (the first operation the plan checks that mixes samples is the slice after it)."""
+    model = UnevenRepeats().to(DT)
+    X, y = torch.randn(3, 4, dtype=DT), torch.randint(0, CLASSES, (3,))
+    with pytest.raises(UnsupportedModelError, match=r"operation (repeat_interleave|__getitem__).*mixes samples"):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+
+
 class AddmmOnRows(nn.Module):
     """GPT-2's ``Conv1D`` written out in the model's own forward: ``addmm`` on ``x.view(-1, F)``."""
 

@@ -12,6 +12,8 @@
   rows per sample, each the copy of one input entry. Its Jacobian selects, so
   ``J_xᵀ m`` is the call's own vector-Jacobian product (entries scattered back),
   and ``Σ_o d_o J_oi² = Σ_o d_o J_oi`` is the same product applied to ``d``.
+- :data:`REPEATED_ROWS`: ``g.repeat_interleave(k, dim=0)``, each row of a sample copied to
+  ``k`` rows of that sample (GCViT's global query repeated to the windows of its image).
 - :class:`GroupedRowsRule`: an operation on merged rows, around its own rule.
   Everything that travels is exact row by row; the per-sample parameter product
   of sample ``n`` is the sum of its rows' products,
@@ -84,6 +86,31 @@ class GatheredRowsRule(LayerRule):
 
 
 GATHERED_ROWS = GatheredRowsRule()
+
+
+class RepeatedRowsRule(LayerRule):
+    """``g.repeat_interleave(k, dim=0)``, ``[N·r, …] → [N·r·k, …]``: every row copied to ``k``
+    consecutive rows of the same sample (:func:`curvhook.row_groups.note_repeated_rows`).
+    Its Jacobian copies, so ``J_xᵀ m`` sums each row's ``k`` copies, and so does the diagonal:
+    ``Σ_o d_o J_oi² = Σ_{o copies i} d_o`` (every ``J_oi`` is 0 or 1)."""
+
+    def keeps_samples_apart(self, call: Operation, n: int) -> bool:
+        return True
+
+    def input_jac_t_mat_prod(self, call: Operation, mat, slot: int) -> Tensor:
+        m, k = _first(mat), call.rows // call.rows_in
+        return m.unflatten(1, (m.shape[1] // k, k)).sum(2)
+
+    def input_diag(self, call: Operation, diag, slot: int) -> Tensor:
+        d, k = _first(diag), call.rows // call.rows_in
+        return d.unflatten(0, (d.shape[0] // k, k)).sum(1)
+
+    def jvp(self, call: Operation, tangents: list[Optional[Tensor]], param_tangents: dict) -> list[Optional[Tensor]]:
+        t = tangents[0]
+        return [None if t is None else t.repeat_interleave(call.rows // call.rows_in, dim=1)]
+
+
+REPEATED_ROWS = RepeatedRowsRule()
 
 
 class GroupedRowsRule(LayerRule):

@@ -134,8 +134,15 @@ def _dims_avoid_batch(call: Operation) -> bool:
         dim = call.kwargs["dims"] if "dims" in call.kwargs else _dim_arg(call, default=None)
         dims = dim if isinstance(dim, (tuple, list)) else (dim,)
         return dim is not None and all(d % ndim != 0 for d in dims)
-    position = 2 if name in ("split", "tensor_split", "narrow", "select", "chunk", "normalize", "take_along_dim") else 1
-    dim = _dim_arg(call, default=1 if name == "normalize" else 0, position=position)
+    repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+    if name == "repeat_interleave" and type(repeats) is int and repeats == 1 and _dim_arg(call, None, 2) is not None:
+        return True  # each entry once, in place (GCViT's global query at one window per image)
+    position = 2 if name in (
+        "split", "tensor_split", "narrow", "select", "chunk", "normalize", "take_along_dim", "repeat_interleave",
+    ) else 1
+    # (repeat_interleave without a dim flattens: it mixes samples)
+    default = 1 if name == "normalize" else None if name == "repeat_interleave" else 0
+    dim = _dim_arg(call, default=default, position=position)
     return isinstance(dim, int) and dim % ndim != 0
 
 

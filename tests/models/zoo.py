@@ -284,6 +284,24 @@ def timm_hiera(n: int = N) -> ZooCase:
     return _classifier(model, "x", _images(32, n), CLASSES, patterns)
 
 
+def timm_gcvit(n: int = N) -> ZooCase:
+    """GCViT (a tiny config of timm's ``GlobalContextVit``): window attention on windows merged
+    with the batch, whose query (every second block) is each image's global query repeated to its windows
+    (``repeat_interleave(B // N, dim=0)``), and ``RelPosBias``, a leaf without a rule adding
+    ``table[index]`` to the scores; MBConv blocks (squeeze-excitation) and pooling make the global query."""
+    from timm.models.gcvit import GlobalContextVit
+
+    model = GlobalContextVit(
+        img_size=32, window_size=(2, 2), embed_dim=8, depths=(2, 1), num_heads=(1, 2), mlp_ratio=1.0,
+        num_classes=CLASSES,
+    ).eval()
+    patterns = (
+        "stages.0.global_block.blocks.conv2.conv_pw.", "stages.0.blocks.1.attn.rel_pos.", "stages.0.blocks.1.attn.qkv.",
+        "stages.1.blocks.0.attn.proj.", "head.fc.",
+    )
+    return _classifier(model, "x", _images(32, n), CLASSES, patterns)
+
+
 # ----------------------------------------------------------- transformers
 def hf_bert(n: int = N) -> ZooCase:
     import transformers
@@ -591,6 +609,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "timm.resnetv2_bit": ("timm", timm_resnetv2_bit),
     "timm.nfnet": ("timm", timm_nfnet),
     "timm.hiera": ("timm", timm_hiera),
+    "timm.gcvit": ("timm", timm_gcvit),
     "transformers.Bert": ("transformers", hf_bert),
     "transformers.DistilBert": ("transformers", hf_distilbert),
     "transformers.DebertaV2": ("transformers", hf_deberta_v2),

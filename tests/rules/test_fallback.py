@@ -29,6 +29,7 @@ from helpers import (
     check_graph_against_reference,
     check_layer_batch_noncontiguous_and_float32,
     close,
+    fallback_spy,
     float_input,
     ggn_reference,
     head,
@@ -564,6 +565,68 @@ def test_a_leaf_that_mixes_samples_on_merged_rows_stays_one_module():
                 nn.CrossEntropyLoss()(model(X), y).backward()
 
 
+class TableBias(nn.Module):
+    """timm's ``RelPosBias`` (GCViT): a leaf without a rule that adds ``table[index]``, viewed and
+    permuted to ``[1, H, L, L]``, to the attention scores it is passed. The lookup is a general
+    operation on the parameter alone; every operation after it reads one entry of it per output
+    entry, so the chain keeps the leaf's diagonal. With ``softmax``: a second general operation,
+    on the scores, after the parameter entered (the leaf is kept, for the fallback)."""
+
+    def __init__(self, softmax: bool, heads: int = 2, length: int = 2):
+        super().__init__()
+        self.softmax, self.shape = softmax, (length, length, heads)
+        self.table = nn.Parameter(torch.randn(3, heads))
+        self.register_buffer("index", torch.tensor([0, 1, 2, 0])[: length * length])
+
+    def forward(self, attn):  # [B, H, L, L]
+        bias = self.table[self.index].view(self.shape).permute(2, 0, 1).unsqueeze(0).contiguous()
+        out = attn + bias
+        return out.softmax(-1) if self.softmax else out
+
+
+class WindowsWithTableBias(nn.Module):
+    """Attention within windows of 2 tokens merged with the batch (``[N·2, H, 2, 2]``, GCViT and
+    Swin), or the same on unmerged windows (``[N, 2, H, 2, 2]``), scores passed to ``TableBias``."""
+
+    def __init__(self, merged: bool, softmax: bool, c: int = 4, heads: int = 2):
+        super().__init__()
+        self.merged, self.softmax, self.heads = merged, softmax, heads
+        self.qkv, self.bias, self.head = nn.Linear(3, 3 * c), TableBias(softmax, heads), nn.Linear(4 * c, CLASSES)
+
+    def forward(self, x):  # [N, 4, 3]
+        n = x.shape[0]
+        lead = (n * 2,) if self.merged else (n, 2)
+        q, k, v = self.qkv(x).view(*lead, 2, 3, self.heads, -1).movedim(-3, 0).transpose(-3, -2)  # [*lead, H, 2, d]
+        scores = self.bias(q @ k.transpose(-1, -2))
+        attn = scores if self.softmax else torch.softmax(scores, -1)
+        return self.head((attn @ v).reshape(n, -1))
+
+
+@pytest.mark.parametrize("merged", [True, False], ids=["merged_windows", "windows"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_bias_looked_up_from_a_parameter_inside_a_leaf_is_recorded_as_its_operations(monkeypatch, n, merged):
+    """(Before: the fallback's per-sample Jacobians served GCViT's ``RelPosBias``, and on merged
+    windows its container too: out of memory at timm's gcvit_xxtiny at 224×224.)"""
+    torch.manual_seed(0)
+    model = WindowsWithTableBias(merged, softmax=False).to(DT)
+    X, y = torch.randn(n, 4, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
+    check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
+
+
+@pytest.mark.parametrize("merged", [True, False], ids=["merged_windows", "windows"])
+def test_a_bias_lookup_before_a_second_general_operation_keeps_the_leaf(monkeypatch, merged):
+    """The lookup and a softmax after the parameter entered: the chain would change the leaf's
+    diagonal, so the fallback serves the leaf (or, on merged rows, its container): exact."""
+    torch.manual_seed(0)
+    model = WindowsWithTableBias(merged, softmax=True).to(DT)
+    X, y = torch.randn(3, 4, 3, dtype=DT), torch.randint(0, CLASSES, (3,))
+    served = fallback_spy(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_graph_against_reference(model, X, y, moved_axes=True)
+    assert served, "the leaf's operations were followed"
+
+
 class NormOnFrozenFeatures(nn.Module):
     """ConvNeXt's stem with the convolution frozen: the leaf ``LayerNorm2d`` (no rule) reads a
     constant, so its chain starts at ``F.layer_norm`` (its first ``permute`` is of the
@@ -751,8 +814,9 @@ class RowsRegathered(nn.Module):
             return h.unfold(0, l, l).transpose(1, 2)  # [N, L, 4]
         if self.mode == "leaf":
             return self.leaf(h).view(n, l, 4)
-        # rows of another grouping: each sample's b(x[n]) copied L times, [N·L, 4]
-        g = self.b(x[:, 0]).repeat_interleave(l, dim=0)
+        # rows grouped by an operation not followed: each sample's b(x[n]) copied L times, [N·L, 4],
+        # by per-sample repeats given as a tensor (an int is followed: tests/test_merged_rows.py)
+        g = self.b(x[:, 0]).repeat_interleave(torch.full((n,), l), dim=0)
         return (h * g).view(n, l, 4)
 
 

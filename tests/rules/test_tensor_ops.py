@@ -1568,3 +1568,59 @@ def test_amax_over_the_samples_is_refused():
     with pytest.raises(UnsupportedModelError, match="into samples|mixes samples"):
         with extend(model, DiagGGN()):
             nn.CrossEntropyLoss()(model(torch.randn(3, 4, dtype=DT)), torch.arange(3)).backward()
+
+
+class RepeatedInterleaved(nn.Module):
+    """``repeat_interleave`` along an axis that is not the batch axis (by int, keyword or per-entry
+    tensor repeats), and once along the batch axis itself (GCViT's global query at one window
+    per image, ``q.repeat_interleave(B // N, dim=0)`` with ``B = N``)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.head = nn.Linear(4, 3), nn.Linear(18, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 3, 4]
+        h = torch.tanh(self.a(x))  # [N, 3, 3]
+        if self.form == "int":
+            h = h.repeat_interleave(2, 1)
+        elif self.form == "keyword":
+            h = torch.repeat_interleave(h, 2, dim=-1)
+        elif self.form == "tensor":
+            h = h.repeat_interleave(torch.tensor([1, 3, 2]), dim=2)
+        else:  # "once_along_the_batch"
+            h = torch.cat([h.repeat_interleave(1, dim=0), h], 1)
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("form", ["int", "keyword", "tensor", "once_along_the_batch"])
+def test_repeat_interleave_copies_in_closed_form(form, n, monkeypatch):
+    """A copy of entries: DiagGGNApprox sums ``d`` over each entry's copies (before: dense
+    per-sample Jacobians, out of memory at timm's gcvit_xxtiny at 224×224)."""
+
+    def dense(call):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
+    torch.manual_seed(0)
+    model = RepeatedInterleaved(form).to(DT)
+    X, y = torch.randn(n, 3, 4, dtype=DT), torch.arange(n) % 3
+    check_graph_against_reference(model, X, y)
+
+
+def test_repeat_interleave_without_a_dim_is_refused():
+    """Without ``dim`` the input is flattened first: samples mixed."""
+
+    class Flattened(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.a(x).repeat_interleave(2).view(x.shape[0], -1)[:, :3]
+
+    model = Flattened().to(DT)
+    with pytest.raises(UnsupportedModelError, match="repeat_interleave.*mixes samples"):
+        with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(torch.randn(3, 4, dtype=DT)), torch.arange(3)).backward()
