@@ -41,7 +41,9 @@ from typing import Any, Collection, Optional
 
 from torch import Tensor, nn
 
-from curvhook.operations import ADDITIONS, ELEMENTWISE, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SUBTRACTIONS
+from curvhook.operations import (
+    ADDITIONS, BROADCASTING, ELEMENTWISE, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SUBTRACTIONS,
+)
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot, key_of
 from curvhook.row_groups import PURE_RESHAPES, rows_followed
 
@@ -81,7 +83,10 @@ def as_operations(
     current, end = (batched[0] if batched else None), key_of(output)
     if current is not None and ops and not any(current in op.input_keys for op in ops):
         current = None  # the input gives only a shape (BART's encoder positions read inputs_embeds.shape)
-    n = leaf.inputs[leaf.input_kinds.index(BATCHED)].shape[0] if batched else output.shape[0]
+    # the leading size: that of the batch, or of merged rows (N·k) where the leaf's input has them;
+    # N itself is known at the first operation on the batch (``n`` below)
+    lead = leaf.inputs[leaf.input_kinds.index(BATCHED)].shape[0] if batched else output.shape[0]
+    n = lead
     params = {id(p) for p in module.parameters() if p.requires_grad}
     if not ops:
         return [] if current == end and not params else None
@@ -118,7 +123,7 @@ def as_operations(
             general = True
             if op.output_keys[0] in shared_keys:
                 produced_shared.add(op.output_keys[0])
-            elif current is None and op.output_shapes[0] and op.output_shapes[0][0] == n:
+            elif current is None and op.output_shapes[0] and op.output_shapes[0][0] == lead:
                 current = op.output_keys[0]
             else:
                 return None  # (positions [1, L] beside a batch of N > 1: the leaf broadcasts them)
@@ -137,6 +142,8 @@ def as_operations(
             return None
         rows = op.rows
         has_shared = SHARED in op.input_kinds
+        if has_shared and _covers_leading_axis(op):
+            return None  # one slice of it per sample or row (``x * w`` with ``w`` ``[N·k, 1, 1]``)
         if not _monomial(op, slots[0]):
             if general or shared_before_general:
                 return None
@@ -153,6 +160,18 @@ def as_operations(
     if rows != start_rows or (merged and not rows_followed(ops, n)):
         return None  # merged rows: grouped at the end as at the start, and followed row by row
     return ops
+
+
+def _covers_leading_axis(op: Operation) -> bool:
+    """Whether a shared input that ``op`` broadcasts against the batched one entry by entry spans
+    the output's leading axis (the batch, or merged rows) with more than one entry: it would
+    give each sample or row its own slice, which the operation's rule, applied per sample or
+    row, does not read so. (A layer's weight, ``F.conv2d(x, w)``, is no such operand.)"""
+    out = op.output_shapes[0]
+    return op.func_name in BROADCASTING and any(
+        kind == SHARED and t.dim() == len(out) and t.shape[0] != 1
+        for t, kind in zip(op.inputs, op.input_kinds)
+    )
 
 
 def _each_used_once(used: Counter, expected: int) -> bool:

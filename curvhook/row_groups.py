@@ -75,13 +75,24 @@ def note_rows(trace: Trace, op: Operation, outputs: Sequence[Tensor], reshape: b
         op.rows = op.rows_in = 0  # the plan refuses it, or its container goes to the fallback
         return False
     out_rows = rows
-    if reshape and n and op.input_keys[0] not in trace.moved_axes and outputs and outputs[0].dim():
-        lead = outputs[0].shape[0]
+    # the batch axis where the input has it: first, or moved (SAM's attention merges it with the
+    # heads after a permute, ``[3, N, H, L, d] → [3, N·H, L, d]``), the axes before it kept
+    axis = trace.moved_axes.get(op.input_keys[0], 0) if reshape else 0
+    if (reshape and n and outputs and outputs[0].dim() > axis
+            and (axis == 0 or op.inputs[0].shape[axis] == n * rows)  # (where the batch axis is)
+            and tuple(outputs[0].shape[:axis]) == tuple(op.inputs[0].shape[:axis])):
+        lead = outputs[0].shape[axis]
         if lead and lead % n == 0:
             out_rows = lead // n
     if rows == 1 and out_rows == 1:
         return False
     op.rows_in, op.rows = rows, out_rows
+    if axis and rows != out_rows:  # the merged (or split) batch axis stays where it was
+        op.batch_axes = (
+            tuple(trace.moved_axes.get(k, 0) if kind == BATCHED else None for k, kind in zip(op.input_keys, op.input_kinds)),
+            (axis,),
+        )
+        trace.moved_axes.update((k, axis) for k in op.output_keys if k is not None)
     if reshape and out_rows > 1:
         mark_outputs(trace, op, outputs)
     return rows != out_rows

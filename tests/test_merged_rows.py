@@ -234,6 +234,44 @@ def test_every_extension_is_the_same_with_the_query_repeated_or_broadcast(n, mon
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=key)
 
 
+class HeadsMergedAfterPermute(nn.Module):
+    """SAM's attention (timm): ``qkv.view(N, L, 3, H, d).permute(2, 0, 3, 1, 4)`` puts the batch
+    axis second, ``reshape(3, N·H, L, d)`` merges it with the heads there, ``unbind(0)`` gives
+    ``q, k, v`` ``[N·H, L, d]``; the output is viewed back as ``[N, H, L, d]``. ``merged=False``:
+    the same attention on ``[N, H, L, d]``."""
+
+    def __init__(self, merged: bool, c: int = 4, heads: int = 2):
+        super().__init__()
+        self.qkv, self.merged, self.heads = nn.Linear(c, 3 * c), merged, heads
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, L, C]
+        n, l, c = x.shape
+        qkv = self.qkv(x).view(n, l, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # [3, N, H, L, d]
+        if self.merged:
+            qkv = qkv.reshape(3, n * self.heads, l, -1)  # [3, N·H, L, d]: the batch axis second, merged
+        q, k, v = qkv.unbind(0)
+        out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+        return out.view(n, self.heads, l, -1).transpose(1, 2).reshape(n, -1)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_the_batch_axis_merged_where_a_permute_moved_it(n, monkeypatch):
+    """(Before: SAM's attention was one module for the fallback, over 4 minutes per DiagGGNApprox
+    step at samvit_base on 64×64 images.) Exact, DiagGGNApprox by its definition, no fallback,
+    and every extension writes the same as on the unmerged heads."""
+    torch.manual_seed(0)
+    model = Head(HeadsMergedAfterPermute(merged=True), 16).to(DT)
+    X, y = torch.randn(n, 4, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
+    check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
+    plain = Head(HeadsMergedAfterPermute(merged=False), 16).to(DT)
+    plain.load_state_dict(model.state_dict())
+    got, want = _run_every_extension(model, X, y), _run_every_extension(plain, X, y)
+    for key in want:
+        if want[key] is not None:
+            for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (got[key], want[key]))):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=key)
+
+
 class UnevenRepeats(nn.Module):
     def __init__(self, c: int = 4):
         super().__init__()

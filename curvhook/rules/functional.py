@@ -40,7 +40,7 @@ from curvhook.rules.conv import ConvRule
 from curvhook.rules.embedding import EmbeddingRule
 from curvhook.rules.linear import LinearRule
 from curvhook.rules.normalization import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
-from curvhook.rules.pooling import AdaptiveAvgPoolRule, AvgPoolRule
+from curvhook.rules.pooling import AdaptiveAvgPoolRule, AvgPoolRule, MaxPoolRule
 from curvhook.rules.tensor_ops import TensorOpRule
 
 
@@ -54,6 +54,8 @@ class _ModuleCall:
     """
 
     training = False
+    # (the call's autograd node is not the module's: rules that would apply it take their own route)
+    node = output = None
 
     def __init__(self, op: Operation, module: SimpleNamespace, x: Tensor) -> None:
         self.op, self.module, self.inputs = op, module, (x,)
@@ -539,6 +541,25 @@ def _average_pools() -> dict[Callable, TensorOpRule]:
     return rules
 
 
+class MaxPoolFunction(AvgPoolFunction):
+    """``F.max_pool{1,2,3}d(x, kernel_size, stride, padding, dilation, ceil_mode)``: the rule of
+    ``nn.MaxPool*d`` (torchvision's Inception blocks call ``F.max_pool2d(x, 3, stride=2)`` in
+    their ``forward``: dense per-sample Jacobians before session 42). With
+    ``return_indices=True`` (two outputs): the generic path."""
+
+    def configuration_ok(self, call: Operation, args: dict[str, Any]) -> bool:
+        return not _value(call, args.get("return_indices", False))
+
+
+def _max_pools() -> dict[Callable, TensorOpRule]:
+    names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    defaults = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
+    return {
+        getattr(F, f"max_pool{dims}d"): MaxPoolFunction(module_type, names, defaults, MaxPoolRule())
+        for dims, module_type in ((1, nn.MaxPool1d), (2, nn.MaxPool2d), (3, nn.MaxPool3d))
+    }
+
+
 FUNCTIONAL_RULES: dict[Callable, TensorOpRule] = {
     F.batch_norm: BatchNormFunction(),
     F.layer_norm: LayerNormFunction(),
@@ -548,6 +569,7 @@ FUNCTIONAL_RULES: dict[Callable, TensorOpRule] = {
     F.embedding: EmbeddingFunction(),
     F.scaled_dot_product_attention: AttentionFunction(),
     **_average_pools(),
+    **_max_pools(),
     F.conv1d: ConvFunction(1),
     F.conv2d: ConvFunction(2),
     F.conv3d: ConvFunction(3),

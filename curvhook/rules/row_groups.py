@@ -45,18 +45,34 @@ class RegroupRule(LayerRule):
     def input_jac_t_mat_prod(self, call: Operation, mat, slot: int) -> Tensor:
         x = call.inputs[slot]
         if slot != 0:  # ``view_as(y)``: ``y`` gives only a shape
-            return x.new_zeros(_lead(mat), *x.shape)
-        return _first(mat).reshape(_lead(mat), *x.shape)
+            return x.new_zeros(_lead(mat), *_batch_first(x.shape, _in_axis(call, slot)))
+        if call.batch_axes is None:
+            return _first(mat).reshape(_lead(mat), *x.shape)
+        # a moved batch axis: what travels has it first, the reshape acts on the tensor's own layout
+        m = _first(mat).movedim(1, 1 + call.batch_axes[1][0])
+        return m.reshape(_lead(mat), *x.shape).movedim(1 + _in_axis(call), 1)
 
     def input_diag(self, call: Operation, diag, slot: int) -> Tensor:
         x = call.inputs[slot]
         if slot != 0:
-            return x.new_zeros(x.shape)
-        return _first(diag).reshape(x.shape)
+            return x.new_zeros(_batch_first(x.shape, _in_axis(call, slot)))
+        if call.batch_axes is None:
+            return _first(diag).reshape(x.shape)
+        return _first(diag).movedim(0, call.batch_axes[1][0]).reshape(x.shape).movedim(_in_axis(call), 0)
 
     def jvp(self, call: Operation, tangents: list[Optional[Tensor]], param_tangents: dict) -> list[Optional[Tensor]]:
         t = tangents[0]
         return [None if t is None else t.reshape(t.shape[0], *call.output_shape)]
+
+
+def _in_axis(call: Operation, slot: int = 0) -> int:
+    """The batch axis of input ``slot`` (first unless moved: SAM's ``[3, N, H, L, d]``)."""
+    return 0 if call.batch_axes is None else call.batch_axes[0][slot] or 0
+
+
+def _batch_first(shape, axis: int) -> tuple:
+    shape = tuple(shape)
+    return shape if axis == 0 else (shape[axis], *shape[:axis], *shape[axis + 1:])
 
 
 def _first(value) -> Tensor:

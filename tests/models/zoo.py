@@ -302,6 +302,22 @@ def timm_gcvit(n: int = N) -> ZooCase:
     return _classifier(model, "x", _images(32, n), CLASSES, patterns)
 
 
+def timm_samvit(n: int = N) -> ZooCase:
+    """SAM's image encoder (a tiny config of timm's ``VisionTransformerSAM``): attention whose
+    ``q, k, v`` merge the batch axis with the heads after a permute
+    (``qkv.permute(2, 0, 3, 1, 4).reshape(3, B·heads, L, d)``), decomposed relative positions
+    (``einsum`` with position tables looked up from parameters) as the mask of
+    ``F.scaled_dot_product_attention``, window attention with padding, a convolutional neck."""
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    model = VisionTransformerSAM(
+        img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, use_rel_pos=True, window_size=3,
+        global_attn_indexes=(1,), neck_chans=8, num_classes=CLASSES, global_pool="avg", mlp_ratio=1.0,
+    ).eval()
+    patterns = ("blocks.0.attn.rel_pos_h", "blocks.0.attn.qkv.", "blocks.1.attn.rel_pos_w", "blocks.1.attn.proj.", "head.fc.")
+    return _classifier(model, "x", _images(32, n), CLASSES, patterns)
+
+
 # ----------------------------------------------------------- transformers
 def hf_bert(n: int = N) -> ZooCase:
     import transformers
@@ -610,6 +626,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "timm.nfnet": ("timm", timm_nfnet),
     "timm.hiera": ("timm", timm_hiera),
     "timm.gcvit": ("timm", timm_gcvit),
+    "timm.samvit": ("timm", timm_samvit),
     "transformers.Bert": ("transformers", hf_bert),
     "transformers.DistilBert": ("transformers", hf_distilbert),
     "transformers.DebertaV2": ("transformers", hf_deberta_v2),

@@ -627,6 +627,53 @@ def test_a_bias_lookup_before_a_second_general_operation_keeps_the_leaf(monkeypa
     assert served, "the leaf's operations were followed"
 
 
+class SlicePerRow(nn.Module):
+    """A leaf without a rule whose parameter-derived operand spans the leading axis: a scale per
+    merged row (``[N·4, 4, C] * w[4, 1, 1]``, a shape that broadcasts at N = 1 only), or a lookup
+    ``table[idx]`` with one row per sample (``idx`` a buffer of length N)."""
+
+    def __init__(self, form: str, n: int):
+        super().__init__()
+        self.form = form
+        self.w = nn.Parameter(torch.rand(4, 1, 1) + 0.5) if form == "per_row" else nn.Parameter(torch.randn(3, 16, 2))
+        self.register_buffer("idx", torch.arange(n) % 3)
+
+    def forward(self, x):  # [N, 16, C]
+        if self.form == "per_row":
+            return (x.reshape(-1, 4, x.shape[-1]) * self.w).reshape(x.shape)
+        return x + self.w[self.idx]
+
+
+class WithSlicePerRow(nn.Module):
+    def __init__(self, form: str, n: int):
+        super().__init__()
+        self.embed, self.leaf, self.head = nn.Linear(3, 2), SlicePerRow(form, n), nn.Linear(32, CLASSES)
+
+    def forward(self, x):  # [N, 16, 3]
+        return self.head(torch.tanh(self.leaf(self.embed(x))).flatten(1))
+
+
+def test_a_leaf_whose_parameter_spans_the_rows_stays_one_module(monkeypatch):
+    """Its operations would give each merged row (or sample) its own slice of the parameter,
+    which the operations' rules, applied row by row, do not read so: the leaf stays one module
+    (the review of session 42 found a torch shape error in the first version). Exact at N = 1,
+    where the per-row scale broadcasts; the per-sample lookup mixes samples at N = 3: refused."""
+    served = fallback_spy(monkeypatch)
+    torch.manual_seed(0)
+    model = WithSlicePerRow("per_row", 1).to(DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_exact(model, torch.randn(1, 16, 3, dtype=DT), torch.tensor([1]), nn.CrossEntropyLoss())
+    assert "leaf" in served
+    model = WithSlicePerRow("lookup", 3).to(DT)
+    X, y = torch.randn(3, 16, 3, dtype=DT), torch.arange(3)
+    with pytest.raises(UnsupportedModelError, match="Module 'leaf' .*mixes samples"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with extend(model, DiagGGN()):
+                nn.CrossEntropyLoss()(model(X), y).backward()
+
+
 class NormOnFrozenFeatures(nn.Module):
     """ConvNeXt's stem with the convolution frozen: the leaf ``LayerNorm2d`` (no rule) reads a
     constant, so its chain starts at ``F.layer_norm`` (its first ``permute`` is of the

@@ -216,6 +216,13 @@ CASES = {
     "adaptive_avg_pool2d": (lambda: ConvThen(lambda m, x: F.adaptive_avg_pool2d(x, 2), params=(), size=2), (2, 3, 3)),
     "adaptive_avg_pool1d": (lambda: ConvThen(
         lambda m, x: F.adaptive_avg_pool1d(x.flatten(2), 4), params=(), size=2), (2, 3, 3)),
+    "max_pool2d": (lambda: ConvThen(lambda m, x: F.max_pool2d(x, 2, 1), params=(), size=2), (2, 3, 3)),
+    "max_pool2d_padded_dilated_ceil": (lambda: ConvThen(  # torchvision's Inception: F.max_pool2d(x, 3, 2)
+        lambda m, x: F.max_pool2d(x, 2, stride=2, padding=1, dilation=2, ceil_mode=True), params=(), size=2),
+        (2, 3, 3)),
+    "max_pool1d": (lambda: ConvThen(lambda m, x: F.max_pool1d(x.flatten(2), 3, 2), params=(), size=2), (2, 3, 3)),
+    "max_pool3d": (lambda: ConvThen(lambda m, x: F.max_pool3d(x.unsqueeze(2), (1, 2, 2), 1), params=(), size=2),
+                   (2, 3, 3)),
     "conv2d": (lambda: ConvThen(lambda m, x: F.conv2d(x, m.weight, m.bias, padding=1), weight=(4, 4, 3, 3)), (2, 3, 3)),
     "conv2d_dilated_groups_no_bias": (lambda: ConvThen(
         lambda m, x: F.conv2d(x, m.weight, None, 1, 2, 2, 2), params=("weight",), weight=(4, 2, 3, 3)), (2, 3, 3)),
@@ -371,10 +378,10 @@ def test_sdpa_split_matches_attention_written_out(case, n, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if "pool" in c])
-def test_average_pools_take_no_dense_jacobians(case, monkeypatch):
-    """``F.avg_pool2d`` in a ``forward`` (torchvision's Inception blocks) gets the closed form of
-    ``nn.AvgPool2d``: before, DiagGGNApprox built dense per-sample Jacobians (5.4 GB for one
-    32-channel 24×24 map)."""
+def test_pools_take_no_dense_jacobians(case, monkeypatch):
+    """``F.avg_pool2d`` and ``F.max_pool2d`` in a ``forward`` (torchvision's Inception blocks) get
+    the closed forms of ``nn.AvgPool2d`` and ``nn.MaxPool2d``: before, DiagGGNApprox built dense
+    per-sample Jacobians (5.4 GB for one 32-channel 24×24 map; ``max_pool2d`` since session 42)."""
 
     def dense(self, call, *args):
         raise AssertionError(f"{call.name}: dense per-sample Jacobian")
