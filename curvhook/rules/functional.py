@@ -517,11 +517,18 @@ class AvgPoolFunction(FunctionalRule):
     (DiagGGNApprox without them took dense per-sample Jacobians: 5.4 GB for one 32-channel
     24×24 map of torchvision's Inception v3.)"""
 
-    def __init__(self, module_type: type, names: tuple[str, ...], defaults: dict, rule: LayerRule) -> None:
-        self.module_type, self.names, self.defaults, self.rule = module_type, names, defaults, rule
+    def __init__(
+        self, module_type: type, names: tuple[str, ...], defaults: dict, rule: LayerRule, dims: int,
+    ) -> None:
+        self.module_type, self.names, self.defaults, self.rule, self.dims = module_type, names, defaults, rule, dims
 
     def module(self, call: Operation, args: dict) -> nn.Module:
         return self.module_type(**{k: _value(call, args[k]) for k in self.names[1:] if k in args})
+
+    def configuration_ok(self, call: Operation, args: dict[str, Any]) -> bool:
+        # ``[N, C, *spatial]``; one axis fewer is one sample without a batch axis to torch
+        # (``F.max_pool1d(x.flatten(1), 2)`` pools ``[N, L]`` as channels): the generic path
+        return call.inputs[args["input"]].dim() == self.dims + 2
 
 
 _POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
@@ -533,10 +540,10 @@ def _average_pools() -> dict[Callable, TensorOpRule]:
     for dims, module_type in ((1, nn.AvgPool1d), (2, nn.AvgPool2d), (3, nn.AvgPool3d)):
         names = _POOL_ARGS if dims == 1 else (*_POOL_ARGS, "divisor_override")
         defaults = _POOL_DEFAULTS if dims == 1 else {**_POOL_DEFAULTS, "divisor_override": None}
-        rules[getattr(F, f"avg_pool{dims}d")] = AvgPoolFunction(module_type, names, defaults, AvgPoolRule())
+        rules[getattr(F, f"avg_pool{dims}d")] = AvgPoolFunction(module_type, names, defaults, AvgPoolRule(), dims)
     for dims, module_type in ((1, nn.AdaptiveAvgPool1d), (2, nn.AdaptiveAvgPool2d), (3, nn.AdaptiveAvgPool3d)):
         rules[getattr(F, f"adaptive_avg_pool{dims}d")] = AvgPoolFunction(
-            module_type, ("input", "output_size"), {}, AdaptiveAvgPoolRule()
+            module_type, ("input", "output_size"), {}, AdaptiveAvgPoolRule(), dims
         )
     return rules
 
@@ -548,14 +555,14 @@ class MaxPoolFunction(AvgPoolFunction):
     ``return_indices=True`` (two outputs): the generic path."""
 
     def configuration_ok(self, call: Operation, args: dict[str, Any]) -> bool:
-        return not _value(call, args.get("return_indices", False))
+        return super().configuration_ok(call, args) and not _value(call, args.get("return_indices", False))
 
 
 def _max_pools() -> dict[Callable, TensorOpRule]:
     names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
     defaults = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
     return {
-        getattr(F, f"max_pool{dims}d"): MaxPoolFunction(module_type, names, defaults, MaxPoolRule())
+        getattr(F, f"max_pool{dims}d"): MaxPoolFunction(module_type, names, defaults, MaxPoolRule(), dims)
         for dims, module_type in ((1, nn.MaxPool1d), (2, nn.MaxPool2d), (3, nn.MaxPool3d))
     }
 

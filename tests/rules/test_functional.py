@@ -482,3 +482,23 @@ def test_sdpa_with_a_batched_mask_that_broadcasts_its_batch_axis_elsewhere_is_re
     X, y = torch.randn(n, 3, 4, dtype=DT), torch.arange(n)
     with pytest.raises(UnsupportedModelError, match="mixes samples"):
         run_curvhook(model, X, lambda out: nn.CrossEntropyLoss()(out, y))
+
+
+@pytest.mark.parametrize("pool", [
+    lambda x: F.max_pool1d(x.flatten(1), 2),  # [N, C·H·W]: one sample of C·H·W channels to torch
+    lambda x: F.max_pool2d(x.flatten(1, 2), 2),
+    lambda x: F.max_pool3d(x, 2),
+    lambda x: F.avg_pool2d(x.flatten(1, 2), 2),
+], ids=["max_pool1d", "max_pool2d", "max_pool3d", "avg_pool2d"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_pools_of_an_input_without_a_channel_axis(pool, n):
+    """One axis fewer than ``[N, C, *spatial]``: torch pools the batch axis as channels, which the
+    module rules do not read so; the generic path serves it, exact (the review of session 42 found
+    a shape error in the first version of the max-pool functional)."""
+    torch.manual_seed(0)
+    model = ConvThen(lambda m, x: pool(x), params=(), size=1).to(DT)
+    X = torch.randn(n, 2, 4, 4, dtype=DT)
+    with torch.no_grad():
+        features = pool(model.conv(X)).flatten(1).shape[1]
+    model.head = nn.Linear(features, 3).to(DT)
+    check_graph_against_reference(model, X, torch.randint(0, 3, (n,)))
