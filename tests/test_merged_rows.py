@@ -83,6 +83,17 @@ def _run_every_extension(model: nn.Module, X: Tensor, y: Tensor) -> dict:
     return found
 
 
+def _assert_same_results(got: dict, want: dict) -> None:
+    """What every extension wrote on two forms of one network, equal to 1e-12 (where one wrote nothing, both)."""
+    assert got.keys() == want.keys()
+    for key in want:
+        if want[key] is None:
+            assert got[key] is None, key
+            continue
+        for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (got[key], want[key]))):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=key)
+
+
 @pytest.mark.parametrize("n", [1, 3])
 def test_every_extension_is_the_same_with_the_rows_merged(n, monkeypatch):
     """Every extension (KFAC in both approximations, the sampled ones seeded alike) writes the
@@ -94,14 +105,8 @@ def test_every_extension_is_the_same_with_the_rows_merged(n, monkeypatch):
     served = fallback_spy(monkeypatch)
     got, want = _run_every_extension(merged, X, y), _run_every_extension(plain, X, y)
     assert served == []
-    assert got.keys() == want.keys()
     assert sum(v is not None for k, v in want.items() if "kfac" in k) == 2 * 8  # four Linear layers, two approximations
-    for key in want:
-        if want[key] is None:
-            assert got[key] is None, key
-            continue
-        for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (got[key], want[key]))):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=key)
+    _assert_same_results(got, want)
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -226,12 +231,7 @@ def test_every_extension_is_the_same_with_the_query_repeated_or_broadcast(n, mon
     served = fallback_spy(monkeypatch)
     got, want = _run_every_extension(merged, X, y), _run_every_extension(plain, X, y)
     assert served == []
-    assert got.keys() == want.keys()
-    for key in want:
-        if want[key] is None:
-            continue
-        for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (got[key], want[key]))):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=key)
+    _assert_same_results(got, want)
 
 
 class HeadsMergedAfterPermute(nn.Module):
@@ -265,11 +265,7 @@ def test_the_batch_axis_merged_where_a_permute_moved_it(n, monkeypatch):
     check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
     plain = Head(HeadsMergedAfterPermute(merged=False), 16).to(DT)
     plain.load_state_dict(model.state_dict())
-    got, want = _run_every_extension(model, X, y), _run_every_extension(plain, X, y)
-    for key in want:
-        if want[key] is not None:
-            for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (got[key], want[key]))):
-                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=key)
+    _assert_same_results(_run_every_extension(model, X, y), _run_every_extension(plain, X, y))
 
 
 class UnevenRepeats(nn.Module):

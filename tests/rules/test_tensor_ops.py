@@ -1518,6 +1518,15 @@ def test_a_selection_index_changed_in_place_after_the_call_is_refused():
                 nn.CrossEntropyLoss()(model(X), y).backward()
 
 
+def _refuse_dense_jacobians(monkeypatch) -> None:
+    """Make any dense per-sample Jacobian of a tensor operation fail the test, naming the operation."""
+
+    def dense(call):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
+
+
 class PooledByExtremes(nn.Module):
     """Hiera's query pooling, ``q.view(…, stride, -1, d).amax(dim=3)``, after a ReLU (zeros: ties,
     where autograd shares the gradient among the tied entries), ``amin``, ``keepdim``, a tuple of dims."""
@@ -1543,11 +1552,7 @@ class PooledByExtremes(nn.Module):
 def test_amax_and_amin_along_other_axes(form, n, monkeypatch):
     """Known to keep samples apart; DiagGGNApprox ``d / k²`` at each of the ``k`` tied extremes
     (before: dense per-sample Jacobians, out of memory at timm's hiera_tiny_224)."""
-
-    def dense(call):
-        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
-
-    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
+    _refuse_dense_jacobians(monkeypatch)
     torch.manual_seed(0)
     model = PooledByExtremes(form).to(DT)
     X, y = torch.randn(n, 3, 4, dtype=DT), torch.arange(n) % 3
@@ -1598,11 +1603,7 @@ class RepeatedInterleaved(nn.Module):
 def test_repeat_interleave_copies_in_closed_form(form, n, monkeypatch):
     """A copy of entries: DiagGGNApprox sums ``d`` over each entry's copies (before: dense
     per-sample Jacobians, out of memory at timm's gcvit_xxtiny at 224×224)."""
-
-    def dense(call):
-        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
-
-    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
+    _refuse_dense_jacobians(monkeypatch)
     torch.manual_seed(0)
     model = RepeatedInterleaved(form).to(DT)
     X, y = torch.randn(n, 3, 4, dtype=DT), torch.arange(n) % 3
