@@ -36,7 +36,7 @@ from curvhook.rules.fallback import replaying
 from curvhook.rules.registry import rule_for
 from curvhook.row_groups import mark_merged_constants, mark_outputs, note_rows, rows_followed, rows_of
 from curvhook.selection_tail import find_selection_tail
-from curvhook.tape import OperationTape, merged_constant
+from curvhook.tape import OperationTape, merged_constant, remember_merged_constant
 from curvhook.trace import Trace
 
 # The arguments of a module called with one tensor: the template ``(Slot(0),)``.
@@ -329,6 +329,12 @@ class ModuleRecorder:
             return
         if op.output_key is None and op.inputs and len(op.fixed_slots) == len(op.inputs):
             note_fixed(trace, None, output, trace.batch_hint)  # from buffers alone, without grad
+        elif (op.output_key is None and isinstance(output, Tensor) and output.dim()
+              and merged_constant(trace, op.inputs, op.input_kinds)
+              and any(k in trace.merged_inputs and x.shape[:1] == output.shape[:1] for x, k in zip(op.inputs, op.input_keys))):
+            # a frozen layer on merged constant rows (x.repeat_interleave(k, dim=0) of the model
+            # input): its output has their rows, where trainable layers meet it
+            remember_merged_constant(trace, output)
         if op.inputs or op.output_keys:
             trace.operations.append(op)
             if BATCHED in op.input_kinds:  # on merged rows: followed as pseudo-samples

@@ -148,6 +148,9 @@ class OperationTape(TorchFunctionMode):
             if after is None and (not tensors or all_fixed(state.fixed_ids, state.stack[-1], tensors)):
                 # from buffers alone, or a new tensor (``torch.zeros((1, H, W, 1))``): no batch axis
                 return _FIXED, state.stack[-1], name, not tensors
+            if after is None and name == "repeat_interleave" and _repeats_rows(state.stack[-1], t_args, t_kwargs, tensors):
+                # frozen features [N, …] with each sample's rows copied k times: k merged rows
+                return _REPEATED_CONSTANT, state.stack[-1]
             if after is None and name in FOLLOWED:  # the model input transposed: follow its batch axis
                 axes = _constant_axes_pending(state.stack[-1], name, t_args, t_kwargs, tensors)
                 if _may_merge(state.stack[-1], name, tensors):  # or merged with other axes
@@ -197,6 +200,11 @@ class OperationTape(TorchFunctionMode):
             return
         if pending[0] is _CONSTANT_AXES:
             _follow_constant_axes(pending, out)
+            return
+        if pending[0] is _REPEATED_CONSTANT:
+            trace, x = pending[1], pending[1].batch_hint
+            if isinstance(out, Tensor) and out.dim() and x and out.shape[0] % x == 0:
+                remember_merged_constant(trace, out)
             return
         if pending[0] is _MERGED_CONSTANT:
             if not _note_merged_constant(pending[1], pending[2], out) and pending[3] is not None:
@@ -308,6 +316,8 @@ class OperationTape(TorchFunctionMode):
             mark_rows(trace, outputs[0], picks)
         if BATCHED in kinds and (trace.moved_axes or name in MOVERS) and not regroup:
             _follow_batch_axis(op, trace.moved_axes)
+            if op.batch_axes is not None:  # (held: a later tensor with its id would pass for moved)
+                trace.held.extend(outputs)
         if op.rows > 1 and not regroup:  # outputs that keep the merged rows
             mark_outputs(trace, op, outputs)
         if BATCHED not in kinds and _copies_to_batch(op, tensors, outputs, trace.batch_hint):
@@ -318,6 +328,9 @@ class OperationTape(TorchFunctionMode):
             shared = [k for k in op.output_keys if k is not None]
             trace.shared_keys.update(shared)
             trace.shared_log.extend(shared)
+            # held: a shared tensor that no later operation reads (``zeros_like(w[1:])``) would
+            # die, and a batched tensor made after it could get its id and pass for shared
+            trace.held.extend(o for o, k in zip(outputs, op.output_keys) if k is not None)
         trace.operations.append(op)
         return op
 
@@ -525,7 +538,7 @@ def _follow_constant_axes(pending: tuple, out: Any) -> None:
     for o, a in zip(outputs, out_axes or ()):
         if a:
             trace.moved_axes[key_of(o)] = a
-            trace.moved_constants.append(o)  # its id is not reused while the trace lives
+            trace.held.append(o)  # its id is not reused while the trace lives
 
 
 def _mark_batched_constants(kinds: list, tensors: list, outputs: list, batch_hint, fixed: tuple) -> None:
@@ -593,12 +606,35 @@ def _note_merged_constant(trace: Trace, x: Tensor, out: Any) -> bool:
     kept = key_of(x) in trace.merged_inputs and out.shape[0] == x.shape[0]
     if not (kept or _rows_merged(x, out, trace.batch_hint)):
         return False
+    remember_merged_constant(trace, out)
+    return True
+
+
+# Marks the pending record of ``x.repeat_interleave(k, dim=0)`` of a constant ``[N, …]``.
+_REPEATED_CONSTANT = object()
+
+
+def _repeats_rows(trace: Trace, t_args: tuple, t_kwargs: dict, tensors: list) -> bool:
+    """Whether ``repeat_interleave`` copies each row of one constant ``[N, …]`` (frozen features,
+    the model input) ``k`` times along the batch axis, an int ``k``: ``k`` merged rows per sample."""
+    if len(tensors) != 1 or t_args[:1] != (0,):
+        return False
+    x, key = tensors[0], key_of(tensors[0])
+    repeats = t_args[1] if len(t_args) > 1 else t_kwargs.get("repeats")
+    dim = t_args[2] if len(t_args) > 2 else t_kwargs.get("dim")
+    return (
+        type(repeats) is int and repeats > 1 and type(dim) is int and x.dim() >= 1 and dim % x.dim() == 0
+        and x.shape[0] == trace.batch_hint and key not in trace.moved_axes and key not in trace.merged_inputs
+    )
+
+
+def remember_merged_constant(trace: Trace, out: Tensor) -> None:
+    """Take the constant ``out`` for one with merged rows, ``[N·k, …]`` (``k`` rows per sample)."""
     trace.merged_inputs.add(key_of(out))
-    trace.moved_constants.append(out)  # its id is not reused while the trace lives
+    trace.held.append(out)  # its id is not reused while the trace lives
     # its rows per sample: where it meets parameters, the result is followed row by row
     if trace.batch_hint:
         mark_rows(trace, out, out.shape[0] // trace.batch_hint)
-    return True
 
 
 def _rows_merged(x: Tensor, out: Tensor, n: Optional[int]) -> bool:
@@ -648,10 +684,18 @@ def _copies_to_merged_rows(op: Operation, tensors: list, outputs: list, trace: T
 def _copies_to_batch(op: Operation, tensors: list, outputs: list, batch_hint) -> bool:
     """Whether a tensor operation on shared tensors copies one along a new batch axis.
 
-    ``cls_token.expand(N, -1, -1)``: the first argument, with a leading axis of
-    size one (or fewer axes), copied to the leading size of the model input.
+    ``cls_token.expand(N, -1, -1)`` (or ``repeat``, ``repeat_interleave(N, dim=0)``):
+    the first argument, with a leading axis of size one (or fewer axes), copied to the
+    leading size of the model input.
     """
-    if op.func_name not in COPIES_TO_BATCH or batch_hint is None or len(outputs) != 1:
+    if batch_hint is None or len(outputs) != 1:
+        return False
+    if op.func_name == "repeat_interleave":  # w.repeat_interleave(N, dim=0) of a w [1, …]
+        repeats = op.args[1] if len(op.args) > 1 else op.kwargs.get("repeats")
+        dim = op.args[2] if len(op.args) > 2 else op.kwargs.get("dim")
+        if type(repeats) is not int or type(dim) is not int or dim % max(tensors[0].dim(), 1) != 0:
+            return False
+    elif op.func_name not in COPIES_TO_BATCH:
         return False
     out, w = outputs[0], tensors[0]
     if op.args[:1] != (0,) or out.dim() == 0 or out.shape[0] != batch_hint:

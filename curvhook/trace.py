@@ -40,7 +40,9 @@ class Trace:
         shared_log: ``shared_keys`` in the order they were added.
         moved_axes: The batch axis of the batched tensors where it is not first
             (also of constants moved from the model input, ``x.transpose(0, 1)``).
-        moved_constants: Those constants, held so that their identities stay unique.
+        held: Tensors whose keys the record uses but no recorded operation holds (those
+            constants; merged constants; tensors computed from parameters only), held so
+            that their ids are not reused while the trace lives.
         row_groups: Rows per sample of the batched tensors whose batch axis a
             reshape merged with the axes after it (``[N·k, …]``: ``k``), by key
             (:mod:`curvhook.row_groups`).
@@ -65,7 +67,7 @@ class Trace:
         self.shared_keys: set[TensorKey] = set()
         self.shared_log: list[TensorKey] = []
         self.moved_axes: dict[TensorKey, int] = {}
-        self.moved_constants: list[Tensor] = []
+        self.held: list[Tensor] = []
         self.row_groups: dict[TensorKey, tuple] = {}  # key -> (k, weak reference to the tensor)
         self.root_rows = 1  # rows per sample of the model output (curvhook/row_groups.py)
         self.merged_inputs: set[TensorKey] = set()  # constants with their batch axis merged (tape)
@@ -158,7 +160,7 @@ class Trace:
         self.operations.clear()
         self.losses.clear()
         self.after_operations.clear()
-        self.moved_constants.clear()
+        self.held.clear()
         self.merged_inputs.clear()
         self.row_groups.clear()
         self._model_keys = None

@@ -3,7 +3,9 @@
 Written independently of curvhook's recorder: module hooks find the leaf
 modules (no children, or ``nn.MultiheadAttention``), a torch-function mode
 finds the tensor operations between them, and every operation is
-differentiated per sample with ``jacrev``:
+differentiated per sample with ``jacrev`` (an in-place operation out of place, on
+a copy of its first argument as it was before the call; on a view, on a copy of the
+view's base through the same view):
 
     d_in  += Σ_o d_o J_oi²     (for every distinct differentiable input)
     θ     += Σ_n Σ_o d_no J_oθ²
@@ -29,9 +31,29 @@ def _is_leaf(m: nn.Module) -> bool:
     return next(m.children(), None) is None or isinstance(m, LEAF_CONTAINERS)
 
 
+Key = tuple  # (id(t), t._version): a tensor as it was at one point of the forward pass
+
+
+def _key(t: Tensor) -> Key:
+    return id(t), t._version
+
+
 class _Op:
-    def __init__(self, fn: Callable, tensors: list[Tensor], output: Tensor):
+    """One differentiated operation: ``output = fn(params, *tensors)``.
+
+    ``in_keys`` and ``out_key`` name the tensors as they were when it ran (an in-place
+    operation makes a new version of the tensor it changes, a read after it reads that
+    version); ``values`` are the inputs' values then."""
+
+    def __init__(self, fn: Callable, tensors: list[Tensor], output: Tensor, in_keys: list[Key], values: list[Tensor]):
         self.fn, self.tensors, self.output = fn, tensors, output
+        self.in_keys, self.out_key, self.values = in_keys, _key(output), values
+
+
+def _changes_first_argument(name: str) -> bool:
+    return name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__") or (
+        name.endswith("_") and not name.startswith("_")
+    )
 
 
 class _Recorder(TorchFunctionMode):
@@ -42,30 +64,67 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        outs = [out] if isinstance(out, Tensor) else [o for o in out] if isinstance(out, (tuple, list)) else []
-        if self.depth or name in ("__get__", "detach") or not any(
-            isinstance(o, Tensor) and o.requires_grad for o in outs
-        ):
-            return out
+        if self.depth or name in ("__get__", "detach"):
+            return func(*args, **kwargs)
+        inplace = _changes_first_argument(name) and bool(args) and isinstance(args[0], Tensor)
+        view = args[0] if inplace and args[0]._base is not None else None
+        base = view._base if view is not None else None
         flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
-        tensors = [a for a in flat if isinstance(a, Tensor) and a.requires_grad]
+        # an in-place operation on a view changes its base: the base is the tensor here
+        flat_tensors = [base if view is not None and a is view else a for a in flat]
+        tensors = [a for a in flat_tensors if isinstance(a, Tensor) and a.requires_grad]
         distinct = list({id(t): t for t in tensors}.values())
-        positions = [next(j for j, d in enumerate(distinct) if d is a) if isinstance(a, Tensor) and a.requires_grad else None for a in flat]
+        in_keys = [_key(t) for t in distinct]
+        values = [t.detach().clone() for t in distinct]
+        if view is not None:
+            assert values[0].stride() == base.stride(), "the base's copy must keep its strides"
+            where = (view.size(), view.stride(), view.storage_offset() - base.storage_offset())
+        positions = [
+            next(j for j, d in enumerate(distinct) if d is a) if isinstance(a, Tensor) and a.requires_grad else None
+            for a in flat_tensors
+        ]
+        # constants as they were (an in-place write into a buffer of zeros changes it)
+        constants = [a.detach().clone() if isinstance(a, Tensor) and p is None else a for a, p in zip(flat, positions)]
+        result = out = func(*args, **kwargs)
+        if inplace:  # recorded as the tensor it changed; the caller gets what the call returned
+            out = args[0] if view is None else base
+        outs = [out] if isinstance(out, Tensor) else [o for o in out] if isinstance(out, (tuple, list)) else []
+        if not any(isinstance(o, Tensor) and o.requires_grad for o in outs):
+            return result
 
         for i, o in enumerate(outs):
             if not (isinstance(o, Tensor) and o.requires_grad):
                 continue
 
-            def fn(params, *xs, flat=flat, spec=spec, positions=positions, func=func, i=i):
-                filled = [xs[p] if p is not None else a for a, p in zip(flat, positions)]
+            def fn(params, *xs, flat=flat, constants=constants, spec=spec, positions=positions, func=func, i=i,
+                   inplace=inplace):
+                if view is not None:  # on a copy of the base, through the same view of it
+                    copy = xs[positions[0]].clone()
+                    assert copy.stride() == base.stride(), "the view needs the base's strides"
+                    filled = [
+                        copy.as_strided(*where) if a is view else xs[p] if p is not None else c
+                        for a, c, p in zip(flat, constants, positions)
+                    ]
+                    a, k = torch.utils._pytree.tree_unflatten(filled, spec)
+                    func(*a, **k)
+                    return copy
+                filled = [xs[p] if p is not None else c for c, p in zip(constants, positions)]
                 a, k = torch.utils._pytree.tree_unflatten(filled, spec)
+                if inplace:  # out of place: on a copy of the first argument
+                    a = (a[0].clone(), *a[1:])
+                    func(*a, **k)
+                    return a[0]
                 res = func(*a, **k)
                 return res if isinstance(res, Tensor) else res[i]
 
-            self.ops.append(_Op(fn, distinct, o))
-        return out
+            self.ops.append(_Op(fn, distinct, o, in_keys, values))
+        if view is not None and view.requires_grad:
+            # the view's new version is read from its base's: later reads of the view (the
+            # ``__setitem__`` that ends ``h[:, 1:3] *= s``) reach the write
+            self.ops.append(_Op(lambda params, b, where=where: b.as_strided(*where), [base], view,
+                                [_key(base)], [base.detach().clone()]))
+        return result
 
 
 def record(model: nn.Module, X: Tensor) -> list[_Op]:
@@ -75,12 +134,14 @@ def record(model: nn.Module, X: Tensor) -> list[_Op]:
         if _is_leaf(m) and m is not model:
             def pre(mod, args, kwargs):
                 rec.depth += 1
-
-            def post(mod, args, kwargs, out):
-                rec.depth -= 1
                 # integer inputs (nn.Embedding's indices) have no Jacobian: held fixed
                 tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.is_floating_point()]
                 distinct = list({id(t): t for t in tensors}.values())
+                mod._graph_reference_inputs = distinct, [_key(t) for t in distinct], [t.detach().clone() for t in distinct]
+
+            def post(mod, args, kwargs, out):
+                rec.depth -= 1
+                distinct, in_keys, values = mod.__dict__.pop("_graph_reference_inputs")
 
                 def fn(params, *xs, mod=mod, args=args, kwargs=kwargs, distinct=distinct):
                     sub = {id(d): x for d, x in zip(distinct, xs)}
@@ -90,7 +151,7 @@ def record(model: nn.Module, X: Tensor) -> list[_Op]:
                     return res[0] if isinstance(res, tuple) else res
 
                 first = out[0] if isinstance(out, tuple) else out
-                rec.ops.append(_Op(fn, distinct, first))
+                rec.ops.append(_Op(fn, distinct, first, in_keys, values))
                 rec.ops[-1].module = mod
 
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
@@ -142,16 +203,16 @@ def diag_ggn_approx_graph(model: nn.Module, X: Tensor, hessian_diag: Tensor, mov
     shared = _shared_outputs(model, X, ops)
     result = [torch.zeros_like(p) for p in params]
     n = X.shape[0]
-    diag = {id(out): hessian_diag.reshape(out.shape).detach()}
+    diag = {_key(out): hessian_diag.reshape(out.shape).detach()}
     for op, (in_axes, (out_axis, out_rows)) in zip(reversed(ops), reversed(axes)):
-        d = diag.pop(id(op.output), None)
+        d = diag.pop(op.out_key, None)
         if d is None:
             continue
         mod = getattr(op, "module", None)
         named = dict(mod.named_parameters()) if mod is not None else {}
         pvals = {k: v.detach() for k, v in named.items()}
-        full = [t.detach() for t in op.tensors]
-        whole = id(op.output) in shared  # no batch axis: sample i's diagonal is d[i]
+        full = op.values
+        whole = op.out_key in shared  # no batch axis: sample i's diagonal is d[i]
         for i in range(n):
             d_i = (d[i] if whole else d.narrow(out_axis, i * out_rows, out_rows)).reshape(-1)
             _sample_terms(op, i, d_i, full, in_axes, (out_axis, out_rows), pvals, pid, diag, result, shared, n)
@@ -165,19 +226,23 @@ def diag_ggn_approx_graph(model: nn.Module, X: Tensor, hessian_diag: Tensor, mov
 
                 jac = jacrev(g)(p.detach())
                 result[pid[id(p)]] += (jac.reshape(d_i.numel(), -1).square() * d_i[:, None]).sum(0).reshape(p.shape)
+    # every diagonal reached the operation that made its tensor (none lost on the way)
+    owner = {k: t for op in ops for t, k in zip(op.tensors, op.in_keys)}
+    lost = [k for k in diag if owner[k].requires_grad and id(owner[k]) not in pid and k != _key(X)]
+    assert not lost, f"graph_reference: no recorded operation made the tensors {[tuple(owner[k].shape) for k in lost]}"
     return torch.cat([r.flatten() for r in result])
 
 
-def _shared_outputs(model: nn.Module, X: Tensor, ops: list[_Op]) -> set[int]:
-    """``id`` of the outputs computed without the batch (from parameters and constants:
+def _shared_outputs(model: nn.Module, X: Tensor, ops: list[_Op]) -> set[Key]:
+    """The keys of the outputs computed without the batch (from parameters and constants:
     T5's position bias): their shape does not change when the model runs on one sample
     more. Their diagonal is kept per sample, ``[N, *shape]``, as for a parameter."""
     more, _ = record(model, torch.cat([X, X[:1]]))
     assert len(more) == len(ops), "the graph changed with the batch size"
-    found = {id(op.output) for op, other in zip(ops, more) if op.output.shape == other.output.shape}
+    found = {op.out_key for op, other in zip(ops, more) if op.output.shape == other.output.shape}
     # inputs that are no operation's output (a module's buffer passed in: a coordinate table)
     found.update(
-        id(t) for op, other in zip(ops, more) for t, u in zip(op.tensors, other.tensors)
+        key for op, other in zip(ops, more) for t, key, u in zip(op.tensors, op.in_keys, other.tensors)
         if not t.requires_grad and t.shape == u.shape
     )
     return found
@@ -188,8 +253,8 @@ def _sample_terms(op, i, d_i, full, in_axes, out, pvals, pid, diag, result, shar
 
     ``in_axes`` and ``out`` are ``(batch axis, rows per sample)`` of each input and of the output."""
     out_axis, out_rows = out
-    fixed = [id(t) in pid or id(t) in shared for t in op.tensors]  # no batch axis: not cut per sample
-    whole = id(op.output) in shared
+    fixed = [id(t) in pid or key in shared for t, key in zip(op.tensors, op.in_keys)]  # no batch axis: not cut
+    whole = op.out_key in shared
     xs = [f if k else f.narrow(a, i * r, r) for k, f, (a, r) in zip(fixed, full, in_axes)]
 
     def embed(zs):  # sample i replaced by the variables, the others fixed
@@ -203,18 +268,18 @@ def _sample_terms(op, i, d_i, full, in_axes, out, pvals, pid, diag, result, shar
         return (res if whole else res.narrow(out_axis, i * out_rows, out_rows)).reshape(-1)
 
     jacs = jacrev(f, argnums=tuple(range(len(xs))))(*xs) if xs else ()
-    for t, jac, (a, r) in zip(op.tensors, jacs, in_axes):
+    for t, key, jac, (a, r) in zip(op.tensors, op.in_keys, jacs, in_axes):
         contrib = (jac.reshape(d_i.numel(), -1).square() * d_i[:, None]).sum(0)
         if id(t) in pid:
             result[pid[id(t)]] += contrib.reshape(t.shape)
-        elif id(t) in shared:
-            prev = diag.get(id(t))
+        elif key in shared:
+            prev = diag.get(key)
             if prev is None:
-                prev = diag[id(t)] = torch.zeros(n, *t.shape, dtype=t.dtype)
+                prev = diag[key] = torch.zeros(n, *t.shape, dtype=t.dtype)
             prev[i] += contrib.reshape(t.shape)
         else:
-            prev = diag.get(id(t))
+            prev = diag.get(key)
             if prev is None:
-                prev = diag[id(t)] = torch.zeros_like(t.detach())
+                prev = diag[key] = torch.zeros_like(t.detach())
             rows = prev.narrow(a, i * r, r)
             rows += contrib.reshape(rows.shape)

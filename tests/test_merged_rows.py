@@ -234,6 +234,42 @@ def test_every_extension_is_the_same_with_the_query_repeated_or_broadcast(n, mon
     _assert_same_results(got, want)
 
 
+class FrozenFeaturesRepeated(nn.Module):
+    """Frozen features ``[N, C]`` (or the model input, before a frozen or a trainable layer) with
+    each sample's row copied twice along the batch axis, ``repeat_interleave(2, dim=0)``, then
+    trainable layers on ``[N·2, C]``; the same copy made by ``expand`` and ``reshape`` (a merge
+    curvhook knew before)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.frozen = nn.Linear(3, 4).requires_grad_(False)
+        self.b, self.out = nn.Linear(4, 4), nn.Linear(8, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 3]
+        n = x.shape[0]
+        if self.form == "input":
+            h = torch.tanh(self.frozen(x.repeat_interleave(2, dim=0)))
+        elif self.form == "input_to_trainable":
+            h = torch.tanh(self.b(torch.cat([x, x[:, :1]], 1).repeat_interleave(2, dim=0)))
+        else:
+            h = torch.tanh(self.frozen(x))
+            h = h.repeat_interleave(2, dim=0) if self.form == "features" else h.unsqueeze(1).expand(-1, 2, -1).reshape(2 * n, 4)
+        return self.out(torch.tanh(self.b(h)).reshape(n, 8))
+
+
+@pytest.mark.parametrize("form", ["features", "input", "input_to_trainable", "expand_reshape"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_frozen_features_repeated_along_the_batch_axis(n, form, monkeypatch):
+    """Each sample's constant rows copied to ``k`` rows of that sample: merged rows where the
+    trainable layers meet them. (Before, at N = 3: the layer after the copy was taken for one
+    on parameters alone, and failed with a torch shape error in ``bmm``.)"""
+    torch.manual_seed(0)
+    model = FrozenFeaturesRepeated(form).to(DT)
+    X, y = torch.randn(n, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
+    check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
+
+
 class HeadsMergedAfterPermute(nn.Module):
     """SAM's attention (timm): ``qkv.view(N, L, 3, H, d).permute(2, 0, 3, 1, 4)`` puts the batch
     axis second, ``reshape(3, N·H, L, d)`` merges it with the heads there, ``unbind(0)`` gives

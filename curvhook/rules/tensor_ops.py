@@ -65,6 +65,8 @@ def batch_safe(call: Operation, n: int) -> bool:
     if any(s is not None and (len(s) == 0 or s[0] != n) for s in call.output_shapes):
         return False
     out_ndim = len(call.output_shapes[0])
+    if name == "__setitem__":
+        return _setitem_keeps_batch(call, n)
     for t, kind in zip(call.inputs, call.input_kinds):
         if kind == BATCHED and (t.dim() != out_ndim or t.shape[0] != n) and name not in _ANY_RANK:
             # the others may change the number of axes; their dims are checked below
@@ -84,6 +86,55 @@ def batch_safe(call: Operation, n: int) -> bool:
     if call.kwargs.get("alpha", 1) != 1:
         return False
     return True
+
+
+def _basic_index_shape(shape: torch.Size, index) -> Optional[tuple[int, ...]]:
+    """The shape of ``x[index]`` for a basic index of ints, full or partial slices and at most
+    one ``...``, where the batch axis (axis 0) is kept whole; ``None`` for any other index
+    (tensors, ``None``, booleans, an index that reads the batch axis)."""
+    entries = index if isinstance(index, tuple) else (index,)
+    if any(not (e is Ellipsis or isinstance(e, slice) or (type(e) is int)) for e in entries):
+        return None  # (a Slot is an int subclass: a tensor index)
+    if sum(e is Ellipsis for e in entries) > 1:
+        return None
+    taken = len(entries) - (Ellipsis in entries)
+    if taken > len(shape):
+        return None
+    if Ellipsis in entries:
+        at = entries.index(Ellipsis)
+        entries = entries[:at] + (slice(None),) * (len(shape) - taken) + entries[at + 1 :]
+    entries = entries + (slice(None),) * (len(shape) - len(entries))
+    if entries[0] != slice(None):
+        return None
+    return tuple(len(range(*e.indices(size))) for e, size in zip(entries, shape) if isinstance(e, slice))
+
+
+def _setitem_keeps_batch(call: Operation, n: int) -> bool:
+    """Whether ``x[index] = v`` on a batched ``x`` keeps samples apart.
+
+    A ``v`` without gradient (a scalar, a constant) leaves each entry of ``x`` or replaces
+    it by a constant, whatever the index (``x[mask] = 0``). A ``v`` with gradient needs a
+    basic index that keeps the batch axis whole (:func:`_basic_index_shape`), and ``v``
+    with sample ``n``'s values in its row ``n`` (batched, of the rank of ``x[index]``) or
+    the same values for every sample (a parameter that broadcasts without a batch axis):
+    ``x[0] = w`` writes ``w`` into one sample only, and goes to the per-sample replay.
+    """
+    if len(call.args) != 3 or not isinstance(call.args[0], Slot) or call.input_kinds[call.args[0]] != BATCHED:
+        return False
+    base, value = call.inputs[call.args[0]], call.args[2]
+    if base.shape[0] != n:
+        return False
+    if not isinstance(value, Slot):
+        return isinstance(value, (int, float, bool))
+    v, kind = call.inputs[value], call.input_kinds[value]
+    if kind == CONST:
+        return True
+    target = _basic_index_shape(base.shape, call.args[1])
+    if target is None:
+        return False
+    if kind == BATCHED:
+        return v.dim() == len(target) and v.shape[0] == n
+    return v.dim() < len(target) or v.shape[0] == 1
 
 
 def _dims_avoid_batch(call: Operation) -> bool:
@@ -475,6 +526,12 @@ class TensorOpRule(LayerRule):
                 "+, − and * take them, or wrap the operation in a module with a rule."
                 if per_sample_constant else ""
             )
+            if call.func_name == "__setitem__":
+                hint = (
+                    " It writes a tensor with a gradient into some samples only (an index that selects "
+                    "along the batch axis, x[0] = w) or with rows that are not the samples': write "
+                    "into every sample (x[:, …] = v), or use torch.where with a per-sample mask."
+                )
             raise UnsupportedModelError(
                 f"The operation {call.name} mixes samples, moves the batch axis, or is random "
                 "(it gives other values when applied to one sample at a time). Per-sample "
@@ -763,6 +820,12 @@ class TensorOpRule(LayerRule):
         name = call.func_name
         if name in EINSUMS and not isinstance(value, list):
             return self._shared_einsum_diag(call, value, slot)
+        if name == "__setitem__" and not isinstance(value, list) and call.args[2] == slot and call.uses(slot) == 1:
+            # x[index] = w, broadcast over the samples (a basic index, see batch_safe): each entry
+            # of w copied into several entries of x, Σ_o d_o J_oj² = the sum of d over its copies
+            picked, w = value[call.args[1]], call.inputs[slot]
+            shape = w.shape[1:] if w.dim() == picked.dim() else (1,) * (picked.dim() - 1 - w.dim()) + tuple(w.shape)
+            return picked.sum_to_size(picked.shape[0], *shape).reshape(-1, *w.shape)
         if isinstance(value, list) or call.kwargs or len(call.args) != 2 or call.uses(slot) != 1:
             return None
         if name in ADDITIONS or name in SUBTRACTIONS or name in REVERSED_SUBTRACTIONS:

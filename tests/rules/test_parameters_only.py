@@ -16,6 +16,7 @@ from torch import nn
 
 from curvhook import extend
 from curvhook.extensions import BatchJacobian, DiagGGN, DiagGGNApprox, FullGGN
+from helpers import check_graph_against_reference
 from reference import collect, compare, reference
 
 DT = torch.float64
@@ -40,10 +41,12 @@ class PositionEmbedding(nn.Module):
 
 
 class ClassToken(nn.Module):
-    """torchvision's ViT pattern: ``cat([cls.expand(N, -1, -1), x], 1) + pos``."""
+    """torchvision's ViT pattern: ``cat([cls.expand(N, -1, -1), x], 1) + pos``; the token
+    copied to the batch with ``repeat`` or ``repeat_interleave`` instead of ``expand``."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy: str = "expand") -> None:
         super().__init__()
+        self.copy = copy
         self.embed = nn.Linear(D, D)
         self.cls = nn.Parameter(torch.randn(1, 1, D))
         self.pos = nn.Parameter(torch.randn(1, L + 1, D))
@@ -51,7 +54,14 @@ class ClassToken(nn.Module):
 
     def forward(self, x):
         h = self.embed(x)
-        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+        n = h.shape[0]
+        if self.copy == "expand":
+            cls = self.cls.expand(n, -1, -1)
+        elif self.copy == "repeat":
+            cls = self.cls.repeat(n, 1, 1)
+        else:  # (before: a shared operand of the batch's size, "Mismatch in shape" from torch.func)
+            cls = self.cls.repeat_interleave(n, dim=0)
+        h = torch.cat([cls, h], dim=1) + self.pos
         return self.head(torch.tanh(h)[:, 0])
 
 
@@ -166,6 +176,8 @@ MODELS = {
     "position_embedding_L": (lambda: PositionEmbedding(False), "ids"),
     "frozen_tokens_trainable_positions": (lambda: PositionEmbedding(True, freeze_tokens=True), "ids"),
     "class_token": (ClassToken, "float"),
+    "class_token_repeated": (lambda: ClassToken("repeat"), "float"),
+    "class_token_repeat_interleaved": (lambda: ClassToken("repeat_interleave"), "float"),
     "table_through_module": (TableThroughModule, "float"),
     "table_through_an_identity": (TableThroughAnIdentity, "float"),
     "module_called_without_tensors": (ScoresWithRelativeBias, "scores"),
@@ -461,3 +473,12 @@ def test_a_module_passed_its_own_parameter_is_refused_by_name(extension):
     with pytest.raises(UnsupportedModelError, match=r"'bias' \(_PassedItsOwnTable\) is passed its own parameter 'table'"):
         with extend(model, extension()):
             nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("copy", ["expand", "repeat", "repeat_interleave"])
+def test_diag_ggn_approx_of_a_class_token_copied_to_the_batch(copy, n):
+    """Each copy of the token is its own sample's: DiagGGNApprox against its definition on the graph."""
+    torch.manual_seed(0)
+    model = ClassToken(copy).to(DT)
+    check_graph_against_reference(model, _data("float", n), torch.arange(n) % C)

@@ -1115,13 +1115,33 @@ class InPlaceOnAView(nn.Module):
                 h = h * scale
             else:
                 h[:, 2:4] *= torch.tanh(h[:, 0:2])
+        elif self.form == "parameter_into_every_sample":  # h[:, 0:2] += bias[:2]: a parameter, broadcast
+            if self.out_of_place:
+                h = h + torch.cat([self.bias[:2], torch.zeros_like(self.bias[2:])])
+            else:
+                h[:, 0:2] += self.bias[:2]
         return self.b(torch.tanh(h))
 
 
+VIEW_WRITES = [
+    "zero_slice", "scale_view_of_view", "parameter_clone", "augmented_assignment", "per_sample_constant",
+    "parameter_into_every_sample",
+]
+
+
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize(
-    "form", ["zero_slice", "scale_view_of_view", "parameter_clone", "augmented_assignment", "per_sample_constant"]
-)
+@pytest.mark.parametrize("form", VIEW_WRITES)
+def test_an_in_place_operation_on_a_view_against_the_graph_definition(form, n):
+    """DiagGGNApprox against ``graph_reference``, which replays a write on a view on a copy of
+    the view's base (before, it took the write as changing the view alone, and the base's
+    consumers never saw it: 'parameter_into_every_sample' differed)."""
+    torch.manual_seed(0)
+    model = InPlaceOnAView(form).to(DT)
+    check_graph_against_reference(model, torch.randn(n, 4, dtype=DT), torch.arange(n) % 3)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("form", VIEW_WRITES)
 def test_an_in_place_operation_on_a_view_writes_through_to_its_base(form, n, monkeypatch):
     """Exact against the torch.func reference; DiagGGNApprox equal to the same function written
     out of place, without dense per-sample Jacobians (the write's Jacobian at the base is
@@ -1624,4 +1644,79 @@ def test_repeat_interleave_without_a_dim_is_refused():
     model = Flattened().to(DT)
     with pytest.raises(UnsupportedModelError, match="repeat_interleave.*mixes samples"):
         with extend(model, DiagGGN()):
+            nn.CrossEntropyLoss()(model(torch.randn(3, 4, dtype=DT)), torch.arange(3)).backward()
+
+
+class WrittenInPlace(nn.Module):
+    """``x[index] = v`` on a batched tensor with a basic index that keeps the batch axis whole:
+    ``v`` computed from ``x`` itself, a scalar, a batched tensor, a constant or a parameter
+    broadcast over the samples, and a batched ``v`` written into a constant buffer of zeros."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b, self.head = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(18, 3)
+        self.token = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 3, 4]
+        h = torch.tanh(self.a(x))  # [N, 3, 3]
+        q = h.clone()
+        if self.form == "from_itself":
+            q[..., 0, :] = q[..., 0, :] * 2.0
+        elif self.form == "scalar":
+            q[:, 1] = 0.5
+        elif self.form == "batched":
+            q[:, ::2, 1:] = torch.sigmoid(self.b(x))[:, ::2]
+        elif self.form == "constant":
+            q[:, 2] = torch.tensor([1.0, -2.0, 3.0], dtype=x.dtype)
+        elif self.form == "parameter":
+            q[:, -1, :] = self.token
+        else:  # "into_zeros"
+            q = x.new_zeros(x.shape[0], 3, 3)
+            q[:, :, :2] = torch.sigmoid(self.b(x))
+            q[:, 1:, 2] = h[:, 1:, 0] * h[:, 1:, 1]
+        return self.head(torch.cat([q, h], 2).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("form", ["from_itself", "scalar", "batched", "constant", "parameter", "into_zeros"])
+def test_setitem_with_a_basic_index_in_closed_form(form, n, monkeypatch):
+    """A write keeps one nonzero per output entry: DiagGGNApprox pulls ``d`` back through it
+    (before: dense per-sample Jacobians; the graph reference skipped the write, 11–15 % off)."""
+    _refuse_dense_jacobians(monkeypatch)
+    torch.manual_seed(0)
+    model = WrittenInPlace(form).to(DT)
+    X, y = torch.randn(n, 3, 4, dtype=DT), torch.arange(n) % 3
+    check_graph_against_reference(model, X, y)
+
+
+class FirstSample(nn.Module):
+    """``x[0] = v``: a write into the first sample only, of a constant or of a parameter."""
+
+    def __init__(self, value: str) -> None:
+        super().__init__()
+        self.value = value
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(3, 3)
+        self.w = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = torch.tanh(self.a(x)).clone()
+        q[0] = 1.0 if self.value == "constant" else self.w
+        q[:, 1] = 2.0
+        return self.b(q)
+
+
+def test_setitem_of_a_constant_into_one_sample_is_exact():
+    """Each entry stays or becomes a constant: per-sample Jacobians exist (sample 0's are zero
+    through ``q``)."""
+    torch.manual_seed(0)
+    check_graph_against_reference(FirstSample("constant").to(DT), torch.randn(3, 4, dtype=DT), torch.arange(3))
+
+
+def test_setitem_of_a_parameter_into_one_sample_is_refused():
+    """``x[0] = w`` gives ``w`` to the first sample only. Before, the per-sample Jacobians of
+    ``w`` were taken as if every sample had it: BatchJacobian silently wrong."""
+    model = FirstSample("parameter").to(DT)
+    with pytest.raises(UnsupportedModelError, match="__setitem__.*mixes samples.*some samples only"):
+        with extend(model, BatchJacobian()):
             nn.CrossEntropyLoss()(model(torch.randn(3, 4, dtype=DT)), torch.arange(3)).backward()
