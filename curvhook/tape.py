@@ -280,7 +280,9 @@ class OperationTape(TorchFunctionMode):
         func, name, t_args, t_kwargs = call
         kinds, params = [], []
         for i, t in enumerate(tensors):
-            if not t.requires_grad:
+            if not t.requires_grad or (inplace and i == 0 and nodes[0] is None and id(t) not in state.param_ids):
+                # (changed in place without a node before: it needed no gradient, torch refuses
+                # in-place changes of a leaf that does; ``z = zeros(L); z[2:6] = w``)
                 kinds.append(CONST)
             elif id(t) in state.param_ids:
                 kinds.append(SHARED)
@@ -667,7 +669,12 @@ def _copies_to_merged_rows(op: Operation, tensors: list, outputs: list, trace: T
     sample (a multiple of that period) every sample's block is ``w`` itself.
     """
     n = trace.batch_hint
-    if op.func_name not in ("repeat", "expand") or not n or len(outputs) != 1 or op.args[:1] != (0,):
+    if not n or len(outputs) != 1 or op.args[:1] != (0,):
+        return False
+    if op.func_name == "repeat_interleave":  # w.repeat_interleave(N·k, dim=0) of a w [1, …]
+        if not _repeats_along_first_axis(op, tensors[0]) or tensors[0].shape[0] != 1:
+            return False
+    elif op.func_name not in ("repeat", "expand"):
         return False
     out, w = outputs[0], tensors[0]
     if out.dim() == 0 or out.shape[0] % n or out.shape[0] // n < 2:
@@ -681,6 +688,13 @@ def _copies_to_merged_rows(op: Operation, tensors: list, outputs: list, trace: T
     return True
 
 
+def _repeats_along_first_axis(op: Operation, w: Tensor) -> bool:
+    """Whether ``op`` is ``w.repeat_interleave(k, dim=0)`` with an int ``k`` (also ``dim=-w.dim()``)."""
+    repeats = op.args[1] if len(op.args) > 1 else op.kwargs.get("repeats")
+    dim = op.args[2] if len(op.args) > 2 else op.kwargs.get("dim")
+    return type(repeats) is int and type(dim) is int and w.dim() > 0 and dim % w.dim() == 0
+
+
 def _copies_to_batch(op: Operation, tensors: list, outputs: list, batch_hint) -> bool:
     """Whether a tensor operation on shared tensors copies one along a new batch axis.
 
@@ -691,9 +705,7 @@ def _copies_to_batch(op: Operation, tensors: list, outputs: list, batch_hint) ->
     if batch_hint is None or len(outputs) != 1:
         return False
     if op.func_name == "repeat_interleave":  # w.repeat_interleave(N, dim=0) of a w [1, …]
-        repeats = op.args[1] if len(op.args) > 1 else op.kwargs.get("repeats")
-        dim = op.args[2] if len(op.args) > 2 else op.kwargs.get("dim")
-        if type(repeats) is not int or type(dim) is not int or dim % max(tensors[0].dim(), 1) != 0:
+        if not _repeats_along_first_axis(op, tensors[0]):
             return False
     elif op.func_name not in COPIES_TO_BATCH:
         return False

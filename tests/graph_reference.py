@@ -78,7 +78,8 @@ class _Recorder(TorchFunctionMode):
         in_keys = [_key(t) for t in distinct]
         values = [t.detach().clone() for t in distinct]
         if view is not None:
-            assert values[0].stride() == base.stride(), "the base's copy must keep its strides"
+            base_before = base.detach().clone()  # (the base itself when it needs no gradient)
+            assert base_before.stride() == base.stride(), "the base's copy must keep its strides"
             where = (view.size(), view.stride(), view.storage_offset() - base.storage_offset())
         positions = [
             next(j for j, d in enumerate(distinct) if d is a) if isinstance(a, Tensor) and a.requires_grad else None
@@ -100,7 +101,7 @@ class _Recorder(TorchFunctionMode):
             def fn(params, *xs, flat=flat, constants=constants, spec=spec, positions=positions, func=func, i=i,
                    inplace=inplace):
                 if view is not None:  # on a copy of the base, through the same view of it
-                    copy = xs[positions[0]].clone()
+                    copy = (xs[positions[0]] if positions[0] is not None else base_before).clone()
                     assert copy.stride() == base.stride(), "the view needs the base's strides"
                     filled = [
                         copy.as_strided(*where) if a is view else xs[p] if p is not None else c
@@ -124,6 +125,7 @@ class _Recorder(TorchFunctionMode):
             # ``__setitem__`` that ends ``h[:, 1:3] *= s``) reach the write
             self.ops.append(_Op(lambda params, b, where=where: b.as_strided(*where), [base], view,
                                 [_key(base)], [base.detach().clone()]))
+        # (positions[0] is the base's, or None for a base without gradient: the view is flat[0])
         return result
 
 

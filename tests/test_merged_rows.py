@@ -270,6 +270,37 @@ def test_frozen_features_repeated_along_the_batch_axis(n, form, monkeypatch):
     check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
 
 
+class TokenOnRepeatedInput(nn.Module):
+    """``lin(x.repeat_interleave(2, dim=0)) + tok`` with a token ``[1, C]`` copied to the ``N·2`` merged
+    rows by ``repeat_interleave``, ``repeat`` or ``expand``: every sample's block the same copy."""
+
+    def __init__(self, copy: str) -> None:
+        super().__init__()
+        self.copy = copy
+        self.lin, self.out = nn.Linear(3, 4), nn.Linear(8, CLASSES)
+        self.tok = nn.Parameter(torch.randn(1, 4))
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 3]
+        n = x.shape[0]
+        rows = {
+            "repeat_interleave": lambda: self.tok.repeat_interleave(2 * n, dim=0),
+            "repeat": lambda: self.tok.repeat(2 * n, 1),
+            "expand": lambda: self.tok.expand(2 * n, -1),
+        }[self.copy]()
+        return self.out(torch.tanh(self.lin(x.repeat_interleave(2, dim=0)) + rows).reshape(n, 8))
+
+
+@pytest.mark.parametrize("copy", ["repeat_interleave", "repeat", "expand"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_shared_token_copied_to_rows_of_a_repeated_input(n, copy, monkeypatch):
+    """(Before: *Mismatch in shape* from torch.func; at N = 1 the repeat_interleave form was exact
+    while the input's copy was not taken for merged rows.)"""
+    torch.manual_seed(0)
+    model = TokenOnRepeatedInput(copy).to(DT)
+    X, y = torch.randn(n, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
+    check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
+
+
 class HeadsMergedAfterPermute(nn.Module):
     """SAM's attention (timm): ``qkv.view(N, L, 3, H, d).permute(2, 0, 3, 1, 4)`` puts the batch
     axis second, ``reshape(3, N·H, L, d)`` merges it with the heads there, ``unbind(0)`` gives

@@ -49,7 +49,7 @@ from curvhook.operations import (
     MEANS, NORMALIZES, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SAMPLE_ALIGNED, SELECTIONS, SOFTMAXES, STRUCTURAL,
     SUBTRACTIONS,
 )
-from curvhook.records import BATCHED, CONST, Operation, Slot
+from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot
 from curvhook.rules.base import LayerRule, apply_node
 from curvhook.rules.softmax import softmax_diag
 
@@ -110,7 +110,8 @@ def _basic_index_shape(shape: torch.Size, index) -> Optional[tuple[int, ...]]:
 
 
 def _setitem_keeps_batch(call: Operation, n: int) -> bool:
-    """Whether ``x[index] = v`` on a batched ``x`` keeps samples apart.
+    """Whether ``x[index] = v`` on a batched ``x`` (or a constant ``x`` with one row per sample
+    and a batched ``v``) keeps samples apart.
 
     A ``v`` without gradient (a scalar, a constant) leaves each entry of ``x`` or replaces
     it by a constant, whatever the index (``x[mask] = 0``). A ``v`` with gradient needs a
@@ -119,11 +120,14 @@ def _setitem_keeps_batch(call: Operation, n: int) -> bool:
     the same values for every sample (a parameter that broadcasts without a batch axis):
     ``x[0] = w`` writes ``w`` into one sample only, and goes to the per-sample replay.
     """
-    if len(call.args) != 3 or not isinstance(call.args[0], Slot) or call.input_kinds[call.args[0]] != BATCHED:
+    if len(call.args) != 3 or not isinstance(call.args[0], Slot):
         return False
     base, value = call.inputs[call.args[0]], call.args[2]
-    if base.shape[0] != n:
+    if base.shape[0] != n or call.input_kinds[call.args[0]] == SHARED:
         return False
+    if call.input_kinds[call.args[0]] == CONST:  # a buffer with one row per sample (``zeros(N, …)``)
+        if not (isinstance(value, Slot) and call.input_kinds[value] == BATCHED):
+            return False
     if not isinstance(value, Slot):
         return isinstance(value, (int, float, bool))
     v, kind = call.inputs[value], call.input_kinds[value]
@@ -134,7 +138,8 @@ def _setitem_keeps_batch(call: Operation, n: int) -> bool:
         return False
     if kind == BATCHED:
         return v.dim() == len(target) and v.shape[0] == n
-    return v.dim() < len(target) or v.shape[0] == 1
+    # shared: broadcast from the right, its axes at or before the batch axis of size one
+    return all(size == 1 for size in v.shape[: max(0, v.dim() - len(target) + 1)])
 
 
 def _dims_avoid_batch(call: Operation) -> bool:
@@ -472,7 +477,8 @@ class TensorOpRule(LayerRule):
         slots = [i for i, k in enumerate(call.input_kinds) if k == BATCHED]
         # (an in-place operation on a view, recorded on its base: the operation's own name)
         name = getattr(call.func, "wrapped_name", call.func_name)
-        if name in INDEXED_ALONG_DIM or name in BROADCASTING or name in SAMPLE_ALIGNED or name in MATMULS:
+        if (name in INDEXED_ALONG_DIM or name in BROADCASTING or name in SAMPLE_ALIGNED or name in MATMULS
+                or name == "__setitem__"):  # (``zeros(N, …)[:, :k] = h``: the buffer's row n is sample n's)
             return sorted([*slots, *_per_sample_constants(call)])
         gather = batch_gather(call) if call.func_name == "__getitem__" else None
         return slots if gather is None else sorted([*slots, gather[0], *gather[1]])
@@ -824,7 +830,8 @@ class TensorOpRule(LayerRule):
             # x[index] = w, broadcast over the samples (a basic index, see batch_safe): each entry
             # of w copied into several entries of x, Σ_o d_o J_oj² = the sum of d over its copies
             picked, w = value[call.args[1]], call.inputs[slot]
-            shape = w.shape[1:] if w.dim() == picked.dim() else (1,) * (picked.dim() - 1 - w.dim()) + tuple(w.shape)
+            tail = tuple(w.shape[max(0, w.dim() - picked.dim() + 1) :])  # w's axes after the batch axis
+            shape = (1,) * (picked.dim() - 1 - len(tail)) + tail
             return picked.sum_to_size(picked.shape[0], *shape).reshape(-1, *w.shape)
         if isinstance(value, list) or call.kwargs or len(call.args) != 2 or call.uses(slot) != 1:
             return None

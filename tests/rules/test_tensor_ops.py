@@ -1657,10 +1657,17 @@ class WrittenInPlace(nn.Module):
         self.form = form
         self.a, self.b, self.head = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(18, 3)
         self.token = nn.Parameter(torch.randn(3))
+        self.register_buffer("row", torch.zeros(1, 3))
 
     def forward(self, x: Tensor) -> Tensor:  # [N, 3, 4]
         h = torch.tanh(self.a(x))  # [N, 3, 3]
         q = h.clone()
+        if self.form in ("parameter_into_a_new_constant", "parameter_into_a_buffer_copy"):
+            # a tensor of parameters only, built by writes: shared by the samples (before: the new
+            # constant taken for batched once the write gave it a gradient, refused)
+            z = torch.zeros(3, dtype=x.dtype) if self.form == "parameter_into_a_new_constant" else self.row.clone()
+            z[..., 1:] = self.token[:2] * 2.0
+            q = q + z
         if self.form == "from_itself":
             q[..., 0, :] = q[..., 0, :] * 2.0
         elif self.form == "scalar":
@@ -1671,6 +1678,8 @@ class WrittenInPlace(nn.Module):
             q[:, 2] = torch.tensor([1.0, -2.0, 3.0], dtype=x.dtype)
         elif self.form == "parameter":
             q[:, -1, :] = self.token
+        elif self.form == "parameter_with_leading_ones":  # more axes than q[:, -1], each of size one
+            q[:, -1] = self.token.view(1, 1, 3)
         else:  # "into_zeros"
             q = x.new_zeros(x.shape[0], 3, 3)
             q[:, :, :2] = torch.sigmoid(self.b(x))
@@ -1679,7 +1688,12 @@ class WrittenInPlace(nn.Module):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("form", ["from_itself", "scalar", "batched", "constant", "parameter", "into_zeros"])
+@pytest.mark.parametrize(
+    "form", [
+        "from_itself", "scalar", "batched", "constant", "parameter", "parameter_with_leading_ones", "into_zeros",
+        "parameter_into_a_new_constant", "parameter_into_a_buffer_copy",
+    ]
+)
 def test_setitem_with_a_basic_index_in_closed_form(form, n, monkeypatch):
     """A write keeps one nonzero per output entry: DiagGGNApprox pulls ``d`` back through it
     (before: dense per-sample Jacobians; the graph reference skipped the write, 11–15 % off)."""
