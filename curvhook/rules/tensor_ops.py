@@ -478,7 +478,7 @@ class TensorOpRule(LayerRule):
         # (an in-place operation on a view, recorded on its base: the operation's own name)
         name = getattr(call.func, "wrapped_name", call.func_name)
         if (name in INDEXED_ALONG_DIM or name in BROADCASTING or name in SAMPLE_ALIGNED or name in MATMULS
-                or name == "__setitem__"):  # (``zeros(N, …)[:, :k] = h``: the buffer's row n is sample n's)
+                or call.inplace):  # (``zeros(N, …)[:, :k] = h``, ``empty_like(h).copy_(h)``: row n is sample n's)
             return sorted([*slots, *_per_sample_constants(call)])
         gather = batch_gather(call) if call.func_name == "__getitem__" else None
         return slots if gather is None else sorted([*slots, gather[0], *gather[1]])

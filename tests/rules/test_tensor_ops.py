@@ -1734,3 +1734,37 @@ def test_setitem_of_a_parameter_into_one_sample_is_refused():
     with pytest.raises(UnsupportedModelError, match="__setitem__.*mixes samples.*some samples only"):
         with extend(model, BatchJacobian()):
             nn.CrossEntropyLoss()(model(torch.randn(3, 4, dtype=DT)), torch.arange(3)).backward()
+
+
+IN_PLACE_ON_CONSTANTS = {
+    "zeros_like_then_iadd": lambda h, w: torch.zeros_like(h).__iadd__(h),
+    "zeros_then_add_": lambda h, w: torch.zeros(h.shape, dtype=h.dtype).add_(h),
+    "ones_then_mul_": lambda h, w: torch.ones(h.shape, dtype=h.dtype).mul_(h),
+    "empty_like_then_copy_": lambda h, w: torch.empty_like(h).copy_(h) * 2.0,
+    "masked_scatter_": lambda h, w: torch.zeros_like(h).masked_scatter_(torch.ones_like(h, dtype=torch.bool), h),
+    "parameter_added_to_zeros": lambda h, w: h + torch.zeros(5, dtype=h.dtype).add_(w),
+}
+
+
+class InPlaceOnConstants(nn.Module):
+    """An in-place operation whose target needs no gradient before it: a buffer with one row
+    per sample that takes a batched tensor, or a constant that takes a parameter (then shared)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.w = nn.Parameter(torch.randn(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(IN_PLACE_ON_CONSTANTS[self.form](torch.tanh(self.a(x)), self.w)))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("form", list(IN_PLACE_ON_CONSTANTS))
+def test_in_place_operations_on_constants(form, n):
+    """(Before session 43 the target counted as batched once the operation gave it a gradient: a
+    parameter added into zeros was refused; now a constant, its rows cut by sample where it
+    has one per sample.)"""
+    torch.manual_seed(0)
+    check_graph_against_reference(InPlaceOnConstants(form).to(DT), torch.randn(n, 4, dtype=DT), torch.arange(n) % 3)
