@@ -622,10 +622,9 @@ def _repeats_rows(trace: Trace, t_args: tuple, t_kwargs: dict, tensors: list) ->
     if len(tensors) != 1 or t_args[:1] != (0,):
         return False
     x, key = tensors[0], key_of(tensors[0])
-    repeats = t_args[1] if len(t_args) > 1 else t_kwargs.get("repeats")
-    dim = t_args[2] if len(t_args) > 2 else t_kwargs.get("dim")
+    repeats = _repeats_along_first_axis(t_args, t_kwargs, x)
     return (
-        type(repeats) is int and repeats > 1 and type(dim) is int and x.dim() >= 1 and dim % x.dim() == 0
+        repeats is not None and repeats > 1
         and x.shape[0] == trace.batch_hint and key not in trace.moved_axes and key not in trace.merged_inputs
     )
 
@@ -672,7 +671,7 @@ def _copies_to_merged_rows(op: Operation, tensors: list, outputs: list, trace: T
     if not n or len(outputs) != 1 or op.args[:1] != (0,):
         return False
     if op.func_name == "repeat_interleave":  # w.repeat_interleave(N·k, dim=0) of a w [1, …]
-        if not _repeats_along_first_axis(op, tensors[0]) or tensors[0].shape[0] != 1:
+        if _repeats_along_first_axis(op.args, op.kwargs, tensors[0]) is None or tensors[0].shape[0] != 1:
             return False
     elif op.func_name not in ("repeat", "expand"):
         return False
@@ -688,11 +687,13 @@ def _copies_to_merged_rows(op: Operation, tensors: list, outputs: list, trace: T
     return True
 
 
-def _repeats_along_first_axis(op: Operation, w: Tensor) -> bool:
-    """Whether ``op`` is ``w.repeat_interleave(k, dim=0)`` with an int ``k`` (also ``dim=-w.dim()``)."""
-    repeats = op.args[1] if len(op.args) > 1 else op.kwargs.get("repeats")
-    dim = op.args[2] if len(op.args) > 2 else op.kwargs.get("dim")
-    return type(repeats) is int and type(dim) is int and w.dim() > 0 and dim % w.dim() == 0
+def _repeats_along_first_axis(args: tuple, kwargs: dict, w: Tensor) -> Optional[int]:
+    """``k`` where the arguments of ``repeat_interleave`` make ``w.repeat_interleave(k, dim=0)``
+    with an int ``k`` (also ``dim=-w.dim()``); else ``None``."""
+    repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+    dim = args[2] if len(args) > 2 else kwargs.get("dim")
+    ok = type(repeats) is int and type(dim) is int and w.dim() > 0 and dim % w.dim() == 0
+    return repeats if ok else None
 
 
 def _copies_to_batch(op: Operation, tensors: list, outputs: list, batch_hint) -> bool:
@@ -705,7 +706,7 @@ def _copies_to_batch(op: Operation, tensors: list, outputs: list, batch_hint) ->
     if batch_hint is None or len(outputs) != 1:
         return False
     if op.func_name == "repeat_interleave":  # w.repeat_interleave(N, dim=0) of a w [1, …]
-        if not _repeats_along_first_axis(op, tensors[0]):
+        if _repeats_along_first_axis(op.args, op.kwargs, tensors[0]) is None:
             return False
     elif op.func_name not in COPIES_TO_BATCH:
         return False
