@@ -41,8 +41,9 @@ class Trace:
         moved_axes: The batch axis of the batched tensors where it is not first
             (also of constants moved from the model input, ``x.transpose(0, 1)``).
         held: Tensors whose keys the record uses but no recorded operation holds (those
-            constants; merged constants; tensors computed from parameters only), held so
-            that their ids are not reused while the trace lives.
+            constants; merged constants; outputs of tensor operations computed from
+            parameters only or with their batch axis moved), held so that their ids are
+            not reused while the trace lives.
         row_groups: Rows per sample of the batched tensors whose batch axis a
             reshape merged with the axes after it (``[N·k, …]``: ``k``), by key
             (:mod:`curvhook.row_groups`).
