@@ -63,6 +63,10 @@ EINSUMS = frozenset({"einsum"})
 # along a dim that is not the batch axis (``x.gather(-1, idx)``: DeBERTa's relative
 # positions): entries 0 or 1, an entry of ``x`` maybe picked several times.
 SELECTIONS = frozenset({"gather", "take_along_dim", "index_select"})
+# Sliding windows: each output entry is one input entry, or a zero of the padding, an input
+# entry maybe in several windows (``Tensor.unfold(dim, size, step)``: HaloNet's key-value
+# windows; ``F.unfold``, im2col).
+WINDOWS = frozenset({"unfold"})
 # The largest or smallest entry along dims that are not the batch axis (Hiera's query pooling,
 # ``q.amax(dim=3)``): each output entry is one input entry, or the mean of tied ones.
 EXTREMES = frozenset({"amax", "amin"})

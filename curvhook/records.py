@@ -66,6 +66,7 @@ class Scratch:
     batched_view: Optional[Any] = None  # parameters_only: the call as a batched operation
     batch_first_view: Optional[Any] = None  # batch_axis_view: the call with its batch axis first
     recurrent: Optional[Any] = None  # recurrent: the re-run recurrence (pullback, forward values, caches)
+    relative_logits: Optional[tuple] = None  # relative_position: q, the offset tables, R_w, R_h (() for the fallback)
 
 
 @dataclass(eq=False)

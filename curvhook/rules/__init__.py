@@ -10,6 +10,7 @@ from curvhook.rules import (  # noqa: F401  (importing a family registers its ru
     padding,
     pooling,
     recurrent,
+    relative_position,
     reshape,
     softmax,
     standardized_conv,

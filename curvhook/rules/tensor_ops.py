@@ -47,7 +47,7 @@ from curvhook.mask_index import gather_entry, mask_selection_hint
 from curvhook.operations import (
     ADDITIONS, BROADCASTING, CHANGE_RANK, DIM_OPERATIONS, EINSUMS, ELEMENTWISE, EXTREMES, INDEXED_ALONG_DIM, KNOWN, MATMULS,
     MEANS, NORMALIZES, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SAMPLE_ALIGNED, SELECTIONS, SOFTMAXES, STRUCTURAL,
-    SUBTRACTIONS,
+    SUBTRACTIONS, WINDOWS,
 )
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot
 from curvhook.rules.base import LayerRule, apply_node
@@ -262,6 +262,8 @@ def _selects(call: Operation, slot: int) -> bool:
     if name == "embedding":  # F.embedding(indices, weight): rows of the weight (max_norm rescales them)
         max_norm = call.args[3] if len(call.args) > 3 else call.kwargs.get("max_norm")
         return len(call.args) > 1 and call.args[1] == slot and max_norm is None
+    if name in WINDOWS:
+        return bool(call.args) and call.args[0] == slot
     return name in STRUCTURAL or (name in SELECTIONS and bool(call.args) and call.args[0] == slot)
 
 
@@ -947,11 +949,12 @@ class TensorOpRule(LayerRule):
                 jac = jac.reshape(d[0].numel(), w.numel())
                 total = total + torch.einsum("no,op->np", d.reshape(d.shape[0], -1), jac.square())
             return total.reshape(-1, *w.shape)
-        if not shared and (call.func_name == "__getitem__" or call.func_name in SELECTIONS) and _selects(call, slot) \
-                and call.uses(slot) == 1:
+        if not shared and (call.func_name in SELECTIONS | WINDOWS or call.func_name == "__getitem__") \
+                and _selects(call, slot) and call.uses(slot) == 1:
             # each output entry one input entry: Jᵀ d over the whole batch, once the replay has
             # shown that the call keeps samples apart (a per-sample gather h[arange(N), idx],
-            # BART's h[ids.eq(eos), :]: 38 GB of dense Jacobians at bart-base)
+            # BART's h[ids.eq(eos), :]: 38 GB of dense Jacobians at bart-base; HaloNet's
+            # overlapping windows kv.unfold(2, 6, 4))
             if not self._safe(call):
                 self.check(call)
             mats = [d.unsqueeze(0) for d in _diag_list(call, value)]

@@ -110,7 +110,7 @@ def test_diag_ggn_approx_follows_its_definition(name):
 MERGED_ROWS = [
     "transformers.OPT", "transformers.DebertaV2", "transformers.Swin", "torchvision.swin_v2", "timm.levit_128s",
     "timm.maxvit", "torchvision.swin", "transformers.Swin-shifted", "timm.hiera", "timm.gcvit",
-    "timm.samvit",
+    "timm.samvit", "timm.botnet", "timm.halonet",
 ]
 
 
@@ -149,7 +149,7 @@ def test_positions_and_pooling_take_no_dense_jacobians_nor_the_fallback(name, mo
 
 # (torchvision's Swin V2 writes into a cloned bias in place, which the graph reference's replay refuses)
 @pytest.mark.parametrize("name", ["timm.levit_128s", "timm.maxvit", "torchvision.swin", "timm.hiera", "timm.gcvit",
-                                  "timm.samvit"])
+                                  "timm.samvit", "timm.botnet", "timm.halonet"])
 def test_diag_ggn_approx_on_merged_rows_follows_its_definition(name):
     """As above, with each tensor's batch axis and rows per sample found by the reference.
     timm's attention is run unfused: the reference counts ``F.scaled_dot_product_attention``

@@ -318,6 +318,38 @@ def timm_samvit(n: int = N) -> ZooCase:
     return _classifier(model, "x", _images(32, n), CLASSES, patterns)
 
 
+def _byoanet(self_attn_layer: str, n: int, **attn_kwargs) -> ZooCase:
+    """A tiny config of timm's ``ByobNet`` with one self-attention stage on a 4 × 4 map."""
+    from timm.models.byobnet import ByobNet, ByoBlockCfg, ByoModelCfg
+
+    cfg = ByoModelCfg(
+        blocks=(
+            ByoBlockCfg(type="bottle", d=1, c=16, s=2, gs=0, br=0.5),
+            ByoBlockCfg(type="self_attn", d=1, c=16, s=1, gs=0, br=0.5),
+        ),
+        stem_chs=8, stem_type="", stem_pool="", fixed_input_size=self_attn_layer == "bottleneck",
+        self_attn_layer=self_attn_layer, self_attn_kwargs=dict(num_heads=2, **attn_kwargs),
+    )
+    model = ByobNet(cfg, img_size=16, num_classes=CLASSES).eval()
+    _random_zero_inits(model)
+    patterns = ("stem.conv.", "stages.1.0.self_attn.", "stages.1.0.post_attn.", "head.fc.")
+    return _classifier(model, "x", _images(16, n), CLASSES, patterns)
+
+
+def timm_botnet(n: int = N) -> ZooCase:
+    """BoTNet (timm's ``BottleneckAttn``): self-attention over the feature map with the heads
+    merged into the batch axis (``[N·heads, HW, d]``), plus ``PosEmbedRel``'s relative-position
+    logits (two offset tables and a pad-and-reshape skew), a leaf module with parameters."""
+    return _byoanet("bottleneck", n)
+
+
+def timm_halonet(n: int = N) -> ZooCase:
+    """HaloNet (timm's ``HaloAttn``): attention of each 2 × 2 block over its 4 × 4 window
+    (overlapping windows cut by ``kv.unfold``), heads and blocks merged with the batch,
+    ``PosEmbedRel``'s relative logits over the window."""
+    return _byoanet("halo", n, block_size=2, halo_size=1)
+
+
 # ----------------------------------------------------------- transformers
 def hf_bert(n: int = N) -> ZooCase:
     import transformers
@@ -627,6 +659,8 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "timm.hiera": ("timm", timm_hiera),
     "timm.gcvit": ("timm", timm_gcvit),
     "timm.samvit": ("timm", timm_samvit),
+    "timm.botnet": ("timm", timm_botnet),
+    "timm.halonet": ("timm", timm_halonet),
     "transformers.Bert": ("transformers", hf_bert),
     "transformers.DistilBert": ("transformers", hf_distilbert),
     "transformers.DebertaV2": ("transformers", hf_deberta_v2),

@@ -1768,3 +1768,37 @@ def test_in_place_operations_on_constants(form, n):
     has one per sample.)"""
     torch.manual_seed(0)
     check_graph_against_reference(InPlaceOnConstants(form).to(DT), torch.randn(n, 4, dtype=DT), torch.arange(n) % 3)
+
+
+class SlidingWindows(nn.Module):
+    """Overlapping windows of a feature map, as HaloNet cuts its keys and values:
+    ``h.unfold(2, 3, 1).unfold(3, 3, 2)`` (``Tensor.unfold``) or ``F.unfold`` (im2col,
+    padded), then a nonlinearity and a head. Every output entry is one input entry (or a
+    zero of the padding), an input entry in several windows."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.conv = nn.Conv2d(2, 3, 1)
+        self.head = nn.Linear(3 * 3 * 3 * 2 * 3 if not functional else 3 * 4 * 12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 2, 4, 5]
+        h = self.conv(x)
+        if self.functional:
+            w = F.unfold(h, (2, 2), padding=1, stride=(2, 1))  # [N, 3·4, 3·6]
+            w = w[..., :12]
+        else:
+            w = h.unfold(2, 3, 1).unfold(3, 3, 2)  # [N, 3, 2, 2, 3, 3]
+            w = torch.cat([w, w[:, :, :1]], 2)  # [N, 3, 3, 2, 3, 3]
+        return self.head(torch.tanh(w).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("functional", [False, True])
+def test_sliding_windows_take_no_dense_jacobians(functional, n, monkeypatch):
+    """``Σ_o d_o J_oi² = (Jᵀ d)_i`` for entries 0 or 1: one backward of the diagonal. Before,
+    DiagGGNApprox took dense per-sample Jacobians of every ``unfold`` (HaloNet's windows)."""
+    torch.manual_seed(0)
+    model = SlidingWindows(functional).to(DT)
+    X, y = torch.randn(n, 2, 4, 5, dtype=DT), torch.randint(0, 3, (n,))
+    _exact_without_dense_jacobians(model, X, y, monkeypatch)
