@@ -136,14 +136,21 @@ def run(name: str, size: int, batch: int, steps: int = 1) -> None:
         _pair(model, forward, name, where)
 
 
+def _forget_cached_biases(model: nn.Module) -> None:
+    """timm's attention biases kept from the step before (LeViT, EfficientViT in eval mode: a
+    tensor whose graph that step's backward freed; docs/supported.md)."""
+    for m in model.modules():
+        if isinstance(getattr(m, "attention_bias_cache", None), dict):
+            m.attention_bias_cache = {}
+
+
 def _pair(model: nn.Module, forward, name: str, where: str) -> None:
+    _forget_cached_biases(model)
     start = time.perf_counter()
     forward().backward()
     plain = time.perf_counter() - start
     model.zero_grad()
-    for m in model.modules():  # timm's attention biases kept from the plain step (docs/supported.md)
-        if isinstance(getattr(m, "attention_bias_cache", None), dict):
-            m.attention_bias_cache = {}
+    _forget_cached_biases(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()

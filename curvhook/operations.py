@@ -63,10 +63,11 @@ EINSUMS = frozenset({"einsum"})
 # along a dim that is not the batch axis (``x.gather(-1, idx)``: DeBERTa's relative
 # positions): entries 0 or 1, an entry of ``x`` maybe picked several times.
 SELECTIONS = frozenset({"gather", "take_along_dim", "index_select"})
-# Sliding windows: each output entry is one input entry, or a zero of the padding, an input
-# entry maybe in several windows (``Tensor.unfold(dim, size, step)``: HaloNet's key-value
-# windows; ``F.unfold``, im2col).
-WINDOWS = frozenset({"unfold"})
+# Sliding windows and their adjoint: Jacobian entries 0 or 1, so ``Σ_o d_o J_oi² = (Jᵀ d)_i``.
+# ``Tensor.unfold(dim, size, step)`` (HaloNet's key-value windows) and ``F.unfold`` (im2col):
+# each output entry is one input entry, or a zero of the padding. ``F.fold`` (col2im, VOLO's
+# outlook attention): each input entry is added to one output entry, or dropped in the padding.
+WINDOWS = frozenset({"unfold", "fold"})
 # The largest or smallest entry along dims that are not the batch axis (Hiera's query pooling,
 # ``q.amax(dim=3)``): each output entry is one input entry, or the mean of tied ones.
 EXTREMES = frozenset({"amax", "amin"})

@@ -67,6 +67,7 @@ class Scratch:
     batch_first_view: Optional[Any] = None  # batch_axis_view: the call with its batch axis first
     recurrent: Optional[Any] = None  # recurrent: the re-run recurrence (pullback, forward values, caches)
     relative_logits: Optional[tuple] = None  # relative_position: q, the offset tables, R_w, R_h (() for the fallback)
+    blur_pool: Optional[tuple] = None  # blur_pool: tap positions and squared weights (() for the fallback)
 
 
 @dataclass(eq=False)

@@ -2,6 +2,7 @@
 
 from curvhook.rules import (  # noqa: F401  (importing a family registers its rules)
     attention,
+    blur_pool,
     conv,
     elementwise,
     embedding,

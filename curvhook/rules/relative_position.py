@@ -10,9 +10,9 @@ of relative offsets, ``R_w`` ``[2W' − 1, d]`` (``width_rel``) and ``R_h``
 with integer offset tables ``ω``, ``η`` ``[L, K]`` (``L`` the flattened axes between the
 batch and ``d``): for BotNet, ``ω = x_k − x_q + W − 1`` and ``η = y_k − y_q + H − 1``.
 timm computes it with a pad-and-reshape skew per axis; the rule reads ``ω`` and ``η``
-off the module itself, by running its ``forward`` once on probes (``q = e_0``,
-the first column of one table ``1, 2, …`` and everything else ``0``), and then checks the closed
-form against the module at random probes in float64 (the map is bilinear, so a
+off the module itself, by running its ``forward`` on probes (``q = e_0``,
+the first column of one table ``1, 2, …`` and everything else ``0``) at every call, and then checks
+the closed form against the module at random probes in float64 (the map is bilinear, so a
 match at random points proves the structure). A module that fails the check goes to
 the exact ``torch.func`` fallback.
 
@@ -41,10 +41,6 @@ from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import register_rule_by_name
 
 _TABLES = ("width_rel", "height_rel")
-# (its forward function, the query's axes, the table sizes, its sizes) -> (ω, η) on the CPU, or None
-# where the module is not of the form above
-_OFFSETS: dict[tuple, Optional[tuple[Tensor, Tensor]]] = {}
-_MAX_CACHED = 64
 
 
 def _probe(call: Operation, q: Tensor, tables: dict[str, Tensor]) -> Tensor:
@@ -84,23 +80,18 @@ def _read_offsets(call: Operation) -> Optional[tuple[Tensor, Tensor]]:
 
 
 def offsets(call: Operation) -> Optional[tuple[Tensor, Tensor]]:
-    """``ω`` and ``η`` ``[L, K]`` on the query's device, read once per ``forward`` and size."""
-    module, q = call.module, call.input
-    forward = module.forward
-    key = (
-        getattr(forward, "__func__", forward), tuple(q.shape[1:-1]),  # (a forward set on the instance is its own)
-        tuple(getattr(module, t).shape[0] for t in _TABLES),
-        tuple(getattr(module, a, None) for a in ("height", "width", "block_size")),
-    )
-    if key not in _OFFSETS:
-        if len(_OFFSETS) >= _MAX_CACHED:
-            _OFFSETS.clear()
-        try:
-            _OFFSETS[key] = _read_offsets(call)
-        except Exception:  # noqa: BLE001 - a forward the probes do not fit: the fallback serves it
-            _OFFSETS[key] = None
-    found = _OFFSETS[key]
-    return None if found is None else (found[0].to(q.device), found[1].to(q.device))
+    """``ω`` and ``η`` ``[L, K]`` on the query's device, or ``None`` for the fallback.
+
+    Read for every call (and kept for its backward pass in the call's scratch): the module's
+    ``forward`` may read more than its sizes (an attribute, a flag changed between steps), so
+    offsets read off another module, or off this one at another step, prove nothing here.
+    The probes are one and two queries of the call's shape, a fraction of the call itself.
+    """
+    try:
+        found = _read_offsets(call)
+    except Exception:  # noqa: BLE001 - a forward the probes do not fit: the fallback serves it
+        return None
+    return None if found is None else (found[0].to(call.input.device), found[1].to(call.input.device))
 
 
 def _scatter(values: Tensor, index: Tensor, size: int) -> Tensor:

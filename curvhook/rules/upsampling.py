@@ -31,12 +31,17 @@ _COPYING = ("nearest", "nearest-exact")
 _SEPARABLE = ("linear", "bilinear", "bicubic", "trilinear")
 
 
+def interpolates_separably(mode: str) -> bool:
+    """Whether :class:`UpsampleRule` serves interpolation in ``mode`` (``area`` and others: no)."""
+    return mode in _COPYING + _SEPARABLE
+
+
 @register_rule(nn.Upsample)
 class UpsampleRule(LayerRule):
     """Rules for ``nn.Upsample`` in the nearest and (bi/tri)linear/bicubic modes; ``area`` falls back."""
 
     def accepts(self, module: nn.Module) -> bool:
-        return module.mode in _COPYING + _SEPARABLE
+        return interpolates_separably(module.mode)
 
     @staticmethod
     def _matrices(call: Operation) -> list[Tensor]:

@@ -240,6 +240,17 @@ CASES = {
         lambda m, x: F.conv1d(x.flatten(2), m.weight, m.bias, padding=1), weight=(4, 4, 3)), (2, 3, 3)),
     "pad_reflect": (lambda: ConvThen(lambda m, x: F.pad(x, (1, 1, 0, 2), mode="reflect"), params=(), size=(5, 5)),
                     (2, 3, 3)),
+    # GhostNetV2's attention: F.interpolate(gate, size=x.shape[-2:], mode="nearest")
+    "interpolate_nearest": (lambda: ConvThen(lambda m, x: F.interpolate(x, scale_factor=2), params=(), size=6), (2, 3, 3)),
+    "interpolate_nearest_exact_size": (lambda: ConvThen(
+        lambda m, x: F.interpolate(x, size=(2, 5), mode="nearest-exact"), params=(), size=(2, 5)), (2, 3, 3)),
+    "interpolate_bilinear": (lambda: ConvThen(
+        lambda m, x: F.interpolate(x, size=(5, 4), mode="bilinear"), params=(), size=(5, 4)), (2, 3, 3)),
+    "interpolate_bicubic_align_corners": (lambda: ConvThen(
+        lambda m, x: F.interpolate(x, scale_factor=1.5, mode="bicubic", align_corners=True), params=(), size=4), (2, 3, 3)),
+    "interpolate_linear_recompute": (lambda: ConvThen(
+        lambda m, x: F.interpolate(x.flatten(2), scale_factor=1.4, mode="linear", recompute_scale_factor=True),
+        params=(), size=(3, 4)), (2, 3, 3)),
     "embedding": (lambda: EmbeddingThen(), None),
     "embedding_padding_idx": (lambda: EmbeddingThen(padding_idx=2), None),
 }
@@ -377,11 +388,12 @@ def test_sdpa_split_matches_attention_written_out(case, n, monkeypatch):
     check(got, diag_ggn_approx_graph(twin, X, d), "DiagGGNApprox")
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if "pool" in c])
+@pytest.mark.parametrize("case", [c for c in CASES if "pool" in c or "interpolate" in c])
 def test_pools_take_no_dense_jacobians(case, monkeypatch):
     """``F.avg_pool2d`` and ``F.max_pool2d`` in a ``forward`` (torchvision's Inception blocks) get
     the closed forms of ``nn.AvgPool2d`` and ``nn.MaxPool2d``: before, DiagGGNApprox built dense
-    per-sample Jacobians (5.4 GB for one 32-channel 24×24 map; ``max_pool2d`` since session 42)."""
+    per-sample Jacobians (5.4 GB for one 32-channel 24×24 map; ``max_pool2d`` since session 42).
+    ``F.interpolate`` gets those of ``nn.Upsample`` (since session 44: GhostNetV2's gate)."""
 
     def dense(self, call, *args):
         raise AssertionError(f"{call.name}: dense per-sample Jacobian")

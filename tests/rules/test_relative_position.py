@@ -108,7 +108,7 @@ def _lookalike() -> type:
 def test_a_forward_of_another_form_goes_to_the_exact_fallback(on_instance, monkeypatch):
     """The rule reads the offsets off the module's ``forward`` and checks its closed form at
     random points: a ``forward`` with a term that is not bilinear fails the check, also after
-    the offsets of timm's own class were read for the same sizes (they are kept per ``forward``)."""
+    the offsets of timm's own class were read for the same sizes."""
     torch.manual_seed(0)
     X, y = _inputs("bottleneck", 3)
     model = Logits("bottleneck").to(DT)
@@ -125,6 +125,49 @@ def test_a_forward_of_another_form_goes_to_the_exact_fallback(on_instance, monke
     if not on_instance:
         check_graph_against_reference(model, X, y)
     assert any("pos" in name for name in served)
+
+
+class FlaggedPosEmbedRel(bottleneck.PosEmbedRel):
+    """A ``PosEmbedRel`` of the ``timm`` package whose keys come in reverse order when a flag is
+    set: of the rule's form either way, with other offsets."""
+
+    def __init__(self, *args, reverse_keys: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reverse_keys = reverse_keys
+
+    def forward(self, q: Tensor) -> Tensor:
+        out = super().forward(q)
+        return out.flip(-1) if self.reverse_keys else out
+
+
+FlaggedPosEmbedRel.__module__ = "timm.layers.lookalike"
+FlaggedPosEmbedRel.__name__ = FlaggedPosEmbedRel.__qualname__ = "PosEmbedRel"  # the rule is found by name
+
+
+class TwoLogits(nn.Module):
+    def __init__(self, reverse_a: bool, reverse_b: bool):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.a = FlaggedPosEmbedRel((2, 3), 4, 0.5, reverse_keys=reverse_a)
+        self.b = FlaggedPosEmbedRel((2, 3), 4, 0.5, reverse_keys=reverse_b)
+        self.head = nn.Linear(36, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 6, 3]
+        h = self.fc(x)
+        return self.head(torch.tanh(self.a(h) * self.b(h)).flatten(1))
+
+
+def test_offsets_are_read_for_each_module_and_step(monkeypatch):
+    """(Found by review: the offsets were kept per ``forward`` function and sizes, so a module of the
+    same class whose ``forward`` reads a flag got the offsets of another instance, or its own from
+    an earlier step: every extension silently wrong.) Two instances that differ by the flag in one
+    model, then the flag flipped between two ``extend`` blocks."""
+    torch.manual_seed(0)
+    model = TwoLogits(False, True).to(DT)
+    X, y = torch.randn(3, 6, 3, dtype=DT), torch.randint(0, 3, (3,))
+    check_exact_without_fallback(model, X, y, monkeypatch)
+    model.a.reverse_keys = True
+    check_exact_without_fallback(model, X, y, monkeypatch)
 
 
 def test_offsets_are_botnets_relative_coordinates():

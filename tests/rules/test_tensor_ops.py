@@ -1774,19 +1774,22 @@ class SlidingWindows(nn.Module):
     """Overlapping windows of a feature map, as HaloNet cuts its keys and values:
     ``h.unfold(2, 3, 1).unfold(3, 3, 2)`` (``Tensor.unfold``) or ``F.unfold`` (im2col,
     padded), then a nonlinearity and a head. Every output entry is one input entry (or a
-    zero of the padding), an input entry in several windows."""
+    zero of the padding), an input entry in several windows. ``fold`` sums windows back."""
 
-    def __init__(self, functional: bool):
+    def __init__(self, form: str):
         super().__init__()
-        self.functional = functional
+        self.form = form
         self.conv = nn.Conv2d(2, 3, 1)
-        self.head = nn.Linear(3 * 3 * 3 * 2 * 3 if not functional else 3 * 4 * 12, 3)
+        self.head = nn.Linear({"tensor": 3 * 3 * 3 * 2 * 3, "functional": 3 * 4 * 12, "fold": 3 * 4 * 5}[form], 3)
 
     def forward(self, x: Tensor) -> Tensor:  # [N, 2, 4, 5]
         h = self.conv(x)
-        if self.functional:
+        if self.form == "functional":
             w = F.unfold(h, (2, 2), padding=1, stride=(2, 1))  # [N, 3·4, 3·6]
             w = w[..., :12]
+        elif self.form == "fold":  # VOLO's outlook attention: windows summed back, col2im
+            w = F.unfold(h, (2, 2), padding=1, stride=(2, 1))  # [N, 12, 18]
+            w = F.fold(torch.tanh(w), (4, 5), (2, 2), padding=1, stride=(2, 1))  # [N, 3, 4, 5]
         else:
             w = h.unfold(2, 3, 1).unfold(3, 3, 2)  # [N, 3, 2, 2, 3, 3]
             w = torch.cat([w, w[:, :, :1]], 2)  # [N, 3, 3, 2, 3, 3]
@@ -1794,11 +1797,12 @@ class SlidingWindows(nn.Module):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("functional", [False, True])
-def test_sliding_windows_take_no_dense_jacobians(functional, n, monkeypatch):
+@pytest.mark.parametrize("form", ["tensor", "functional", "fold"])
+def test_sliding_windows_take_no_dense_jacobians(form, n, monkeypatch):
     """``Σ_o d_o J_oi² = (Jᵀ d)_i`` for entries 0 or 1: one backward of the diagonal. Before,
-    DiagGGNApprox took dense per-sample Jacobians of every ``unfold`` (HaloNet's windows)."""
+    DiagGGNApprox took dense per-sample Jacobians of every ``unfold`` (HaloNet's windows) and
+    ``fold`` (VOLO's outlook attention ran out of memory at volo_d1_224)."""
     torch.manual_seed(0)
-    model = SlidingWindows(functional).to(DT)
+    model = SlidingWindows(form).to(DT)
     X, y = torch.randn(n, 2, 4, 5, dtype=DT), torch.randint(0, 3, (n,))
     _exact_without_dense_jacobians(model, X, y, monkeypatch)
