@@ -489,6 +489,50 @@ class OffsetRMSNormRule(HFRMSNormRule):
         return isinstance(w, Tensor) and w.dim() == 1 and isinstance(getattr(module, "eps", None), float)
 
 
+class _ChannelRMSNormCall(_RMSNormCall):
+    """A call of timm's ``RmsNorm2d`` (``[N, C, *spatial]``, normalized over ``C``) as
+    :class:`RMSNormRule` reads an ``nn.RMSNorm`` call on ``x.movedim(1, -1)``. (No autograd
+    node: the call's own is channels-first.)"""
+
+    node = output = None
+
+    def __init__(self, call: Operation) -> None:
+        self._call = call
+        m = call.module
+        self.input = call.input.movedim(1, -1)
+        self.module = SimpleNamespace(weight=m.weight, normalized_shape=(call.input.shape[1],), eps=m.eps, bias=None)
+
+
+@register_rule_by_name("timm", "RmsNorm2d", "RmsNorm2dFp32")
+class ChannelRMSNormRule(RMSNormRule):
+    """timm's ``RmsNorm2d``: ``w_c x_c / √(mean_c(x²) + ε)`` over the channel axis at every
+    position (MobileNetV5, Gemma 3n's vision tower): :class:`RMSNormRule` on the channels-last
+    view. ``RmsNorm2dFp32`` computes in float32 and casts back (exact up to that rounding).
+    Before session 44, the fallback's per-sample Jacobians: a DiagGGNApprox step of
+    mobilenetv5_base at 64×64 ran past 4 minutes (0.55 s plain)."""
+
+    def accepts(self, module: nn.Module) -> bool:
+        w = getattr(module, "weight", None)
+        return (
+            tuple(getattr(module, "normalized_shape", ())) != () and len(module.normalized_shape) == 1
+            and isinstance(getattr(module, "eps", None), float) and not getattr(module, "_fast_norm", False)
+            and (w is None or (isinstance(w, Tensor) and w.dim() == 1))
+            and {n for n, _ in module.named_parameters()} <= {"weight"}
+        )
+
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        return super().jac_t_mat_prod(_ChannelRMSNormCall(call), mat.movedim(2, -1)).movedim(-1, 2)
+
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        return super().param_jac_t_mat_prod(_ChannelRMSNormCall(call), name, mat.movedim(2, -1))
+
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
+        return super().diag_jac_t_diag_jac(_ChannelRMSNormCall(call), diag.movedim(1, -1)).movedim(-1, 1)
+
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
+        return super().param_diag(_ChannelRMSNormCall(call), name, diag.movedim(1, -1))
+
+
 @register_rule_by_name("timm", "GlobalResponseNorm")
 class GlobalResponseNormRule(LayerRule):
     """timm's ``GlobalResponseNorm`` (ConvNeXt V2): per sample and channel ``c``,

@@ -1,9 +1,14 @@
 """Layers that only move entries around: ``Identity``, ``Flatten``, ``Unflatten``,
-``PixelShuffle``, ``PixelUnshuffle``.
+``PixelShuffle``, ``PixelUnshuffle``, ``Unfold``, ``Fold``.
 
 Their Jacobian is a permutation matrix ``P`` (the identity for the reshapes), so
 ``J_xᵀ m = P⁻¹ m`` and, since ``P∘P = P``, ``diag(J_xᵀ diag(d) J_x) = P⁻¹ d``:
 every product is the inverse rearrangement applied to the backpropagated quantity.
+
+``Unfold`` (sliding windows, im2col) copies entries, some into several windows, and
+``Fold`` (col2im) adds them back: entries 0 or 1, ``J∘J = J`` again, so the diagonal
+pullback is the autograd transpose applied to ``d`` (VOLO's outlook attention; the
+fallback's per-sample Jacobians before session 44).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from torch import Tensor, nn
 
 from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
+from curvhook.rules.linear_maps import columns_vjp, linear_vjp
 from curvhook.rules.registry import register_rule
 
 
@@ -47,3 +53,14 @@ class PixelUnshuffleRule(LayerRule):
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         return F.pixel_shuffle(diag, call.module.downscale_factor)
+
+
+@register_rule(nn.Unfold, nn.Fold)
+class WindowRule(LayerRule):
+    """``Unfold`` ``[C, *spatial] → [C·k, L]`` and ``Fold``, its adjoint: the autograd transpose."""
+
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        return columns_vjp(call, mat)
+
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
+        return linear_vjp(call, diag)  # J∘J = J

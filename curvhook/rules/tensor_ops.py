@@ -264,6 +264,9 @@ def _selects(call: Operation, slot: int) -> bool:
         return len(call.args) > 1 and call.args[1] == slot and max_norm is None
     if name in WINDOWS:
         return bool(call.args) and call.args[0] == slot
+    if name in ("max", "min"):  # along a dim: (values, indices), each value one entry (VOLO's head)
+        dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim")
+        return isinstance(dim, int) and len(call.inputs) == 1 and bool(call.args) and call.args[0] == slot
     return name in STRUCTURAL or (name in SELECTIONS and bool(call.args) and call.args[0] == slot)
 
 
@@ -949,7 +952,7 @@ class TensorOpRule(LayerRule):
                 jac = jac.reshape(d[0].numel(), w.numel())
                 total = total + torch.einsum("no,op->np", d.reshape(d.shape[0], -1), jac.square())
             return total.reshape(-1, *w.shape)
-        if not shared and (call.func_name in SELECTIONS | WINDOWS or call.func_name == "__getitem__") \
+        if not shared and (call.func_name in SELECTIONS | WINDOWS or call.func_name in ("__getitem__", "max", "min")) \
                 and _selects(call, slot) and call.uses(slot) == 1:
             # each output entry one input entry: Jᵀ d over the whole batch, once the replay has
             # shown that the call keeps samples apart (a per-sample gather h[arange(N), idx],

@@ -90,6 +90,7 @@ def test_batch_size_equal_to_a_size_of_the_model(name, n, monkeypatch):
 # calls the model on one tensor; it runs every operation per sample with dense Jacobians).
 DEFINITION_CHECKED = [
     "torchvision.resnet18", "torchvision.mobilenet_v3_small", "timm.resnet10t", "timm.resnetv2_bit", "timm.nfnet",
+    "timm.resnetblur", "timm.ghostnetv2",
 ]
 
 
@@ -127,7 +128,7 @@ def test_merged_rows_need_no_fallback(name, monkeypatch):
 @pytest.mark.parametrize("name", [
     "transformers.Swin-shifted", "transformers.DebertaV2", "transformers.Bart", "transformers.Bart-pairs",
     "transformers.OPT", "transformers.GPT2-classifier", "transformers.Falcon", "transformers.Falcon-alibi",
-    "transformers.Gemma",
+    "transformers.Gemma", "timm.resnetblur", "timm.ghostnetv2", "timm.botnet", "timm.halonet",
 ])
 def test_positions_and_pooling_take_no_dense_jacobians_nor_the_fallback(name, monkeypatch):
     """HF Swin's shifted-window mask (it carries the batch axis and the bias's grad),

@@ -350,6 +350,31 @@ def timm_halonet(n: int = N) -> ZooCase:
     return _byoanet("halo", n, block_size=2, halo_size=1)
 
 
+def timm_resnetblur(n: int = N) -> ZooCase:
+    """A ResNet with timm's ``BlurPool2d`` (anti-aliased downsampling, as in TResNet and the
+    ``resnetblur`` models): a fixed binomial filter per channel after reflect padding."""
+    from timm.layers import BlurPool2d
+    from timm.models.resnet import BasicBlock, ResNet
+
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=CLASSES, aa_layer=BlurPool2d, channels=(8, 8, 8, 8),
+                   stem_width=8, stem_type="deep").eval()
+    _random_zero_inits(model)  # the branches' last BatchNorm weights start at zero
+    patterns = ("conv1.0.", "layer2.0.conv1.", "layer3.0.bn1.", "fc.")
+    return _classifier(model, "x", _images(32, n), CLASSES, patterns)
+
+
+def timm_ghostnetv2(n: int = N) -> ZooCase:
+    """GhostNetV2: its DFC attention pools by ``F.avg_pool2d``, gates with a sigmoid and
+    upsamples the gate by ``F.interpolate`` in the module's ``forward``."""
+    from timm.models.ghostnet import GhostNet
+
+    # three blocks (k, expansion, channels, squeeze-excitation, stride); the third has the attention
+    cfgs = [[[3, 8, 8, 0, 1]], [[3, 16, 8, 0, 2]], [[3, 16, 8, 0.25, 1]]]
+    model = GhostNet(cfgs, num_classes=CLASSES, version="v2").eval()
+    patterns = ("conv_stem.", "blocks.2.0.ghost1.short_conv.", "blocks.2.0.ghost1.primary_conv.", "classifier.")
+    return _classifier(model, "x", _images(16, n), CLASSES, patterns)
+
+
 # ----------------------------------------------------------- transformers
 def hf_bert(n: int = N) -> ZooCase:
     import transformers
@@ -661,6 +686,8 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "timm.samvit": ("timm", timm_samvit),
     "timm.botnet": ("timm", timm_botnet),
     "timm.halonet": ("timm", timm_halonet),
+    "timm.resnetblur": ("timm", timm_resnetblur),
+    "timm.ghostnetv2": ("timm", timm_ghostnetv2),
     "transformers.Bert": ("transformers", hf_bert),
     "transformers.DistilBert": ("transformers", hf_distilbert),
     "transformers.DebertaV2": ("transformers", hf_deberta_v2),

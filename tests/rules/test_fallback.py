@@ -86,7 +86,6 @@ CASES = {
     "tanhshrink_positions": (seq(nn.Linear(3, 3), nn.Tanhshrink(), *head()), float_input((2, 3))),
     "rrelu_eval": (seq(nn.Linear(3, 4), nn.RReLU(0.1, 0.3), nn.Linear(4, CLASSES)), float_input((3,))),
     "lppool1d": (seq(prefix_conv(1, 2), nn.LPPool1d(2, 2), *head()), float_input((2, 6))),
-    "unfold_patches": (seq(prefix_conv(2, 2), nn.Unfold(2), *head()), float_input((2, 3, 3))),
     "channel_shuffle": (seq(prefix_conv(2, 4), nn.ChannelShuffle(2), *head()), float_input((4, 2, 2))),
     # configurations a registered rule declines
     "upsample_area_declined": (

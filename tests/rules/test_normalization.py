@@ -452,3 +452,47 @@ def test_global_response_norm_on_other_ranks_takes_the_exact_path():
     X, y = torch.randn(3, 2, 3, 1, 3, dtype=torch.float64), torch.randint(0, 3, (3,))
     assert_exact(model, X, y, nn.CrossEntropyLoss())
     check_graph_against_reference(model, X, y)
+
+
+# ------------------------------------------------- timm's RmsNorm2d (MobileNetV5, Gemma 3n)
+class ChannelRMSNet(nn.Module):
+    """A convolution, timm's ``RmsNorm2d`` (or ``RmsNorm2dFp32``) over the channels, a head."""
+
+    def __init__(self, cls_name: str, affine: bool):
+        super().__init__()
+        from timm import layers
+
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = getattr(layers, cls_name)(4, eps=1e-5, affine=affine)
+        self.head = nn.Linear(4 * 3 * 2, 3)
+        if affine:
+            with torch.no_grad():
+                self.norm.weight.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.norm(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("cls_name", ["RmsNorm2d", "RmsNorm2dFp32"])
+def test_timm_channel_rms_norm_has_a_rule(cls_name, affine, n, monkeypatch):
+    """Before session 44 the fallback served it: a DiagGGNApprox step of mobilenetv5_base at 64×64
+    ran past 4 minutes (now 1.0 s, 0.5 s plain). ``RmsNorm2dFp32`` computes in float32: its
+    products are those of the float64 map, so the tolerance is float32's."""
+    pytest.importorskip("timm")
+    from helpers import check_exact_without_fallback
+
+    torch.manual_seed(0)
+    model = ChannelRMSNet(cls_name, affine).double()
+    X, y = torch.randn(n, 2, 3, 2, dtype=torch.float64), torch.randint(0, 3, (n,))
+    if cls_name == "RmsNorm2d":
+        check_exact_without_fallback(model, X, y, monkeypatch)
+    else:  # the model's own forward rounds to float32
+        from helpers import fallback_spy
+
+        served = fallback_spy(monkeypatch)
+        got = run_all(model, X, y, nn.CrossEntropyLoss())
+        J, G = ggn_reference(model, X, y, nn.CrossEntropyLoss())
+        torch.testing.assert_close(got["full"], G, rtol=1e-5, atol=1e-6 * float(G.abs().max()))
+        assert served == []

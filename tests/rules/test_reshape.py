@@ -1,5 +1,5 @@
-"""``curvhook/rules/reshape.py``: ``Identity``, ``Flatten``, ``Unflatten``, ``PixelShuffle``
-and ``PixelUnshuffle``.
+"""``curvhook/rules/reshape.py``: ``Identity``, ``Flatten``, ``Unflatten``, ``PixelShuffle``,
+``PixelUnshuffle``, ``Unfold`` and ``Fold``.
 
 Every test runs BatchJacobian, DiagGGN, DiagGGNApprox and FullGGN in one
 ``extend`` block and compares each with the brute-force reference in float64.
@@ -51,6 +51,16 @@ CASES = {
         float_input((2, 6)),
     ),
     "identity_between_convs": (seq(prefix_conv(2, 2), nn.Identity(), *head()), float_input((2, 2, 3))),
+    # (the fallback served them before session 44: VOLO's outlook attention)
+    "unfold_patches": (seq(prefix_conv(2, 2), nn.Unfold(2), nn.Tanh(), *head()), float_input((2, 3, 3))),
+    "unfold_strided_padded_dilated": (
+        seq(prefix_conv(2, 2), nn.Unfold((2, 3), dilation=(1, 2), padding=1, stride=2), nn.Tanh(), *head()),
+        float_input((2, 4, 5)),
+    ),
+    "fold_overlapping": (
+        seq(prefix_conv(1, 8), nn.Fold((3, 4), 2, padding=(1, 0), stride=(1, 2)), nn.Tanh(), *head()),
+        float_input((8, 8)),
+    ),
 }
 
 

@@ -1806,3 +1806,28 @@ def test_sliding_windows_take_no_dense_jacobians(form, n, monkeypatch):
     model = SlidingWindows(form).to(DT)
     X, y = torch.randn(n, 2, 4, 5, dtype=DT), torch.randint(0, 3, (n,))
     _exact_without_dense_jacobians(model, X, y, monkeypatch)
+
+
+class ReducedByMax(nn.Module):
+    """``max`` and ``min`` along a dim (values and indices), as VOLO's head pools its tokens:
+    ``out + 0.5 * aux(x[:, 1:]).max(1)[0]``; with a tie (a ReLU's zeros), and ``keepdim``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 5, 4]
+        h = self.a(x)  # [N, 5, 6]
+        top = h.max(1)[0]  # [N, 6]
+        low = torch.min(torch.relu(h), dim=-1, keepdim=True).values  # [N, 5, 1], ties at zero
+        return self.b(top[:, :4] * torch.tanh(low.sum(1)))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_max_along_a_dim_takes_no_dense_jacobians(n, monkeypatch):
+    """Each value of ``max(dim)`` is one input entry (autograd sends its gradient to that index):
+    ``Σ_o d_o J_oi² = (Jᵀ d)_i``. Before session 44, dense per-sample Jacobians (VOLO's head)."""
+    torch.manual_seed(0)
+    model = ReducedByMax().to(DT)
+    X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
+    _exact_without_dense_jacobians(model, X, y, monkeypatch)
