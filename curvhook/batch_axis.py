@@ -35,6 +35,7 @@ _SPLITS = frozenset({"split", "chunk", "tensor_split", "unbind"})
 MOVERS = frozenset({
     "permute", "transpose", "t", "swapaxes", "swapdims", "movedim", "moveaxis", "unsqueeze",
     "squeeze", "select", "reshape", "view", "flatten", "unflatten", "sum", "mean", "amax", "amin", "__getitem__",
+    "max", "min",
 }) | _SPLITS | frozenset({"stack", "cat", "concat", "concatenate"})
 # Every operation whose output axes this module knows.
 FOLLOWED = MOVERS | _SAME_AXES | _BROADCASTING
@@ -85,15 +86,18 @@ def output_batch_axes(
         return (axis + (d <= axis),)
     if name in ("squeeze", "select") or name in _SPLITS:
         return _along_one_axis(name, args, kwargs, axis, ndim, n_out, in_shape)
-    if name in ("sum", "mean", "amax", "amin"):
+    if name in ("sum", "mean", "amax", "amin", "max", "min"):
         d = _dim(args, kwargs, 1)
         keep = _dim(args, kwargs, 2, "keepdim", False)
         if d is None or not isinstance(keep, bool):
             return None
+        if name in ("max", "min") and not isinstance(d, int):
+            return None  # the elementwise form max(a, b), or no dim
         dims = [x % ndim for x in (d if isinstance(d, (tuple, list)) else (d,))]
         if axis in dims:
             return None  # a sum over samples
-        return (axis if keep else axis - sum(1 for x in dims if x < axis),)
+        # (max and min along a dim: the values and the indices, both without the dim)
+        return (axis if keep else axis - sum(1 for x in dims if x < axis),) * (n_out if name in ("max", "min") else 1)
     if name in ("reshape", "view", "flatten", "unflatten"):
         return (_reshaped_axis(axis, in_shape, out_shapes[0]),)
     if name == "stack":  # a new axis at ``dim`` (CrossViT's heads: ``mean(stack(heads, 0), 0)``)

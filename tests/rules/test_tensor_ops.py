@@ -1831,3 +1831,27 @@ def test_max_along_a_dim_takes_no_dense_jacobians(n, monkeypatch):
     model = ReducedByMax().to(DT)
     X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
     _exact_without_dense_jacobians(model, X, y, monkeypatch)
+
+
+class MaxOnMovedAxis(nn.Module):
+    """``max`` and ``min`` along a dim of a tensor whose batch axis a permute moved, then back."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 4, 5]
+        h = torch.tanh(self.a(x))
+        top = h.permute(1, 0, 2).max(2)[0].permute(1, 0)  # [N, 4]
+        low = h.transpose(0, 1).min(dim=-1, keepdim=True).values.transpose(0, 1)[..., 0]  # [N, 4]
+        return self.b(torch.cat([top, low], 1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_max_along_a_dim_of_a_moved_batch_axis(n, monkeypatch):
+    """(Found by review: refused before, *The model output's batch axis is axis 1*; ``sum`` and
+    ``amax`` were followed there, ``max(dim)`` was not.)"""
+    torch.manual_seed(0)
+    model = MaxOnMovedAxis().to(DT)
+    X, y = torch.randn(n, 4, 5, dtype=DT), torch.randint(0, 3, (n,))
+    _exact_without_dense_jacobians(model, X, y, monkeypatch, moved_axes=True)
