@@ -265,6 +265,17 @@ def run_all(model, X, y, criterion):
     }
 
 
+def float32_follows_float64(model: nn.Module, X: Tensor, y: Tensor, rtol: float = 1e-4) -> None:
+    """DiagGGNApprox of ``model`` (cross-entropy) in float32 against the same in float64, every parameter."""
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        model.to(dtype)
+        with extend(model, DiagGGNApprox()):
+            nn.CrossEntropyLoss()(model(X.to(dtype)), y).backward()
+        results.append(torch.cat([p.diag_ggn_approx.flatten().double() for p in model.parameters()]))
+    torch.testing.assert_close(results[1], results[0], rtol=rtol, atol=1e-6 * float(results[0].abs().max()))
+
+
 def close(actual, expected, rtol=1e-6):
     scale = expected.abs().max().clamp(min=1e-30)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
