@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-from curvhook.operations import ELEMENTWISE, PRODUCTS, QUOTIENTS, ADDITIONS, SUBTRACTIONS, REVERSED_SUBTRACTIONS
+from curvhook.operations import (
+    ELEMENTWISE, INDEXED_EXTREMES, PRODUCTS, QUOTIENTS, ADDITIONS, SUBTRACTIONS, REVERSED_SUBTRACTIONS,
+)
 
 # Operations that keep every axis where it is.
 _SAME_AXES = ELEMENTWISE | frozenset({
@@ -35,8 +37,7 @@ _SPLITS = frozenset({"split", "chunk", "tensor_split", "unbind"})
 MOVERS = frozenset({
     "permute", "transpose", "t", "swapaxes", "swapdims", "movedim", "moveaxis", "unsqueeze",
     "squeeze", "select", "reshape", "view", "flatten", "unflatten", "sum", "mean", "amax", "amin", "__getitem__",
-    "max", "min",
-}) | _SPLITS | frozenset({"stack", "cat", "concat", "concatenate"})
+}) | INDEXED_EXTREMES | _SPLITS | frozenset({"stack", "cat", "concat", "concatenate"})
 # Every operation whose output axes this module knows.
 FOLLOWED = MOVERS | _SAME_AXES | _BROADCASTING
 
@@ -86,18 +87,18 @@ def output_batch_axes(
         return (axis + (d <= axis),)
     if name in ("squeeze", "select") or name in _SPLITS:
         return _along_one_axis(name, args, kwargs, axis, ndim, n_out, in_shape)
-    if name in ("sum", "mean", "amax", "amin", "max", "min"):
+    if name in ("sum", "mean", "amax", "amin") or name in INDEXED_EXTREMES:
         d = _dim(args, kwargs, 1)
         keep = _dim(args, kwargs, 2, "keepdim", False)
         if d is None or not isinstance(keep, bool):
             return None
-        if name in ("max", "min") and not isinstance(d, int):
+        if name in INDEXED_EXTREMES and not isinstance(d, int):
             return None  # the elementwise form max(a, b), or no dim
         dims = [x % ndim for x in (d if isinstance(d, (tuple, list)) else (d,))]
         if axis in dims:
             return None  # a sum over samples
         # (max and min along a dim: the values and the indices, both without the dim)
-        return (axis if keep else axis - sum(1 for x in dims if x < axis),) * (n_out if name in ("max", "min") else 1)
+        return (axis if keep else axis - sum(1 for x in dims if x < axis),) * (n_out if name in INDEXED_EXTREMES else 1)
     if name in ("reshape", "view", "flatten", "unflatten"):
         return (_reshaped_axis(axis, in_shape, out_shapes[0]),)
     if name == "stack":  # a new axis at ``dim`` (CrossViT's heads: ``mean(stack(heads, 0), 0)``)

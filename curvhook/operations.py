@@ -71,6 +71,9 @@ WINDOWS = frozenset({"unfold", "fold"})
 # The largest or smallest entry along dims that are not the batch axis (Hiera's query pooling,
 # ``q.amax(dim=3)``): each output entry is one input entry, or the mean of tied ones.
 EXTREMES = frozenset({"amax", "amin"})
+# ``max``/``min``: along an int dim they return (values, indices), each value one input entry
+# (VOLO's class head); with a tensor second argument they are elementwise (``BROADCASTING``).
+INDEXED_EXTREMES = frozenset({"max", "min"})
 KNOWN = (
     STRUCTURAL | MEANS | ELEMENTWISE | PRODUCTS | QUOTIENTS | MATMULS | SOFTMAXES | NORMALIZES | EINSUMS | SELECTIONS
     | EXTREMES
@@ -90,9 +93,9 @@ INDEXED_ALONG_DIM = frozenset({
 # Operations that broadcast their tensor arguments against each other entry by entry:
 # a constant of the output's rank with one row per sample (a mask) belongs to its sample.
 BROADCASTING = ADDITIONS | SUBTRACTIONS | REVERSED_SUBTRACTIONS | PRODUCTS | QUOTIENTS | frozenset({
-    "where", "masked_fill", "masked_fill_", "pow", "__pow__", "__rpow__", "maximum", "minimum", "max", "min",
+    "where", "masked_fill", "masked_fill_", "pow", "__pow__", "__rpow__", "maximum", "minimum",
     "lerp", "addcmul", "addcdiv", "clamp", "clip",
-})
+}) | INDEXED_EXTREMES
 # Operations that take a constant of the output's rank whose row ``n`` serves sample ``n``
 # (``F.grid_sample(x, grid)`` with a grid ``[N, H, W, 2]``).
 SAMPLE_ALIGNED = frozenset({"grid_sample"})

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.linear_maps import columns_vjp
-from curvhook.rules.registry import register_rule_by_name
+from curvhook.rules.registry import fallback_rule, register_rule_by_name
 
 
 def tap_positions(shape: tuple[int, int], padding: list, mode: str, size: int, stride: int, device) -> Tensor:
@@ -106,9 +106,7 @@ class BlurPoolRule(LayerRule):
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         geometry = self._geometry(call)
         if geometry is None:
-            from curvhook.rules.fallback import FALLBACK  # the fallback imports the registry
-
-            return FALLBACK.diag_jac_t_diag_jac(call, diag)
+            return fallback_rule().diag_jac_t_diag_jac(call, diag)
         positions, squared = geometry
         x = call.input
         n, c = diag.shape[:2]

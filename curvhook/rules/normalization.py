@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from curvhook import _memory
 from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
-from curvhook.rules.registry import register_rule, register_rule_by_name
+from curvhook.rules.registry import fallback_rule, register_rule, register_rule_by_name
 
 
 def _channel_shape(x: Tensor) -> tuple[int, ...]:
@@ -588,7 +588,7 @@ class GlobalResponseNormRule(LayerRule):
 
     def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         if call.input.dim() != 4:
-            return _fallback().jac_t_mat_prod(call, mat)
+            return fallback_rule().jac_t_mat_prod(call, mat)
         x, u, _, a, s, t = self._terms(call)
         m = self._channels_last(call.module, mat, 1)  # [V, N, P, C]
         big_a = (m * x).sum(2, keepdim=True)  # [V, N, 1, C]
@@ -597,7 +597,7 @@ class GlobalResponseNormRule(LayerRule):
 
     def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         if call.input.dim() != 4:
-            return _fallback().param_jac_t_mat_prod(call, name, mat)
+            return fallback_rule().param_jac_t_mat_prod(call, name, mat)
         x, _, norm, _, _, _ = self._terms(call)
         m = self._channels_last(call.module, mat, 1)
         if name == "bias":
@@ -606,7 +606,7 @@ class GlobalResponseNormRule(LayerRule):
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         if call.input.dim() != 4:
-            return _fallback().diag_jac_t_diag_jac(call, diag)
+            return fallback_rule().diag_jac_t_diag_jac(call, diag)
         from curvhook.rules.tensor_ops import sum_of_others
 
         x, u, _, a, s, t = self._terms(call)
@@ -619,15 +619,9 @@ class GlobalResponseNormRule(LayerRule):
 
     def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         if call.input.dim() != 4:
-            return _fallback().param_diag(call, name, diag)
+            return fallback_rule().param_diag(call, name, diag)
         x, _, norm, _, _, _ = self._terms(call)
         d = self._channels_last(call.module, diag, 0)
         if name == "bias":
             return d.sum((0, 1))
         return (d * x.square()).sum(1).mul(norm[:, 0].square()).sum(0)
-
-
-def _fallback() -> LayerRule:
-    from curvhook.rules.fallback import FALLBACK  # the fallback imports the registry
-
-    return FALLBACK

@@ -101,11 +101,19 @@ def registry_version() -> int:
     return _VERSION[0]
 
 
+def fallback_rule() -> LayerRule:
+    """The exact generic fallback (per-sample Jacobians of the module's own ``forward``).
+
+    Rules whose closed form does not apply to one call hand that call to it.
+    """
+    from curvhook.rules.fallback import FALLBACK  # imported late: the fallback imports this registry
+
+    return FALLBACK
+
+
 def rule_or_fallback(module: nn.Module) -> LayerRule:
     """The registered rule for ``module``, or the exact generic fallback."""
-    from curvhook.rules.fallback import FALLBACK
-
-    return rule_for(module) or FALLBACK
+    return rule_for(module) or fallback_rule()
 
 
 def supported_module_types() -> list[type]:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
-from curvhook.rules.registry import register_rule_by_name
+from curvhook.rules.registry import fallback_rule, register_rule_by_name
 
 _TABLES = ("width_rel", "height_rel")
 
@@ -130,7 +130,7 @@ class RelativePositionLogitsRule(LayerRule):
     def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
         terms = self._terms(call)
         if terms is None:
-            return _fallback().jac_t_mat_prod(call, mat)
+            return fallback_rule().jac_t_mat_prod(call, mat)
         _, omega, eta, r_w, r_h = terms
         m = mat.reshape(*mat.shape[:2], *omega.shape)  # [V, N, L, K]
         pulled = _scatter(m, omega, r_w.shape[0]) @ r_w + _scatter(m, eta, r_h.shape[0]) @ r_h
@@ -139,16 +139,15 @@ class RelativePositionLogitsRule(LayerRule):
     def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
         terms = self._terms(call)
         if terms is None:
-            return _fallback().param_jac_t_mat_prod(call, name, mat)
-        q, omega, eta, r_w, r_h = terms
-        index, table = (omega, r_w) if name == "width_rel" else (eta, r_h)
+            return fallback_rule().param_jac_t_mat_prod(call, name, mat)
+        q, index, table = _parameter_terms(terms, name)
         m = mat.reshape(*mat.shape[:2], *index.shape)
         return torch.einsum("vnlr,nlc->vnrc", _scatter(m, index, table.shape[0]), q)
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
         terms = self._terms(call)
         if terms is None:
-            return _fallback().diag_jac_t_diag_jac(call, diag)
+            return fallback_rule().diag_jac_t_diag_jac(call, diag)
         _, omega, eta, r_w, r_h = terms
         edges_sq = (r_w[omega] + r_h[eta]).square()  # [L, K, d]
         d = diag.reshape(diag.shape[0], *omega.shape)
@@ -157,14 +156,13 @@ class RelativePositionLogitsRule(LayerRule):
     def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
         terms = self._terms(call)
         if terms is None:
-            return _fallback().param_diag(call, name, diag)
-        q, omega, eta, r_w, r_h = terms
-        index, table = (omega, r_w) if name == "width_rel" else (eta, r_h)
+            return fallback_rule().param_diag(call, name, diag)
+        q, index, table = _parameter_terms(terms, name)
         d = diag.reshape(diag.shape[0], *index.shape)
         return torch.einsum("nlr,nlc->rc", _scatter(d, index, table.shape[0]), q.square())
 
 
-def _fallback() -> LayerRule:
-    from curvhook.rules.fallback import FALLBACK  # the fallback imports the registry
-
-    return FALLBACK
+def _parameter_terms(terms: tuple[Tensor, ...], name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``q``, then the offsets and the table of the parameter ``name``: (``ω``, ``R_w``) or (``η``, ``R_h``)."""
+    q, omega, eta, r_w, r_h = terms
+    return (q, omega, r_w) if name == "width_rel" else (q, eta, r_h)

@@ -45,9 +45,9 @@ from curvhook._torch_internals import tensor_version
 from curvhook.errors import UnsupportedModelError, out_of_memory_error
 from curvhook.mask_index import gather_entry, mask_selection_hint
 from curvhook.operations import (
-    ADDITIONS, BROADCASTING, CHANGE_RANK, DIM_OPERATIONS, EINSUMS, ELEMENTWISE, EXTREMES, INDEXED_ALONG_DIM, KNOWN, MATMULS,
-    MEANS, NORMALIZES, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SAMPLE_ALIGNED, SELECTIONS, SOFTMAXES, STRUCTURAL,
-    SUBTRACTIONS, WINDOWS,
+    ADDITIONS, BROADCASTING, CHANGE_RANK, DIM_OPERATIONS, EINSUMS, ELEMENTWISE, EXTREMES, INDEXED_ALONG_DIM,
+    INDEXED_EXTREMES, KNOWN, MATMULS, MEANS, NORMALIZES, PRODUCTS, QUOTIENTS, REVERSED_SUBTRACTIONS, SAMPLE_ALIGNED,
+    SELECTIONS, SOFTMAXES, STRUCTURAL, SUBTRACTIONS, WINDOWS,
 )
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot
 from curvhook.rules.base import LayerRule, apply_node
@@ -264,7 +264,7 @@ def _selects(call: Operation, slot: int) -> bool:
         return len(call.args) > 1 and call.args[1] == slot and max_norm is None
     if name in WINDOWS:
         return bool(call.args) and call.args[0] == slot
-    if name in ("max", "min"):  # along a dim: (values, indices), each value one entry (VOLO's head)
+    if name in INDEXED_EXTREMES:  # along a dim: (values, indices), each value one entry (VOLO's head)
         dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim")
         return isinstance(dim, int) and len(call.inputs) == 1 and bool(call.args) and call.args[0] == slot
     return name in STRUCTURAL or (name in SELECTIONS and bool(call.args) and call.args[0] == slot)
@@ -952,7 +952,7 @@ class TensorOpRule(LayerRule):
                 jac = jac.reshape(d[0].numel(), w.numel())
                 total = total + torch.einsum("no,op->np", d.reshape(d.shape[0], -1), jac.square())
             return total.reshape(-1, *w.shape)
-        if not shared and (call.func_name in SELECTIONS | WINDOWS or call.func_name in ("__getitem__", "max", "min")) \
+        if not shared and (call.func_name in SELECTIONS | WINDOWS | INDEXED_EXTREMES or call.func_name == "__getitem__") \
                 and _selects(call, slot) and call.uses(slot) == 1:
             # each output entry one input entry: Jᵀ d over the whole batch, once the replay has
             # shown that the call keeps samples apart (a per-sample gather h[arange(N), idx],
