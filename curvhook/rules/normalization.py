@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from einops import rearrange
@@ -487,6 +487,109 @@ class OffsetRMSNormRule(HFRMSNormRule):
     def accepts(self, module: nn.Module) -> bool:
         w = getattr(module, "weight", None)
         return isinstance(w, Tensor) and w.dim() == 1 and isinstance(getattr(module, "eps", None), float)
+
+
+def _rms_norm_form(call: Operation) -> Optional[type[_RMSNormCall]]:
+    """How a call of an RMSNorm-like module reads its weight, proven on probes, or ``None``.
+
+    The module's own ``forward`` (its hooks bypassed) runs on two random inputs of the
+    call's shape, one of unit scale and one of scale ``√ε`` (where ``ε`` decides the
+    result), with a random float64 weight. It must agree with ``w ∘ x̂`` (Llama's form,
+    :class:`_RMSNormCall`) or ``(1 + w) ∘ x̂`` (Gemma's, :class:`_OffsetRMSNormCall`),
+    ``x̂ = x / √(mean(x²) + ε)`` over the last axis, to float32 rounding (the modules
+    compute in float32). Any other map (a norm over groups, a bias, another ε) is ``None``.
+    Kept in the call's scratch for its backward pass; read again for every call, as the
+    module's ``forward`` may read attributes that change between steps.
+    """
+    if call.scratch.rms_form is not None:
+        return call.scratch.rms_form or None
+    form = None
+    try:
+        form = _probe_rms_norm_form(call)
+    except Exception:  # noqa: BLE001 - a forward the probes do not fit: the fallback serves it
+        form = None
+    call.scratch.rms_form = form or ()
+    return form
+
+
+def _probe_rms_norm_form(call: Operation) -> Optional[type[_RMSNormCall]]:
+    from curvhook.rules.fallback import _replay  # the fallback imports the registry
+
+    module, x = call.module, call.input
+    eps = _hf_eps(module)
+    gen = torch.Generator().manual_seed(0)
+    unit = torch.randn(1, *x.shape[1:], dtype=torch.float64, generator=gen)
+    probe = torch.cat([unit, unit * math.sqrt(eps)]).to(x.device)
+    weight = torch.randn(module.weight.shape, dtype=torch.float64, generator=gen).to(x.device)
+    got = _replay(call, {"weight": weight}, [probe])
+    x_hat = probe * torch.rsqrt(probe.square().mean(-1, keepdim=True) + eps)
+    for form, scale in ((_RMSNormCall, weight), (_OffsetRMSNormCall, 1 + weight)):
+        want = scale * x_hat
+        if got.shape == want.shape and torch.allclose(got.to(torch.float64), want, rtol=1e-4, atol=1e-6):
+            return form
+    return None
+
+
+def _hf_eps(module: nn.Module) -> float:
+    """The module's ``variance_epsilon`` (Llama's name) or ``eps``."""
+    eps = getattr(module, "variance_epsilon", None)
+    return eps if isinstance(eps, float) else module.eps
+
+
+@register_rule_by_name("transformers", "*RMSNorm")
+class ProbedRMSNormRule(HFRMSNormRule):
+    """Every other ``…RMSNorm`` class of transformers: about 150 copies of ``LlamaRMSNorm``
+    (``MixtralRMSNorm``, ``Phi3RMSNorm``, ``OlmoRMSNorm``, …) and of Gemma's offset form.
+
+    A module of the expected attributes (a 1-d ``weight``, its only parameter, and a
+    float ``variance_epsilon`` or ``eps``) gets the closed form of :class:`HFRMSNormRule`
+    or :class:`OffsetRMSNormRule` once probes of its ``forward`` prove which one it
+    computes (:func:`_rms_norm_form`); a call that fits neither goes to the fallback.
+    """
+
+    def accepts(self, module: nn.Module) -> bool:
+        w = getattr(module, "weight", None)
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        return (
+            isinstance(w, nn.Parameter) and w.dim() == 1 and isinstance(eps, float) and eps > 0
+            and {n for n, _ in module.named_parameters()} == {"weight"}
+        )
+
+    def _view(self, call: Operation) -> Optional[_RMSNormCall]:
+        form = _rms_norm_form(call)
+        if form is None:
+            return None
+        view = form.__new__(form)
+        view._call = call
+        view.module = SimpleNamespace(
+            weight=call.module.weight if form is _RMSNormCall else 1 + call.module.weight.detach(),
+            normalized_shape=tuple(call.module.weight.shape), eps=_hf_eps(call.module), bias=None,
+        )
+        return view
+
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        view = self._view(call)
+        if view is None:
+            return fallback_rule().jac_t_mat_prod(call, mat)
+        return RMSNormRule.jac_t_mat_prod(self, view, mat)
+
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        view = self._view(call)
+        if view is None:
+            return fallback_rule().param_jac_t_mat_prod(call, name, mat)
+        return RMSNormRule.param_jac_t_mat_prod(self, view, name, mat)
+
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
+        view = self._view(call)
+        if view is None:
+            return fallback_rule().diag_jac_t_diag_jac(call, diag)
+        return RMSNormRule.diag_jac_t_diag_jac(self, view, diag)
+
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
+        view = self._view(call)
+        if view is None:
+            return fallback_rule().param_diag(call, name, diag)
+        return RMSNormRule.param_diag(self, view, name, diag)
 
 
 class _ChannelRMSNormCall(_RMSNormCall):

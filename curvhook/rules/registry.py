@@ -16,6 +16,7 @@ from curvhook.rules.base import LayerRule
 
 _RULES: dict[type, LayerRule] = {}
 _NAMED_RULES: dict[tuple[str, str], LayerRule] = {}  # (top-level package, class name) -> rule
+_SUFFIX_RULES: dict[tuple[str, str], LayerRule] = {}  # (top-level package, end of the class name) -> rule
 _VERSION = [0]  # grows with every registration: cached plans made before it are not reused
 
 R = TypeVar("R", bound=type)
@@ -58,6 +59,13 @@ def register_rule_by_name(package: str, *class_names: str) -> Callable[[R], R]:
     submodules. The rule's :meth:`~LayerRule.accepts` checks the attributes it reads.
     A rule registered for the type itself takes precedence.
 
+    A name that starts with ``*`` matches every class whose name ends with the rest
+    (``"*RMSNorm"``: the copies of one layer that a package defines once per model).
+    An exact name takes precedence over such a pattern. A rule so registered must
+    prove on each call that the module computes its map (on probes, as
+    :class:`~curvhook.rules.normalization.ProbedRMSNormRule` does) and hand the call
+    to the fallback where it does not: a class name is no promise.
+
     Args:
         package: The top-level package, e.g. ``"transformers"``.
         *class_names: The class names.
@@ -69,7 +77,10 @@ def register_rule_by_name(package: str, *class_names: str) -> Callable[[R], R]:
     def decorate(rule_cls: R) -> R:
         rule = rule_cls()
         for name in class_names:
-            _NAMED_RULES[(package, name)] = rule
+            if name.startswith("*"):
+                _SUFFIX_RULES[(package, name[1:])] = rule
+            else:
+                _NAMED_RULES[(package, name)] = rule
         _VERSION[0] += 1
         return rule_cls
 
@@ -89,8 +100,12 @@ def rule_for(module: nn.Module) -> Optional[LayerRule]:
             if base in _RULES and cls.forward is base.forward:
                 rule = _RULES[base]
                 break
-    if rule is None and _NAMED_RULES:
-        rule = _NAMED_RULES.get((cls.__module__.partition(".")[0], cls.__name__))
+    if rule is None and (_NAMED_RULES or _SUFFIX_RULES):
+        package = cls.__module__.partition(".")[0]
+        rule = _NAMED_RULES.get((package, cls.__name__))
+        if rule is None:
+            rule = next((r for (pkg, end), r in _SUFFIX_RULES.items()
+                         if pkg == package and cls.__name__.endswith(end)), None)
     if rule is None or not rule.accepts(module):
         return None
     return rule

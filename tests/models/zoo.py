@@ -541,6 +541,51 @@ def hf_gemma(n: int = N) -> ZooCase:
     return case
 
 
+def _randomize_rms_norms(model: nn.Module) -> None:
+    """RMSNorm weights away from their initial ones (a rule that ignored them would pass)."""
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+
+
+def hf_phi3(n: int = N) -> ZooCase:
+    """Phi-3: ``Phi3RMSNorm`` (one of about 150 copies of ``LlamaRMSNorm`` that transformers defines,
+    matched by the end of its name and proven on probes), the query, key and value from one fused
+    projection, the gate and up projections fused (``gate_up_proj(x).chunk(2, -1)``)."""
+    import transformers
+
+    config = transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+    )
+    model = transformers.Phi3ForCausalLM(config)
+    _randomize_rms_norms(model)
+    patterns = ("model.embed_tokens.", "model.layers.0.input_layernorm.", "model.layers.0.self_attn.qkv_proj.",
+                "model.layers.0.mlp.", "model.norm.")
+    case = _language_model(model, _ids(n), VOCAB, patterns)
+    case.rtol = 1e-6  # Phi3RMSNorm computes in float32 by design, also in a float64 model
+    return case
+
+
+def hf_olmo2(n: int = N) -> ZooCase:
+    """OLMo 2: ``Olmo2RMSNorm`` on the queries and keys before the heads split (``q_norm(q_proj(x))``)
+    and after the attention and the MLP (post-norm residuals); matched by name and proven on probes."""
+    import transformers
+
+    config = transformers.Olmo2Config(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    model = transformers.Olmo2ForCausalLM(config)
+    _randomize_rms_norms(model)
+    patterns = ("model.embed_tokens.", "model.layers.0.self_attn.", "model.layers.0.post_attention_layernorm.",
+                "model.layers.0.post_feedforward_layernorm.", "model.layers.0.mlp.down_proj.", "model.norm.")
+    case = _language_model(model, _ids(n), VOCAB, patterns)
+    case.rtol = 1e-6  # Olmo2RMSNorm computes in float32 by design, also in a float64 model
+    return case
+
+
 def hf_opt(n: int = N) -> ZooCase:
     """The decoder layer runs its MLP on merged rows (``h.reshape(-1, H)``), so each layer is one
     module for the fallback, which replays it: called with ``use_cache=False`` (with the cache
@@ -701,6 +746,8 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.Bloom": ("transformers", hf_bloom),
     "transformers.Falcon": ("transformers", hf_falcon),
     "transformers.Gemma": ("transformers", hf_gemma),
+    "transformers.Phi3": ("transformers", hf_phi3),
+    "transformers.Olmo2": ("transformers", hf_olmo2),
     "transformers.Falcon-alibi": ("transformers", lambda n=N: hf_falcon(n, alibi=True)),
     "transformers.T5": ("transformers", hf_t5),
     "transformers.Bart": ("transformers", hf_bart),

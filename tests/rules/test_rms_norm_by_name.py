@@ -1,0 +1,167 @@
+"""``ProbedRMSNormRule`` (``curvhook/rules/normalization.py``): transformers' ``…RMSNorm``
+classes matched by the end of their name (``register_rule_by_name("transformers", "*RMSNorm")``).
+
+transformers defines one RMSNorm class per model, about 150 copies of ``LlamaRMSNorm``
+and a few of Gemma's ``(1 + w)`` form. Before, curvhook knew seven by name, and every
+other one (Mixtral's, Phi-3's, OLMo's, …) went to the fallback: dense per-sample
+Jacobians of ``[T·E]`` entries, over 150 s for a DiagGGNApprox step of a two-layer
+Phi-3 of width 1024 against 0.8 s plain. A class name is no promise, so the rule
+proves the form on probes of the module's ``forward`` at every call; these tests
+build lookalikes of both forms (float64 inside, so the comparisons are exact), and
+lookalikes of other maps that must go to the fallback.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from curvhook.rules import registry
+from curvhook.rules.normalization import HFRMSNormRule, OffsetRMSNormRule, ProbedRMSNormRule
+from helpers import (
+    CLASSES,
+    DT,
+    check_exact_without_fallback,
+    check_graph_against_reference,
+    fallback_spy,
+    float32_follows_float64,
+    randomize_layers,
+)
+
+
+class _Norm(nn.Module):
+    """An RMSNorm of transformers' layout: ``weight [E]`` and ``variance_epsilon`` (or ``eps``)."""
+
+    offset = False  # Gemma's form: (1 + w) ∘ x̂
+    centered = False  # a LayerNorm under an RMSNorm's name
+    forward_eps = None  # an epsilon other than the attribute's
+
+    def __init__(self, hidden: int, eps: float = 1e-6, eps_name: str = "variance_epsilon") -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(hidden) + 0.5)
+        setattr(self, eps_name, eps)
+        self._eps_name = eps_name
+
+    def forward(self, x):
+        eps = self.forward_eps if self.forward_eps is not None else getattr(self, self._eps_name)
+        if self.centered:
+            x = x - x.mean(-1, keepdim=True)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return (1 + self.weight if self.offset else self.weight) * x
+
+
+def _named(name: str, package: str = "transformers", **attrs) -> type:
+    """A :class:`_Norm` subclass called ``name`` in ``package`` (the registry matches both)."""
+    cls = type(name, (_Norm,), dict(attrs))
+    cls.__module__ = f"{package}.models.x.modeling_x"
+    cls.__qualname__ = name
+    return cls
+
+
+MixtralRMSNorm = _named("MixtralRMSNorm")
+VaultGemmaRMSNorm = _named("VaultGemmaRMSNorm", offset=True)
+CenteredRMSNorm = _named("CenteredRMSNorm", centered=True)
+OtherEpsRMSNorm = _named("OtherEpsRMSNorm", forward_eps=0.5)
+
+
+def _model(norm: nn.Module, tokens: bool = True) -> nn.Module:
+    layers = [nn.Linear(3, 6), norm, nn.Tanh(), nn.Flatten() if tokens else nn.Identity(),
+              nn.Linear(6 * 4 if tokens else 6, CLASSES)]
+    torch.manual_seed(0)
+    return randomize_layers(nn.Sequential(*layers)).to(DT)
+
+
+def _data(n: int, tokens: bool = True):
+    X = torch.randn(n, 4, 3, dtype=DT) if tokens else torch.randn(n, 3, dtype=DT)
+    return X, torch.randint(0, CLASSES, (n,))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("norm", [
+    lambda: MixtralRMSNorm(6),
+    lambda: MixtralRMSNorm(6, eps=0.3),  # an epsilon the probe at scale √ε must see
+    lambda: VaultGemmaRMSNorm(6, eps_name="eps"),
+    lambda: VaultGemmaRMSNorm(6, eps=0.3, eps_name="eps"),
+], ids=["llama-form", "llama-form-large-eps", "gemma-form", "gemma-form-large-eps"])
+def test_both_forms_are_exact_without_the_fallback(norm, n, monkeypatch):
+    """On tokens ``[N, T, E]``: all four extensions against torch.func and DiagGGNApprox
+    against its definition, N = 1 and 3, nothing served by the fallback."""
+    module = norm()
+    assert isinstance(registry.rule_for(module), ProbedRMSNormRule)
+    check_exact_without_fallback(_model(module), *_data(n), monkeypatch)
+
+
+def test_a_norm_on_features_without_tokens_is_exact(monkeypatch):
+    check_exact_without_fallback(_model(MixtralRMSNorm(6), tokens=False), *_data(3, tokens=False), monkeypatch)
+
+
+class _HeadNorm(nn.Module):
+    """A norm over each head's features, ``[N, T, H, d]`` with a weight ``[d]`` (Qwen3's
+    ``q_norm`` on ``q.view(N, T, H, d)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.norm, self.out = nn.Linear(3, 8), MixtralRMSNorm(4), nn.Linear(4 * 8, CLASSES)
+
+    def forward(self, x):
+        h = self.norm(self.proj(x).view(*x.shape[:2], 2, 4))
+        return self.out(torch.tanh(h).flatten(1))
+
+
+def test_a_norm_over_head_features_is_exact(monkeypatch):
+    torch.manual_seed(1)
+    model = randomize_layers(_HeadNorm()).to(DT)
+    check_exact_without_fallback(model, *_data(3), monkeypatch)
+
+
+@pytest.mark.parametrize("cls", [CenteredRMSNorm, OtherEpsRMSNorm], ids=["centered", "other-eps"])
+def test_a_module_of_another_map_goes_to_the_fallback_and_stays_exact(cls, monkeypatch):
+    """A class that ends with ``RMSNorm`` and has the attributes, but computes another map
+    (it centres first; it uses another epsilon than its attribute): the probes refuse both
+    forms and the fallback serves the call, exactly. Trusting the name would be wrong here."""
+    served = fallback_spy(monkeypatch)
+    model = _model(cls(6))
+    check_graph_against_reference(model, *_data(3))
+    assert served and set(served) == {"1"}  # the norm, the second layer of the Sequential
+
+
+def test_the_form_is_proven_at_every_call(monkeypatch):
+    """A module whose ``forward`` switches form between steps (an attribute changed in place):
+    each step is exact, as the probe runs again for every call."""
+    module = MixtralRMSNorm(6)
+    model = _model(module)
+    X, y = _data(3)
+    check_exact_without_fallback(model, X, y, monkeypatch)
+    module.offset = True  # now (1 + w) ∘ x̂
+    check_exact_without_fallback(model, X, y, monkeypatch)
+
+
+def test_float32_follows_float64():
+    model = _model(MixtralRMSNorm(6))
+    float32_follows_float64(model, *_data(3))
+
+
+def test_exact_names_take_precedence_and_the_pattern_stays_in_its_package():
+    """``LlamaRMSNorm`` and ``GemmaRMSNorm`` keep their named rules (no probes); a class of
+    another package that ends with ``RMSNorm`` matches nothing; the pattern needs the
+    attributes it reads."""
+    assert type(registry.rule_for(_named("LlamaRMSNorm")(6))) is HFRMSNormRule
+    assert type(registry.rule_for(_named("GemmaRMSNorm")(6, eps_name="eps"))) is OffsetRMSNormRule
+    assert registry.rule_for(_named("MixtralRMSNorm", package="mypackage")(6)) is None
+    no_eps = MixtralRMSNorm(6)
+    del no_eps.variance_epsilon
+    assert registry.rule_for(no_eps) is None
+    with_bias = MixtralRMSNorm(6)
+    with_bias.bias = nn.Parameter(torch.zeros(6))
+    assert registry.rule_for(with_bias) is None
+
+
+def test_real_transformers_classes_take_the_rule():
+    """The classes of the installed transformers: Llama's copies and Gemma's offset form."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm as Mixtral
+    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    for cls in (Mixtral, Phi3RMSNorm, Olmo2RMSNorm):
+        assert isinstance(registry.rule_for(cls(6)), ProbedRMSNormRule), cls
+    del transformers
