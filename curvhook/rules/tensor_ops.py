@@ -217,6 +217,12 @@ _REORDER_FREE = frozenset({
 
 # Pointwise, with scalar bounds: a diagonal Jacobian of entries 0 and 1.
 CLAMPS = frozenset({"clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_max", "clamp_min_", "clamp_max_"})
+# Broadcasting operations that are entrywise in each operand (no sum over entries): for an
+# operand of the output's shape, the Jacobian is diagonal (``torch.max(x, c)``, ``where(m, x, y)``).
+_ENTRYWISE_IN_EACH = frozenset({
+    "maximum", "minimum", "fmax", "fmin", "where", "masked_fill", "masked_fill_", "lerp", "addcmul", "addcdiv",
+    "pow", "__pow__", "__rpow__",
+}) | INDEXED_EXTREMES | CLAMPS
 
 _CONCATENATIONS = frozenset({"cat", "concat", "concatenate"})
 _SPLITS = frozenset({"split", "chunk", "tensor_split"})
@@ -952,6 +958,17 @@ class TensorOpRule(LayerRule):
                 jac = jac.reshape(d[0].numel(), w.numel())
                 total = total + torch.einsum("no,op->np", d.reshape(d.shape[0], -1), jac.square())
             return total.reshape(-1, *w.shape)
+        if not shared and call.func_name in _ENTRYWISE_IN_EACH and call.uses(slot) == 1 and not isinstance(value, list) \
+                and len(call.output_values) == 1 and call.inputs[slot].shape == call.output_values[0].shape:
+            # an operand of the output's shape (not broadcast): each output entry reads its own
+            # entry of x, so J_x is diagonal and Σ_o d_o J_oi² = σ'_i² d_i, once the replay has
+            # shown that the call keeps samples apart (XGLM's torch.max(scores, torch.full((), m))
+            # on the attention scores: 512 GB of dense Jacobians at 128 tokens)
+            if not self._safe(call):
+                self.check(call)
+            slope = self._elementwise_slope(call, slot)
+            if slope is not None:
+                return value * slope.square()
         if not shared and (call.func_name in SELECTIONS | WINDOWS | INDEXED_EXTREMES or call.func_name == "__getitem__") \
                 and _selects(call, slot) and call.uses(slot) == 1:
             # each output entry one input entry: Jᵀ d over the whole batch, once the replay has
