@@ -68,7 +68,7 @@ class Scratch:
     recurrent: Optional[Any] = None  # recurrent: the re-run recurrence (pullback, forward values, caches)
     relative_logits: Optional[tuple] = None  # relative_position: q, the offset tables, R_w, R_h (() for the fallback)
     blur_pool: Optional[tuple] = None  # blur_pool: tap positions and squared weights (() for the fallback)
-    rms_form: Optional[Any] = None  # normalization: the form an RMSNorm-like module computes (() for the fallback)
+    norm_form: Optional[int] = None  # normalization: the form a probed norm computes (-1 for the fallback)
 
 
 @dataclass(eq=False)

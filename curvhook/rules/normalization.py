@@ -489,30 +489,38 @@ class OffsetRMSNormRule(HFRMSNormRule):
         return isinstance(w, Tensor) and w.dim() == 1 and isinstance(getattr(module, "eps", None), float)
 
 
-def _rms_norm_form(call: Operation) -> Optional[type[_RMSNormCall]]:
-    """How a call of an RMSNorm-like module reads its weight, proven on probes, or ``None``.
+# The maps a probed norm may compute over the last axis (x̂: x / √(mean(x²) + ε), or x − mean(x)
+# over the standard deviation where centred): the rule that serves it, and its weight as read
+# from the module's w.
+_PROBED_FORMS = (
+    ("w ∘ x̂ (Llama)", False, lambda w: w),
+    ("(1 + w) ∘ x̂ (Gemma)", False, lambda w: 1 + w),
+    ("w ∘ (x − μ)/σ (Cohere's LayerNorm without bias)", True, lambda w: w),
+)
 
-    The module's own ``forward`` (its hooks bypassed) runs on two random inputs of the
-    call's shape, one of unit scale and one of scale ``√ε`` (where ``ε`` decides the
-    result), with a random float64 weight. It must agree with ``w ∘ x̂`` (Llama's form,
-    :class:`_RMSNormCall`) or ``(1 + w) ∘ x̂`` (Gemma's, :class:`_OffsetRMSNormCall`),
-    ``x̂ = x / √(mean(x²) + ε)`` over the last axis, to float32 rounding (the modules
-    compute in float32). Any other map (a norm over groups, a bias, another ε) is ``None``.
-    Kept in the call's scratch for its backward pass; read again for every call, as the
-    module's ``forward`` may read attributes that change between steps.
+
+def _norm_form(call: Operation) -> Optional[int]:
+    """Which of :data:`_PROBED_FORMS` a call of a norm-like module computes, proven on probes,
+    or ``None`` (the fallback serves the call).
+
+    The module's own ``forward`` (its hooks bypassed) runs on two random inputs of the call's
+    shape, one of unit scale and one of scale ``√ε`` (where ``ε`` decides the result), with a
+    random float64 weight, and must agree with the form to float32 rounding (the modules compute
+    in float32). Any other map (a norm over groups, a bias, another ε) is ``None``. Kept in the
+    call's scratch for its backward pass; read again for every call, as the module's ``forward``
+    may read attributes that change between steps.
     """
-    if call.scratch.rms_form is not None:
-        return call.scratch.rms_form or None
-    form = None
+    if call.scratch.norm_form is not None:
+        return call.scratch.norm_form if call.scratch.norm_form >= 0 else None
     try:
-        form = _probe_rms_norm_form(call)
+        form = _probe_norm_form(call)
     except Exception:  # noqa: BLE001 - a forward the probes do not fit: the fallback serves it
         form = None
-    call.scratch.rms_form = form or ()
+    call.scratch.norm_form = -1 if form is None else form
     return form
 
 
-def _probe_rms_norm_form(call: Operation) -> Optional[type[_RMSNormCall]]:
+def _probe_norm_form(call: Operation) -> Optional[int]:
     from curvhook.rules.fallback import _replay  # the fallback imports the registry
 
     module, x = call.module, call.input
@@ -521,12 +529,12 @@ def _probe_rms_norm_form(call: Operation) -> Optional[type[_RMSNormCall]]:
     unit = torch.randn(1, *x.shape[1:], dtype=torch.float64, generator=gen)
     probe = torch.cat([unit, unit * math.sqrt(eps)]).to(x.device)
     weight = torch.randn(module.weight.shape, dtype=torch.float64, generator=gen).to(x.device)
-    got = _replay(call, {"weight": weight}, [probe])
-    x_hat = probe * torch.rsqrt(probe.square().mean(-1, keepdim=True) + eps)
-    for form, scale in ((_RMSNormCall, weight), (_OffsetRMSNormCall, 1 + weight)):
-        want = scale * x_hat
-        if got.shape == want.shape and torch.allclose(got.to(torch.float64), want, rtol=1e-4, atol=1e-6):
-            return form
+    got = _replay(call, {"weight": weight}, [probe]).to(torch.float64)
+    for index, (_, centered, scale) in enumerate(_PROBED_FORMS):
+        z = probe - probe.mean(-1, keepdim=True) if centered else probe
+        want = scale(weight) * z * torch.rsqrt(z.square().mean(-1, keepdim=True) + eps)
+        if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-6):
+            return index
     return None
 
 
@@ -536,15 +544,19 @@ def _hf_eps(module: nn.Module) -> float:
     return eps if isinstance(eps, float) else module.eps
 
 
-@register_rule_by_name("transformers", "*RMSNorm")
-class ProbedRMSNormRule(HFRMSNormRule):
-    """Every other ``…RMSNorm`` class of transformers: about 150 copies of ``LlamaRMSNorm``
-    (``MixtralRMSNorm``, ``Phi3RMSNorm``, ``OlmoRMSNorm``, …) and of Gemma's offset form.
+_SERVING = (RMSNormRule(), LayerNormRule())  # (plain instances: the registry keeps its own)
 
-    A module of the expected attributes (a 1-d ``weight``, its only parameter, and a
-    float ``variance_epsilon`` or ``eps``) gets the closed form of :class:`HFRMSNormRule`
-    or :class:`OffsetRMSNormRule` once probes of its ``forward`` prove which one it
-    computes (:func:`_rms_norm_form`); a call that fits neither goes to the fallback.
+
+@register_rule_by_name("transformers", "*RMSNorm", "*LayerNorm")
+class ProbedNormRule(LayerRule):
+    """transformers' other ``…RMSNorm`` and ``…LayerNorm`` classes: about 150 copies of
+    ``LlamaRMSNorm`` (``MixtralRMSNorm``, ``Phi3RMSNorm``, ``OlmoRMSNorm``, …), a few of Gemma's
+    offset form, and Cohere's ``CohereLayerNorm`` (centred, no bias).
+
+    A module of the expected attributes (a 1-d ``weight``, its only parameter, and a float
+    ``variance_epsilon`` or ``eps``) gets the closed form of ``nn.RMSNorm`` or ``nn.LayerNorm``
+    once probes of its ``forward`` prove which form it computes (:func:`_norm_form`); a call
+    that fits none goes to the fallback. Exact up to the float32 rounding inside such modules.
     """
 
     def accepts(self, module: nn.Module) -> bool:
@@ -555,41 +567,42 @@ class ProbedRMSNormRule(HFRMSNormRule):
             and {n for n, _ in module.named_parameters()} == {"weight"}
         )
 
-    def _view(self, call: Operation) -> Optional[_RMSNormCall]:
-        form = _rms_norm_form(call)
+    @staticmethod
+    def _serving(call: Operation) -> Optional[tuple[LayerRule, _RMSNormCall]]:
+        """The rule of the proven form and the call as an ``nn.RMSNorm``/``nn.LayerNorm`` call."""
+        form = _norm_form(call)
         if form is None:
             return None
-        view = form.__new__(form)
+        _, centered, scale = _PROBED_FORMS[form]
+        view = _RMSNormCall.__new__(_RMSNormCall)
         view._call = call
-        view.module = SimpleNamespace(
-            weight=call.module.weight if form is _RMSNormCall else 1 + call.module.weight.detach(),
-            normalized_shape=tuple(call.module.weight.shape), eps=_hf_eps(call.module), bias=None,
-        )
-        return view
+        m = call.module
+        view.module = SimpleNamespace(weight=scale(m.weight.detach()), normalized_shape=tuple(m.weight.shape), eps=_hf_eps(m), bias=None)
+        return _SERVING[1 if centered else 0], view
 
     def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
-        view = self._view(call)
-        if view is None:
+        serving = self._serving(call)
+        if serving is None:
             return fallback_rule().jac_t_mat_prod(call, mat)
-        return RMSNormRule.jac_t_mat_prod(self, view, mat)
+        return serving[0].jac_t_mat_prod(serving[1], mat)
 
     def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
-        view = self._view(call)
-        if view is None:
+        serving = self._serving(call)
+        if serving is None:
             return fallback_rule().param_jac_t_mat_prod(call, name, mat)
-        return RMSNormRule.param_jac_t_mat_prod(self, view, name, mat)
+        return serving[0].param_jac_t_mat_prod(serving[1], name, mat)
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
-        view = self._view(call)
-        if view is None:
+        serving = self._serving(call)
+        if serving is None:
             return fallback_rule().diag_jac_t_diag_jac(call, diag)
-        return RMSNormRule.diag_jac_t_diag_jac(self, view, diag)
+        return serving[0].diag_jac_t_diag_jac(serving[1], diag)
 
     def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
-        view = self._view(call)
-        if view is None:
+        serving = self._serving(call)
+        if serving is None:
             return fallback_rule().param_diag(call, name, diag)
-        return RMSNormRule.param_diag(self, view, name, diag)
+        return serving[0].param_diag(serving[1], name, diag)
 
 
 class _ChannelRMSNormCall(_RMSNormCall):

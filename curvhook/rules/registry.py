@@ -63,7 +63,7 @@ def register_rule_by_name(package: str, *class_names: str) -> Callable[[R], R]:
     (``"*RMSNorm"``: the copies of one layer that a package defines once per model).
     An exact name takes precedence over such a pattern. A rule so registered must
     prove on each call that the module computes its map (on probes, as
-    :class:`~curvhook.rules.normalization.ProbedRMSNormRule` does) and hand the call
+    :class:`~curvhook.rules.normalization.ProbedNormRule` does) and hand the call
     to the fallback where it does not: a class name is no promise.
 
     Args:

@@ -861,14 +861,17 @@ class TensorOpRule(LayerRule):
         w, x = call.inputs[slot].detach(), call.inputs[other].detach()
         x_sq = x.reciprocal().square() if name in QUOTIENTS else x.square()
         out_dim = value.dim()
+        # (x may broadcast too, each output entry still reads one entry of each operand: Mamba's
+        # dt[:, :, :, None] * A[None, :, None, :], [N, D, T, 1] ⊙ [1, D, 1, S])
+        x_fits = torch.broadcast_shapes(x.shape, value.shape) == value.shape
         if name in PRODUCTS:
-            if w.dim() > out_dim or (w.dim() == out_dim and w.shape[0] != 1) or x.shape != value.shape:
+            if w.dim() > out_dim or (w.dim() == out_dim and w.shape[0] != 1) or not x_fits:
                 return None
             pulled = value * x_sq
             target = (1,) * (out_dim - w.dim()) + tuple(w.shape)
             return pulled.sum_to_size(value.shape[0], *target[1:]).reshape(-1, *w.shape)
         if name in QUOTIENTS:  # w / x with w shared: J_w = 1/x
-            if w.dim() > out_dim or (w.dim() == out_dim and w.shape[0] != 1) or x.shape != value.shape:
+            if w.dim() > out_dim or (w.dim() == out_dim and w.shape[0] != 1) or not x_fits:
                 return None
             target = (1,) * (out_dim - w.dim()) + tuple(w.shape)
             return (value * x_sq).sum_to_size(value.shape[0], *target[1:]).reshape(-1, *w.shape)

@@ -128,7 +128,8 @@ def test_merged_rows_need_no_fallback(name, monkeypatch):
 @pytest.mark.parametrize("name", [
     "transformers.Swin-shifted", "transformers.DebertaV2", "transformers.Bart", "transformers.Bart-pairs",
     "transformers.OPT", "transformers.GPT2-classifier", "transformers.Falcon", "transformers.Falcon-alibi",
-    "transformers.Gemma", "transformers.Phi3", "transformers.Olmo2", "timm.resnetblur", "timm.ghostnetv2", "timm.botnet", "timm.halonet",
+    "transformers.Gemma", "transformers.Phi3", "transformers.Olmo2", "transformers.Cohere",
+    "timm.resnetblur", "timm.ghostnetv2", "timm.botnet", "timm.halonet",
 ])
 def test_positions_and_pooling_take_no_dense_jacobians_nor_the_fallback(name, monkeypatch):
     """HF Swin's shifted-window mask (it carries the batch axis and the bias's grad),
@@ -136,7 +137,8 @@ def test_positions_and_pooling_take_no_dense_jacobians_nor_the_fallback(name, mo
     GPT-2's last-token pooling have closed forms; BART's and OPT's learned position
     embeddings count as their ``F.embedding``; Falcon's ``FalconLinear`` takes the rule of
     ``nn.Linear``, Gemma's ``GemmaRMSNorm`` (weight ``1 + w``) that of ``nn.RMSNorm``, and so do
-    Phi-3's and OLMo 2's RMSNorms (matched by the end of their names, proven on probes). At real widths the dense per-sample
+    Phi-3's and OLMo 2's RMSNorms and Cohere's LayerNorm (matched by the end of their names,
+    proven on probes). At real widths the dense per-sample
     Jacobians ran out of memory, and BART's position embedding in the fallback took
     288 s of a 289 s step (benchmarks/real_sizes.py)."""
 

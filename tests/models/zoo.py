@@ -586,6 +586,27 @@ def hf_olmo2(n: int = N) -> ZooCase:
     return case
 
 
+def hf_cohere(n: int = N) -> ZooCase:
+    """Command-R: ``CohereLayerNorm`` (a LayerNorm without bias, in float32; matched by the end of
+    its name and proven on probes), the attention parallel to the MLP, rotary embeddings on
+    interleaved pairs (``stack([-x2, x1], -1).flatten(-2)``), scaled logits."""
+    import transformers
+
+    config = transformers.CohereConfig(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    model = transformers.CohereForCausalLM(config)
+    for m in model.modules():
+        if type(m).__name__ == "CohereLayerNorm":
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    patterns = ("model.embed_tokens.", "model.layers.0.input_layernorm.", "model.layers.0.self_attn.",
+                "model.layers.0.mlp.down_proj.", "model.norm.")
+    case = _language_model(model, _ids(n), VOCAB, patterns)
+    case.rtol = 1e-6  # CohereLayerNorm computes in float32 by design, also in a float64 model
+    return case
+
+
 def hf_opt(n: int = N) -> ZooCase:
     """The decoder layer runs its MLP on merged rows (``h.reshape(-1, H)``), so each layer is one
     module for the fallback, which replays it: called with ``use_cache=False`` (with the cache
@@ -748,6 +769,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.Gemma": ("transformers", hf_gemma),
     "transformers.Phi3": ("transformers", hf_phi3),
     "transformers.Olmo2": ("transformers", hf_olmo2),
+    "transformers.Cohere": ("transformers", hf_cohere),
     "transformers.Falcon-alibi": ("transformers", lambda n=N: hf_falcon(n, alibi=True)),
     "transformers.T5": ("transformers", hf_t5),
     "transformers.Bart": ("transformers", hf_bart),

@@ -1884,3 +1884,30 @@ def test_entrywise_operations_of_several_operands_without_dense_jacobians(monkey
     torch.manual_seed(2)
     X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
     _exact_without_dense_jacobians(EntrywiseInEach().to(DT), X, y, monkeypatch)
+
+
+class BroadcastBothWays(nn.Module):
+    """Mamba's discretization: ``dt[:, :, :, None] * A[None, :, None, :]`` with ``A = -exp(A_log)``
+    computed from a parameter, both operands broadcast (``[N, D, T, 1] ⊙ [1, D, 1, S]``), and
+    a quotient of the same shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = nn.Linear(4, 3), nn.Linear(3 * 2, 3)
+        self.a_log = nn.Parameter(torch.randn(3, 2) * 0.3)
+
+    def forward(self, x):  # [N, T, 4]
+        dt = F.softplus(self.proj(x)).transpose(1, 2)  # [N, D, T]
+        a = -torch.exp(self.a_log)  # [D, S], from a parameter only
+        h = torch.exp(dt[:, :, :, None] * a[None, :, None, :])  # [N, D, T, S]
+        h = h + a[None, :, None, :] / (1 + dt[:, :, :, None] ** 2)
+        return self.out(h.mean(2).flatten(1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_product_whose_operands_both_broadcast_without_dense_jacobians(monkeypatch, n):
+    """The shared operand's diagonal ``Σ d ⊙ x²`` summed to its shape also where the batched
+    operand broadcasts; before, dense per-sample Jacobians (out of memory at Mamba's width)."""
+    torch.manual_seed(4)
+    X, y = torch.randn(n, 5, 4, dtype=DT), torch.randint(0, 3, (n,))
+    _exact_without_dense_jacobians(BroadcastBothWays().to(DT), X, y, monkeypatch)

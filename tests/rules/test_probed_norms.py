@@ -1,14 +1,16 @@
-"""``ProbedRMSNormRule`` (``curvhook/rules/normalization.py``): transformers' ``…RMSNorm``
-classes matched by the end of their name (``register_rule_by_name("transformers", "*RMSNorm")``).
+"""``ProbedNormRule`` (``curvhook/rules/normalization.py``): transformers' ``…RMSNorm`` and
+``…LayerNorm`` classes matched by the end of their name
+(``register_rule_by_name("transformers", "*RMSNorm", "*LayerNorm")``).
 
 transformers defines one RMSNorm class per model, about 150 copies of ``LlamaRMSNorm``
-and a few of Gemma's ``(1 + w)`` form. Before, curvhook knew seven by name, and every
-other one (Mixtral's, Phi-3's, OLMo's, …) went to the fallback: dense per-sample
-Jacobians of ``[T·E]`` entries, over 150 s for a DiagGGNApprox step of a two-layer
-Phi-3 of width 1024 against 0.8 s plain. A class name is no promise, so the rule
-proves the form on probes of the module's ``forward`` at every call; these tests
-build lookalikes of both forms (float64 inside, so the comparisons are exact), and
-lookalikes of other maps that must go to the fallback.
+and a few of Gemma's ``(1 + w)`` form, and Cohere a LayerNorm without bias. Before,
+curvhook knew seven by name, and every other one (Mixtral's, Phi-3's, OLMo's,
+Cohere's, …) went to the fallback: dense per-sample Jacobians of ``[T·E]`` entries,
+over 150 s for a DiagGGNApprox step of a two-layer Phi-3 of width 1024 against 0.8 s
+plain. A class name is no promise, so the rule proves the form on probes of the
+module's ``forward`` at every call; these tests build lookalikes of the three forms
+(float64 inside, so the comparisons are exact), and lookalikes of other maps that
+must go to the fallback.
 """
 
 import pytest
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from curvhook.rules import registry
-from curvhook.rules.normalization import HFRMSNormRule, OffsetRMSNormRule, ProbedRMSNormRule
+from curvhook.rules.normalization import HFRMSNormRule, OffsetRMSNormRule, ProbedNormRule
 from helpers import (
     CLASSES,
     DT,
@@ -32,8 +34,9 @@ class _Norm(nn.Module):
     """An RMSNorm of transformers' layout: ``weight [E]`` and ``variance_epsilon`` (or ``eps``)."""
 
     offset = False  # Gemma's form: (1 + w) ∘ x̂
-    centered = False  # a LayerNorm under an RMSNorm's name
+    centered = False  # a LayerNorm without bias (Cohere's)
     forward_eps = None  # an epsilon other than the attribute's
+    shift = 0.0  # a constant added after the scaling (a bias that is no parameter)
 
     def __init__(self, hidden: int, eps: float = 1e-6, eps_name: str = "variance_epsilon") -> None:
         super().__init__()
@@ -46,7 +49,7 @@ class _Norm(nn.Module):
         if self.centered:
             x = x - x.mean(-1, keepdim=True)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        return (1 + self.weight if self.offset else self.weight) * x
+        return (1 + self.weight if self.offset else self.weight) * x + self.shift
 
 
 def _named(name: str, package: str = "transformers", **attrs) -> type:
@@ -59,8 +62,9 @@ def _named(name: str, package: str = "transformers", **attrs) -> type:
 
 MixtralRMSNorm = _named("MixtralRMSNorm")
 VaultGemmaRMSNorm = _named("VaultGemmaRMSNorm", offset=True)
-CenteredRMSNorm = _named("CenteredRMSNorm", centered=True)
+CohereLayerNorm = _named("CohereLayerNorm", centered=True)
 OtherEpsRMSNorm = _named("OtherEpsRMSNorm", forward_eps=0.5)
+ShiftedRMSNorm = _named("ShiftedRMSNorm", shift=0.25)
 
 
 def _model(norm: nn.Module, tokens: bool = True) -> nn.Module:
@@ -81,12 +85,15 @@ def _data(n: int, tokens: bool = True):
     lambda: MixtralRMSNorm(6, eps=0.3),  # an epsilon the probe at scale √ε must see
     lambda: VaultGemmaRMSNorm(6, eps_name="eps"),
     lambda: VaultGemmaRMSNorm(6, eps=0.3, eps_name="eps"),
-], ids=["llama-form", "llama-form-large-eps", "gemma-form", "gemma-form-large-eps"])
+    lambda: CohereLayerNorm(6),
+    lambda: CohereLayerNorm(6, eps=0.3),
+], ids=["llama-form", "llama-form-large-eps", "gemma-form", "gemma-form-large-eps", "cohere-form",
+        "cohere-form-large-eps"])
 def test_both_forms_are_exact_without_the_fallback(norm, n, monkeypatch):
     """On tokens ``[N, T, E]``: all four extensions against torch.func and DiagGGNApprox
     against its definition, N = 1 and 3, nothing served by the fallback."""
     module = norm()
-    assert isinstance(registry.rule_for(module), ProbedRMSNormRule)
+    assert isinstance(registry.rule_for(module), ProbedNormRule)
     check_exact_without_fallback(_model(module), *_data(n), monkeypatch)
 
 
@@ -113,11 +120,11 @@ def test_a_norm_over_head_features_is_exact(monkeypatch):
     check_exact_without_fallback(model, *_data(3), monkeypatch)
 
 
-@pytest.mark.parametrize("cls", [CenteredRMSNorm, OtherEpsRMSNorm], ids=["centered", "other-eps"])
+@pytest.mark.parametrize("cls", [OtherEpsRMSNorm, ShiftedRMSNorm], ids=["other-eps", "shifted"])
 def test_a_module_of_another_map_goes_to_the_fallback_and_stays_exact(cls, monkeypatch):
     """A class that ends with ``RMSNorm`` and has the attributes, but computes another map
-    (it centres first; it uses another epsilon than its attribute): the probes refuse both
-    forms and the fallback serves the call, exactly. Trusting the name would be wrong here."""
+    (another epsilon than its attribute; a constant added): the probes refuse every form
+    and the fallback serves the call, exactly. Trusting the name would be wrong here."""
     served = fallback_spy(monkeypatch)
     model = _model(cls(6))
     check_graph_against_reference(model, *_data(3))
@@ -133,7 +140,10 @@ def test_the_form_is_proven_at_every_call(monkeypatch):
     check_exact_without_fallback(model, X, y, monkeypatch)
     module.offset = True  # now (1 + w) ∘ x̂
     check_exact_without_fallback(model, X, y, monkeypatch)
-
+    module.centered = True  # now (1 + w) ∘ (x − μ)/σ: no form fits, the fallback
+    served = fallback_spy(monkeypatch)
+    check_graph_against_reference(model, X, y)
+    assert served
 
 def test_float32_follows_float64():
     model = _model(MixtralRMSNorm(6))
@@ -161,7 +171,8 @@ def test_real_transformers_classes_take_the_rule():
     from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm as Mixtral
     from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
     from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm as Cohere
 
-    for cls in (Mixtral, Phi3RMSNorm, Olmo2RMSNorm):
-        assert isinstance(registry.rule_for(cls(6)), ProbedRMSNormRule), cls
+    for cls in (Mixtral, Phi3RMSNorm, Olmo2RMSNorm, Cohere):
+        assert isinstance(registry.rule_for(cls(6)), ProbedNormRule), cls
     del transformers
