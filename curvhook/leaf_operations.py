@@ -56,6 +56,22 @@ _PERMUTING = frozenset({
 _SCALINGS = PRODUCTS | ADDITIONS | SUBTRACTIONS | REVERSED_SUBTRACTIONS
 
 
+def _one_operation_of_its_inputs(leaf: Operation, module: nn.Module, ops: list[Operation], output: Any) -> bool:
+    """Whether a leaf without parameters ran exactly one operation, on its own tensor arguments
+    (and constants), that returned its output: the leaf is that operation, whatever the number
+    of batched inputs, and DiagGGNApprox counts one operation either way."""
+    if len(ops) != 1 or not isinstance(output, Tensor) or any(True for _ in module.parameters()):
+        return False
+    op = ops[0]
+    own = set(leaf.input_keys)
+    batched = {k for k, kind in zip(leaf.input_keys, leaf.input_kinds) if kind == BATCHED}
+    return (
+        len(op.output_keys) == 1 and op.output_keys[0] == key_of(output) and bool(batched)
+        and {k for k, kind in zip(op.input_keys, op.input_kinds) if kind == BATCHED} == batched
+        and all(kind == CONST or k in own for k, kind in zip(op.input_keys, op.input_kinds))
+    )
+
+
 def as_operations(
     leaf: Operation, module: nn.Module, ops: list[Operation], output: Any, shared_keys: Collection = (),
 ) -> Optional[list[Operation]]:
@@ -76,6 +92,8 @@ def as_operations(
         ``None`` otherwise.
     """
     batched = [k for k, kind in zip(leaf.input_keys, leaf.input_kinds) if kind == BATCHED]
+    if _one_operation_of_its_inputs(leaf, module, ops, output):
+        return ops  # the leaf is that operation (SqueezeBERT's MatMulWrapper: torch.matmul(a, b))
     if not isinstance(output, Tensor) or not output.requires_grad or len(batched) > 1 or output.dim() == 0:
         return None
     # On constants only (frozen features, torchvision's LayerNorm2d after a frozen stem), the
