@@ -34,7 +34,7 @@ An input passed more than once (``x + x``) takes the generic path.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -54,6 +54,14 @@ from curvhook.rules.base import LayerRule, apply_node
 from curvhook.rules.softmax import softmax_diag
 
 # ----------------------------------------------------------------- structure
+def _broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` (and no further)."""
+    try:
+        return tuple(torch.broadcast_shapes(shape, target)) == tuple(target)
+    except RuntimeError:
+        return False
+
+
 def batch_safe(call: Operation, n: int) -> bool:
     """Whether the shapes and arguments show that ``call`` keeps samples apart.
 
@@ -863,7 +871,7 @@ class TensorOpRule(LayerRule):
         out_dim = value.dim()
         # (x may broadcast too, each output entry still reads one entry of each operand: Mamba's
         # dt[:, :, :, None] * A[None, :, None, :], [N, D, T, 1] ⊙ [1, D, 1, S])
-        x_fits = torch.broadcast_shapes(x.shape, value.shape) == value.shape
+        x_fits = _broadcasts_to(x.shape, value.shape)
         if name in PRODUCTS:
             if w.dim() > out_dim or (w.dim() == out_dim and w.shape[0] != 1) or not x_fits:
                 return None
