@@ -763,10 +763,16 @@ class TensorOpRule(LayerRule):
 
     @staticmethod
     def _own_node(call: Operation, slot: int) -> bool:
-        """Whether ``call.node`` is one autograd operation from input ``slot`` to the output."""
+        """Whether ``call.node`` is one autograd operation from input ``slot`` to the output.
+
+        Only for a call with one input that has a node: where two operands come from one
+        node (``a, b = h.chunk(2, -1)``; ``maximum(a, b)``), the node's first edge is the
+        input of either, and its backward's first output would be read for both.
+        """
         node = call.node
         return (
             node is not None
+            and sum(n is not None for n in call.input_nodes) == 1
             and call.output_values[0].shape == call.inputs[slot].shape
             and bool(node.next_functions)
             and node.next_functions[0][0] is call.input_nodes[slot]

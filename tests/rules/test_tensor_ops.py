@@ -1861,7 +1861,7 @@ class EntrywiseInEach(nn.Module):
     """Broadcasting operations entrywise in each operand, on an operand of the output's shape:
     XGLM's ``torch.max(scores, torch.full((), m))``, ``maximum``/``minimum`` of two batched
     tensors, ``clamp`` with tensor bounds, ``lerp``, ``where`` on a batched condition with a
-    broadcast other operand, ``fmax``; ties included (``relu``-like kinks at shared values)."""
+    broadcast other operand, ``fmax``; operands that are chunks of one tensor (one autograd node)."""
 
     def __init__(self):
         super().__init__()
@@ -1874,6 +1874,8 @@ class EntrywiseInEach(nn.Module):
         h = torch.clamp(h, min=torch.full((6,), -0.5, dtype=h.dtype), max=torch.full((1, 6), 0.8, dtype=h.dtype))
         h = torch.lerp(h, g, 0.3) + torch.where(x[..., :1] > 0, h, torch.zeros(6, dtype=h.dtype))
         h = torch.fmax(h, g * 0.5) * torch.min(h, torch.ones((), dtype=h.dtype))
+        a, b, c = h.chunk(3, -1)  # operands from one autograd node: each its own slope (review)
+        h = torch.cat([torch.maximum(a, b), torch.clamp(b, min=a), torch.lerp(a, b, c)], -1)
         return self.out(h.mean(1))
 
 
