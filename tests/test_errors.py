@@ -143,3 +143,30 @@ def test_running_out_of_memory_in_torch_func_says_so(where, monkeypatch):
         with pytest.raises(UnsupportedModelError, match="ran out of memory differentiating.*smaller batch"):
             with extend(model, DiagGGNApprox()):
                 nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+class _ScaledByBatchMax(nn.Module):
+    """``h / max(h)`` over every axis (Nystromformer's ``init_option='original'``): one scalar
+    from the whole batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h * (1 / torch.max(h.abs().sum(-1))))
+
+
+@pytest.mark.parametrize("ext", [DiagGGN, DiagGGNApprox])
+def test_a_scalar_reduced_over_the_whole_batch_is_refused_by_name(ext):
+    """Before: "cannot split the operation mul into samples (vmap: Got in_dim=0 for some input,
+    but that input is a Tensor of dimensionality 0)". Now the message says what the scalar is
+    and how to reduce per sample instead; the model is left clean."""
+    model = _ScaledByBatchMax().to(DT)
+    X, y = torch.randn(3, 4, dtype=DT), torch.randint(0, 3, (3,))
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModelError, match=r"scalar computed from the batch.*mul.*|mul.*scalar computed from the batch"):
+        with extend(model, ext()):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+    assert_clean(model, before)

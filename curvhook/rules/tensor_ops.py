@@ -518,6 +518,15 @@ class TensorOpRule(LayerRule):
         """Check, once per backward, that the operation treats samples independently."""
         if call.scratch.keeps_samples_apart_checked or BATCHED not in call.input_kinds:
             return
+        if any(k == BATCHED and t.dim() == 0 for t, k in zip(call.inputs, call.input_kinds)):
+            raise UnsupportedModelError(
+                f"The operation {call.name} takes a scalar computed from the batch (a tensor of shape "
+                "(), from a reduction over every axis of a batched tensor: torch.max(t), t.sum(), "
+                "t.norm()). With more than one sample such a reduction mixes them, and curvhook cannot "
+                "split a scalar into samples: per-sample Jacobians do not exist. Reduce over each "
+                "sample's own axes instead (t.amax(dim=(1, 2), keepdim=True)). (Nystromformer's "
+                "pseudo-inverse starts from one over such a maximum.)"
+            )
 
         def compute():
             per_sample = self._per_sample(call, ())
