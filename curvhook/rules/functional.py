@@ -36,7 +36,7 @@ from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot
 from curvhook.rules.attention import attention_diagonals
 from curvhook.rules.batched_products import AddcmulFunction, BaddbmmFunction
 from curvhook.rules.base import LayerRule
-from curvhook.rules.conv import ConvRule
+from curvhook.rules.conv import _GRAD_WEIGHT as _CONV_GRAD_WEIGHT, ConvRule, _geometry as _conv_geometry
 from curvhook.rules.embedding import EmbeddingRule
 from curvhook.rules.linear import LinearRule
 from curvhook.rules.normalization import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
@@ -502,6 +502,31 @@ class ConvFunction(FunctionalRule):
             fixed and isinstance(w, Tensor) and w.dim() == self.dims + 2 and (b is None or b.dim() == 1)
             and call.inputs[args["input"]].dim() == self.dims + 2 and isinstance(args["groups"], int)
         )
+
+
+    def input_diag(self, call: Operation, value, slot: int) -> Tensor:
+        """A weight or bias computed from parameters (Mamba's causal convolution,
+        ``F.conv1d(x, conv.weight.squeeze(1).unsqueeze(1), conv.bias, groups=C)``) gets its
+        per-sample diagonal in closed form, like a parameter's: ``Σ_l d[n, o, l]`` for the
+        bias; for the weight, ``Σ_l d[n, o, l] U[n, i, l]²`` (``U`` the patches), which is the
+        weight gradient of one convolution with the samples stacked as groups: ``x²`` as its
+        input ``[1, N·C, …]`` and ``d`` as its output gradient ``[1, N·O, …]``, ``N·groups``
+        groups. Before session 45: dense per-sample Jacobians."""
+        served = self._served(call, value)
+        role = None if served is None else self._role(call, served[1], slot)
+        if role is None or call.input_kinds[slot] == BATCHED:
+            return super().input_diag(call, value, slot)
+        if role == "bias":
+            return value.flatten(2).sum(2)
+        layer = served[0]
+        x, padding, _ = _conv_geometry(layer)  # (asymmetric 'same' padded explicitly)
+        module, n = layer.module, x.shape[0]
+        weight = tuple(module.weight.shape)
+        grad = _CONV_GRAD_WEIGHT[self.dims](
+            x.square().reshape(1, -1, *x.shape[2:]), (n * weight[0], *weight[1:]),
+            value.reshape(1, -1, *value.shape[2:]), module.stride, padding, module.dilation, n * module.groups,
+        )
+        return grad.reshape(n, *weight)
 
 
 def _ntuple(value: Any, d: int) -> tuple:

@@ -238,6 +238,17 @@ CASES = {
         (2, 3, 3)),
     "conv1d": (lambda: ConvThen(
         lambda m, x: F.conv1d(x.flatten(2), m.weight, m.bias, padding=1), weight=(4, 4, 3)), (2, 3, 3)),
+    # a weight and bias computed from parameters (Mamba's causal depthwise convolution:
+    # F.conv1d(x, conv.weight.squeeze(1).unsqueeze(1), conv.bias, padding=k - 1, groups=C))
+    "conv1d_derived_depthwise": (lambda: ConvThen(
+        lambda m, x: F.conv1d(x.flatten(2), m.weight.squeeze(1).unsqueeze(1), m.bias * 2, padding=2, groups=4)[..., :9],
+        weight=(4, 1, 3)), (2, 3, 3)),
+    "conv2d_derived_strided_groups": (lambda: ConvThen(
+        lambda m, x: F.conv2d(x, m.weight.tanh(), m.bias.exp(), stride=(2, 1), padding=(1, 0), groups=2),
+        weight=(4, 2, 3, 1), size=(2, 3)), (2, 3, 3)),
+    "conv2d_derived_same_asymmetric": (lambda: ConvThen(
+        lambda m, x: F.conv2d(x, 0.5 * m.weight, None, padding="same", dilation=(1, 2)), params=("weight",),
+        weight=(4, 4, 2, 2)), (2, 3, 3)),
     "pad_reflect": (lambda: ConvThen(lambda m, x: F.pad(x, (1, 1, 0, 2), mode="reflect"), params=(), size=(5, 5)),
                     (2, 3, 3)),
     # GhostNetV2's attention: F.interpolate(gate, size=x.shape[-2:], mode="nearest")
