@@ -535,8 +535,10 @@ def _probe_norm_form(call: Operation) -> Optional[int]:
     # float32 first (its output unmoved by a change below float32's resolution) gets float32's
     # tolerance: a map within 1e-5 of a form is otherwise no proof (an unbiased variance differs
     # from the biased one by a factor D / (D − 1), 6e-5 at D = 8192; the review of session 45).
+    # (A few entries near a float32 rounding midpoint move: one in 2^16 for a 2^-40 nudge.)
     nudged = _replay(call, {"weight": weight}, [probe * (1 + 2.0**-40)]).to(torch.float64)
-    rtol = 1e-5 if torch.equal(nudged, got) else 1e-10
+    rounds = nudged.shape == got.shape and (nudged == got).double().mean() > 0.99
+    rtol = 1e-5 if rounds else 1e-10
     for index, (_, centered, scale) in enumerate(_PROBED_FORMS):
         z = probe - probe.mean(-1, keepdim=True) if centered else probe
         want = scale(weight) * z * torch.rsqrt(z.square().mean(-1, keepdim=True) + eps)
