@@ -252,20 +252,24 @@ def _diagonal(fn: Callable[[Tensor], Tensor], at: Tensor, diag: Tensor, per_samp
     step = max(1, _CHUNK_ENTRIES // max(1, 16 * outs, 16 * size))
     if size <= outs:  # columns: one jvp per entry of ``at``
         flat = at.reshape(-1)
-        for start in range(0, size, step):
-            stop = min(start + step, size)
-            tangents = flat.new_zeros(stop - start, size)
-            tangents[torch.arange(stop - start), torch.arange(start, stop)] = 1
-            cols = vmap(lambda t: jvp(fn, (at,), (t.view_as(at),))[1])(tangents).reshape(stop - start, outs)
-            total[:, start:stop] = d @ cols.square().T
-    else:  # rows: one vjp per output entry
-        out, pull = vjp(fn, at)
-        for start in range(0, outs, step):
-            stop = min(start + step, outs)
-            cotangents = d.new_zeros(stop - start, outs)
-            cotangents[torch.arange(stop - start), torch.arange(start, stop)] = 1
-            rows = vmap(lambda c: pull(c.view_as(out))[0])(cotangents).reshape(stop - start, size)
-            total += d[:, start:stop] @ rows.square()
+        try:
+            for start in range(0, size, step):
+                stop = min(start + step, size)
+                tangents = flat.new_zeros(stop - start, size)
+                tangents[torch.arange(stop - start), torch.arange(start, stop)] = 1
+                cols = vmap(lambda t: jvp(fn, (at,), (t.view_as(at),))[1])(tangents).reshape(stop - start, outs)
+                total[:, start:stop] = d @ cols.square().T
+            return total.reshape(-1, *at.shape) if per_sample else total.reshape(at.shape)
+        except NotImplementedError:  # an operation without forward mode (torch's weight norm,
+            total.zero_()  # wav2vec2's positional convolution): the rows below instead
+    # rows: one vjp per output entry
+    out, pull = vjp(fn, at)
+    for start in range(0, outs, step):
+        stop = min(start + step, outs)
+        cotangents = d.new_zeros(stop - start, outs)
+        cotangents[torch.arange(stop - start), torch.arange(start, stop)] = 1
+        rows = vmap(lambda c: pull(c.view_as(out))[0])(cotangents).reshape(stop - start, size)
+        total += d[:, start:stop] @ rows.square()
     return total.reshape(-1, *at.shape) if per_sample else total.reshape(at.shape)
 
 
