@@ -5,8 +5,9 @@ and UniSpeech build their positional convolution as
 The parametrization is a module called without the batch (``_WeightNorm(g, v)``), whose
 output, the weight, enters every sample. Its diagonal for DiagGGNApprox was formed with
 forward-mode products, which torch's ``_weight_norm_interface`` does not implement: every
-one of those models crashed with a bare ``NotImplementedError`` from torch (session 45);
-now reverse mode serves such a map. Every extension is checked against torch.func.
+one of those models crashed with a bare ``NotImplementedError`` from torch. Since session 45
+the diagonal has a closed form (``curvhook/rules/weight_norm.py``), and reverse mode serves
+any other map of parameters without forward mode. Every extension is checked against torch.func.
 """
 
 import pytest
@@ -31,7 +32,7 @@ class PositionalConv(nn.Module):
         return self.head((x + h).flatten(1))
 
 
-@pytest.mark.parametrize("dim", [2, 0])
+@pytest.mark.parametrize("dim", [2, 0, None])
 @pytest.mark.parametrize("n", [1, 3])
 def test_a_weight_normed_convolution_is_exact(n, dim):
     torch.manual_seed(0)
@@ -45,3 +46,33 @@ def test_a_weight_normed_linear_is_exact(monkeypatch):
     model = nn.Sequential(weight_norm(nn.Linear(3, 6)), nn.Tanh(), nn.Linear(6, CLASSES)).to(DT)
     X, y = torch.randn(3, 3, dtype=DT), torch.randint(0, CLASSES, (3,))
     check_exact_without_fallback(model, X, y, monkeypatch)
+
+
+def test_the_closed_form_serves_the_weight_norm(monkeypatch):
+    """No product per entry of the weight (at wav2vec2's width, 4.7M reverse products)."""
+    from curvhook import extend
+    from curvhook.extensions import DiagGGNApprox
+    from curvhook.rules import parameters_only
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a product per entry")
+
+    monkeypatch.setattr(parameters_only, "_diagonal", refuse)
+    torch.manual_seed(2)
+    model = PositionalConv().to(DT)
+    X, y = torch.randn(3, 5, 4, dtype=DT), torch.randint(0, CLASSES, (3,))
+    with extend(model, DiagGGNApprox()):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    assert all(p.diag_ggn_approx.abs().sum() > 0 for p in model.parameters())
+
+
+def test_reverse_mode_serves_a_map_without_forward_mode(monkeypatch):
+    """With the closed form off, the per-entry path takes reverse mode where forward mode is
+    not implemented (it raised torch's NotImplementedError before session 45)."""
+    from curvhook.rules import parameters_only
+
+    monkeypatch.setattr(parameters_only, "is_weight_norm", lambda call: False)
+    torch.manual_seed(3)
+    model = PositionalConv().to(DT)
+    X, y = torch.randn(2, 5, 4, dtype=DT), torch.randint(0, CLASSES, (2,))
+    check_graph_against_reference(model, X, y)

@@ -40,6 +40,7 @@ from curvhook.records import BATCHED, CONST, Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.batch_axis_view import _trailing_axes
 from curvhook.rules.fallback import _forward, _params, _replay
+from curvhook.rules.weight_norm import is_weight_norm, weight_norm_diag
 
 # Tensor operations that copy their first argument along new leading axes.
 COPIES_TO_BATCH = frozenset({"expand", "expand_as", "broadcast_to", "repeat"})
@@ -108,6 +109,10 @@ class ParametersOnlyModuleRule(LayerRule):
         view = _batched_view(call, diag.shape[0])
         if view is not None:
             return _out_of(self.inner.input_diag(view[0], _into(diag, 1, view), slot), 1, view)
+        if is_weight_norm(call):  # wav2vec2's positional convolution: w = g · v / ‖v‖
+            closed = weight_norm_diag(call, diag, slot)
+            if closed is not None:
+                return closed
         at = call.inputs[slot].detach()
         picked = _diagonal_through_tail(call, call.input_keys[slot][0], at, diag, per_sample=True)
         if picked is not None:
