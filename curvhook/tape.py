@@ -95,6 +95,10 @@ class OperationTape(TorchFunctionMode):
         name = name_of(func)
         if not self.enabled or skipped(func, name):
             return func(*args, **kwargs)
+        if name == "einsum" and len(args) == 2 and isinstance(args[1], (list, tuple)):
+            # einsum(spec, [a, b]) (CvT's attention) recorded as einsum(spec, a, b): the same call,
+            # in the one form the einsum rules read
+            args = (args[0], *args[1])
         # The bookkeeping reads tensor metadata (versions, ``grad_fn``); with torch
         # functions disabled those reads do not come back through this mode.
         with disable_torch_function():
