@@ -35,6 +35,7 @@ from curvhook.rules.registry import rule_for, rule_or_fallback
 from curvhook.rules.row_groups import GATHERED_ROWS, REGROUP, REPEATED_ROWS
 from curvhook.rules.functional import FUNCTIONAL_RULES
 from curvhook.rules.tensor_ops import TENSOR_OPS
+from curvhook.rules.weight_norm import is_weight_norm
 from curvhook.trace import Trace
 
 
@@ -271,7 +272,8 @@ def _check_module(op: Operation, trace: Trace, shape: GraphShape, n: Optional[in
             f"of the whole batch, so samples are mixed and per-sample Jacobians do not exist. {remedy}"
         )
     if rule_for(module if op.batch_axes is None else batch_first_module(module)) is None:
-        FALLBACK.warn_once(op)
+        if not (op.from_parameters and is_weight_norm(op)):  # (its diagonal has a closed form)
+            FALLBACK.warn_once(op)
     if op.from_parameters:  # no batch axis: every sample reads the whole output
         _check_sources(op, trace, shape)
         return
