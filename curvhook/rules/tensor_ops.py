@@ -521,9 +521,9 @@ class TensorOpRule(LayerRule):
         if any(k == BATCHED and t.dim() == 0 for t, k in zip(call.inputs, call.input_kinds)):
             raise UnsupportedModelError(
                 f"The operation {call.name} takes a scalar computed from the batch (a tensor of shape "
-                "(), from a reduction over every axis of a batched tensor: torch.max(t), t.sum(), "
-                "t.norm()). With more than one sample such a reduction mixes them, and curvhook cannot "
-                "split a scalar into samples: per-sample Jacobians do not exist. Reduce over each "
+                "(): a reduction over every axis of a batched tensor, torch.max(t), t.sum(), t.norm(), "
+                "or one entry, t[0, 0]). curvhook cannot split a scalar into samples, and with more "
+                "than one sample it mixes them: per-sample Jacobians do not exist. Reduce over each "
                 "sample's own axes instead (t.amax(dim=(1, 2), keepdim=True)). (Nystromformer's "
                 "pseudo-inverse starts from one over such a maximum.)"
             )
