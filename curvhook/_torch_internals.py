@@ -23,6 +23,7 @@ the two releases CI tests. Older releases lack public features curvhook needs
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import sys
@@ -109,6 +110,17 @@ else:  # pragma: no cover - every torch 2.x has it
             return None
 
 
+# enable_torch_function(): context manager under which torch-function modes run again
+# inside a region where curvhook disabled them (its backward walk): a rule that watches
+# a module's own ``forward`` through a mode of its own (the probed norms) enters it.
+# Checked on torch 2.6–2.13 (``torch._C._EnableTorchFunction``).
+# Missing: a no-op, and such a watch sees nothing (the probed norms then keep the
+# tolerance of float64 unless the module's output shows the rounding).
+if hasattr(_C, "_EnableTorchFunction"):
+    enable_torch_function = _C._EnableTorchFunction
+else:  # pragma: no cover - every torch 2.x has it
+    enable_torch_function = contextlib.nullcontext
+
 # push_torch_function_mode(mode): put an already-entered torch-function mode
 # back on top of the mode stack without calling its ``__enter__`` again;
 # pop_torch_function_mode() takes the innermost mode off the stack and
@@ -141,6 +153,12 @@ def torch_function_mode_on_top(mode: Any) -> bool:
         return False
     depth = _stack_len()
     return depth > 0 and _stack_at(depth - 1) is mode
+
+
+def torch_function_mode_stack_empty() -> bool:
+    """Whether no torch-function mode is on the stack (``False`` where torch cannot say:
+    ``torch._C._len_torch_function_stack`` missing)."""
+    return _stack_len is not None and _stack_len() == 0
 
 
 # ------------------------------------------------------------------ torch.func

@@ -44,8 +44,10 @@ from typing import Any, Optional
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from curvhook import _memory
+from curvhook._torch_internals import enable_torch_function, torch_function_mode_stack_empty
 from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import fallback_rule, register_rule, register_rule_by_name
@@ -425,13 +427,16 @@ class RMSNormRule(LayerNormRule):
 
 
 class _RMSNormCall:
-    """A call of Hugging Face's ``LlamaRMSNorm`` as :class:`RMSNormRule` reads an ``nn.RMSNorm`` call."""
+    """A call of Hugging Face's ``LlamaRMSNorm`` as :class:`RMSNormRule` reads an ``nn.RMSNorm`` call
+    (of weight ``weight`` and ``eps``, by default the module's ``weight`` and ``variance_epsilon``)."""
 
-    def __init__(self, call: Operation) -> None:
+    def __init__(self, call: Operation, weight: Optional[Tensor] = None, eps: Optional[float] = None) -> None:
         self._call = call
         m = call.module
+        weight = m.weight if weight is None else weight
         self.module = SimpleNamespace(
-            weight=m.weight, normalized_shape=tuple(m.weight.shape), eps=m.variance_epsilon, bias=None
+            weight=weight, normalized_shape=tuple(m.weight.shape),
+            eps=m.variance_epsilon if eps is None else eps, bias=None,
         )
 
     def __getattr__(self, name: str) -> Any:
@@ -470,11 +475,7 @@ class _OffsetRMSNormCall(_RMSNormCall):
     ``nn.RMSNorm`` call of weight ``1 + w``; ``∂y/∂w = x̂``, as for ``nn.RMSNorm``'s weight."""
 
     def __init__(self, call: Operation) -> None:
-        self._call = call
-        m = call.module
-        self.module = SimpleNamespace(
-            weight=1 + m.weight.detach(), normalized_shape=tuple(m.weight.shape), eps=m.eps, bias=None
-        )
+        super().__init__(call, 1 + call.module.weight.detach(), call.module.eps)
 
 
 @register_rule_by_name("transformers", "GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
@@ -521,6 +522,21 @@ def _norm_form(call: Operation) -> Optional[int]:
     return form
 
 
+class _RoundingWatch(TorchFunctionMode):
+    """Notes whether any torch function called under it returns a floating tensor below float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounded = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+                self.rounded = True
+        return out
+
+
 def _probe_norm_form(call: Operation) -> Optional[int]:
     from curvhook.rules.fallback import _replay  # the fallback imports the registry
 
@@ -530,14 +546,21 @@ def _probe_norm_form(call: Operation) -> Optional[int]:
     unit = torch.randn(1, *x.shape[1:], dtype=torch.float64, generator=gen)
     probe = torch.cat([unit, unit * math.sqrt(eps)]).to(x.device)
     weight = torch.randn(module.weight.shape, dtype=torch.float64, generator=gen).to(x.device)
-    got = _replay(call, {"weight": weight}, [probe]).to(torch.float64)
-    # float64 throughout: agreement to float64 rounding. Only a module that rounds its input to
-    # float32 first (its output unmoved by a change below float32's resolution) gets float32's
-    # tolerance: a map within 1e-5 of a form is otherwise no proof (an unbiased variance differs
-    # from the biased one by a factor D / (D − 1), 6e-5 at D = 8192; the review of session 45).
-    # (A few entries near a float32 rounding midpoint move: one in 2^16 for a 2^-40 nudge.)
+    watch = _RoundingWatch()
+    if torch_function_mode_stack_empty():  # (the backward walk runs with torch functions disabled)
+        with enable_torch_function(), watch:
+            got = _replay(call, {"weight": weight}, [probe]).to(torch.float64)
+    else:  # a mode of curvhook's would record what the watch passes on: no watch
+        got = _replay(call, {"weight": weight}, [probe]).to(torch.float64)
+    # float64 throughout: agreement to float64 rounding. Only a module that rounds to float32
+    # on the way (most of transformers' do: the input, or only the mean square as mT5's
+    # ``MT5LayerNorm``) gets float32's tolerance: a map within 1e-5 of a form is otherwise no
+    # proof (an unbiased variance differs from the biased one by a factor D / (D − 1), 6e-5 at
+    # D = 8192; the review of session 45). A rounding is seen as a float32 result of a torch
+    # function inside the forward, or as an output unmoved by a change below float32's
+    # resolution (a few entries near a rounding midpoint move: one in 2^16 for a 2^-40 nudge).
     nudged = _replay(call, {"weight": weight}, [probe * (1 + 2.0**-40)]).to(torch.float64)
-    rounds = nudged.shape == got.shape and (nudged == got).double().mean() > 0.99
+    rounds = watch.rounded or (nudged.shape == got.shape and (nudged == got).double().mean() > 0.99)
     rtol = 1e-5 if rounds else 1e-10
     for index, (_, centered, scale) in enumerate(_PROBED_FORMS):
         z = probe - probe.mean(-1, keepdim=True) if centered else probe
@@ -583,35 +606,27 @@ class ProbedNormRule(LayerRule):
         if form is None:
             return None
         _, centered, scale = _PROBED_FORMS[form]
-        view = _RMSNormCall.__new__(_RMSNormCall)
-        view._call = call
-        m = call.module
-        view.module = SimpleNamespace(weight=scale(m.weight.detach()), normalized_shape=tuple(m.weight.shape), eps=_hf_eps(m), bias=None)
+        view = _RMSNormCall(call, scale(call.module.weight.detach()), _hf_eps(call.module))
         return _SERVING[1 if centered else 0], view
 
-    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+    def _delegate(self, method: str, call: Operation, *args: Any) -> Tensor:
+        """``method`` of the proven form's rule on the call's view, or of the fallback."""
         serving = self._serving(call)
         if serving is None:
-            return fallback_rule().jac_t_mat_prod(call, mat)
-        return serving[0].jac_t_mat_prod(serving[1], mat)
+            return getattr(fallback_rule(), method)(call, *args)
+        return getattr(serving[0], method)(serving[1], *args)
+
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        return self._delegate("jac_t_mat_prod", call, mat)
 
     def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
-        serving = self._serving(call)
-        if serving is None:
-            return fallback_rule().param_jac_t_mat_prod(call, name, mat)
-        return serving[0].param_jac_t_mat_prod(serving[1], name, mat)
+        return self._delegate("param_jac_t_mat_prod", call, name, mat)
 
     def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
-        serving = self._serving(call)
-        if serving is None:
-            return fallback_rule().diag_jac_t_diag_jac(call, diag)
-        return serving[0].diag_jac_t_diag_jac(serving[1], diag)
+        return self._delegate("diag_jac_t_diag_jac", call, diag)
 
     def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
-        serving = self._serving(call)
-        if serving is None:
-            return fallback_rule().param_diag(call, name, diag)
-        return serving[0].param_diag(serving[1], name, diag)
+        return self._delegate("param_diag", call, name, diag)
 
 
 class _ChannelRMSNormCall(_RMSNormCall):
@@ -750,3 +765,53 @@ class GlobalResponseNormRule(LayerRule):
         if name == "bias":
             return d.sum((0, 1))
         return (d * x.square()).sum(1).mul(norm[:, 0].square()).sum(0)
+
+
+class _HFGlobalResponseNormCall:
+    """A call of Hugging Face's ``ConvNextV2GRN`` (channels last ``[N, H, W, C]``, weight and bias
+    ``[1, 1, 1, C]``, ε = 1e-6 written into its ``forward``) as :class:`GlobalResponseNormRule`
+    reads a call of timm's ``GlobalResponseNorm``: the same map."""
+
+    def __init__(self, call: Operation) -> None:
+        self._call = call
+        m = call.module
+        self.module = SimpleNamespace(
+            spatial_dim=(1, 2), channel_dim=-1, eps=1e-6, weight=m.weight.reshape(-1), bias=m.bias.reshape(-1)
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+@register_rule_by_name("transformers", "ConvNextV2GRN")
+class HFGlobalResponseNormRule(GlobalResponseNormRule):
+    """Hugging Face's ``ConvNextV2GRN``: :class:`GlobalResponseNormRule` on the call's view
+    (:class:`_HFGlobalResponseNormCall`), the parameters' results in their ``[1, 1, 1, C]`` shape."""
+
+    def accepts(self, module: nn.Module) -> bool:
+        w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+        return (
+            isinstance(w, Tensor) and isinstance(b, Tensor) and w.dim() == 4 and tuple(w.shape[:3]) == (1, 1, 1)
+            and b.shape == w.shape and {n for n, _ in module.named_parameters()} == {"weight", "bias"}
+        )
+
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        if call.input.dim() != 4:
+            return fallback_rule().jac_t_mat_prod(call, mat)
+        return super().jac_t_mat_prod(_HFGlobalResponseNormCall(call), mat)
+
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        if call.input.dim() != 4:
+            return fallback_rule().param_jac_t_mat_prod(call, name, mat)
+        out = super().param_jac_t_mat_prod(_HFGlobalResponseNormCall(call), name, mat)  # [V, N, C]
+        return out.reshape(*out.shape[:2], 1, 1, 1, out.shape[-1])
+
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
+        if call.input.dim() != 4:
+            return fallback_rule().diag_jac_t_diag_jac(call, diag)
+        return super().diag_jac_t_diag_jac(_HFGlobalResponseNormCall(call), diag)
+
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
+        if call.input.dim() != 4:
+            return fallback_rule().param_diag(call, name, diag)
+        return super().param_diag(_HFGlobalResponseNormCall(call), name, diag).reshape(1, 1, 1, -1)

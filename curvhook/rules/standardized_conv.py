@@ -1,4 +1,5 @@
-"""Weight-standardized convolutions: timm's ``StdConv2d`` (BiT ResNet-V2) and ``ScaledStdConv2d`` (NFNets).
+"""Weight-standardized convolutions: timm's ``StdConv2d`` (BiT ResNet-V2) and ``ScaledStdConv2d`` (NFNets),
+Hugging Face's ``WeightStandardizedConv2d`` (BiT).
 
 The layer is a convolution ``y = conv(x, W̃) + b`` whose kernel is standardized per
 output channel ``o`` over its fan-in (``F = C_in/G · k_h · k_w`` entries ``w_o``)::
@@ -73,14 +74,20 @@ class _StandInCall:
 
 
 @register_rule_by_name("timm", "StdConv2d", "ScaledStdConv2d")
+@register_rule_by_name("transformers", "WeightStandardizedConv2d")
 class StandardizedConvRule(LayerRule):
-    """timm's weight-standardized convolutions (see the module docstring)."""
+    """timm's and Hugging Face's weight-standardized convolutions (see the module docstring).
+
+    Hugging Face's ``WeightStandardizedConv2d`` pads dynamically (``"SAME"`` padding with a
+    stride) through a child module ``pad``; such a layer is not served (the fallback is).
+    """
 
     def accepts(self, module: nn.Module) -> bool:
         w, gain = getattr(module, "weight", None), getattr(module, "gain", None)
         if not (
             isinstance(w, Tensor) and w.dim() == 4 and isinstance(getattr(module, "eps", None), float)
             and getattr(module, "padding_mode", None) == "zeros" and not isinstance(module.padding, str)
+            and getattr(module, "pad", None) is None
         ):
             return False
         if type(module).__name__ == "ScaledStdConv2d":

@@ -130,6 +130,7 @@ def test_merged_rows_need_no_fallback(name, monkeypatch):
     "transformers.OPT", "transformers.GPT2-classifier", "transformers.Falcon", "transformers.Falcon-alibi",
     "transformers.Gemma", "transformers.Phi3", "transformers.Olmo2", "transformers.Cohere",
     "timm.resnetblur", "timm.ghostnetv2", "timm.botnet", "timm.halonet",
+    "transformers.ConvNextV2", "transformers.Bit",
 ])
 def test_positions_and_pooling_take_no_dense_jacobians_nor_the_fallback(name, monkeypatch):
     """HF Swin's shifted-window mask (it carries the batch axis and the bias's grad),
@@ -138,7 +139,8 @@ def test_positions_and_pooling_take_no_dense_jacobians_nor_the_fallback(name, mo
     embeddings count as their ``F.embedding``; Falcon's ``FalconLinear`` takes the rule of
     ``nn.Linear``, Gemma's ``GemmaRMSNorm`` (weight ``1 + w``) that of ``nn.RMSNorm``, and so do
     Phi-3's and OLMo 2's RMSNorms and Cohere's LayerNorm (matched by the end of their names,
-    proven on probes). At real widths the dense per-sample
+    proven on probes); Hugging Face's ``ConvNextV2GRN`` and ``WeightStandardizedConv2d`` take the
+    rules of timm's ``GlobalResponseNorm`` and ``StdConv2d``. At real widths the dense per-sample
     Jacobians ran out of memory, and BART's position embedding in the fallback took
     288 s of a 289 s step (benchmarks/real_sizes.py)."""
 

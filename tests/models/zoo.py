@@ -464,6 +464,42 @@ def hf_swin_shifted(n: int = N) -> ZooCase:
     return _classifier(model, "pixel_values", _images(16, n), CLASSES, patterns, logits=lambda out: out.logits)
 
 
+def hf_convnextv2(n: int = N) -> ZooCase:
+    """ConvNeXt V2: Hugging Face's own ``ConvNextV2GRN`` (weight and bias ``[1, 1, 1, C]``), the
+    rule of timm's ``GlobalResponseNorm`` on a view of it; before session 46 the fallback
+    (past 150 s a step at the default width). GRN starts at zero: its parameters randomized."""
+    import transformers
+
+    config = transformers.ConvNextV2Config(
+        num_channels=3, patch_size=4, image_size=16, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+        num_labels=CLASSES, drop_path_rate=0.0,
+    )
+    model = transformers.ConvNextV2ForImageClassification(config).eval()
+    for m in model.modules():
+        if type(m).__name__ == "ConvNextV2GRN":
+            torch.nn.init.uniform_(m.weight, -1.0, 1.0)
+            torch.nn.init.uniform_(m.bias, -0.5, 0.5)
+    patterns = ("convnextv2.encoder.stages.0.layers.0.grn.", "convnextv2.encoder.stages.0.layers.0.pwconv1.",
+                "convnextv2.encoder.stages.1.layers.0.grn.", "classifier.")
+    return _classifier(model, "pixel_values", _images(16, n), CLASSES, patterns, logits=lambda out: out.logits)
+
+
+def hf_bit(n: int = N) -> ZooCase:
+    """BiT: Hugging Face's own ``WeightStandardizedConv2d`` (``F.batch_norm`` of the kernel, then
+    ``F.conv2d``), the rule of timm's ``StdConv2d``; before session 46 the fallback. Group norms
+    with activations (``BitGroupNormActivation``), pre-activation bottlenecks."""
+    import transformers
+
+    config = transformers.BitConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=2,
+        num_labels=CLASSES, drop_path_rate=0.0,
+    )
+    model = transformers.BitForImageClassification(config).eval()
+    patterns = ("bit.embedder.convolution.", "bit.encoder.stages.0.layers.0.conv2.",
+                "bit.encoder.stages.1.layers.0.downsample.", "classifier.")
+    return _classifier(model, "pixel_values", _images(16, n), CLASSES, patterns, logits=lambda out: out.logits)
+
+
 def hf_distilbert(n: int = N) -> ZooCase:
     import transformers
 
@@ -760,6 +796,8 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.Beit": ("transformers", hf_beit),
     "transformers.Swin": ("transformers", hf_swin),
     "transformers.Swin-shifted": ("transformers", hf_swin_shifted),
+    "transformers.ConvNextV2": ("transformers", hf_convnextv2),
+    "transformers.Bit": ("transformers", hf_bit),
     "transformers.GPT2": ("transformers", hf_gpt2),
     "transformers.GPT2-classifier": ("transformers", hf_gpt2_classifier),
     "transformers.Llama": ("transformers", hf_llama),

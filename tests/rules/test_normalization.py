@@ -426,6 +426,34 @@ def test_global_response_norm_has_a_rule(channels_last, dead, n, monkeypatch):
     check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
 
 
+class HFGRNNet(GRNNet):
+    """:class:`GRNNet` (channels last) with Hugging Face's ``ConvNextV2GRN`` (weight and bias
+    ``[1, 1, 1, C]``, ε = 1e-6 inside its ``forward``)."""
+
+    def __init__(self, dead: bool):
+        super().__init__(True, dead)
+        from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2GRN
+
+        self.grn = ConvNextV2GRN(4)
+        with torch.no_grad():  # it starts at zero
+            self.grn.weight.normal_()
+            self.grn.bias.normal_()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("dead", [False, True])
+def test_hugging_face_global_response_norm_takes_the_rule(dead, n, monkeypatch):
+    """Before session 46 the fallback served it: past 150 s a DiagGGNApprox step of Hugging
+    Face's ConvNeXt V2 at its default width (now 1.7 s)."""
+    pytest.importorskip("transformers")
+    from helpers import check_exact_without_fallback
+
+    torch.manual_seed(0)
+    model = HFGRNNet(dead).double()
+    X, y = torch.randn(n, 2, 3, 3, dtype=torch.float64), torch.randint(0, 3, (n,))
+    check_exact_without_fallback(model, X, y, monkeypatch, moved_axes=True)
+
+
 class GRNOnFiveAxes(nn.Module):
     """timm's ``GlobalResponseNorm`` (channels last) on ``[N, 2, 3, 1, C]``: it norms over axes
     1 and 2 only. The closed form covers 4-d inputs; others take the exact generic path."""

@@ -214,3 +214,53 @@ def test_a_module_that_computes_in_float32_is_proven_at_real_sizes(monkeypatch):
     with extend(model, DiagGGNApprox()):
         nn.CrossEntropyLoss()(model(X).transpose(1, 2), y).backward()
     assert served == []
+
+
+class _MeanSquareInFloat32(_Norm):
+    """mT5's ``MT5LayerNorm``: only the mean square in float32, the input scaled in its own dtype
+    (the output moves with any change of the input, so only a watch on the dtypes inside the
+    forward sees the rounding; in session 45 mT5's norms went to the fallback, past minutes
+    per step at width 512)."""
+
+    def forward(self, x):
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return self.weight * x * torch.rsqrt(variance + self.variance_epsilon) * self.factor
+
+
+_MeanSquareInFloat32.__module__ = "transformers.models.mt5.modeling_mt5"
+_MeanSquareInFloat32.__name__ = _MeanSquareInFloat32.__qualname__ = "MT5LayerNorm"
+
+
+def _diag_approx(norm: nn.Module, X: torch.Tensor, y: torch.Tensor) -> list:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), norm, nn.Tanh(), nn.Linear(16, CLASSES)).to(DT)
+    with extend(model, DiagGGNApprox()):
+        nn.CrossEntropyLoss()(model(X).transpose(1, 2), y).backward()
+    return [p.diag_ggn_approx for p in model.parameters()]
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["lookalike", "installed-MT5LayerNorm"])
+def test_a_norm_that_rounds_only_its_mean_square_is_proven(installed, monkeypatch):
+    """No fallback, and the diagonal of ``nn.RMSNorm``'s rule within float32's rounding; a map
+    a factor 1 + 1e-3 away still goes to the fallback."""
+    if installed:
+        mt5 = pytest.importorskip("transformers.models.mt5.modeling_mt5")
+        norm = mt5.MT5LayerNorm(16, eps=1e-6)
+    else:
+        norm = _MeanSquareInFloat32(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16) + 0.5)
+    X, y = torch.randn(3, 5, 4, dtype=DT), torch.randint(0, CLASSES, (3, 5))
+    served = fallback_spy(monkeypatch)
+    got = _diag_approx(norm, X, y)
+    assert served == []
+    exact = nn.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        exact.weight.copy_(norm.weight)
+    want = _diag_approx(exact, X, y)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7 * float(w.abs().max()))
+    off = _MeanSquareInFloat32(16)
+    off.factor = 1 + 1e-3
+    _diag_approx(off, X, y)
+    assert served

@@ -21,9 +21,19 @@ from helpers import DT, check_graph_against_reference
 layers = pytest.importorskip("timm.layers", reason="timm is in the models extra")
 
 
+def _hf_conv(*args, **kwargs) -> nn.Module:
+    """Hugging Face's ``WeightStandardizedConv2d`` (BiT), its weight away from the mean of zero
+    and variance one that standardization removes."""
+    modeling_bit = pytest.importorskip("transformers.models.bit.modeling_bit")
+    conv = modeling_bit.WeightStandardizedConv2d(*args, **kwargs)
+    with torch.no_grad():
+        conv.weight.mul_(3.0).add_(0.5)
+    return conv
+
+
 def _model(kind: str, groups: int) -> nn.Module:
     """Two standardized convolutions (one grouped, one strided), a nonlinearity and a head."""
-    cls = {"std": layers.StdConv2d, "scaled": layers.ScaledStdConv2d}[kind]
+    cls = {"std": layers.StdConv2d, "scaled": layers.ScaledStdConv2d, "hf": _hf_conv}[kind]
     first = cls(3, 6, 3, padding=1, groups=groups, bias=True)
     second = cls(6, 3, 3, stride=2, padding=1)
     model = nn.Sequential(first, nn.Tanh(), second, nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).to(DT)
@@ -47,7 +57,7 @@ def no_fallback(monkeypatch):
 
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("groups", [1, 3])
-@pytest.mark.parametrize("kind", ["std", "scaled"])
+@pytest.mark.parametrize("kind", ["std", "scaled", "hf"])
 def test_every_extension_against_the_references(kind, groups, n, no_fallback):
     torch.manual_seed(0)
     model = _model(kind, groups)
@@ -96,3 +106,19 @@ def test_float32_weight_diagonal_follows_float64(offset, no_fallback):
     want, got = results
     assert (got >= 0).all()
     torch.testing.assert_close(got, want, rtol=0, atol=5e-5 * want.abs().max().item())
+
+
+def test_hugging_face_dynamic_same_padding_goes_to_the_exact_fallback():
+    """``padding="SAME"`` with a stride pads in a child module (``DynamicPad2d``) before the
+    convolution: not the rule's map, so the fallback serves the layer, exactly."""
+    conv = _hf_conv(3, 4, 3, stride=2, padding="SAME", bias=True)
+    assert conv.pad is not None
+    from curvhook.rules import registry
+
+    assert registry.rule_for(conv) is None
+    torch.manual_seed(0)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).to(DT)
+    X, y = torch.randn(2, 3, 5, 5, dtype=DT), torch.randint(0, 3, (2,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_graph_against_reference(model, X, y)
