@@ -42,6 +42,7 @@ from curvhook.rules.linear import LinearRule
 from curvhook.rules.normalization import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
 from curvhook.rules.pooling import AdaptiveAvgPoolRule, AvgPoolRule, MaxPoolRule
 from curvhook.rules.tensor_ops import TensorOpRule
+from curvhook.rules.linear_maps import linear_vjp
 from curvhook.rules.upsampling import UpsampleRule, interpolates_separably
 
 
@@ -614,6 +615,58 @@ class InterpolateFunction(FunctionalRule):
             and call.inputs[args["input"]].dim() in (3, 4, 5)
             and not any(isinstance(args[k], Slot) for k in self.names[1:])
         )
+
+    # A tensor without the batch axis (computed from parameters only: PVT's position table,
+    # BEiT's relative-position table, resized): the same linear map for every sample, ``[1, C,
+    # *in]`` or ``[C, *in]``-like with the leading axes of the columns merged into its first.
+    def _shared_call(self, call: Operation, value: Any, slot: int) -> Optional[_ModuleCall]:
+        """The module call of an interpolation of a tensor without the batch axis, where the
+        module rule serves it; else ``None``."""
+        if isinstance(value, list) or call.input_kinds[slot] == BATCHED or call.uses(slot) != 1:
+            return None
+        args = self.bound(call)
+        if not (isinstance(args["input"], Slot) and args["input"] == slot and self.configuration_ok(call, args)):
+            return None
+        return _ModuleCall(call, self.module(call, args), call.inputs[slot].detach())
+
+    def shared_jac_t_mat_prod(self, call: Operation, value: Any, slot: int) -> Tensor:
+        """``Aᵀ m`` for every column and sample, ``[V, N, *out] → [V, N, *in]``: one autograd transpose."""
+        served = self._shared_call(call, value, slot)
+        if served is None:
+            return super().shared_jac_t_mat_prod(call, value, slot)
+        x = served.input
+        lead = value.dim() - x.dim()
+        return linear_vjp(served, value.flatten(0, lead)).reshape(*value.shape[:lead], *x.shape)
+
+    def input_jac_t_mat_prod(self, call: Operation, value: Any, slot: int) -> Tensor:
+        if self._shared_call(call, value, slot) is not None:
+            return self.shared_jac_t_mat_prod(call, value, slot)
+        return super().input_jac_t_mat_prod(call, value, slot)
+
+    def input_diag(self, call: Operation, value: Any, slot: int) -> Tensor:
+        """For a tensor without the batch axis, ``Σ_o d_no A_oi²`` per sample ``[N, *out] → [N, *in]``
+        by the separable closed form of ``nn.Upsample`` (before session 46, dense Jacobians of the
+        whole map: 15.7 GB for PVT's 56×56×64 table)."""
+        served = self._shared_call(call, value, slot)
+        if served is None:
+            return super().input_diag(call, value, slot)
+        x = served.input
+        lead = value.dim() - x.dim()
+        return self.rule.diag_jac_t_diag_jac(served, value.flatten(0, lead)).reshape(*value.shape[:lead], *x.shape)
+
+    # A parameter interpolated directly: the same products, summed over the samples where the
+    # engine asks for the sum (``param_diag``: ``[N, *out] → [*w]``).
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Any) -> Tensor:
+        slot = call.slot_of(name)
+        if self._shared_call(call, mat, slot) is not None:
+            return self.shared_jac_t_mat_prod(call, mat, slot)
+        return super().param_jac_t_mat_prod(call, name, mat)
+
+    def param_diag(self, call: Operation, name: str, diag: Any) -> Tensor:
+        slot = call.slot_of(name)
+        if self._shared_call(call, diag, slot) is not None:
+            return self.input_diag(call, diag, slot).sum(0)
+        return super().param_diag(call, name, diag)
 
 
 FUNCTIONAL_RULES: dict[Callable, TensorOpRule] = {

@@ -500,6 +500,24 @@ def hf_bit(n: int = N) -> ZooCase:
     return _classifier(model, "pixel_values", _images(16, n), CLASSES, patterns, logits=lambda out: out.logits)
 
 
+def hf_pvt(n: int = N) -> ZooCase:
+    """PVT v1: position tables resized by ``F.interpolate`` (to their own size: transformers
+    compares the patch count with the image size) and added to every sample; spatial-reduction
+    attention (a strided convolution of the keys and values). Before session 46 the resized
+    tables took dense Jacobians of the whole map (out of memory at the default width)."""
+    import transformers
+
+    config = transformers.PvtConfig(
+        image_size=16, num_encoder_blocks=2, depths=[1, 1], sequence_reduction_ratios=[2, 1], hidden_sizes=[8, 16],
+        patch_sizes=[4, 2], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=CLASSES,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
+    )
+    model = transformers.PvtForImageClassification(config).eval()
+    patterns = ("pvt.encoder.patch_embeddings.0.position_embeddings", "pvt.encoder.patch_embeddings.1.",
+                "pvt.encoder.block.0.0.attention.self.sequence_reduction.", "classifier.")
+    return _classifier(model, "pixel_values", _images(16, n), CLASSES, patterns, logits=lambda out: out.logits)
+
+
 def hf_distilbert(n: int = N) -> ZooCase:
     import transformers
 
@@ -798,6 +816,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.Swin-shifted": ("transformers", hf_swin_shifted),
     "transformers.ConvNextV2": ("transformers", hf_convnextv2),
     "transformers.Bit": ("transformers", hf_bit),
+    "transformers.Pvt": ("transformers", hf_pvt),
     "transformers.GPT2": ("transformers", hf_gpt2),
     "transformers.GPT2-classifier": ("transformers", hf_gpt2_classifier),
     "transformers.Llama": ("transformers", hf_llama),

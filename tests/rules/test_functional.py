@@ -262,6 +262,20 @@ CASES = {
     "interpolate_linear_recompute": (lambda: ConvThen(
         lambda m, x: F.interpolate(x.flatten(2), scale_factor=1.4, mode="linear", recompute_scale_factor=True),
         params=(), size=(3, 4)), (2, 3, 3)),
+    # a table computed from parameters only, resized and added to every sample (PVT's position
+    # embeddings, resized to their own size; BEiT's relative-position table)
+    "interpolate_shared_bilinear": (lambda: ConvThen(
+        lambda m, x: torch.tanh(x + F.interpolate(m.weight, size=(3, 3), mode="bilinear")), params=("weight",),
+        weight=(1, 4, 2, 2)), (2, 3, 3)),
+    "interpolate_shared_same_size": (lambda: ConvThen(
+        lambda m, x: torch.tanh(x + F.interpolate(m.weight * 2, size=(3, 3), mode="bilinear")), params=("weight",),
+        weight=(1, 4, 3, 3)), (2, 3, 3)),
+    "interpolate_shared_bicubic_align_corners": (lambda: ConvThen(
+        lambda m, x: torch.tanh(x + F.interpolate(m.weight, size=(3, 3), mode="bicubic", align_corners=True)),
+        params=("weight",), weight=(1, 4, 2, 2)), (2, 3, 3)),
+    "interpolate_shared_nearest_no_leading_one": (lambda: ConvThen(
+        lambda m, x: torch.tanh(x * F.interpolate(m.weight, size=(3, 3)).squeeze(1)), params=("weight",),
+        weight=(4, 1, 2, 2)), (2, 3, 3)),
     "embedding": (lambda: EmbeddingThen(), None),
     "embedding_padding_idx": (lambda: EmbeddingThen(padding_idx=2), None),
 }
@@ -399,7 +413,7 @@ def test_sdpa_split_matches_attention_written_out(case, n, monkeypatch):
     check(got, diag_ggn_approx_graph(twin, X, d), "DiagGGNApprox")
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if "pool" in c or "interpolate" in c])
+@pytest.mark.parametrize("case", [c for c in CASES if "pool" in c or ("interpolate" in c and "shared" not in c)])
 def test_pools_take_no_dense_jacobians(case, monkeypatch):
     """``F.avg_pool2d`` and ``F.max_pool2d`` in a ``forward`` (torchvision's Inception blocks) get
     the closed forms of ``nn.AvgPool2d`` and ``nn.MaxPool2d``: before, DiagGGNApprox built dense
@@ -410,6 +424,24 @@ def test_pools_take_no_dense_jacobians(case, monkeypatch):
         raise AssertionError(f"{call.name}: dense per-sample Jacobian")
 
     monkeypatch.setattr(tensor_ops.TensorOpRule, "_exact_diag", dense)
+    torch.manual_seed(0)
+    build, shape = CASES[case]
+    model = build().to(DT).eval()
+    with extend(model, DiagGGNApprox()):
+        nn.CrossEntropyLoss()(model(_input(shape, 3)), torch.randint(0, 3, (3,))).backward()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("interpolate_shared")])
+def test_interpolated_tables_take_no_dense_jacobians(case, monkeypatch):
+    """A table computed from parameters only and resized by ``F.interpolate`` (PVT's position
+    embeddings, BEiT's relative-position table): the separable closed form of ``nn.Upsample``
+    for every sample. Before session 46, dense Jacobians of the whole map (15.7 GB for PVT's
+    56×56×64 table: out of memory)."""
+
+    def dense(call):
+        raise AssertionError(f"{call.name}: dense per-sample Jacobian")
+
+    monkeypatch.setattr(tensor_ops, "_warn_dense_once", dense)
     torch.manual_seed(0)
     build, shape = CASES[case]
     model = build().to(DT).eval()
