@@ -269,7 +269,7 @@ class ModuleRecorder:
             )
         if frame.child_called and not (
             frame.merged_keys and _depends_on_merged_batch(trace.operations[frame.start :], frame.merged_keys, output)
-        ):
+        ) and not _served_whole(module):
             return  # a container: its children and operations are recorded
         if not frame.has_children and frame.records_inside:
             kept = as_operations(op, module, trace.operations[frame.start :], output, trace.shared_keys)
@@ -436,6 +436,13 @@ def select_output(output: Any, choice: OutputChoice) -> Tensor:
         f"tensors the loss is computed from (tensors that require grad: {found}). Name it: "
         "extend(model, ..., output='logits') (a key, an index, or a function of the output)."
     )
+
+
+def _served_whole(module: nn.Module) -> bool:
+    """Whether a rule serves ``module`` as one call, children and all (a mixture-of-experts
+    block: its router and experts are part of its map, :mod:`curvhook.rules.mixture_of_experts`)."""
+    rule = rule_for(module)
+    return rule is not None and getattr(rule, "serves_whole_module", False)
 
 
 def _merged_input_error(op: Operation, n: int) -> UnsupportedModelError:

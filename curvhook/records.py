@@ -69,6 +69,8 @@ class Scratch:
     relative_logits: Optional[tuple] = None  # relative_position: q, the offset tables, R_w, R_h (() for the fallback)
     blur_pool: Optional[tuple] = None  # blur_pool: tap positions and squared weights (() for the fallback)
     norm_form: Optional[int] = None  # normalization: the form a probed norm computes (-1 for the fallback)
+    moe: Optional[Any] = None  # mixture_of_experts: the recomputed routing (False for the fallback)
+    moe_pull: Optional[tuple] = None  # mixture_of_experts: the last pullback, by its input
 
 
 @dataclass(eq=False)

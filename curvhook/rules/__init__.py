@@ -7,6 +7,7 @@ from curvhook.rules import (  # noqa: F401  (importing a family registers its ru
     elementwise,
     embedding,
     linear,
+    mixture_of_experts,
     normalization,
     padding,
     pooling,

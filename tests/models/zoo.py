@@ -556,6 +556,49 @@ def hf_llama(n: int = N) -> ZooCase:
     return case
 
 
+def _moe_language_model(model: nn.Module, n: int, patterns) -> ZooCase:
+    """A mixture-of-experts language model: experts run by transformers' eager loop (its
+    default ``grouped_mm`` has no float64 kernel), weights of RMSNorms and experts random."""
+    model.config._experts_implementation = "eager"
+    _randomize_rms_norms(model)
+    for name, p in model.named_parameters():
+        if ".experts." in name or name.endswith("gate.weight"):
+            torch.nn.init.normal_(p, 0.0, 0.5)
+    case = _language_model(model, _ids(n), VOCAB, patterns)
+    case.rtol = 1e-6  # the router's softmax and the RMSNorms compute in float32 by design
+    return case
+
+
+def hf_mixtral(n: int = N) -> ZooCase:
+    """Mixtral: a sparse mixture of experts (``MixtralSparseMoeBlock``: a top-2 router, experts
+    stored as 3-d parameters, tokens gathered per expert by a data-dependent index), served as
+    one call by curvhook/rules/mixture_of_experts.py; before session 46 the fallback."""
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=6, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=16,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return _moe_language_model(transformers.MixtralForCausalLM(config), n,
+                               ("model.layers.0.mlp.", "model.layers.0.input_layernorm.", "model.norm."))
+
+
+def hf_qwen2_moe(n: int = N) -> ZooCase:
+    """Qwen2-MoE: routed experts (top-2 of 4, unnormalized weights) plus a shared expert behind
+    a sigmoid gate, one call for the mixture-of-experts rule."""
+    import transformers
+
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=6, moe_intermediate_size=6,
+        shared_expert_intermediate_size=5, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, max_position_embeddings=16,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return _moe_language_model(transformers.Qwen2MoeForCausalLM(config), n,
+                               ("model.layers.0.mlp.", "model.norm."))
+
+
 def hf_falcon(n: int = N, alibi: bool = False) -> ZooCase:
     """Falcon: ``FalconLinear`` (an ``nn.Linear`` whose ``forward`` is ``x @ W.T + b``), multi-query
     attention with rotary embeddings and the attention parallel to the MLP (falcon-7b's layout);
@@ -827,6 +870,8 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.Phi3": ("transformers", hf_phi3),
     "transformers.Olmo2": ("transformers", hf_olmo2),
     "transformers.Cohere": ("transformers", hf_cohere),
+    "transformers.Mixtral": ("transformers", hf_mixtral),
+    "transformers.Qwen2Moe": ("transformers", hf_qwen2_moe),
     "transformers.Falcon-alibi": ("transformers", lambda n=N: hf_falcon(n, alibi=True)),
     "transformers.T5": ("transformers", hf_t5),
     "transformers.Bart": ("transformers", hf_bart),

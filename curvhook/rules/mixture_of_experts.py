@@ -1,0 +1,384 @@
+"""Sparse mixture-of-experts blocks of Hugging Face transformers (Mixtral, Qwen3-MoE, OLMoE, …).
+
+A ``…SparseMoeBlock`` made of a router ``gate`` (weight ``W_r`` ``[E, H]``, ``top_k``) and
+experts ``experts`` (``gate_up_proj`` ``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``, ``act_fn``)
+maps every token row ``x`` (``[H]``) on its own::
+
+    z = W_r x,  p = softmax(z),  (v, e) = top-k of p,  w = v / s with s = Σ_j v_j
+    (Mixtral, and the routers with ``norm_topk_prob``; else w = v)
+    [g_j; u_j] = G_{e_j} x,  h_j = φ(g_j) ∘ u_j,  y_j = D_{e_j} h_j
+    out = Σ_j w_j y_j
+
+The choice of experts ``e`` is piecewise constant (its derivative is zero wherever it is
+defined), so for a column ``m`` at ``out``::
+
+    m_{y_j} = w_j m,   m_{w_j} = y_j · m
+    m_v = (m_w − (m_w · w)) / s        (normalized; else m_v = m_w)
+    m_p = m_v at the chosen experts,   m_z = p ∘ (m_p − p · m_p)
+    m_{h_j} = D_{e_j}ᵀ m_{y_j},   m_{[g; u]_j} = [m_h ∘ u ∘ φ'(g); m_h ∘ φ(g)]
+    J_xᵀ m = W_rᵀ m_z + Σ_j G_{e_j}ᵀ m_{[g; u]_j}
+
+and per sample the parameters get ``Σ_t m_z ⊗ x`` (router), ``Σ m_{[g; u]_j} ⊗ x`` and
+``Σ m_{y_j} ⊗ h_j`` (expert ``e_j``'s slices) over the sample's tokens.
+
+Qwen2-MoE's form (Qwen3-Next, Qwen3.5-MoE) adds a shared expert and its gate (children
+``shared_expert``, an MLP ``D_s (φ(G_s x) ∘ U_s x)`` of bias-free linear maps, and
+``shared_expert_gate``, a bias-free ``Linear(H, 1)`` ``q``): ``out += σ(q·x) S(x)``, with
+``m_S = σ m``, ``m_{q·x} = σ(1 − σ) (S · m)`` and the MLP's products as the experts'.
+
+DiagGGNApprox counts the block as the operations of transformers' eager forward (router
+linear map, softmax, top-k selection, sum and division, the gathered rows, the experts'
+linear maps, activation and product, the weighting, the scatter-add), as it counts
+attention as its operations; ``DiagGGNApprox(split_attention=False)`` counts it as one
+operation. Through each, ``Σ_o d_o J_oi²`` is the backward pass above with the diagonal
+``d``, squared factors and no cross terms: ``d_y = w² d``, ``d_w = Σ d y²``,
+``d_h = (D∘D)ᵀ d_y``, ``d_[g; u] = [d_h (u φ'(g))²; d_h φ(g)²]``,
+``d_x = (G∘G)ᵀ d_[g; u] + (W_r∘W_r)ᵀ d_z``, ``d_v = (d_w + Σ_j d_w w²) / s²`` and
+softmax's ``d_z = p² ((1 − p)² d_p + Σ_{o≠i} d_o p_o²)``.
+
+The block's forward is recomputed from its input and parameters (the indices from the
+router's float32 softmax, as transformers computes it) and compared with its recorded
+output at every call: a block that computes anything else (a shared expert, jitter noise,
+another router) goes to the exact fallback. The experts run in a loop over experts, not
+over tokens or samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvhook.records import Operation
+from curvhook.rules.base import LayerRule
+from curvhook.rules.registry import fallback_rule, register_rule_by_name
+
+_ROUTER, _GATE_UP, _DOWN = "gate.weight", "experts.gate_up_proj", "experts.down_proj"
+
+
+@dataclass
+class _Expert:
+    """The token rows routed to one expert ``e`` and what its forward computed for them."""
+
+    e: int
+    rows: Tensor  # [P] token rows
+    slots: Tensor  # [P] their top-k position
+    g: Tensor  # [P, I] gate pre-activations
+    u: Tensor  # [P, I] up projections
+    act: Tensor  # [P, I] φ(g)
+    slope: Tensor  # [P, I] φ'(g)
+    h: Tensor  # [P, I] φ(g) ∘ u
+    y: Tensor  # [P, H] the expert's output
+
+
+@dataclass
+class _Shared:
+    """The shared expert's forward for every token row (Qwen2-MoE's form)."""
+
+    sigma: Tensor  # [R, 1] σ(q·x)
+    g: Tensor  # [R, Is]
+    u: Tensor  # [R, Is]
+    act: Tensor  # [R, Is] φ(g)
+    slope: Tensor  # [R, Is] φ'(g)
+    h: Tensor  # [R, Is]
+    y: Tensor  # [R, H] S(x)
+
+
+@dataclass
+class _Routing:
+    """One call's forward quantities (``R = N·T`` token rows), kept for its backward pass."""
+
+    x: Tensor  # [R, H]
+    p: Tensor  # [R, E] softmax of the router logits
+    index: Tensor  # [R, k] the chosen experts
+    v: Tensor  # [R, k] their probabilities
+    s: Optional[Tensor]  # [R, 1] Σ v (normalized routers), else None
+    w: Tensor  # [R, k] the routing weights
+    experts: list[_Expert]
+    shared: Optional[_Shared]
+    samples: int
+    tokens: int
+
+
+_SHARED = ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight", "shared_expert.down_proj.weight",
+           "shared_expert_gate.weight")
+
+
+def _bias_free_linear(module: Optional[nn.Module], shape: tuple) -> bool:
+    return (
+        isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and module.bias is None
+        and tuple(module.weight.shape) == shape
+    )
+
+
+def _shared_expert_ok(module: nn.Module, hidden: int) -> bool:
+    """Qwen2-MoE's shared expert (``down(φ(gate(x)) ∘ up(x))``, bias-free) and its gate ``Linear(H, 1)``."""
+    mlp, gate = getattr(module, "shared_expert", None), getattr(module, "shared_expert_gate", None)
+    if not isinstance(mlp, nn.Module) or set(dict(mlp.named_children())) != {"gate_proj", "up_proj", "down_proj", "act_fn"}:
+        return False
+    inter = getattr(mlp.gate_proj, "out_features", None)
+    return (
+        isinstance(inter, int) and _bias_free_linear(mlp.gate_proj, (inter, hidden))
+        and _bias_free_linear(mlp.up_proj, (inter, hidden)) and _bias_free_linear(mlp.down_proj, (hidden, inter))
+        and _bias_free_linear(gate, (1, hidden))
+    )
+
+
+def _experts_of(module: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
+    """``(gate, experts)`` of a block of the form in the module docstring, else ``None``."""
+    children = dict(module.named_children())
+    gate, experts = children.get("gate"), children.get("experts")
+    shared = set(children) == {"gate", "experts", "shared_expert", "shared_expert_gate"}
+    if not (set(children) == {"gate", "experts"} or shared) or gate is None or experts is None:
+        return None
+    w, gu, down = getattr(gate, "weight", None), getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not all(isinstance(t, Tensor) for t in (w, gu, down)) or w.dim() != 2 or gu.dim() != 3 or down.dim() != 3:
+        return None
+    n_experts, hidden = w.shape
+    ok = (
+        gu.shape[0] == n_experts and gu.shape[2] == hidden and gu.shape[1] % 2 == 0
+        and tuple(down.shape) == (n_experts, hidden, gu.shape[1] // 2)
+        and isinstance(getattr(gate, "top_k", None), int) and isinstance(getattr(experts, "act_fn", None), nn.Module)
+        and {n for n, _ in module.named_parameters()} == {_ROUTER, _GATE_UP, _DOWN, *(_SHARED if shared else ())}
+        and (not shared or _shared_expert_ok(module, hidden))
+        and not getattr(experts, "has_bias", False) and getattr(experts, "has_gate", True)
+        and not getattr(experts, "is_transposed", False) and getattr(experts, "is_concatenated", True)
+        and not getattr(experts, "has_post_expert_norm", False)
+    )
+    return (gate, experts) if ok else None
+
+
+def _routing(call: Operation) -> Optional[_Routing]:
+    """The block's forward, recomputed and checked against its recorded output (cached per
+    backward pass); ``None`` where it does not match (the fallback serves the call)."""
+    cached = call.scratch.moe
+    if cached is not None:
+        return cached or None
+    routing = None
+    try:
+        routing = _recompute(call)
+    except Exception:  # noqa: BLE001 - a block the recomputation does not fit: the fallback serves it
+        routing = None
+    call.scratch.moe = routing if routing is not None else False
+    return routing
+
+
+def _recompute(call: Operation) -> Optional[_Routing]:
+    module, x3 = call.module, call.input.detach()
+    gate, experts = _experts_of(module)
+    if x3.dim() != 3 or (module.training and getattr(module, "jitter_noise", 0) > 0):
+        return None
+    n, t, hidden = x3.shape
+    x = x3.reshape(n * t, hidden)
+    w_r = gate.weight.detach()
+    z = x @ w_r.T
+    # the choice as transformers makes it (a float32 softmax), the values in the call's dtype
+    index = torch.topk(F.softmax(z, dim=-1, dtype=torch.float), gate.top_k, dim=-1).indices
+    p = torch.softmax(z, dim=-1)
+    v = p.gather(1, index)
+    normalized = getattr(gate, "norm_topk_prob", True)
+    s = v.sum(-1, keepdim=True) if normalized else None
+    w = v / s if normalized else v
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    inter = down.shape[2]
+    out = torch.zeros_like(x)
+    found = []
+    for e in index.unique().tolist():
+        rows, slots = torch.nonzero(index == e, as_tuple=True)
+        xe = x[rows]
+        g, u = (xe @ gate_up[e].T).split(inter, dim=-1)
+        act, slope = _activation(experts.act_fn, g)
+        h = act * u
+        y = h @ down[e].T
+        out.index_add_(0, rows, y * w[rows, slots, None])
+        found.append(_Expert(e, rows, slots, g, u, act, slope, h, y))
+    shared = None
+    if hasattr(module, "shared_expert"):
+        mlp = module.shared_expert
+        sigma = torch.sigmoid(x @ module.shared_expert_gate.weight.detach().T)  # [R, 1]
+        g, u = x @ mlp.gate_proj.weight.detach().T, x @ mlp.up_proj.weight.detach().T
+        act, slope = _activation(mlp.act_fn, g)
+        h = act * u
+        y = h @ mlp.down_proj.weight.detach().T
+        out = out + sigma * y
+        shared = _Shared(sigma, g, u, act, slope, h, y)
+    recorded = call.output.detach().reshape(n * t, hidden).to(out.dtype)
+    tol = (1e-5 if out.dtype == torch.float64 else 1e-4) * float(recorded.abs().max()) + 1e-30
+    if not torch.allclose(out, recorded, rtol=0.0, atol=tol):
+        return None
+    return _Routing(x, p, index, v, s, w, found, shared, n, t)
+
+
+def _activation(act_fn: nn.Module, g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(φ(g), φ'(g))`` of an entrywise activation module."""
+    with torch.enable_grad():
+        leaf = g.detach().requires_grad_(True)
+        act = act_fn(leaf)
+        (slope,) = torch.autograd.grad(act, leaf, torch.ones_like(act))
+    return act.detach(), slope
+
+
+def _sample_of(rows: Tensor, tokens: int, samples: int, dtype: torch.dtype) -> Tensor:
+    """One-hot ``[P, N]``: the sample of each token row."""
+    return F.one_hot(torch.div(rows, tokens, rounding_mode="floor"), samples).to(dtype)
+
+
+class SparseMoeRule(LayerRule):
+    """The exact products of the block (see the module docstring); its diagonal pullbacks
+    count it as one operation (the default of :class:`LayerRule`, from the columns)."""
+
+    serves_whole_module = True  # its children (router, experts) are part of its one call
+
+    def accepts(self, module: nn.Module) -> bool:
+        return _experts_of(module) is not None
+
+    def operations_rule(self) -> LayerRule:
+        return _SPLIT
+
+    # --------------------------------------------------------------- columns
+    @staticmethod
+    def _pull(call: Operation, routing: _Routing, mat: Tensor) -> tuple:
+        """``(m_x [V, R, H], m_z [V, R, E], m_[g; u] per expert, m_y per expert, shared)`` for
+        ``mat`` ``[V, N, T, H]``; ``shared``: per parameter of the shared expert, ``(m [V, R, O],
+        a [R, I])`` with the product ``Σ_t m ⊗ a`` per sample (``None`` without one)."""
+        cached = call.scratch.moe_pull
+        if cached is not None and cached[0] is mat:
+            return cached[1]
+        gate, experts = _experts_of(call.module)
+        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        r = routing
+        m = mat.reshape(mat.shape[0], r.x.shape[0], r.x.shape[1])
+        m_x = torch.zeros_like(m)
+        m_w = m.new_zeros(m.shape[0], *r.w.shape)
+        m_gus, m_ys = [], []
+        for ex in r.experts:
+            mr = m[:, ex.rows]  # [V, P, H]
+            m_w[:, ex.rows, ex.slots] = (mr * ex.y).sum(-1)
+            m_y = mr * r.w[ex.rows, ex.slots, None]
+            m_h = m_y @ down[ex.e]  # [V, P, I]
+            m_gu = torch.cat([m_h * ex.u * ex.slope, m_h * ex.act], dim=-1)  # [V, P, 2I]
+            m_x.index_add_(1, ex.rows, m_gu @ gate_up[ex.e])
+            m_gus.append(m_gu)
+            m_ys.append(m_y)
+        m_v = m_w if r.s is None else (m_w - (m_w * r.w).sum(-1, keepdim=True)) / r.s
+        m_p = torch.zeros_like(r.p).expand(m.shape[0], *r.p.shape).scatter(2, r.index.expand(m.shape[0], *r.index.shape), m_v)
+        m_z = r.p * (m_p - (m_p * r.p).sum(-1, keepdim=True))
+        m_x = m_x + m_z @ gate.weight.detach()
+        shared = None
+        if r.shared is not None:  # out += σ(q·x) S(x)
+            sh, mlp = r.shared, call.module.shared_expert
+            m_s = sh.sigma * m  # [V, R, H]
+            m_q = (m * sh.y).sum(-1, keepdim=True) * sh.sigma * (1 - sh.sigma)  # [V, R, 1]
+            m_h = m_s @ mlp.down_proj.weight.detach()  # [V, R, Is]
+            m_g, m_u = m_h * sh.u * sh.slope, m_h * sh.act
+            m_x = (m_x + m_q * call.module.shared_expert_gate.weight.detach()[0]
+                   + m_g @ mlp.gate_proj.weight.detach() + m_u @ mlp.up_proj.weight.detach())
+            shared = {_SHARED[0]: (m_g, r.x), _SHARED[1]: (m_u, r.x), _SHARED[2]: (m_s, sh.h), _SHARED[3]: (m_q, r.x)}
+        result = (m_x, m_z, m_gus, m_ys, shared)
+        call.scratch.moe_pull = (mat, result)
+        return result
+
+    def jac_t_mat_prod(self, call: Operation, mat: Tensor) -> Tensor:
+        routing = _routing(call)
+        if routing is None:
+            return fallback_rule().jac_t_mat_prod(call, mat)
+        return self._pull(call, routing, mat)[0].reshape(mat.shape)
+
+    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Tensor) -> Tensor:
+        routing = _routing(call)
+        if routing is None:
+            return fallback_rule().param_jac_t_mat_prod(call, name, mat)
+        r = routing
+        _, m_z, m_gus, m_ys, shared = self._pull(call, r, mat)
+        v, n, t = mat.shape[0], r.samples, r.tokens
+        if name == _ROUTER or name in _SHARED:  # Σ_t m ⊗ a per sample
+            m, a = (m_z, r.x) if name == _ROUTER else shared[name]
+            return torch.einsum("vnto,nti->vnoi", m.reshape(v, n, t, -1), a.reshape(n, t, -1))
+        param = dict(call.params)[name]
+        out = mat.new_zeros(v, n, *param.shape)
+        for ex, m_gu, m_y in zip(r.experts, m_gus, m_ys):
+            one_hot = _sample_of(ex.rows, t, n, mat.dtype)
+            if name == _GATE_UP:
+                out[:, :, ex.e] = torch.einsum("vpi,ph,pn->vnih", m_gu, r.x[ex.rows], one_hot)
+            else:
+                out[:, :, ex.e] = torch.einsum("vph,pi,pn->vnhi", m_y, ex.h, one_hot)
+        return out
+
+
+class _SplitSparseMoeRule(SparseMoeRule):
+    """The block as the operations of its eager forward for DiagGGNApprox (module docstring)."""
+
+    def operations_rule(self) -> LayerRule:
+        return self
+
+    @staticmethod
+    def _pull_diag(call: Operation, routing: _Routing, diag: Tensor) -> tuple:
+        """``(d_x [R, H], d_z [R, E], d_[g; u] per expert, d_y per expert, shared)`` for ``diag``
+        ``[N, T, H]``; ``shared`` as in :meth:`SparseMoeRule._pull` with ``d [R, O]``."""
+        from curvhook.rules.tensor_ops import sum_of_others
+
+        cached = call.scratch.moe_pull
+        if cached is not None and cached[0] is diag:
+            return cached[1]
+        gate, experts = _experts_of(call.module)
+        gate_up_sq, down_sq = experts.gate_up_proj.detach().square(), experts.down_proj.detach().square()
+        r = routing
+        d = diag.reshape(r.x.shape)
+        d_x = torch.zeros_like(d)
+        d_w = torch.zeros_like(r.w)
+        d_gus, d_ys = [], []
+        for ex in r.experts:
+            dr = d[ex.rows]  # [P, H]
+            d_w[ex.rows, ex.slots] = (dr * ex.y.square()).sum(-1)
+            d_y = dr * r.w[ex.rows, ex.slots, None].square()
+            d_h = d_y @ down_sq[ex.e]  # [P, I]
+            d_gu = torch.cat([d_h * (ex.u * ex.slope).square(), d_h * ex.act.square()], dim=-1)
+            d_x.index_add_(0, ex.rows, d_gu @ gate_up_sq[ex.e])
+            d_gus.append(d_gu)
+            d_ys.append(d_y)
+        # w = v / s: d_v = d_w / s² (the division) + Σ_j d_w w² / s² (through the sum)
+        d_v = d_w if r.s is None else (d_w + (d_w * r.w.square()).sum(-1, keepdim=True)) / r.s.square()
+        d_p = torch.zeros_like(r.p).scatter(1, r.index, d_v)
+        p_sq = r.p.square()
+        d_z = p_sq * (d_p * (1 - r.p).square() + sum_of_others(d_p * p_sq, -1))
+        d_x = d_x + d_z @ gate.weight.detach().square()
+        shared = None
+        if r.shared is not None:  # the operations σ(q·x), S(x) = D_s(φ(G_s x) ∘ U_s x), their product, the sum
+            sh, mlp = r.shared, call.module.shared_expert
+            d_s = sh.sigma.square() * d
+            d_q = (d * sh.y.square()).sum(-1, keepdim=True) * (sh.sigma * (1 - sh.sigma)).square()  # [R, 1]
+            d_h = d_s @ mlp.down_proj.weight.detach().square()
+            d_g, d_u = d_h * (sh.u * sh.slope).square(), d_h * sh.act.square()
+            d_x = (d_x + d_q * call.module.shared_expert_gate.weight.detach()[0].square()
+                   + d_g @ mlp.gate_proj.weight.detach().square() + d_u @ mlp.up_proj.weight.detach().square())
+            shared = {_SHARED[0]: (d_g, r.x), _SHARED[1]: (d_u, r.x), _SHARED[2]: (d_s, sh.h), _SHARED[3]: (d_q, r.x)}
+        result = (d_x, d_z, d_gus, d_ys, shared)
+        call.scratch.moe_pull = (diag, result)
+        return result
+
+    def diag_jac_t_diag_jac(self, call: Operation, diag: Tensor) -> Tensor:
+        routing = _routing(call)
+        if routing is None:
+            return fallback_rule().diag_jac_t_diag_jac(call, diag)
+        return self._pull_diag(call, routing, diag)[0].reshape(diag.shape)
+
+    def param_diag(self, call: Operation, name: str, diag: Tensor) -> Tensor:
+        routing = _routing(call)
+        if routing is None:
+            return fallback_rule().param_diag(call, name, diag)
+        r = routing
+        _, d_z, d_gus, d_ys, shared = self._pull_diag(call, r, diag)
+        if name == _ROUTER or name in _SHARED:
+            d, a = (d_z, r.x) if name == _ROUTER else shared[name]
+            return d.T @ a.square()
+        out = torch.zeros_like(dict(call.params)[name])
+        for ex, d_gu, d_y in zip(r.experts, d_gus, d_ys):
+            out[ex.e] = d_gu.T @ r.x[ex.rows].square() if name == _GATE_UP else d_y.T @ ex.h.square()
+        return out
+
+
+_SPLIT = _SplitSparseMoeRule()
+register_rule_by_name("transformers", "*SparseMoeBlock")(SparseMoeRule)

@@ -1,0 +1,349 @@
+"""Sparse mixture-of-experts blocks of transformers (curvhook/rules/mixture_of_experts.py).
+
+Before session 46 the whole ``…SparseMoeBlock`` went to the torch.func fallback (its experts
+gather token rows by a data-dependent index): past 150 s per DiagGGNApprox step for a
+two-layer Mixtral at width 512. The rule's products are checked against torch.func through
+the real models (tests/models/zoo.py: ``transformers.Mixtral``, ``transformers.Qwen3Moe``);
+here its diagonals are checked against their definitions with dense Jacobians per operation
+(an independent evaluator of the eager forward's operations, row by row), and a block that
+computes anything else goes to the fallback.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.func import jacrev
+
+from curvhook import extend
+from curvhook.extensions import DiagGGN, DiagGGNApprox
+from curvhook.records import Scratch
+from curvhook.rules import registry
+from curvhook.rules.mixture_of_experts import SparseMoeRule
+from helpers import CLASSES, DT, fallback_spy, run_curvhook
+from reference import compare, reference
+
+transformers = pytest.importorskip("transformers", reason="transformers is in the models extra")
+
+H, I, E = 6, 4, 4
+
+
+def _block(kind: str = "mixtral", normalize: bool = True, top_k: int = 2, H: int = H) -> nn.Module:  # noqa: N803
+    """A block of the installed transformers with eager experts and random weights (float64)."""
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
+                                            num_experts_per_tok=top_k)
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+    elif kind == "qwen3":
+        config = transformers.Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E,
+                                             num_experts_per_tok=top_k, norm_topk_prob=normalize)
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
+    else:  # a shared expert and its gate
+        config = transformers.Qwen2MoeConfig(hidden_size=H, moe_intermediate_size=I, shared_expert_intermediate_size=3,
+                                             num_experts=E, num_experts_per_tok=top_k, norm_topk_prob=normalize)
+        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock as Block
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    block = Block(config).to(DT).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.7)
+    return block
+
+
+def _call(block: nn.Module, x: torch.Tensor) -> SimpleNamespace:
+    """What the rule reads of a recorded call."""
+    with torch.no_grad():
+        out = block(x)
+    return SimpleNamespace(module=block, input=x, output=out, scratch=Scratch(), params=tuple(block.named_parameters()),
+                           name="moe")
+
+
+def _diag_by_operations(block: nn.Module, x: torch.Tensor, d: torch.Tensor, normalize: bool):
+    """DiagGGNApprox's definition on the operations of the eager forward, one token row at a
+    time, with a dense Jacobian of every operation (``Σ_o d_o J_oi²``, summed where a tensor
+    is used twice): ``(d_x [R, H], {parameter name: diagonal})``."""
+    w_r = block.gate.weight.detach()
+    gate_up, down, act_fn = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach(), block.experts.act_fn
+    k = block.gate.top_k
+    rows = x.reshape(-1, H)
+    d_rows = d.reshape(-1, H)
+    d_x = torch.zeros_like(rows)
+    d_params = {"gate.weight": torch.zeros_like(w_r), "experts.gate_up_proj": torch.zeros_like(gate_up),
+                "experts.down_proj": torch.zeros_like(down)}
+
+    def sq_pull(f, inputs, slot, d_out):  # Σ_o d_o (∂f_o/∂input_slot)²
+        jac = jacrev(f, argnums=slot)(*inputs)
+        return torch.einsum("o...,o->...", jac.reshape(d_out.numel(), *inputs[slot].shape).square(), d_out.flatten())
+
+    for r in range(rows.shape[0]):
+        xr = rows[r]
+        # forward, one value per operation
+        z = w_r @ xr
+        p = torch.softmax(z, -1)
+        index = torch.topk(p.float(), k).indices
+        v = p[index]
+        s = v.sum()
+        w = v / s if normalize else v
+        pieces = []
+        for j in range(k):
+            e = int(index[j])
+            gu = gate_up[e] @ xr
+            g, u = gu[:I], gu[I:]
+            a = act_fn(g)
+            h = a * u
+            y = down[e] @ h
+            pieces.append((e, gu, g, u, a, h, y))
+        # backward: out = Σ_j c_j with c_j = y_j * w_j
+        d_w = torch.zeros(k, dtype=DT)
+        for j, (e, gu, g, u, a, h, y) in enumerate(pieces):
+            d_c = d_rows[r]
+            d_y = sq_pull(lambda y_, w_: y_ * w_, (y, w[j]), 0, d_c)
+            d_w[j] = sq_pull(lambda y_, w_: y_ * w_, (y, w[j]), 1, d_c)
+            d_params["experts.down_proj"][e] += sq_pull(lambda m, h_: m @ h_, (down[e], h), 0, d_y)
+            d_h = sq_pull(lambda m, h_: m @ h_, (down[e], h), 1, d_y)
+            d_a = sq_pull(lambda a_, u_: a_ * u_, (a, u), 0, d_h)
+            d_u = sq_pull(lambda a_, u_: a_ * u_, (a, u), 1, d_h)
+            d_g = sq_pull(act_fn, (g,), 0, d_a)
+            d_gu = torch.cat([d_g, d_u])  # the split: entries copied
+            d_params["experts.gate_up_proj"][e] += sq_pull(lambda m, x_: m @ x_, (gate_up[e], xr), 0, d_gu)
+            d_x[r] += sq_pull(lambda m, x_: m @ x_, (gate_up[e], xr), 1, d_gu)
+        if normalize:  # w = v / s, s = Σ v
+            d_v = sq_pull(lambda v_, s_: v_ / s_, (v, s), 0, d_w)
+            d_s = sq_pull(lambda v_, s_: v_ / s_, (v, s), 1, d_w)
+            d_v = d_v + sq_pull(lambda v_: v_.sum(), (v,), 0, d_s)
+        else:
+            d_v = d_w
+        d_p = sq_pull(lambda p_: p_[index], (p,), 0, d_v)
+        d_z = sq_pull(lambda z_: torch.softmax(z_, -1), (z,), 0, d_p)
+        d_params["gate.weight"] += sq_pull(lambda m, x_: m @ x_, (w_r, xr), 0, d_z)
+        d_x[r] += sq_pull(lambda m, x_: m @ x_, (w_r, xr), 1, d_z)
+        if hasattr(block, "shared_expert"):  # + sigmoid(q x) * down(act(gate(x)) * up(x))
+            mlp = block.shared_expert
+            q, gs_w, us_w, ds_w = (block.shared_expert_gate.weight.detach(), mlp.gate_proj.weight.detach(),
+                                   mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach())
+            qx, gs, us = q @ xr, gs_w @ xr, us_w @ xr
+            sig, a_s = torch.sigmoid(qx), mlp.act_fn(gs)
+            hs = a_s * us
+            ys = ds_w @ hs
+            d_c = d_rows[r]
+            d_sig = sq_pull(lambda s_, y_: s_ * y_, (sig, ys), 0, d_c)
+            d_ys = sq_pull(lambda s_, y_: s_ * y_, (sig, ys), 1, d_c)
+            d_qx = sq_pull(torch.sigmoid, (qx,), 0, d_sig)
+            for name, weight, d_out, inp in (("shared_expert_gate.weight", q, d_qx, xr),):
+                d_params.setdefault(name, torch.zeros_like(weight))
+                d_params[name] += sq_pull(lambda m, x_: m @ x_, (weight, inp), 0, d_out)
+                d_x[r] += sq_pull(lambda m, x_: m @ x_, (weight, inp), 1, d_out)
+            d_params.setdefault("shared_expert.down_proj.weight", torch.zeros_like(ds_w))
+            d_params["shared_expert.down_proj.weight"] += sq_pull(lambda m, h_: m @ h_, (ds_w, hs), 0, d_ys)
+            d_hs = sq_pull(lambda m, h_: m @ h_, (ds_w, hs), 1, d_ys)
+            d_as = sq_pull(lambda a_, u_: a_ * u_, (a_s, us), 0, d_hs)
+            d_us = sq_pull(lambda a_, u_: a_ * u_, (a_s, us), 1, d_hs)
+            d_gs = sq_pull(mlp.act_fn, (gs,), 0, d_as)
+            for name, weight, d_out in (("shared_expert.gate_proj.weight", gs_w, d_gs),
+                                        ("shared_expert.up_proj.weight", us_w, d_us)):
+                d_params.setdefault(name, torch.zeros_like(weight))
+                d_params[name] += sq_pull(lambda m, x_: m @ x_, (weight, xr), 0, d_out)
+                d_x[r] += sq_pull(lambda m, x_: m @ x_, (weight, xr), 1, d_out)
+    return d_x, d_params
+
+
+@pytest.mark.parametrize("kind,normalize,top_k", [
+    ("mixtral", True, 2), ("qwen3", False, 2), ("qwen3", True, 3), ("mixtral", True, 1), ("qwen2", False, 2),
+    ("qwen2", True, 3),
+])
+@pytest.mark.parametrize("n", [1, 3])
+def test_diagonals_follow_the_definition_by_operations(kind, normalize, top_k, n):
+    block = _block(kind, normalize, top_k)
+    rule = registry.rule_for(block)
+    assert isinstance(rule, SparseMoeRule)
+    torch.manual_seed(1)
+    x = torch.randn(n, 5, H, dtype=DT)
+    d = torch.rand(n, 5, H, dtype=DT)
+    want_x, want_params = _diag_by_operations(block, x, d, normalize)
+    split = rule.operations_rule()
+    call = _call(block, x)
+    torch.testing.assert_close(split.diag_jac_t_diag_jac(call, d), want_x.reshape(x.shape), rtol=1e-10, atol=1e-13)
+    for name, want in want_params.items():
+        torch.testing.assert_close(split.param_diag(call, name, d), want, rtol=1e-10, atol=1e-13)
+
+
+def _formula(block: nn.Module, params: dict, x: torch.Tensor, index: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The block's map in float64 throughout, for chosen experts ``index`` ``[R, k]`` (its router
+    computes the softmax in float32; the choice is the block's)."""
+    rows = x.reshape(-1, H)
+    p = torch.softmax(rows @ params["gate.weight"].T, -1)
+    v = p.gather(1, index)
+    w = v / v.sum(-1, keepdim=True) if normalize else v
+    out = torch.zeros_like(rows)
+    for j in range(index.shape[1]):
+        gu = torch.einsum("rh,rih->ri", rows, params["experts.gate_up_proj"][index[:, j]])
+        h = block.experts.act_fn(gu[:, :I]) * gu[:, I:]
+        out = out + w[:, j : j + 1] * torch.einsum("ri,rhi->rh", h, params["experts.down_proj"][index[:, j]])
+    if hasattr(block, "shared_expert"):
+        act = block.shared_expert.act_fn
+        hs = act(rows @ params["shared_expert.gate_proj.weight"].T) * (rows @ params["shared_expert.up_proj.weight"].T)
+        gate = torch.sigmoid(rows @ params["shared_expert_gate.weight"].T)
+        out = out + gate * (hs @ params["shared_expert.down_proj.weight"].T)
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind,normalize", [("mixtral", True), ("qwen3", False), ("qwen2", True)])
+def test_one_operation_diagonal_and_columns_match_dense_jacobians(kind, normalize):
+    """The block as one operation (``split_attention=False``): ``Σ_o d_o J_oi²`` of the whole
+    block's Jacobian, its column products for the input and every parameter per sample, against
+    ``jacrev`` of the block's map written out in float64 (which agrees with the block's output)."""
+    block = _block(kind, normalize)
+    rule = registry.rule_for(block)
+    torch.manual_seed(1)
+    n, t = 2, 3
+    x = torch.randn(n, t, H, dtype=DT)
+    d = torch.rand(n, t, H, dtype=DT)
+    call = _call(block, x)
+    params = {k: v.detach() for k, v in block.named_parameters()}
+    rows = x.reshape(-1, H)
+    probs = torch.softmax(rows @ params["gate.weight"].T, -1, dtype=torch.float)
+    index = torch.topk(probs, block.gate.top_k, dim=-1).indices
+    torch.testing.assert_close(_formula(block, params, x, index, normalize), call.output, rtol=1e-6, atol=1e-8)
+    f = lambda x_: _formula(block, params, x_, index, normalize)  # noqa: E731
+    jac = jacrev(f)(x).reshape(n * t * H, n * t * H)  # a row of one sample reads only that sample
+    want = (jac.square() * d.reshape(-1, 1)).sum(0).reshape(x.shape)
+    torch.testing.assert_close(rule.diag_jac_t_diag_jac(call, d), want, rtol=1e-10, atol=1e-14)
+    mat = torch.randn(4, n, t, H, dtype=DT)
+    torch.testing.assert_close(rule.jac_t_mat_prod(call, mat), (mat.reshape(4, -1) @ jac).reshape(mat.shape),
+                               rtol=1e-10, atol=1e-13)
+    for name, value in params.items():
+        def per_sample(theta, name=name):
+            return _formula(block, {**params, name: theta}, x, index, normalize).reshape(n, -1)
+
+        jac_p = jacrev(per_sample)(value)  # [N, T·H, *θ]
+        want_p = torch.einsum("vno,no...->vn...", mat.reshape(4, n, -1), jac_p)
+        torch.testing.assert_close(rule.param_jac_t_mat_prod(call, name, mat), want_p, rtol=1e-10, atol=1e-13)
+
+
+class _Model(nn.Module):
+    """Token features, a block, a mean over the tokens, a head (``[N, CLASSES]``)."""
+
+    def __init__(self, block: nn.Module, hidden: int = H) -> None:
+        super().__init__()
+        self.inp, self.block, self.head = nn.Linear(3, hidden), block, nn.Linear(hidden, CLASSES)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.block(self.inp(x))).mean(1))
+
+
+def _data(n: int = 3):
+    torch.manual_seed(2)
+    return torch.randn(n, 4, 3, dtype=DT), torch.randint(0, CLASSES, (n,))
+
+
+def _float64_router_forward(self, hidden_states):
+    """The routers' forward with the softmax in float64 (theirs is in float32, so a torch.func
+    reference through it carries float32's rounding): the reference is then exact to float64."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    logits = torch.nn.functional.linear(hidden_states, self.weight)
+    values, index = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+    if getattr(self, "norm_topk_prob", True):
+        values = values / values.sum(-1, keepdim=True)
+    return logits, values, index
+
+
+_FLOAT64_ROUTERS: dict = {}
+
+
+def _float64_router(block: nn.Module) -> nn.Module:
+    cls = type(block.gate)
+    if cls not in _FLOAT64_ROUTERS:  # a subclass (the reference deep-copies the model)
+        _FLOAT64_ROUTERS[cls] = type(cls.__name__, (cls,), {"forward": _float64_router_forward})
+        _FLOAT64_ROUTERS[cls].__module__ = cls.__module__
+    block.gate.__class__ = _FLOAT64_ROUTERS[cls]
+    return block
+
+
+def _exact_against_torch_func(model: nn.Module, n: int = 3) -> None:
+    """DiagGGN, FullGGN and BatchJacobian against the torch.func reference, to float64's rounding."""
+    X, y = _data(n)
+    crit = nn.CrossEntropyLoss()
+    got, matrix, _ = run_curvhook(model, X, lambda out: crit(out, y))
+    ref = reference(model, X, lambda out: crit(out, y), approx=False)
+    compare({k: v for k, v in got.items() if k != "DiagGGNApprox"}, ref, matrix, rtol=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("kind,normalize", [("mixtral", True), ("qwen3", False), ("qwen2", True)])
+def test_the_block_in_a_model_is_exact_without_the_fallback(kind, normalize, n, monkeypatch):
+    served = fallback_spy(monkeypatch)
+    _exact_against_torch_func(_Model(_float64_router(_block(kind, normalize))).to(DT), n)
+    assert served == []
+
+
+def test_split_and_one_operation_diagonals_are_each_used(monkeypatch):
+    """DiagGGNApprox counts the block as its operations; with ``split_attention=False`` as one."""
+    served = fallback_spy(monkeypatch)
+    model = _Model(_block()).to(DT)
+    X, y = _data()
+    results = []
+    for extension in (DiagGGNApprox(), DiagGGNApprox(split_attention=False)):
+        model.zero_grad()
+        with extend(model, extension):
+            nn.CrossEntropyLoss()(model(X), y).backward()
+        results.append([p.diag_ggn_approx.clone() for p in model.block.parameters()])
+    assert served == []
+    assert any(not torch.allclose(a, b) for a, b in zip(*results))
+
+
+def test_a_block_that_computes_another_map_goes_to_the_exact_fallback(monkeypatch):
+    """The recomputed output must match the recorded one: a subclass whose forward scales the
+    output (a name and structure the rule accepts) is served by the exact fallback."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    class ScaledSparseMoeBlock(MixtralSparseMoeBlock):
+        def forward(self, hidden_states):
+            return super().forward(hidden_states) * 1.01
+
+    ScaledSparseMoeBlock.__module__ = "transformers.models.x.modeling_x"
+    config = transformers.MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=2)
+    config._experts_implementation = "eager"
+    scaled = ScaledSparseMoeBlock(config)
+    scaled.load_state_dict(_block().state_dict())
+    scaled = _float64_router(scaled.to(DT).eval())
+    assert isinstance(registry.rule_for(scaled), SparseMoeRule)
+    served = fallback_spy(monkeypatch)
+    _exact_against_torch_func(_Model(scaled).to(DT))
+    assert served
+
+
+def test_a_shared_expert_of_another_form_is_not_served():
+    """Qwen2-MoE's form needs bias-free linear maps: a shared gate with a bias is another map."""
+    block = _block("qwen2")
+    assert isinstance(registry.rule_for(block), SparseMoeRule)
+    block.shared_expert_gate = nn.Linear(H, 1)
+    assert registry.rule_for(block) is None
+    block = _block("qwen2")
+    block.shared_expert.extra = nn.Identity()
+    assert registry.rule_for(block) is None
+
+
+def test_float32_with_grouped_matrix_products_follows_float64(monkeypatch):
+    """Users run transformers' default experts (``grouped_mm``, float32 only): the same rule
+    serves the block, and its results follow the float64 ones of the eager loop."""
+    import copy
+
+    model64 = _Model(_block("qwen2", True, H=8), hidden=8).to(DT)  # (grouped_mm: rows of 16 bytes)
+    model32 = copy.deepcopy(model64).float()
+    model32.block.experts.config._experts_implementation = "grouped_mm"
+    X, y = _data()
+    results = []
+    served = fallback_spy(monkeypatch)
+    for model, x in ((model64, X), (model32, X.float())):
+        model.zero_grad()
+        with extend(model, DiagGGNApprox(), DiagGGN()):
+            nn.CrossEntropyLoss()(model(x), y).backward()
+        results.append([(p.diag_ggn_approx.double(), p.diag_ggn.double()) for p in model.block.parameters()])
+    assert served == []
+    for (a64, g64), (a32, g32) in zip(*results):
+        torch.testing.assert_close(a32, a64, rtol=1e-3, atol=1e-5 * float(a64.abs().max()))
+        torch.testing.assert_close(g32, g64, rtol=1e-3, atol=1e-5 * float(g64.abs().max()))
