@@ -47,7 +47,7 @@ from curvhook.row_groups import (
 )
 from curvhook.rules.parameters_only import COPIES_TO_BATCH
 from curvhook.trace import Trace
-from curvhook.view_writes import WriteThrough, view_chain
+from curvhook.view_writes import WriteThrough, sliced_chain, view_chain
 
 # Marks an input with an autograd history in an operation recorded after the model.
 _HISTORY = object()
@@ -469,7 +469,7 @@ def _write_through_pending(state: BlockState, tensors: list) -> Optional[tuple]:
     view = tensors[0] if tensors else None
     if view is None or view._base is None:
         return None
-    chain = view_chain(state.stack[-1], view)
+    chain = view_chain(state.stack[-1], view) or sliced_chain(view)
     if chain is None:
         return None
     base = view._base

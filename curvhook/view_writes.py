@@ -10,9 +10,11 @@ operation on them (:class:`WriteThrough`). The generic tensor-operation rule
 differentiates that replay exactly, like any operation it does not know.
 
 Only chains of true views recorded by the tape (slices, ``select``,
-``narrow``, ``view``, transposes, ...) are followed; for any other form the
-base keeps its unseen ``CopySlices`` node and the plan refuses it with a
-message that names the in-place operation on a view.
+``narrow``, ``view``, transposes, ...) are followed, and, where the tape recorded
+none (a view of a tensor that needs no gradient), a view that is a slicing of its
+contiguous base (:func:`sliced_chain`); for any other form the base keeps its
+unseen ``CopySlices`` node and the plan refuses it with a message that names the
+in-place operation on a view.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import Tensor
 
 from curvhook.operations import ADDITIONS, ELEMENTWISE, PRODUCTS, QUOTIENTS, SUBTRACTIONS, name_of
 from curvhook.plan_key import freeze
-from curvhook.records import fill_template, flat_tensors, key_of
+from curvhook.records import Slot, fill_template, flat_tensors, key_of
 from curvhook.trace import Trace
 
 # Operations whose output is always a view of their one tensor argument.
@@ -70,6 +72,40 @@ def view_chain(trace: Trace, view: Tensor) -> Optional[list[ViewStep]]:
             return chain[::-1]
         key = op.input_keys[0]
     return None
+
+
+def sliced_chain(view: Tensor) -> Optional[list[ViewStep]]:
+    """The view as one ``base[..., a:b:s, …]`` of its contiguous base, read off its sizes,
+    strides and offset, where the tape recorded no chain of views (views of a tensor that
+    needs no gradient are not recorded: DeepSeek's ``k = h.new_empty(…)``,
+    ``k[..., :d].copy_(a)``, ``k[..., d:].copy_(b)``); ``None`` where the view is no such
+    slicing, or slices the batch axis (axis 0 stays whole: the replay also runs on one sample).
+
+    Any view with the same geometry is the same entries of the base, so writing through the
+    slicing writes what the model wrote.
+    """
+    base = view._base
+    if base is None or not base.is_contiguous() or view.dim() != base.dim() or view.dim() < 2:
+        return None
+    rest = view.storage_offset() - base.storage_offset()
+    slices = []
+    for d in range(base.dim()):  # strides decrease along a contiguous tensor's axes
+        start, rest = divmod(rest, base.stride(d)) if base.size(d) > 1 else (0, rest)
+        size = view.size(d)
+        step = view.stride(d) // base.stride(d) if size > 1 else 1
+        if step < 1 or (size > 1 and view.stride(d) != step * base.stride(d)) or start + (size - 1) * step >= base.size(d):
+            return None
+        slices.append(slice(start, start + (size - 1) * step + 1, step))
+    if rest != 0 or slices[0] != slice(0, base.size(0), 1):
+        return None
+    first = next((d for d, (sl, n) in enumerate(zip(slices, base.shape)) if sl != slice(0, n, 1)), None)
+    if first is None:
+        return None
+    index = (Ellipsis, *slices[first:])
+    made = base[index]
+    if made.shape != view.shape or made.stride() != view.stride() or made.storage_offset() != view.storage_offset():
+        return None
+    return [(Tensor.__getitem__, (Slot(0), index), {}, 0)]
 
 
 class WriteThrough:

@@ -1,4 +1,4 @@
-"""Sparse mixture-of-experts blocks of Hugging Face transformers (Mixtral, Qwen3-MoE, OLMoE, …).
+"""Sparse mixture-of-experts blocks of Hugging Face transformers (Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3, …).
 
 A ``…SparseMoeBlock`` made of a router ``gate`` (weight ``W_r`` ``[E, H]``, ``top_k``) and
 experts ``experts`` (``gate_up_proj`` ``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``, ``act_fn``)
@@ -25,6 +25,11 @@ Qwen2-MoE's form (Qwen3-Next, Qwen3.5-MoE) adds a shared expert and its gate (ch
 ``shared_expert``, an MLP ``D_s (φ(G_s x) ∘ U_s x)`` of bias-free linear maps, and
 ``shared_expert_gate``, a bias-free ``Linear(H, 1)`` ``q``): ``out += σ(q·x) S(x)``, with
 ``m_S = σ m``, ``m_{q·x} = σ(1 − σ) (S · m)`` and the MLP's products as the experts'.
+DeepSeek-V3's form (``…MoE``: GLM-4.5's MoE, Dots1, …) adds such an MLP ungated
+(``shared_experts``) and routes by sigmoid scores ``p = σ(z)``: the experts are chosen
+from ``p`` plus a correction bias within the best groups (the router's own forward
+makes the choice), ``w = c v / (s + 1e-20)`` with its ``routed_scaling_factor`` ``c``,
+so ``m_z = m_p ∘ p (1 − p)``.
 
 DiagGGNApprox counts the block as the operations of transformers' eager forward (router
 linear map, softmax, top-k selection, sum and division, the gathered rows, the experts'
@@ -34,12 +39,12 @@ operation. Through each, ``Σ_o d_o J_oi²`` is the backward pass above with the
 ``d``, squared factors and no cross terms: ``d_y = w² d``, ``d_w = Σ d y²``,
 ``d_h = (D∘D)ᵀ d_y``, ``d_[g; u] = [d_h (u φ'(g))²; d_h φ(g)²]``,
 ``d_x = (G∘G)ᵀ d_[g; u] + (W_r∘W_r)ᵀ d_z``, ``d_v = (d_w + Σ_j d_w w²) / s²`` and
-softmax's ``d_z = p² ((1 − p)² d_p + Σ_{o≠i} d_o p_o²)``.
+softmax's ``d_z = p² ((1 − p)² d_p + Σ_{o≠i} d_o p_o²)`` (sigmoid's: ``(p (1 − p))² d_p``).
 
-The block's forward is recomputed from its input and parameters (the indices from the
-router's float32 softmax, as transformers computes it) and compared with its recorded
-output at every call: a block that computes anything else (a shared expert, jitter noise,
-another router) goes to the exact fallback. The experts run in a loop over experts, not
+The block's forward is recomputed from its input and parameters (the choice of experts
+from the router's own forward) and compared with its recorded output at every call: a
+block that computes anything else (jitter noise, another router, biases) goes to the
+exact fallback. The experts run in a loop over experts, not
 over tokens or samples.
 """
 
@@ -78,7 +83,7 @@ class _Expert:
 class _Shared:
     """The shared expert's forward for every token row (Qwen2-MoE's form)."""
 
-    sigma: Tensor  # [R, 1] σ(q·x)
+    sigma: Optional[Tensor]  # [R, 1] σ(q·x), or None (an ungated shared expert)
     g: Tensor  # [R, Is]
     u: Tensor  # [R, Is]
     act: Tensor  # [R, Is] φ(g)
@@ -92,19 +97,28 @@ class _Routing:
     """One call's forward quantities (``R = N·T`` token rows), kept for its backward pass."""
 
     x: Tensor  # [R, H]
-    p: Tensor  # [R, E] softmax of the router logits
+    p: Tensor  # [R, E] softmax (or sigmoid) of the router logits
     index: Tensor  # [R, k] the chosen experts
     v: Tensor  # [R, k] their probabilities
-    s: Optional[Tensor]  # [R, 1] Σ v (normalized routers), else None
-    w: Tensor  # [R, k] the routing weights
+    den: Optional[Tensor]  # [R, 1] Σ v (+ 1e-20 for DeepSeek-V3's router) where normalized, else None
+    scale: float  # DeepSeek-V3's routed_scaling_factor (1 for the others)
+    w: Tensor  # [R, k] the routing weights, scale · v / den
     experts: list[_Expert]
     shared: Optional[_Shared]
     samples: int
     tokens: int
 
 
-_SHARED = ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight", "shared_expert.down_proj.weight",
-           "shared_expert_gate.weight")
+@dataclass
+class _Parts:
+    """The children of a block of a form this module serves."""
+
+    gate: nn.Module
+    experts: nn.Module
+    sigmoid: bool  # DeepSeek-V3's router (sigmoid scores, a correction bias for the choice, a scale)
+    shared: Optional[nn.Module]  # the shared expert's MLP, or None
+    shared_gate: Optional[nn.Module]  # its sigmoid gate (Qwen2-MoE), or None (DeepSeek-V3: ungated)
+    names: dict  # the shared expert's parameters, by role: "gate", "up", "down", "q"
 
 
 def _bias_free_linear(module: Optional[nn.Module], shape: tuple) -> bool:
@@ -114,41 +128,59 @@ def _bias_free_linear(module: Optional[nn.Module], shape: tuple) -> bool:
     )
 
 
-def _shared_expert_ok(module: nn.Module, hidden: int) -> bool:
-    """Qwen2-MoE's shared expert (``down(φ(gate(x)) ∘ up(x))``, bias-free) and its gate ``Linear(H, 1)``."""
-    mlp, gate = getattr(module, "shared_expert", None), getattr(module, "shared_expert_gate", None)
+def _mlp_ok(mlp: Optional[nn.Module], hidden: int) -> bool:
+    """A shared expert ``down(φ(gate(x)) ∘ up(x))`` of bias-free linear maps."""
     if not isinstance(mlp, nn.Module) or set(dict(mlp.named_children())) != {"gate_proj", "up_proj", "down_proj", "act_fn"}:
         return False
     inter = getattr(mlp.gate_proj, "out_features", None)
     return (
         isinstance(inter, int) and _bias_free_linear(mlp.gate_proj, (inter, hidden))
         and _bias_free_linear(mlp.up_proj, (inter, hidden)) and _bias_free_linear(mlp.down_proj, (hidden, inter))
-        and _bias_free_linear(gate, (1, hidden))
     )
 
 
-def _experts_of(module: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
-    """``(gate, experts)`` of a block of the form in the module docstring, else ``None``."""
+def _sigmoid_router(gate: nn.Module) -> bool:
+    """DeepSeek-V3's ``TopkRouter``: a buffer ``e_score_correction_bias`` and a float scale."""
+    bias = getattr(gate, "e_score_correction_bias", None)
+    return (
+        isinstance(bias, Tensor) and not isinstance(bias, nn.Parameter)
+        and isinstance(getattr(gate, "routed_scaling_factor", None), (int, float))
+        and isinstance(getattr(gate, "norm_topk_prob", None), bool)
+    )
+
+
+def _experts_of(module: nn.Module) -> Optional[_Parts]:
+    """The parts of a block of a form in the module docstring, else ``None``."""
     children = dict(module.named_children())
     gate, experts = children.get("gate"), children.get("experts")
-    shared = set(children) == {"gate", "experts", "shared_expert", "shared_expert_gate"}
-    if not (set(children) == {"gate", "experts"} or shared) or gate is None or experts is None:
+    extra = set(children) - {"gate", "experts"}
+    if extra not in (set(), {"shared_expert", "shared_expert_gate"}, {"shared_experts"}) or gate is None or experts is None:
         return None
     w, gu, down = getattr(gate, "weight", None), getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not all(isinstance(t, Tensor) for t in (w, gu, down)) or w.dim() != 2 or gu.dim() != 3 or down.dim() != 3:
         return None
     n_experts, hidden = w.shape
+    prefix = next(iter(extra - {"shared_expert_gate"}), None)
+    names = {}
+    if prefix is not None:
+        names = {role: f"{prefix}.{role}_proj.weight" for role in ("gate", "up", "down")}
+        if "shared_expert_gate" in extra:
+            names["q"] = "shared_expert_gate.weight"
+    shared_gate = children.get("shared_expert_gate")
     ok = (
         gu.shape[0] == n_experts and gu.shape[2] == hidden and gu.shape[1] % 2 == 0
         and tuple(down.shape) == (n_experts, hidden, gu.shape[1] // 2)
         and isinstance(getattr(gate, "top_k", None), int) and isinstance(getattr(experts, "act_fn", None), nn.Module)
-        and {n for n, _ in module.named_parameters()} == {_ROUTER, _GATE_UP, _DOWN, *(_SHARED if shared else ())}
-        and (not shared or _shared_expert_ok(module, hidden))
+        and {n for n, _ in module.named_parameters()} == {_ROUTER, _GATE_UP, _DOWN, *names.values()}
+        and (prefix is None or _mlp_ok(children[prefix], hidden))
+        and (shared_gate is None or _bias_free_linear(shared_gate, (1, hidden)))
         and not getattr(experts, "has_bias", False) and getattr(experts, "has_gate", True)
         and not getattr(experts, "is_transposed", False) and getattr(experts, "is_concatenated", True)
         and not getattr(experts, "has_post_expert_norm", False)
     )
-    return (gate, experts) if ok else None
+    if not ok:
+        return None
+    return _Parts(gate, experts, _sigmoid_router(gate), None if prefix is None else children[prefix], shared_gate, names)
 
 
 def _routing(call: Operation) -> Optional[_Routing]:
@@ -168,23 +200,24 @@ def _routing(call: Operation) -> Optional[_Routing]:
 
 def _recompute(call: Operation) -> Optional[_Routing]:
     module, x3 = call.module, call.input.detach()
-    gate, experts = _experts_of(module)
+    parts = _experts_of(module)
     if x3.dim() != 3 or (module.training and getattr(module, "jitter_noise", 0) > 0):
         return None
     n, t, hidden = x3.shape
     x = x3.reshape(n * t, hidden)
-    w_r = gate.weight.detach()
-    z = x @ w_r.T
-    # the choice as transformers makes it (a float32 softmax), the values in the call's dtype
-    index = torch.topk(F.softmax(z, dim=-1, dtype=torch.float), gate.top_k, dim=-1).indices
-    p = torch.softmax(z, dim=-1)
+    gate, experts = parts.gate, parts.experts
+    # the choice as the router makes it (its own forward: a float32 softmax, DeepSeek-V3's
+    # groups and correction bias), the weights in the call's dtype
+    with torch.no_grad():
+        chosen = gate.forward(x)
+    if not (isinstance(chosen, tuple) and len(chosen) == 3 and isinstance(chosen[2], Tensor)):
+        return None
+    index = chosen[2].long()
+    z = x @ gate.weight.detach().T
+    p = torch.sigmoid(z) if parts.sigmoid else torch.softmax(z, dim=-1)
     v = p.gather(1, index)
-    normalized = getattr(gate, "norm_topk_prob", True)
-    s = v.sum(-1, keepdim=True) if normalized else None
-    w = v / s if normalized else v
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
     inter = down.shape[2]
-    out = torch.zeros_like(x)
     found = []
     for e in index.unique().tolist():
         rows, slots = torch.nonzero(index == e, as_tuple=True)
@@ -192,24 +225,34 @@ def _recompute(call: Operation) -> Optional[_Routing]:
         g, u = (xe @ gate_up[e].T).split(inter, dim=-1)
         act, slope = _activation(experts.act_fn, g)
         h = act * u
-        y = h @ down[e].T
-        out.index_add_(0, rows, y * w[rows, slots, None])
-        found.append(_Expert(e, rows, slots, g, u, act, slope, h, y))
+        found.append(_Expert(e, rows, slots, g, u, act, slope, h, h @ down[e].T))
     shared = None
-    if hasattr(module, "shared_expert"):
-        mlp = module.shared_expert
-        sigma = torch.sigmoid(x @ module.shared_expert_gate.weight.detach().T)  # [R, 1]
+    if parts.shared is not None:
+        mlp = parts.shared
+        sigma = None if parts.shared_gate is None else torch.sigmoid(x @ parts.shared_gate.weight.detach().T)  # [R, 1]
         g, u = x @ mlp.gate_proj.weight.detach().T, x @ mlp.up_proj.weight.detach().T
         act, slope = _activation(mlp.act_fn, g)
         h = act * u
         y = h @ mlp.down_proj.weight.detach().T
-        out = out + sigma * y
         shared = _Shared(sigma, g, u, act, slope, h, y)
-    recorded = call.output.detach().reshape(n * t, hidden).to(out.dtype)
-    tol = (1e-5 if out.dtype == torch.float64 else 1e-4) * float(recorded.abs().max()) + 1e-30
-    if not torch.allclose(out, recorded, rtol=0.0, atol=tol):
-        return None
-    return _Routing(x, p, index, v, s, w, found, shared, n, t)
+    recorded = call.output.detach().reshape(n * t, hidden).to(x.dtype)
+    tol = (1e-5 if x.dtype == torch.float64 else 1e-4) * float(recorded.abs().max()) + 1e-30
+    scale = float(getattr(gate, "routed_scaling_factor", 1.0))
+    normalized = getattr(gate, "norm_topk_prob", None)
+    # the routing weights c v / den of the router's form: a softmax router without
+    # ``norm_topk_prob`` normalizes (Mixtral) or not (DeepSeek-V2): the form that gives the
+    # recorded output
+    for normalize in (True, False) if normalized is None else (bool(normalized),):
+        den = (v.sum(-1, keepdim=True) + (1e-20 if parts.sigmoid else 0.0)) if normalize else None
+        w = scale * (v if den is None else v / den)
+        out = torch.zeros_like(x)
+        for ex in found:
+            out.index_add_(0, ex.rows, ex.y * w[ex.rows, ex.slots, None])
+        if shared is not None:
+            out = out + (shared.y if shared.sigma is None else shared.sigma * shared.y)
+        if torch.allclose(out, recorded, rtol=0.0, atol=tol):
+            return _Routing(x, p, index, v, den, scale, w, found, shared, n, t)
+    return None
 
 
 def _activation(act_fn: nn.Module, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,8 +290,8 @@ class SparseMoeRule(LayerRule):
         cached = call.scratch.moe_pull
         if cached is not None and cached[0] is mat:
             return cached[1]
-        gate, experts = _experts_of(call.module)
-        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        parts = _experts_of(call.module)
+        gate_up, down = parts.experts.gate_up_proj.detach(), parts.experts.down_proj.detach()
         r = routing
         m = mat.reshape(mat.shape[0], r.x.shape[0], r.x.shape[1])
         m_x = torch.zeros_like(m)
@@ -263,20 +306,24 @@ class SparseMoeRule(LayerRule):
             m_x.index_add_(1, ex.rows, m_gu @ gate_up[ex.e])
             m_gus.append(m_gu)
             m_ys.append(m_y)
-        m_v = m_w if r.s is None else (m_w - (m_w * r.w).sum(-1, keepdim=True)) / r.s
+        # w = c v / den: m_v = c (m_w − m_w · (v / den)) / den
+        m_w = m_w * r.scale
+        m_v = m_w if r.den is None else (m_w - (m_w * (r.v / r.den)).sum(-1, keepdim=True)) / r.den
         m_p = torch.zeros_like(r.p).expand(m.shape[0], *r.p.shape).scatter(2, r.index.expand(m.shape[0], *r.index.shape), m_v)
-        m_z = r.p * (m_p - (m_p * r.p).sum(-1, keepdim=True))
-        m_x = m_x + m_z @ gate.weight.detach()
+        m_z = m_p * r.p * (1 - r.p) if parts.sigmoid else r.p * (m_p - (m_p * r.p).sum(-1, keepdim=True))
+        m_x = m_x + m_z @ parts.gate.weight.detach()
         shared = None
-        if r.shared is not None:  # out += σ(q·x) S(x)
-            sh, mlp = r.shared, call.module.shared_expert
-            m_s = sh.sigma * m  # [V, R, H]
-            m_q = (m * sh.y).sum(-1, keepdim=True) * sh.sigma * (1 - sh.sigma)  # [V, R, 1]
+        if r.shared is not None:  # out += σ(q·x) S(x), or S(x)
+            sh, mlp, names = r.shared, parts.shared, parts.names
+            m_s = m if sh.sigma is None else sh.sigma * m  # [V, R, H]
             m_h = m_s @ mlp.down_proj.weight.detach()  # [V, R, Is]
             m_g, m_u = m_h * sh.u * sh.slope, m_h * sh.act
-            m_x = (m_x + m_q * call.module.shared_expert_gate.weight.detach()[0]
-                   + m_g @ mlp.gate_proj.weight.detach() + m_u @ mlp.up_proj.weight.detach())
-            shared = {_SHARED[0]: (m_g, r.x), _SHARED[1]: (m_u, r.x), _SHARED[2]: (m_s, sh.h), _SHARED[3]: (m_q, r.x)}
+            m_x = m_x + m_g @ mlp.gate_proj.weight.detach() + m_u @ mlp.up_proj.weight.detach()
+            shared = {names["gate"]: (m_g, r.x), names["up"]: (m_u, r.x), names["down"]: (m_s, sh.h)}
+            if sh.sigma is not None:
+                m_q = (m * sh.y).sum(-1, keepdim=True) * sh.sigma * (1 - sh.sigma)  # [V, R, 1]
+                m_x = m_x + m_q * parts.shared_gate.weight.detach()[0]
+                shared[names["q"]] = (m_q, r.x)
         result = (m_x, m_z, m_gus, m_ys, shared)
         call.scratch.moe_pull = (mat, result)
         return result
@@ -294,7 +341,7 @@ class SparseMoeRule(LayerRule):
         r = routing
         _, m_z, m_gus, m_ys, shared = self._pull(call, r, mat)
         v, n, t = mat.shape[0], r.samples, r.tokens
-        if name == _ROUTER or name in _SHARED:  # Σ_t m ⊗ a per sample
+        if name == _ROUTER or name in (shared or {}):  # Σ_t m ⊗ a per sample
             m, a = (m_z, r.x) if name == _ROUTER else shared[name]
             return torch.einsum("vnto,nti->vnoi", m.reshape(v, n, t, -1), a.reshape(n, t, -1))
         param = dict(call.params)[name]
@@ -323,8 +370,8 @@ class _SplitSparseMoeRule(SparseMoeRule):
         cached = call.scratch.moe_pull
         if cached is not None and cached[0] is diag:
             return cached[1]
-        gate, experts = _experts_of(call.module)
-        gate_up_sq, down_sq = experts.gate_up_proj.detach().square(), experts.down_proj.detach().square()
+        parts = _experts_of(call.module)
+        gate_up_sq, down_sq = parts.experts.gate_up_proj.detach().square(), parts.experts.down_proj.detach().square()
         r = routing
         d = diag.reshape(r.x.shape)
         d_x = torch.zeros_like(d)
@@ -339,22 +386,30 @@ class _SplitSparseMoeRule(SparseMoeRule):
             d_x.index_add_(0, ex.rows, d_gu @ gate_up_sq[ex.e])
             d_gus.append(d_gu)
             d_ys.append(d_y)
-        # w = v / s: d_v = d_w / s² (the division) + Σ_j d_w w² / s² (through the sum)
-        d_v = d_w if r.s is None else (d_w + (d_w * r.w.square()).sum(-1, keepdim=True)) / r.s.square()
-        d_p = torch.zeros_like(r.p).scatter(1, r.index, d_v)
-        p_sq = r.p.square()
-        d_z = p_sq * (d_p * (1 - r.p).square() + sum_of_others(d_p * p_sq, -1))
-        d_x = d_x + d_z @ gate.weight.detach().square()
+        # the scaling by c, then v / den: d_v = d_w / den² (the division) + Σ_j d_w (v / den)² / den²
+        # (through the sum)
+        d_w = d_w * r.scale**2
+        if r.den is not None:
+            d_w = (d_w + (d_w * (r.v / r.den).square()).sum(-1, keepdim=True)) / r.den.square()
+        d_p = torch.zeros_like(r.p).scatter(1, r.index, d_w)
+        if parts.sigmoid:
+            d_z = d_p * (r.p * (1 - r.p)).square()
+        else:
+            p_sq = r.p.square()
+            d_z = p_sq * (d_p * (1 - r.p).square() + sum_of_others(d_p * p_sq, -1))
+        d_x = d_x + d_z @ parts.gate.weight.detach().square()
         shared = None
         if r.shared is not None:  # the operations σ(q·x), S(x) = D_s(φ(G_s x) ∘ U_s x), their product, the sum
-            sh, mlp = r.shared, call.module.shared_expert
-            d_s = sh.sigma.square() * d
-            d_q = (d * sh.y.square()).sum(-1, keepdim=True) * (sh.sigma * (1 - sh.sigma)).square()  # [R, 1]
+            sh, mlp, names = r.shared, parts.shared, parts.names
+            d_s = d if sh.sigma is None else sh.sigma.square() * d
             d_h = d_s @ mlp.down_proj.weight.detach().square()
             d_g, d_u = d_h * (sh.u * sh.slope).square(), d_h * sh.act.square()
-            d_x = (d_x + d_q * call.module.shared_expert_gate.weight.detach()[0].square()
-                   + d_g @ mlp.gate_proj.weight.detach().square() + d_u @ mlp.up_proj.weight.detach().square())
-            shared = {_SHARED[0]: (d_g, r.x), _SHARED[1]: (d_u, r.x), _SHARED[2]: (d_s, sh.h), _SHARED[3]: (d_q, r.x)}
+            d_x = d_x + d_g @ mlp.gate_proj.weight.detach().square() + d_u @ mlp.up_proj.weight.detach().square()
+            shared = {names["gate"]: (d_g, r.x), names["up"]: (d_u, r.x), names["down"]: (d_s, sh.h)}
+            if sh.sigma is not None:
+                d_q = (d * sh.y.square()).sum(-1, keepdim=True) * (sh.sigma * (1 - sh.sigma)).square()  # [R, 1]
+                d_x = d_x + d_q * parts.shared_gate.weight.detach()[0].square()
+                shared[names["q"]] = (d_q, r.x)
         result = (d_x, d_z, d_gus, d_ys, shared)
         call.scratch.moe_pull = (diag, result)
         return result
@@ -371,7 +426,7 @@ class _SplitSparseMoeRule(SparseMoeRule):
             return fallback_rule().param_diag(call, name, diag)
         r = routing
         _, d_z, d_gus, d_ys, shared = self._pull_diag(call, r, diag)
-        if name == _ROUTER or name in _SHARED:
+        if name == _ROUTER or name in (shared or {}):
             d, a = (d_z, r.x) if name == _ROUTER else shared[name]
             return d.T @ a.square()
         out = torch.zeros_like(dict(call.params)[name])
@@ -381,4 +436,4 @@ class _SplitSparseMoeRule(SparseMoeRule):
 
 
 _SPLIT = _SplitSparseMoeRule()
-register_rule_by_name("transformers", "*SparseMoeBlock")(SparseMoeRule)
+register_rule_by_name("transformers", "*SparseMoeBlock", "*MoE", "*Moe")(SparseMoeRule)

@@ -522,18 +522,32 @@ def _norm_form(call: Operation) -> Optional[int]:
     return form
 
 
+def _tensors(obj: Any) -> list[Tensor]:
+    """The tensors in a function's arguments or results (nested tuples, lists, dicts)."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
 class _RoundingWatch(TorchFunctionMode):
-    """Notes whether any torch function called under it returns a floating tensor below float64."""
+    """Notes whether a torch function called under it rounds float64 data: a float64 tensor
+    among its arguments and a floating result below float64 (``x.to(torch.float32)``,
+    ``softmax(x, dtype=torch.float)``). A float32 constant made from numbers
+    (``torch.tensor(eps)``) or a float32 buffer that float64 data promotes rounds nothing."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rounded = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
-                self.rounded = True
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.rounded and any(t.dtype == torch.float64 for t in _tensors((args, kwargs))):
+            self.rounded = any(t.is_floating_point() and t.dtype != torch.float64 for t in _tensors(out))
         return out
 
 

@@ -599,6 +599,28 @@ def hf_qwen2_moe(n: int = N) -> ZooCase:
                                ("model.layers.0.mlp.", "model.norm."))
 
 
+def hf_deepseek_v3(n: int = N) -> ZooCase:
+    """DeepSeek-V3: multi-head latent attention (its keys written into ``new_empty`` by two
+    ``copy_`` through slices: views of a constant, read off their geometry), a mixture of experts
+    routed by sigmoid scores (the best experts of the best group, chosen with a correction bias;
+    weights renormalized and scaled) plus an ungated shared expert, one call for the
+    mixture-of-experts rule."""
+    import transformers
+
+    config = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=6, moe_intermediate_size=6, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=4, kv_lora_rank=4, qk_rope_head_dim=2,
+        qk_nope_head_dim=2, v_head_dim=2, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+        n_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=0, max_position_embeddings=16,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    model = transformers.DeepseekV3ForCausalLM(config)
+    for m in model.modules():
+        if hasattr(m, "e_score_correction_bias"):
+            torch.nn.init.normal_(m.e_score_correction_bias, 0.0, 0.3)
+    return _moe_language_model(model, n, ("model.layers.0.mlp.", "model.layers.0.self_attn.", "model.norm."))
+
+
 def hf_falcon(n: int = N, alibi: bool = False) -> ZooCase:
     """Falcon: ``FalconLinear`` (an ``nn.Linear`` whose ``forward`` is ``x @ W.T + b``), multi-query
     attention with rotary embeddings and the attention parallel to the MLP (falcon-7b's layout);
@@ -872,6 +894,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.Cohere": ("transformers", hf_cohere),
     "transformers.Mixtral": ("transformers", hf_mixtral),
     "transformers.Qwen2Moe": ("transformers", hf_qwen2_moe),
+    "transformers.DeepseekV3": ("transformers", hf_deepseek_v3),
     "transformers.Falcon-alibi": ("transformers", lambda n=N: hf_falcon(n, alibi=True)),
     "transformers.T5": ("transformers", hf_t5),
     "transformers.Bart": ("transformers", hf_bart),

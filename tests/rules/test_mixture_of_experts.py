@@ -41,17 +41,49 @@ def _block(kind: str = "mixtral", normalize: bool = True, top_k: int = 2, H: int
         config = transformers.Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E,
                                              num_experts_per_tok=top_k, norm_topk_prob=normalize)
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
-    else:  # a shared expert and its gate
+    elif kind == "qwen2":  # a shared expert and its gate
         config = transformers.Qwen2MoeConfig(hidden_size=H, moe_intermediate_size=I, shared_expert_intermediate_size=3,
                                              num_experts=E, num_experts_per_tok=top_k, norm_topk_prob=normalize)
         from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock as Block
+    elif kind == "deepseek2":  # DeepSeek-V2: softmax, unnormalized weights times a scale; an ungated shared expert
+        config = transformers.DeepseekV2Config(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E,
+                                               num_experts_per_tok=top_k, n_shared_experts=1, routed_scaling_factor=1.5,
+                                               topk_method="greedy", num_attention_heads=2, num_key_value_heads=2)
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe as Block
+    else:  # DeepSeek-V3: sigmoid scores, the best of two groups, a correction bias, a scale; an ungated shared expert
+        config = transformers.DeepseekV3Config(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E,
+                                               num_experts_per_tok=top_k, n_group=2, topk_group=1 if top_k < 3 else 2,
+                                               n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=normalize)
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as Block
     config._experts_implementation = "eager"
     torch.manual_seed(0)
     block = Block(config).to(DT).eval()
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0.0, 0.7)
+        if hasattr(block.gate, "e_score_correction_bias"):
+            block.gate.e_score_correction_bias.normal_(0.0, 0.3)
     return block
+
+
+def _scores(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The router's probabilities (DeepSeek-V3's sigmoid scores, else softmax)."""
+    return torch.sigmoid(z) if hasattr(block.gate, "e_score_correction_bias") else torch.softmax(z, -1)
+
+
+def _weights(block: nn.Module, v: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The routing weights from the chosen probabilities ``v`` ``[..., k]``."""
+    eps = 1e-20 if hasattr(block.gate, "e_score_correction_bias") else 0.0
+    return getattr(block.gate, "routed_scaling_factor", 1.0) * (v / (v.sum(-1, keepdim=True) + eps) if normalize else v)
+
+
+def _shared_mlp(block: nn.Module):
+    """``(mlp, gate or None)`` of the block's shared expert, or ``(None, None)``."""
+    if hasattr(block, "shared_experts"):
+        return block.shared_experts, None
+    if hasattr(block, "shared_expert"):
+        return block.shared_expert, block.shared_expert_gate
+    return None, None
 
 
 def _call(block: nn.Module, x: torch.Tensor) -> SimpleNamespace:
@@ -70,6 +102,8 @@ def _diag_by_operations(block: nn.Module, x: torch.Tensor, d: torch.Tensor, norm
     gate_up, down, act_fn = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach(), block.experts.act_fn
     k = block.gate.top_k
     rows = x.reshape(-1, H)
+    with torch.no_grad():
+        chosen = block.gate.forward(rows)[2]  # the router's own choice
     d_rows = d.reshape(-1, H)
     d_x = torch.zeros_like(rows)
     d_params = {"gate.weight": torch.zeros_like(w_r), "experts.gate_up_proj": torch.zeros_like(gate_up),
@@ -83,11 +117,14 @@ def _diag_by_operations(block: nn.Module, x: torch.Tensor, d: torch.Tensor, norm
         xr = rows[r]
         # forward, one value per operation
         z = w_r @ xr
-        p = torch.softmax(z, -1)
-        index = torch.topk(p.float(), k).indices
+        p = _scores(block, z)
+        index = chosen[r]
         v = p[index]
-        s = v.sum()
-        w = v / s if normalize else v
+        sigmoid = hasattr(block.gate, "e_score_correction_bias")
+        c = getattr(block.gate, "routed_scaling_factor", 1.0)
+        s = v.sum() + (1e-20 if sigmoid else 0.0)
+        w0 = v / s if normalize else v
+        w = c * w0
         pieces = []
         for j in range(k):
             e = int(index[j])
@@ -111,40 +148,44 @@ def _diag_by_operations(block: nn.Module, x: torch.Tensor, d: torch.Tensor, norm
             d_gu = torch.cat([d_g, d_u])  # the split: entries copied
             d_params["experts.gate_up_proj"][e] += sq_pull(lambda m, x_: m @ x_, (gate_up[e], xr), 0, d_gu)
             d_x[r] += sq_pull(lambda m, x_: m @ x_, (gate_up[e], xr), 1, d_gu)
-        if normalize:  # w = v / s, s = Σ v
-            d_v = sq_pull(lambda v_, s_: v_ / s_, (v, s), 0, d_w)
-            d_s = sq_pull(lambda v_, s_: v_ / s_, (v, s), 1, d_w)
-            d_v = d_v + sq_pull(lambda v_: v_.sum(), (v,), 0, d_s)
+        d_w0 = sq_pull(lambda w_: c * w_, (w0,), 0, d_w)
+        if normalize:  # w0 = v / s, s = Σ v (+ 1e-20)
+            d_v = sq_pull(lambda v_, s_: v_ / s_, (v, s), 0, d_w0)
+            d_s = sq_pull(lambda v_, s_: v_ / s_, (v, s), 1, d_w0)
+            d_v = d_v + sq_pull(lambda v_: v_.sum() + (1e-20 if sigmoid else 0.0), (v,), 0, d_s)
         else:
-            d_v = d_w
+            d_v = d_w0
         d_p = sq_pull(lambda p_: p_[index], (p,), 0, d_v)
-        d_z = sq_pull(lambda z_: torch.softmax(z_, -1), (z,), 0, d_p)
+        d_z = sq_pull(lambda z_: _scores(block, z_), (z,), 0, d_p)
         d_params["gate.weight"] += sq_pull(lambda m, x_: m @ x_, (w_r, xr), 0, d_z)
         d_x[r] += sq_pull(lambda m, x_: m @ x_, (w_r, xr), 1, d_z)
-        if hasattr(block, "shared_expert"):  # + sigmoid(q x) * down(act(gate(x)) * up(x))
-            mlp = block.shared_expert
-            q, gs_w, us_w, ds_w = (block.shared_expert_gate.weight.detach(), mlp.gate_proj.weight.detach(),
-                                   mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach())
-            qx, gs, us = q @ xr, gs_w @ xr, us_w @ xr
-            sig, a_s = torch.sigmoid(qx), mlp.act_fn(gs)
+        mlp, shared_gate = _shared_mlp(block)
+        if mlp is not None:  # + [sigmoid(q x) *] down(act(gate(x)) * up(x))
+            prefix = "shared_experts" if shared_gate is None else "shared_expert"
+            gs_w, us_w, ds_w = mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach()
+            gs, us = gs_w @ xr, us_w @ xr
+            a_s = mlp.act_fn(gs)
             hs = a_s * us
             ys = ds_w @ hs
-            d_c = d_rows[r]
-            d_sig = sq_pull(lambda s_, y_: s_ * y_, (sig, ys), 0, d_c)
-            d_ys = sq_pull(lambda s_, y_: s_ * y_, (sig, ys), 1, d_c)
-            d_qx = sq_pull(torch.sigmoid, (qx,), 0, d_sig)
-            for name, weight, d_out, inp in (("shared_expert_gate.weight", q, d_qx, xr),):
-                d_params.setdefault(name, torch.zeros_like(weight))
-                d_params[name] += sq_pull(lambda m, x_: m @ x_, (weight, inp), 0, d_out)
-                d_x[r] += sq_pull(lambda m, x_: m @ x_, (weight, inp), 1, d_out)
-            d_params.setdefault("shared_expert.down_proj.weight", torch.zeros_like(ds_w))
-            d_params["shared_expert.down_proj.weight"] += sq_pull(lambda m, h_: m @ h_, (ds_w, hs), 0, d_ys)
+            d_ys = d_rows[r]
+            if shared_gate is not None:
+                q = shared_gate.weight.detach()
+                qx = q @ xr
+                sig = torch.sigmoid(qx)
+                d_sig = sq_pull(lambda s_, y_: s_ * y_, (sig, ys), 0, d_ys)
+                d_ys = sq_pull(lambda s_, y_: s_ * y_, (sig, ys), 1, d_ys)
+                d_qx = sq_pull(torch.sigmoid, (qx,), 0, d_sig)
+                d_params.setdefault("shared_expert_gate.weight", torch.zeros_like(q))
+                d_params["shared_expert_gate.weight"] += sq_pull(lambda m, x_: m @ x_, (q, xr), 0, d_qx)
+                d_x[r] += sq_pull(lambda m, x_: m @ x_, (q, xr), 1, d_qx)
+            d_params.setdefault(f"{prefix}.down_proj.weight", torch.zeros_like(ds_w))
+            d_params[f"{prefix}.down_proj.weight"] += sq_pull(lambda m, h_: m @ h_, (ds_w, hs), 0, d_ys)
             d_hs = sq_pull(lambda m, h_: m @ h_, (ds_w, hs), 1, d_ys)
             d_as = sq_pull(lambda a_, u_: a_ * u_, (a_s, us), 0, d_hs)
             d_us = sq_pull(lambda a_, u_: a_ * u_, (a_s, us), 1, d_hs)
             d_gs = sq_pull(mlp.act_fn, (gs,), 0, d_as)
-            for name, weight, d_out in (("shared_expert.gate_proj.weight", gs_w, d_gs),
-                                        ("shared_expert.up_proj.weight", us_w, d_us)):
+            for name, weight, d_out in ((f"{prefix}.gate_proj.weight", gs_w, d_gs),
+                                        (f"{prefix}.up_proj.weight", us_w, d_us)):
                 d_params.setdefault(name, torch.zeros_like(weight))
                 d_params[name] += sq_pull(lambda m, x_: m @ x_, (weight, xr), 0, d_out)
                 d_x[r] += sq_pull(lambda m, x_: m @ x_, (weight, xr), 1, d_out)
@@ -153,7 +194,7 @@ def _diag_by_operations(block: nn.Module, x: torch.Tensor, d: torch.Tensor, norm
 
 @pytest.mark.parametrize("kind,normalize,top_k", [
     ("mixtral", True, 2), ("qwen3", False, 2), ("qwen3", True, 3), ("mixtral", True, 1), ("qwen2", False, 2),
-    ("qwen2", True, 3),
+    ("qwen2", True, 3), ("deepseek", True, 2), ("deepseek", False, 3), ("deepseek2", False, 2),
 ])
 @pytest.mark.parametrize("n", [1, 3])
 def test_diagonals_follow_the_definition_by_operations(kind, normalize, top_k, n):
@@ -175,23 +216,27 @@ def _formula(block: nn.Module, params: dict, x: torch.Tensor, index: torch.Tenso
     """The block's map in float64 throughout, for chosen experts ``index`` ``[R, k]`` (its router
     computes the softmax in float32; the choice is the block's)."""
     rows = x.reshape(-1, H)
-    p = torch.softmax(rows @ params["gate.weight"].T, -1)
-    v = p.gather(1, index)
-    w = v / v.sum(-1, keepdim=True) if normalize else v
+    p = _scores(block, rows @ params["gate.weight"].T)
+    w = _weights(block, p.gather(1, index), normalize)
     out = torch.zeros_like(rows)
     for j in range(index.shape[1]):
         gu = torch.einsum("rh,rih->ri", rows, params["experts.gate_up_proj"][index[:, j]])
         h = block.experts.act_fn(gu[:, :I]) * gu[:, I:]
         out = out + w[:, j : j + 1] * torch.einsum("ri,rhi->rh", h, params["experts.down_proj"][index[:, j]])
-    if hasattr(block, "shared_expert"):
-        act = block.shared_expert.act_fn
-        hs = act(rows @ params["shared_expert.gate_proj.weight"].T) * (rows @ params["shared_expert.up_proj.weight"].T)
-        gate = torch.sigmoid(rows @ params["shared_expert_gate.weight"].T)
-        out = out + gate * (hs @ params["shared_expert.down_proj.weight"].T)
+    mlp, shared_gate = _shared_mlp(block)
+    if mlp is not None:
+        pre = "shared_experts" if shared_gate is None else "shared_expert"
+        hs = mlp.act_fn(rows @ params[f"{pre}.gate_proj.weight"].T) * (rows @ params[f"{pre}.up_proj.weight"].T)
+        shared = hs @ params[f"{pre}.down_proj.weight"].T
+        if shared_gate is not None:
+            shared = torch.sigmoid(rows @ params["shared_expert_gate.weight"].T) * shared
+        out = out + shared
     return out.reshape(x.shape)
 
 
-@pytest.mark.parametrize("kind,normalize", [("mixtral", True), ("qwen3", False), ("qwen2", True)])
+@pytest.mark.parametrize("kind,normalize", [
+    ("mixtral", True), ("qwen3", False), ("qwen2", True), ("deepseek", True), ("deepseek2", False),
+])
 def test_one_operation_diagonal_and_columns_match_dense_jacobians(kind, normalize):
     """The block as one operation (``split_attention=False``): ``Σ_o d_o J_oi²`` of the whole
     block's Jacobian, its column products for the input and every parameter per sample, against
@@ -204,10 +249,10 @@ def test_one_operation_diagonal_and_columns_match_dense_jacobians(kind, normaliz
     d = torch.rand(n, t, H, dtype=DT)
     call = _call(block, x)
     params = {k: v.detach() for k, v in block.named_parameters()}
-    rows = x.reshape(-1, H)
-    probs = torch.softmax(rows @ params["gate.weight"].T, -1, dtype=torch.float)
-    index = torch.topk(probs, block.gate.top_k, dim=-1).indices
-    torch.testing.assert_close(_formula(block, params, x, index, normalize), call.output, rtol=1e-6, atol=1e-8)
+    with torch.no_grad():
+        index = block.gate.forward(x.reshape(-1, H))[2]  # the router's own choice
+    # (the routers compute in float32 by design: the block's output agrees to float32's rounding)
+    torch.testing.assert_close(_formula(block, params, x, index, normalize), call.output, rtol=1e-5, atol=1e-7)
     f = lambda x_: _formula(block, params, x_, index, normalize)  # noqa: E731
     jac = jacrev(f)(x).reshape(n * t * H, n * t * H)  # a row of one sample reads only that sample
     want = (jac.square() * d.reshape(-1, 1)).sum(0).reshape(x.shape)
@@ -246,9 +291,26 @@ def _float64_router_forward(self, hidden_states):
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     logits = torch.nn.functional.linear(hidden_states, self.weight)
     values, index = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
-    if getattr(self, "norm_topk_prob", True):
+    # (Mixtral's router always normalizes; DeepSeek-V2's never, and scales)
+    if getattr(self, "norm_topk_prob", not hasattr(self, "routed_scaling_factor")):
         values = values / values.sum(-1, keepdim=True)
-    return logits, values, index
+    return logits, values * getattr(self, "routed_scaling_factor", 1.0), index
+
+
+def _float64_sigmoid_router_forward(self, hidden_states):
+    """DeepSeek-V3's router forward without its casts to float32 (the same choice, in float64)."""
+    hidden_states = hidden_states.view(-1, self.hidden_dim)
+    scores = torch.nn.functional.linear(hidden_states, self.weight).sigmoid()
+    choice = scores + self.e_score_correction_bias
+    groups = choice.view(-1, self.num_group, self.num_experts // self.num_group).topk(2, dim=-1)[0].sum(-1)
+    best = torch.topk(groups, k=self.topk_group, dim=-1, sorted=False)[1]
+    mask = torch.zeros_like(groups).scatter_(1, best, 1).unsqueeze(-1)
+    mask = mask.expand(-1, self.num_group, self.num_experts // self.num_group).reshape(-1, self.num_experts)
+    index = torch.topk(choice.masked_fill(~mask.bool(), float("-inf")), k=self.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, index)
+    if self.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return scores, weights * self.routed_scaling_factor, index
 
 
 _FLOAT64_ROUTERS: dict = {}
@@ -257,7 +319,8 @@ _FLOAT64_ROUTERS: dict = {}
 def _float64_router(block: nn.Module) -> nn.Module:
     cls = type(block.gate)
     if cls not in _FLOAT64_ROUTERS:  # a subclass (the reference deep-copies the model)
-        _FLOAT64_ROUTERS[cls] = type(cls.__name__, (cls,), {"forward": _float64_router_forward})
+        forward = _float64_sigmoid_router_forward if hasattr(block.gate, "e_score_correction_bias") else _float64_router_forward
+        _FLOAT64_ROUTERS[cls] = type(cls.__name__, (cls,), {"forward": forward})
         _FLOAT64_ROUTERS[cls].__module__ = cls.__module__
     block.gate.__class__ = _FLOAT64_ROUTERS[cls]
     return block
@@ -273,7 +336,9 @@ def _exact_against_torch_func(model: nn.Module, n: int = 3) -> None:
 
 
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("kind,normalize", [("mixtral", True), ("qwen3", False), ("qwen2", True)])
+@pytest.mark.parametrize("kind,normalize", [
+    ("mixtral", True), ("qwen3", False), ("qwen2", True), ("deepseek", True), ("deepseek", False), ("deepseek2", False),
+])
 def test_the_block_in_a_model_is_exact_without_the_fallback(kind, normalize, n, monkeypatch):
     served = fallback_spy(monkeypatch)
     _exact_against_torch_func(_Model(_float64_router(_block(kind, normalize))).to(DT), n)

@@ -264,3 +264,34 @@ def test_a_norm_that_rounds_only_its_mean_square_is_proven(installed, monkeypatc
     off.factor = 1 + 1e-3
     _diag_approx(off, X, y)
     assert served
+
+
+class _UnbiasedWithFloat32Constant(_Norm):
+    """A map 1e-5 away from the RMS form at D = 2^17 (an unbiased mean square), whose forward
+    also makes a float32 constant that rounds nothing (the review of session 46: the watch took
+    any float32 result for a rounding and accepted the map to float32's tolerance)."""
+
+    def forward(self, x):
+        eps = torch.tensor(self.variance_epsilon)  # float32, 0-d: promotes to float64
+        variance = x.pow(2).sum(-1, keepdim=True) / (x.shape[-1] - 1)
+        return self.weight * x * torch.rsqrt(variance + eps)
+
+
+_UnbiasedWithFloat32Constant.__module__ = "transformers.models.x.modeling_x"
+_UnbiasedWithFloat32Constant.__name__ = _UnbiasedWithFloat32Constant.__qualname__ = "UnbiasedRMSNorm"
+
+
+def test_a_float32_constant_is_no_rounding():
+    """The probes reject the map (the fallback then serves it); a float32 rounding of the data
+    inside the same map is still seen (and the map, 1e-5 away, accepted to that tolerance)."""
+    from types import SimpleNamespace
+
+    from curvhook.rules.normalization import _probe_norm_form
+
+    width = 2**17
+    norm = _UnbiasedWithFloat32Constant(width).to(DT)
+    call = SimpleNamespace(module=norm, input=torch.randn(2, width, dtype=DT), args=(), kwargs={})
+    assert _probe_norm_form(call) is None
+    rounding = _MeanSquareInFloat32(width).to(DT)
+    call = SimpleNamespace(module=rounding, input=torch.randn(2, width, dtype=DT), args=(), kwargs={})
+    assert _probe_norm_form(call) == 0
