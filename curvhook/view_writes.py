@@ -98,10 +98,8 @@ def sliced_chain(view: Tensor) -> Optional[list[ViewStep]]:
         slices.append(slice(start, start + (size - 1) * step + 1, step))
     if rest != 0 or slices[0] != slice(0, base.size(0), 1):
         return None
-    first = next((d for d, (sl, n) in enumerate(zip(slices, base.shape)) if sl != slice(0, n, 1)), None)
-    if first is None:
-        return None
-    index = (Ellipsis, *slices[first:])
+    first = next((d for d, (sl, n) in enumerate(zip(slices, base.shape)) if sl != slice(0, n, 1)), base.dim())
+    index = (Ellipsis, *slices[first:])  # (Ellipsis,) alone: the whole base (``k[:, :].copy_(h)``)
     made = base[index]
     if made.shape != view.shape or made.stride() != view.stride() or made.storage_offset() != view.storage_offset():
         return None

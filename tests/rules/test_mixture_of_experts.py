@@ -412,3 +412,20 @@ def test_float32_with_grouped_matrix_products_follows_float64(monkeypatch):
     for (a64, g64), (a32, g32) in zip(*results):
         torch.testing.assert_close(a32, a64, rtol=1e-3, atol=1e-5 * float(a64.abs().max()))
         torch.testing.assert_close(g32, g64, rtol=1e-3, atol=1e-5 * float(g64.abs().max()))
+
+
+def test_a_router_whose_form_the_output_does_not_decide_goes_to_the_fallback():
+    """Mixtral's router has no ``norm_topk_prob``: the rule takes the form of the weights that
+    reproduces the output. Where the chosen probabilities sum to one within the tolerance, both
+    forms do, with different derivatives: the call is not served (the review of session 46)."""
+    from curvhook.rules import mixture_of_experts
+
+    block = _block("mixtral")
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, H, dtype=DT)
+    assert mixture_of_experts._routing(_call(block, x)) is not None
+    with torch.no_grad():  # two experts take all the probability: Σ v = 1 − 1e-9
+        block.gate.weight.zero_()
+        block.gate.weight[0, 0], block.gate.weight[1, 0] = 40.0, 40.0
+    x[..., 0] = 1.0
+    assert mixture_of_experts._routing(_call(block, x)) is None

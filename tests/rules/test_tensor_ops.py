@@ -1127,6 +1127,14 @@ class InPlaceOnAView(nn.Module):
                 v = h[:, 2:4]
                 v.mul_(2)
                 v.add_(1)
+        elif self.form == "whole_base_through_a_view":  # k[:, :].copy_(h): a view of all of k (the review)
+            if self.out_of_place:
+                h = h * torch.tensor([1.0, 3, 3, 3, 1, 1], dtype=h.dtype)
+            else:
+                k = h.new_zeros(h.shape[0], 6)
+                k[:, :].copy_(h)
+                k[:, 1:4].mul_(3)
+                h = k
         elif self.form == "copies_into_views_of_a_constant":  # DeepSeek's k = h.new_empty(…); k[..., :d].copy_(a), …
             if self.out_of_place:
                 h = torch.cat([h[:, :3] * 2, torch.tanh(h[:, 3:5]), self.bias[:1].expand(h.shape[0], 1)], 1)
@@ -1143,7 +1151,7 @@ VIEW_WRITES = [
     "zero_slice", "scale_view_of_view", "parameter_clone", "augmented_assignment", "per_sample_constant",
     "parameter_into_every_sample",
     # since session 46, views the tape did not record, read off their geometry (view_writes.sliced_chain)
-    "two_writes_to_one_view", "copies_into_views_of_a_constant",
+    "two_writes_to_one_view", "copies_into_views_of_a_constant", "whole_base_through_a_view",
 ]
 
 
