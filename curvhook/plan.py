@@ -25,6 +25,7 @@ from typing import Hashable, Optional
 from torch import nn
 
 from curvhook.errors import UnsupportedModelError, reentrant_checkpoint_error
+from curvhook.indexed_writes import may_write_twice, refuse_duplicate_writes
 from curvhook.plan_key import GraphShape, graph_shape
 from curvhook.records import BATCHED, CONST, SHARED, Operation
 from curvhook.rules.base import LayerRule
@@ -87,18 +88,25 @@ class Plan:
         slots: The number of dense slots.
         root: Dense slot of the model output.
         shared_params: ``id`` of the parameters used by more than one operation.
+        indexed_writes: Indices of the operations that write a value with gradient
+            through a tensor index, whose values are checked each step
+            (:mod:`curvhook.indexed_writes`).
     """
 
     steps: tuple[Step, ...]
     slots: int
     root: int
     shared_params: frozenset[int]
+    indexed_writes: tuple[int, ...] = ()
 
     def bind(self, trace: Trace) -> None:
-        """Hand the operations of ``trace`` what the plan knows of them."""
+        """Hand the operations of ``trace`` what the plan knows of them, and refuse an
+        index that writes one entry twice."""
         ops = trace.all_operations
         for step in self.steps:
             ops[step.index].known_per_sample = step.known_per_sample
+        for index in self.indexed_writes:
+            refuse_duplicate_writes(ops[index])
 
 
 def plan_for(model: nn.Module, trace: Trace) -> tuple[Plan, GraphShape]:
@@ -180,7 +188,8 @@ def build_plan(trace: Trace, shape: GraphShape) -> Plan:
             params=params,
             known_per_sample=known[index],
         ))
-    return Plan(tuple(steps), len(slot_of), slot_of[trace.root_key], shared)
+    writes = tuple(i for i, op in enumerate(ops) if may_write_twice(op) and any(k is not None for k in op.output_keys))
+    return Plan(tuple(steps), len(slot_of), slot_of[trace.root_key], shared, writes)
 
 
 def resolve_rule(op: Operation) -> LayerRule:

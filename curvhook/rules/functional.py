@@ -654,14 +654,9 @@ class InterpolateFunction(FunctionalRule):
         lead = value.dim() - x.dim()
         return self.rule.diag_jac_t_diag_jac(served, value.flatten(0, lead)).reshape(*value.shape[:lead], *x.shape)
 
-    # A parameter interpolated directly: the same products, summed over the samples where the
-    # engine asks for the sum (``param_diag``: ``[N, *out] → [*w]``).
-    def param_jac_t_mat_prod(self, call: Operation, name: str, mat: Any) -> Tensor:
-        slot = call.slot_of(name)
-        if self._shared_call(call, mat, slot) is not None:
-            return self.shared_jac_t_mat_prod(call, mat, slot)
-        return super().param_jac_t_mat_prod(call, name, mat)
-
+    # A parameter interpolated directly: its products go through ``shared_jac_t_mat_prod`` (the
+    # tensor-operation rule's ``param_jac_t_mat_prod``); its diagonal is the shared input's summed
+    # over the samples (``param_diag``: ``[N, *out] → [*w]``).
     def param_diag(self, call: Operation, name: str, diag: Any) -> Tensor:
         slot = call.slot_of(name)
         if self._shared_call(call, diag, slot) is not None:
