@@ -5,7 +5,7 @@ modules (no children, or ``nn.MultiheadAttention``), a torch-function mode
 finds the tensor operations between them, and every operation is
 differentiated per sample with ``jacrev`` (an in-place operation out of place, on
 a copy of its first argument as it was before the call; on a view, on a copy of the
-view's base through the same view):
+view's base through the same view; a complex tensor as its real view ``[*shape, 2]``):
 
     d_in  += Σ_o d_o J_oi²     (for every distinct differentiable input)
     θ     += Σ_n Σ_o d_no J_oθ²
@@ -223,7 +223,7 @@ def diag_ggn_approx_graph(model: nn.Module, X: Tensor, hessian_diag: Tensor, mov
                     continue
 
                 def g(q, name=name, i=i):
-                    res = op.fn({**pvals, name: q}, *full)
+                    res = _real(op.fn({**pvals, name: q}, *full))
                     return (res if whole else res.narrow(out_axis, i * out_rows, out_rows)).reshape(-1)
 
                 jac = jacrev(g)(p.detach())
@@ -233,6 +233,11 @@ def diag_ggn_approx_graph(model: nn.Module, X: Tensor, hessian_diag: Tensor, mov
     lost = [k for k in diag if owner[k].requires_grad and id(owner[k]) not in pid and k != _key(X)]
     assert not lost, f"graph_reference: no recorded operation made the tensors {[tuple(owner[k].shape) for k in lost]}"
     return torch.cat([r.flatten() for r in result])
+
+
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor as its real view ``[*shape, 2]`` (the diagonal of each coordinate); a real one as it is."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _shared_outputs(model: nn.Module, X: Tensor, ops: list[_Op]) -> set[Key]:
@@ -265,10 +270,14 @@ def _sample_terms(op, i, d_i, full, in_axes, out, pvals, pid, diag, result, shar
             for k, f, z, (a, r) in zip(fixed, full, zs, in_axes)
         ]
 
-    def f(*zs):
-        res = op.fn(pvals, *embed(zs))
+    complex_in = [x.is_complex() for x in xs]
+
+    def f(*zs):  # complex tensors as their real views [*shape, 2], in and out
+        zs = [torch.view_as_complex(z) if c else z for z, c in zip(zs, complex_in)]
+        res = _real(op.fn(pvals, *embed(zs)))
         return (res if whole else res.narrow(out_axis, i * out_rows, out_rows)).reshape(-1)
 
+    xs = [torch.view_as_real(x) if c else x for x, c in zip(xs, complex_in)]
     jacs = jacrev(f, argnums=tuple(range(len(xs))))(*xs) if xs else ()
     for t, key, jac, (a, r) in zip(op.tensors, op.in_keys, jacs, in_axes):
         contrib = (jac.reshape(d_i.numel(), -1).square() * d_i[:, None]).sum(0)
@@ -277,11 +286,11 @@ def _sample_terms(op, i, d_i, full, in_axes, out, pvals, pid, diag, result, shar
         elif key in shared:
             prev = diag.get(key)
             if prev is None:
-                prev = diag[key] = torch.zeros(n, *t.shape, dtype=t.dtype)
+                prev = diag[key] = torch.zeros(n, *_real(t).shape, dtype=_real(t).dtype)
             prev[i] += contrib.reshape(t.shape)
         else:
             prev = diag.get(key)
             if prev is None:
-                prev = diag[key] = torch.zeros_like(t.detach())
+                prev = diag[key] = torch.zeros_like(_real(t.detach()))
             rows = prev.narrow(a, i * r, r)
             rows += contrib.reshape(rows.shape)

@@ -479,7 +479,8 @@ def fallback_spy(monkeypatch) -> list:
     from curvhook.rules import fallback as fallback_module
 
     served = []
-    for method in ("input_jac_t_mat_prod", "param_jac_t_mat_prod", "input_diag", "param_diag"):
+    for method in ("input_jac_t_mat_prod", "param_jac_t_mat_prod", "input_diag", "param_diag", "jac_t_mat_prod",
+                   "diag_jac_t_diag_jac"):
         original = getattr(fallback_module.FallbackRule, method)
 
         def spy(self, call, *args, original=original):

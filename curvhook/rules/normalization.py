@@ -430,12 +430,14 @@ class _RMSNormCall:
     """A call of Hugging Face's ``LlamaRMSNorm`` as :class:`RMSNormRule` reads an ``nn.RMSNorm`` call
     (of weight ``weight`` and ``eps``, by default the module's ``weight`` and ``variance_epsilon``)."""
 
-    def __init__(self, call: Operation, weight: Optional[Tensor] = None, eps: Optional[float] = None) -> None:
+    def __init__(
+        self, call: Operation, weight: Optional[Tensor] = None, eps: Optional[float] = None, weightless: bool = False,
+    ) -> None:
         self._call = call
         m = call.module
-        weight = m.weight if weight is None else weight
+        weight = None if weightless else m.weight if weight is None else weight
         self.module = SimpleNamespace(
-            weight=weight, normalized_shape=tuple(m.weight.shape),
+            weight=weight, normalized_shape=(call.input.shape[-1],),
             eps=m.variance_epsilon if eps is None else eps, bias=None,
         )
 
@@ -559,13 +561,15 @@ def _probe_norm_form(call: Operation) -> Optional[int]:
     gen = torch.Generator().manual_seed(0)
     unit = torch.randn(1, *x.shape[1:], dtype=torch.float64, generator=gen)
     probe = torch.cat([unit, unit * math.sqrt(eps)]).to(x.device)
-    weight = torch.randn(module.weight.shape, dtype=torch.float64, generator=gen).to(x.device)
+    weightless = _weightless(module)
+    weight = torch.randn(x.shape[-1:], dtype=torch.float64, generator=gen).to(x.device)
+    params = {} if weightless else {"weight": weight}
     watch = _RoundingWatch()
     if torch_function_mode_stack_empty():  # (the backward walk runs with torch functions disabled)
         with enable_torch_function(), watch:
-            got = _replay(call, {"weight": weight}, [probe]).to(torch.float64)
+            got = _replay(call, params, [probe]).to(torch.float64)
     else:  # a mode of curvhook's would record what the watch passes on: no watch
-        got = _replay(call, {"weight": weight}, [probe]).to(torch.float64)
+        got = _replay(call, params, [probe]).to(torch.float64)
     # float64 throughout: agreement to float64 rounding. Only a module that rounds to float32
     # on the way (most of transformers' do: the input, or only the mean square as mT5's
     # ``MT5LayerNorm``) gets float32's tolerance: a map within 1e-5 of a form is otherwise no
@@ -573,15 +577,26 @@ def _probe_norm_form(call: Operation) -> Optional[int]:
     # D = 8192; the review of session 45). A rounding is seen as a float32 result of a torch
     # function inside the forward, or as an output unmoved by a change below float32's
     # resolution (a few entries near a rounding midpoint move: one in 2^16 for a 2^-40 nudge).
-    nudged = _replay(call, {"weight": weight}, [probe * (1 + 2.0**-40)]).to(torch.float64)
+    nudged = _replay(call, params, [probe * (1 + 2.0**-40)]).to(torch.float64)
     rounds = watch.rounded or (nudged.shape == got.shape and (nudged == got).double().mean() > 0.99)
     rtol = 1e-5 if rounds else 1e-10
     for index, (_, centered, scale) in enumerate(_PROBED_FORMS):
+        if weightless and index not in _WEIGHTLESS_FORMS:
+            continue
         z = probe - probe.mean(-1, keepdim=True) if centered else probe
-        want = scale(weight) * z * torch.rsqrt(z.square().mean(-1, keepdim=True) + eps)
+        want = (1 if weightless else scale(weight)) * z * torch.rsqrt(z.square().mean(-1, keepdim=True) + eps)
         if got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=rtol * float(want.abs().max())):
             return index
     return None
+
+
+# The forms a module without a weight may compute (Llama 4's ``Llama4TextWeightlessRMSNorm``,
+# its queries' and keys' L2 norm): x̂, and (x − μ)/σ.
+_WEIGHTLESS_FORMS = (0, 2)
+
+
+def _weightless(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is None and getattr(module, "weight", None) is None
 
 
 def _hf_eps(module: nn.Module) -> float:
@@ -599,7 +614,8 @@ class ProbedNormRule(LayerRule):
     ``LlamaRMSNorm`` (``MixtralRMSNorm``, ``Phi3RMSNorm``, ``OlmoRMSNorm``, …), a few of Gemma's
     offset form, and Cohere's ``CohereLayerNorm`` (centred, no bias).
 
-    A module of the expected attributes (a 1-d ``weight``, its only parameter, and a float
+    A module of the expected attributes (a 1-d ``weight``, its only parameter, or no parameter
+    nor ``weight`` at all (Llama 4's ``Llama4TextWeightlessRMSNorm``), and a float
     ``variance_epsilon`` or ``eps``) gets the closed form of ``nn.RMSNorm`` or ``nn.LayerNorm``
     once probes of its ``forward`` prove which form it computes (:func:`_norm_form`); a call
     that fits none goes to the fallback. Exact up to the float32 rounding inside such modules.
@@ -608,8 +624,12 @@ class ProbedNormRule(LayerRule):
     def accepts(self, module: nn.Module) -> bool:
         w = getattr(module, "weight", None)
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if not (isinstance(eps, float) and eps > 0):
+            return False
+        if _weightless(module):
+            return True
         return (
-            isinstance(w, nn.Parameter) and w.dim() == 1 and isinstance(eps, float) and eps > 0
+            isinstance(w, nn.Parameter) and w.dim() == 1
             and {n for n, _ in module.named_parameters()} == {"weight"}
         )
 
@@ -620,7 +640,10 @@ class ProbedNormRule(LayerRule):
         if form is None:
             return None
         _, centered, scale = _PROBED_FORMS[form]
-        view = _RMSNormCall(call, scale(call.module.weight.detach()), _hf_eps(call.module))
+        if _weightless(call.module):
+            view = _RMSNormCall(call, eps=_hf_eps(call.module), weightless=True)
+        else:
+            view = _RMSNormCall(call, scale(call.module.weight.detach()), _hf_eps(call.module))
         return _SERVING[1 if centered else 0], view
 
     def _delegate(self, method: str, call: Operation, *args: Any) -> Tensor:

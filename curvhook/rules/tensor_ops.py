@@ -51,6 +51,7 @@ from curvhook.operations import (
 )
 from curvhook.records import BATCHED, CONST, SHARED, Operation, Slot
 from curvhook.rules.base import LayerRule, apply_node
+from curvhook.rules.complex_views import complex_diag, involves_complex
 from curvhook.rules.softmax import softmax_diag
 
 # ----------------------------------------------------------------- structure
@@ -643,6 +644,8 @@ class TensorOpRule(LayerRule):
     # ------------------------------------------------------------ diagonals
     def input_diag(self, call: Operation, value, slot: int) -> Tensor:
         """``diag(J_xᵀ diag(d) J_x)`` per sample: ``[N, *x[1:]]`` or ``[N, *w]`` (shared)."""
+        if involves_complex(call, slot):
+            return complex_diag(call, value, slot)
         if call.batch_axes is not None and _selects(call, slot) and call.uses(slot) == 1:
             # entries 0 or ±1, one sign per input: Σ_o d_o J_oi² = |Jᵀ d|, the batch axis moved
             mats = [d.unsqueeze(0) for d in _diag_list(call, value)]

@@ -131,7 +131,7 @@ def test_merged_rows_need_no_fallback(name, monkeypatch):
     "transformers.Gemma", "transformers.Phi3", "transformers.Olmo2", "transformers.Cohere",
     "timm.resnetblur", "timm.ghostnetv2", "timm.botnet", "timm.halonet",
     "transformers.ConvNextV2", "transformers.Bit", "transformers.Pvt", "transformers.Mixtral", "transformers.Qwen2Moe",
-    "transformers.DeepseekV3",
+    "transformers.DeepseekV3", "transformers.DeepseekV2",
 ])
 def test_positions_and_pooling_take_no_dense_jacobians_nor_the_fallback(name, monkeypatch):
     """HF Swin's shifted-window mask (it carries the batch axis and the bias's grad),
@@ -141,7 +141,8 @@ def test_positions_and_pooling_take_no_dense_jacobians_nor_the_fallback(name, mo
     ``nn.Linear``, Gemma's ``GemmaRMSNorm`` (weight ``1 + w``) that of ``nn.RMSNorm``, and so do
     Phi-3's and OLMo 2's RMSNorms and Cohere's LayerNorm (matched by the end of their names,
     proven on probes); Hugging Face's ``ConvNextV2GRN`` and ``WeightStandardizedConv2d`` take the
-    rules of timm's ``GlobalResponseNorm`` and ``StdConv2d``. At real widths the dense per-sample
+    rules of timm's ``GlobalResponseNorm`` and ``StdConv2d``; DeepSeek-V2's rotary embedding in
+    complex numbers has closed-form diagonals (refused before). At real widths the dense per-sample
     Jacobians ran out of memory, and BART's position embedding in the fallback took
     288 s of a 289 s step (benchmarks/real_sizes.py)."""
 

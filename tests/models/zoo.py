@@ -621,6 +621,24 @@ def hf_deepseek_v3(n: int = N) -> ZooCase:
     return _moe_language_model(model, n, ("model.layers.0.mlp.", "model.layers.0.self_attn.", "model.norm."))
 
 
+def hf_deepseek_v2(n: int = N) -> ZooCase:
+    """DeepSeek-V2: latent attention whose rotary embedding multiplies complex numbers
+    (``view_as_complex(q) * e^{iθ}``, back by ``view_as_real``; refused before session 47,
+    the dense route takes no complex tensors) and a mixture of experts routed by a softmax
+    times a scale, one call for the mixture-of-experts rule."""
+    import transformers
+
+    config = transformers.DeepseekV2Config(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=6, moe_intermediate_size=6, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=4, kv_lora_rank=4, qk_rope_head_dim=4,
+        qk_nope_head_dim=2, v_head_dim=2, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        routed_scaling_factor=1.5, first_k_dense_replace=0, max_position_embeddings=16, topk_method="greedy",
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return _moe_language_model(transformers.DeepseekV2ForCausalLM(config), n,
+                               ("model.layers.0.mlp.", "model.layers.0.self_attn.", "model.norm."))
+
+
 def hf_falcon(n: int = N, alibi: bool = False) -> ZooCase:
     """Falcon: ``FalconLinear`` (an ``nn.Linear`` whose ``forward`` is ``x @ W.T + b``), multi-query
     attention with rotary embeddings and the attention parallel to the MLP (falcon-7b's layout);
@@ -895,6 +913,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.Mixtral": ("transformers", hf_mixtral),
     "transformers.Qwen2Moe": ("transformers", hf_qwen2_moe),
     "transformers.DeepseekV3": ("transformers", hf_deepseek_v3),
+    "transformers.DeepseekV2": ("transformers", hf_deepseek_v2),
     "transformers.Falcon-alibi": ("transformers", lambda n=N: hf_falcon(n, alibi=True)),
     "transformers.T5": ("transformers", hf_t5),
     "transformers.Bart": ("transformers", hf_bart),

@@ -156,6 +156,67 @@ def test_float32_follows_float64():
     float32_follows_float64(model, *_data(3))
 
 
+class _Weightless(nn.Module):
+    """Llama 4's ``Llama4TextWeightlessRMSNorm`` (also its queries' and keys' L2 norm):
+    ``x / √(mean(x²) + ε)`` without a weight, or centred; ``scale`` a map that is neither."""
+
+    centered = False
+    scale = 1.0
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        if self.centered:
+            x = x - x.mean(-1, keepdim=True)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * self.scale
+
+
+def _weightless(name: str, **attrs) -> type:
+    cls = type(name, (_Weightless,), dict(attrs))
+    cls.__module__ = "transformers.models.x.modeling_x"
+    cls.__qualname__ = name
+    return cls
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("norm", [
+    lambda: _weightless("Llama4TextWeightlessRMSNorm")(),
+    lambda: _weightless("Llama4TextWeightlessRMSNorm")(eps=0.3),
+    lambda: _weightless("PlainLayerNorm", centered=True)(),
+], ids=["rms", "rms-large-eps", "centred"])
+def test_a_norm_without_weight_is_exact_without_the_fallback(norm, n, monkeypatch):
+    """Before session 47 a norm without parameters went to the fallback (its many operations
+    are no chain that keeps DiagGGNApprox's definition, curvhook/leaf_operations.py)."""
+    module = norm()
+    assert isinstance(registry.rule_for(module), ProbedNormRule)
+    check_exact_without_fallback(_model(module), *_data(n), monkeypatch)
+
+
+def test_a_norm_without_weight_of_another_map_goes_to_the_fallback(monkeypatch):
+    """Twice x̂ is no weightless form (Gemma's ``(1 + w)`` form needs a weight): the fallback."""
+    served = fallback_spy(monkeypatch)
+    check_graph_against_reference(_model(_weightless("TwiceRMSNorm", scale=2.0)()), *_data(3))
+    assert served and set(served) == {"1"}
+
+
+def test_the_installed_llama4_weightless_norm_takes_the_rule(monkeypatch):
+    """transformers' class computes in float32: no fallback, and the diagonal of the lookalike
+    (float64 inside) within float32's rounding."""
+    pytest.importorskip("transformers")
+    llama4 = pytest.importorskip("transformers.models.llama4.modeling_llama4")
+    module = llama4.Llama4TextWeightlessRMSNorm(eps=1e-5)
+    assert isinstance(registry.rule_for(module), ProbedNormRule)
+    served = fallback_spy(monkeypatch)
+    X, y = torch.randn(3, 5, 4, dtype=DT), torch.randint(0, CLASSES, (3, 5))
+    got = _diag_approx(module, X, y)
+    assert served == []
+    want = _diag_approx(_weightless("Llama4TextWeightlessRMSNorm")(eps=1e-5), X, y)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6 * float(w.abs().max()))
+
+
 def test_exact_names_take_precedence_and_the_pattern_stays_in_its_package():
     """``LlamaRMSNorm`` and ``GemmaRMSNorm`` keep their named rules (no probes); a class of
     another package that ends with ``RMSNorm`` matches nothing; the pattern needs the
