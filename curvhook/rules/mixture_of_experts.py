@@ -25,7 +25,10 @@ Qwen2-MoE's form (Qwen3-Next, Qwen3.5-MoE) adds a shared expert and its gate (ch
 ``shared_expert``, an MLP ``D_s (φ(G_s x) ∘ U_s x)`` of bias-free linear maps, and
 ``shared_expert_gate``, a bias-free ``Linear(H, 1)`` ``q``): ``out += σ(q·x) S(x)``, with
 ``m_S = σ m``, ``m_{q·x} = σ(1 − σ) (S · m)`` and the MLP's products as the experts'.
-DeepSeek-V3's form (``…MoE``: GLM-4.5's MoE, Dots1, …) adds such an MLP ungated
+Granite-MoE's router (a child ``router``) takes the softmax of the top-k logits,
+``w = softmax(z_e)``: the same weights as the normalized form above, so the same
+products; DiagGGNApprox follows its own operations (which comes first, ``softmax`` or
+``topk``, is watched in the router's forward). DeepSeek-V3's form (``…MoE``: GLM-4.5's MoE, Dots1, …) adds such an MLP ungated
 (``shared_experts``) and routes by sigmoid scores ``p = σ(z)``: the experts are chosen
 from ``p`` plus a correction bias within the best groups (the router's own forward
 makes the choice), ``w = c v / (s + 1e-20)`` with its ``routed_scaling_factor`` ``c``,
@@ -39,7 +42,8 @@ operation. Through each, ``Σ_o d_o J_oi²`` is the backward pass above with the
 ``d``, squared factors and no cross terms: ``d_y = w² d``, ``d_w = Σ d y²``,
 ``d_h = (D∘D)ᵀ d_y``, ``d_[g; u] = [d_h (u φ'(g))²; d_h φ(g)²]``,
 ``d_x = (G∘G)ᵀ d_[g; u] + (W_r∘W_r)ᵀ d_z``, ``d_v = (d_w + Σ_j d_w w²) / s²`` and
-softmax's ``d_z = p² ((1 − p)² d_p + Σ_{o≠i} d_o p_o²)`` (sigmoid's: ``(p (1 − p))² d_p``).
+softmax's ``d_z = p² ((1 − p)² d_p + Σ_{o≠i} d_o p_o²)`` (sigmoid's: ``(p (1 − p))² d_p``;
+Granite's: the softmax's over the k chosen logits with ``d_w``, zero at the others).
 
 The block's forward is recomputed from its input and parameters (the choice of experts
 from the router's own forward) and compared with its recorded output at every call: a
@@ -56,12 +60,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
+from curvhook._torch_internals import enable_torch_function, torch_function_mode_stack_empty
 from curvhook.records import Operation
 from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import fallback_rule, register_rule_by_name
 
-_ROUTER, _GATE_UP, _DOWN = "gate.weight", "experts.gate_up_proj", "experts.down_proj"
+_GATE_UP, _DOWN = "experts.gate_up_proj", "experts.down_proj"
 
 
 @dataclass
@@ -102,6 +108,7 @@ class _Routing:
     v: Tensor  # [R, k] their probabilities
     den: Optional[Tensor]  # [R, 1] Σ v (+ 1e-20 for DeepSeek-V3's router) where normalized, else None
     scale: float  # DeepSeek-V3's routed_scaling_factor (1 for the others)
+    topk_first: bool  # the router picks the top-k logits, then takes their softmax (Granite-MoE)
     w: Tensor  # [R, k] the routing weights, scale · v / den
     experts: list[_Expert]
     shared: Optional[_Shared]
@@ -115,6 +122,7 @@ class _Parts:
 
     gate: nn.Module
     experts: nn.Module
+    router: str  # its parameter's name, "gate.weight" or "router.weight"
     sigmoid: bool  # DeepSeek-V3's router (sigmoid scores, a correction bias for the choice, a scale)
     shared: Optional[nn.Module]  # the shared expert's MLP, or None
     shared_gate: Optional[nn.Module]  # its sigmoid gate (Qwen2-MoE), or None (DeepSeek-V3: ungated)
@@ -152,9 +160,13 @@ def _sigmoid_router(gate: nn.Module) -> bool:
 def _experts_of(module: nn.Module) -> Optional[_Parts]:
     """The parts of a block of a form in the module docstring, else ``None``."""
     children = dict(module.named_children())
-    gate, experts = children.get("gate"), children.get("experts")
-    extra = set(children) - {"gate", "experts"}
-    if extra not in (set(), {"shared_expert", "shared_expert_gate"}, {"shared_experts"}) or gate is None or experts is None:
+    # the router: ``gate`` (Mixtral, Qwen, DeepSeek) or ``router`` (Granite-MoE)
+    named = [name for name in ("gate", "router") if name in children]
+    if len(named) != 1:
+        return None
+    gate, experts = children[named[0]], children.get("experts")
+    extra = set(children) - {named[0], "experts"}
+    if extra not in (set(), {"shared_expert", "shared_expert_gate"}, {"shared_experts"}) or experts is None:
         return None
     w, gu, down = getattr(gate, "weight", None), getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not all(isinstance(t, Tensor) for t in (w, gu, down)) or w.dim() != 2 or gu.dim() != 3 or down.dim() != 3:
@@ -171,7 +183,7 @@ def _experts_of(module: nn.Module) -> Optional[_Parts]:
         gu.shape[0] == n_experts and gu.shape[2] == hidden and gu.shape[1] % 2 == 0
         and tuple(down.shape) == (n_experts, hidden, gu.shape[1] // 2)
         and isinstance(getattr(gate, "top_k", None), int) and isinstance(getattr(experts, "act_fn", None), nn.Module)
-        and {n for n, _ in module.named_parameters()} == {_ROUTER, _GATE_UP, _DOWN, *names.values()}
+        and {n for n, _ in module.named_parameters()} == {f"{named[0]}.weight", _GATE_UP, _DOWN, *names.values()}
         and (prefix is None or _mlp_ok(children[prefix], hidden))
         and (shared_gate is None or _bias_free_linear(shared_gate, (1, hidden)))
         and not getattr(experts, "has_bias", False) and getattr(experts, "has_gate", True)
@@ -180,7 +192,10 @@ def _experts_of(module: nn.Module) -> Optional[_Parts]:
     )
     if not ok:
         return None
-    return _Parts(gate, experts, _sigmoid_router(gate), None if prefix is None else children[prefix], shared_gate, names)
+    return _Parts(
+        gate, experts, f"{named[0]}.weight", _sigmoid_router(gate), None if prefix is None else children[prefix],
+        shared_gate, names,
+    )
 
 
 def _routing(call: Operation) -> Optional[_Routing]:
@@ -209,8 +224,16 @@ def _recompute(call: Operation) -> Optional[_Routing]:
     # the choice as the router makes it (its own forward: a float32 softmax, DeepSeek-V3's
     # groups and correction bias), the weights in the call's dtype
     with torch.no_grad():
-        chosen = gate.forward(x)
+        chosen, order = _run_router(gate, x)
     if not (isinstance(chosen, tuple) and len(chosen) == 3 and isinstance(chosen[2], Tensor)):
+        return None
+    # which comes first in the router's forward: the softmax over every logit (Mixtral, Qwen,
+    # OLMoE: top-k of the probabilities, then renormalized or not) or the top-k logits (Granite:
+    # the softmax of those): the same weights where normalized, but other operations for
+    # DiagGGNApprox's split form. A ``router`` of neither order (or not watched) goes to the
+    # fallback; a ``gate`` keeps the softmax-first form of the routers served before.
+    topk_first = not parts.sigmoid and order == ("topk", "softmax")
+    if not (parts.sigmoid or topk_first or order == ("softmax", "topk") or parts.router == "gate.weight"):
         return None
     index = chosen[2].long()
     z = x @ gate.weight.detach().T
@@ -238,7 +261,7 @@ def _recompute(call: Operation) -> Optional[_Routing]:
     recorded = call.output.detach().reshape(n * t, hidden).to(x.dtype)
     tol = (1e-5 if x.dtype == torch.float64 else 1e-4) * float(recorded.abs().max()) + 1e-30
     scale = float(getattr(gate, "routed_scaling_factor", 1.0))
-    normalized = getattr(gate, "norm_topk_prob", None)
+    normalized = True if topk_first else getattr(gate, "norm_topk_prob", None)
     # the routing weights c v / den of the router's form: a softmax router without
     # ``norm_topk_prob`` normalizes (Mixtral) or not (DeepSeek-V2): the form that gives the
     # recorded output
@@ -252,13 +275,38 @@ def _recompute(call: Operation) -> Optional[_Routing]:
         if shared is not None:
             out = out + (shared.y if shared.sigma is None else shared.sigma * shared.y)
         if torch.allclose(out, recorded, rtol=0.0, atol=tol):
-            matches.append(_Routing(x, p, index, v, den, scale, w, found, shared, n, t))
+            matches.append(_Routing(x, p, index, v, den, scale, topk_first, w, found, shared, n, t))
     if len(matches) == 2 and index.shape[1] < p.shape[1]:
         # both forms reproduce the output (the chosen probabilities sum to one within the
         # tolerance), but their derivatives differ: not proven, the fallback serves the call.
         # (Every expert chosen: Σ v = 1 always, the same map.)
         return None
     return matches[0] if matches else None
+
+
+class _OrderWatch(TorchFunctionMode):
+    """Notes whether ``softmax`` or ``topk`` is called first (and the other after it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("softmax", "topk") and name not in self.names:
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _run_router(gate: nn.Module, x: Tensor) -> tuple[object, Optional[tuple[str, ...]]]:
+    """The router's own forward on ``x``, and the order of its first ``softmax`` and ``topk``
+    (``None`` where it cannot be watched: another torch-function mode is active)."""
+    if not torch_function_mode_stack_empty():
+        return gate.forward(x), None
+    watch = _OrderWatch()
+    with enable_torch_function(), watch:  # (the backward walk runs with torch functions disabled)
+        chosen = gate.forward(x)
+    return chosen, tuple(watch.names)
 
 
 def _activation(act_fn: nn.Module, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -347,8 +395,9 @@ class SparseMoeRule(LayerRule):
         r = routing
         _, m_z, m_gus, m_ys, shared = self._pull(call, r, mat)
         v, n, t = mat.shape[0], r.samples, r.tokens
-        if name == _ROUTER or name in (shared or {}):  # Σ_t m ⊗ a per sample
-            m, a = (m_z, r.x) if name == _ROUTER else shared[name]
+        router = _experts_of(call.module).router
+        if name == router or name in (shared or {}):  # Σ_t m ⊗ a per sample
+            m, a = (m_z, r.x) if name == router else shared[name]
             return torch.einsum("vnto,nti->vnoi", m.reshape(v, n, t, -1), a.reshape(n, t, -1))
         param = dict(call.params)[name]
         out = mat.new_zeros(v, n, *param.shape)
@@ -361,6 +410,25 @@ class SparseMoeRule(LayerRule):
         return out
 
 
+def _router_diag(r: _Routing, sigmoid: bool, d_w: Tensor) -> Tensor:
+    """``d_z`` ``[R, E]`` at the router logits from ``d_w`` ``[R, k]`` at the routing weights,
+    through the router's operations (module docstring)."""
+    from curvhook.rules.tensor_ops import sum_of_others
+
+    if r.topk_first:  # q = softmax of the chosen logits (its diagonal over those k), then the top-k scatter
+        q = r.v / r.den
+        q_sq = q.square()
+        d_chosen = q_sq * (d_w * (1 - q).square() + sum_of_others(d_w * q_sq, -1))
+        return torch.zeros_like(r.p).scatter(1, r.index, d_chosen)
+    if r.den is not None:  # v / den: the division, and the sum through den
+        d_w = (d_w + (d_w * (r.v / r.den).square()).sum(-1, keepdim=True)) / r.den.square()
+    d_p = torch.zeros_like(r.p).scatter(1, r.index, d_w)
+    if sigmoid:
+        return d_p * (r.p * (1 - r.p)).square()
+    p_sq = r.p.square()
+    return p_sq * (d_p * (1 - r.p).square() + sum_of_others(d_p * p_sq, -1))
+
+
 class _SplitSparseMoeRule(SparseMoeRule):
     """The block as the operations of its eager forward for DiagGGNApprox (module docstring)."""
 
@@ -371,8 +439,6 @@ class _SplitSparseMoeRule(SparseMoeRule):
     def _pull_diag(call: Operation, routing: _Routing, diag: Tensor) -> tuple:
         """``(d_x [R, H], d_z [R, E], d_[g; u] per expert, d_y per expert, shared)`` for ``diag``
         ``[N, T, H]``; ``shared`` as in :meth:`SparseMoeRule._pull` with ``d [R, O]``."""
-        from curvhook.rules.tensor_ops import sum_of_others
-
         cached = call.scratch.moe_pull
         if cached is not None and cached[0] is diag:
             return cached[1]
@@ -395,14 +461,7 @@ class _SplitSparseMoeRule(SparseMoeRule):
         # the scaling by c, then v / den: d_v = d_w / den² (the division) + Σ_j d_w (v / den)² / den²
         # (through the sum)
         d_w = d_w * r.scale**2
-        if r.den is not None:
-            d_w = (d_w + (d_w * (r.v / r.den).square()).sum(-1, keepdim=True)) / r.den.square()
-        d_p = torch.zeros_like(r.p).scatter(1, r.index, d_w)
-        if parts.sigmoid:
-            d_z = d_p * (r.p * (1 - r.p)).square()
-        else:
-            p_sq = r.p.square()
-            d_z = p_sq * (d_p * (1 - r.p).square() + sum_of_others(d_p * p_sq, -1))
+        d_z = _router_diag(r, parts.sigmoid, d_w)
         d_x = d_x + d_z @ parts.gate.weight.detach().square()
         shared = None
         if r.shared is not None:  # the operations σ(q·x), S(x) = D_s(φ(G_s x) ∘ U_s x), their product, the sum
@@ -432,8 +491,9 @@ class _SplitSparseMoeRule(SparseMoeRule):
             return fallback_rule().param_diag(call, name, diag)
         r = routing
         _, d_z, d_gus, d_ys, shared = self._pull_diag(call, r, diag)
-        if name == _ROUTER or name in (shared or {}):
-            d, a = (d_z, r.x) if name == _ROUTER else shared[name]
+        router = _experts_of(call.module).router
+        if name == router or name in (shared or {}):
+            d, a = (d_z, r.x) if name == router else shared[name]
             return d.T @ a.square()
         out = torch.zeros_like(dict(call.params)[name])
         for ex, d_gu, d_y in zip(r.experts, d_gus, d_ys):

@@ -562,7 +562,7 @@ def _moe_language_model(model: nn.Module, n: int, patterns) -> ZooCase:
     model.config._experts_implementation = "eager"
     _randomize_rms_norms(model)
     for name, p in model.named_parameters():
-        if ".experts." in name or name.endswith("gate.weight"):
+        if ".experts." in name or name.endswith(("gate.weight", "router.weight")):
             torch.nn.init.normal_(p, 0.0, 0.5)
     case = _language_model(model, _ids(n), VOCAB, patterns)
     case.rtol = 1e-6  # the router's softmax and the RMSNorms compute in float32 by design
@@ -619,6 +619,21 @@ def hf_deepseek_v3(n: int = N) -> ZooCase:
         if hasattr(m, "e_score_correction_bias"):
             torch.nn.init.normal_(m.e_score_correction_bias, 0.0, 0.3)
     return _moe_language_model(model, n, ("model.layers.0.mlp.", "model.layers.0.self_attn.", "model.norm."))
+
+
+def hf_granite_moe(n: int = N) -> ZooCase:
+    """Granite-MoE: a router child ``router`` whose weights are the softmax of the top-k logits
+    (computed in float32) and Mixtral's experts, one call for the mixture-of-experts rule;
+    before session 47 the fallback (past 150 s per DiagGGNApprox step at width 512)."""
+    import transformers
+
+    config = transformers.GraniteMoeConfig(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=6, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=16,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return _moe_language_model(transformers.GraniteMoeForCausalLM(config), n,
+                               ("model.layers.0.block_sparse_moe.", "model.layers.0.input_layernorm.", "model.norm."))
 
 
 def hf_deepseek_v2(n: int = N) -> ZooCase:
@@ -914,6 +929,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.Qwen2Moe": ("transformers", hf_qwen2_moe),
     "transformers.DeepseekV3": ("transformers", hf_deepseek_v3),
     "transformers.DeepseekV2": ("transformers", hf_deepseek_v2),
+    "transformers.GraniteMoe": ("transformers", hf_granite_moe),
     "transformers.Falcon-alibi": ("transformers", lambda n=N: hf_falcon(n, alibi=True)),
     "transformers.T5": ("transformers", hf_t5),
     "transformers.Bart": ("transformers", hf_bart),

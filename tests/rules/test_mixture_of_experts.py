@@ -45,6 +45,10 @@ def _block(kind: str = "mixtral", normalize: bool = True, top_k: int = 2, H: int
         config = transformers.Qwen2MoeConfig(hidden_size=H, moe_intermediate_size=I, shared_expert_intermediate_size=3,
                                              num_experts=E, num_experts_per_tok=top_k, norm_topk_prob=normalize)
         from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock as Block
+    elif kind == "granite":  # a child ``router``: the softmax of the top-k logits
+        config = transformers.GraniteMoeConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
+                                               num_experts_per_tok=top_k)
+        from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeMoE as Block
     elif kind == "deepseek2":  # DeepSeek-V2: softmax, unnormalized weights times a scale; an ungated shared expert
         config = transformers.DeepseekV2Config(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E,
                                                num_experts_per_tok=top_k, n_shared_experts=1, routed_scaling_factor=1.5,
@@ -61,20 +65,34 @@ def _block(kind: str = "mixtral", normalize: bool = True, top_k: int = 2, H: int
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0.0, 0.7)
-        if hasattr(block.gate, "e_score_correction_bias"):
-            block.gate.e_score_correction_bias.normal_(0.0, 0.3)
+        if hasattr(_router(block), "e_score_correction_bias"):
+            _router(block).e_score_correction_bias.normal_(0.0, 0.3)
     return block
+
+
+def _router(block: nn.Module) -> nn.Module:
+    """The router child: ``gate``, or Granite's ``router``."""
+    return block.gate if hasattr(block, "gate") else block.router
+
+
+def _router_name(block: nn.Module) -> str:
+    return "gate.weight" if hasattr(block, "gate") else "router.weight"
+
+
+def _topk_first(block: nn.Module) -> bool:
+    """Granite's router: the top-k logits first, then their softmax."""
+    return hasattr(block, "router")
 
 
 def _scores(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """The router's probabilities (DeepSeek-V3's sigmoid scores, else softmax)."""
-    return torch.sigmoid(z) if hasattr(block.gate, "e_score_correction_bias") else torch.softmax(z, -1)
+    return torch.sigmoid(z) if hasattr(_router(block), "e_score_correction_bias") else torch.softmax(z, -1)
 
 
 def _weights(block: nn.Module, v: torch.Tensor, normalize: bool) -> torch.Tensor:
     """The routing weights from the chosen probabilities ``v`` ``[..., k]``."""
-    eps = 1e-20 if hasattr(block.gate, "e_score_correction_bias") else 0.0
-    return getattr(block.gate, "routed_scaling_factor", 1.0) * (v / (v.sum(-1, keepdim=True) + eps) if normalize else v)
+    eps = 1e-20 if hasattr(_router(block), "e_score_correction_bias") else 0.0
+    return getattr(_router(block), "routed_scaling_factor", 1.0) * (v / (v.sum(-1, keepdim=True) + eps) if normalize else v)
 
 
 def _shared_mlp(block: nn.Module):
@@ -94,19 +112,21 @@ def _call(block: nn.Module, x: torch.Tensor) -> SimpleNamespace:
                            name="moe")
 
 
-def _diag_by_operations(block: nn.Module, x: torch.Tensor, d: torch.Tensor, normalize: bool):
+def _diag_by_operations(block: nn.Module, x: torch.Tensor, d: torch.Tensor, normalize: bool, topk_first=None):
     """DiagGGNApprox's definition on the operations of the eager forward, one token row at a
     time, with a dense Jacobian of every operation (``Σ_o d_o J_oi²``, summed where a tensor
     is used twice): ``(d_x [R, H], {parameter name: diagonal})``."""
-    w_r = block.gate.weight.detach()
+    router, router_name = _router(block), _router_name(block)
+    topk_first = _topk_first(block) if topk_first is None else topk_first
+    w_r = router.weight.detach()
     gate_up, down, act_fn = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach(), block.experts.act_fn
-    k = block.gate.top_k
+    k = router.top_k
     rows = x.reshape(-1, H)
     with torch.no_grad():
-        chosen = block.gate.forward(rows)[2]  # the router's own choice
+        chosen = router.forward(rows)[2]  # the router's own choice
     d_rows = d.reshape(-1, H)
     d_x = torch.zeros_like(rows)
-    d_params = {"gate.weight": torch.zeros_like(w_r), "experts.gate_up_proj": torch.zeros_like(gate_up),
+    d_params = {router_name: torch.zeros_like(w_r), "experts.gate_up_proj": torch.zeros_like(gate_up),
                 "experts.down_proj": torch.zeros_like(down)}
 
     def sq_pull(f, inputs, slot, d_out):  # Σ_o d_o (∂f_o/∂input_slot)²
@@ -120,10 +140,12 @@ def _diag_by_operations(block: nn.Module, x: torch.Tensor, d: torch.Tensor, norm
         p = _scores(block, z)
         index = chosen[r]
         v = p[index]
-        sigmoid = hasattr(block.gate, "e_score_correction_bias")
-        c = getattr(block.gate, "routed_scaling_factor", 1.0)
+        sigmoid = hasattr(router, "e_score_correction_bias")
+        c = getattr(router, "routed_scaling_factor", 1.0)
         s = v.sum() + (1e-20 if sigmoid else 0.0)
         w0 = v / s if normalize else v
+        if topk_first:  # the softmax of the chosen logits
+            w0 = torch.softmax(z[index], -1)
         w = c * w0
         pieces = []
         for j in range(k):
@@ -149,15 +171,19 @@ def _diag_by_operations(block: nn.Module, x: torch.Tensor, d: torch.Tensor, norm
             d_params["experts.gate_up_proj"][e] += sq_pull(lambda m, x_: m @ x_, (gate_up[e], xr), 0, d_gu)
             d_x[r] += sq_pull(lambda m, x_: m @ x_, (gate_up[e], xr), 1, d_gu)
         d_w0 = sq_pull(lambda w_: c * w_, (w0,), 0, d_w)
-        if normalize:  # w0 = v / s, s = Σ v (+ 1e-20)
+        if topk_first:  # w0 = softmax(z_chosen), z_chosen = z[index]
+            d_chosen = sq_pull(lambda z_: torch.softmax(z_, -1), (z[index],), 0, d_w0)
+            d_z = sq_pull(lambda z_: z_[index], (z,), 0, d_chosen)
+        elif normalize:  # w0 = v / s, s = Σ v (+ 1e-20)
             d_v = sq_pull(lambda v_, s_: v_ / s_, (v, s), 0, d_w0)
             d_s = sq_pull(lambda v_, s_: v_ / s_, (v, s), 1, d_w0)
             d_v = d_v + sq_pull(lambda v_: v_.sum() + (1e-20 if sigmoid else 0.0), (v,), 0, d_s)
         else:
             d_v = d_w0
-        d_p = sq_pull(lambda p_: p_[index], (p,), 0, d_v)
-        d_z = sq_pull(lambda z_: _scores(block, z_), (z,), 0, d_p)
-        d_params["gate.weight"] += sq_pull(lambda m, x_: m @ x_, (w_r, xr), 0, d_z)
+        if not topk_first:
+            d_p = sq_pull(lambda p_: p_[index], (p,), 0, d_v)
+            d_z = sq_pull(lambda z_: _scores(block, z_), (z,), 0, d_p)
+        d_params[router_name] += sq_pull(lambda m, x_: m @ x_, (w_r, xr), 0, d_z)
         d_x[r] += sq_pull(lambda m, x_: m @ x_, (w_r, xr), 1, d_z)
         mlp, shared_gate = _shared_mlp(block)
         if mlp is not None:  # + [sigmoid(q x) *] down(act(gate(x)) * up(x))
@@ -194,7 +220,8 @@ def _diag_by_operations(block: nn.Module, x: torch.Tensor, d: torch.Tensor, norm
 
 @pytest.mark.parametrize("kind,normalize,top_k", [
     ("mixtral", True, 2), ("qwen3", False, 2), ("qwen3", True, 3), ("mixtral", True, 1), ("qwen2", False, 2),
-    ("qwen2", True, 3), ("deepseek", True, 2), ("deepseek", False, 3), ("deepseek2", False, 2),
+    ("qwen2", True, 3), ("deepseek", True, 2), ("deepseek", False, 3), ("deepseek2", False, 2), ("granite", True, 2),
+    ("granite", True, 3),
 ])
 @pytest.mark.parametrize("n", [1, 3])
 def test_diagonals_follow_the_definition_by_operations(kind, normalize, top_k, n):
@@ -212,11 +239,28 @@ def test_diagonals_follow_the_definition_by_operations(kind, normalize, top_k, n
         torch.testing.assert_close(split.param_diag(call, name, d), want, rtol=1e-10, atol=1e-13)
 
 
+def test_the_order_of_the_routers_operations_decides_the_split_form():
+    """A ``gate`` that takes the softmax of its top-k logits (Granite's order under Mixtral's
+    name) gets that order's split diagonal: the order of ``softmax`` and ``topk`` in the
+    router's forward is watched, the child's name does not decide."""
+    block = _block("mixtral")
+    cls = type(block.gate)
+    block.gate.__class__ = type(cls.__name__, (cls,), {"forward": _float64_topk_first_router_forward})
+    torch.manual_seed(1)
+    x, d = torch.randn(2, 5, H, dtype=DT), torch.rand(2, 5, H, dtype=DT)
+    want_x, want_params = _diag_by_operations(block, x, d, True, topk_first=True)
+    split, call = registry.rule_for(block).operations_rule(), _call(block, x)
+    torch.testing.assert_close(split.diag_jac_t_diag_jac(call, d), want_x.reshape(x.shape), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(split.param_diag(call, "gate.weight", d), want_params["gate.weight"], rtol=1e-10, atol=1e-13)
+    softmax_first, _ = _diag_by_operations(block, x, d, True, topk_first=False)
+    assert not torch.allclose(softmax_first, want_x, rtol=1e-3)  # the two forms differ here
+
+
 def _formula(block: nn.Module, params: dict, x: torch.Tensor, index: torch.Tensor, normalize: bool) -> torch.Tensor:
     """The block's map in float64 throughout, for chosen experts ``index`` ``[R, k]`` (its router
     computes the softmax in float32; the choice is the block's)."""
     rows = x.reshape(-1, H)
-    p = _scores(block, rows @ params["gate.weight"].T)
+    p = _scores(block, rows @ params[_router_name(block)].T)
     w = _weights(block, p.gather(1, index), normalize)
     out = torch.zeros_like(rows)
     for j in range(index.shape[1]):
@@ -235,7 +279,7 @@ def _formula(block: nn.Module, params: dict, x: torch.Tensor, index: torch.Tenso
 
 
 @pytest.mark.parametrize("kind,normalize", [
-    ("mixtral", True), ("qwen3", False), ("qwen2", True), ("deepseek", True), ("deepseek2", False),
+    ("mixtral", True), ("qwen3", False), ("qwen2", True), ("deepseek", True), ("deepseek2", False), ("granite", True),
 ])
 def test_one_operation_diagonal_and_columns_match_dense_jacobians(kind, normalize):
     """The block as one operation (``split_attention=False``): ``Σ_o d_o J_oi²`` of the whole
@@ -250,7 +294,7 @@ def test_one_operation_diagonal_and_columns_match_dense_jacobians(kind, normaliz
     call = _call(block, x)
     params = {k: v.detach() for k, v in block.named_parameters()}
     with torch.no_grad():
-        index = block.gate.forward(x.reshape(-1, H))[2]  # the router's own choice
+        index = _router(block).forward(x.reshape(-1, H))[2]  # the router's own choice
     # (the routers compute in float32 by design: the block's output agrees to float32's rounding)
     torch.testing.assert_close(_formula(block, params, x, index, normalize), call.output, rtol=1e-5, atol=1e-7)
     f = lambda x_: _formula(block, params, x_, index, normalize)  # noqa: E731
@@ -297,6 +341,13 @@ def _float64_router_forward(self, hidden_states):
     return logits, values * getattr(self, "routed_scaling_factor", 1.0), index
 
 
+def _float64_topk_first_router_forward(self, hidden_states):
+    """Granite's router forward without its cast to float32."""
+    logits = torch.nn.functional.linear(hidden_states, self.weight)
+    values, index = torch.topk(logits, self.top_k, dim=-1)
+    return logits, torch.softmax(values, dim=-1), index
+
+
 def _float64_sigmoid_router_forward(self, hidden_states):
     """DeepSeek-V3's router forward without its casts to float32 (the same choice, in float64)."""
     hidden_states = hidden_states.view(-1, self.hidden_dim)
@@ -317,12 +368,16 @@ _FLOAT64_ROUTERS: dict = {}
 
 
 def _float64_router(block: nn.Module) -> nn.Module:
-    cls = type(block.gate)
+    router = _router(block)
+    cls = type(router)
     if cls not in _FLOAT64_ROUTERS:  # a subclass (the reference deep-copies the model)
-        forward = _float64_sigmoid_router_forward if hasattr(block.gate, "e_score_correction_bias") else _float64_router_forward
+        forward = (
+            _float64_sigmoid_router_forward if hasattr(router, "e_score_correction_bias")
+            else _float64_topk_first_router_forward if _topk_first(block) else _float64_router_forward
+        )
         _FLOAT64_ROUTERS[cls] = type(cls.__name__, (cls,), {"forward": forward})
         _FLOAT64_ROUTERS[cls].__module__ = cls.__module__
-    block.gate.__class__ = _FLOAT64_ROUTERS[cls]
+    router.__class__ = _FLOAT64_ROUTERS[cls]
     return block
 
 
@@ -338,6 +393,7 @@ def _exact_against_torch_func(model: nn.Module, n: int = 3) -> None:
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("kind,normalize", [
     ("mixtral", True), ("qwen3", False), ("qwen2", True), ("deepseek", True), ("deepseek", False), ("deepseek2", False),
+    ("granite", True),
 ])
 def test_the_block_in_a_model_is_exact_without_the_fallback(kind, normalize, n, monkeypatch):
     served = fallback_spy(monkeypatch)
