@@ -28,7 +28,12 @@ Qwen2-MoE's form (Qwen3-Next, Qwen3.5-MoE) adds a shared expert and its gate (ch
 Granite-MoE's router (a child ``router``) takes the softmax of the top-k logits,
 ``w = softmax(z_e)``: the same weights as the normalized form above, so the same
 products; DiagGGNApprox follows its own operations (which comes first, ``softmax`` or
-``topk``, is watched in the router's forward). DeepSeek-V3's form (``…MoE``: GLM-4.5's MoE, Dots1, …) adds such an MLP ungated
+``topk``, is watched in the router's forward). GPT-OSS's block (``GptOssMLP``) has
+such a router with a bias and experts of another layout: ``gate_up_proj``
+``[E, H, 2I]`` with gate and up interleaved, ``down_proj`` ``[E, I, H]``, a bias for
+each, and ``h = (u_c + 1) ∘ g_c σ(α g_c)`` with ``g_c = min(g, limit)``,
+``u_c = clamp(u, ±limit)``; the products above with ``∂h/∂g`` and ``∂h/∂u`` of that map,
+and the biases' per-sample sums. DeepSeek-V3's form (``…MoE``: GLM-4.5's MoE, Dots1, …) adds such an MLP ungated
 (``shared_experts``) and routes by sigmoid scores ``p = σ(z)``: the experts are chosen
 from ``p`` plus a correction bias within the best groups (the router's own forward
 makes the choice), ``w = c v / (s + 1e-20)`` with its ``routed_scaling_factor`` ``c``,
@@ -43,7 +48,10 @@ operation. Through each, ``Σ_o d_o J_oi²`` is the backward pass above with the
 ``d_h = (D∘D)ᵀ d_y``, ``d_[g; u] = [d_h (u φ'(g))²; d_h φ(g)²]``,
 ``d_x = (G∘G)ᵀ d_[g; u] + (W_r∘W_r)ᵀ d_z``, ``d_v = (d_w + Σ_j d_w w²) / s²`` and
 softmax's ``d_z = p² ((1 − p)² d_p + Σ_{o≠i} d_o p_o²)`` (sigmoid's: ``(p (1 − p))² d_p``;
-Granite's: the softmax's over the k chosen logits with ``d_w``, zero at the others).
+Granite's: the softmax's over the k chosen logits with ``d_w``, zero at the others;
+GPT-OSS's GLU uses ``g_c`` twice, in the product and in ``σ(α g_c)``, so its split
+form sums the two squared paths: ``d_g = (u_c + 1)² (σ² + α² g_c² (σ (1 − σ))²) d_h``
+where the clamp passes ``g``).
 
 The block's forward is recomputed from its input and parameters (the choice of experts
 from the router's own forward) and compared with its recorded output at every call: a
@@ -68,6 +76,7 @@ from curvhook.rules.base import LayerRule
 from curvhook.rules.registry import fallback_rule, register_rule_by_name
 
 _GATE_UP, _DOWN = "experts.gate_up_proj", "experts.down_proj"
+_GATE_UP_BIAS, _DOWN_BIAS = "experts.gate_up_proj_bias", "experts.down_proj_bias"
 
 
 @dataclass
@@ -77,10 +86,10 @@ class _Expert:
     e: int
     rows: Tensor  # [P] token rows
     slots: Tensor  # [P] their top-k position
-    g: Tensor  # [P, I] gate pre-activations
-    u: Tensor  # [P, I] up projections
-    act: Tensor  # [P, I] φ(g)
-    slope: Tensor  # [P, I] φ'(g)
+    dg: Tensor  # [P, I] ∂h/∂g (u φ'(g))
+    du: Tensor  # [P, I] ∂h/∂u (φ(g))
+    dg2: Tensor  # [P, I] Σ over the operations from g to h of their squared slopes (dg² for one activation)
+    du2: Tensor  # [P, I] the same from u (du²)
     h: Tensor  # [P, I] φ(g) ∘ u
     y: Tensor  # [P, H] the expert's output
 
@@ -123,6 +132,8 @@ class _Parts:
     gate: nn.Module
     experts: nn.Module
     router: str  # its parameter's name, "gate.weight" or "router.weight"
+    router_bias: Optional[str]  # "router.bias" (GPT-OSS), or None
+    gpt_oss: bool  # GPT-OSS's experts: [E, H, 2I] interleaved with a bias, [E, I, H] with a bias, a clamped GLU
     sigmoid: bool  # DeepSeek-V3's router (sigmoid scores, a correction bias for the choice, a scale)
     shared: Optional[nn.Module]  # the shared expert's MLP, or None
     shared_gate: Optional[nn.Module]  # its sigmoid gate (Qwen2-MoE), or None (DeepSeek-V3: ungated)
@@ -172,6 +183,13 @@ def _experts_of(module: nn.Module) -> Optional[_Parts]:
     if not all(isinstance(t, Tensor) for t in (w, gu, down)) or w.dim() != 2 or gu.dim() != 3 or down.dim() != 3:
         return None
     n_experts, hidden = w.shape
+    if _gpt_oss_experts(experts, n_experts, hidden):  # GPT-OSS: its own layout, biases; no shared expert
+        names = {f"{named[0]}.weight", f"{named[0]}.bias", _GATE_UP, _DOWN, _GATE_UP_BIAS, _DOWN_BIAS}
+        bias = getattr(gate, "bias", None)
+        if (extra or not isinstance(getattr(gate, "top_k", None), int) or not isinstance(bias, Tensor)
+                or tuple(bias.shape) != (n_experts,) or {n for n, _ in module.named_parameters()} != names):
+            return None
+        return _Parts(gate, experts, f"{named[0]}.weight", f"{named[0]}.bias", True, False, None, None, {})
     prefix = next(iter(extra - {"shared_expert_gate"}), None)
     names = {}
     if prefix is not None:
@@ -193,8 +211,26 @@ def _experts_of(module: nn.Module) -> Optional[_Parts]:
     if not ok:
         return None
     return _Parts(
-        gate, experts, f"{named[0]}.weight", _sigmoid_router(gate), None if prefix is None else children[prefix],
-        shared_gate, names,
+        gate, experts, f"{named[0]}.weight", None, False, _sigmoid_router(gate),
+        None if prefix is None else children[prefix], shared_gate, names,
+    )
+
+
+def _gpt_oss_experts(experts: nn.Module, n_experts: int, hidden: int) -> bool:
+    """GPT-OSS's ``GptOssExperts``: ``gate_up_proj [E, H, 2I]`` (gate and up interleaved) and
+    ``down_proj [E, I, H]``, each with a bias, and ``(clamp(u) + 1) ∘ g_c σ(α g_c)`` with
+    ``g_c = min(g, limit)`` between them."""
+    gu, down = experts.gate_up_proj, experts.down_proj
+    gub, db = getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None)
+    if not (isinstance(gub, Tensor) and isinstance(db, Tensor) and callable(getattr(experts, "_apply_gate", None))):
+        return False
+    if not all(isinstance(getattr(experts, a, None), (int, float)) for a in ("alpha", "limit")):
+        return False
+    inter2 = gu.shape[2]
+    return (
+        gu.shape[:2] == (n_experts, hidden) and inter2 % 2 == 0
+        and tuple(down.shape) == (n_experts, inter2 // 2, hidden)
+        and tuple(gub.shape) == (n_experts, inter2) and tuple(db.shape) == (n_experts, hidden)
     )
 
 
@@ -237,18 +273,20 @@ def _recompute(call: Operation) -> Optional[_Routing]:
         return None
     index = chosen[2].long()
     z = x @ gate.weight.detach().T
+    if parts.router_bias is not None:
+        z = z + gate.bias.detach()
     p = torch.sigmoid(z) if parts.sigmoid else torch.softmax(z, dim=-1)
     v = p.gather(1, index)
-    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
-    inter = down.shape[2]
     found = []
     for e in index.unique().tolist():
         rows, slots = torch.nonzero(index == e, as_tuple=True)
         xe = x[rows]
-        g, u = (xe @ gate_up[e].T).split(inter, dim=-1)
-        act, slope = _activation(experts.act_fn, g)
-        h = act * u
-        found.append(_Expert(e, rows, slots, g, u, act, slope, h, h @ down[e].T))
+        g_up, b_gu, d_map, b_d = _expert_maps(parts, e)
+        pre = xe @ g_up.T if b_gu is None else xe @ g_up.T + b_gu
+        g, u = pre.chunk(2, dim=-1)
+        h, dg, du, dg2, du2 = _gpt_oss_glu(experts, g, u) if parts.gpt_oss else _glu(experts.act_fn, g, u)
+        y = h @ d_map.T if b_d is None else h @ d_map.T + b_d
+        found.append(_Expert(e, rows, slots, dg, du, dg2, du2, h, y))
     shared = None
     if parts.shared is not None:
         mlp = parts.shared
@@ -309,6 +347,60 @@ def _run_router(gate: nn.Module, x: Tensor) -> tuple[object, Optional[tuple[str,
     return chosen, tuple(watch.names)
 
 
+def _expert_maps(parts: _Parts, e: int) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+    """Expert ``e`` as ``[g; u] = G x + b_G``, ``y = D h + b_D``: ``(G [2I, H], b_G [2I] or None,
+    D [H, I], b_D [H] or None)``, the rows of ``G`` and ``b_G`` gate first, then up."""
+    ex = parts.experts
+    if not parts.gpt_oss:
+        return ex.gate_up_proj.detach()[e], None, ex.down_proj.detach()[e], None
+    w, b = ex.gate_up_proj.detach()[e], ex.gate_up_proj_bias.detach()[e]  # [H, 2I], [2I], interleaved
+    return (
+        torch.cat([w[:, 0::2], w[:, 1::2]], 1).T, torch.cat([b[0::2], b[1::2]]),
+        ex.down_proj.detach()[e].T, ex.down_proj_bias.detach()[e],
+    )
+
+
+def _as_stored(parts: _Parts, name: str, t: Tensor) -> Tensor:
+    """A product for an expert's parameter laid out as ``_expert_maps`` reads it (``[…, 2I, H]``,
+    ``[…, 2I]``, ``[…, H, I]``, ``[…, H]``) in the parameter's own layout."""
+    if not parts.gpt_oss or name == _DOWN_BIAS:
+        return t
+    if name == _DOWN:
+        return t.transpose(-1, -2)
+    half = t.shape[-2 if name == _GATE_UP else -1] // 2
+    if name == _GATE_UP:  # [.., 2I, H] gate rows then up rows → [.., H, 2I] interleaved
+        return torch.stack([t[..., :half, :], t[..., half:, :]], -2).flatten(-3, -2).transpose(-1, -2)
+    return torch.stack([t[..., :half], t[..., half:]], -1).flatten(-2)  # the bias, interleaved
+
+
+def _glu(act_fn: nn.Module, g: Tensor, u: Tensor) -> tuple[Tensor, ...]:
+    """``h = φ(g) ∘ u`` and its slopes (``_Expert``): one activation, one product."""
+    act, slope = _activation(act_fn, g)
+    dg = u * slope
+    return act * u, dg, act, dg.square(), act.square()
+
+
+def _gpt_oss_glu(experts: nn.Module, g: Tensor, u: Tensor) -> tuple[Tensor, ...]:
+    """GPT-OSS's ``h = (u_c + 1) ∘ g_c σ(α g_c)``, ``g_c = min(g, limit)``, ``u_c = clamp(u, ±limit)``,
+    and its slopes. Its operations (``_apply_gate``) use ``g_c`` twice, in the product and
+    in ``σ(α g_c)``: DiagGGNApprox's split form sums the two squared paths,
+    ``(u_c + 1)² (σ² + α² g_c² (σ (1 − σ))²)``, where the exact slope squares their sum."""
+    alpha, limit = float(experts.alpha), float(experts.limit)
+    with torch.enable_grad():
+        gl, ul = g.detach().requires_grad_(True), u.detach().requires_grad_(True)
+        g_c, u_c = gl.clamp(max=limit), ul.clamp(min=-limit, max=limit)
+        slope_g, slope_u = torch.autograd.grad((g_c.sum(), u_c.sum()), (gl, ul))
+    g_c, u_c = g_c.detach(), u_c.detach()
+    sig = torch.sigmoid(alpha * g_c)
+    glu = g_c * sig
+    up = u_c + 1
+    dsig = sig * (1 - sig)
+    dg = up * (sig + alpha * g_c * dsig) * slope_g
+    dg2 = up.square() * (sig.square() + (alpha * g_c * dsig).square()) * slope_g.square()
+    du = glu * slope_u
+    return up * glu, dg, du, dg2, du.square()
+
+
 def _activation(act_fn: nn.Module, g: Tensor) -> tuple[Tensor, Tensor]:
     """``(φ(g), φ'(g))`` of an entrywise activation module."""
     with torch.enable_grad():
@@ -345,7 +437,6 @@ class SparseMoeRule(LayerRule):
         if cached is not None and cached[0] is mat:
             return cached[1]
         parts = _experts_of(call.module)
-        gate_up, down = parts.experts.gate_up_proj.detach(), parts.experts.down_proj.detach()
         r = routing
         m = mat.reshape(mat.shape[0], r.x.shape[0], r.x.shape[1])
         m_x = torch.zeros_like(m)
@@ -355,9 +446,10 @@ class SparseMoeRule(LayerRule):
             mr = m[:, ex.rows]  # [V, P, H]
             m_w[:, ex.rows, ex.slots] = (mr * ex.y).sum(-1)
             m_y = mr * r.w[ex.rows, ex.slots, None]
-            m_h = m_y @ down[ex.e]  # [V, P, I]
-            m_gu = torch.cat([m_h * ex.u * ex.slope, m_h * ex.act], dim=-1)  # [V, P, 2I]
-            m_x.index_add_(1, ex.rows, m_gu @ gate_up[ex.e])
+            g_up, _, d_map, _ = _expert_maps(parts, ex.e)
+            m_h = m_y @ d_map  # [V, P, I]
+            m_gu = torch.cat([m_h * ex.dg, m_h * ex.du], dim=-1)  # [V, P, 2I]
+            m_x.index_add_(1, ex.rows, m_gu @ g_up)
             m_gus.append(m_gu)
             m_ys.append(m_y)
         # w = c v / den: m_v = c (m_w − m_w · (v / den)) / den
@@ -365,7 +457,7 @@ class SparseMoeRule(LayerRule):
         m_v = m_w if r.den is None else (m_w - (m_w * (r.v / r.den)).sum(-1, keepdim=True)) / r.den
         m_p = torch.zeros_like(r.p).expand(m.shape[0], *r.p.shape).scatter(2, r.index.expand(m.shape[0], *r.index.shape), m_v)
         m_z = m_p * r.p * (1 - r.p) if parts.sigmoid else r.p * (m_p - (m_p * r.p).sum(-1, keepdim=True))
-        m_x = m_x + m_z @ parts.gate.weight.detach()
+        m_x = m_x + m_z @ parts.gate.weight.detach()  # (a router bias adds nothing to J_x)
         shared = None
         if r.shared is not None:  # out += σ(q·x) S(x), or S(x)
             sh, mlp, names = r.shared, parts.shared, parts.names
@@ -395,18 +487,23 @@ class SparseMoeRule(LayerRule):
         r = routing
         _, m_z, m_gus, m_ys, shared = self._pull(call, r, mat)
         v, n, t = mat.shape[0], r.samples, r.tokens
-        router = _experts_of(call.module).router
-        if name == router or name in (shared or {}):  # Σ_t m ⊗ a per sample
-            m, a = (m_z, r.x) if name == router else shared[name]
+        parts = _experts_of(call.module)
+        if name == parts.router or name in (shared or {}):  # Σ_t m ⊗ a per sample
+            m, a = (m_z, r.x) if name == parts.router else shared[name]
             return torch.einsum("vnto,nti->vnoi", m.reshape(v, n, t, -1), a.reshape(n, t, -1))
+        if name == parts.router_bias:
+            return m_z.reshape(v, n, t, -1).sum(2)
         param = dict(call.params)[name]
         out = mat.new_zeros(v, n, *param.shape)
         for ex, m_gu, m_y in zip(r.experts, m_gus, m_ys):
             one_hot = _sample_of(ex.rows, t, n, mat.dtype)
             if name == _GATE_UP:
-                out[:, :, ex.e] = torch.einsum("vpi,ph,pn->vnih", m_gu, r.x[ex.rows], one_hot)
-            else:
-                out[:, :, ex.e] = torch.einsum("vph,pi,pn->vnhi", m_y, ex.h, one_hot)
+                term = torch.einsum("vpi,ph,pn->vnih", m_gu, r.x[ex.rows], one_hot)
+            elif name == _DOWN:
+                term = torch.einsum("vph,pi,pn->vnhi", m_y, ex.h, one_hot)
+            else:  # the biases: Σ over the sample's tokens
+                term = torch.einsum("vpo,pn->vno", m_gu if name == _GATE_UP_BIAS else m_y, one_hot)
+            out[:, :, ex.e] = _as_stored(parts, name, term)
         return out
 
 
@@ -443,7 +540,6 @@ class _SplitSparseMoeRule(SparseMoeRule):
         if cached is not None and cached[0] is diag:
             return cached[1]
         parts = _experts_of(call.module)
-        gate_up_sq, down_sq = parts.experts.gate_up_proj.detach().square(), parts.experts.down_proj.detach().square()
         r = routing
         d = diag.reshape(r.x.shape)
         d_x = torch.zeros_like(d)
@@ -453,9 +549,10 @@ class _SplitSparseMoeRule(SparseMoeRule):
             dr = d[ex.rows]  # [P, H]
             d_w[ex.rows, ex.slots] = (dr * ex.y.square()).sum(-1)
             d_y = dr * r.w[ex.rows, ex.slots, None].square()
-            d_h = d_y @ down_sq[ex.e]  # [P, I]
-            d_gu = torch.cat([d_h * (ex.u * ex.slope).square(), d_h * ex.act.square()], dim=-1)
-            d_x.index_add_(0, ex.rows, d_gu @ gate_up_sq[ex.e])
+            g_up, _, d_map, _ = _expert_maps(parts, ex.e)
+            d_h = d_y @ d_map.square()  # [P, I]
+            d_gu = torch.cat([d_h * ex.dg2, d_h * ex.du2], dim=-1)
+            d_x.index_add_(0, ex.rows, d_gu @ g_up.square())
             d_gus.append(d_gu)
             d_ys.append(d_y)
         # the scaling by c, then v / den: d_v = d_w / den² (the division) + Σ_j d_w (v / den)² / den²
@@ -491,15 +588,21 @@ class _SplitSparseMoeRule(SparseMoeRule):
             return fallback_rule().param_diag(call, name, diag)
         r = routing
         _, d_z, d_gus, d_ys, shared = self._pull_diag(call, r, diag)
-        router = _experts_of(call.module).router
-        if name == router or name in (shared or {}):
-            d, a = (d_z, r.x) if name == router else shared[name]
+        parts = _experts_of(call.module)
+        if name == parts.router or name in (shared or {}):
+            d, a = (d_z, r.x) if name == parts.router else shared[name]
             return d.T @ a.square()
+        if name == parts.router_bias:
+            return d_z.sum(0)
         out = torch.zeros_like(dict(call.params)[name])
         for ex, d_gu, d_y in zip(r.experts, d_gus, d_ys):
-            out[ex.e] = d_gu.T @ r.x[ex.rows].square() if name == _GATE_UP else d_y.T @ ex.h.square()
+            term = {
+                _GATE_UP: lambda: d_gu.T @ r.x[ex.rows].square(), _DOWN: lambda: d_y.T @ ex.h.square(),
+                _GATE_UP_BIAS: lambda: d_gu.sum(0), _DOWN_BIAS: lambda: d_y.sum(0),
+            }[name]()
+            out[ex.e] = _as_stored(parts, name, term)
         return out
 
 
 _SPLIT = _SplitSparseMoeRule()
-register_rule_by_name("transformers", "*SparseMoeBlock", "*MoE", "*Moe")(SparseMoeRule)
+register_rule_by_name("transformers", "*SparseMoeBlock", "*MoE", "*Moe", "GptOssMLP")(SparseMoeRule)

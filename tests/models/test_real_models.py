@@ -131,7 +131,7 @@ def test_merged_rows_need_no_fallback(name, monkeypatch):
     "transformers.Gemma", "transformers.Phi3", "transformers.Olmo2", "transformers.Cohere",
     "timm.resnetblur", "timm.ghostnetv2", "timm.botnet", "timm.halonet",
     "transformers.ConvNextV2", "transformers.Bit", "transformers.Pvt", "transformers.Mixtral", "transformers.Qwen2Moe",
-    "transformers.DeepseekV3", "transformers.DeepseekV2", "transformers.GraniteMoe",
+    "transformers.DeepseekV3", "transformers.DeepseekV2", "transformers.GraniteMoe", "transformers.GptOss",
 ])
 def test_positions_and_pooling_take_no_dense_jacobians_nor_the_fallback(name, monkeypatch):
     """HF Swin's shifted-window mask (it carries the batch axis and the bias's grad),

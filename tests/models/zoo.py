@@ -636,6 +636,27 @@ def hf_granite_moe(n: int = N) -> ZooCase:
                                ("model.layers.0.block_sparse_moe.", "model.layers.0.input_layernorm.", "model.norm."))
 
 
+def hf_gpt_oss(n: int = N) -> ZooCase:
+    """GPT-OSS: experts with biases, gate and up interleaved in ``[E, H, 2I]``, a clamped GLU
+    ``(u_c + 1) ∘ g_c σ(α g_c)``, a router with a bias taking the softmax of the top-k logits,
+    attention with sinks over a sliding window and full layers; one call for the
+    mixture-of-experts rule (before session 47 the fallback, past 150 s at width 512)."""
+    import transformers
+
+    config = transformers.GptOssConfig(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=6, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=16,
+        sliding_window=3, layer_types=["sliding_attention", "full_attention"], swiglu_limit=1.5,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    model = transformers.GptOssForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name or "router" in name or name.endswith("sinks"):
+                p.normal_(0.0, 0.7)
+    return _moe_language_model(model, n, ("model.layers.1.mlp.", "model.layers.0.self_attn.", "model.norm."))
+
+
 def hf_deepseek_v2(n: int = N) -> ZooCase:
     """DeepSeek-V2: latent attention whose rotary embedding multiplies complex numbers
     (``view_as_complex(q) * e^{iθ}``, back by ``view_as_real``; refused before session 47,
@@ -930,6 +951,7 @@ MODELS: dict[str, tuple[str, Callable[..., ZooCase]]] = {
     "transformers.DeepseekV3": ("transformers", hf_deepseek_v3),
     "transformers.DeepseekV2": ("transformers", hf_deepseek_v2),
     "transformers.GraniteMoe": ("transformers", hf_granite_moe),
+    "transformers.GptOss": ("transformers", hf_gpt_oss),
     "transformers.Falcon-alibi": ("transformers", lambda n=N: hf_falcon(n, alibi=True)),
     "transformers.T5": ("transformers", hf_t5),
     "transformers.Bart": ("transformers", hf_bart),

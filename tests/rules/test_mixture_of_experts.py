@@ -49,6 +49,10 @@ def _block(kind: str = "mixtral", normalize: bool = True, top_k: int = 2, H: int
         config = transformers.GraniteMoeConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
                                                num_experts_per_tok=top_k)
         from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeMoE as Block
+    elif kind == "gpt_oss":  # experts with biases, interleaved [E, H, 2I], a clamped GLU; a router with a bias
+        config = transformers.GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
+                                           num_experts_per_tok=top_k, swiglu_limit=1.0)
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP as Block
     elif kind == "deepseek2":  # DeepSeek-V2: softmax, unnormalized weights times a scale; an ungated shared expert
         config = transformers.DeepseekV2Config(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E,
                                                num_experts_per_tok=top_k, n_shared_experts=1, routed_scaling_factor=1.5,
@@ -80,8 +84,81 @@ def _router_name(block: nn.Module) -> str:
 
 
 def _topk_first(block: nn.Module) -> bool:
-    """Granite's router: the top-k logits first, then their softmax."""
+    """Granite's and GPT-OSS's routers: the top-k logits first, then their softmax."""
     return hasattr(block, "router")
+
+
+def _gpt_oss(block: nn.Module) -> bool:
+    return hasattr(block.experts, "gate_up_proj_bias")
+
+
+def _gpt_oss_diag_by_operations(block: nn.Module, x: torch.Tensor, d: torch.Tensor):
+    """:func:`_diag_by_operations` for GPT-OSS's block: the operations of its eager forward
+    (``x @ W_e``, ``+ b_e``, the interleaved gate and up, the clamps, ``g_c · α``, the sigmoid,
+    ``g_c · σ``, ``u_c + 1``, the product, ``h @ D_e``, ``+ b_D``, the weighting), the router
+    ``F.linear`` with its bias, ``topk`` of the logits and the softmax of those."""
+    router, experts = block.router, block.experts
+    w_r, b_r = router.weight.detach(), router.bias.detach()
+    gate_up, gate_up_b = experts.gate_up_proj.detach(), experts.gate_up_proj_bias.detach()
+    down, down_b = experts.down_proj.detach(), experts.down_proj_bias.detach()
+    alpha, limit = experts.alpha, experts.limit
+    rows, d_rows = x.reshape(-1, H), d.reshape(-1, H)
+    with torch.no_grad():
+        chosen = router.forward(rows)[2]
+    d_x = torch.zeros_like(rows)
+    d_params = {"router.weight": torch.zeros_like(w_r), "router.bias": torch.zeros_like(b_r),
+                "experts.gate_up_proj": torch.zeros_like(gate_up), "experts.gate_up_proj_bias": torch.zeros_like(gate_up_b),
+                "experts.down_proj": torch.zeros_like(down), "experts.down_proj_bias": torch.zeros_like(down_b)}
+
+    def sq_pull(f, inputs, slot, d_out):  # Σ_o d_o (∂f_o/∂input_slot)²
+        jac = jacrev(f, argnums=slot)(*inputs)
+        return torch.einsum("o...,o->...", jac.reshape(d_out.numel(), *inputs[slot].shape).square(), d_out.flatten())
+
+    lin = lambda m, b, x_: m @ x_ + b  # noqa: E731
+    for r in range(rows.shape[0]):
+        xr, index = rows[r], chosen[r]
+        z = w_r @ xr + b_r
+        z_chosen = z[index]
+        w = torch.softmax(z_chosen, -1)
+        d_w = torch.zeros_like(w)
+        for j in range(index.shape[0]):
+            e = int(index[j])
+            xw = xr @ gate_up[e]
+            gu = xw + gate_up_b[e]
+            gate, up = gu[0::2], gu[1::2]
+            g_c, u_c = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+            a = g_c * alpha
+            sig = torch.sigmoid(a)
+            glu = g_c * sig
+            up1 = u_c + 1
+            h = up1 * glu
+            hd = h @ down[e]
+            y = hd + down_b[e]
+            # backward, one operation at a time
+            d_y = sq_pull(lambda y_, w_: y_ * w_, (y, w[j]), 0, d_rows[r])
+            d_w[j] = sq_pull(lambda y_, w_: y_ * w_, (y, w[j]), 1, d_rows[r])
+            d_params["experts.down_proj_bias"][e] += d_y
+            d_params["experts.down_proj"][e] += sq_pull(lambda h_, m: h_ @ m, (h, down[e]), 1, d_y)
+            d_h = sq_pull(lambda h_, m: h_ @ m, (h, down[e]), 0, d_y)
+            d_up1 = sq_pull(lambda p_, q_: p_ * q_, (up1, glu), 0, d_h)
+            d_glu = sq_pull(lambda p_, q_: p_ * q_, (up1, glu), 1, d_h)
+            d_uc = d_up1  # + 1
+            d_gc = sq_pull(lambda p_, q_: p_ * q_, (g_c, sig), 0, d_glu)
+            d_sig = sq_pull(lambda p_, q_: p_ * q_, (g_c, sig), 1, d_glu)
+            d_a = sq_pull(torch.sigmoid, (a,), 0, d_sig)
+            d_gc = d_gc + sq_pull(lambda g_: g_ * alpha, (g_c,), 0, d_a)  # g_c used twice: the sum
+            d_gate = sq_pull(lambda g_: g_.clamp(max=limit), (gate,), 0, d_gc)
+            d_up = sq_pull(lambda u_: u_.clamp(min=-limit, max=limit), (up,), 0, d_uc)
+            d_gu = torch.stack([d_gate, d_up], -1).flatten()  # interleaved back
+            d_params["experts.gate_up_proj_bias"][e] += d_gu
+            d_params["experts.gate_up_proj"][e] += sq_pull(lambda x_, m: x_ @ m, (xr, gate_up[e]), 1, d_gu)
+            d_x[r] += sq_pull(lambda x_, m: x_ @ m, (xr, gate_up[e]), 0, d_gu)
+        d_chosen = sq_pull(lambda z_: torch.softmax(z_, -1), (z_chosen,), 0, d_w)
+        d_z = sq_pull(lambda z_: z_[index], (z,), 0, d_chosen)
+        d_params["router.weight"] += sq_pull(lin, (w_r, b_r, xr), 0, d_z)
+        d_params["router.bias"] += d_z
+        d_x[r] += sq_pull(lin, (w_r, b_r, xr), 2, d_z)
+    return d_x, d_params
 
 
 def _scores(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -108,7 +185,7 @@ def _call(block: nn.Module, x: torch.Tensor) -> SimpleNamespace:
     """What the rule reads of a recorded call."""
     with torch.no_grad():
         out = block(x)
-    return SimpleNamespace(module=block, input=x, output=out, scratch=Scratch(), params=tuple(block.named_parameters()),
+    return SimpleNamespace(module=block, input=x, output=_first(out), scratch=Scratch(), params=tuple(block.named_parameters()),
                            name="moe")
 
 
@@ -221,7 +298,7 @@ def _diag_by_operations(block: nn.Module, x: torch.Tensor, d: torch.Tensor, norm
 @pytest.mark.parametrize("kind,normalize,top_k", [
     ("mixtral", True, 2), ("qwen3", False, 2), ("qwen3", True, 3), ("mixtral", True, 1), ("qwen2", False, 2),
     ("qwen2", True, 3), ("deepseek", True, 2), ("deepseek", False, 3), ("deepseek2", False, 2), ("granite", True, 2),
-    ("granite", True, 3),
+    ("granite", True, 3), ("gpt_oss", True, 2), ("gpt_oss", True, 1),
 ])
 @pytest.mark.parametrize("n", [1, 3])
 def test_diagonals_follow_the_definition_by_operations(kind, normalize, top_k, n):
@@ -231,7 +308,10 @@ def test_diagonals_follow_the_definition_by_operations(kind, normalize, top_k, n
     torch.manual_seed(1)
     x = torch.randn(n, 5, H, dtype=DT)
     d = torch.rand(n, 5, H, dtype=DT)
-    want_x, want_params = _diag_by_operations(block, x, d, normalize)
+    if _gpt_oss(block):
+        want_x, want_params = _gpt_oss_diag_by_operations(block, x, d)
+    else:
+        want_x, want_params = _diag_by_operations(block, x, d, normalize)
     split = rule.operations_rule()
     call = _call(block, x)
     torch.testing.assert_close(split.diag_jac_t_diag_jac(call, d), want_x.reshape(x.shape), rtol=1e-10, atol=1e-13)
@@ -260,6 +340,17 @@ def _formula(block: nn.Module, params: dict, x: torch.Tensor, index: torch.Tenso
     """The block's map in float64 throughout, for chosen experts ``index`` ``[R, k]`` (its router
     computes the softmax in float32; the choice is the block's)."""
     rows = x.reshape(-1, H)
+    if _gpt_oss(block):  # the softmax of the chosen logits; biases; the experts' own clamped GLU
+        z = rows @ params["router.weight"].T + params["router.bias"]
+        w = torch.softmax(z.gather(1, index), -1)
+        out = torch.zeros_like(rows)
+        for j in range(index.shape[1]):
+            e = index[:, j]
+            gu = torch.einsum("rh,rhi->ri", rows, params["experts.gate_up_proj"][e]) + params["experts.gate_up_proj_bias"][e]
+            h = block.experts._apply_gate(gu)
+            y = torch.einsum("ri,rih->rh", h, params["experts.down_proj"][e]) + params["experts.down_proj_bias"][e]
+            out = out + w[:, j : j + 1] * y
+        return out.reshape(x.shape)
     p = _scores(block, rows @ params[_router_name(block)].T)
     w = _weights(block, p.gather(1, index), normalize)
     out = torch.zeros_like(rows)
@@ -280,6 +371,7 @@ def _formula(block: nn.Module, params: dict, x: torch.Tensor, index: torch.Tenso
 
 @pytest.mark.parametrize("kind,normalize", [
     ("mixtral", True), ("qwen3", False), ("qwen2", True), ("deepseek", True), ("deepseek2", False), ("granite", True),
+    ("gpt_oss", True),
 ])
 def test_one_operation_diagonal_and_columns_match_dense_jacobians(kind, normalize):
     """The block as one operation (``split_attention=False``): ``Σ_o d_o J_oi²`` of the whole
@@ -296,7 +388,7 @@ def test_one_operation_diagonal_and_columns_match_dense_jacobians(kind, normaliz
     with torch.no_grad():
         index = _router(block).forward(x.reshape(-1, H))[2]  # the router's own choice
     # (the routers compute in float32 by design: the block's output agrees to float32's rounding)
-    torch.testing.assert_close(_formula(block, params, x, index, normalize), call.output, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(_formula(block, params, x, index, normalize), _first(call.output), rtol=1e-5, atol=1e-7)
     f = lambda x_: _formula(block, params, x_, index, normalize)  # noqa: E731
     jac = jacrev(f)(x).reshape(n * t * H, n * t * H)  # a row of one sample reads only that sample
     want = (jac.square() * d.reshape(-1, 1)).sum(0).reshape(x.shape)
@@ -321,7 +413,12 @@ class _Model(nn.Module):
         self.inp, self.block, self.head = nn.Linear(3, hidden), block, nn.Linear(hidden, CLASSES)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.block(self.inp(x))).mean(1))
+        return self.head(torch.tanh(_first(self.block(self.inp(x)))).mean(1))
+
+
+def _first(out):
+    """The block's output (GPT-OSS's block also returns its routing weights)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _data(n: int = 3):
@@ -369,6 +466,8 @@ _FLOAT64_ROUTERS: dict = {}
 
 def _float64_router(block: nn.Module) -> nn.Module:
     router = _router(block)
+    if _gpt_oss(block):  # its router computes in the model's dtype already
+        return block
     cls = type(router)
     if cls not in _FLOAT64_ROUTERS:  # a subclass (the reference deep-copies the model)
         forward = (
@@ -393,7 +492,7 @@ def _exact_against_torch_func(model: nn.Module, n: int = 3) -> None:
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("kind,normalize", [
     ("mixtral", True), ("qwen3", False), ("qwen2", True), ("deepseek", True), ("deepseek", False), ("deepseek2", False),
-    ("granite", True),
+    ("granite", True), ("gpt_oss", True),
 ])
 def test_the_block_in_a_model_is_exact_without_the_fallback(kind, normalize, n, monkeypatch):
     served = fallback_spy(monkeypatch)
