@@ -29,9 +29,9 @@ def _setitem(h: Tensor, v: Tensor, i: Tensor) -> Tensor:
     return h
 
 
-def _setitem_list(h: Tensor, v: Tensor, i: Tensor) -> Tensor:
+def _setitem_list(h: Tensor, v: Tensor, i: list) -> Tensor:
     h = h.clone()
-    h[:, i.tolist()] = v
+    h[:, i] = v  # (the model passes its index as a Python list)
     return h
 
 
@@ -66,9 +66,11 @@ class WriteByIndex(nn.Module):
         self.write = write
         self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 3), nn.Linear(6, 2)
         self.register_buffer("idx", torch.tensor(idx))
+        self.idx_list = list(idx)  # (idx.tolist() in the forward fails inside torch.func's transforms on torch 2.6)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c(torch.tanh(self.write(self.a(x), self.b(x), self.idx)))
+        idx = self.idx_list if self.write is _setitem_list else self.idx
+        return self.c(torch.tanh(self.write(self.a(x), self.b(x), idx)))
 
 
 def _data(n: int) -> tuple[Tensor, Tensor]:
