@@ -276,6 +276,19 @@ def float32_follows_float64(model: nn.Module, X: Tensor, y: Tensor, rtol: float 
     torch.testing.assert_close(results[1], results[0], rtol=rtol, atol=1e-6 * float(results[0].abs().max()))
 
 
+def ggn_vector_product_and_full(model: nn.Module, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(G v, FullGGN · v)`` for a random ``v``, both from one ``extend`` block (cross-entropy),
+    flattened over the parameters: the forward products against the exact matrix."""
+    from curvhook.extensions import GGNVectorProduct
+
+    vec = [torch.randn_like(p) for p in model.parameters()]
+    full = FullGGN()
+    with extend(model, GGNVectorProduct(vec), full):
+        nn.CrossEntropyLoss()(model(X), y).backward()
+    product = torch.cat([p.ggn_v.flatten() for p in model.parameters()])
+    return product, full.matrix @ torch.cat([v.flatten() for v in vec])
+
+
 def close(actual, expected, rtol=1e-6):
     scale = expected.abs().max().clamp(min=1e-30)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)

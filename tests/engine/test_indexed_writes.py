@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from curvhook import extend
 from curvhook.errors import UnsupportedModelError
-from curvhook.extensions import DiagGGN, FullGGN, GGNVectorProduct
-from helpers import check_graph_against_reference
+from curvhook.extensions import DiagGGN, GGNVectorProduct
+from helpers import check_graph_against_reference, ggn_vector_product_and_full
 
 DT = torch.float64
 
@@ -79,12 +79,7 @@ def _data(n: int) -> tuple[Tensor, Tensor]:
 
 def _ggn_vector_product_error(model: nn.Module, X: Tensor, y: Tensor) -> float:
     """``max |G v − FullGGN · v| / max |FullGGN · v|`` for a random ``v``."""
-    vec = [torch.randn_like(p) for p in model.parameters()]
-    full = FullGGN()
-    with extend(model, GGNVectorProduct(vec), full):
-        nn.CrossEntropyLoss()(model(X), y).backward()
-    product = torch.cat([p.ggn_v.flatten() for p in model.parameters()])
-    want = full.matrix @ torch.cat([v.flatten() for v in vec])
+    product, want = ggn_vector_product_and_full(model, X, y)
     return ((product - want).abs().max() / want.abs().max()).item()
 
 

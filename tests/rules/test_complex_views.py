@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from curvhook import extend
 from curvhook.errors import UnsupportedModelError
-from curvhook.extensions import DiagGGNApprox, FullGGN, GGNVectorProduct
-from helpers import check_graph_against_reference, float32_follows_float64
+from curvhook.extensions import DiagGGNApprox, FullGGN
+from helpers import check_graph_against_reference, float32_follows_float64, ggn_vector_product_and_full
 
 DT = torch.float64
 
@@ -74,13 +74,7 @@ def test_ggn_vector_products_through_complex_tensors(form):
     """Forward products (``torch.func.jvp`` of the replays, complex tangents) against FullGGN."""
     torch.manual_seed(0)
     model = ComplexRotary(form).to(DT)
-    X, y = _data(3)
-    vec = [torch.randn_like(p) for p in model.parameters()]
-    full = FullGGN()
-    with extend(model, GGNVectorProduct(vec), full):
-        nn.CrossEntropyLoss()(model(X), y).backward()
-    product = torch.cat([p.ggn_v.flatten() for p in model.parameters()])
-    want = full.matrix @ torch.cat([v.flatten() for v in vec])
+    product, want = ggn_vector_product_and_full(model, *_data(3))
     torch.testing.assert_close(product, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
 
 
