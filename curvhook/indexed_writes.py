@@ -1,7 +1,8 @@
 """Writes through an index that hits one entry twice: refused.
 
-``h[:, idx] = v``, ``h.index_put_((idx,), v)``, ``h.scatter(1, idx, v)`` and
-``h.index_copy(1, idx, v)`` with an index that names one entry of ``h`` more
+``h[:, idx] = v``, ``h.index_put_((idx,), v)``, ``h.scatter(1, idx, v)``,
+``h.index_copy(1, idx, v)`` and ``h.put_(idx, v)`` with an index (a tensor, a list,
+a numpy array) that names one entry of ``h`` more
 than once leave that entry with one of the written values, and torch does not
 say which (its documentation calls the result undefined). The derivative with
 respect to ``v`` is then undefined too, and torch's two modes disagree: the
@@ -13,8 +14,9 @@ function, so curvhook refuses the call once per step, before the backward walk.
 
 A value without gradient (``h[mask] = 0``, a constant) is not checked: the
 entries it overwrites get a zero derivative whichever copy lands, and an
-accumulating write (``index_put_(…, accumulate=True)``, ``scatter_add``,
-``index_add``) is a sum, well defined.
+accumulating write (``index_put_(…, accumulate=True)``, ``put_(…, accumulate=True)``,
+``scatter_add``, ``index_add``) is a sum, well defined. Writes inside a leaf module
+served by the fallback are not seen here.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ _WRITES = {
     "scatter_": ((3, "src"), (2, "index")),
     "index_copy": ((3, "source"), (2, "index")),
     "index_copy_": ((3, "source"), (2, "index")),
+    "put": ((2, "source"), (1, "index")),  # (flat positions)
+    "put_": ((2, "source"), (1, "index")),
 }
 
 
@@ -60,7 +64,7 @@ def may_write_twice(op: Operation) -> bool:
     value, index = (_argument(op.args, op.kwargs, w) for w in where)
     if not isinstance(value, Slot) or op.input_kinds[value] == CONST:
         return False
-    if op.func_name.startswith("index_put") and _accumulates(op):
+    if op.func_name.startswith(("index_put", "put")) and _accumulates(op):
         return False
     if op.func_name.startswith("scatter") and "reduce" in op.kwargs:
         return False
@@ -73,14 +77,13 @@ def _accumulates(op: Operation) -> bool:
 
 
 def _may_repeat(index) -> bool:
-    """An index with a tensor or a list in it (ints, slices, ``None`` and ``...`` never repeat)."""
-    if isinstance(index, Slot):
-        return True
-    if isinstance(index, list):
-        return True
+    """Whether an index may name an entry twice: anything but ints, slices, ``None`` and ``...``
+    (and tuples of those): a tensor, a list, a numpy array."""
     if isinstance(index, tuple):
         return any(_may_repeat(i) for i in index)
-    return False
+    if isinstance(index, Slot):  # (an int subclass: a tensor argument)
+        return True
+    return not (index is None or index is Ellipsis or isinstance(index, (bool, int, slice)))
 
 
 def refuse_duplicate_writes(op: Operation) -> None:
@@ -91,10 +94,10 @@ def refuse_duplicate_writes(op: Operation) -> None:
     """
     name = op.func_name
     args, kwargs = fill_template(op.args, op.kwargs, list(op.inputs))
-    dest = args[0]
+    dest = args[0] if args else kwargs.get("input", kwargs.get("self"))
     positions = torch.arange(dest.numel(), device=dest.device).view(dest.shape)
     index = _argument(args, kwargs, _WRITES[name][1])
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")  # (scatter, index_copy)
     written = _written_positions(name, positions, index, dim)
     if written is None or written.numel() < 2:
         return
@@ -114,6 +117,8 @@ def _written_positions(name: str, positions: Tensor, index, dim) -> Optional[Ten
         return positions[index]
     if name.startswith("index_put"):
         return positions[tuple(index)]
+    if name.startswith("put"):  # positions in the flattened destination
+        return positions.reshape(-1)[index.reshape(-1)] if isinstance(index, Tensor) else None
     if not isinstance(index, Tensor) or not isinstance(dim, int):
         return None
     if name.startswith("scatter"):
