@@ -123,6 +123,7 @@ class _Routing:
     shared: Optional[_Shared]
     samples: int
     tokens: int
+    parts: _Parts  # the block's children, as found when the call was recomputed
 
 
 @dataclass
@@ -313,7 +314,7 @@ def _recompute(call: Operation) -> Optional[_Routing]:
         if shared is not None:
             out = out + (shared.y if shared.sigma is None else shared.sigma * shared.y)
         if torch.allclose(out, recorded, rtol=0.0, atol=tol):
-            matches.append(_Routing(x, p, index, v, den, scale, topk_first, w, found, shared, n, t))
+            matches.append(_Routing(x, p, index, v, den, scale, topk_first, w, found, shared, n, t, parts))
     if len(matches) == 2 and index.shape[1] < p.shape[1]:
         # both forms reproduce the output (the chosen probabilities sum to one within the
         # tolerance), but their derivatives differ: not proven, the fallback serves the call.
@@ -436,8 +437,7 @@ class SparseMoeRule(LayerRule):
         cached = call.scratch.moe_pull
         if cached is not None and cached[0] is mat:
             return cached[1]
-        parts = _experts_of(call.module)
-        r = routing
+        parts, r = routing.parts, routing
         m = mat.reshape(mat.shape[0], r.x.shape[0], r.x.shape[1])
         m_x = torch.zeros_like(m)
         m_w = m.new_zeros(m.shape[0], *r.w.shape)
@@ -487,7 +487,7 @@ class SparseMoeRule(LayerRule):
         r = routing
         _, m_z, m_gus, m_ys, shared = self._pull(call, r, mat)
         v, n, t = mat.shape[0], r.samples, r.tokens
-        parts = _experts_of(call.module)
+        parts = r.parts
         if name == parts.router or name in (shared or {}):  # Σ_t m ⊗ a per sample
             m, a = (m_z, r.x) if name == parts.router else shared[name]
             return torch.einsum("vnto,nti->vnoi", m.reshape(v, n, t, -1), a.reshape(n, t, -1))
@@ -539,8 +539,7 @@ class _SplitSparseMoeRule(SparseMoeRule):
         cached = call.scratch.moe_pull
         if cached is not None and cached[0] is diag:
             return cached[1]
-        parts = _experts_of(call.module)
-        r = routing
+        parts, r = routing.parts, routing
         d = diag.reshape(r.x.shape)
         d_x = torch.zeros_like(d)
         d_w = torch.zeros_like(r.w)
@@ -588,7 +587,7 @@ class _SplitSparseMoeRule(SparseMoeRule):
             return fallback_rule().param_diag(call, name, diag)
         r = routing
         _, d_z, d_gus, d_ys, shared = self._pull_diag(call, r, diag)
-        parts = _experts_of(call.module)
+        parts = r.parts
         if name == parts.router or name in (shared or {}):
             d, a = (d_z, r.x) if name == parts.router else shared[name]
             return d.T @ a.square()
